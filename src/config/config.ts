@@ -1,0 +1,180 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import type { LevelWithSilent } from 'pino';
+import { LOG_LEVELS } from '../log/logger';
+
+/**
+ * Configuration: defaults, then the JSON file at CONFIG, then the environment
+ * (ROOT, ADDRESS, LOG_LEVEL). Validated once at start, then frozen. A bad
+ * file or value stops the start with a ConfigError naming the key and the
+ * expected form.
+ */
+export interface Config {
+  readonly version: 1;
+  /** Where metadata, snapshots and images live. */
+  readonly root: string;
+  /** The unix socket containerd's proxy plugin dials. */
+  readonly address: string;
+  /** Convert committed layers to EROFS (issue: auto-convert). */
+  readonly use_erofs: boolean;
+  /** Prefer EROFS over fscache for on-demand data when the kernel has it. */
+  readonly use_fscache: boolean;
+  readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
+  readonly log_level: LevelWithSilent;
+  readonly api: { readonly address: string };
+  /** Where the file was read from, or null when only defaults were used. */
+  readonly source: string | null;
+}
+
+export const DEFAULT_CONFIG_PATH = '/etc/dedup-snapshotter/config.json';
+export const DEFAULT_ROOT = '/var/lib/containerd/io.containerd.snapshotter.v1.dedup';
+export const DEFAULT_ADDRESS = '/run/containerd/dedup-snapshotter.sock';
+
+export function defaultConfig(): Config {
+  return {
+    version: 1,
+    root: DEFAULT_ROOT,
+    address: DEFAULT_ADDRESS,
+    use_erofs: true,
+    use_fscache: true,
+    ksm: { enabled: false, scan_interval: 100 },
+    log_level: 'info',
+    api: { address: '127.0.0.1:8080' },
+    source: null,
+  };
+}
+
+export class ConfigError extends Error {
+  constructor(
+    readonly key: string,
+    message: string,
+  ) {
+    super(`config: ${key}: ${message}`);
+    this.name = 'ConfigError';
+  }
+}
+
+type Json = unknown;
+
+function isObject(v: Json): v is Record<string, Json> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function expectBool(key: string, v: Json): boolean {
+  if (typeof v !== 'boolean') throw new ConfigError(key, `expected true or false, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+function expectAbsPath(key: string, v: Json): string {
+  if (typeof v !== 'string' || v === '' || !path.isAbsolute(v) || v.includes('\0')) {
+    throw new ConfigError(key, `expected an absolute path such as "/var/lib/x", got ${JSON.stringify(v)}`);
+  }
+  return path.normalize(v);
+}
+
+function expectLevel(key: string, v: Json): LevelWithSilent {
+  if (typeof v !== 'string' || !(LOG_LEVELS as readonly string[]).includes(v)) {
+    throw new ConfigError(key, `expected one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(v)}`);
+  }
+  return v as LevelWithSilent;
+}
+
+function expectInt(key: string, v: Json, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw new ConfigError(key, `expected an integer from ${min} to ${max}, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+/** `host:port` (loopback by default) or an absolute unix socket path. */
+function expectListenAddress(key: string, v: Json): string {
+  if (typeof v === 'string' && path.isAbsolute(v) && !v.includes('\0')) return path.normalize(v);
+  if (typeof v === 'string') {
+    const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})$/.exec(v);
+    if (m && Number(m[2]) <= 65535) return v;
+  }
+  throw new ConfigError(key, `expected "host:port" (e.g. "127.0.0.1:8080") or an absolute unix socket path, got ${JSON.stringify(v)}`);
+}
+
+function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonly string[]): void {
+  for (const k of Object.keys(obj)) {
+    if (!known.includes(k)) {
+      const name = prefix ? `${prefix}.${k}` : k;
+      throw new ConfigError(name, `unknown key; known keys here are ${known.map((x) => (prefix ? `${prefix}.${x}` : x)).join(', ')}`);
+    }
+  }
+}
+
+/** Applies a parsed JSON document onto `base`, validating every key. */
+export function applyConfigObject(base: Config, doc: Json): Config {
+  if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'ksm', 'log_level', 'api']);
+  const out: { -readonly [K in keyof Config]: Config[K] } = { ...base, ksm: { ...base.ksm }, api: { ...base.api } };
+  if ('version' in doc && doc.version !== 1) {
+    throw new ConfigError('version', `expected 1, got ${JSON.stringify(doc.version)}`);
+  }
+  if ('root' in doc) out.root = expectAbsPath('root', doc.root);
+  if ('address' in doc) out.address = expectAbsPath('address', doc.address);
+  if ('use_erofs' in doc) out.use_erofs = expectBool('use_erofs', doc.use_erofs);
+  if ('use_fscache' in doc) out.use_fscache = expectBool('use_fscache', doc.use_fscache);
+  if ('log_level' in doc) out.log_level = expectLevel('log_level', doc.log_level);
+  if ('ksm' in doc) {
+    const ksm = doc.ksm;
+    if (!isObject(ksm)) throw new ConfigError('ksm', `expected an object like {"enabled": true, "scan_interval": 100}, got ${JSON.stringify(ksm)}`);
+    rejectUnknown('ksm', ksm, ['enabled', 'scan_interval']);
+    if ('enabled' in ksm) out.ksm = { ...out.ksm, enabled: expectBool('ksm.enabled', ksm.enabled) };
+    if ('scan_interval' in ksm) {
+      out.ksm = { ...out.ksm, scan_interval: expectInt('ksm.scan_interval', ksm.scan_interval, 1, 3_600_000) };
+    }
+  }
+  if ('api' in doc) {
+    const api = doc.api;
+    if (!isObject(api)) throw new ConfigError('api', `expected an object like {"address": "127.0.0.1:8080"}, got ${JSON.stringify(api)}`);
+    rejectUnknown('api', api, ['address']);
+    if ('address' in api) out.api = { address: expectListenAddress('api.address', api.address) };
+  }
+  return out;
+}
+
+export interface LoadOptions {
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Loads the configuration the daemon runs with. Throws ConfigError. */
+export function loadConfig(opts: LoadOptions = {}): Config {
+  const env = opts.env ?? process.env;
+  let cfg = defaultConfig();
+  const explicit = env.CONFIG !== undefined && env.CONFIG !== '';
+  const file = explicit ? expectAbsPath('CONFIG (environment)', path.resolve(env.CONFIG as string)) : DEFAULT_CONFIG_PATH;
+  let text: string | null = null;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    // The default file is optional; a file the operator named is not.
+    if (!(code === 'ENOENT' && !explicit)) {
+      throw new ConfigError('CONFIG', `cannot read ${file}: ${(err as Error).message}`);
+    }
+  }
+  if (text !== null) {
+    let doc: Json;
+    try {
+      doc = JSON.parse(text);
+    } catch (err) {
+      throw new ConfigError('(file)', `${file} is not valid JSON: ${(err as Error).message}`);
+    }
+    cfg = { ...applyConfigObject(cfg, doc), source: file };
+  }
+  if (env.ROOT) cfg = { ...cfg, root: expectAbsPath('ROOT (environment)', env.ROOT) };
+  if (env.ADDRESS) cfg = { ...cfg, address: expectAbsPath('ADDRESS (environment)', env.ADDRESS) };
+  if (env.LOG_LEVEL) cfg = { ...cfg, log_level: expectLevel('LOG_LEVEL (environment)', env.LOG_LEVEL) };
+  return deepFreeze(cfg);
+}
+
+function deepFreeze<T>(o: T): T {
+  if (typeof o === 'object' && o !== null) {
+    for (const v of Object.values(o)) deepFreeze(v);
+    Object.freeze(o);
+  }
+  return o;
+}

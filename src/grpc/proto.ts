@@ -1,0 +1,47 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+/** proto/ at the package root, from src/grpc or dist/src/grpc. */
+function protoRoot(): string {
+  const candidates = [path.resolve(__dirname, '../../proto'), path.resolve(__dirname, '../../../proto')];
+  for (const c of candidates) {
+    try {
+      fs.accessSync(path.join(c, 'containerd/services/snapshots/v1/snapshots.proto'));
+      return c;
+    } catch {
+      /* try next */
+    }
+  }
+  throw new Error(`cannot find proto/ near ${__dirname}`);
+}
+
+export const LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: true,
+  longs: String,
+  enums: Number,
+  defaults: true,
+  oneofs: true,
+};
+
+let cached: grpc.GrpcObject | undefined;
+
+/** The loaded package definition of containerd's Snapshots service. */
+export function snapshotsPackage(): grpc.GrpcObject {
+  if (!cached) {
+    const root = protoRoot();
+    const def = protoLoader.loadSync('containerd/services/snapshots/v1/snapshots.proto', {
+      ...LOADER_OPTIONS,
+      includeDirs: [root],
+    });
+    cached = grpc.loadPackageDefinition(def);
+  }
+  return cached;
+}
+
+/** The client/service constructor for containerd.services.snapshots.v1.Snapshots. */
+export function snapshotsService(): grpc.ServiceClientConstructor {
+  const pkg = snapshotsPackage() as any;
+  return pkg.containerd.services.snapshots.v1.Snapshots as grpc.ServiceClientConstructor;
+}

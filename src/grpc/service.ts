@@ -1,0 +1,164 @@
+import * as grpc from '@grpc/grpc-js';
+import { invalidArgument } from '../errdefs/errors';
+import type { Logger } from '../log/logger';
+import type { Snapshotter } from '../snapshot/snapshotter';
+import type { Info, Labels, Mount } from '../snapshot/types';
+import { classify, toGrpcError } from './status';
+
+/**
+ * Handlers of containerd.services.snapshots.v1.Snapshots: decode, call the
+ * snapshotter, map errors. Nothing else lives here.
+ */
+
+interface WireTimestamp {
+  seconds: string | number;
+  nanos: number;
+}
+
+interface WireInfo {
+  name: string;
+  parent: string;
+  kind: number;
+  created_at: WireTimestamp | null;
+  updated_at: WireTimestamp | null;
+  labels: Record<string, string>;
+}
+
+const LIST_BATCH = 100;
+
+function toTimestamp(ms: number): WireTimestamp {
+  return { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1_000_000 };
+}
+
+function toWireInfo(info: Info): WireInfo {
+  return {
+    name: info.name,
+    parent: info.parent,
+    kind: info.kind,
+    created_at: toTimestamp(info.created),
+    updated_at: toTimestamp(info.updated),
+    labels: info.labels,
+  };
+}
+
+function toWireMounts(mounts: Mount[]) {
+  return mounts.map((m) => ({ type: m.type, source: m.source, target: m.target ?? '', options: m.options }));
+}
+
+function str(v: unknown, field: string): string {
+  if (v === undefined || v === null) return '';
+  if (typeof v !== 'string') throw invalidArgument(`${field} must be a string`);
+  return v;
+}
+
+function labelsOf(v: unknown): Labels {
+  if (v === undefined || v === null) return {};
+  if (typeof v !== 'object') throw invalidArgument('labels must be a map of strings');
+  return v as Labels;
+}
+
+function namespaceOf(call: grpc.ServerUnaryCall<any, any> | grpc.ServerWritableStream<any, any>): string | undefined {
+  const v = call.metadata.get('containerd-namespace')[0];
+  return typeof v === 'string' ? v : undefined;
+}
+
+export interface ServiceOptions {
+  snapshotter: Snapshotter;
+  logger: Logger;
+  /** Tracks in-flight calls so shutdown can drain them. */
+  track?: <T>(p: Promise<T>) => Promise<T>;
+}
+
+export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServiceImplementation {
+  const { snapshotter: sn, logger } = opts;
+  const track = opts.track ?? (<T>(p: Promise<T>) => p);
+
+  function unary<Req, Res>(
+    op: string,
+    fn: (req: Req) => Promise<Res>,
+  ): grpc.handleUnaryCall<Req, Res> {
+    return (call, callback) => {
+      const started = Date.now();
+      const req = call.request as Req & { key?: string };
+      track(
+        (async () => fn(req))().then(
+          (res) => {
+            logger.debug({ op, key: req?.key, ns: namespaceOf(call), duration_ms: Date.now() - started }, 'rpc done');
+            callback(null, res);
+          },
+          (err) => {
+            const e = classify(err);
+            const level = e.kind === 'Internal' || e.kind === 'Unavailable' ? 'error' : 'info';
+            logger[level](
+              { op, key: req?.key, ns: namespaceOf(call), code: e.kind, err: e.message, duration_ms: Date.now() - started },
+              `${op} failed`,
+            );
+            callback(toGrpcError(e), null);
+          },
+        ),
+      ).catch(() => undefined);
+    };
+  }
+
+  return {
+    Prepare: unary('prepare', async (req: any) => ({
+      mounts: toWireMounts(await sn.prepare(str(req.key, 'key'), str(req.parent, 'parent'), labelsOf(req.labels))),
+    })),
+    View: unary('view', async (req: any) => ({
+      mounts: toWireMounts(await sn.view(str(req.key, 'key'), str(req.parent, 'parent'), labelsOf(req.labels))),
+    })),
+    Mounts: unary('mounts', async (req: any) => ({ mounts: toWireMounts(await sn.mounts(str(req.key, 'key'))) })),
+    Commit: unary('commit', async (req: any) => {
+      await sn.commit(str(req.name, 'name'), str(req.key, 'key'), labelsOf(req.labels));
+      return {};
+    }),
+    Remove: unary('remove', async (req: any) => {
+      await sn.remove(str(req.key, 'key'));
+      return {};
+    }),
+    Stat: unary('stat', async (req: any) => ({ info: toWireInfo(await sn.stat(str(req.key, 'key'))) })),
+    Update: unary('update', async (req: any) => {
+      const info = req.info;
+      if (!info || typeof info !== 'object') throw invalidArgument('update: info is required');
+      const paths: string[] = req.update_mask?.paths ?? [];
+      const updated = await sn.update({ name: str(info.name, 'info.name'), labels: labelsOf(info.labels) }, paths);
+      return { info: toWireInfo(updated) };
+    }),
+    Usage: unary('usage', async (req: any) => {
+      const u = await sn.usage(str(req.key, 'key'));
+      return { size: String(u.size), inodes: String(u.inodes) };
+    }),
+    Cleanup: unary('cleanup', async () => {
+      await sn.cleanup();
+      return {};
+    }),
+    List: (call: grpc.ServerWritableStream<any, any>) => {
+      const started = Date.now();
+      track(
+        (async () => {
+          const filters: string[] = Array.isArray(call.request?.filters) ? call.request.filters : [];
+          let batch: WireInfo[] = [];
+          await sn.walk((info) => {
+            batch.push(toWireInfo(info));
+            if (batch.length >= LIST_BATCH) {
+              call.write({ info: batch });
+              batch = [];
+            }
+          }, filters);
+          if (batch.length > 0) call.write({ info: batch });
+        })().then(
+          () => {
+            logger.debug({ op: 'list', duration_ms: Date.now() - started }, 'rpc done');
+            call.end();
+          },
+          (err) => {
+            const e = classify(err);
+            logger.info({ op: 'list', code: e.kind, err: e.message }, 'list failed');
+            call.destroy(toGrpcError(e));
+          },
+        ),
+      ).catch(() => undefined);
+    },
+  };
+}
+

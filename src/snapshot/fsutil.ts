@@ -1,0 +1,47 @@
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import type { Usage } from './types';
+
+/**
+ * Disk usage of a tree the way containerd's continuity fs.DiskUsage counts it:
+ * each inode once (hardlinks share), size = allocated 512-byte blocks.
+ */
+export async function diskUsage(root: string): Promise<Usage> {
+  const seen = new Set<string>();
+  let size = 0;
+  const visit = async (p: string): Promise<void> => {
+    let st: fs.BigIntStats;
+    try {
+      st = await fsp.lstat(p, { bigint: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    const id = `${st.dev}:${st.ino}`;
+    if (!seen.has(id)) {
+      seen.add(id);
+      size += Number(st.blocks) * 512;
+    }
+    if (st.isDirectory()) {
+      const names = await fsp.readdir(p);
+      for (const n of names) await visit(path.join(p, n));
+    }
+  };
+  await visit(root);
+  return { size, inodes: seen.size };
+}
+
+/** Removes a tree; missing is fine. */
+export async function removeAll(p: string): Promise<void> {
+  await fsp.rm(p, { recursive: true, force: true, maxRetries: 3 });
+}
+
+export function fsyncDir(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}

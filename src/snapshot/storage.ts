@@ -1,0 +1,280 @@
+import Database from 'better-sqlite3';
+import {
+  alreadyExists,
+  failedPrecondition,
+  invalidArgument,
+  notFound,
+} from '../errdefs/errors';
+import { validateLabels } from './labels';
+import { type Info, Kind, type Labels, type Snapshot, type Usage } from './types';
+
+/**
+ * The snapshot metadata store: plain synchronous operations on SQLite (WAL),
+ * modelled on containerd's core/snapshots/storage. It only touches the
+ * database; the snapshotter does the filesystem work around its
+ * transactions. Every key and label is bound as an SQL parameter, never
+ * spliced into SQL text.
+ */
+
+export const MAX_KEY_SIZE = 4096;
+
+const SCHEMA_VERSION = 1;
+
+interface Row {
+  id: number;
+  key: string;
+  parent_id: number | null;
+  kind: number;
+  labels: string;
+  created_ms: number;
+  updated_ms: number;
+  size: number;
+  inodes: number;
+}
+
+export class MetaStore {
+  readonly db: Database.Database;
+
+  constructor(readonly file: string) {
+    this.db = new Database(file);
+    this.db.pragma('journal_mode = WAL');
+    // FULL: a commit containerd has seen acknowledged survives power loss, not
+    // only a killed process.
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('foreign_keys = ON');
+    this.db.pragma('busy_timeout = 5000');
+    this.migrate();
+  }
+
+  private migrate(): void {
+    const version = this.db.pragma('user_version', { simple: true }) as number;
+    if (version > SCHEMA_VERSION) {
+      throw new Error(
+        `${this.file} has schema version ${version}, newer than this daemon understands (${SCHEMA_VERSION})`,
+      );
+    }
+    if (version === SCHEMA_VERSION) return;
+    this.db.exec(`
+      CREATE TABLE IF NOT EXISTS snapshots (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        key         TEXT    NOT NULL UNIQUE,
+        parent_id   INTEGER REFERENCES snapshots(id) ON DELETE RESTRICT,
+        kind        INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
+        labels      TEXT    NOT NULL DEFAULT '{}',
+        created_ms  INTEGER NOT NULL,
+        updated_ms  INTEGER NOT NULL,
+        size        INTEGER NOT NULL DEFAULT 0,
+        inodes      INTEGER NOT NULL DEFAULT 0
+      );
+      CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+      PRAGMA user_version = ${SCHEMA_VERSION};
+    `);
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+
+  /**
+   * Runs fn in one transaction: all of it commits or none of it does. Nested
+   * calls become savepoints. fn must be synchronous.
+   */
+  transaction<T>(fn: () => T): T {
+    return this.db.transaction(fn).immediate();
+  }
+
+  private rowByKey(key: string): Row | undefined {
+    return this.db.prepare('SELECT * FROM snapshots WHERE key = ?').get(key) as Row | undefined;
+  }
+
+  private rowById(id: number): Row | undefined {
+    return this.db.prepare('SELECT * FROM snapshots WHERE id = ?').get(id) as Row | undefined;
+  }
+
+  private mustGet(key: string): Row {
+    checkKey(key);
+    const row = this.rowByKey(key);
+    if (!row) throw notFound(`snapshot ${JSON.stringify(key)} does not exist`);
+    return row;
+  }
+
+  private parentIds(row: Row): string[] {
+    const ids: string[] = [];
+    let pid = row.parent_id;
+    while (pid !== null) {
+      ids.push(String(pid));
+      const p = this.rowById(pid);
+      if (!p) throw new Error(`metadata corrupt: snapshot ${row.id} names missing parent ${pid}`);
+      pid = p.parent_id;
+    }
+    return ids;
+  }
+
+  private toInfo(row: Row): Info {
+    const parent = row.parent_id === null ? '' : (this.rowById(row.parent_id)?.key ?? '');
+    return {
+      name: row.key,
+      parent,
+      kind: row.kind as Kind,
+      labels: JSON.parse(row.labels) as Labels,
+      created: row.created_ms,
+      updated: row.updated_ms,
+    };
+  }
+
+  /** Id, info and usage of any snapshot. NotFound if the key is unknown. */
+  getInfo(key: string): { id: string; info: Info; usage: Usage } {
+    const row = this.mustGet(key);
+    return { id: String(row.id), info: this.toInfo(row), usage: { size: row.size, inodes: row.inodes } };
+  }
+
+  /** The active or view snapshot `key`; FailedPrecondition if committed. */
+  getSnapshot(key: string): Snapshot {
+    const row = this.mustGet(key);
+    if (row.kind !== Kind.Active && row.kind !== Kind.View) {
+      throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not active or a view`);
+    }
+    return { id: String(row.id), kind: row.kind as Kind, parentIds: this.parentIds(row) };
+  }
+
+  /** Like getSnapshot, for a snapshot of any kind. */
+  getAny(key: string): Snapshot {
+    const row = this.mustGet(key);
+    return { id: String(row.id), kind: row.kind as Kind, parentIds: this.parentIds(row) };
+  }
+
+  /** Calls fn for each snapshot, in id order. */
+  walkInfo(fn: (info: Info) => void): void {
+    const rows = this.db.prepare('SELECT * FROM snapshots ORDER BY id').all() as Row[];
+    for (const row of rows) fn(this.toInfo(row));
+  }
+
+  createSnapshot(kind: Kind, key: string, parent: string, labels?: Labels): Snapshot {
+    if (kind !== Kind.Active && kind !== Kind.View) {
+      throw invalidArgument(`snapshot type ${kind} invalid; only active and view can be created`);
+    }
+    checkKey(key);
+    const checked = validateLabels(labels);
+    let parentRow: Row | undefined;
+    if (parent !== '') {
+      checkKey(parent, 'parent');
+      parentRow = this.rowByKey(parent);
+      if (!parentRow) throw notFound(`missing parent ${JSON.stringify(parent)}`);
+      if (parentRow.kind !== Kind.Committed) {
+        throw invalidArgument(`parent ${JSON.stringify(parent)} is not a committed snapshot`);
+      }
+    }
+    if (this.rowByKey(key)) throw alreadyExists(`snapshot ${JSON.stringify(key)} already exists`);
+    const now = Date.now();
+    const res = this.db
+      .prepare(
+        'INSERT INTO snapshots (key, parent_id, kind, labels, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?)',
+      )
+      .run(key, parentRow ? parentRow.id : null, kind, JSON.stringify(checked), now, now);
+    const id = Number(res.lastInsertRowid);
+    const row = this.rowById(id) as Row;
+    return { id: String(id), kind, parentIds: this.parentIds(row) };
+  }
+
+  /**
+   * Turns active snapshot `key` into committed snapshot `name`, keeping its
+   * id (its directory does not move). The committed snapshot's labels are
+   * exactly `labels`, as in containerd.
+   */
+  commitActive(key: string, name: string, usage: Usage, labels?: Labels): string {
+    checkKey(name, 'name');
+    const checked = validateLabels(labels);
+    const row = this.mustGet(key);
+    if (this.rowByKey(name)) throw alreadyExists(`snapshot ${JSON.stringify(name)} already exists`);
+    if (row.kind !== Kind.Active) {
+      throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not active`);
+    }
+    const now = Date.now();
+    this.db
+      .prepare(
+        'UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ms = ?, updated_ms = ?, size = ?, inodes = ? WHERE id = ?',
+      )
+      .run(name, Kind.Committed, JSON.stringify(checked), now, now, usage.size, usage.inodes, row.id);
+    return String(row.id);
+  }
+
+  /** Deletes the row of `key`; FailedPrecondition while it has children. */
+  remove(key: string): { id: string; kind: Kind } {
+    const row = this.mustGet(key);
+    const child = this.db.prepare('SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1').get(row.id) as
+      | { key: string }
+      | undefined;
+    if (child) {
+      throw failedPrecondition(
+        `cannot remove snapshot ${JSON.stringify(key)}: snapshot ${JSON.stringify(child.key)} depends on it`,
+      );
+    }
+    this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
+    return { id: String(row.id), kind: row.kind as Kind };
+  }
+
+  /**
+   * Updates labels. fieldpaths as containerd's: empty means "all labels";
+   * `labels` replaces them; `labels.<k>` sets or (when absent from
+   * info.labels) deletes one. Anything else is InvalidArgument.
+   */
+  updateInfo(info: Pick<Info, 'name' | 'labels'>, fieldpaths: string[]): Info {
+    const row = this.mustGet(info.name);
+    const incoming = info.labels ?? {};
+    let labels: Labels = JSON.parse(row.labels) as Labels;
+    if (fieldpaths.length === 0) {
+      labels = { ...incoming };
+    } else {
+      for (const path of fieldpaths) {
+        if (path === 'labels') {
+          labels = { ...incoming };
+        } else if (path.startsWith('labels.') && path.length > 'labels.'.length) {
+          const k = path.slice('labels.'.length);
+          if (Object.prototype.hasOwnProperty.call(incoming, k)) labels[k] = incoming[k];
+          else delete labels[k];
+        } else {
+          throw invalidArgument(
+            `cannot update ${JSON.stringify(path)} field on snapshot ${JSON.stringify(info.name)}: only "labels" and "labels.<key>" can be updated`,
+          );
+        }
+      }
+    }
+    labels = validateLabels(labels);
+    const now = Date.now();
+    this.db.prepare('UPDATE snapshots SET labels = ?, updated_ms = ? WHERE id = ?').run(JSON.stringify(labels), now, row.id);
+    return this.toInfo(this.rowById(row.id) as Row);
+  }
+
+  /** Records measured usage (for active snapshots, refreshed on demand). */
+  setUsage(id: string, usage: Usage): void {
+    this.db.prepare('UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?').run(usage.size, usage.inodes, Number(id));
+  }
+
+  /** id → key for every snapshot: what Cleanup keeps. */
+  idMap(): Map<string, string> {
+    const rows = this.db.prepare('SELECT id, key FROM snapshots').all() as { id: number; key: string }[];
+    return new Map(rows.map((r) => [String(r.id), r.key]));
+  }
+
+  counts(): Record<'active' | 'view' | 'committed', number> {
+    const rows = this.db.prepare('SELECT kind, count(*) AS n FROM snapshots GROUP BY kind').all() as {
+      kind: number;
+      n: number;
+    }[];
+    const out = { active: 0, view: 0, committed: 0 };
+    for (const r of rows) {
+      if (r.kind === Kind.Active) out.active = r.n;
+      else if (r.kind === Kind.View) out.view = r.n;
+      else if (r.kind === Kind.Committed) out.committed = r.n;
+    }
+    return out;
+  }
+}
+
+export function checkKey(key: unknown, what = 'key'): asserts key is string {
+  if (typeof key !== 'string' || key === '') throw invalidArgument(`snapshot ${what} must not be empty`);
+  if (Buffer.byteLength(key) > MAX_KEY_SIZE) {
+    throw invalidArgument(`snapshot ${what} is ${Buffer.byteLength(key)} bytes, over the ${MAX_KEY_SIZE}-byte limit`);
+  }
+  if (key.includes('\0')) throw invalidArgument(`snapshot ${what} must not contain NUL bytes`);
+}
