@@ -179,9 +179,10 @@ export class MetaStore {
   /**
    * Turns active snapshot `key` into committed snapshot `name`, keeping its
    * id (its directory does not move). The committed snapshot's labels are
-   * exactly `labels`, as in containerd.
+   * exactly `labels`, as in containerd. A non-empty `newParent` rebases it
+   * onto that committed snapshot (containerd 2.x `WithParent` on commit).
    */
-  commitActive(key: string, name: string, usage: Usage, labels?: Labels): string {
+  commitActive(key: string, name: string, usage: Usage, labels?: Labels, newParent = ''): string {
     checkKey(name, 'name');
     const checked = validateLabels(labels);
     const row = this.mustGet(key);
@@ -189,12 +190,21 @@ export class MetaStore {
     if (row.kind !== Kind.Active) {
       throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not active`);
     }
+    let parentId = row.parent_id;
+    if (newParent !== '') {
+      const p = this.rowByKey(newParent);
+      if (!p) throw notFound(`missing parent ${JSON.stringify(newParent)}`);
+      if (p.kind !== Kind.Committed) {
+        throw invalidArgument(`parent ${JSON.stringify(newParent)} is not a committed snapshot`);
+      }
+      parentId = p.id;
+    }
     const now = Date.now();
     this.db
       .prepare(
-        'UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ms = ?, updated_ms = ?, size = ?, inodes = ? WHERE id = ?',
+        'UPDATE snapshots SET key = ?, kind = ?, parent_id = ?, labels = ?, created_ms = ?, updated_ms = ?, size = ?, inodes = ? WHERE id = ?',
       )
-      .run(name, Kind.Committed, JSON.stringify(checked), now, now, usage.size, usage.inodes, row.id);
+      .run(name, Kind.Committed, parentId, JSON.stringify(checked), now, now, usage.size, usage.inodes, row.id);
     return String(row.id);
   }
 

@@ -1,0 +1,91 @@
+/**
+ * Extended attributes of a path without following symlinks: llistxattr(2)
+ * and lgetxattr(2) from libc through koffi. Paths and names go to C as UTF-8.
+ */
+import koffi from 'koffi';
+
+type ListFn = (path: string, list: Buffer | null, size: number) => number;
+type GetFn = (path: string, name: string, value: Buffer | null, size: number) => number;
+
+let fns: { llistxattr: ListFn; lgetxattr: GetFn } | null = null;
+
+function libc(): { llistxattr: ListFn; lgetxattr: GetFn } {
+  if (!fns) {
+    const lib = koffi.load('libc.so.6');
+    fns = {
+      llistxattr: lib.func('intptr_t llistxattr(const char *path, _Out_ uint8_t *list, size_t size)') as unknown as ListFn,
+      lgetxattr: lib.func('intptr_t lgetxattr(const char *path, const char *name, _Out_ uint8_t *value, size_t size)') as unknown as GetFn,
+    };
+  }
+  return fns;
+}
+
+function errnoName(n: number): string {
+  for (const [k, v] of Object.entries(koffi.os.errno)) if (v === n) return k;
+  return `errno ${n}`;
+}
+
+export class XattrError extends Error {
+  constructor(
+    readonly syscall: string,
+    readonly path: string,
+    readonly errno: number,
+    readonly code: string,
+  ) {
+    super(`${syscall} ${path}: ${code}`);
+    this.name = 'XattrError';
+  }
+}
+
+const ERANGE = koffi.os.errno.ERANGE ?? 34;
+const ENODATA = koffi.os.errno.ENODATA ?? 61;
+
+/**
+ * Calls `fn(buf, size)` the size-probe way: first with size 0 to learn the
+ * length, then with a buffer of that length; retries if the value grew.
+ */
+function sized(syscall: string, path: string, fn: (buf: Buffer | null, size: number) => number): Buffer {
+  for (let attempt = 0; attempt < 8; attempt++) {
+    const need = fn(null, 0);
+    if (need < 0) {
+      const e = koffi.errno();
+      throw new XattrError(syscall, path, e, errnoName(e));
+    }
+    if (need === 0) return Buffer.alloc(0);
+    const buf = Buffer.alloc(need);
+    const got = fn(buf, need);
+    if (got >= 0) return buf.subarray(0, got);
+    const e = koffi.errno();
+    if (e !== ERANGE) throw new XattrError(syscall, path, e, errnoName(e));
+  }
+  throw new XattrError(syscall, path, ERANGE, 'ERANGE');
+}
+
+/** Names of the extended attributes of `path` (the link itself for a symlink). */
+export function listXattrs(path: string): string[] {
+  const raw = sized('llistxattr', path, (b, n) => libc().llistxattr(path, b, n));
+  return raw
+    .toString('utf8')
+    .split('\0')
+    .filter((s) => s !== '');
+}
+
+/** The value of one extended attribute, or null if it does not exist. */
+export function getXattr(path: string, name: string): Buffer | null {
+  try {
+    return sized('lgetxattr', path, (b, n) => libc().lgetxattr(path, name, b, n));
+  } catch (err) {
+    if (err instanceof XattrError && err.errno === ENODATA) return null;
+    throw err;
+  }
+}
+
+/** All extended attributes of `path`, sorted by name. */
+export function readXattrs(path: string): Map<string, Buffer> {
+  const out = new Map<string, Buffer>();
+  for (const name of listXattrs(path).sort()) {
+    const v = getXattr(path, name);
+    if (v !== null) out.set(name, v);
+  }
+  return out;
+}

@@ -1,0 +1,542 @@
+/**
+ * The real stack for end-to-end tests, started and stopped by the tests:
+ * a docker-registry on 127.0.0.1, a private containerd (own root, state,
+ * sockets) with the daemon as proxy snapshotter "dedup", and the daemon.
+ * Everything lives in one temp dir with short unix socket paths; teardown
+ * removes tasks and containers, stops every process (SIGKILL if needed, also
+ * after a failed test), unmounts whatever is left under the dir and deletes it.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { type DaemonProcess, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
+import type { BuiltImage } from './images';
+
+export interface CmdResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+export class CommandError extends Error {
+  constructor(
+    readonly cmd: string[],
+    readonly result: CmdResult,
+  ) {
+    super(
+      `command failed (exit ${result.code ?? result.signal}): ${cmd.join(' ')}\n--- stdout ---\n${result.stdout.slice(-8000)}\n--- stderr ---\n${result.stderr.slice(-8000)}`,
+    );
+    this.name = 'CommandError';
+  }
+}
+
+/** Children spawned here; SIGKILLed if the test process exits without teardown. */
+const live = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const p of live) {
+    if (p.pid !== undefined && p.exitCode === null && p.signalCode === null) {
+      try {
+        process.kill(p.pid, 'SIGKILL');
+      } catch {
+        /* already gone */
+      }
+    }
+  }
+});
+
+/** Runs a command; resolves with its outcome (never rejects on a non-zero exit). */
+export function runCmd(cmd: string, args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv; input?: string } = {}): Promise<CmdResult> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { env: opts.env ?? process.env, stdio: ['pipe', 'pipe', 'pipe'] });
+    live.add(p);
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d) => (stdout += d));
+    p.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => {
+      stderr += `\n[killed after ${opts.timeoutMs} ms]`;
+      if (p.pid !== undefined) process.kill(p.pid, 'SIGKILL');
+    }, opts.timeoutMs ?? 180_000);
+    p.on('error', (err) => {
+      clearTimeout(timer);
+      live.delete(p);
+      reject(err);
+    });
+    p.on('close', (code, signal) => {
+      clearTimeout(timer);
+      live.delete(p);
+      resolve({ code, signal, stdout, stderr });
+    });
+    p.stdin.end(opts.input ?? '');
+  });
+}
+
+/** Runs a command and throws a CommandError (with its output) unless it exits 0. */
+export async function mustRun(cmd: string, args: string[], opts: { timeoutMs?: number } = {}): Promise<CmdResult> {
+  const r = await runCmd(cmd, args, opts);
+  if (r.code !== 0) throw new CommandError([cmd, ...args], r);
+  return r;
+}
+
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function stopProcess(p: ChildProcess, graceMs: number): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null || p.pid === undefined) return;
+  const exited = new Promise<void>((resolve) => p.once('exit', () => resolve()));
+  p.kill('SIGTERM');
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = await Promise.race([exited.then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), graceMs)))]);
+  clearTimeout(timer);
+  if (timedOut) {
+    p.kill('SIGKILL');
+    await exited;
+  }
+}
+
+export interface MountEntry {
+  target: string;
+  fstype: string;
+  source: string;
+  options: string;
+}
+
+/** Every mount of this mount namespace (findmnt, flat list). */
+export function listMounts(): MountEntry[] {
+  const out = execFileSync('findmnt', ['--list', '--json', '-o', 'TARGET,FSTYPE,SOURCE,OPTIONS'], { encoding: 'utf8', maxBuffer: 64 << 20 });
+  const doc = JSON.parse(out) as { filesystems: { target: string; fstype: string; source: string; options: string }[] };
+  return doc.filesystems.map((f) => ({ target: f.target, fstype: f.fstype, source: f.source ?? '', options: f.options ?? '' }));
+}
+
+/** Mounts whose target is under `dir`, or whose source/options name a path under it. */
+export function mountsUnder(dir: string): MountEntry[] {
+  const prefix = dir.endsWith('/') ? dir : `${dir}/`;
+  return listMounts().filter((m) => m.target.startsWith(prefix) || m.source.startsWith(prefix) || m.options.includes(prefix));
+}
+
+/** Unmounts everything under `dir`, deepest first; lazily if busy. Returns what it unmounted. */
+export function unmountUnder(dir: string): string[] {
+  const done: string[] = [];
+  for (let round = 0; round < 5; round++) {
+    const prefix = dir.endsWith('/') ? dir : `${dir}/`;
+    const targets = listMounts()
+      .map((m) => m.target)
+      .filter((t) => t.startsWith(prefix))
+      .sort((a, b) => b.length - a.length);
+    if (targets.length === 0) break;
+    for (const t of targets) {
+      try {
+        execFileSync('umount', [t], { stdio: 'ignore' });
+      } catch {
+        try {
+          execFileSync('umount', ['-l', t], { stdio: 'ignore' });
+        } catch {
+          /* gone meanwhile, or stacked: the next round sees it */
+        }
+      }
+      done.push(t);
+    }
+  }
+  return done;
+}
+
+/** Lists directory entries; [] if the directory does not exist. */
+export function readdirOrEmpty(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw err;
+  }
+}
+
+export interface StackOptions {
+  /** Enable containerd's CRI plugin (disabled by default). */
+  cri?: boolean;
+  /** Extra environment for the daemon. */
+  daemonEnv?: Record<string, string>;
+}
+
+export interface CtrOptions {
+  ns?: string;
+  timeoutMs?: number;
+}
+
+export class Stack {
+  readonly dir: string;
+  readonly registryPort: number;
+  /** `127.0.0.1:<port>` */
+  readonly registry: string;
+  readonly containerdAddress: string;
+  readonly containerdRoot: string;
+  readonly containerdState: string;
+  readonly daemonRoot: string;
+  readonly daemonAddress: string;
+  daemon!: DaemonProcess;
+  private registryProc: ChildProcess | null = null;
+  private containerdProc: ChildProcess | null = null;
+  private registryOut = '';
+  private containerdOut = '';
+  private stopped = false;
+
+  private constructor(
+    dir: string,
+    port: number,
+    private readonly opts: StackOptions,
+  ) {
+    this.dir = dir;
+    this.registryPort = port;
+    this.registry = `127.0.0.1:${port}`;
+    this.containerdAddress = path.join(dir, 'ctrd.sock');
+    this.containerdRoot = path.join(dir, 'c', 'root');
+    this.containerdState = path.join(dir, 'c', 'state');
+    this.daemonRoot = path.join(dir, 'root');
+    this.daemonAddress = path.join(dir, 'dedup.sock');
+    for (const sock of [`${this.containerdAddress}.ttrpc`, this.daemonAddress]) {
+      if (Buffer.byteLength(sock) >= 100) throw new Error(`unix socket path too long (${Buffer.byteLength(sock)} bytes): ${sock}`);
+    }
+  }
+
+  /** Starts registry, daemon and containerd; on any failure stops what was started. */
+  static async start(opts: StackOptions = {}): Promise<Stack> {
+    const s = new Stack(tempDir('e2e'), await freePort(), opts);
+    try {
+      await s.startRegistry();
+      await s.startDedup();
+      await s.startContainerd();
+    } catch (err) {
+      await s.stop().catch(() => undefined);
+      throw err;
+    }
+    return s;
+  }
+
+  private async startRegistry(): Promise<void> {
+    const cfg = path.join(this.dir, 'registry.yml');
+    fs.writeFileSync(
+      cfg,
+      [
+        'version: 0.1',
+        'log:',
+        '  level: warn',
+        '  accesslog:',
+        '    disabled: true',
+        'storage:',
+        '  filesystem:',
+        `    rootdirectory: ${path.join(this.dir, 'registry-data')}`,
+        '  delete:',
+        '    enabled: true',
+        '  maintenance:',
+        '    uploadpurging:',
+        '      enabled: false',
+        'http:',
+        `  addr: ${this.registry}`,
+        '',
+      ].join('\n'),
+    );
+    const p = spawn('docker-registry', ['serve', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
+    live.add(p);
+    p.once('exit', () => live.delete(p));
+    p.stdout?.on('data', (d) => (this.registryOut += d));
+    p.stderr?.on('data', (d) => (this.registryOut += d));
+    this.registryProc = p;
+    await waitFor(
+      async () => {
+        if (p.exitCode !== null) throw new Error(`docker-registry exited (${p.exitCode}):\n${this.registryOut}`);
+        try {
+          const r = await fetch(`http://${this.registry}/v2/`);
+          return r.status === 200;
+        } catch {
+          return false;
+        }
+      },
+      20_000,
+      'docker-registry to answer /v2/',
+    );
+  }
+
+  private async startDedup(): Promise<void> {
+    this.daemon = await startDaemon({ dir: this.dir, root: this.daemonRoot, address: this.daemonAddress, env: { LOG_LEVEL: 'debug', ...this.opts.daemonEnv } });
+    const p = this.daemon.proc;
+    live.add(p);
+    void this.daemon.exited.then(() => live.delete(p));
+  }
+
+  /** Starts the daemon again on the same ROOT and socket (after kill/stop). */
+  async restartDaemon(): Promise<DaemonProcess> {
+    if (this.daemon.proc.exitCode === null && this.daemon.proc.signalCode === null) throw new Error('daemon still running');
+    await this.startDedup();
+    return this.daemon;
+  }
+
+  private containerdConfig(): string {
+    const disabled = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
+    if (!this.opts.cri) disabled.unshift('io.containerd.grpc.v1.cri');
+    const q = (s: string) => JSON.stringify(s);
+    return [
+      'version = 2',
+      `root = ${q(this.containerdRoot)}`,
+      `state = ${q(this.containerdState)}`,
+      `disabled_plugins = [${disabled.map(q).join(', ')}]`,
+      '',
+      '[grpc]',
+      `  address = ${q(this.containerdAddress)}`,
+      '',
+      '[ttrpc]',
+      `  address = ${q(`${this.containerdAddress}.ttrpc`)}`,
+      '',
+      '[debug]',
+      '  level = "info"',
+      '',
+      '[plugins."io.containerd.internal.v1.opt"]',
+      `  path = ${q(path.join(this.dir, 'c', 'opt'))}`,
+      '',
+      ...(this.opts.cri
+        ? [
+            '[plugins."io.containerd.grpc.v1.cri"]',
+            `  sandbox_image = "${this.registry}/pause:none"`,
+            '  [plugins."io.containerd.grpc.v1.cri".containerd]',
+            '    snapshotter = "dedup"',
+            '    disable_snapshot_annotations = false',
+            '  [plugins."io.containerd.grpc.v1.cri".cni]',
+            `    bin_dir = ${q(path.join(this.dir, 'c', 'cni-bin'))}`,
+            `    conf_dir = ${q(path.join(this.dir, 'c', 'cni-conf'))}`,
+            `  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."${this.registry}"]`,
+            `    endpoint = ["http://${this.registry}"]`,
+            '',
+          ]
+        : []),
+      '[proxy_plugins]',
+      '  [proxy_plugins.dedup]',
+      '    type = "snapshot"',
+      `    address = ${q(this.daemonAddress)}`,
+      '',
+    ].join('\n');
+  }
+
+  private async startContainerd(): Promise<void> {
+    const cfg = path.join(this.dir, 'containerd.toml');
+    fs.writeFileSync(cfg, this.containerdConfig());
+    // containerd mounts bind snapshots for unpacking under $TMPDIR: keep those inside the stack dir.
+    const tmp = path.join(this.dir, 'tmp');
+    fs.mkdirSync(tmp, { recursive: true });
+    const p = spawn('containerd', ['--config', cfg], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TMPDIR: tmp } });
+    live.add(p);
+    p.once('exit', () => live.delete(p));
+    p.stdout?.on('data', (d) => (this.containerdOut += d));
+    p.stderr?.on('data', (d) => (this.containerdOut += d));
+    this.containerdProc = p;
+    await waitFor(
+      async () => {
+        if (p.exitCode !== null) throw new Error(`containerd exited (${p.exitCode}):\n${this.containerdOut.slice(-8000)}`);
+        if (!fs.existsSync(this.containerdAddress)) return false;
+        const r = await runCmd('ctr', ['--address', this.containerdAddress, 'version'], { timeoutMs: 10_000 });
+        return r.code === 0;
+      },
+      30_000,
+      'containerd to serve',
+    );
+    const plugins = await this.ctr(['plugins', 'ls']);
+    const line = plugins.stdout.split('\n').find((l) => /\bio\.containerd\.snapshotter\.v1\s+dedup\b/.test(l));
+    if (!line || !/\bok\b/.test(line)) throw new Error(`containerd did not load the dedup proxy snapshotter:\n${plugins.stdout}`);
+  }
+
+  containerdLog(): string {
+    return this.containerdOut;
+  }
+
+  registryLog(): string {
+    return this.registryOut;
+  }
+
+  /** `ctr --address <sock> -n <ns> args...`; resolves with the outcome, exit code included. */
+  ctrTry(args: string[], opts: CtrOptions = {}): Promise<CmdResult> {
+    return runCmd('ctr', ['--address', this.containerdAddress, '-n', opts.ns ?? 'default', ...args], { timeoutMs: opts.timeoutMs ?? 180_000 });
+  }
+
+  /** As ctrTry, but throws a CommandError with stdout/stderr unless ctr exits 0. */
+  async ctr(args: string[], opts: CtrOptions = {}): Promise<CmdResult> {
+    const r = await this.ctrTry(args, opts);
+    if (r.code !== 0) throw new CommandError(['ctr', '-n', opts.ns ?? 'default', ...args], r);
+    return r;
+  }
+
+  /** Snapshot names, parents and kinds as `ctr snapshots ls` shows them. */
+  async snapshots(snapshotter: string, ns = 'default'): Promise<{ key: string; parent: string; kind: string }[]> {
+    const r = await this.ctr(['snapshots', '--snapshotter', snapshotter, 'ls'], { ns });
+    return r.stdout
+      .split('\n')
+      .slice(1)
+      .map((l) => l.trim())
+      .filter((l) => l !== '')
+      .map((l) => {
+        const f = l.split(/\s+/);
+        // KEY PARENT KIND; PARENT is empty for a base layer
+        return f.length >= 3 ? { key: f[0], parent: f[1], kind: f[2] } : { key: f[0], parent: '', kind: f[1] };
+      });
+  }
+
+  async namespaces(): Promise<string[]> {
+    const r = await this.ctr(['namespaces', 'ls', '-q']);
+    return r.stdout.split('\n').filter((l) => l.trim() !== '');
+  }
+
+  /** Pulls with --plain-http through `snapshotter` (unpacking). */
+  pull(ref: string, snapshotter: string, opts: CtrOptions = {}): Promise<CmdResult> {
+    return this.ctr(['images', 'pull', '--plain-http', `--snapshotter=${snapshotter}`, ref], { timeoutMs: 240_000, ...opts });
+  }
+
+  /** Directory names under the daemon's ROOT/snapshots. */
+  daemonSnapshotDirs(): string[] {
+    return readdirOrEmpty(path.join(this.daemonRoot, 'snapshots'));
+  }
+
+  /** Kills and deletes every task and container in every namespace. */
+  async removeAllContainers(): Promise<void> {
+    for (const ns of await this.namespaces()) {
+      const tasks = await this.ctrTry(['tasks', 'ls', '-q'], { ns });
+      for (const id of tasks.stdout.split('\n').filter((l) => l.trim() !== '')) {
+        await this.ctrTry(['tasks', 'kill', '-s', 'SIGKILL', id], { ns });
+        await this.ctrTry(['tasks', 'delete', '-f', id], { ns, timeoutMs: 30_000 });
+      }
+      const cs = await this.ctrTry(['containers', 'ls', '-q'], { ns });
+      for (const id of cs.stdout.split('\n').filter((l) => l.trim() !== '')) {
+        await this.ctrTry(['containers', 'rm', id], { ns });
+      }
+    }
+  }
+
+  /** Shim processes that serve our containerd (they outlive it). */
+  private ourShims(): number[] {
+    const pids: number[] = [];
+    for (const name of fs.readdirSync('/proc')) {
+      if (!/^\d+$/.test(name)) continue;
+      try {
+        const argv = fs.readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0');
+        if (path.basename(argv[0]).startsWith('containerd-shim') && argv.includes(this.containerdAddress)) pids.push(Number(name));
+      } catch {
+        /* exited */
+      }
+    }
+    return pids;
+  }
+
+  /** Stops everything, even after a failed test; idempotent. Set DEDUP_E2E_KEEP=1 to keep the dir. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    const errors: string[] = [];
+    const step = async (what: string, fn: () => Promise<unknown> | unknown) => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(`${what}: ${(err as Error).message}`);
+      }
+    };
+    if (this.containerdProc && this.containerdProc.exitCode === null) {
+      await step('remove containers', () => this.removeAllContainers());
+    }
+    if (this.containerdProc) await step('stop containerd', () => stopProcess(this.containerdProc as ChildProcess, 15_000));
+    await step('kill shims', () => {
+      for (const pid of this.ourShims()) process.kill(pid, 'SIGKILL');
+    });
+    if (this.daemon) await step('stop daemon', () => stopProcess(this.daemon.proc, 10_000));
+    if (this.registryProc) await step('stop registry', () => stopProcess(this.registryProc as ChildProcess, 5_000));
+    await step('unmount', () => unmountUnder(this.dir));
+    const left = mountsUnder(this.dir);
+    if (left.length > 0) errors.push(`still mounted, dir kept: ${left.map((m) => m.target).join(' ')}`);
+    else if (!process.env.DEDUP_E2E_KEEP) {
+      await step('remove dir', () => fs.rmSync(this.dir, { recursive: true, force: true, maxRetries: 3 }));
+    }
+    if (errors.length > 0) process.stderr.write(`stack teardown problems (${this.dir}):\n  ${errors.join('\n  ')}\n`);
+  }
+}
+
+/** Asserts that `ctr snapshots ls` holds the image's chain, committed, each with its parent. */
+export async function assertCommittedChain(stack: Stack, snapshotter: string, img: BuiltImage): Promise<void> {
+  const snaps = await stack.snapshots(snapshotter);
+  const byKey = new Map(snaps.map((s) => [s.key, s]));
+  img.chainIds.forEach((id, i) => {
+    const s = byKey.get(id);
+    assert.ok(s, `${img.def.name}: layer ${i} chain id ${id} missing from ctr snapshots ls:\n${JSON.stringify(snaps, null, 1)}`);
+    assert.equal(s.kind, 'Committed', `${img.def.name}: ${id} is ${s.kind}`);
+    assert.equal(s.parent, i === 0 ? '' : img.chainIds[i - 1], `${img.def.name}: parent of layer ${i}`);
+  });
+}
+
+/** Names of the daemon's own snapshots (all namespaces), as containerd keyed them. */
+export async function daemonSnapshotNames(stack: Stack): Promise<string[]> {
+  const c = snapshotsClient(stack.daemonAddress);
+  try {
+    return (await list(c)).map((i) => i.name as string);
+  } finally {
+    c.close();
+  }
+}
+
+/**
+ * After images are removed with --sync: waits until containerd shows no
+ * dedup snapshots in any namespace, the daemon lists none, ROOT/snapshots is
+ * empty and nothing is mounted from the stack's dirs.
+ */
+export async function assertAllCollected(stack: Stack): Promise<void> {
+  let last = '';
+  try {
+    await waitFor(
+      async () => {
+        const ctrSnaps: string[] = [];
+        for (const ns of await stack.namespaces()) ctrSnaps.push(...(await stack.snapshots('dedup', ns)).map((s) => `${ns}:${s.key}`));
+        const names = await daemonSnapshotNames(stack);
+        const dirs = stack.daemonSnapshotDirs();
+        const mounts = mountsUnder(stack.dir).map((m) => `${m.fstype} ${m.target}`);
+        last = JSON.stringify({ ctrSnaps, daemonSnapshots: names, dirs, mounts }, null, 1);
+        return ctrSnaps.length === 0 && names.length === 0 && dirs.length === 0 && mounts.length === 0;
+      },
+      30_000,
+      'containerd GC to remove every dedup snapshot',
+    );
+  } catch (err) {
+    throw new Error(`${(err as Error).message}; still present: ${last}`);
+  }
+}
+
+
+/**
+ * Waits until ROOT/snapshots holds exactly one directory per snapshot the
+ * daemon lists, and nothing half-made or half-removed: containerd's GC may
+ * still be removing snapshots in the background when this is called.
+ */
+export async function assertDirsMatchSnapshots(stack: Stack, timeoutMs = 15_000): Promise<void> {
+  let last = '';
+  try {
+    await waitFor(
+      async () => {
+        const names = await daemonSnapshotNames(stack);
+        const dirs = stack.daemonSnapshotDirs();
+        last = JSON.stringify({ names, dirs });
+        return dirs.length === names.length && dirs.every((d) => /^\d+$/.test(d));
+      },
+      timeoutMs,
+      'one directory per daemon snapshot',
+    );
+  } catch (err) {
+    throw new Error(`${(err as Error).message}: ${last}`);
+  }
+}
+
+/** The daemon logged nothing at level error or fatal (pino 50, 60). */
+export function assertNoDaemonErrors(stack: Stack): void {
+  const bad = stack.daemon.logs().filter((l) => typeof l.level === 'number' && l.level >= 50);
+  assert.deepEqual(bad, [], 'daemon logged errors');
+}
