@@ -35,13 +35,12 @@ say "building in $SRC"
 (cd "$SRC" && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 
 say "installing to $PREFIX"
-mkdir -p "$PREFIX"
 rm -rf "$PREFIX.new"
 mkdir -p "$PREFIX.new"
 cp -a "$SRC/package.json" "$SRC/package-lock.json" "$SRC/bin" "$SRC/dist" "$SRC/proto" "$SRC/node_modules" \
   "$SRC/README.md" "$SRC/config" "$SRC/systemd" "$PREFIX.new/"
 rm -rf "$PREFIX.old"
-[ -e "$PREFIX/package.json" ] && mv "$PREFIX" "$PREFIX.old"
+if [ -e "$PREFIX" ]; then mv "$PREFIX" "$PREFIX.old"; fi
 mv "$PREFIX.new" "$PREFIX"
 rm -rf "$PREFIX.old"
 ln -sfn "$PREFIX/bin/dedup-snapshotter" "$BIN_LINK"

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { type Config, ConfigError, loadConfig } from '../config/config';
-import { startGrpcServer } from '../grpc/server';
+import { prepareSocketPath, startGrpcServer } from '../grpc/server';
 import { createLogger } from '../log/logger';
 import { Snapshotter } from '../snapshot/snapshotter';
 
@@ -29,6 +29,16 @@ export async function runDaemon(): Promise<void> {
     { op: 'start', version: VERSION, root: cfg.root, address: cfg.address, config: cfg.source ?? '(defaults)', use_erofs: cfg.use_erofs },
     'starting dedup-snapshotter',
   );
+
+  try {
+    // Refuse a live socket before touching ROOT: the daemon answering there
+    // most likely owns this ROOT, and our start-up cleanup would delete the
+    // directories it is building.
+    await prepareSocketPath(cfg.address);
+  } catch (err) {
+    log.fatal({ op: 'start', address: cfg.address, err: (err as Error).message }, 'cannot serve gRPC');
+    process.exit(1);
+  }
 
   let snapshotter: Snapshotter;
   try {

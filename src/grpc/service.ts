@@ -154,7 +154,7 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
           (err) => {
             const e = classify(err);
             logger.info({ op: 'list', code: e.kind, err: e.message }, 'list failed');
-            call.destroy(toGrpcError(e));
+            call.emit('error', toGrpcError(e));
           },
         ),
       ).catch(() => undefined);

@@ -24,7 +24,14 @@ export async function diskUsage(root: string): Promise<Usage> {
       size += Number(st.blocks) * 512;
     }
     if (st.isDirectory()) {
-      const names = await fsp.readdir(p);
+      let names: string[];
+      try {
+        names = await fsp.readdir(p);
+      } catch (err) {
+        // Removed (or renamed away by Remove) between lstat and readdir.
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+        throw err;
+      }
       for (const n of names) await visit(path.join(p, n));
     }
   };

@@ -83,7 +83,12 @@ export class Snapshotter {
     this.checkOpen();
     const { id, info, usage } = this.ms.getInfo(key);
     if (info.kind !== Kind.Active) return usage;
-    return diskUsage(this.upperPath(id));
+    const measured = await diskUsage(this.upperPath(id));
+    // A Remove or Commit may have run while the tree was walked: answer for
+    // the snapshot only if the key still names it (NotFound once removed or
+    // committed; a fresh snapshot under the same key is measured anew).
+    if (this.ms.getInfo(key).id !== id) return this.usage(key);
+    return measured;
   }
 
   async mounts(key: string): Promise<Mount[]> {
@@ -163,7 +168,8 @@ export class Snapshotter {
     const started = Date.now();
     // Slow work (walking the layer) outside the transaction; the transaction
     // re-checks everything, so a concurrent Remove or Commit is detected.
-    const s = this.ms.getSnapshot(key);
+    // Any kind: commitActive reports a taken name before a wrong kind, as containerd.
+    const s = this.ms.getAny(key);
     const usage = s.kind === Kind.Active ? await diskUsage(this.upperPath(s.id)) : { size: 0, inodes: 0 };
     const id = this.ms.transaction(() => this.ms.commitActive(key, name, usage, labels));
     this.log.info(
