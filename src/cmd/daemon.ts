@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import { type Config, ConfigError, loadConfig } from '../config/config';
 import { prepareSocketPath, startGrpcServer } from '../grpc/server';
 import { createLogger } from '../log/logger';
+import { erofsSupported } from '../mount/erofs';
 import { Snapshotter } from '../snapshot/snapshotter';
 
 const VERSION: string = (() => {
@@ -42,11 +43,20 @@ export async function runDaemon(): Promise<void> {
 
   let snapshotter: Snapshotter;
   try {
-    snapshotter = new Snapshotter({ root: cfg.root, logger: log });
-    // Directories left by a crash (no row names them) go before serving.
+    if (cfg.use_erofs && !erofsSupported()) {
+      throw new Error('use_erofs is true but the kernel has no erofs filesystem (modprobe erofs), or set "use_erofs": false');
+    }
+    snapshotter = new Snapshotter({
+      root: cfg.root,
+      logger: log,
+      erofs: cfg.use_erofs ? { chunkSize: cfg.chunk_size, mkfs: cfg.mkfs_erofs } : null,
+    });
+    // Directories left by a crash (no row names them) go before serving;
+    // layer images are mounted again and the chunk store checked.
     await snapshotter.cleanup();
+    await snapshotter.recover();
   } catch (err) {
-    log.fatal({ op: 'start', err: (err as Error).message }, 'cannot open snapshotter root');
+    log.fatal({ op: 'start', err: (err as Error).message }, 'cannot start snapshotter');
     process.exit(1);
   }
 

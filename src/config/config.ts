@@ -19,6 +19,10 @@ export interface Config {
   readonly use_erofs: boolean;
   /** Prefer EROFS over fscache for on-demand data when the kernel has it. */
   readonly use_fscache: boolean;
+  /** Bytes per dedup chunk: a power of two from 4 KiB to 1 GiB. */
+  readonly chunk_size: number;
+  /** mkfs.erofs to run: a name looked up in PATH, or an absolute path. */
+  readonly mkfs_erofs: string;
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
@@ -29,6 +33,8 @@ export interface Config {
 export const DEFAULT_CONFIG_PATH = '/etc/dedup-snapshotter/config.json';
 export const DEFAULT_ROOT = '/var/lib/containerd/io.containerd.snapshotter.v1.dedup';
 export const DEFAULT_ADDRESS = '/run/containerd/dedup-snapshotter.sock';
+/** 1 MiB: reads stay near disk speed and dedup loses little on real images (ARCHITECTURE.md §2). */
+export const DEFAULT_CHUNK_SIZE = 1 << 20;
 
 export function defaultConfig(): Config {
   return {
@@ -37,6 +43,8 @@ export function defaultConfig(): Config {
     address: DEFAULT_ADDRESS,
     use_erofs: true,
     use_fscache: true,
+    chunk_size: DEFAULT_CHUNK_SIZE,
+    mkfs_erofs: 'mkfs.erofs',
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
@@ -108,7 +116,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'ksm', 'log_level', 'api']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'ksm', 'log_level', 'api']);
   const out: { -readonly [K in keyof Config]: Config[K] } = { ...base, ksm: { ...base.ksm }, api: { ...base.api } };
   if ('version' in doc && doc.version !== 1) {
     throw new ConfigError('version', `expected 1, got ${JSON.stringify(doc.version)}`);
@@ -118,6 +126,20 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('use_erofs' in doc) out.use_erofs = expectBool('use_erofs', doc.use_erofs);
   if ('use_fscache' in doc) out.use_fscache = expectBool('use_fscache', doc.use_fscache);
   if ('log_level' in doc) out.log_level = expectLevel('log_level', doc.log_level);
+  if ('chunk_size' in doc) {
+    const v = doc.chunk_size;
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 4096 || v > 1 << 30 || (v & (v - 1)) !== 0) {
+      throw new ConfigError('chunk_size', `expected a power of two from 4096 to 1073741824 (bytes), got ${JSON.stringify(v)}`);
+    }
+    out.chunk_size = v;
+  }
+  if ('mkfs_erofs' in doc) {
+    const v = doc.mkfs_erofs;
+    if (typeof v !== 'string' || v === '' || v.includes('\0') || (v.includes('/') && !path.isAbsolute(v))) {
+      throw new ConfigError('mkfs_erofs', `expected a program name such as "mkfs.erofs" or an absolute path, got ${JSON.stringify(v)}`);
+    }
+    out.mkfs_erofs = v;
+  }
   if ('ksm' in doc) {
     const ksm = doc.ksm;
     if (!isObject(ksm)) throw new ConfigError('ksm', `expected an object like {"enabled": true, "scan_interval": 100}, got ${JSON.stringify(ksm)}`);

@@ -1,17 +1,24 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { internal } from '../errdefs/errors';
+import { alreadyExists, failedPrecondition, internal } from '../errdefs/errors';
+import { Converter } from '../convert/converter';
+import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
+import { erofsSupported, mountErofs, unmountErofs } from '../mount/erofs';
+import { mountPoints } from '../mount/mountinfo';
+import { ChunkStore } from '../store/chunkstore';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
-import { diskUsage, fsyncDir, removeAll } from './fsutil';
+import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from './fsutil';
 import { MetaStore, checkKey } from './storage';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from './types';
 
 export interface SnapshotterOptions {
   root: string;
   logger?: Logger;
+  /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
+  erofs?: { chunkSize: number; mkfs: string } | null;
 }
 
 /** Directory names under snapshots/ that are not snapshot ids. */
@@ -42,6 +49,12 @@ export class Snapshotter {
   private readonly snapshotsDir: string;
   private readonly overlayIndexOff: boolean;
   private closed = false;
+  readonly store: ChunkStore | null = null;
+  private readonly converter: Converter | null = null;
+  private readonly mntDir: string;
+  /** Snapshot ids whose Commit (conversion) is under way. */
+  private readonly converting = new Set<string>();
+  private mkfsProbe: Promise<MkfsFeatures> | null = null;
 
   constructor(opts: SnapshotterOptions) {
     this.root = opts.root;
@@ -53,6 +66,97 @@ export class Snapshotter {
     // As containerd's overlayfs snapshotter: with index=on, overlayfs refuses
     // to reuse a lower layer mounted under another upper.
     this.overlayIndexOff = fs.existsSync('/sys/module/overlay/parameters/index');
+    this.mntDir = path.join(this.root, 'mnt');
+    if (opts.erofs) {
+      const mkfs = opts.erofs.mkfs;
+      this.store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log });
+      this.converter = new Converter({
+        store: this.store,
+        // Probed once, on first use; a failed probe is retried on the next commit.
+        mkfs: () => {
+          if (!this.mkfsProbe) {
+            this.mkfsProbe = probeMkfs(mkfs);
+            this.mkfsProbe.catch(() => (this.mkfsProbe = null));
+          }
+          return this.mkfsProbe;
+        },
+        imagesDir: path.join(this.root, 'images'),
+        tmpDir: path.join(this.root, 'tmp'),
+        chunkSize: opts.erofs.chunkSize,
+      });
+    }
+  }
+
+  private mntPath(id: string): string {
+    return path.join(this.mntDir, id);
+  }
+
+  /** Where a committed layer's files are: its EROFS mount, or its directory. */
+  private layerRoot(id: string): string {
+    return this.ms.getLayer(id) ? this.mntPath(id) : this.upperPath(id);
+  }
+
+  /** Mounts the EROFS image of layer `id` unless mounted already. */
+  private ensureLayerMounted(id: string, mounted?: Set<string>): void {
+    if (!this.converter || !this.store) throw internal(`layer ${id} is an EROFS image but use_erofs is off`);
+    const target = this.mntPath(id);
+    if (mounted ? mounted.has(target) : false) return;
+    const layer = this.ms.getLayer(id);
+    if (!layer) return;
+    mountErofs(this.converter.imagePath(id), target, layer.has_blob ? this.store.blobPath : null);
+  }
+
+  /**
+   * Start-up recovery, before serving: every EROFS layer mounted again,
+   * leftovers of interrupted work removed (mounts and images no row names,
+   * directories of converted layers), and the chunk store checked.
+   */
+  async recover(): Promise<void> {
+    this.checkOpen();
+    const layers = this.ms.layers();
+    if (layers.length > 0 && !this.converter) {
+      throw new Error(`${layers.length} layers are EROFS images but use_erofs is false; set use_erofs to true`);
+    }
+    const live = new Set(layers.map((l) => String(l.snapshot_id)));
+    const mounted = new Set(mountPoints());
+    let remounted = 0;
+    for (const id of live) {
+      if (!mounted.has(this.mntPath(id))) {
+        this.ensureLayerMounted(id, mounted);
+        remounted++;
+      }
+      // Converted: its directory is gone unless a crash came first.
+      await removeAll(path.join(this.snapshotsDir, id));
+    }
+    await this.sweepLayerOrphans(live);
+    if (this.store) {
+      const r = this.store.fsck(new Set([...live].map(Number)));
+      const st = this.store.stats();
+      this.log.info(
+        { op: 'recover', layers: live.size, remounted, ...r, chunks: st.chunks, stored_bytes: st.storedBytes },
+        'chunk store checked',
+      );
+    }
+  }
+
+  /** Unmounts and deletes mounts/images of layers no row names (and no conversion is making). */
+  private async sweepLayerOrphans(live: Set<string>): Promise<number> {
+    let n = 0;
+    const keep = (id: string) => live.has(id) || this.converting.has(id);
+    for (const name of readdirOrEmpty(this.mntDir)) {
+      if (keep(name)) continue;
+      unmountErofs(path.join(this.mntDir, name));
+      n++;
+    }
+    const imagesDir = path.join(this.root, 'images');
+    for (const name of readdirOrEmpty(imagesDir)) {
+      const id = /^(\d+)\.erofs$/.exec(name)?.[1];
+      if (id !== undefined && keep(id)) continue;
+      if (id === undefined && [...this.converting].some((c) => name.startsWith(`${c}.erofs.tmp`))) continue;
+      fs.rmSync(path.join(imagesDir, name), { force: true });
+      n++;
+    }
+    return n;
   }
 
   private upperPath(id: string): string {
@@ -122,7 +226,7 @@ export class Snapshotter {
         const s = this.ms.createSnapshot(kind, key, parent, labels);
         if (s.parentIds.length > 0) {
           // The new layer's root starts owned like its parent's (containerd does the same).
-          const st = fs.lstatSync(this.upperPath(s.parentIds[0]));
+          const st = fs.lstatSync(this.layerRoot(s.parentIds[0]));
           fs.lchownSync(path.join(tmp, 'fs'), st.uid, st.gid);
         }
         const dest = path.join(this.snapshotsDir, s.id);
@@ -150,15 +254,22 @@ export class Snapshotter {
     if (s.parentIds.length === 0) {
       return [{ type: 'bind', source: this.upperPath(s.id), options: [s.kind === Kind.View ? 'ro' : 'rw', 'rbind'] }];
     }
+    // A layer mount lost (e.g. unmounted by hand) is made again here.
+    const mounted = this.converter ? new Set(mountPoints()) : undefined;
+    const lower = s.parentIds.map((id) => {
+      const root = this.layerRoot(id);
+      if (mounted && root === this.mntPath(id)) this.ensureLayerMounted(id, mounted);
+      return root;
+    });
     if (s.kind === Kind.View && s.parentIds.length === 1) {
-      return [{ type: 'bind', source: this.upperPath(s.parentIds[0]), options: ['ro', 'rbind'] }];
+      return [{ type: 'bind', source: lower[0], options: ['ro', 'rbind'] }];
     }
     const options: string[] = [];
     if (this.overlayIndexOff) options.push('index=off');
     if (s.kind === Kind.Active) {
       options.push(`workdir=${this.workPath(s.id)}`, `upperdir=${this.upperPath(s.id)}`);
     }
-    options.push(`lowerdir=${s.parentIds.map((id) => this.upperPath(id)).join(':')}`);
+    options.push(`lowerdir=${lower.join(':')}`);
     return [{ type: 'overlay', source: 'overlay', options }];
   }
 
@@ -170,6 +281,10 @@ export class Snapshotter {
     // re-checks everything, so a concurrent Remove or Commit is detected.
     // Any kind: commitActive reports a taken name before a wrong kind, as containerd.
     const s = this.ms.getAny(key);
+    if (this.converter && s.kind === Kind.Active) {
+      await this.commitConverted(s.id, name, key, labels, started);
+      return;
+    }
     const usage = s.kind === Kind.Active ? await diskUsage(this.upperPath(s.id)) : { size: 0, inodes: 0 };
     const id = this.ms.transaction(() => this.ms.commitActive(key, name, usage, labels));
     this.log.info(
@@ -178,11 +293,96 @@ export class Snapshotter {
     );
   }
 
+  /**
+   * Commit with conversion: the layer directory becomes images/<id>.erofs
+   * over the chunk store, mounted at mnt/<id>, and the row, the layer and its
+   * chunk references are recorded in one transaction. On failure the active
+   * snapshot is untouched (containerd can retry) and no image remains.
+   */
+  private async commitConverted(id: string, name: string, key: string, labels: Labels | undefined, started: number) {
+    const converter = this.converter as Converter;
+    const store = this.store as ChunkStore;
+    // Fail fast, before minutes of work, on what the transaction would refuse.
+    if (this.ms.has(name)) throw alreadyExists(`snapshot ${JSON.stringify(name)} already exists`);
+    if (this.converting.has(id)) throw failedPrecondition(`snapshot ${JSON.stringify(key)} is already being committed`);
+    this.converting.add(id);
+    this.log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
+    try {
+      const stats = await converter.convert(id, this.upperPath(id), (layer) => {
+        const target = this.mntPath(id);
+        mountErofs(layer.image, target, layer.hasBlob ? store.blobPath : null);
+        try {
+          this.ms.transaction(() => {
+            const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
+            store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
+            const st = layer.stats;
+            this.ms.addLayer(id, {
+              format: 'erofs',
+              has_blob: layer.hasBlob ? 1 : 0,
+              files: st.files,
+              logical_bytes: st.logicalBytes,
+              image_bytes: st.imageBytes,
+              chunks: st.chunks,
+              new_chunks: st.newChunks,
+              new_bytes: st.newBytes,
+              convert_ms: Date.now() - started,
+            });
+            this.ms.commitActive(key, name, { size: st.imageBytes + st.newBytes, inodes: st.files }, labels);
+          });
+        } catch (err) {
+          unmountErofs(target);
+          throw err;
+        }
+        return layer.stats;
+      });
+      // Recorded: the plain directory is no longer needed.
+      await removeAll(path.join(this.snapshotsDir, id));
+      this.log.info(
+        {
+          op: 'convert',
+          key: name,
+          snapshot: id,
+          layer: id,
+          logical_bytes: stats.logicalBytes,
+          stored_bytes: stats.newBytes,
+          image_bytes: stats.imageBytes,
+          chunks: stats.chunks,
+          new_chunks: stats.newChunks,
+          dedup_chunks: stats.dedupChunks,
+          mkfs_ms: stats.mkfsMs,
+          import_ms: stats.importMs,
+          duration_ms: Date.now() - started,
+        },
+        `converted layer ${id} to EROFS: ${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`,
+      );
+      this.log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
+    } catch (err) {
+      this.log.error({ op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message }, `auto-convert of layer ${id} to EROFS failed`);
+      throw err;
+    } finally {
+      this.converting.delete(id);
+    }
+  }
+
   async remove(key: string): Promise<void> {
     this.checkOpen();
-    const { id, kind } = this.ms.transaction(() => this.ms.remove(key));
-    // The row is gone; now the directory. If this fails or the process dies
-    // here, the directory is unnamed and Cleanup removes it.
+    let dead: import('../store/chunkstore').Extent[] = [];
+    const { id, kind, layer } = this.ms.transaction(() => {
+      const r = this.ms.remove(key);
+      if (r.layer && this.store) dead = this.store.dropLayerRefs(Number(r.id));
+      return r;
+    });
+    // The rows are gone; now the files. If this fails or the process dies
+    // here, they are unnamed and Cleanup (or start-up) removes them.
+    if (layer && this.converter && this.store) {
+      try {
+        unmountErofs(this.mntPath(id));
+        fs.rmSync(this.converter.imagePath(id), { force: true });
+        this.store.releaseExtents(dead);
+      } catch (err) {
+        this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'layer image left for cleanup');
+      }
+    }
     const dir = path.join(this.snapshotsDir, id);
     const doomed = path.join(this.snapshotsDir, `${REMOVED_PREFIX}${id}`);
     try {
@@ -227,6 +427,10 @@ export class Snapshotter {
     }
     for (const p of doomed) await removeAll(p);
     const removed = doomed.map((p) => path.basename(p));
+    if (this.converter) {
+      const live = new Set(this.ms.layers().map((l) => String(l.snapshot_id)));
+      await this.sweepLayerOrphans(live);
+    }
     if (removed.length > 0) this.log.info({ op: 'cleanup', removed: removed.length }, 'removed unreferenced directories');
     return removed;
   }
@@ -234,6 +438,8 @@ export class Snapshotter {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // Layer mounts stay: running containers use them, and start-up finds them.
+    this.store?.close();
     this.ms.close();
   }
 }

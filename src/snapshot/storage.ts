@@ -18,7 +18,7 @@ import { type Info, Kind, type Labels, type Snapshot, type Usage } from './types
 
 export const MAX_KEY_SIZE = 4096;
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 
 interface Row {
   id: number;
@@ -30,6 +30,20 @@ interface Row {
   updated_ms: number;
   size: number;
   inodes: number;
+}
+
+export interface LayerRow {
+  snapshot_id: number;
+  format: 'erofs';
+  has_blob: number;
+  files: number;
+  logical_bytes: number;
+  image_bytes: number;
+  chunks: number;
+  new_chunks: number;
+  new_bytes: number;
+  convert_ms: number;
+  created_ms: number;
 }
 
 export class MetaStore {
@@ -55,6 +69,7 @@ export class MetaStore {
     }
     if (version === SCHEMA_VERSION) return;
     this.db.exec(`
+      BEGIN;
       CREATE TABLE IF NOT EXISTS snapshots (
         id          INTEGER PRIMARY KEY AUTOINCREMENT,
         key         TEXT    NOT NULL UNIQUE,
@@ -67,7 +82,22 @@ export class MetaStore {
         inodes      INTEGER NOT NULL DEFAULT 0
       );
       CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+      -- v2: committed layers converted to EROFS images (images/<id>.erofs).
+      CREATE TABLE IF NOT EXISTS layers (
+        snapshot_id    INTEGER PRIMARY KEY REFERENCES snapshots(id),
+        format         TEXT    NOT NULL,
+        has_blob       INTEGER NOT NULL,
+        files          INTEGER NOT NULL,
+        logical_bytes  INTEGER NOT NULL,
+        image_bytes    INTEGER NOT NULL,
+        chunks         INTEGER NOT NULL,
+        new_chunks     INTEGER NOT NULL,
+        new_bytes      INTEGER NOT NULL,
+        convert_ms     INTEGER NOT NULL,
+        created_ms     INTEGER NOT NULL
+      );
       PRAGMA user_version = ${SCHEMA_VERSION};
+      COMMIT;
     `);
   }
 
@@ -120,6 +150,10 @@ export class MetaStore {
       created: row.created_ms,
       updated: row.updated_ms,
     };
+  }
+
+  has(key: string): boolean {
+    return this.rowByKey(key) !== undefined;
   }
 
   /** Id, info and usage of any snapshot. NotFound if the key is unknown. */
@@ -209,7 +243,7 @@ export class MetaStore {
   }
 
   /** Deletes the row of `key`; FailedPrecondition while it has children. */
-  remove(key: string): { id: string; kind: Kind } {
+  remove(key: string): { id: string; kind: Kind; layer: boolean } {
     const row = this.mustGet(key);
     const child = this.db.prepare('SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1').get(row.id) as
       | { key: string }
@@ -219,8 +253,9 @@ export class MetaStore {
         `cannot remove snapshot ${JSON.stringify(key)}: snapshot ${JSON.stringify(child.key)} depends on it`,
       );
     }
+    const layer = this.db.prepare('DELETE FROM layers WHERE snapshot_id = ?').run(row.id).changes > 0;
     this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
-    return { id: String(row.id), kind: row.kind as Kind };
+    return { id: String(row.id), kind: row.kind as Kind, layer };
   }
 
   /**
@@ -258,6 +293,24 @@ export class MetaStore {
   /** Records measured usage (for active snapshots, refreshed on demand). */
   setUsage(id: string, usage: Usage): void {
     this.db.prepare('UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?').run(usage.size, usage.inodes, Number(id));
+  }
+
+  /** In a transaction: records that snapshot `id` is now an EROFS layer image. */
+  addLayer(id: string, l: Omit<LayerRow, 'snapshot_id' | 'created_ms'>): void {
+    this.db
+      .prepare(
+        `INSERT INTO layers (snapshot_id, format, has_blob, files, logical_bytes, image_bytes, chunks, new_chunks, new_bytes, convert_ms, created_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(Number(id), l.format, l.has_blob, l.files, l.logical_bytes, l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, l.convert_ms, Date.now());
+  }
+
+  getLayer(id: string): LayerRow | undefined {
+    return this.db.prepare('SELECT * FROM layers WHERE snapshot_id = ?').get(Number(id)) as LayerRow | undefined;
+  }
+
+  layers(): LayerRow[] {
+    return this.db.prepare('SELECT * FROM layers ORDER BY snapshot_id').all() as LayerRow[];
   }
 
   /** id → key for every snapshot: what Cleanup keeps. */

@@ -1,0 +1,56 @@
+/**
+ * The one place libc is loaded through koffi. Every FFI declaration of the
+ * project lives in native/, each behind a typed wrapper that turns a -1
+ * return into an ErrnoError carrying the errno name.
+ */
+import os from 'node:os';
+import koffi from 'koffi';
+
+let handle: ReturnType<typeof koffi.load> | null = null;
+
+export function libc(): ReturnType<typeof koffi.load> {
+  if (!handle) handle = koffi.load('libc.so.6');
+  return handle;
+}
+
+export function errnoName(n: number): string {
+  for (const [k, v] of Object.entries(os.constants.errno)) if (v === n) return k;
+  return `errno ${n}`;
+}
+
+export class ErrnoError extends Error {
+  readonly code: string;
+  constructor(
+    readonly syscall: string,
+    readonly errno: number,
+    detail: string,
+  ) {
+    const code = errnoName(errno);
+    super(`${syscall}${detail ? ` ${detail}` : ''}: ${code} (${errnoText(errno)})`);
+    this.name = 'ErrnoError';
+    this.code = code;
+  }
+}
+
+const TEXT: Record<string, string> = {
+  EPERM: 'operation not permitted',
+  ENOENT: 'no such file or directory',
+  EBUSY: 'device or resource busy',
+  EINVAL: 'invalid argument',
+  ENOTBLK: 'block device required',
+  ENODEV: 'no such device (filesystem not supported by the kernel)',
+  ENOSPC: 'no space left on device',
+  EOPNOTSUPP: 'operation not supported',
+  EACCES: 'permission denied',
+  ENOTDIR: 'not a directory',
+};
+
+function errnoText(n: number): string {
+  return TEXT[errnoName(n)] ?? 'system error';
+}
+
+/** Throws ErrnoError for a -1 result, with errno read right after the call. */
+export function check(syscall: string, ret: number | bigint, detail = ''): number {
+  if (Number(ret) < 0) throw new ErrnoError(syscall, koffi.errno(), detail);
+  return Number(ret);
+}
