@@ -8,8 +8,9 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { waitFor } from './helpers/daemon';
-import { type BuiltImage, CHAIN_LAYERS, buildImage, chainImageDef, pushImage } from './helpers/images';
-import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames, mountsUnder } from './helpers/stack';
+import { type BuiltImage, CHAIN_LAYERS, chainImageDef } from './helpers/images';
+import { mountsUnder } from './helpers/mounts';
+import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames } from './helpers/stack';
 
 /** How many "snapshot committed" log lines the daemon printed. */
 function commits(stack: Stack): number {
@@ -35,9 +36,8 @@ describe('crash: kill -9 of the daemon during a pull', () => {
 
   before(async () => {
     stack = await Stack.start();
-    img = await buildImage(chainImageDef());
+    [img] = await stack.pushImages([chainImageDef()]);
     assert.equal(img.chainIds.length, CHAIN_LAYERS);
-    await pushImage(img, stack.registry, stack.dir);
   });
 
   after(async () => {

@@ -379,7 +379,8 @@ test('logs carry op, key and snapshot on Prepare, Commit and Remove', async () =
     await assert.rejects(call(c, 'Stat', { key: 'logged-name' }), (e: any) => e.code === status.NOT_FOUND);
     c.close();
 
-    await waitFor(() => d!.logs().some((l) => l.op === 'remove' && l.key === 'logged-name'), 5000, 'remove log');
+    // The failed Stat is the last line logged: once it is here, all are.
+    await waitFor(() => d!.logs().some((l) => l.op === 'stat' && l.key === 'logged-name'), 5000, 'failed stat log');
     const logs = d.logs();
     const prepare = logs.find((l) => l.op === 'prepare' && l.key === 'logged key/with slash' && l.snapshot !== undefined);
     assert.ok(prepare, `no prepare log line:\n${d.output()}`);

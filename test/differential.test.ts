@@ -16,7 +16,8 @@ import { after, before, describe, test } from 'node:test';
 import { readXattrs } from '../native/xattr';
 import { mountAll, unmount } from '../src/mount/mount';
 import type { Mount } from '../src/snapshot/types';
-import { type BuiltImage, type Expect, buildImage, busyboxImageDef, chainImageDef, pushImage, tortureImageDef } from './helpers/images';
+import { deviceNumbers } from './helpers/fstest';
+import { type BuiltImage, type Expect, busyboxImageDef, chainImageDef, tortureImageDef } from './helpers/images';
 import { Stack, assertAllCollected, assertCommittedChain, assertNoDaemonErrors } from './helpers/stack';
 
 interface Node {
@@ -38,14 +39,6 @@ interface Node {
 }
 
 type Tree = Map<string, Node>;
-
-function major(rdev: bigint): number {
-  return Number(((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn));
-}
-
-function minor(rdev: bigint): number {
-  return Number((rdev & 0xffn) | ((rdev >> 12n) & ~0xffn));
-}
 
 function typeOf(st: fs.BigIntStats): Node['type'] {
   if (st.isFile()) return 'file';
@@ -74,7 +67,7 @@ function walkTree(root: string): Tree {
     } else if (type === 'symlink') {
       node.target = fs.readlinkSync(abs);
     } else if (type === 'char' || type === 'block') {
-      node.rdev = [major(st.rdev), minor(st.rdev)];
+      node.rdev = deviceNumbers(st.rdev);
     }
     if (type !== 'dir') node.inode = `${st.dev}:${st.ino}`;
     tree.set(rel, node);
@@ -189,11 +182,7 @@ describe('differential: containerd overlayfs vs dedup present the same trees', (
 
   before(async () => {
     stack = await Stack.start();
-    for (const def of [busyboxImageDef(), tortureImageDef(), chainImageDef()]) {
-      const img = await buildImage(def);
-      await pushImage(img, stack.registry, stack.dir);
-      images.push(img);
-    }
+    images.push(...(await stack.pushImages([busyboxImageDef(), tortureImageDef(), chainImageDef()])));
   });
 
   after(async () => {

@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { type BuiltImage, buildImage, busyboxImageDef, chainImageDef, pushImage, tortureImageDef } from './helpers/images';
+import { type BuiltImage, busyboxImageDef, chainImageDef, tortureImageDef } from './helpers/images';
 import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames } from './helpers/stack';
 
 describe('e2e: pull, run, remove through containerd with --snapshotter=dedup', () => {
@@ -15,11 +15,7 @@ describe('e2e: pull, run, remove through containerd with --snapshotter=dedup', (
 
   before(async () => {
     stack = await Stack.start();
-    for (const def of [busyboxImageDef(), tortureImageDef(), chainImageDef()]) {
-      const img = await buildImage(def);
-      await pushImage(img, stack.registry, stack.dir);
-      images.push(img);
-    }
+    images.push(...(await stack.pushImages([busyboxImageDef(), tortureImageDef(), chainImageDef()])));
   });
 
   after(async () => {

@@ -190,7 +190,12 @@ export function alienClient(address: string): AlienClient {
   const dir = tempDir('badinput-proto');
   const file = path.join(dir, 'alien.proto');
   fs.writeFileSync(file, ALIEN_PROTO);
-  const def = protoLoader.loadSync(file, { keepCase: true, longs: String, defaults: true });
+  let def: protoLoader.PackageDefinition;
+  try {
+    def = protoLoader.loadSync(file, { keepCase: true, longs: String, defaults: true });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
   const pkg = grpc.loadPackageDefinition(def) as any;
   const C = pkg.containerd.services.snapshots.v1.Snapshots as grpc.ServiceClientConstructor;
   return new C(`unix:${address}`, grpc.credentials.createInsecure()) as AlienClient;

@@ -7,7 +7,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import koffi, { type LibraryHandle } from 'koffi';
+import { readXattrs, setXattr } from '../../native/xattr';
 
 /** Applies one change (or a sequence of changes) to the tree at root. */
 export interface Applier {
@@ -111,74 +111,11 @@ export function link(oldName: string, newName: string): Applier {
   return applier((root) => fs.linkSync(path.join(root, oldName), path.join(root, newName)));
 }
 
-// ---- extended attributes (Node has no API for them) ----
+// ---- extended attributes ----
 
-type CFunction = ReturnType<LibraryHandle['func']>;
-
-interface XattrFns {
-  llistxattr: CFunction;
-  lgetxattr: CFunction;
-  lsetxattr: CFunction;
-}
-
-let xattrFns: XattrFns | undefined;
-
-function xattrLib(): XattrFns {
-  if (!xattrFns) {
-    const libc = koffi.load('libc.so.6');
-    xattrFns = {
-      llistxattr: libc.func('long llistxattr(const char *path, _Out_ void *list, size_t size)'),
-      lgetxattr: libc.func('long lgetxattr(const char *path, const char *name, _Out_ void *value, size_t size)'),
-      lsetxattr: libc.func('int lsetxattr(const char *path, const char *name, const void *value, size_t size, int flags)'),
-    };
-  }
-  return xattrFns;
-}
-
-function xattrError(call: string, p: string): NodeJS.ErrnoException {
-  const errno = koffi.errno();
-  const name = Object.entries(os.constants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`;
-  const err = new Error(`${call} ${p}: ${name}`) as NodeJS.ErrnoException;
-  err.code = name;
-  err.errno = errno;
-  return err;
-}
-
-/** Every extended attribute of p (not following a symlink), by name. */
-export function readXattrs(p: string): Map<string, Buffer> {
-  const lib = xattrLib();
-  const out = new Map<string, Buffer>();
-  // Sizes can grow between the sizing call and the read; retry on ERANGE.
-  for (let attempt = 0; ; attempt++) {
-    const size = Number(lib.llistxattr(p, null, 0));
-    if (size < 0) {
-      const err = xattrError('llistxattr', p);
-      if (err.code === 'ENOTSUP' || err.code === 'EOPNOTSUPP') return out;
-      throw err;
-    }
-    if (size === 0) return out;
-    const list = Buffer.alloc(size);
-    const got = Number(lib.llistxattr(p, list, size));
-    if (got < 0) {
-      const err = xattrError('llistxattr', p);
-      if (err.code === 'ERANGE' && attempt < 3) continue;
-      throw err;
-    }
-    for (const name of list.subarray(0, got).toString('latin1').split('\0')) {
-      if (name === '') continue;
-      const vsize = Number(lib.lgetxattr(p, name, null, 0));
-      if (vsize < 0) throw xattrError(`lgetxattr ${name}`, p);
-      const value = Buffer.alloc(vsize);
-      const vgot = vsize === 0 ? 0 : Number(lib.lgetxattr(p, name, value, vsize));
-      if (vgot < 0) throw xattrError(`lgetxattr ${name}`, p);
-      out.set(name, value.subarray(0, vgot));
-    }
-    return out;
-  }
-}
-
-function writeXattr(p: string, name: string, value: Buffer): void {
-  if (Number(xattrLib().lsetxattr(p, name, value, value.length, 0)) < 0) throw xattrError(`lsetxattr ${name}`, p);
+/** Every extended attribute of p (not following a symlink), by name; none on a file system without them. */
+function xattrsOf(p: string): Map<string, Buffer> {
+  return readXattrs(p, { unsupportedIsEmpty: true });
 }
 
 function lstatOrNull(p: string): fs.Stats | null {
@@ -204,7 +141,7 @@ function copyTree(from: string, to: string): void {
     throw new Error(`rename fallback cannot copy special file ${from}`);
   }
   fs.lchownSync(to, st.uid, st.gid);
-  for (const [name, value] of readXattrs(from)) writeXattr(to, name, value);
+  for (const [name, value] of xattrsOf(from)) setXattr(to, name, value);
   if (!st.isSymbolicLink()) {
     // chown clears set-id bits, so the mode goes last.
     fs.chmodSync(to, st.mode & 0o7777);
@@ -215,6 +152,11 @@ function copyTree(from: string, to: string): void {
 }
 
 // ---- tree comparison ----
+
+/** Major and minor number of a 64-bit dev_t, split as glibc's major()/minor() do. */
+export function deviceNumbers(rdev: bigint): [major: number, minor: number] {
+  return [Number(((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn)), Number((rdev & 0xffn) | ((rdev >> 12n) & ~0xffn))];
+}
 
 interface Entry {
   path: string;
@@ -232,7 +174,7 @@ interface Entry {
 }
 
 function describeXattrs(p: string): string {
-  return [...readXattrs(p)]
+  return [...xattrsOf(p)]
     .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
     .map(([k, v]) => `${k}=0x${v.toString('hex')}`)
     .join(' ');
@@ -258,10 +200,7 @@ function buildManifest(root: string): Map<string, Entry> {
     } else if (st.isSymbolicLink()) {
       e.target = fs.readlinkSync(full);
     } else if (st.isCharacterDevice() || st.isBlockDevice()) {
-      const rdev = st.rdev;
-      // glibc's major()/minor() split of a 64-bit dev_t.
-      const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn);
-      const minor = (rdev & 0xffn) | ((rdev >> 12n) & ~0xffn);
+      const [major, minor] = deviceNumbers(st.rdev);
       e.rdev = `${major}:${minor}`;
     }
     entries.set(rel, e);

@@ -7,12 +7,13 @@
  * after a failed test), unmounts whatever is left under the dir and deletes it.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { type DaemonProcess, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
-import type { BuiltImage } from './images';
+import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
+import { mountsUnder, unmountUnder } from './mounts';
 
 export interface CmdResult {
   code: number | null;
@@ -92,6 +93,19 @@ export function freePort(): Promise<number> {
   });
 }
 
+/**
+ * Spawns a long-running child that is SIGKILLed if the test process exits
+ * without teardown; its stdout and stderr go to onOutput.
+ */
+function spawnTracked(cmd: string, args: string[], onOutput: (data: string) => void, env: NodeJS.ProcessEnv = process.env): ChildProcess {
+  const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+  live.add(p);
+  p.once('exit', () => live.delete(p));
+  p.stdout?.on('data', (d: Buffer) => onOutput(d.toString()));
+  p.stderr?.on('data', (d: Buffer) => onOutput(d.toString()));
+  return p;
+}
+
 async function stopProcess(p: ChildProcess, graceMs: number): Promise<void> {
   if (p.exitCode !== null || p.signalCode !== null || p.pid === undefined) return;
   const exited = new Promise<void>((resolve) => p.once('exit', () => resolve()));
@@ -103,52 +117,6 @@ async function stopProcess(p: ChildProcess, graceMs: number): Promise<void> {
     p.kill('SIGKILL');
     await exited;
   }
-}
-
-export interface MountEntry {
-  target: string;
-  fstype: string;
-  source: string;
-  options: string;
-}
-
-/** Every mount of this mount namespace (findmnt, flat list). */
-export function listMounts(): MountEntry[] {
-  const out = execFileSync('findmnt', ['--list', '--json', '-o', 'TARGET,FSTYPE,SOURCE,OPTIONS'], { encoding: 'utf8', maxBuffer: 64 << 20 });
-  const doc = JSON.parse(out) as { filesystems: { target: string; fstype: string; source: string; options: string }[] };
-  return doc.filesystems.map((f) => ({ target: f.target, fstype: f.fstype, source: f.source ?? '', options: f.options ?? '' }));
-}
-
-/** Mounts whose target is under `dir`, or whose source/options name a path under it. */
-export function mountsUnder(dir: string): MountEntry[] {
-  const prefix = dir.endsWith('/') ? dir : `${dir}/`;
-  return listMounts().filter((m) => m.target.startsWith(prefix) || m.source.startsWith(prefix) || m.options.includes(prefix));
-}
-
-/** Unmounts everything under `dir`, deepest first; lazily if busy. Returns what it unmounted. */
-export function unmountUnder(dir: string): string[] {
-  const done: string[] = [];
-  for (let round = 0; round < 5; round++) {
-    const prefix = dir.endsWith('/') ? dir : `${dir}/`;
-    const targets = listMounts()
-      .map((m) => m.target)
-      .filter((t) => t.startsWith(prefix))
-      .sort((a, b) => b.length - a.length);
-    if (targets.length === 0) break;
-    for (const t of targets) {
-      try {
-        execFileSync('umount', [t], { stdio: 'ignore' });
-      } catch {
-        try {
-          execFileSync('umount', ['-l', t], { stdio: 'ignore' });
-        } catch {
-          /* gone meanwhile, or stacked: the next round sees it */
-        }
-      }
-      done.push(t);
-    }
-  }
-  return done;
 }
 
 /** Lists directory entries; [] if the directory does not exist. */
@@ -245,11 +213,7 @@ export class Stack {
         '',
       ].join('\n'),
     );
-    const p = spawn('docker-registry', ['serve', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
-    live.add(p);
-    p.once('exit', () => live.delete(p));
-    p.stdout?.on('data', (d) => (this.registryOut += d));
-    p.stderr?.on('data', (d) => (this.registryOut += d));
+    const p = spawnTracked('docker-registry', ['serve', cfg], (d) => (this.registryOut += d));
     this.registryProc = p;
     await waitFor(
       async () => {
@@ -331,11 +295,7 @@ export class Stack {
     // containerd mounts bind snapshots for unpacking under $TMPDIR: keep those inside the stack dir.
     const tmp = path.join(this.dir, 'tmp');
     fs.mkdirSync(tmp, { recursive: true });
-    const p = spawn('containerd', ['--config', cfg], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TMPDIR: tmp } });
-    live.add(p);
-    p.once('exit', () => live.delete(p));
-    p.stdout?.on('data', (d) => (this.containerdOut += d));
-    p.stderr?.on('data', (d) => (this.containerdOut += d));
+    const p = spawnTracked('containerd', ['--config', cfg], (d) => (this.containerdOut += d), { ...process.env, TMPDIR: tmp });
     this.containerdProc = p;
     await waitFor(
       async () => {
@@ -390,6 +350,17 @@ export class Stack {
   async namespaces(): Promise<string[]> {
     const r = await this.ctr(['namespaces', 'ls', '-q']);
     return r.stdout.split('\n').filter((l) => l.trim() !== '');
+  }
+
+  /** Builds each image and pushes it to this stack's registry, in order; returns them with `ref` set. */
+  async pushImages(defs: ImageDef[]): Promise<BuiltImage[]> {
+    const images: BuiltImage[] = [];
+    for (const def of defs) {
+      const img = await buildImage(def);
+      await pushImage(img, this.registry, this.dir);
+      images.push(img);
+    }
+    return images;
   }
 
   /** Pulls with --plain-http through `snapshotter` (unpacking). */
