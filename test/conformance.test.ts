@@ -37,14 +37,17 @@ type TestFn = (sn: Snapshotter, work: string) => Promise<void>;
  * is deleted, so that nothing mounted survives and no layer is deleted
  * through a live mount.
  */
-function makeTest(fn: TestFn): () => Promise<void> {
+type Mode = 'directories' | 'erofs';
+
+function makeTest(fn: TestFn, mode: Mode): () => Promise<void> {
   return async () => {
     const tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'dedup-snapshot-suite-'));
     let sn: Snapshotter | undefined;
     try {
       const root = path.join(tmpDir, 'root');
       fs.mkdirSync(root, { recursive: true, mode: 0o777 });
-      sn = new Snapshotter({ root });
+      // With EROFS, each commit converts the layer and mounts its image.
+      sn = new Snapshotter({ root, erofs: mode === 'erofs' ? { chunkSize: 1 << 20, mkfs: 'mkfs.erofs' } : null });
       const work = path.join(tmpDir, 'work');
       fs.mkdirSync(work, { recursive: true, mode: 0o777 });
       await fn(sn, work);
@@ -848,7 +851,8 @@ async function createNamedSnapshots(sn: Snapshotter, ns: string): Promise<void> 
 
 // ---- the suite ----
 
-describe('SnapshotterSuite', () => {
+for (const mode of ['directories', 'erofs'] as const) {
+ describe(`SnapshotterSuite (${mode === 'erofs' ? 'EROFS layers over the chunk store' : 'plain directory layers'})`, () => {
   let oldUmask = 0;
   // Upstream clears the umask for the whole suite, so modes are exactly as requested.
   before(() => {
@@ -858,29 +862,30 @@ describe('SnapshotterSuite', () => {
     process.umask(oldUmask);
   });
 
-  test('Basic', makeTest(checkSnapshotterBasic));
-  test('StatActive', makeTest(checkSnapshotterStatActive));
-  test('StatComitted', makeTest(checkSnapshotterStatCommitted));
-  test('TransitivityTest', makeTest(checkSnapshotterTransitivity));
-  test('PreareViewFailingtest', makeTest(checkSnapshotterPrepareView));
-  test('Update', makeTest(checkUpdate));
-  test('Remove', makeTest(checkRemove));
-  test('Walk', makeTest(checkWalk));
+  test('Basic', makeTest(checkSnapshotterBasic, mode));
+  test('StatActive', makeTest(checkSnapshotterStatActive, mode));
+  test('StatComitted', makeTest(checkSnapshotterStatCommitted, mode));
+  test('TransitivityTest', makeTest(checkSnapshotterTransitivity, mode));
+  test('PreareViewFailingtest', makeTest(checkSnapshotterPrepareView, mode));
+  test('Update', makeTest(checkUpdate, mode));
+  test('Remove', makeTest(checkRemove, mode));
+  test('Walk', makeTest(checkWalk, mode));
 
-  test('LayerFileupdate', makeTest(checkLayerFileUpdate));
-  test('RemoveDirectoryInLowerLayer', makeTest(checkRemoveDirectoryInLowerLayer));
-  test('Chown', makeTest(checkChown));
-  test('DirectoryPermissionOnCommit', makeTest(checkDirectoryPermissionOnCommit));
-  test('RemoveIntermediateSnapshot', makeTest(checkRemoveIntermediateSnapshot));
-  test('DeletedFilesInChildSnapshot', makeTest(checkDeletedFilesInChildSnapshot));
-  test('MoveFileFromLowerLayer', makeTest(checkFileFromLowerLayer));
-  test('Rename', makeTest(checkRename));
+  test('LayerFileupdate', makeTest(checkLayerFileUpdate, mode));
+  test('RemoveDirectoryInLowerLayer', makeTest(checkRemoveDirectoryInLowerLayer, mode));
+  test('Chown', makeTest(checkChown, mode));
+  test('DirectoryPermissionOnCommit', makeTest(checkDirectoryPermissionOnCommit, mode));
+  test('RemoveIntermediateSnapshot', makeTest(checkRemoveIntermediateSnapshot, mode));
+  test('DeletedFilesInChildSnapshot', makeTest(checkDeletedFilesInChildSnapshot, mode));
+  test('MoveFileFromLowerLayer', makeTest(checkFileFromLowerLayer, mode));
+  test('Rename', makeTest(checkRename, mode));
 
-  test('ViewReadonly', makeTest(checkSnapshotterViewReadonly));
+  test('ViewReadonly', makeTest(checkSnapshotterViewReadonly, mode));
 
-  test('StatInWalk', makeTest(checkStatInWalk));
-  test('CloseTwice', makeTest(closeTwice));
-  test('RootPermission', makeTest(checkRootPermission));
+  test('StatInWalk', makeTest(checkStatInWalk, mode));
+  test('CloseTwice', makeTest(closeTwice, mode));
+  test('RootPermission', makeTest(checkRootPermission, mode));
 
-  test('128LayersMount', makeTest(check128LayersMount));
+  test('128LayersMount', makeTest(check128LayersMount, mode));
 });
+}

@@ -13,6 +13,7 @@ import {
   startDaemon,
   tempDir,
   waitFor,
+  snapshotHomes,
 } from './helpers/daemon';
 
 /**
@@ -23,9 +24,7 @@ import {
 const KIND = { VIEW: 1, ACTIVE: 2, COMMITTED: 3 };
 
 /** Directory names under ROOT/snapshots. */
-function dirs(root: string): string[] {
-  return fs.readdirSync(path.join(root, 'snapshots')).sort();
-}
+const dirs = snapshotHomes;
 
 function isSocket(p: string): boolean {
   try {
@@ -315,7 +314,7 @@ describe('restarts on the same ROOT', () => {
       const all = await list(c);
       const names = dirs(d.root);
       assert.equal(names.length, all.length, `dirs ${names.length} vs rows ${all.length}`);
-      for (const n of names) assert.match(n, /^[0-9]+$/);
+      for (const n of names) assert.match(n, /^(snapshots\/[0-9]+|images\/[0-9]+\.erofs)$/);
       // And it serves: build on the newest acknowledged layer.
       const newest = [...acked].pop() as string;
       await call(c, 'Prepare', { key: 'after-crash', parent: newest });

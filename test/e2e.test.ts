@@ -58,7 +58,9 @@ describe('e2e: pull, run, remove through containerd with --snapshotter=dedup', (
   });
 
   test('ctr images rm --sync: containerd GC removes every snapshot, directory and mount', async () => {
-    assert.ok(stack.daemonSnapshotDirs().length > 0, 'there is something to collect');
+    const before = stack.daemonStorage();
+    assert.ok(before.dirs.length + before.images.length > 0, 'there is something to collect');
+    assert.ok(before.storeBytes > 0, 'the chunk store holds data before removal');
     await stack.ctr(['images', 'rm', '--sync', ...images.map((i) => i.ref as string)]);
     await assertAllCollected(stack);
     assertNoDaemonErrors(stack);

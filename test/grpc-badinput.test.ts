@@ -579,6 +579,9 @@ describe('Cleanup', () => {
     fs.mkdirSync(path.join(snaps, 'new-deadbeef', 'fs'), { recursive: true });
     fs.mkdirSync(path.join(snaps, 'rm-12345'));
     fs.writeFileSync(path.join(snaps, 'stray-file'), 'y');
+    // An image no layer row names (a conversion interrupted before its commit).
+    fs.mkdirSync(path.join(d.root, 'images'), { recursive: true });
+    fs.writeFileSync(path.join(d.root, 'images', '987654321.erofs'), 'not an image');
 
     await rec.ok('cleanup', call(c, 'Cleanup', {}));
     assert.deepEqual(snapshotDirs(d.root), dirsBefore);

@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { alreadyExists, failedPrecondition, internal } from '../errdefs/errors';
+import { alreadyExists, internal, notFound } from '../errdefs/errors';
 import { Converter } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { erofsSupported, mountErofs, unmountErofs } from '../mount/erofs';
@@ -53,7 +53,7 @@ export class Snapshotter {
   private readonly converter: Converter | null = null;
   private readonly mntDir: string;
   /** Snapshot ids whose Commit (conversion) is under way. */
-  private readonly converting = new Set<string>();
+  private readonly converting = new Map<string, Promise<unknown>>();
   private mkfsProbe: Promise<MkfsFeatures> | null = null;
 
   constructor(opts: SnapshotterOptions) {
@@ -300,12 +300,30 @@ export class Snapshotter {
    * snapshot is untouched (containerd can retry) and no image remains.
    */
   private async commitConverted(id: string, name: string, key: string, labels: Labels | undefined, started: number) {
-    const converter = this.converter as Converter;
-    const store = this.store as ChunkStore;
     // Fail fast, before minutes of work, on what the transaction would refuse.
     if (this.ms.has(name)) throw alreadyExists(`snapshot ${JSON.stringify(name)} already exists`);
-    if (this.converting.has(id)) throw failedPrecondition(`snapshot ${JSON.stringify(key)} is already being committed`);
-    this.converting.add(id);
+    const inflight = this.converting.get(id);
+    if (inflight) {
+      // Another Commit of this snapshot is converting it: answer as if the
+      // two had run one after the other.
+      await inflight.catch(() => undefined);
+      return this.commit(name, key, labels);
+    }
+    const done = this.convertAndCommit(id, name, key, labels, started);
+    this.converting.set(id, done);
+    try {
+      await done;
+    } finally {
+      this.converting.delete(id);
+    }
+  }
+
+  private async convertAndCommit(id: string, name: string, key: string, labels: Labels | undefined, started: number) {
+    const converter = this.converter as Converter;
+    const store = this.store as ChunkStore;
+    // Usage as containerd's snapshotters report it: the layer's files as
+    // unpacked (what is stored is in the layer's row and in /stats).
+    const usage = await diskUsage(this.upperPath(id));
     this.log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
     try {
       const stats = await converter.convert(id, this.upperPath(id), (layer) => {
@@ -327,7 +345,7 @@ export class Snapshotter {
               new_bytes: st.newBytes,
               convert_ms: Date.now() - started,
             });
-            this.ms.commitActive(key, name, { size: st.imageBytes + st.newBytes, inodes: st.files }, labels);
+            this.ms.commitActive(key, name, usage, labels);
           });
         } catch (err) {
           unmountErofs(target);
@@ -357,10 +375,12 @@ export class Snapshotter {
       );
       this.log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
     } catch (err) {
+      // Removed while it was being converted: as if the Remove ran first.
+      if (!this.ms.has(key) || this.ms.getInfo(key).id !== id) {
+        throw notFound(`snapshot ${JSON.stringify(key)} was removed while it was being committed`);
+      }
       this.log.error({ op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message }, `auto-convert of layer ${id} to EROFS failed`);
       throw err;
-    } finally {
-      this.converting.delete(id);
     }
   }
 

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { tempDir } from './daemon';
+import { snapshotHomes, tempDir } from './daemon';
 
 /**
  * Helpers for test/grpc-badinput.test.ts: a record of every status code the
@@ -220,15 +220,14 @@ export function alienList(client: AlienClient, req: unknown): Promise<unknown[]>
 }
 
 /** Names under ROOT/snapshots. */
-export function snapshotDirs(root: string): string[] {
-  return fs.readdirSync(path.join(root, 'snapshots')).sort();
-}
+export const snapshotDirs = snapshotHomes;
 
-/** Every entry under ROOT/snapshots is a directory named by a numeric id. */
+/** Every snapshot lives in snapshots/<id> (a directory) or images/<id>.erofs, named by numeric id. */
 export function assertOnlyNumericDirs(root: string, context: string): void {
-  for (const name of snapshotDirs(root)) {
-    assert.match(name, /^[0-9]+$/, `${context}: ROOT/snapshots holds ${JSON.stringify(name)}, not a numeric id`);
-    assert.ok(fs.lstatSync(path.join(root, 'snapshots', name)).isDirectory(), `${context}: ${name} is not a directory`);
+  for (const home of snapshotHomes(root)) {
+    assert.match(home, /^(snapshots\/[0-9]+|images\/[0-9]+\.erofs)$/, `${context}: ROOT holds ${JSON.stringify(home)}, not named by a numeric id`);
+    const st = fs.lstatSync(path.join(root, home));
+    assert.ok(home.startsWith('images/') ? st.isFile() : st.isDirectory(), `${context}: ${home} has the wrong type`);
   }
 }
 

@@ -131,3 +131,21 @@ export function list(client: SnapshotsClient, filters: string[] = []): Promise<a
     s.on('end', () => resolve(infos));
   });
 }
+
+/**
+ * Where the daemon keeps each snapshot, as "snapshots/<name>" (a plain
+ * directory: active snapshots, views, unconverted layers) and
+ * "images/<name>" (an EROFS layer image), sorted. One entry per snapshot
+ * when nothing is half-made or left over.
+ */
+export function snapshotHomes(root: string): string[] {
+  const entries = (sub: string) => {
+    try {
+      return fs.readdirSync(path.join(root, sub)).map((n) => `${sub}/${n}`);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+  };
+  return [...entries('snapshots'), ...entries('images')].sort();
+}

@@ -13,7 +13,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { type DaemonProcess, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
 import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
-import { mountsUnder, unmountUnder } from './mounts';
+import { mountPoints, mountsUnder, unmountUnder } from './mounts';
 
 export interface CmdResult {
   code: number | null;
@@ -373,6 +373,31 @@ export class Stack {
     return readdirOrEmpty(path.join(this.daemonRoot, 'snapshots'));
   }
 
+  /**
+   * What the daemon keeps on disk per snapshot: plain directories
+   * (snapshots/<id>), EROFS layer images (images/<id>.erofs), their mount
+   * points (mnt/<id>), and the chunk store's allocated bytes.
+   */
+  daemonStorage(): { dirs: string[]; images: string[]; mnts: string[]; mounted: string[]; storeBytes: number } {
+    const root = this.daemonRoot;
+    const images = readdirOrEmpty(path.join(root, 'images'));
+    const mnts = readdirOrEmpty(path.join(root, 'mnt'));
+    const points = new Set(mountPoints());
+    let storeBytes = 0;
+    try {
+      storeBytes = fs.statSync(path.join(root, 'cache', 'chunks.blob')).blocks * 512;
+    } catch {
+      /* no store yet */
+    }
+    return {
+      dirs: this.daemonSnapshotDirs(),
+      images,
+      mnts,
+      mounted: mnts.filter((m) => points.has(path.join(root, 'mnt', m))),
+      storeBytes,
+    };
+  }
+
   /** Kills and deletes every task and container in every namespace. */
   async removeAllContainers(): Promise<void> {
     for (const ns of await this.namespaces()) {
@@ -469,10 +494,19 @@ export async function assertAllCollected(stack: Stack): Promise<void> {
         const ctrSnaps: string[] = [];
         for (const ns of await stack.namespaces()) ctrSnaps.push(...(await stack.snapshots('dedup', ns)).map((s) => `${ns}:${s.key}`));
         const names = await daemonSnapshotNames(stack);
-        const dirs = stack.daemonSnapshotDirs();
+        const st = stack.daemonStorage();
         const mounts = mountsUnder(stack.dir).map((m) => `${m.fstype} ${m.target}`);
-        last = JSON.stringify({ ctrSnaps, daemonSnapshots: names, dirs, mounts }, null, 1);
-        return ctrSnaps.length === 0 && names.length === 0 && dirs.length === 0 && mounts.length === 0;
+        last = JSON.stringify({ ctrSnaps, daemonSnapshots: names, ...st, mounts }, null, 1);
+        // Reclaim: with every layer gone, the chunk store gives all its space back.
+        return (
+          ctrSnaps.length === 0 &&
+          names.length === 0 &&
+          st.dirs.length === 0 &&
+          st.images.length === 0 &&
+          st.mnts.length === 0 &&
+          st.storeBytes === 0 &&
+          mounts.length === 0
+        );
       },
       30_000,
       'containerd GC to remove every dedup snapshot',
@@ -484,9 +518,10 @@ export async function assertAllCollected(stack: Stack): Promise<void> {
 
 
 /**
- * Waits until ROOT/snapshots holds exactly one directory per snapshot the
- * daemon lists, and nothing half-made or half-removed: containerd's GC may
- * still be removing snapshots in the background when this is called.
+ * Waits until every snapshot the daemon lists has exactly one home, either
+ * a directory snapshots/<id> or an EROFS image images/<id>.erofs mounted at
+ * mnt/<id>, and nothing half-made or half-removed exists: containerd's GC
+ * may still be removing snapshots in the background when this is called.
  */
 export async function assertDirsMatchSnapshots(stack: Stack, timeoutMs = 15_000): Promise<void> {
   let last = '';
@@ -494,9 +529,18 @@ export async function assertDirsMatchSnapshots(stack: Stack, timeoutMs = 15_000)
     await waitFor(
       async () => {
         const names = await daemonSnapshotNames(stack);
-        const dirs = stack.daemonSnapshotDirs();
-        last = JSON.stringify({ names, dirs });
-        return dirs.length === names.length && dirs.every((d) => /^\d+$/.test(d));
+        const st = stack.daemonStorage();
+        last = JSON.stringify({ names, ...st });
+        const imageIds = st.images.map((i) => /^(\d+)\.erofs$/.exec(i)?.[1]);
+        const homes = new Set([...st.dirs, ...imageIds]);
+        return (
+          st.dirs.every((d) => /^\d+$/.test(d)) &&
+          imageIds.every((i) => i !== undefined) &&
+          homes.size === names.length &&
+          st.dirs.length + imageIds.length === names.length &&
+          [...st.mnts].sort().join() === [...imageIds].sort().join() &&
+          st.mounted.length === st.mnts.length
+        );
       },
       timeoutMs,
       'one directory per daemon snapshot',

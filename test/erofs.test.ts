@@ -1,0 +1,199 @@
+/**
+ * EROFS conversion and the chunk store, against the Snapshotter with real
+ * mkfs.erofs and real mounts: dedup across layers, reclaim after remove, a
+ * missing mkfs.erofs, the store's consistency check, and the format code.
+ */
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { scanChunks, superblockChecksumOk, updateSuperblockChecksum } from '../src/convert/erofs-format';
+import { buildChunkedImage, probeMkfs } from '../src/convert/mkfs';
+import { mountAll } from '../src/mount/mount';
+import { Snapshotter } from '../src/snapshot/snapshotter';
+import { Kind } from '../src/snapshot/types';
+import { tempDir } from './helpers/daemon';
+import { unmountUnder } from './helpers/mounts';
+
+const MiB = 1 << 20;
+const erofs = { chunkSize: MiB, mkfs: 'mkfs.erofs' };
+
+function random(n: number, seed: string): Buffer {
+  const out = Buffer.alloc(n);
+  let block = crypto.createHash('sha256').update(seed).digest();
+  for (let off = 0; off < n; off += block.length) {
+    block.copy(out, off);
+    block = crypto.createHash('sha256').update(block).digest();
+  }
+  return out;
+}
+
+const dirs: string[] = [];
+function workDir(name: string): string {
+  const d = tempDir(name);
+  dirs.push(d);
+  return d;
+}
+
+after(async () => {
+  for (const d of dirs) {
+    await unmountUnder(d);
+    fs.rmSync(d, { recursive: true, force: true });
+  }
+});
+
+/** Prepares `key` on `parent`, writes files into its upper dir, commits it as `name`. */
+async function layer(sn: Snapshotter, name: string, parent: string, files: Record<string, Buffer>): Promise<void> {
+  const key = `${name}-active`;
+  const mounts = await sn.prepare(key, parent);
+  const upper =
+    mounts[0].type === 'bind' ? mounts[0].source : (mounts[0].options.find((o) => o.startsWith('upperdir=')) as string).slice(9);
+  for (const [p, data] of Object.entries(files)) {
+    fs.mkdirSync(path.dirname(path.join(upper, p)), { recursive: true });
+    fs.writeFileSync(path.join(upper, p), data);
+  }
+  await sn.commit(name, key);
+}
+
+/** Mounts a read-only view of `parent` and returns a reader of its files. */
+async function view(sn: Snapshotter, dir: string, key: string, parent: string): Promise<string> {
+  const target = path.join(dir, `view-${key}`);
+  fs.mkdirSync(target, { recursive: true });
+  await mountAll(await sn.view(key, parent), target);
+  return target;
+}
+
+describe('EROFS conversion over the chunk store', () => {
+  test('identical data in two layers of two chains is stored once; removing both gives the space back', async () => {
+    const dir = workDir('erofs-dedup');
+    const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs });
+    try {
+      const shared = random(8 * MiB, 'shared');
+      await layer(sn, 'a1', '', { 'usr/lib/big.so': shared, 'etc/a': Buffer.from('a') });
+      // A "rebuilt base": the same big file under another path, one small file changed.
+      await layer(sn, 'b1', '', { 'opt/copy/big.so': shared, 'etc/a': Buffer.from('b') });
+      await layer(sn, 'b2', 'b1', { 'app/big-again': shared, 'app/own': random(MiB + 5, 'own') });
+
+      const st = (sn.store as NonNullable<typeof sn.store>).stats();
+      // Unique data: 8 MiB shared + 1 MiB+5 own + two tiny files, block-rounded.
+      const unique = 8 * MiB + (MiB + 4096) + 4096 + 4096 + 4096;
+      assert.ok(st.storedBytes <= unique, `stored ${st.storedBytes} > unique ${unique}`);
+      assert.ok(st.referencedBytes >= 3 * 8 * MiB, `referenced ${st.referencedBytes}: three layers use the shared file`);
+      assert.ok(st.diskBytes <= unique * 1.1, `disk ${st.diskBytes}`);
+      const layers = sn.ms.layers();
+      assert.equal(layers.length, 3);
+      const b1 = layers.find((l) => String(l.snapshot_id) === sn.ms.getInfo('b1').id);
+      assert.ok(b1 && b1.new_chunks <= 1 && b1.chunks >= 9, JSON.stringify(b1));
+
+      // The data reads back exactly, through the stacked EROFS mounts.
+      const v = await view(sn, dir, 'v', 'b2');
+      assert.ok(fs.readFileSync(path.join(v, 'app/big-again')).equals(shared));
+      assert.ok(fs.readFileSync(path.join(v, 'opt/copy/big.so')).equals(shared));
+      assert.equal(fs.readFileSync(path.join(v, 'etc/a'), 'utf8'), 'b');
+      assert.ok(fs.readFileSync(path.join(v, 'app/own')).equals(random(MiB + 5, 'own')));
+      await unmountUnder(v);
+      await sn.remove('v');
+
+      // Reclaim: a chunk still referenced stays; the last reference frees it.
+      await sn.remove('a1');
+      const mid = (sn.store as NonNullable<typeof sn.store>).stats();
+      assert.ok(mid.storedBytes >= 8 * MiB, 'the shared chunks are still referenced by b1/b2');
+      const v2 = await view(sn, dir, 'v2', 'b2');
+      assert.ok(fs.readFileSync(path.join(v2, 'app/big-again')).equals(shared), 'data intact after a1 removed');
+      await unmountUnder(v2);
+      await sn.remove('v2');
+      await sn.remove('b2');
+      await sn.remove('b1');
+      const end = (sn.store as NonNullable<typeof sn.store>).stats();
+      assert.equal(end.chunks, 0);
+      assert.equal(end.diskBytes, 0, 'every block punched out');
+      assert.deepEqual(fs.readdirSync(path.join(dir, 'root', 'images')), []);
+      assert.deepEqual(fs.readdirSync(path.join(dir, 'root', 'mnt')), []);
+    } finally {
+      sn.close();
+    }
+  });
+
+  test('a missing mkfs.erofs fails the commit naming it; the active snapshot stays and a retry succeeds', async () => {
+    const dir = workDir('erofs-nomkfs');
+    const root = path.join(dir, 'root');
+    let sn = new Snapshotter({ root, erofs: { chunkSize: MiB, mkfs: '/nonexistent/mkfs.erofs' } });
+    const mounts = await sn.prepare('active', '');
+    fs.writeFileSync(path.join(mounts[0].source, 'file'), random(3 * MiB, 'f'));
+    await assert.rejects(sn.commit('layer', 'active'), /\/nonexistent\/mkfs\.erofs not found \(install erofs-utils/);
+    assert.equal((await sn.stat('active')).kind, Kind.Active);
+    assert.ok(fs.readFileSync(path.join(mounts[0].source, 'file')).equals(random(3 * MiB, 'f')));
+    assert.deepEqual(fs.readdirSync(path.join(root, 'images')), [], 'no partial image');
+    assert.equal((sn.store as NonNullable<typeof sn.store>).stats().chunks, 0);
+    sn.close();
+
+    sn = new Snapshotter({ root, erofs });
+    try {
+      await sn.commit('layer', 'active');
+      assert.equal((await sn.stat('layer')).kind, Kind.Committed);
+      const v = await view(sn, dir, 'v', 'layer');
+      assert.ok(fs.readFileSync(path.join(v, 'file')).equals(random(3 * MiB, 'f')));
+      await unmountUnder(v);
+    } finally {
+      sn.close();
+    }
+  });
+
+  test('recover: the store check punches what no chunk names and keeps live data', async () => {
+    const dir = workDir('erofs-fsck');
+    const root = path.join(dir, 'root');
+    let sn = new Snapshotter({ root, erofs });
+    const data = random(2 * MiB + 100, 'live');
+    await layer(sn, 'l', '', { data });
+    const live = (sn.store as NonNullable<typeof sn.store>).stats();
+    sn.close();
+    // What a crash between writing chunk data and recording it leaves behind.
+    const blob = path.join(root, 'cache', 'chunks.blob');
+    const fd = fs.openSync(blob, 'r+');
+    fs.writeSync(fd, random(4 * MiB, 'garbage'), 0, 4 * MiB, 64 * MiB);
+    fs.closeSync(fd);
+    assert.ok(fs.statSync(blob).blocks * 512 >= live.diskBytes + 4 * MiB);
+
+    sn = new Snapshotter({ root, erofs });
+    try {
+      await sn.cleanup();
+      await sn.recover();
+      assert.equal(fs.statSync(blob).blocks * 512, live.diskBytes, 'garbage punched, live blocks kept');
+      const v = await view(sn, dir, 'v', 'l');
+      assert.ok(fs.readFileSync(path.join(v, 'data')).equals(data));
+      await unmountUnder(v);
+    } finally {
+      sn.close();
+    }
+  });
+});
+
+describe('EROFS format', () => {
+  test('chunk indexes are found for every data chunk, and a rewrite keeps the superblock checksum valid', async () => {
+    const dir = workDir('erofs-format');
+    const src = path.join(dir, 'src');
+    fs.mkdirSync(path.join(src, 'd'), { recursive: true });
+    fs.writeFileSync(path.join(src, 'a'), random(2 * MiB + 1, 'a'));
+    fs.writeFileSync(path.join(src, 'd', 'b'), random(4096, 'b'));
+    fs.linkSync(path.join(src, 'a'), path.join(src, 'd', 'hardlink'));
+    fs.writeFileSync(path.join(src, 'empty'), '');
+    const image = path.join(dir, 'img');
+    await buildChunkedImage(await probeMkfs('mkfs.erofs'), { dir: src, image, blob: path.join(dir, 'blob'), chunkSize: MiB });
+    const img = fs.readFileSync(image);
+    const scan = scanChunks(img);
+    // a: 3 chunks (1 MiB, 1 MiB, 1 byte); b: 1; the hardlink shares a's inode; empty has none.
+    assert.equal(scan.chunkRefs.length, 4);
+    assert.equal(scan.files, 3);
+    assert.equal(scan.logicalBytes, 2 * MiB + 1 + 4096);
+    assert.deepEqual(
+      scan.chunkRefs.map((r) => r.length).sort((x, y) => x - y),
+      [1, 4096, MiB, MiB],
+    );
+    assert.ok(superblockChecksumOk(img));
+    img.writeUInt32LE(12345, scan.chunkRefs[0].entryPos + 4);
+    assert.equal(superblockChecksumOk(img), false, 'small images keep indexes in block 0, under the checksum');
+    updateSuperblockChecksum(img);
+    assert.ok(superblockChecksumOk(img));
+  });
+});
