@@ -4,6 +4,7 @@
  * missing mkfs.erofs, the store's consistency check, and the format code.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -165,6 +166,36 @@ describe('EROFS conversion over the chunk store', () => {
       await unmountUnder(v);
     } finally {
       sn.close();
+    }
+  });
+});
+
+describe('EROFS mount backends', () => {
+  test('loop backend (for kernels without file-backed mounts): stacked layers read right, loops go with the mounts', async () => {
+    const dir = workDir('erofs-loop');
+    const root = path.join(dir, 'root');
+    const loopsOf = (file: string) =>
+      execFileSync('losetup', ['-j', file, '-n', '-O', 'NAME'], { encoding: 'utf8' }).split('\n').filter((l) => l.trim() !== '');
+    const sn = new Snapshotter({ root, erofs: { ...erofs, mountMode: 'loop' } });
+    try {
+      const a = random(3 * MiB + 17, 'loop-a');
+      await layer(sn, 'l1', '', { a });
+      await layer(sn, 'l2', 'l1', { b: random(MiB, 'loop-b'), 'a-copy': a });
+      assert.equal(sn.mounter?.current, 'loop');
+      const v = await view(sn, dir, 'v', 'l2');
+      assert.ok(fs.readFileSync(path.join(v, 'a')).equals(a));
+      assert.ok(fs.readFileSync(path.join(v, 'a-copy')).equals(a));
+      assert.ok(fs.readFileSync(path.join(v, 'b')).equals(random(MiB, 'loop-b')));
+      const img = path.join(root, 'images', `${sn.ms.getInfo('l2').id}.erofs`);
+      assert.equal(loopsOf(img).length, 1, 'the image is on one loop device while mounted');
+      await unmountUnder(v);
+      await sn.remove('v');
+      await sn.remove('l2');
+      assert.deepEqual(loopsOf(img), [], 'unmounting released the image loop device');
+      await sn.remove('l1');
+    } finally {
+      sn.close();
+      for (const dev of loopsOf(path.join(root, 'cache', 'chunks.blob'))) execFileSync('losetup', ['-d', dev]);
     }
   });
 });

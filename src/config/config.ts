@@ -23,6 +23,8 @@ export interface Config {
   readonly chunk_size: number;
   /** mkfs.erofs to run: a name looked up in PATH, or an absolute path. */
   readonly mkfs_erofs: string;
+  /** How layer images are mounted: detect, or force file-backed or loop. */
+  readonly mount_backend: 'auto' | 'file-backed' | 'loop';
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
@@ -45,6 +47,7 @@ export function defaultConfig(): Config {
     use_fscache: true,
     chunk_size: DEFAULT_CHUNK_SIZE,
     mkfs_erofs: 'mkfs.erofs',
+    mount_backend: 'auto',
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
@@ -116,7 +119,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'ksm', 'log_level', 'api']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'ksm', 'log_level', 'api']);
   const out: { -readonly [K in keyof Config]: Config[K] } = { ...base, ksm: { ...base.ksm }, api: { ...base.api } };
   if ('version' in doc && doc.version !== 1) {
     throw new ConfigError('version', `expected 1, got ${JSON.stringify(doc.version)}`);
@@ -132,6 +135,13 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       throw new ConfigError('chunk_size', `expected a power of two from 4096 to 1073741824 (bytes), got ${JSON.stringify(v)}`);
     }
     out.chunk_size = v;
+  }
+  if ('mount_backend' in doc) {
+    const v = doc.mount_backend;
+    if (v !== 'auto' && v !== 'file-backed' && v !== 'loop') {
+      throw new ConfigError('mount_backend', `expected one of auto, file-backed, loop, got ${JSON.stringify(v)}`);
+    }
+    out.mount_backend = v;
   }
   if ('mkfs_erofs' in doc) {
     const v = doc.mkfs_erofs;

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { alreadyExists, internal, notFound } from '../errdefs/errors';
 import { Converter } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
-import { erofsSupported, mountErofs, unmountErofs } from '../mount/erofs';
+import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
 import { ChunkStore } from '../store/chunkstore';
 import type { Logger } from '../log/logger';
@@ -18,7 +18,7 @@ export interface SnapshotterOptions {
   root: string;
   logger?: Logger;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
-  erofs?: { chunkSize: number; mkfs: string } | null;
+  erofs?: { chunkSize: number; mkfs: string; mountMode?: MountMode } | null;
 }
 
 /** Directory names under snapshots/ that are not snapshot ids. */
@@ -51,6 +51,7 @@ export class Snapshotter {
   private closed = false;
   readonly store: ChunkStore | null = null;
   private readonly converter: Converter | null = null;
+  readonly mounter: ErofsMounter | null = null;
   private readonly mntDir: string;
   /** Snapshot ids whose Commit (conversion) is under way. */
   private readonly converting = new Map<string, Promise<unknown>>();
@@ -70,6 +71,7 @@ export class Snapshotter {
     if (opts.erofs) {
       const mkfs = opts.erofs.mkfs;
       this.store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log });
+      this.mounter = new ErofsMounter(this.store.blobPath, opts.erofs.mountMode ?? 'auto', this.log);
       this.converter = new Converter({
         store: this.store,
         // Probed once, on first use; a failed probe is retried on the next commit.
@@ -98,12 +100,12 @@ export class Snapshotter {
 
   /** Mounts the EROFS image of layer `id` unless mounted already. */
   private ensureLayerMounted(id: string, mounted?: Set<string>): void {
-    if (!this.converter || !this.store) throw internal(`layer ${id} is an EROFS image but use_erofs is off`);
+    if (!this.converter || !this.mounter) throw internal(`layer ${id} is an EROFS image but use_erofs is off`);
     const target = this.mntPath(id);
     if (mounted ? mounted.has(target) : false) return;
     const layer = this.ms.getLayer(id);
     if (!layer) return;
-    mountErofs(this.converter.imagePath(id), target, layer.has_blob ? this.store.blobPath : null);
+    this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
   }
 
   /**
@@ -129,6 +131,8 @@ export class Snapshotter {
       await removeAll(path.join(this.snapshotsDir, id));
     }
     await this.sweepLayerOrphans(live);
+    // Work directories of conversions a crash interrupted.
+    for (const name of readdirOrEmpty(path.join(this.root, 'tmp'))) await removeAll(path.join(this.root, 'tmp', name));
     if (this.store) {
       const r = this.store.fsck(new Set([...live].map(Number)));
       const st = this.store.stats();
@@ -328,7 +332,7 @@ export class Snapshotter {
     try {
       const stats = await converter.convert(id, this.upperPath(id), (layer) => {
         const target = this.mntPath(id);
-        mountErofs(layer.image, target, layer.hasBlob ? store.blobPath : null);
+        (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
         try {
           this.ms.transaction(() => {
             const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));

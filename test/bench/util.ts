@@ -1,0 +1,87 @@
+/** Small helpers of the benchmark: commands, cleanup on signals, statistics, formatting. */
+import fs from 'node:fs';
+import { type CmdResult, CommandError, runCmd } from '../helpers/stack';
+
+export function log(msg: string): void {
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+}
+
+/** Runs a command, throwing with its output unless it exits 0. */
+export async function sh(cmd: string, args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CmdResult> {
+  const r = await runCmd(cmd, args, { timeoutMs: opts.timeoutMs ?? 600_000, env: opts.env });
+  if (r.code !== 0) throw new CommandError([cmd, ...args], r);
+  return r;
+}
+
+/** Cleanup actions run (last registered first) on normal exit, on failure and on SIGINT/SIGTERM. */
+const cleanups: { what: string; fn: () => Promise<void> | void }[] = [];
+
+export function onCleanup(what: string, fn: () => Promise<void> | void): () => void {
+  const entry = { what, fn };
+  cleanups.push(entry);
+  return () => {
+    const i = cleanups.indexOf(entry);
+    if (i >= 0) cleanups.splice(i, 1);
+  };
+}
+
+export async function runCleanups(): Promise<void> {
+  while (cleanups.length > 0) {
+    const c = cleanups.pop();
+    if (!c) break;
+    try {
+      await c.fn();
+    } catch (err) {
+      log(`cleanup "${c.what}" failed: ${(err as Error).message}`);
+    }
+  }
+}
+
+let signalled = false;
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.on(sig, () => {
+    if (signalled) process.exit(130);
+    signalled = true;
+    log(`${sig}: cleaning up`);
+    void runCleanups().finally(() => process.exit(130));
+  });
+}
+
+/** Unmounts `target` (lazily if busy); ignores "not mounted". */
+export async function umount(target: string): Promise<void> {
+  const r = await runCmd('umount', [target], { timeoutMs: 60_000 });
+  if (r.code === 0) return;
+  if (/not mounted|no mount point|not found/i.test(r.stderr)) return;
+  const lazy = await runCmd('umount', ['-l', target], { timeoutMs: 60_000 });
+  if (lazy.code !== 0 && !/not mounted|no mount point|not found/i.test(lazy.stderr)) throw new Error(`umount ${target}: ${r.stderr.trim()} / ${lazy.stderr.trim()}`);
+}
+
+export async function dropCaches(): Promise<void> {
+  await sh('sync', []);
+  fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+}
+
+/** Allocated bytes under `dir` (du -sx: sparse files count only their blocks; other mounts are not entered). */
+export async function duBytes(dir: string): Promise<number> {
+  if (!fs.existsSync(dir)) return 0;
+  const r = await sh('du', ['-sx', '--block-size=1', dir]);
+  return Number(r.stdout.split(/\s+/)[0]);
+}
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+export function mib(bytes: number): string {
+  return `${(bytes / (1 << 20)).toFixed(1)} MiB`;
+}
+
+export function secs(ms: number): string {
+  return `${(ms / 1000).toFixed(2)} s`;
+}
+
+export function nowMs(): number {
+  return Number(process.hrtime.bigint()) / 1e6;
+}
