@@ -226,6 +226,21 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ version: '1' }), 'version', /expected 1/);
   });
 
+  test('conversion keys: chunk_size, mkfs_erofs and mount_backend are read and checked', () => {
+    const c = loadFile({ chunk_size: 65536, mkfs_erofs: '/opt/erofs/bin/mkfs.erofs', mount_backend: 'loop' });
+    assert.equal(c.chunk_size, 65536);
+    assert.equal(c.mkfs_erofs, '/opt/erofs/bin/mkfs.erofs');
+    assert.equal(c.mount_backend, 'loop');
+    assert.equal(defaultConfig().chunk_size, 1 << 20);
+    assert.equal(defaultConfig().mount_backend, 'auto');
+    for (const bad of [4095, 65537, 1 << 31, '1M', 0]) {
+      assertConfigError(() => loadFile({ chunk_size: bad }), 'chunk_size', /expected a power of two from 4096 to 1073741824/);
+    }
+    assertConfigError(() => loadFile({ mkfs_erofs: 'bin/mkfs.erofs' }), 'mkfs_erofs', /or an absolute path/);
+    assertConfigError(() => loadFile({ mkfs_erofs: '' }), 'mkfs_erofs', /expected a program name/);
+    assertConfigError(() => loadFile({ mount_backend: 'fuse' }), 'mount_backend', /expected one of auto, file-backed, loop/);
+  });
+
   test('a bad log level lists the valid ones', () => {
     assertConfigError(() => loadFile({ log_level: 'verbose' }), 'log_level', /expected one of trace, debug, info, warn, error, fatal, silent/, /"verbose"/);
     assertConfigError(() => loadFile({ log_level: 3 }), 'log_level', /expected one of/);
