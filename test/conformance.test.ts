@@ -47,7 +47,7 @@ function makeTest(fn: TestFn, mode: Mode): () => Promise<void> {
       const root = path.join(tmpDir, 'root');
       fs.mkdirSync(root, { recursive: true, mode: 0o777 });
       // With EROFS, each commit converts the layer and mounts its image.
-      sn = new Snapshotter({ root, erofs: mode === 'erofs' ? { chunkSize: 1 << 20, mkfs: 'mkfs.erofs' } : null });
+      sn = new Snapshotter({ root, erofs: mode === 'erofs' ? { chunkSize: 1 << 20, mkfs: 'mkfs.erofs', convertMode: 'sync' } : null });
       const work = path.join(tmpDir, 'work');
       fs.mkdirSync(work, { recursive: true, mode: 0o777 });
       await fn(sn, work);

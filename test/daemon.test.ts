@@ -16,6 +16,10 @@ import {
   snapshotHomes,
 } from './helpers/daemon';
 
+// These tests pin the RPC contract and crash behaviour: their daemons convert
+// layers at Commit (convert_mode "sync") so ROOT's state is deterministic.
+// Background conversion is covered by erofs, erofs-e2e, e2e and differential.
+
 /**
  * The daemon as a process: signals, its socket, restarts on the same ROOT
  * (clean and after kill -9), start-up cleanup, and its structured logs.
@@ -59,7 +63,7 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     let d: DaemonProcess | undefined;
     let c: SnapshotsClient | undefined;
     try {
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       c = snapshotsClient(d.address);
       const res = await call(c, 'Prepare', { key: 'big' });
       const inodes = fillManyFiles(res.mounts[0].source);
@@ -92,7 +96,7 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
       c.close();
 
       // The acknowledged commit is there after a restart.
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       c = snapshotsClient(d.address);
       const { info } = await call(c, 'Stat', { key: 'big-committed' });
       assert.equal(info.kind, KIND.COMMITTED);
@@ -107,7 +111,7 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
 }
 
 test('an idle daemon stops at once on SIGTERM', async () => {
-  const d = await startDaemon();
+  const d = await startDaemon({ convertMode: 'sync' });
   try {
     const started = Date.now();
     assert.equal(await d.stop(), 0);
@@ -138,7 +142,7 @@ describe('the socket path', () => {
 
     let d: DaemonProcess | undefined;
     try {
-      d = await startDaemon({ dir, address });
+      d = await startDaemon({ convertMode: 'sync', dir, address });
       const c = snapshotsClient(address);
       await call(c, 'Prepare', { key: 'after-stale' });
       assert.equal((await call(c, 'Stat', { key: 'after-stale' })).info.kind, KIND.ACTIVE);
@@ -156,7 +160,7 @@ describe('the socket path', () => {
     let b: DaemonProcess | undefined;
     let b2: DaemonProcess | undefined;
     try {
-      a = await startDaemon({ dir });
+      a = await startDaemon({ convertMode: 'sync', dir });
       const c = snapshotsClient(a.address);
       await call(c, 'Prepare', { key: 'owned-by-a' });
       // Stands for a directory daemon A is building right now (a Prepare in progress).
@@ -164,7 +168,7 @@ describe('the socket path', () => {
       fs.mkdirSync(inflight);
 
       // Same ADDRESS, another ROOT.
-      b = await startDaemon({ dir: tempDir('daemon-live-b'), address: a.address, waitReady: false });
+      b = await startDaemon({ convertMode: 'sync', dir: tempDir('daemon-live-b'), address: a.address, waitReady: false });
       const codeB = await b.exited;
       assert.notEqual(codeB, 0);
       assert.notEqual(codeB, null);
@@ -172,7 +176,7 @@ describe('the socket path', () => {
       assert.ok(b.output().includes(a.address), 'the message should name the address');
 
       // Same ADDRESS and the same ROOT: a second copy of the same service.
-      b2 = await startDaemon({ root: a.root, address: a.address, waitReady: false });
+      b2 = await startDaemon({ convertMode: 'sync', root: a.root, address: a.address, waitReady: false });
       const codeB2 = await b2.exited;
       assert.notEqual(codeB2, 0);
       assert.match(b2.output(), /in use/);
@@ -199,7 +203,7 @@ describe('the socket path', () => {
     fs.writeFileSync(address, 'precious data');
     let d: DaemonProcess | undefined;
     try {
-      d = await startDaemon({ dir, address, waitReady: false });
+      d = await startDaemon({ convertMode: 'sync', dir, address, waitReady: false });
       const code = await d.exited;
       assert.notEqual(code, 0);
       assert.notEqual(code, null);
@@ -210,7 +214,7 @@ describe('the socket path', () => {
       const dirAddress = path.join(dir, 'a-directory');
       fs.mkdirSync(dirAddress);
       fs.writeFileSync(path.join(dirAddress, 'inside'), 'x');
-      d = await startDaemon({ dir, address: dirAddress, waitReady: false });
+      d = await startDaemon({ convertMode: 'sync', dir, address: dirAddress, waitReady: false });
       assert.notEqual(await d.exited, 0);
       assert.match(d.output(), /not a socket/);
       assert.equal(fs.readFileSync(path.join(dirAddress, 'inside'), 'utf8'), 'x');
@@ -225,7 +229,7 @@ describe('restarts on the same ROOT', () => {
     const dir = tempDir('daemon-restart');
     let d: DaemonProcess | undefined;
     try {
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       let c = snapshotsClient(d.address);
       await call(c, 'Prepare', { key: 'base-a' });
       await call(c, 'Commit', { name: 'base', key: 'base-a', labels: { l: 'v' } });
@@ -235,7 +239,7 @@ describe('restarts on the same ROOT', () => {
       c.close();
       assert.equal(await d.stop(), 0);
 
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       c = snapshotsClient(d.address);
       const after = (await list(c)).sort((x, y) => x.name.localeCompare(y.name));
       assert.deepEqual(after, before);
@@ -257,7 +261,7 @@ describe('restarts on the same ROOT', () => {
     const dir = tempDir('daemon-kill9');
     let d: DaemonProcess | undefined;
     try {
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       const clients = [0, 1, 2, 3].map(() => snapshotsClient((d as DaemonProcess).address));
       // A chain committed before the burst.
       let parent = '';
@@ -293,7 +297,7 @@ describe('restarts on the same ROOT', () => {
       await Promise.all(burst);
       for (const cl of clients) cl.close();
 
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       const c = snapshotsClient(d.address);
       for (const name of [...acked, 'pre-4']) {
         const { info } = await call(c, 'Stat', { key: name });
@@ -331,7 +335,7 @@ describe('restarts on the same ROOT', () => {
     const dir = tempDir('daemon-orphans');
     let d: DaemonProcess | undefined;
     try {
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       let c = snapshotsClient(d.address);
       const res = await call(c, 'Prepare', { key: 'live' });
       fs.writeFileSync(path.join(res.mounts[0].source, 'keep'), 'me');
@@ -347,7 +351,7 @@ describe('restarts on the same ROOT', () => {
       fs.mkdirSync(path.join(snaps, 'new-abc', 'fs'), { recursive: true });
       fs.mkdirSync(path.join(snaps, 'rm-7', 'fs'), { recursive: true });
 
-      d = await startDaemon({ dir });
+      d = await startDaemon({ convertMode: 'sync', dir });
       assert.deepEqual(dirs(d.root), liveDirs);
       assert.ok(d.logs().some((l) => l.op === 'cleanup' && l.removed === 3), d.output());
       c = snapshotsClient(d.address);
@@ -368,7 +372,7 @@ describe('restarts on the same ROOT', () => {
 test('logs carry op, key and snapshot on Prepare, Commit and Remove', async () => {
   let d: DaemonProcess | undefined;
   try {
-    d = await startDaemon({ env: { LOG_LEVEL: 'info' } });
+    d = await startDaemon({ convertMode: 'sync', env: { LOG_LEVEL: 'info' } });
     const c = snapshotsClient(d.address);
     const res = await call(c, 'Prepare', { key: 'logged key/with slash' });
     const id = /\/snapshots\/([0-9]+)\/fs$/.exec(res.mounts[0].source)?.[1];

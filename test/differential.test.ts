@@ -18,7 +18,7 @@ import { mountAll, unmount } from '../src/mount/mount';
 import type { Mount } from '../src/snapshot/types';
 import { deviceNumbers } from './helpers/fstest';
 import { type BuiltImage, type Expect, busyboxImageDef, chainImageDef, tortureImageDef } from './helpers/images';
-import { Stack, assertAllCollected, assertCommittedChain, assertNoDaemonErrors } from './helpers/stack';
+import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors } from './helpers/stack';
 
 interface Node {
   type: 'file' | 'dir' | 'symlink' | 'fifo' | 'char' | 'block' | 'socket';
@@ -199,9 +199,20 @@ describe('differential: containerd overlayfs vs dedup present the same trees', (
         await stack.pull(ref, sn);
         await assertCommittedChain(stack, sn, img);
       }
+      // Layers convert in the background: compare once every layer is an EROFS image.
+      await assertDirsMatchSnapshots(stack, 120_000);
       for (const sn of ['overlayfs', 'dedup']) {
         const key = `diff-view-${sn}-${i}`;
         const mounts = await protectedView(stack, sn, key, top);
+        if (sn === 'dedup') {
+          const layerDirs =
+            mounts[0].type === 'bind'
+              ? [mounts[0].source]
+              : (mounts[0].options.find((o) => o.startsWith('lowerdir=')) as string).slice('lowerdir='.length).split(':');
+          const mnt = path.join(stack.daemonRoot, 'mnt') + '/';
+          assert.ok(layerDirs.every((d) => d.startsWith(mnt)), `dedup view is not made of EROFS layer mounts: ${layerDirs.join(' ')}`);
+          assert.equal(layerDirs.length, img.chainIds.length);
+        }
         views.push({ snapshotter: sn, key });
         const target = path.join(stack.dir, `mnt-${sn}-${i}`);
         fs.mkdirSync(target);

@@ -14,11 +14,11 @@ import { buildChunkedImage, probeMkfs } from '../src/convert/mkfs';
 import { mountAll } from '../src/mount/mount';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { Kind } from '../src/snapshot/types';
-import { tempDir } from './helpers/daemon';
+import { tempDir, waitFor } from './helpers/daemon';
 import { unmountUnder } from './helpers/mounts';
 
 const MiB = 1 << 20;
-const erofs = { chunkSize: MiB, mkfs: 'mkfs.erofs' };
+const erofs = { chunkSize: MiB, mkfs: 'mkfs.erofs', convertMode: 'sync' as const };
 
 function random(n: number, seed: string): Buffer {
   const out = Buffer.alloc(n);
@@ -163,6 +163,42 @@ describe('EROFS conversion over the chunk store', () => {
       assert.equal(fs.statSync(blob).blocks * 512, live.diskBytes, 'garbage punched, live blocks kept');
       const v = await view(sn, dir, 'v', 'l');
       assert.ok(fs.readFileSync(path.join(v, 'data')).equals(data));
+      await unmountUnder(v);
+    } finally {
+      sn.close();
+    }
+  });
+});
+
+describe('background conversion', () => {
+  test('Commit returns before conversion; mounts switch to EROFS; a directory in use stays until unmounted', async () => {
+    const dir = workDir('erofs-background');
+    const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, convertMode: 'background', retireGraceMs: 200 } });
+    try {
+      const data = random(5 * MiB + 3, 'bg');
+      await layer(sn, 'base', '', { data });
+      const id = sn.ms.getInfo('base').id;
+      assert.equal((await sn.stat('base')).kind, Kind.Committed, 'committed before its conversion');
+      // A view made now may still use the directory; it must keep working throughout.
+      const early = await view(sn, dir, 'early', 'base');
+      await waitFor(() => sn.pendingConversions === 0, 60_000, 'background conversion');
+      assert.ok(sn.ms.getLayer(id), 'the layer is an EROFS image now');
+      const late = await sn.view('late', 'base');
+      assert.equal(late[0].source, path.join(dir, 'root', 'mnt', id), 'new mounts use the EROFS mount');
+      assert.ok(fs.readFileSync(path.join(early, 'data')).equals(data));
+      const usedByEarly = early !== '' && (await sn.mounts('early'))[0].source.includes('/snapshots/');
+      if (usedByEarly) {
+        // The early view is a bind of the old directory: it must survive the sweep.
+        await new Promise((r) => setTimeout(r, 400));
+        assert.equal(await sn.sweepRetired(), 0, 'a mounted directory is never removed');
+        assert.ok(fs.readFileSync(path.join(early, 'data')).equals(data));
+      }
+      await unmountUnder(early);
+      await sn.remove('early');
+      await sn.remove('late');
+      await waitFor(async () => (await sn.sweepRetired()) >= 0 && !fs.existsSync(path.join(dir, 'root', 'snapshots', id)), 10_000, 'old directory removed');
+      const v = await view(sn, dir, 'again', 'base');
+      assert.ok(fs.readFileSync(path.join(v, 'data')).equals(data), 'served from EROFS after the directory went');
       await unmountUnder(v);
     } finally {
       sn.close();

@@ -25,6 +25,10 @@ import {
   upperDirOf,
 } from './helpers/badinput-grpc';
 
+// These tests pin the RPC contract and crash behaviour: their daemons convert
+// layers at Commit (convert_mode "sync") so ROOT's state is deterministic.
+// Background conversion is covered by erofs, erofs-e2e, e2e and differential.
+
 /**
  * Every RPC of containerd's Snapshots service, against the real daemon over
  * its socket, with good and bad input. containerd's retry and unpack logic
@@ -41,7 +45,7 @@ let d: DaemonProcess;
 let c: SnapshotsClient;
 
 before(async () => {
-  d = await startDaemon();
+  d = await startDaemon({ convertMode: 'sync' });
   c = snapshotsClient(d.address, 'badinput');
 });
 
@@ -479,7 +483,7 @@ describe('List', () => {
   const names = (infos: any[]) => infos.map((i) => i.name).sort();
 
   before(async () => {
-    ld = await startDaemon();
+    ld = await startDaemon({ convertMode: 'sync' });
     lc = snapshotsClient(ld.address, 'ns');
     const mk = async (key: string, parent = '', labels = {}) => {
       await rec.ok(`prepare ${key}`, call(lc, 'Prepare', { key: `${key}-tmp` , parent }));
@@ -718,7 +722,7 @@ describe('concurrency', () => {
   const N_SNAPSHOTS = 40;
 
   before(async () => {
-    cd = await startDaemon({ env: { LOG_LEVEL: 'info' } });
+    cd = await startDaemon({ convertMode: 'sync', env: { LOG_LEVEL: 'info' } });
     for (let i = 0; i < N_CLIENTS; i++) clients.push(snapshotsClient(cd.address, `ns${i}`));
   });
 

@@ -49,7 +49,9 @@ export async function runDaemon(): Promise<void> {
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
-      erofs: cfg.use_erofs ? { chunkSize: cfg.chunk_size, mkfs: cfg.mkfs_erofs, mountMode: cfg.mount_backend } : null,
+      erofs: cfg.use_erofs
+        ? { chunkSize: cfg.chunk_size, mkfs: cfg.mkfs_erofs, mountMode: cfg.mount_backend, convertMode: cfg.convert_mode }
+        : null,
     });
     // Directories left by a crash (no row names them) go before serving;
     // layer images are mounted again and the chunk store checked.

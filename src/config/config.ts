@@ -23,6 +23,8 @@ export interface Config {
   readonly chunk_size: number;
   /** mkfs.erofs to run: a name looked up in PATH, or an absolute path. */
   readonly mkfs_erofs: string;
+  /** Convert layers after Commit returns ("background") or before ("sync"). */
+  readonly convert_mode: 'background' | 'sync';
   /** How layer images are mounted: detect, or force file-backed or loop. */
   readonly mount_backend: 'auto' | 'file-backed' | 'loop';
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
@@ -48,6 +50,7 @@ export function defaultConfig(): Config {
     chunk_size: DEFAULT_CHUNK_SIZE,
     mkfs_erofs: 'mkfs.erofs',
     mount_backend: 'auto',
+    convert_mode: 'background',
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
@@ -119,7 +122,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'ksm', 'log_level', 'api']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'convert_mode', 'ksm', 'log_level', 'api']);
   const out: { -readonly [K in keyof Config]: Config[K] } = { ...base, ksm: { ...base.ksm }, api: { ...base.api } };
   if ('version' in doc && doc.version !== 1) {
     throw new ConfigError('version', `expected 1, got ${JSON.stringify(doc.version)}`);
@@ -135,6 +138,13 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       throw new ConfigError('chunk_size', `expected a power of two from 4096 to 1073741824 (bytes), got ${JSON.stringify(v)}`);
     }
     out.chunk_size = v;
+  }
+  if ('convert_mode' in doc) {
+    const v = doc.convert_mode;
+    if (v !== 'background' && v !== 'sync') {
+      throw new ConfigError('convert_mode', `expected "background" or "sync", got ${JSON.stringify(v)}`);
+    }
+    out.convert_mode = v;
   }
   if ('mount_backend' in doc) {
     const v = doc.mount_backend;

@@ -57,6 +57,11 @@ export class Converter {
     fs.mkdirSync(o.tmpDir, { recursive: true, mode: 0o700 });
   }
 
+  /** Checks mkfs.erofs is there and able (throws MkfsError naming the fix). */
+  async probe(): Promise<void> {
+    await this.o.mkfs();
+  }
+
   imagePath(id: string): string {
     return path.join(this.o.imagesDir, `${id}.erofs`);
   }

@@ -2,7 +2,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { alreadyExists, internal, notFound } from '../errdefs/errors';
-import { Converter } from '../convert/converter';
+import { type ConvertStats, type ConvertedLayer, Converter } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
@@ -18,7 +18,19 @@ export interface SnapshotterOptions {
   root: string;
   logger?: Logger;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
-  erofs?: { chunkSize: number; mkfs: string; mountMode?: MountMode } | null;
+  erofs?: {
+    chunkSize: number;
+    mkfs: string;
+    mountMode?: MountMode;
+    /**
+     * 'background': Commit records the layer as a directory and returns; the
+     * layer is converted afterwards (pulls do not wait for mkfs.erofs).
+     * 'sync': Commit converts before it returns, and fails if that fails.
+     */
+    convertMode?: 'background' | 'sync';
+    /** Background mode: how long a replaced directory is kept after it was last handed out in a mount. */
+    retireGraceMs?: number;
+  } | null;
 }
 
 /** Directory names under snapshots/ that are not snapshot ids. */
@@ -56,6 +68,16 @@ export class Snapshotter {
   /** Snapshot ids whose Commit (conversion) is under way. */
   private readonly converting = new Map<string, Promise<unknown>>();
   private mkfsProbe: Promise<MkfsFeatures> | null = null;
+  private readonly background: boolean = false;
+  private readonly retireGraceMs: number = 5_000;
+  /** Background conversions waiting, in commit order. */
+  private readonly queue: string[] = [];
+  private queueRunning = false;
+  /** Converted layers whose old directory may still be in use: id → when it was retired. */
+  private readonly retired = new Map<string, number>();
+  /** When a layer's plain directory was last handed out in a mount. */
+  private readonly handedOut = new Map<string, number>();
+  private sweepTimer: NodeJS.Timeout | null = null;
 
   constructor(opts: SnapshotterOptions) {
     this.root = opts.root;
@@ -72,6 +94,8 @@ export class Snapshotter {
       const mkfs = opts.erofs.mkfs;
       this.store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log });
       this.mounter = new ErofsMounter(this.store.blobPath, opts.erofs.mountMode ?? 'auto', this.log);
+      this.background = (opts.erofs.convertMode ?? 'background') === 'background';
+      this.retireGraceMs = opts.erofs.retireGraceMs ?? this.retireGraceMs;
       this.converter = new Converter({
         store: this.store,
         // Probed once, on first use; a failed probe is retried on the next commit.
@@ -127,12 +151,19 @@ export class Snapshotter {
         this.ensureLayerMounted(id, mounted);
         remounted++;
       }
-      // Converted: its directory is gone unless a crash came first.
-      await removeAll(path.join(this.snapshotsDir, id));
+      // Converted; a directory left from before may still be under a
+      // running container: it goes once no mount uses it (no grace: nothing
+      // was handed out by this process yet).
+      if (fs.existsSync(path.join(this.snapshotsDir, id))) this.retire(id, 0);
     }
+    await this.sweepRetired();
     await this.sweepLayerOrphans(live);
     // Work directories of conversions a crash interrupted.
     for (const name of readdirOrEmpty(path.join(this.root, 'tmp'))) await removeAll(path.join(this.root, 'tmp', name));
+    if (this.converter) {
+      // Committed layers not converted yet (interrupted, or from use_erofs false).
+      for (const id of this.ms.committedWithoutLayer()) this.enqueueConversion(id);
+    }
     if (this.store) {
       const r = this.store.fsck(new Set([...live].map(Number)));
       const st = this.store.stats();
@@ -156,7 +187,7 @@ export class Snapshotter {
     for (const name of readdirOrEmpty(imagesDir)) {
       const id = /^(\d+)\.erofs$/.exec(name)?.[1];
       if (id !== undefined && keep(id)) continue;
-      if (id === undefined && [...this.converting].some((c) => name.startsWith(`${c}.erofs.tmp`))) continue;
+      if (id === undefined && [...this.converting.keys()].some((c) => name.startsWith(`${c}.erofs.tmp`))) continue;
       fs.rmSync(path.join(imagesDir, name), { force: true });
       n++;
     }
@@ -260,9 +291,11 @@ export class Snapshotter {
     }
     // A layer mount lost (e.g. unmounted by hand) is made again here.
     const mounted = this.converter ? new Set(mountPoints()) : undefined;
+    const now = Date.now();
     const lower = s.parentIds.map((id) => {
       const root = this.layerRoot(id);
       if (mounted && root === this.mntPath(id)) this.ensureLayerMounted(id, mounted);
+      else if (this.converter) this.handedOut.set(id, now);
       return root;
     });
     if (s.kind === Kind.View && s.parentIds.length === 1) {
@@ -285,9 +318,13 @@ export class Snapshotter {
     // re-checks everything, so a concurrent Remove or Commit is detected.
     // Any kind: commitActive reports a taken name before a wrong kind, as containerd.
     const s = this.ms.getAny(key);
-    if (this.converter && s.kind === Kind.Active) {
+    if (this.converter && !this.background && s.kind === Kind.Active) {
       await this.commitConverted(s.id, name, key, labels, started);
       return;
+    }
+    if (this.converter && s.kind === Kind.Active) {
+      // What would make the conversion fail for sure fails the Commit now.
+      await this.converter.probe();
     }
     const usage = s.kind === Kind.Active ? await diskUsage(this.upperPath(s.id)) : { size: 0, inodes: 0 };
     const id = this.ms.transaction(() => this.ms.commitActive(key, name, usage, labels));
@@ -295,6 +332,166 @@ export class Snapshotter {
       { op: 'commit', key, name, snapshot: id, size: usage.size, inodes: usage.inodes, duration_ms: Date.now() - started },
       'snapshot committed',
     );
+    if (this.converter) this.enqueueConversion(id);
+  }
+
+  private enqueueConversion(id: string): void {
+    if (this.queue.includes(id) || this.converting.has(id)) return;
+    this.queue.push(id);
+    void this.runQueue();
+  }
+
+  /** One background conversion at a time: containerd's unpacking needs the other core. */
+  private async runQueue(): Promise<void> {
+    if (this.queueRunning) return;
+    this.queueRunning = true;
+    try {
+      while (this.queue.length > 0 && !this.closed) {
+        const id = this.queue.shift() as string;
+        const job = this.convertCommitted(id);
+        this.converting.set(id, job);
+        try {
+          await job;
+        } finally {
+          this.converting.delete(id);
+        }
+      }
+    } finally {
+      this.queueRunning = false;
+    }
+  }
+
+  /** Number of layers waiting for or under background conversion. */
+  get pendingConversions(): number {
+    return this.queue.length + this.converting.size;
+  }
+
+  /**
+   * Converts committed snapshot `id` in the background. Until it is done the
+   * layer is served from its directory; a failure leaves it that way (and is
+   * retried at the next start), so nothing containerd sees breaks.
+   */
+  private async convertCommitted(id: string): Promise<void> {
+    const started = Date.now();
+    const key = this.ms.keyOf(id);
+    if (key === undefined || this.ms.getLayer(id) || this.closed) return;
+    this.log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
+    try {
+      const stats = await (this.converter as Converter).convert(id, this.upperPath(id), (layer) => {
+        const target = this.mntPath(id);
+        (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
+        try {
+          this.ms.transaction(() => {
+            if (this.ms.keyOf(id) === undefined) throw notFound(`snapshot ${id} was removed while it was being converted`);
+            this.recordLayer(id, layer, started);
+          });
+        } catch (err) {
+          unmountErofs(target);
+          throw err;
+        }
+        return layer.stats;
+      });
+      this.logConverted(id, this.ms.keyOf(id) ?? key, stats, started);
+      this.retire(id);
+    } catch (err) {
+      if (this.ms.keyOf(id) === undefined || this.closed) {
+        this.log.info({ op: 'convert', key, snapshot: id, layer: id }, 'layer removed before its conversion finished');
+        return;
+      }
+      this.log.error(
+        { op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message },
+        `auto-convert of layer ${id} to EROFS failed; it stays a directory until the next start`,
+      );
+    }
+  }
+
+  /** In a transaction: chunk rows, the layer's references and its layer row. */
+  private recordLayer(id: string, layer: ConvertedLayer, started: number): void {
+    const store = this.store as ChunkStore;
+    const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
+    store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
+    const st = layer.stats;
+    this.ms.addLayer(id, {
+      format: 'erofs',
+      has_blob: layer.hasBlob ? 1 : 0,
+      files: st.files,
+      logical_bytes: st.logicalBytes,
+      image_bytes: st.imageBytes,
+      chunks: st.chunks,
+      new_chunks: st.newChunks,
+      new_bytes: st.newBytes,
+      convert_ms: Date.now() - started,
+    });
+  }
+
+  private logConverted(id: string, key: string, stats: ConvertStats, started: number): void {
+    this.log.info(
+      {
+        op: 'convert',
+        key,
+        snapshot: id,
+        layer: id,
+        logical_bytes: stats.logicalBytes,
+        stored_bytes: stats.newBytes,
+        image_bytes: stats.imageBytes,
+        chunks: stats.chunks,
+        new_chunks: stats.newChunks,
+        dedup_chunks: stats.dedupChunks,
+        mkfs_ms: stats.mkfsMs,
+        import_ms: stats.importMs,
+        duration_ms: Date.now() - started,
+      },
+      `converted layer ${id} to EROFS: ${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`,
+    );
+  }
+
+  /** The directory of converted layer `id` goes once no mount uses it. */
+  private retire(id: string, at = Date.now()): void {
+    this.retired.set(id, at);
+    if (!this.sweepTimer) {
+      this.sweepTimer = setInterval(() => void this.sweepRetired(), Math.max(250, Math.min(5000, this.retireGraceMs / 2)));
+      this.sweepTimer.unref();
+    }
+  }
+
+  /**
+   * Deletes the old directories of converted layers that no mount in
+   * /proc/self/mountinfo names (as a bind root or an overlay lowerdir, also
+   * the relative form containerd uses for long option strings) and that were
+   * not handed out in a mount for retireGraceMs (containerd mounts what
+   * Prepare returns a moment later).
+   */
+  async sweepRetired(): Promise<number> {
+    if (this.closed || this.retired.size === 0) return 0;
+    const info = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+    const now = Date.now();
+    let removed = 0;
+    for (const [id, at] of [...this.retired]) {
+      if (this.ms.keyOf(id) === undefined) {
+        this.retired.delete(id);
+        continue;
+      }
+      const last = Math.max(at, this.handedOut.get(id) ?? 0);
+      if (now - last < this.retireGraceMs) continue;
+      if (new RegExp(`(^|[\\s=:,/])${id}/fs([\\s:,/]|$)`, 'm').test(info)) continue;
+      this.retired.delete(id);
+      this.handedOut.delete(id);
+      const doomed = path.join(this.snapshotsDir, `${REMOVED_PREFIX}${id}-${crypto.randomBytes(4).toString('hex')}`);
+      try {
+        fs.renameSync(path.join(this.snapshotsDir, id), doomed);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      await removeAll(doomed);
+      removed++;
+      this.log.debug({ op: 'convert', snapshot: id, layer: id }, 'directory of converted layer removed');
+    }
+    if (this.retired.size === 0 && this.sweepTimer) {
+      clearInterval(this.sweepTimer);
+      this.sweepTimer = null;
+    }
+    return removed;
   }
 
   /**
@@ -324,7 +521,6 @@ export class Snapshotter {
 
   private async convertAndCommit(id: string, name: string, key: string, labels: Labels | undefined, started: number) {
     const converter = this.converter as Converter;
-    const store = this.store as ChunkStore;
     // Usage as containerd's snapshotters report it: the layer's files as
     // unpacked (what is stored is in the layer's row and in /stats).
     const usage = await diskUsage(this.upperPath(id));
@@ -335,20 +531,7 @@ export class Snapshotter {
         (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
         try {
           this.ms.transaction(() => {
-            const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
-            store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
-            const st = layer.stats;
-            this.ms.addLayer(id, {
-              format: 'erofs',
-              has_blob: layer.hasBlob ? 1 : 0,
-              files: st.files,
-              logical_bytes: st.logicalBytes,
-              image_bytes: st.imageBytes,
-              chunks: st.chunks,
-              new_chunks: st.newChunks,
-              new_bytes: st.newBytes,
-              convert_ms: Date.now() - started,
-            });
+            this.recordLayer(id, layer, started);
             this.ms.commitActive(key, name, usage, labels);
           });
         } catch (err) {
@@ -357,26 +540,9 @@ export class Snapshotter {
         }
         return layer.stats;
       });
-      // Recorded: the plain directory is no longer needed.
+      // Recorded, and nothing ever mounted the directory as a layer: it goes now.
       await removeAll(path.join(this.snapshotsDir, id));
-      this.log.info(
-        {
-          op: 'convert',
-          key: name,
-          snapshot: id,
-          layer: id,
-          logical_bytes: stats.logicalBytes,
-          stored_bytes: stats.newBytes,
-          image_bytes: stats.imageBytes,
-          chunks: stats.chunks,
-          new_chunks: stats.newChunks,
-          dedup_chunks: stats.dedupChunks,
-          mkfs_ms: stats.mkfsMs,
-          import_ms: stats.importMs,
-          duration_ms: Date.now() - started,
-        },
-        `converted layer ${id} to EROFS: ${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`,
-      );
+      this.logConverted(id, name, stats, started);
       this.log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
     } catch (err) {
       // Removed while it was being converted: as if the Remove ran first.
@@ -462,6 +628,7 @@ export class Snapshotter {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
     // Layer mounts stay: running containers use them, and start-up finds them.
     this.store?.close();
     this.ms.close();

@@ -309,6 +309,19 @@ export class MetaStore {
     return this.db.prepare('SELECT * FROM layers WHERE snapshot_id = ?').get(Number(id)) as LayerRow | undefined;
   }
 
+  /** The key of snapshot `id`, or undefined once it is gone. */
+  keyOf(id: string): string | undefined {
+    return (this.db.prepare('SELECT key FROM snapshots WHERE id = ?').get(Number(id)) as { key: string } | undefined)?.key;
+  }
+
+  /** Ids of committed snapshots that are not EROFS layers (yet), oldest first. */
+  committedWithoutLayer(): string[] {
+    const rows = this.db
+      .prepare('SELECT s.id FROM snapshots s LEFT JOIN layers l ON l.snapshot_id = s.id WHERE s.kind = ? AND l.snapshot_id IS NULL ORDER BY s.id')
+      .all(Kind.Committed) as { id: number }[];
+    return rows.map((r) => String(r.id));
+  }
+
   layers(): LayerRow[] {
     return this.db.prepare('SELECT * FROM layers ORDER BY snapshot_id').all() as LayerRow[];
   }

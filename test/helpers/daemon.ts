@@ -47,14 +47,27 @@ export interface DaemonProcess {
  * it serves. Extra env (CONFIG, LOG_LEVEL, ...) can be given.
  */
 export async function startDaemon(
-  opts: { dir?: string; root?: string; address?: string; env?: Record<string, string>; waitReady?: boolean } = {},
+  opts: {
+    dir?: string;
+    root?: string;
+    address?: string;
+    env?: Record<string, string>;
+    waitReady?: boolean;
+    /** Written to a config file passed as CONFIG (unless env sets CONFIG). */
+    convertMode?: 'background' | 'sync';
+  } = {},
 ): Promise<DaemonProcess> {
   const dir = opts.dir ?? tempDir('daemon');
+  let config = '';
+  if (opts.convertMode) {
+    config = path.join(dir, `config-${opts.convertMode}.json`);
+    fs.writeFileSync(config, JSON.stringify({ convert_mode: opts.convertMode }));
+  }
   const root = opts.root ?? path.join(dir, 'root');
   const address = opts.address ?? path.join(dir, 'dedup.sock');
   let out = '';
   const proc = spawn(process.execPath, [DAEMON_BIN], {
-    env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', ROOT: root, ADDRESS: address, CONFIG: '', LOG_LEVEL: 'debug', ...opts.env },
+    env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', ROOT: root, ADDRESS: address, CONFIG: config, LOG_LEVEL: 'debug', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   proc.stdout?.on('data', (d) => (out += d));

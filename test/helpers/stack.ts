@@ -523,7 +523,7 @@ export async function assertAllCollected(stack: Stack): Promise<void> {
  * mnt/<id>, and nothing half-made or half-removed exists: containerd's GC
  * may still be removing snapshots in the background when this is called.
  */
-export async function assertDirsMatchSnapshots(stack: Stack, timeoutMs = 15_000): Promise<void> {
+export async function assertDirsMatchSnapshots(stack: Stack, timeoutMs = 60_000): Promise<void> {
   let last = '';
   try {
     await waitFor(

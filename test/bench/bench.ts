@@ -1,0 +1,424 @@
+/**
+ * `npm run bench`: dedup vs containerd's overlayfs snapshotter, measured in
+ * the same run on the same images (see build.ts for the image set).
+ *
+ * One stack (docker-registry, a private containerd with the dedup proxy
+ * plugin, the dedup daemon with its default config; all in a temp dir).
+ * For each snapshotter in turn, starting from an empty content store and no
+ * snapshots (checked): drop the page cache, pull every image sequentially
+ * (wall time, unpack and for dedup the EROFS conversion included), measure
+ * the disk the snapshotter uses (overlayfs: then remove the images again).
+ * Then cold container starts and a cold sequential read of a 512 MiB file
+ * inside a container, both snapshotters interleaved (BENCH_RUNS rounds,
+ * median, page cache dropped before each run).
+ *
+ * Env: BENCH_CACHE (default /var/cache/dedup-bench) for the image cache and
+ * bench-results.json; BENCH_RUNS (default 5) repetitions of timed runs.
+ * `--build-only` builds (or checks) the image cache and stops.
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
+import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
+import { dropCaches, duBytes, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
+
+const SNAPSHOTTERS = ['overlayfs', 'dedup'] as const;
+type Snapshotter = (typeof SNAPSHOTTERS)[number];
+const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+const START_IMAGE = 'python-b';
+const READ_IMAGE = 'bigfile';
+
+interface PhaseResult {
+  snapshotter: Snapshotter;
+  pullMs: Record<string, number>;
+  pullTotalMs: number;
+  /** From the first pull's start until every layer is in its final form (dedup: converted to EROFS, old directories gone). */
+  settledMs: number;
+  diskBytes: number;
+  diskBreakdown: Record<string, number>;
+  contentStoreBytes: number;
+  startTrueMs: number[];
+  startPythonMs: number[];
+  readMBps: number[];
+  readBytes: number;
+  afterRemove: Record<string, number>;
+}
+
+/** ctr on the stack's containerd, stdin closed. */
+function ctr(stack: Stack, args: string[], timeoutMs = 300_000): Promise<CmdResult> {
+  return sh('ctr', ['--address', stack.containerdAddress, '-n', 'default', ...args], { timeoutMs });
+}
+
+async function snapshotKeys(stack: Stack, s: Snapshotter): Promise<string[]> {
+  return lines((await ctr(stack, ['snapshots', '--snapshotter', s, 'ls'])).stdout)
+    .slice(1)
+    .map((l) => l.split(/\s+/)[0]);
+}
+
+function refOf(stack: Stack, name: string): string {
+  return `${stack.registry}/bench/${name}:latest`;
+}
+
+async function pushAll(stack: Stack, built: BuildResult): Promise<void> {
+  const policy = path.join(stack.dir, 'skopeo-policy.json');
+  fs.writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }));
+  for (const img of built.images) {
+    await sh('skopeo', ['copy', '--quiet', '--policy', policy, '--dest-tls-verify=false', `oci:${built.ociDir}:${img.name}`, `docker://${refOf(stack, img.name)}`], {
+      timeoutMs: 600_000,
+    });
+  }
+}
+
+function lines(s: string): string[] {
+  return s
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '');
+}
+
+/** Removes every image and content blob and waits until neither snapshotter holds a snapshot. */
+async function emptyContainerd(stack: Stack): Promise<void> {
+  for (const id of lines((await ctr(stack, ['tasks', 'ls', '-q'])).stdout)) {
+    await runCmd('ctr', ['--address', stack.containerdAddress, '-n', 'default', 'tasks', 'kill', '-s', 'SIGKILL', id]);
+    await runCmd('ctr', ['--address', stack.containerdAddress, '-n', 'default', 'tasks', 'delete', '-f', id]);
+  }
+  for (const id of lines((await ctr(stack, ['containers', 'ls', '-q'])).stdout)) await ctr(stack, ['containers', 'rm', id]);
+  const imgs = lines((await ctr(stack, ['images', 'ls', '-q'])).stdout);
+  if (imgs.length > 0) await ctr(stack, ['images', 'rm', '--sync', ...imgs], 600_000);
+  const blobs = lines((await ctr(stack, ['content', 'ls', '-q'])).stdout);
+  if (blobs.length > 0) await ctr(stack, ['content', 'rm', ...blobs]);
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const left: string[] = [];
+    for (const s of SNAPSHOTTERS) left.push(...(await snapshotKeys(stack, s)).map((k) => `${s}:${k}`));
+    left.push(...lines((await ctr(stack, ['content', 'ls', '-q'])).stdout).map((b) => `content:${b}`));
+    if (left.length === 0) return;
+    if (Date.now() > deadline) throw new Error(`containerd still holds: ${left.join(' ')}`);
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+function snapshotterDir(stack: Stack, s: Snapshotter): string {
+  return s === 'overlayfs' ? path.join(stack.containerdRoot, 'io.containerd.snapshotter.v1.overlayfs') : stack.daemonRoot;
+}
+
+async function diskBreakdown(stack: Stack, s: Snapshotter): Promise<Record<string, number>> {
+  const root = snapshotterDir(stack, s);
+  const out: Record<string, number> = {};
+  for (const e of fs.existsSync(root) ? fs.readdirSync(root) : []) out[e] = await duBytes(path.join(root, e));
+  return out;
+}
+
+/** Number of distinct layer chains (= snapshots containerd commits) in the image set. */
+function distinctLayers(built: BuildResult): number {
+  const chains = new Set<string>();
+  for (const img of built.images) img.layers.forEach((_, i) => chains.add(img.layers.slice(0, i + 1).join('/')));
+  return chains.size;
+}
+
+/**
+ * Waits until the daemon logged `n` successful conversions, has no conversion
+ * in progress (ROOT/tmp empty) and keeps no plain snapshot directory (no
+ * container runs, so every snapshot is a committed layer).
+ */
+async function waitConverted(stack: Stack, n: number): Promise<void> {
+  const deadline = Date.now() + 1_800_000;
+  for (;;) {
+    const logs = stack.daemon.logs();
+    const failed = logs.filter((l) => l.op === 'convert' && typeof l.level === 'number' && l.level >= 50);
+    if (failed.length > 0) throw new Error(`layer conversion failed: ${JSON.stringify(failed)}`);
+    const done = logs.filter((l) => l.op === 'convert' && typeof l.logical_bytes === 'number').length;
+    const tmp = readdirOrEmpty(path.join(stack.daemonRoot, 'tmp'));
+    const dirs = readdirOrEmpty(path.join(stack.daemonRoot, 'snapshots'));
+    if (done >= n && tmp.length === 0 && dirs.length === 0) return;
+    if (Date.now() > deadline) throw new Error(`layers not settled: ${done}/${n} converted, tmp: ${tmp.join(' ')}, snapshots: ${dirs.join(' ')}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** Runs a container once after dropping the page cache; returns wall ms and its output. */
+async function coldRun(stack: Stack, s: Snapshotter, image: string, id: string, args: string[]): Promise<{ ms: number; stdout: string }> {
+  await dropCaches();
+  const t = nowMs();
+  const r = await ctr(stack, ['run', '--rm', `--snapshotter=${s}`, refOf(stack, image), id, ...args]);
+  return { ms: nowMs() - t, stdout: r.stdout };
+}
+
+async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<PhaseResult> {
+  log(`=== ${s}: emptying containerd's content store and snapshots`);
+  await emptyContainerd(stack);
+  if (s === 'dedup') {
+    const st = stack.daemonStorage();
+    if (st.storeBytes !== 0 || st.images.length !== 0) throw new Error(`dedup ROOT is not empty before the pull: ${JSON.stringify(st)}`);
+  }
+  await dropCaches();
+  const pullMs: Record<string, number> = {};
+  const pullStart = nowMs();
+  for (const img of built.images) {
+    const t = nowMs();
+    await ctr(stack, ['images', 'pull', '--plain-http', `--snapshotter=${s}`, refOf(stack, img.name)], 1_800_000);
+    pullMs[img.name] = nowMs() - t;
+    log(`${s}: pulled ${img.name} in ${secs(pullMs[img.name])}`);
+  }
+  const pullTotalMs = Object.values(pullMs).reduce((a, b) => a + b, 0);
+  if (s === 'dedup') {
+    // The daemon may convert in the background after Commit returned: wait
+    // until every layer is converted and its directory is gone, so that disk
+    // and the timed runs see the final state (and no conversion competes with them).
+    await waitConverted(stack, distinctLayers(built));
+  }
+  const settledMs = nowMs() - pullStart;
+  log(`${s}: settled ${secs(settledMs)} after the first pull started`);
+  await sh('sync', []);
+  const diskBytes = await duBytes(snapshotterDir(stack, s));
+  const breakdown = await diskBreakdown(stack, s);
+  const contentStoreBytes = await duBytes(path.join(stack.containerdRoot, 'io.containerd.content.v1.content'));
+  log(`${s}: pull ${secs(pullTotalMs)}, disk ${mib(diskBytes)} ${JSON.stringify(breakdown)}`);
+
+  const result: PhaseResult = {
+    snapshotter: s,
+    pullMs,
+    pullTotalMs,
+    settledMs,
+    diskBytes,
+    diskBreakdown: breakdown,
+    contentStoreBytes,
+    startTrueMs: [],
+    startPythonMs: [],
+    readMBps: [],
+    readBytes: 0,
+    afterRemove: {},
+  };
+  if (s === 'overlayfs') {
+    // The dedup pull needs an empty content store: remove the images again.
+    await removeAndMeasure(stack, result);
+  }
+  return result;
+}
+
+async function removeAndMeasure(stack: Stack, r: PhaseResult): Promise<void> {
+  log(`${r.snapshotter}: removing the images`);
+  await emptyContainerd(stack);
+  await sh('sync', []);
+  r.afterRemove.diskBytes = await duBytes(snapshotterDir(stack, r.snapshotter));
+  if (r.snapshotter === 'dedup') r.afterRemove.chunkStoreBytes = stack.daemonStorage().storeBytes;
+}
+
+/**
+ * Cold starts and cold reads, both snapshotters interleaved (order
+ * alternating per round) so that a change of background load on the host
+ * hits both alike. The images are unpacked for both snapshotters by then.
+ */
+async function timedRuns(stack: Stack, res: Record<Snapshotter, PhaseResult>): Promise<void> {
+  for (let i = 0; i < RUNS; i++) {
+    const order: Snapshotter[] = i % 2 === 0 ? ['overlayfs', 'dedup'] : ['dedup', 'overlayfs'];
+    for (const s of order) {
+      const r = res[s];
+      r.startTrueMs.push((await coldRun(stack, s, START_IMAGE, `bench-${s}-true-${i}`, ['/bin/true'])).ms);
+      const py = await coldRun(stack, s, START_IMAGE, `bench-${s}-py-${i}`, ['python3', '-c', 'import json, email.parser, http.client; print("ok")']);
+      if (py.stdout.trim() !== 'ok') throw new Error(`python3 in ${START_IMAGE} printed ${JSON.stringify(py.stdout)}`);
+      r.startPythonMs.push(py.ms);
+      const rd = await coldRun(stack, s, READ_IMAGE, `bench-${s}-read-${i}`, ['/bin/sh', '-c', `dd if=${BIG_FILE_PATH} of=/dev/null bs=1M 2>&1`]);
+      const m = /(\d+) bytes .* copied, ([\d.]+(?:e[-+]?\d+)?) s/.exec(rd.stdout);
+      if (!m) throw new Error(`unexpected dd output: ${rd.stdout}`);
+      r.readBytes = Number(m[1]);
+      if (r.readBytes !== BIG_FILE_BYTES) throw new Error(`dd read ${r.readBytes} bytes of ${BIG_FILE_PATH}, expected ${BIG_FILE_BYTES}`);
+      r.readMBps.push(r.readBytes / 1e6 / Number(m[2]));
+      log(`${s} run ${i + 1}/${RUNS}: start /bin/true ${secs(r.startTrueMs[i])}, python3 ${secs(r.startPythonMs[i])}, read ${r.readMBps[i].toFixed(0)} MB/s`);
+    }
+  }
+}
+
+/** Unique file data across all distinct layers (whole-file SHA-256), and their logical file bytes. */
+function floorOf(built: BuildResult, exclude: Set<string> = new Set()): { floorBytes: number; logicalBytes: number; uniqueFiles: number; definition: string } {
+  const used = new Set(built.images.flatMap((i) => i.layers));
+  const seen = new Map<string, number>();
+  let logicalBytes = 0;
+  for (const name of used) {
+    if (exclude.has(name)) continue;
+    const l = built.layers[name];
+    logicalBytes += l.logicalBytes;
+    for (const [h, size] of Object.entries(l.contents)) seen.set(h, size);
+  }
+  let floorBytes = 0;
+  for (const size of seen.values()) floorBytes += size;
+  return {
+    floorBytes,
+    logicalBytes,
+    uniqueFiles: seen.size,
+    definition:
+      'sum of the sizes of distinct regular-file contents (SHA-256 of the whole file) over every distinct layer of every image; file data only, no metadata, no block rounding',
+  };
+}
+
+function sha256hex(s: string): string {
+  return crypto.createHash('sha256').update(s).digest('hex');
+}
+
+/** The daemon's convert lines matched to the bench's layer names by chain ID (the committed snapshot's name ends with it). */
+function perLayerStats(built: BuildResult, converts: Record<string, unknown>[]): { layer: string; chainId: string; logicalBytes: number; storedBytes: number; chunks: number; dedupChunks: number }[] {
+  const byChain = new Map<string, string>();
+  for (const img of built.images) {
+    let chain = '';
+    for (const name of img.layers) {
+      const diff = built.layers[name].diffId;
+      chain = chain === '' ? diff : `sha256:${sha256hex(`${chain} ${diff}`)}`;
+      byChain.set(chain, name);
+    }
+  }
+  return converts.map((c) => {
+    const key = String(c.key ?? '');
+    const hit = [...byChain].find(([chain]) => key.endsWith(chain));
+    return {
+      layer: hit?.[1] ?? `? (${key})`,
+      chainId: hit?.[0] ?? '',
+      logicalBytes: Number(c.logical_bytes),
+      storedBytes: Number(c.stored_bytes),
+      chunks: Number(c.chunks ?? 0),
+      dedupChunks: Number(c.dedup_chunks ?? 0),
+    };
+  });
+}
+
+function pad(s: string, n: number): string {
+  return s.length >= n ? s : s + ' '.repeat(n - s.length);
+}
+function lpad(s: string, n: number): string {
+  return s.length >= n ? s : ' '.repeat(n - s.length) + s;
+}
+
+async function main(): Promise<void> {
+  const t0 = Date.now();
+  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (mounts, containerd, drop_caches)');
+  const built = await buildImages();
+  if (process.argv.includes('--build-only')) return;
+  const floor = floorOf(built);
+
+  log('starting registry, containerd and the dedup daemon');
+  const stack = await Stack.start({ daemonEnv: { LOG_LEVEL: 'info' } });
+  onCleanup('stop the stack', () => stack.stop());
+  log(`pushing ${built.images.length} images to ${stack.registry}`);
+  await pushAll(stack, built);
+
+  const phases: Partial<Record<Snapshotter, PhaseResult>> = {};
+  for (const s of SNAPSHOTTERS) phases[s] = await phase(stack, built, s);
+  const o = phases.overlayfs as PhaseResult;
+  const d = phases.dedup as PhaseResult;
+  // Dedup's images are in place; unpack the two timed images for overlayfs again (a pull from the local content store; not timed; ctr 1.6 has no "images unpack").
+  for (const img of [START_IMAGE, READ_IMAGE]) await ctr(stack, ['images', 'pull', '--plain-http', '--snapshotter=overlayfs', refOf(stack, img)], 600_000);
+  await timedRuns(stack, { overlayfs: o, dedup: d });
+  await removeAndMeasure(stack, d);
+
+  const converts = stack.daemon.logs().filter((l) => l.op === 'convert' && typeof l.logical_bytes === 'number');
+  const logicalBytes = converts.reduce((a, l) => a + (l.logical_bytes as number), 0);
+  const storedBytes = converts.reduce((a, l) => a + (l.stored_bytes as number), 0);
+  const imageBytes = converts.reduce((a, l) => a + ((l.image_bytes as number) ?? 0), 0);
+  const chunkStoreBytes = d.diskBreakdown.cache ?? 0;
+  const perLayer = perLayerStats(built, converts);
+  const withoutBig = perLayer.filter((l) => l.layer !== 'big');
+  const nb = {
+    logicalBytes: withoutBig.reduce((a, l) => a + l.logicalBytes, 0),
+    storedBytes: withoutBig.reduce((a, l) => a + l.storedBytes, 0),
+    floorBytes: floorOf(built, new Set(['big'])).floorBytes,
+  };
+  const errors = stack.daemon.logs().filter((l) => typeof l.level === 'number' && l.level >= 50);
+  await runCleanups();
+
+  const ratio = (a: number, b: number) => (b > 0 ? a / b : NaN);
+  const result = {
+    date: new Date().toISOString(),
+    host: { kernel: os.release(), cpus: os.cpus().length, memBytes: os.totalmem(), node: process.version },
+    build: { version: built.version, cache: built.dir, mirror: built.mirror, images: built.images.map((i) => ({ name: i.name, layers: i.layers })) },
+    runs: RUNS,
+    overlayfs: o,
+    dedup: d,
+    medians: {
+      startTrueMs: { overlayfs: median(o.startTrueMs), dedup: median(d.startTrueMs) },
+      startPythonMs: { overlayfs: median(o.startPythonMs), dedup: median(d.startPythonMs) },
+      readMBps: { overlayfs: median(o.readMBps), dedup: median(d.readMBps) },
+    },
+    ratios: {
+      disk: ratio(d.diskBytes, o.diskBytes),
+      pullTime: ratio(d.pullTotalMs, o.pullTotalMs),
+      settled: ratio(d.settledMs, o.settledMs),
+      startTrue: ratio(median(d.startTrueMs), median(o.startTrueMs)),
+      startPython: ratio(median(d.startPythonMs), median(o.startPythonMs)),
+      readThroughput: ratio(median(d.readMBps), median(o.readMBps)),
+    },
+    dedup_stats: {
+      convertedLayers: converts.length,
+      logicalBytes,
+      storedBytes,
+      imageBytes,
+      chunkStoreAllocatedBytes: chunkStoreBytes,
+      dedupRatio: ratio(logicalBytes, storedBytes),
+      daemonErrors: errors.length,
+      perLayer,
+      withoutBigLayer: { ...nb, dedupRatio: ratio(nb.logicalBytes, nb.storedBytes), storedOverFloor: ratio(nb.storedBytes, nb.floorBytes) },
+    },
+    floor: {
+      ...floor,
+      chunkStoreOverFloor: ratio(chunkStoreBytes, floor.floorBytes),
+      dedupDiskOverFloor: ratio(d.diskBytes, floor.floorBytes),
+      overlayfsDiskOverFloor: ratio(o.diskBytes, floor.floorBytes),
+    },
+    totalSeconds: (Date.now() - t0) / 1000,
+  };
+  const resultFile = path.join(path.dirname(built.dir), 'bench-results.json');
+  fs.writeFileSync(resultFile, `${JSON.stringify(result, null, 2)}\n`);
+
+  const x = (r: number) => `${r.toFixed(2)}×`;
+  const rows: [string, string, string, string][] = [
+    ['disk used by the snapshotter', mib(o.diskBytes), mib(d.diskBytes), x(result.ratios.disk)],
+    [`pull wall time (${built.images.length} images, ctr)`, secs(o.pullTotalMs), secs(d.pullTotalMs), x(result.ratios.pullTime)],
+    ['pull until layers settled', secs(o.settledMs), secs(d.settledMs), x(result.ratios.settled)],
+    ['cold start, /bin/true', secs(result.medians.startTrueMs.overlayfs), secs(result.medians.startTrueMs.dedup), x(result.ratios.startTrue)],
+    ['cold start, python3 imports', secs(result.medians.startPythonMs.overlayfs), secs(result.medians.startPythonMs.dedup), x(result.ratios.startPython)],
+    [
+      `cold sequential read ${BIG_FILE_BYTES >> 20} MiB`,
+      `${result.medians.readMBps.overlayfs.toFixed(0)} MB/s`,
+      `${result.medians.readMBps.dedup.toFixed(0)} MB/s`,
+      x(result.ratios.readThroughput),
+    ],
+  ];
+  const w = [Math.max(...rows.map((r) => r[0].length), 6), 12, 12, 16];
+  const out: string[] = [];
+  out.push('');
+  out.push(`dedup-snapshotter benchmark — ${result.date}, kernel ${result.host.kernel}, ${result.host.cpus} CPUs; timed runs: median of ${RUNS}, interleaved, page cache dropped before each`);
+  out.push(`images: ${built.images.map((i) => `${i.name} [${i.layers.join(', ')}]`).join('; ')}`);
+  out.push('');
+  out.push(`${pad('metric', w[0])}  ${lpad('overlayfs', w[1])}  ${lpad('dedup', w[2])}  ${lpad('dedup/overlayfs', w[3])}`);
+  out.push(`${'-'.repeat(w[0])}  ${'-'.repeat(w[1])}  ${'-'.repeat(w[2])}  ${'-'.repeat(w[3])}`);
+  for (const r of rows) out.push(`${pad(r[0], w[0])}  ${lpad(r[1], w[1])}  ${lpad(r[2], w[2])}  ${lpad(r[3], w[3])}`);
+  out.push('');
+  out.push(
+    `dedup ratio: ${mib(logicalBytes)} of file data in ${converts.length} converted layers / ${mib(storedBytes)} stored in the chunk store = ${x(result.dedup_stats.dedupRatio)} (chunk store allocated: ${mib(chunkStoreBytes)}, EROFS metadata images: ${mib(imageBytes)})`,
+  );
+  out.push(
+    `  without the ${BIG_FILE_BYTES >> 20} MiB layer (OS and app layers only): ${mib(nb.logicalBytes)} / ${mib(nb.storedBytes)} stored = ${x(result.dedup_stats.withoutBigLayer.dedupRatio)}; their floor ${mib(nb.floorBytes)}, stored / floor = ${x(result.dedup_stats.withoutBigLayer.storedOverFloor)}`,
+  );
+  out.push(`  per layer (logical → stored): ${perLayer.map((l) => `${l.layer} ${mib(l.logicalBytes)} → ${mib(l.storedBytes)}`).join(', ')}`);
+  out.push(`theoretical floor (unique file data, whole-file SHA-256 over all distinct layers): ${mib(floor.floorBytes)} in ${floor.uniqueFiles} distinct contents (logical ${mib(floor.logicalBytes)})`);
+  out.push(
+    `  chunk store / floor = ${x(result.floor.chunkStoreOverFloor)};  dedup disk / floor = ${x(result.floor.dedupDiskOverFloor)};  overlayfs disk / floor = ${x(result.floor.overlayfsDiskOverFloor)}`,
+  );
+  const runs = (xs: number[], f: (v: number) => string) => xs.map(f).join(' ');
+  out.push(
+    `runs (in order): /bin/true s: overlayfs ${runs(o.startTrueMs, (v) => (v / 1000).toFixed(2))} | dedup ${runs(d.startTrueMs, (v) => (v / 1000).toFixed(2))};  read MB/s: overlayfs ${runs(o.readMBps, (v) => v.toFixed(0))} | dedup ${runs(d.readMBps, (v) => v.toFixed(0))}`,
+  );
+  out.push(`per-image pull (s): ${built.images.map((i) => `${i.name} ${(o.pullMs[i.name] / 1000).toFixed(1)}/${(d.pullMs[i.name] / 1000).toFixed(1)}`).join(', ')}  (overlayfs/dedup)`);
+  out.push(`after removing all images: overlayfs dir ${mib(o.afterRemove.diskBytes)}, dedup ROOT ${mib(d.afterRemove.diskBytes)} (chunk store ${mib(d.afterRemove.chunkStoreBytes ?? 0)})`);
+  if (errors.length > 0) out.push(`WARNING: the dedup daemon logged ${errors.length} errors`);
+  out.push(`results: ${resultFile}; total ${result.totalSeconds.toFixed(0)} s`);
+  out.push('');
+  process.stdout.write(out.join('\n'));
+}
+
+main()
+  .catch((err) => {
+    process.stderr.write(`bench failed: ${(err as Error).stack ?? err}\n`);
+    process.exitCode = 1;
+  })
+  .finally(() => runCleanups());
