@@ -227,12 +227,13 @@ export class ChunkStore {
    * Consistency check: reference counts recomputed from layer_chunks, rows of
    * layers that no longer exist dropped, and every byte of the blob that no
    * live chunk covers punched out (what a crash between writing data and
-   * recording it leaves). Never touches a live chunk's blocks.
+   * recording it leaves). Never touches a live chunk's blocks. Run it only
+   * while no import is under way (the daemon does, at start, before serving):
+   * an import's freshly written chunks have no row yet.
    */
   fsck(liveLayerIds: Set<number>): { fixedRefs: number; droppedLayerRefs: number; punchedBytes: number } {
     let droppedLayerRefs = 0;
     let fixedRefs = 0;
-    let dead: Extent[] = [];
     this.db.transaction(() => {
       const layers = this.db.prepare('SELECT DISTINCT snapshot_id FROM layer_chunks').all() as { snapshot_id: number }[];
       for (const l of layers) {
@@ -246,10 +247,10 @@ export class ChunkStore {
            WHERE refs != (SELECT count(*) FROM layer_chunks WHERE chunk_id = chunks.id)`,
         )
         .run().changes;
-      dead = this.collectUnreferenced();
+      // Rows of dead chunks go; their blocks become gaps, punched below.
+      this.collectUnreferenced();
     }).immediate();
     this.rebuildFreeList();
-    void dead; // their space is part of the gaps punched below
     const size = fs.fstatSync(this.fd).size;
     let punched = 0;
     const end = Math.ceil(size / STORE_BLOCK);
