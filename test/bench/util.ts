@@ -1,45 +1,8 @@
 /** Small helpers of the benchmark: commands, cleanup on signals, statistics, formatting. */
-import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
-import { type CmdResult, CommandError } from '../helpers/stack';
+import { type CmdResult, CommandError, runCmd } from '../helpers/stack';
 
-/** Children running now; SIGKILLed if the process exits while they run. */
-const live = new Set<ChildProcess>();
-process.on('exit', () => {
-  for (const p of live) {
-    try {
-      if (p.pid !== undefined) process.kill(p.pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-  }
-});
-
-/** Runs a command with stdin closed; resolves with its outcome (never rejects on a non-zero exit). */
-export function runCmd(cmd: string, args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CmdResult> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { env: opts.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    live.add(p);
-    let stdout = '';
-    let stderr = '';
-    p.stdout?.on('data', (d) => (stdout += d));
-    p.stderr?.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => {
-      stderr += `\n[killed after ${opts.timeoutMs} ms]`;
-      p.kill('SIGKILL');
-    }, opts.timeoutMs ?? 600_000);
-    p.on('error', (err) => {
-      clearTimeout(timer);
-      live.delete(p);
-      reject(err);
-    });
-    p.on('close', (code, signal) => {
-      clearTimeout(timer);
-      live.delete(p);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
+export { runCmd };
 
 export function log(msg: string): void {
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);

@@ -71,6 +71,9 @@ export function runCmd(cmd: string, args: string[], opts: { timeoutMs?: number; 
       live.delete(p);
       resolve({ code, signal, stdout, stderr });
     });
+    // A command that exits without reading its input must not crash the test
+    // process with EPIPE; its exit code says what happened.
+    p.stdin.on('error', () => undefined);
     p.stdin.end(opts.input ?? '');
   });
 }
