@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { describe, test } from 'node:test';
+import { describe, test, after } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import {
   type DaemonProcess,
@@ -14,11 +14,14 @@ import {
   tempDir,
   waitFor,
   snapshotHomes,
+  cleanupDaemons,
 } from './helpers/daemon';
 
 // These tests pin the RPC contract and crash behaviour: their daemons convert
 // layers at Commit (convert_mode "sync") so ROOT's state is deterministic.
 // Background conversion is covered by erofs, erofs-e2e, e2e and differential.
+// Daemons leave their EROFS layer mounts on purpose: detach and delete at the end.
+after(cleanupDaemons);
 
 /**
  * The daemon as a process: signals, its socket, restarts on the same ROOT

@@ -9,6 +9,7 @@ import {
   call,
   snapshotsClient,
   startDaemon,
+  cleanupDaemons,
 } from './helpers/daemon';
 import {
   CodeRecorder,
@@ -55,6 +56,8 @@ after(async () => {
     const code = await d.stop();
     assert.equal(code, 0, `daemon did not stop cleanly:\n${d.output().slice(-4000)}`);
   }
+  // Daemons leave their EROFS layer mounts on purpose: detach and delete them.
+  await cleanupDaemons();
 });
 
 /** Prepares `key` and commits it as `name` (with optional parent). */

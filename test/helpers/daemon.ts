@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { snapshotsService } from '../../src/grpc/proto';
+import { unmountUnder } from './mounts';
 
 /** Repository root (from dist/test/helpers or test/helpers). */
 export const REPO_ROOT = (() => {
@@ -25,6 +26,25 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs:
     await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+}
+
+/** Directories of every daemon started, for cleanupDaemons(). */
+const started = new Set<string>();
+const processes = new Set<DaemonProcess>();
+
+/**
+ * Kills daemons still running, then detaches the EROFS layer mounts they
+ * leave on purpose (a daemon keeps them across restarts) and deletes their
+ * directories. For test files' after() hooks.
+ */
+export async function cleanupDaemons(): Promise<void> {
+  for (const d of processes) await d.kill();
+  processes.clear();
+  for (const dir of started) {
+    await unmountUnder(dir);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  started.clear();
 }
 
 export interface DaemonProcess {
@@ -58,6 +78,7 @@ export async function startDaemon(
   } = {},
 ): Promise<DaemonProcess> {
   const dir = opts.dir ?? tempDir('daemon');
+  started.add(dir);
   let config = '';
   if (opts.convertMode) {
     config = path.join(dir, `config-${opts.convertMode}.json`);
@@ -99,6 +120,7 @@ export async function startDaemon(
     },
     exited,
   };
+  processes.add(d);
   if (opts.waitReady !== false) {
     let gone = false;
     void exited.then(() => (gone = true));
