@@ -1,15 +1,45 @@
 import fs from 'node:fs';
+import path from 'node:path';
 
-/** Mount points of this mount namespace, in /proc/self/mountinfo order. */
-export function mountPoints(): string[] {
+/** One line of /proc/self/mountinfo. */
+export interface MountEntry {
+  /** Mount point. */
+  target: string;
+  fstype: string;
+  /** Mount source as the kernel reports it: a device, a file, or a name such as "overlay". */
+  source: string;
+  /** Per-mount and file system options, comma-separated (as findmnt's OPTIONS column). */
+  options: string;
+}
+
+/** mountinfo escapes space, tab, newline and backslash as \ooo. */
+function unescapeMountinfo(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+}
+
+/**
+ * Every mount of this mount namespace, from /proc/self/mountinfo, in the
+ * order the mounts were made (parents before children, newest last).
+ */
+export function listMounts(): MountEntry[] {
   return fs
     .readFileSync('/proc/self/mountinfo', 'utf8')
     .split('\n')
     .filter((l) => l !== '')
-    // Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-    .map((l) => l.split(' ')[4].replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))));
+    .map((l) => {
+      // id parent major:minor root target mount-options [optional fields...] - fstype source super-options
+      const f = l.split(' ');
+      const sep = f.indexOf('-', 6);
+      const [fstype = '', source = '', superOptions = ''] = f.slice(sep + 1);
+      const options = [f[5], superOptions].filter((o) => o !== '').join(',');
+      return { target: unescapeMountinfo(f[4]), fstype, source: unescapeMountinfo(source), options: unescapeMountinfo(options) };
+    });
+}
+
+export function mountPoints(): string[] {
+  return listMounts().map((m) => m.target);
 }
 
 export function isMountPoint(p: string): boolean {
-  return mountPoints().includes(p);
+  return mountPoints().includes(path.resolve(p));
 }

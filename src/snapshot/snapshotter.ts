@@ -6,7 +6,7 @@ import { type ConvertStats, type ConvertedLayer, Converter } from '../convert/co
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
-import { ChunkStore } from '../store/chunkstore';
+import { ChunkStore, type Extent } from '../store/chunkstore';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
@@ -43,9 +43,12 @@ const REMOVED_PREFIX = 'rm-';
  * containerd's overlayfs snapshotter.
  *
  * Layout under root:
- *   metadata.db            SQLite (WAL), one row per snapshot
+ *   metadata.db            SQLite (WAL): snapshots, layers, chunk index
  *   snapshots/<id>/fs      the snapshot's upper directory (layer content)
  *   snapshots/<id>/work    overlayfs workdir of an active snapshot
+ *   images/<id>.erofs      a converted committed layer (use_erofs)
+ *   mnt/<id>               where that image is mounted, read-only
+ *   cache/chunks.blob      the chunk store all images read their data from
  *
  * Directories are named by numeric id, never by key. Crash safety: a
  * snapshot's directory is built under a temporary name and renamed to its id
@@ -556,7 +559,7 @@ export class Snapshotter {
 
   async remove(key: string): Promise<void> {
     this.checkOpen();
-    let dead: import('../store/chunkstore').Extent[] = [];
+    let dead: Extent[] = [];
     const { id, kind, layer } = this.ms.transaction(() => {
       const r = this.ms.remove(key);
       if (r.layer && this.store) dead = this.store.dropLayerRefs(Number(r.id));
