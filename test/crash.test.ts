@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { waitFor } from './helpers/daemon';
 import { type BuiltImage, CHAIN_LAYERS, chainImageDef } from './helpers/images';
 import { mountsUnder } from './helpers/mounts';
-import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames } from './helpers/stack';
+import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames, waitReconnected } from './helpers/stack';
 
 /** How many "snapshot committed" log lines the daemon printed. */
 function commits(stack: Stack): number {
@@ -62,20 +62,7 @@ describe('crash: kill -9 of the daemon during a pull', () => {
     // Same ROOT, same socket. containerd's proxy client reconnects by itself.
     await stack.restartDaemon();
     assert.ok(stack.daemon.proc.pid !== daemon.proc.pid, 'a new daemon process');
-    // containerd's proxy client redials with backoff. `ctr snapshots ls` is
-    // answered from containerd's own metadata, so probe with a Prepare, which
-    // reaches the backend (the probe is removed again and collected below).
-    let probes = 0;
-    await waitFor(
-      async () => {
-        const key = `reconnect-probe-${probes++}`;
-        const r = await stack.ctrTry(['snapshots', '--snapshotter', 'dedup', 'prepare', key]);
-        if (r.code === 0) await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'rm', key]);
-        return r.code === 0;
-      },
-      30_000,
-      'containerd to reach the restarted daemon',
-    );
+    await waitReconnected(stack);
     // Whatever the daemon has after its restart is consistent: one directory per snapshot.
     await assertDirsMatchSnapshots(stack);
     const survivors = await daemonSnapshotNames(stack);

@@ -9,7 +9,7 @@ import { after, describe, test } from 'node:test';
 import { waitFor } from './helpers/daemon';
 import { type BuiltImage, type Entry, type ImageDef, busyboxImageDef, passwdFor, pseudoRandom } from './helpers/images';
 import { mountsUnder } from './helpers/mounts';
-import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames } from './helpers/stack';
+import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames, waitReconnected } from './helpers/stack';
 
 const MiB = 1 << 20;
 const BLOCK = 4096;
@@ -47,21 +47,6 @@ function convertedLines(stack: Stack): ConvertedLine[] {
 
 function autoConvertLines(stack: Stack): Record<string, unknown>[] {
   return stack.daemon.logs().filter((l) => typeof l.msg === 'string' && /^detected new layer \S+, auto-converting to EROFS$/.test(l.msg));
-}
-
-/** containerd's proxy client redials with backoff: probe with a Prepare, which reaches the backend. */
-async function waitReconnected(stack: Stack): Promise<void> {
-  let probes = 0;
-  await waitFor(
-    async () => {
-      const key = `reconnect-probe-${probes++}`;
-      const r = await stack.ctrTry(['snapshots', '--snapshotter', 'dedup', 'prepare', key]);
-      if (r.code === 0) await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'rm', key]);
-      return r.code === 0;
-    },
-    30_000,
-    'containerd to reach the restarted daemon',
-  );
 }
 
 async function runCat(stack: Stack, ref: string, id: string, file = '/etc/passwd'): Promise<string> {

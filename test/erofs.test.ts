@@ -5,7 +5,6 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
@@ -15,20 +14,13 @@ import { mountAll } from '../src/mount/mount';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { Kind } from '../src/snapshot/types';
 import { tempDir, waitFor } from './helpers/daemon';
+import { pseudoRandom } from './helpers/images';
 import { unmountUnder } from './helpers/mounts';
 
 const MiB = 1 << 20;
 const erofs = { chunkSize: MiB, mkfs: 'mkfs.erofs', convertMode: 'sync' as const };
 
-function random(n: number, seed: string): Buffer {
-  const out = Buffer.alloc(n);
-  let block = crypto.createHash('sha256').update(seed).digest();
-  for (let off = 0; off < n; off += block.length) {
-    block.copy(out, off);
-    block = crypto.createHash('sha256').update(block).digest();
-  }
-  return out;
-}
+const random = pseudoRandom;
 
 const dirs: string[] = [];
 function workDir(name: string): string {

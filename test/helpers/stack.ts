@@ -11,6 +11,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { readdirOrEmpty } from '../../src/snapshot/fsutil';
 import { type DaemonProcess, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
 import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
 import { mountPoints, mountsUnder, unmountUnder } from './mounts';
@@ -122,14 +123,25 @@ async function stopProcess(p: ChildProcess, graceMs: number): Promise<void> {
   }
 }
 
-/** Lists directory entries; [] if the directory does not exist. */
-export function readdirOrEmpty(dir: string): string[] {
-  try {
-    return fs.readdirSync(dir);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw err;
-  }
+export { readdirOrEmpty };
+
+/**
+ * Waits until containerd reaches a restarted daemon: its proxy client redials
+ * with backoff, and `ctr snapshots ls` is answered from containerd's own
+ * metadata, so this probes with a Prepare (removed again at once).
+ */
+export async function waitReconnected(stack: Stack): Promise<void> {
+  let probes = 0;
+  await waitFor(
+    async () => {
+      const key = `reconnect-probe-${probes++}`;
+      const r = await stack.ctrTry(['snapshots', '--snapshotter', 'dedup', 'prepare', key]);
+      if (r.code === 0) await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'rm', key]);
+      return r.code === 0;
+    },
+    30_000,
+    'containerd to reach the restarted daemon',
+  );
 }
 
 export interface StackOptions {
