@@ -163,6 +163,35 @@ describe('EROFS conversion over the chunk store', () => {
 });
 
 describe('background conversion', () => {
+  test('a directory under a running container (overlay lowerdir) outlives the conversion until unmounted', async () => {
+    const dir = workDir('erofs-background-overlay');
+    const root = path.join(dir, 'root');
+    const sn = new Snapshotter({ root, erofs: { ...erofs, convertMode: 'background', retireGraceMs: 200 } });
+    try {
+      const data = random(3 * MiB + 1, 'bg-overlay');
+      await layer(sn, 'base', '', { data });
+      const id = sn.ms.getInfo('base').id;
+      // Like a container started right after the pull: an active snapshot on the unconverted layer.
+      const mounts = await sn.prepare('container', 'base');
+      const lower = (mounts[0].options.find((o) => o.startsWith('lowerdir=')) as string).slice('lowerdir='.length);
+      assert.equal(lower, path.join(root, 'snapshots', id, 'fs'), 'served from the directory before conversion');
+      const rootfs = path.join(dir, 'rootfs');
+      fs.mkdirSync(rootfs);
+      await mountAll(mounts, rootfs);
+      await waitFor(() => sn.pendingConversions === 0, 60_000, 'background conversion');
+      assert.ok(sn.ms.getLayer(id), 'converted');
+      await new Promise((r) => setTimeout(r, 400));
+      assert.equal(await sn.sweepRetired(), 0, 'the lowerdir of a mounted overlay is never removed');
+      assert.ok(fs.existsSync(lower));
+      assert.ok(fs.readFileSync(path.join(rootfs, 'data')).equals(data), 'the container still reads its layer');
+      await unmountUnder(rootfs);
+      await waitFor(async () => (await sn.sweepRetired()) >= 0 && !fs.existsSync(lower), 10_000, 'directory removed once unmounted');
+      await sn.remove('container');
+    } finally {
+      sn.close();
+    }
+  });
+
   test('Commit returns before conversion; mounts switch to EROFS; a directory in use stays until unmounted', async () => {
     const dir = workDir('erofs-background');
     const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, convertMode: 'background', retireGraceMs: 200 } });
