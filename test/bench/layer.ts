@@ -16,6 +16,8 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import * as tar from 'tar-stream';
+import { deviceNumbers } from '../helpers/fstest';
+import { type TarHeader, isPlainAscii, packEntry } from '../helpers/images';
 import { getXattr, readXattrs } from '../../native/xattr';
 
 export interface LayerInfo {
@@ -47,17 +49,6 @@ class HashTap extends Transform {
   }
 }
 
-function isPlainAscii(s: string): boolean {
-  // eslint-disable-next-line no-control-regex
-  return /^[\x20-\x7e]*$/.test(s);
-}
-
-function major(rdev: number): number {
-  return Number(((BigInt(rdev) >> 8n) & 0xfffn) | ((BigInt(rdev) >> 32n) & ~0xfffn));
-}
-function minor(rdev: number): number {
-  return Number((BigInt(rdev) & 0xffn) | ((BigInt(rdev) >> 12n) & ~0xffn));
-}
 
 export interface LayerOptions {
   /** The directory is an overlay upper dir: convert whiteouts and opaque dirs. */
@@ -77,13 +68,7 @@ export async function dirToLayer(dir: string, blobDir: string, opts: LayerOption
   const inodes = new Map<string, string>(); // dev:ino → first path (for hardlinks)
   const empty = new Set(opts.emptyDirs ?? []);
 
-  type Header = Partial<tar.Header> & Pick<tar.Header, 'name'>;
-  const add = (header: Header, body?: Buffer): Promise<void> =>
-    new Promise((resolve, reject) => {
-      const cb = (err?: Error | null) => (err ? reject(err) : resolve());
-      if (body) pack.entry(header, body, cb);
-      else pack.entry(header, cb);
-    });
+  const add = (header: TarHeader, body?: Buffer) => packEntry(pack, header, body);
   const needPax = (name: string, link?: string) =>
     Buffer.byteLength(name) > 100 || !isPlainAscii(name) || (link !== undefined && (Buffer.byteLength(link) > 100 || !isPlainAscii(link)));
 
@@ -110,7 +95,7 @@ export async function dirToLayer(dir: string, blobDir: string, opts: LayerOption
     return pax;
   };
 
-  const addFile = (header: Header, abs: string): Promise<string> =>
+  const addFile = (header: TarHeader, abs: string): Promise<string> =>
     new Promise((resolve, reject) => {
       const h = crypto.createHash('sha256');
       const w = pack.entry(header, (err) => (err ? reject(err) : resolve(h.digest('hex'))));
@@ -128,10 +113,10 @@ export async function dirToLayer(dir: string, blobDir: string, opts: LayerOption
       const abs = path.join(absDir, name);
       const st = fs.lstatSync(abs);
       const mtime = st.mtime.getTime() > 0 ? st.mtime : MTIME_FALLBACK;
-      const base: Header = { name: relPath, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtime };
+      const base: TarHeader = { name: relPath, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtime };
       if (opts.upper && st.isCharacterDevice() && st.rdev === 0) {
         const wh = rel === '' ? `.wh.${name}` : `${rel}/.wh.${name}`;
-        const h: Header = { name: wh, type: 'file', mode: 0o644, uid: 0, gid: 0, mtime, size: 0 };
+        const h: TarHeader = { name: wh, type: 'file', mode: 0o644, uid: 0, gid: 0, mtime, size: 0 };
         if (needPax(wh)) h.pax = {};
         await add(h, Buffer.alloc(0));
         info.whiteouts++;
@@ -160,8 +145,7 @@ export async function dirToLayer(dir: string, blobDir: string, opts: LayerOption
         base.type = 'fifo';
       } else if (st.isCharacterDevice() || st.isBlockDevice()) {
         base.type = st.isCharacterDevice() ? 'character-device' : 'block-device';
-        base.devmajor = major(st.rdev);
-        base.devminor = minor(st.rdev);
+        [base.devmajor, base.devminor] = deviceNumbers(BigInt(st.rdev));
       } else {
         continue; // sockets: not part of an image
       }
@@ -182,7 +166,7 @@ export async function dirToLayer(dir: string, blobDir: string, opts: LayerOption
       if (st.isDirectory()) {
         if (opts.upper && getXattr(abs, 'trusted.overlay.opaque')?.toString() === 'y') {
           const opq = `${relPath}/.wh..wh..opq`;
-          const h: Header = { name: opq, type: 'file', mode: 0o644, uid: 0, gid: 0, mtime, size: 0 };
+          const h: TarHeader = { name: opq, type: 'file', mode: 0o644, uid: 0, gid: 0, mtime, size: 0 };
           if (needPax(opq)) h.pax = {};
           await add(h, Buffer.alloc(0));
           info.opaques++;

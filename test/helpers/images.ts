@@ -67,7 +67,18 @@ function sha256(b: Buffer | string): string {
   return `sha256:${crypto.createHash('sha256').update(b).digest('hex')}`;
 }
 
-function isPlainAscii(s: string): boolean {
+export type TarHeader = Partial<tar.Header> & Pick<tar.Header, 'name'>;
+
+/** Adds one entry to a tar-stream pack, resolving once it is written. */
+export function packEntry(pack: tar.Pack, header: TarHeader, body?: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const cb = (err?: Error | null) => (err ? reject(err) : resolve());
+    if (body) pack.entry(header, body, cb);
+    else pack.entry(header, cb);
+  });
+}
+
+export function isPlainAscii(s: string): boolean {
   // eslint-disable-next-line no-control-regex
   return /^[\x20-\x7e]*$/.test(s);
 }
@@ -126,13 +137,7 @@ export async function buildLayer(entries: Entry[]): Promise<BuiltLayer> {
 
   const emittedDirs = new Set<string>();
   const fileAttrs = new Map<string, { mode: number; uid: number; gid: number }>();
-  type Header = Partial<tar.Header> & Pick<tar.Header, 'name'>;
-  const add = (header: Header, body?: Buffer): Promise<void> =>
-    new Promise((resolve, reject) => {
-      const cb = (err?: Error | null) => (err ? reject(err) : resolve());
-      if (body) pack.entry(header, body, cb);
-      else pack.entry(header, cb);
-    });
+  const add = (header: TarHeader, body?: Buffer) => packEntry(pack, header, body);
 
   const ensureParents = async (p: string) => {
     const parts = p.split('/');
@@ -159,7 +164,7 @@ export async function buildLayer(entries: Entry[]): Promise<BuiltLayer> {
     // archivers write them.
     const like = e.type === 'hardlink' ? fileAttrs.get(e.target) : undefined;
     if (e.type === 'hardlink' && !like) throw new Error(`hardlink ${e.path}: target ${e.target} is not a file of this layer`);
-    const header: Header = {
+    const header: TarHeader = {
       name: e.path,
       mode: typeBits(e) | (e.mode ?? like?.mode ?? defaultMode(e)),
       uid: e.uid ?? like?.uid ?? 0,
