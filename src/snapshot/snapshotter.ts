@@ -11,7 +11,7 @@ import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
 import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from './fsutil';
-import { MetaStore, checkKey } from './storage';
+import { type LayerRow, MetaStore, checkKey } from './storage';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from './types';
 
 export interface SnapshotterOptions {
@@ -125,13 +125,12 @@ export class Snapshotter {
     return this.ms.getLayer(id) ? this.mntPath(id) : this.upperPath(id);
   }
 
-  /** Mounts the EROFS image of layer `id` unless mounted already. */
-  private ensureLayerMounted(id: string, mounted?: Set<string>): void {
+  /** Mounts the EROFS image of `layer` unless `mounted` (the mount points now) has it. */
+  private ensureLayerMounted(layer: LayerRow, mounted: Set<string>): void {
+    const id = String(layer.snapshot_id);
     if (!this.converter || !this.mounter) throw internal(`layer ${id} is an EROFS image but use_erofs is off`);
     const target = this.mntPath(id);
-    if (mounted ? mounted.has(target) : false) return;
-    const layer = this.ms.getLayer(id);
-    if (!layer) return;
+    if (mounted.has(target)) return;
     this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
   }
 
@@ -149,9 +148,10 @@ export class Snapshotter {
     const live = new Set(layers.map((l) => String(l.snapshot_id)));
     const mounted = new Set(mountPoints());
     let remounted = 0;
-    for (const id of live) {
+    for (const layer of layers) {
+      const id = String(layer.snapshot_id);
       if (!mounted.has(this.mntPath(id))) {
-        this.ensureLayerMounted(id, mounted);
+        this.ensureLayerMounted(layer, mounted);
         remounted++;
       }
       // Converted; a directory left from before may still be under a
@@ -296,10 +296,14 @@ export class Snapshotter {
     const mounted = this.converter ? new Set(mountPoints()) : undefined;
     const now = Date.now();
     const lower = s.parentIds.map((id) => {
-      const root = this.layerRoot(id);
-      if (mounted && root === this.mntPath(id)) this.ensureLayerMounted(id, mounted);
-      else if (this.converter) this.handedOut.set(id, now);
-      return root;
+      const layer = mounted ? this.ms.getLayer(id) : undefined;
+      if (!layer) {
+        // Still a directory: remember it was handed out (see sweepRetired).
+        if (mounted) this.handedOut.set(id, now);
+        return this.upperPath(id);
+      }
+      this.ensureLayerMounted(layer, mounted as Set<string>);
+      return this.mntPath(id);
     });
     if (s.kind === Kind.View && s.parentIds.length === 1) {
       return [{ type: 'bind', source: lower[0], options: ['ro', 'rbind'] }];
@@ -380,19 +384,8 @@ export class Snapshotter {
     if (key === undefined || this.ms.getLayer(id) || this.closed) return;
     this.log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
     try {
-      const stats = await (this.converter as Converter).convert(id, this.upperPath(id), (layer) => {
-        const target = this.mntPath(id);
-        (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
-        try {
-          this.ms.transaction(() => {
-            if (this.ms.keyOf(id) === undefined) throw notFound(`snapshot ${id} was removed while it was being converted`);
-            this.recordLayer(id, layer, started);
-          });
-        } catch (err) {
-          unmountErofs(target);
-          throw err;
-        }
-        return layer.stats;
+      const stats = await this.convertLayer(id, started, () => {
+        if (this.ms.keyOf(id) === undefined) throw notFound(`snapshot ${id} was removed while it was being converted`);
       });
       this.logConverted(id, this.ms.keyOf(id) ?? key, stats, started);
       this.retire(id);
@@ -406,6 +399,28 @@ export class Snapshotter {
         `auto-convert of layer ${id} to EROFS failed; it stays a directory until the next start`,
       );
     }
+  }
+
+  /**
+   * Converts layer `id`'s directory, mounts the image at mnt/<id> and, in one
+   * transaction, runs `alsoInTx` and records chunks, references and the layer
+   * row. On failure the mount goes again (the converter removes the rest).
+   */
+  private convertLayer(id: string, started: number, alsoInTx: () => void): Promise<ConvertStats> {
+    return (this.converter as Converter).convert(id, this.upperPath(id), (layer) => {
+      const target = this.mntPath(id);
+      (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
+      try {
+        this.ms.transaction(() => {
+          alsoInTx();
+          this.recordLayer(id, layer, started);
+        });
+      } catch (err) {
+        unmountErofs(target);
+        throw err;
+      }
+      return layer.stats;
+    });
   }
 
   /** In a transaction: chunk rows, the layer's references and its layer row. */
@@ -523,25 +538,13 @@ export class Snapshotter {
   }
 
   private async convertAndCommit(id: string, name: string, key: string, labels: Labels | undefined, started: number) {
-    const converter = this.converter as Converter;
     // Usage as containerd's snapshotters report it: the layer's files as
     // unpacked (what is stored is in the layer's row and in /stats).
     const usage = await diskUsage(this.upperPath(id));
     this.log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
     try {
-      const stats = await converter.convert(id, this.upperPath(id), (layer) => {
-        const target = this.mntPath(id);
-        (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
-        try {
-          this.ms.transaction(() => {
-            this.recordLayer(id, layer, started);
-            this.ms.commitActive(key, name, usage, labels);
-          });
-        } catch (err) {
-          unmountErofs(target);
-          throw err;
-        }
-        return layer.stats;
+      const stats = await this.convertLayer(id, started, () => {
+        this.ms.commitActive(key, name, usage, labels);
       });
       // Recorded, and nothing ever mounted the directory as a layer: it goes now.
       await removeAll(path.join(this.snapshotsDir, id));
