@@ -241,6 +241,19 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ mount_backend: 'fuse' }), 'mount_backend', /expected one of auto, file-backed, loop/);
   });
 
+  test('mount I/O keys: direct_io and read_ahead_kb are read and checked', () => {
+    assert.equal(defaultConfig().direct_io, 'auto');
+    assert.equal(defaultConfig().read_ahead_kb, 'auto');
+    const c = loadFile({ direct_io: false, read_ahead_kb: 4096 });
+    assert.equal(c.direct_io, false);
+    assert.equal(c.read_ahead_kb, 4096);
+    assert.equal(loadFile({ direct_io: true, read_ahead_kb: 'auto' }).direct_io, true);
+    for (const bad of ['yes', 1, null]) assertConfigError(() => loadFile({ direct_io: bad }), 'direct_io', /expected "auto", true or false/);
+    for (const bad of [-1, 1.5, '8M', (1 << 20) + 1, null]) {
+      assertConfigError(() => loadFile({ read_ahead_kb: bad }), 'read_ahead_kb', /expected "auto" or an integer number of KiB from 0 to 1048576/);
+    }
+  });
+
   test('a bad log level lists the valid ones', () => {
     assertConfigError(() => loadFile({ log_level: 'verbose' }), 'log_level', /expected one of trace, debug, info, warn, error, fatal, silent/, /"verbose"/);
     assertConfigError(() => loadFile({ log_level: 3 }), 'log_level', /expected one of/);

@@ -6,11 +6,15 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { scanChunks, superblockChecksumOk, updateSuperblockChecksum } from '../src/convert/erofs-format';
 import { buildChunkedImage, probeMkfs } from '../src/convert/mkfs';
+import { ErofsMounter } from '../src/mount/erofs';
 import { mountAll } from '../src/mount/mount';
+import { listMounts } from '../src/mount/mountinfo';
+import { bdiReadAheadKb, deviceReadAheadKb, erofsBdis } from '../src/mount/readahead';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { Kind } from '../src/snapshot/types';
 import { tempDir, waitFor } from './helpers/daemon';
@@ -254,6 +258,84 @@ describe('EROFS mount backends', () => {
       sn.close();
       for (const dev of loopsOf(path.join(root, 'cache', 'chunks.blob'))) execFileSync('losetup', ['-d', dev]);
     }
+  });
+});
+
+describe('EROFS file-backed mount options', () => {
+  const superOptions = (target: string) => (listMounts().find((m) => m.target === target)?.options ?? '').split(',');
+  const bdisAt = (kb: number) => [...erofsBdis()].filter((b) => bdiReadAheadKb(b) === kb).length;
+  // This kernel (and CI's, a machine like it) has file-backed EROFS; directio came in Linux 6.13.
+  const [major, minor] = os.release().split('.').map(Number);
+  const kernelHasDirectio = major > 6 || (major === 6 && minor >= 13);
+
+  test('directio where the kernel has it, and the configured read-ahead on each layer mount', async () => {
+    const dir = workDir('erofs-dio');
+    // An odd size no other mount on the machine uses, so the test can count the bdis that carry it.
+    const kb = 3076;
+    const before = bdisAt(kb);
+    const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, readAheadKb: kb } });
+    try {
+      const a = random(5 * MiB + 3, 'dio-a');
+      await layer(sn, 'l1', '', { a });
+      await layer(sn, 'l2', 'l1', { b: random(2 * MiB, 'dio-b') });
+      assert.equal(sn.mounter?.current, 'file-backed');
+      assert.equal(sn.mounter?.directIoInUse, kernelHasDirectio);
+      for (const name of ['l1', 'l2']) {
+        const opts = superOptions(path.join(dir, 'root', 'mnt', sn.ms.getInfo(name).id));
+        assert.ok(opts.includes('ro'), `${name} is mounted: ${opts}`);
+        assert.equal(opts.includes('directio'), kernelHasDirectio, `${name} options: ${opts}`);
+      }
+      assert.equal(bdisAt(kb) - before, 2, 'each layer mount got its own bdi with the configured read-ahead');
+      const v = await view(sn, dir, 'v', 'l2');
+      assert.ok(fs.readFileSync(path.join(v, 'a')).equals(a));
+      assert.ok(fs.readFileSync(path.join(v, 'b')).equals(random(2 * MiB, 'dio-b')));
+      await unmountUnder(v);
+    } finally {
+      sn.close();
+    }
+  });
+
+  test('direct_io false mounts without directio; read-ahead "auto" is at least one chunk', async () => {
+    const dir = workDir('erofs-nodio');
+    const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, chunkSize: 4 * MiB, directIo: false } });
+    try {
+      await layer(sn, 'l1', '', { a: random(MiB, 'nodio') });
+      const target = path.join(dir, 'root', 'mnt', sn.ms.getInfo('l1').id);
+      assert.ok(superOptions(target).includes('ro'));
+      assert.ok(!superOptions(target).includes('directio'), superOptions(target).join(','));
+      assert.equal(sn.mounter?.directIoInUse, false);
+      const expected = Math.max(deviceReadAheadKb(path.join(dir, 'root', 'cache', 'chunks.blob')) ?? 0, 4096);
+      assert.equal(sn.mounter?.readAheadInUse, expected, 'the store device\'s read-ahead, at least one 4 MiB chunk');
+      assert.ok(bdisAt(expected) >= 1);
+    } finally {
+      sn.close();
+    }
+  });
+
+  test('a kernel without directio: the mount is retried without it once, and later mounts skip it', () => {
+    const dir = workDir('erofs-fake');
+    const calls: string[] = [];
+    const einval = (what: string) => Object.assign(new Error(`mount ${what}: EINVAL (Invalid argument)`), { code: 'EINVAL' });
+    const fake = (src: string, _t: string, _fs: string, _f: number, data: string | null) => {
+      calls.push(`${path.basename(src)} ${data}`);
+      if (data?.includes('directio')) throw einval(src);
+      if (src.endsWith('bad.erofs')) throw einval(src);
+    };
+    const m = new ErofsMounter('/store/chunks.blob', { mountFn: fake, readAheadKb: 1024 });
+    m.mount('/i/one.erofs', path.join(dir, 't1'), true);
+    assert.equal(m.directIoInUse, false);
+    assert.equal(m.current, 'file-backed');
+    m.mount('/i/two.erofs', path.join(dir, 't2'), false);
+    assert.deepEqual(calls, ['one.erofs device=/store/chunks.blob,directio', 'one.erofs device=/store/chunks.blob', 'two.erofs null']);
+
+    // A bad image fails both ways: an error, and no conclusion about the kernel.
+    const m2 = new ErofsMounter('/store/chunks.blob', { mountFn: fake });
+    assert.throws(() => m2.mount('/i/bad.erofs', path.join(dir, 't3'), true), /cannot mount \/i\/bad.erofs on .*EINVAL/);
+    assert.equal(m2.directIoInUse, 'auto');
+
+    // Forced on: EINVAL is an error with a hint, never a silent fallback.
+    const m3 = new ErofsMounter('/store/chunks.blob', { mountFn: fake, directIo: true });
+    assert.throws(() => m3.mount('/i/one.erofs', path.join(dir, 't4'), true), /direct_io is true.*"direct_io": "auto"/);
   });
 });
 

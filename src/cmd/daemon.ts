@@ -50,7 +50,14 @@ export async function runDaemon(): Promise<void> {
       root: cfg.root,
       logger: log,
       erofs: cfg.use_erofs
-        ? { chunkSize: cfg.chunk_size, mkfs: cfg.mkfs_erofs, mountMode: cfg.mount_backend, convertMode: cfg.convert_mode }
+        ? {
+            chunkSize: cfg.chunk_size,
+            mkfs: cfg.mkfs_erofs,
+            mountMode: cfg.mount_backend,
+            directIo: cfg.direct_io,
+            readAheadKb: cfg.read_ahead_kb,
+            convertMode: cfg.convert_mode,
+          }
         : null,
     });
     // Directories left by a crash (no row names them) go before serving;

@@ -27,6 +27,10 @@ export interface Config {
   readonly convert_mode: 'background' | 'sync';
   /** How layer images are mounted: detect, or force file-backed or loop. */
   readonly mount_backend: 'auto' | 'file-backed' | 'loop';
+  /** File-backed mounts read the chunk store with direct I/O: "auto" (when the kernel has EROFS directio), true, false. */
+  readonly direct_io: 'auto' | boolean;
+  /** Read-ahead of file-backed layer mounts, KiB: "auto" (the chunk store device's, at least one chunk) or a number. */
+  readonly read_ahead_kb: 'auto' | number;
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
@@ -50,6 +54,8 @@ export function defaultConfig(): Config {
     chunk_size: DEFAULT_CHUNK_SIZE,
     mkfs_erofs: 'mkfs.erofs',
     mount_backend: 'auto',
+    direct_io: 'auto',
+    read_ahead_kb: 'auto',
     convert_mode: 'background',
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
@@ -122,7 +128,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'convert_mode', 'ksm', 'log_level', 'api']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api']);
   const out: { -readonly [K in keyof Config]: Config[K] } = { ...base, ksm: { ...base.ksm }, api: { ...base.api } };
   if ('version' in doc && doc.version !== 1) {
     throw new ConfigError('version', `expected 1, got ${JSON.stringify(doc.version)}`);
@@ -152,6 +158,20 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       throw new ConfigError('mount_backend', `expected one of auto, file-backed, loop, got ${JSON.stringify(v)}`);
     }
     out.mount_backend = v;
+  }
+  if ('direct_io' in doc) {
+    const v = doc.direct_io;
+    if (v !== 'auto' && v !== true && v !== false) {
+      throw new ConfigError('direct_io', `expected "auto", true or false, got ${JSON.stringify(v)}`);
+    }
+    out.direct_io = v;
+  }
+  if ('read_ahead_kb' in doc) {
+    const v = doc.read_ahead_kb;
+    if (v !== 'auto' && (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 20)) {
+      throw new ConfigError('read_ahead_kb', `expected "auto" or an integer number of KiB from 0 to 1048576, got ${JSON.stringify(v)}`);
+    }
+    out.read_ahead_kb = v;
   }
   if ('mkfs_erofs' in doc) {
     const v = doc.mkfs_erofs;

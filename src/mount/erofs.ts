@@ -1,25 +1,45 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { MNT_DETACH, MS_RDONLY, mount, umount2 } from '../../native/mount';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { isMountPoint } from './mountinfo';
+import { deviceReadAheadKb, erofsBdis, newBdi, setBdiReadAheadKb } from './readahead';
 
 /**
  * Read-only EROFS mounts of layer images, each naming the chunk store as its
  * extra device (`device=`).
  *
  * - file-backed (Linux ≥ 6.12): the image file itself is the mount source and
- *   the store file the device; both are read through their page cache.
+ *   the store file the device. With `directio` (where the kernel has it) file
+ *   data is read from the store with direct I/O: cached once, in the layer's
+ *   page cache, instead of a second time in the store file's. The mount's
+ *   read-ahead is raised to the store device's (see readahead.ts).
  * - loop: for older kernels, the image goes on a loop device released when
  *   it is unmounted (autoclear), and the store on one shared read-only loop
  *   device whose size is refreshed before each mount (the store grows).
  *
  * `auto` tries file-backed first and falls back to loop for good when the
- * kernel refuses a regular-file source (ENOTBLK); the choice is logged once.
+ * kernel refuses a regular-file source (ENOTBLK); `directio` likewise when the
+ * kernel does not know the option (EINVAL, and the same mount without it
+ * works). Each choice is logged once.
  */
 export type MountBackend = 'file-backed' | 'loop';
 export type MountMode = 'auto' | MountBackend;
+
+export interface ErofsMountOptions {
+  mode?: MountMode;
+  /** Read file data from the store with direct I/O (file-backed mounts): detect, or force on or off. */
+  directIo?: 'auto' | boolean;
+  /** Read-ahead of file-backed mounts, KiB; 'auto': the store device's, at least one chunk. */
+  readAheadKb?: 'auto' | number;
+  /** The store's chunk size (bytes), the least 'auto' read-ahead. */
+  chunkSize?: number;
+  logger?: Logger;
+  /** mount(2); tests substitute it. */
+  mountFn?: typeof mount;
+}
 
 export class ErofsMountError extends Error {
   constructor(message: string, options?: { cause?: unknown }) {
@@ -36,6 +56,10 @@ export function erofsSupported(): boolean {
   }
 }
 
+function errCode(err: unknown): string | undefined {
+  return (err as { code?: string }).code;
+}
+
 function losetup(args: string[]): string {
   try {
     return execFileSync('losetup', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
@@ -47,16 +71,21 @@ function losetup(args: string[]): string {
 
 export class ErofsMounter {
   private backend: MountBackend | null;
+  private directIo: 'auto' | boolean;
+  private readAhead: number | null = null;
   private blobLoop: string | null = null;
   private readonly log: Logger;
+  private readonly sysMount: typeof mount;
 
   constructor(
     private readonly blob: string,
-    mode: MountMode = 'auto',
-    logger?: Logger,
+    private readonly opts: ErofsMountOptions = {},
   ) {
+    const mode = opts.mode ?? 'auto';
     this.backend = mode === 'auto' ? null : mode;
-    this.log = logger ?? silentLogger();
+    this.directIo = opts.directIo ?? 'auto';
+    this.log = opts.logger ?? silentLogger();
+    this.sysMount = opts.mountFn ?? mount;
   }
 
   /** The backend in use, once the first mount decided it. */
@@ -64,22 +93,85 @@ export class ErofsMounter {
     return this.backend;
   }
 
+  /** Whether file-backed mounts use direct I/O; 'auto' until the first file-backed mount decided it. */
+  get directIoInUse(): 'auto' | boolean {
+    return this.directIo;
+  }
+
+  /** The read-ahead (KiB) given to file-backed mounts, once the first one resolved it. */
+  get readAheadInUse(): number | null {
+    return this.readAhead;
+  }
+
   /** Mounts `image` read-only on `target` unless something is mounted there already. */
   mount(image: string, target: string, hasBlob: boolean): void {
     fs.mkdirSync(target, { recursive: true, mode: 0o755 });
     if (isMountPoint(target)) return;
     if (this.backend === 'loop') return this.mountLoop(image, target, hasBlob);
+    const before = erofsBdis();
     try {
-      mount(image, target, 'erofs', MS_RDONLY, hasBlob ? `device=${this.blob}` : null);
+      this.mountFile(image, target, hasBlob ? [`device=${this.blob}`] : []);
     } catch (err) {
-      const code = (err as { code?: string }).code;
-      if (this.backend === null && code === 'ENOTBLK') {
+      if (this.backend === null && errCode(err) === 'ENOTBLK') {
         this.decide('loop', 'this kernel has no file-backed EROFS mounts (Linux < 6.12)');
         return this.mountLoop(image, target, hasBlob);
       }
       throw this.error(image, target, err);
     }
     if (this.backend === null) this.decide('file-backed', 'the kernel mounts EROFS image files directly');
+    this.tuneReadAhead(newBdi(before, erofsBdis()), target);
+  }
+
+  /** mount(2) of the image file, with `directio` unless it is off or this kernel lacks it. */
+  private mountFile(image: string, target: string, options: string[]): void {
+    const data = (o: string[]) => (o.length > 0 ? o.join(',') : null);
+    if (this.directIo === false) return this.sysMount(image, target, 'erofs', MS_RDONLY, data(options));
+    try {
+      this.sysMount(image, target, 'erofs', MS_RDONLY, data([...options, 'directio']));
+    } catch (err) {
+      if (this.directIo === true || errCode(err) !== 'EINVAL') throw err;
+      // Unknown option, or a bad image: the same mount without it tells.
+      this.sysMount(image, target, 'erofs', MS_RDONLY, data(options));
+      this.directIo = false;
+      this.log.info({ op: 'mount', direct_io: false }, 'EROFS file-backed mounts read the chunk store through its page cache: this kernel has no EROFS directio option');
+      return;
+    }
+    if (this.directIo === 'auto') {
+      this.directIo = true;
+      this.log.info({ op: 'mount', direct_io: true }, 'EROFS file-backed mounts read the chunk store with direct I/O (directio)');
+    }
+  }
+
+  /** The read-ahead (KiB) for file-backed mounts, resolved on first use. */
+  private readAheadKb(): number {
+    if (this.readAhead === null) {
+      const configured = this.opts.readAheadKb ?? 'auto';
+      if (configured === 'auto') {
+        const device = deviceReadAheadKb(this.blob) ?? deviceReadAheadKb(path.dirname(this.blob));
+        const chunk = Math.ceil((this.opts.chunkSize ?? 0) / 1024);
+        this.readAhead = Math.max(device ?? 0, chunk, 128);
+        this.log.info(
+          { op: 'mount', read_ahead_kb: this.readAhead, device_read_ahead_kb: device, chunk_kb: chunk },
+          `EROFS file-backed mounts read ahead ${this.readAhead} KiB (the chunk store's device: ${device === null ? 'unknown' : `${device} KiB`}, one chunk: ${chunk} KiB)`,
+        );
+      } else {
+        this.readAhead = configured;
+      }
+    }
+    return this.readAhead;
+  }
+
+  private tuneReadAhead(bdi: string | null, target: string): void {
+    if (bdi === null) {
+      this.log.debug({ op: 'mount', target }, 'could not tell which bdi the mount got; its read-ahead stays at the kernel default');
+      return;
+    }
+    const kb = this.readAheadKb();
+    try {
+      setBdiReadAheadKb(bdi, kb);
+    } catch (err) {
+      this.log.warn({ op: 'mount', target, bdi, err: (err as Error).message }, `cannot set read-ahead of ${bdi} to ${kb} KiB`);
+    }
   }
 
   private decide(backend: MountBackend, why: string): void {
@@ -88,8 +180,10 @@ export class ErofsMounter {
   }
 
   private error(image: string, target: string, err: unknown): ErofsMountError {
-    const code = (err as { code?: string }).code;
-    const hint = code === 'ENODEV' ? ' (the kernel has no erofs filesystem: modprobe erofs)' : '';
+    const code = errCode(err);
+    let hint = '';
+    if (code === 'ENODEV') hint = ' (the kernel has no erofs filesystem: modprobe erofs)';
+    else if (code === 'EINVAL' && this.directIo === true && this.backend !== 'loop') hint = ' (direct_io is true: does this kernel\'s EROFS have the directio option? set "direct_io": "auto")';
     return new ErofsMountError(`cannot mount ${image} on ${target}: ${(err as Error).message}${hint}`, { cause: err });
   }
 
@@ -117,7 +211,7 @@ export class ErofsMounter {
     const device = hasBlob ? this.blobDevice() : null;
     const dev = losetup(['--find', '--show', '--read-only', image]);
     try {
-      mount(dev, target, 'erofs', MS_RDONLY, device ? `device=${device}` : null);
+      this.sysMount(dev, target, 'erofs', MS_RDONLY, device ? `device=${device}` : null);
     } catch (err) {
       throw this.error(image, target, err);
     } finally {

@@ -22,6 +22,10 @@ export interface SnapshotterOptions {
     chunkSize: number;
     mkfs: string;
     mountMode?: MountMode;
+    /** File-backed mounts: read the store with direct I/O ('auto': when the kernel has it). */
+    directIo?: 'auto' | boolean;
+    /** File-backed mounts: read-ahead in KiB ('auto': the store device's, at least one chunk). */
+    readAheadKb?: 'auto' | number;
     /**
      * 'background': Commit records the layer as a directory and returns; the
      * layer is converted afterwards (pulls do not wait for mkfs.erofs).
@@ -96,7 +100,13 @@ export class Snapshotter {
     if (opts.erofs) {
       const mkfs = opts.erofs.mkfs;
       this.store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log });
-      this.mounter = new ErofsMounter(this.store.blobPath, opts.erofs.mountMode ?? 'auto', this.log);
+      this.mounter = new ErofsMounter(this.store.blobPath, {
+        mode: opts.erofs.mountMode ?? 'auto',
+        directIo: opts.erofs.directIo ?? 'auto',
+        readAheadKb: opts.erofs.readAheadKb ?? 'auto',
+        chunkSize: opts.erofs.chunkSize,
+        logger: this.log,
+      });
       this.background = (opts.erofs.convertMode ?? 'background') === 'background';
       this.retireGraceMs = opts.erofs.retireGraceMs ?? this.retireGraceMs;
       this.converter = new Converter({

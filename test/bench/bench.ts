@@ -22,7 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
-import { dropCaches, duBytes, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
+import { dropCaches, duBytes, holdFreePageReporting, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
 
 const SNAPSHOTTERS = ['overlayfs', 'dedup'] as const;
 type Snapshotter = (typeof SNAPSHOTTERS)[number];
@@ -299,6 +299,8 @@ async function main(): Promise<void> {
   log('starting registry, containerd and the dedup daemon');
   const stack = await Stack.start({ daemonEnv: { LOG_LEVEL: 'info' } });
   onCleanup('stop the stack', () => stack.stop());
+  const memoryNote = holdFreePageReporting();
+  log(memoryNote);
   log(`pushing ${built.images.length} images to ${stack.registry}`);
   await pushAll(stack, built);
 
@@ -324,6 +326,12 @@ async function main(): Promise<void> {
     floorBytes: floorOf(built, new Set(['big'])).floorBytes,
   };
   const errors = stack.daemon.logs().filter((l) => typeof l.level === 'number' && l.level >= 50);
+  const mountLogs = stack.daemon.logs().filter((l) => l.op === 'mount');
+  const mountIo = {
+    backend: mountLogs.find((l) => typeof l.backend === 'string')?.backend ?? null,
+    directIo: mountLogs.find((l) => typeof l.direct_io === 'boolean')?.direct_io ?? null,
+    readAheadKb: mountLogs.find((l) => typeof l.read_ahead_kb === 'number')?.read_ahead_kb ?? null,
+  };
   await runCleanups();
 
   const ratio = (a: number, b: number) => (b > 0 ? a / b : NaN);
@@ -332,6 +340,8 @@ async function main(): Promise<void> {
     host: { kernel: os.release(), cpus: os.cpus().length, memBytes: os.totalmem(), node: process.version },
     build: { version: built.version, cache: built.dir, mirror: built.mirror, images: built.images.map((i) => ({ name: i.name, layers: i.layers })) },
     runs: RUNS,
+    memory: memoryNote,
+    dedupMounts: mountIo,
     overlayfs: o,
     dedup: d,
     medians: {
@@ -387,6 +397,7 @@ async function main(): Promise<void> {
   const out: string[] = [];
   out.push('');
   out.push(`dedup-snapshotter benchmark — ${result.date}, kernel ${result.host.kernel}, ${result.host.cpus} CPUs; timed runs: median of ${RUNS}, interleaved, page cache dropped before each`);
+  out.push(`${memoryNote}; dedup layer mounts: ${mountIo.backend}, direct I/O ${mountIo.directIo}, read-ahead ${mountIo.readAheadKb} KiB`);
   out.push(`images: ${built.images.map((i) => `${i.name} [${i.layers.join(', ')}]`).join('; ')}`);
   out.push('');
   out.push(`${pad('metric', w[0])}  ${lpad('overlayfs', w[1])}  ${lpad('dedup', w[2])}  ${lpad('dedup/overlayfs', w[3])}`);
@@ -406,7 +417,7 @@ async function main(): Promise<void> {
   );
   const runs = (xs: number[], f: (v: number) => string) => xs.map(f).join(' ');
   out.push(
-    `runs (in order): /bin/true s: overlayfs ${runs(o.startTrueMs, (v) => (v / 1000).toFixed(2))} | dedup ${runs(d.startTrueMs, (v) => (v / 1000).toFixed(2))};  read MB/s: overlayfs ${runs(o.readMBps, (v) => v.toFixed(0))} | dedup ${runs(d.readMBps, (v) => v.toFixed(0))}`,
+    `runs (in order): /bin/true s: overlayfs ${runs(o.startTrueMs, (v) => (v / 1000).toFixed(2))} | dedup ${runs(d.startTrueMs, (v) => (v / 1000).toFixed(2))};  python3 s: overlayfs ${runs(o.startPythonMs, (v) => (v / 1000).toFixed(2))} | dedup ${runs(d.startPythonMs, (v) => (v / 1000).toFixed(2))};  read MB/s: overlayfs ${runs(o.readMBps, (v) => v.toFixed(0))} | dedup ${runs(d.readMBps, (v) => v.toFixed(0))}`,
   );
   out.push(`per-image pull (s): ${built.images.map((i) => `${i.name} ${(o.pullMs[i.name] / 1000).toFixed(1)}/${(d.pullMs[i.name] / 1000).toFixed(1)}`).join(', ')}  (overlayfs/dedup)`);
   out.push(`after removing all images: overlayfs dir ${mib(o.afterRemove.diskBytes)}, dedup ROOT ${mib(d.afterRemove.diskBytes)} (chunk store ${mib(d.afterRemove.chunkStoreBytes ?? 0)})`);
