@@ -13,8 +13,10 @@ export function libc(): ReturnType<typeof koffi.load> {
   return handle;
 }
 
+/** The errno's name: Node's table first (its spelling of aliases), then koffi's, which has more (ENOTBLK). */
 export function errnoName(n: number): string {
   for (const [k, v] of Object.entries(os.constants.errno)) if (v === n) return k;
+  for (const [k, v] of Object.entries(koffi.os.errno)) if (v === n) return k;
   return `errno ${n}`;
 }
 
@@ -53,4 +55,12 @@ function errnoText(n: number): string {
 export function check(syscall: string, ret: number | bigint, detail = ''): number {
   if (Number(ret) < 0) throw new ErrnoError(syscall, koffi.errno(), detail);
   return Number(ret);
+}
+
+let closeFn: ((fd: number) => number) | null = null;
+
+/** close(2) of an fd this process got from the kernel through FFI. Throws ErrnoError. */
+export function closeFd(fd: number): void {
+  if (!closeFn) closeFn = libc().func('int close(int fd)') as unknown as (fd: number) => number;
+  check('close', closeFn(fd), `fd ${fd}`);
 }

@@ -4,6 +4,7 @@
  * to C as UTF-8.
  */
 import koffi from 'koffi';
+import { errnoName, libc as loadLibc } from './libc';
 
 type ListFn = (path: string, list: Buffer | null, size: number) => number;
 type GetFn = (path: string, name: string, value: Buffer | null, size: number) => number;
@@ -19,7 +20,7 @@ let fns: XattrFns | null = null;
 
 function libc(): XattrFns {
   if (!fns) {
-    const lib = koffi.load('libc.so.6');
+    const lib = loadLibc();
     fns = {
       llistxattr: lib.func('intptr_t llistxattr(const char *path, _Out_ uint8_t *list, size_t size)') as unknown as ListFn,
       lgetxattr: lib.func('intptr_t lgetxattr(const char *path, const char *name, _Out_ uint8_t *value, size_t size)') as unknown as GetFn,
@@ -27,11 +28,6 @@ function libc(): XattrFns {
     };
   }
   return fns;
-}
-
-function errnoName(n: number): string {
-  for (const [k, v] of Object.entries(koffi.os.errno)) if (v === n) return k;
-  return `errno ${n}`;
 }
 
 export class XattrError extends Error {

@@ -1,9 +1,16 @@
 import fs from 'node:fs';
+import path from 'node:path';
+import { type ApiHandle, startApiServer } from '../api/server';
+import { ConversionMetrics } from '../api/stats';
+import { AuditLog } from '../audit/audit';
 import { type Config, ConfigError, loadConfig } from '../config/config';
 import { prepareSocketPath, startGrpcServer } from '../grpc/server';
+import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
 import { erofsSupported } from '../mount/erofs';
+import { Prefetcher } from '../ondemand/prefetch';
 import { Snapshotter } from '../snapshot/snapshotter';
+import { sdNotify } from '../systemd/notify';
 
 const VERSION: string = (() => {
   try {
@@ -69,17 +76,85 @@ export async function runDaemon(): Promise<void> {
     process.exit(1);
   }
 
+  const audit = new AuditLog({
+    file: path.join(cfg.root, 'audit.db'),
+    logger: log,
+    retentionDays: cfg.audit.retention_days,
+    maxRows: cfg.audit.max_rows,
+  });
+  try {
+    await audit.opened();
+  } catch (err) {
+    log.fatal({ op: 'start', err: (err as Error).message }, 'cannot open the audit log');
+    process.exit(1);
+  }
+  const conversions = new ConversionMetrics();
+  snapshotter.onConvert = (e) => {
+    conversions.record(e);
+    audit.record({
+      operation: 'convert',
+      key: e.key,
+      snapshotId: e.layer,
+      layerId: e.layer,
+      result: e.ok ? 'ok' : 'error',
+      error: e.error ?? null,
+      durationMs: e.durationMs,
+      details: e.stats
+        ? { mode: e.mode, logical_bytes: e.stats.logicalBytes, stored_bytes: e.stats.newBytes, chunks: e.stats.chunks, new_chunks: e.stats.newChunks, dedup_chunks: e.stats.dedupChunks }
+        : { mode: e.mode },
+    });
+  };
+
+  let ksmSettings = cfg.ksm;
+  let ksm = new Ksm({ enabled: ksmSettings.enabled, scanIntervalMs: ksmSettings.scan_interval, logger: log });
+  ksm.start();
+
   let grpcServer;
   try {
-    grpcServer = await startGrpcServer({ address: cfg.address, snapshotter, logger: log });
+    grpcServer = await startGrpcServer({
+      address: cfg.address,
+      snapshotter,
+      logger: log,
+      onMutation: (e) =>
+        audit.record({
+          operation: e.op,
+          key: e.key,
+          snapshotId: e.snapshotId,
+          layerId: e.layerId,
+          result: e.ok ? 'ok' : 'error',
+          error: e.error ? `${e.code}: ${e.error}` : null,
+          durationMs: e.durationMs,
+          details: e.details,
+        }),
+    });
   } catch (err) {
     log.fatal({ op: 'start', address: cfg.address, err: (err as Error).message }, 'cannot serve gRPC');
+    ksm.stop();
+    await audit.close();
     snapshotter.close();
     process.exit(1);
   }
   log.info({ op: 'start', address: cfg.address }, 'serving containerd snapshots API');
 
   let stopping = false;
+  const startedAt = Date.now();
+  const prefetch = new Prefetcher({
+    resolve: (imageId) => snapshotter.layerRoots(imageId),
+    traceDir: cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'),
+    concurrency: cfg.prefetch.concurrency,
+    logger: log,
+    onDone: (job) =>
+      audit.record({
+        operation: 'prefetch',
+        key: job.image_id,
+        result: job.state === 'done' ? 'ok' : 'error',
+        error: job.state === 'done' ? null : job.errors.join('; ').slice(0, 4096),
+        durationMs: job.duration_ms,
+        details: { job: job.id, phase: 'finished', files_read: job.files_read, bytes_read: job.bytes_read, skipped: job.skipped, missing: job.missing, errors: job.errors.length },
+      }),
+  });
+  fs.mkdirSync(cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'), { recursive: true, mode: 0o700 });
+  let api: ApiHandle | null = null;
   const stop = async (signal: string) => {
     if (stopping) {
       log.warn({ op: 'stop', signal }, 'second signal: exiting now');
@@ -87,11 +162,97 @@ export async function runDaemon(): Promise<void> {
     }
     stopping = true;
     log.info({ op: 'stop', signal }, 'shutting down');
+    try {
+      sdNotify({ STOPPING: 1 });
+    } catch {
+      // not fatal
+    }
+    prefetch.close();
+    await api?.close().catch(() => undefined);
     await grpcServer.shutdown();
+    ksm.stop();
+    audit.record({ operation: 'stop', result: 'ok', details: { signal } });
+    await audit.close();
     snapshotter.close();
     log.info({ op: 'stop' }, 'stopped');
     process.exit(0);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
+
+  const reload = () => {
+    const started = Date.now();
+    let next: Config;
+    try {
+      next = loadConfig();
+    } catch (err) {
+      log.error({ op: 'reload', err: (err as Error).message }, `config reload refused: ${(err as Error).message}`);
+      audit.record({ operation: 'config-reload', result: 'error', error: (err as Error).message, durationMs: Date.now() - started });
+      return;
+    }
+    const changed = (Object.keys(next) as (keyof Config)[]).filter((k) => k !== 'source' && JSON.stringify(next[k]) !== JSON.stringify(cfg[k]));
+    const applied: string[] = [];
+    if (next.log_level !== cfg.log_level) {
+      log.level = next.log_level;
+      applied.push('log_level');
+    }
+    if (JSON.stringify(next.ksm) !== JSON.stringify(ksmSettings)) {
+      ksm.stop();
+      ksmSettings = next.ksm;
+      ksm = new Ksm({ enabled: ksmSettings.enabled, scanIntervalMs: ksmSettings.scan_interval, logger: log });
+      ksm.start();
+      applied.push('ksm');
+    }
+    const needRestart = changed.filter((k) => !applied.includes(k));
+    cfg = { ...cfg, log_level: next.log_level, ksm: next.ksm };
+    log.info({ op: 'reload', applied, restart_needed: needRestart }, `config reloaded: applied ${applied.join(', ') || 'nothing'}${needRestart.length ? `; restart to apply ${needRestart.join(', ')}` : ''}`);
+    audit.record({ operation: 'config-reload', result: 'ok', durationMs: Date.now() - started, details: { applied, restart_needed: needRestart } });
+  };
+
+  process.on('SIGHUP', () => reload());
+
+  try {
+    api = await startApiServer({
+      address: cfg.api.address,
+      logger: log,
+      prefetch,
+      stats: { sn: snapshotter, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
+      health: () => {
+        if (stopping) return 'shutting down';
+        try {
+          snapshotter.ms.db.prepare('SELECT 1').get();
+        } catch (err) {
+          return `metadata database: ${(err as Error).message}`;
+        }
+        if (snapshotter.store) {
+          try {
+            fs.accessSync(snapshotter.store.blobPath, fs.constants.R_OK | fs.constants.W_OK);
+          } catch (err) {
+            return `chunk store: ${(err as Error).message}`;
+          }
+        }
+        return null;
+      },
+      onPrefetch: (e) =>
+        audit.record({
+          operation: 'prefetch',
+          key: e.imageId,
+          result: e.ok ? 'ok' : 'error',
+          error: e.error,
+          durationMs: e.durationMs,
+          details: { phase: 'request', status: e.status, job: e.jobId },
+        }),
+    });
+    log.info({ op: 'start', api: api.listening }, `HTTP API on ${api.listening}`);
+  } catch (err) {
+    // The API is a sidecar: containerd keeps its snapshotter without it.
+    log.error({ op: 'start', api: cfg.api.address, err: (err as Error).message }, `HTTP API not serving on ${cfg.api.address}: ${(err as Error).message}`);
+  }
+  audit.record({ operation: 'start', result: 'ok', details: { version: VERSION, pid: process.pid, config: cfg.source, api: api?.listening ?? null } });
+  try {
+    if (sdNotify({ READY: 1, STATUS: `serving ${cfg.address}`, MAINPID: process.pid })) log.info({ op: 'start' }, 'notified systemd: READY=1');
+  } catch (err) {
+    log.warn({ op: 'start', err: (err as Error).message }, 'cannot notify systemd');
+  }
+
 }

@@ -1,18 +1,31 @@
 import { runDaemon } from './daemon';
 
-const USAGE = `usage: dedup-snapshotter [--version | --help]
+const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy snapshotter (the default)
+       dedup-snapshotter doctor [--json]  check this host for everything the snapshotter needs, with fixes
+       dedup-snapshotter stats [--json]   print the running daemon's /stats
+       dedup-snapshotter --version | --help
 
-Runs the containerd proxy snapshotter. Environment: ROOT, ADDRESS, CONFIG, LOG_LEVEL.
+Environment: ROOT, ADDRESS, CONFIG, LOG_LEVEL (see README).
 `;
 
 async function main(argv: string[]): Promise<void> {
-  const [cmd] = argv;
+  const [cmd, ...rest] = argv;
   if (cmd === '--help' || cmd === '-h' || cmd === 'help') {
     process.stdout.write(USAGE);
     return;
   }
   if (cmd === '--version' || cmd === 'version') {
     process.stdout.write(`${require('../../../package.json').version}\n`);
+    return;
+  }
+  if (cmd === 'doctor') {
+    const { runDoctor } = await import('./doctor');
+    process.exitCode = await runDoctor(rest);
+    return;
+  }
+  if (cmd === 'stats') {
+    const { runStats } = await import('./stats');
+    process.exitCode = await runStats(rest);
     return;
   }
   if (cmd !== undefined && cmd !== 'serve') {

@@ -34,6 +34,10 @@ export interface Config {
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
+  /** POST /prefetch: trace files are read only from trace_dir (null: ROOT/traces); reads in flight per job. */
+  readonly prefetch: { readonly trace_dir: string | null; readonly concurrency: number };
+  /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
+  readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
   readonly source: string | null;
 }
@@ -60,6 +64,8 @@ export function defaultConfig(): Config {
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
+    prefetch: { trace_dir: null, concurrency: 2 },
+    audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
 }
@@ -128,8 +134,14 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api']);
-  const out: { -readonly [K in keyof Config]: Config[K] } = { ...base, ksm: { ...base.ksm }, api: { ...base.api } };
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'audit']);
+  const out: { -readonly [K in keyof Config]: Config[K] } = {
+    ...base,
+    ksm: { ...base.ksm },
+    api: { ...base.api },
+    prefetch: { ...base.prefetch },
+    audit: { ...base.audit },
+  };
   if ('version' in doc && doc.version !== 1) {
     throw new ConfigError('version', `expected 1, got ${JSON.stringify(doc.version)}`);
   }
@@ -194,6 +206,20 @@ export function applyConfigObject(base: Config, doc: Json): Config {
     if (!isObject(api)) throw new ConfigError('api', `expected an object like {"address": "127.0.0.1:8080"}, got ${JSON.stringify(api)}`);
     rejectUnknown('api', api, ['address']);
     if ('address' in api) out.api = { address: expectListenAddress('api.address', api.address) };
+  }
+  if ('prefetch' in doc) {
+    const pf = doc.prefetch;
+    if (!isObject(pf)) throw new ConfigError('prefetch', `expected an object like {"trace_dir": "/var/lib/x/traces", "concurrency": 2}, got ${JSON.stringify(pf)}`);
+    rejectUnknown('prefetch', pf, ['trace_dir', 'concurrency']);
+    if ('trace_dir' in pf) out.prefetch = { ...out.prefetch, trace_dir: expectAbsPath('prefetch.trace_dir', pf.trace_dir) };
+    if ('concurrency' in pf) out.prefetch = { ...out.prefetch, concurrency: expectInt('prefetch.concurrency', pf.concurrency, 1, 64) };
+  }
+  if ('audit' in doc) {
+    const au = doc.audit;
+    if (!isObject(au)) throw new ConfigError('audit', `expected an object like {"retention_days": 30, "max_rows": 1000000}, got ${JSON.stringify(au)}`);
+    rejectUnknown('audit', au, ['retention_days', 'max_rows']);
+    if ('retention_days' in au) out.audit = { ...out.audit, retention_days: expectInt('audit.retention_days', au.retention_days, 1, 36500) };
+    if ('max_rows' in au) out.audit = { ...out.audit, max_rows: expectInt('audit.max_rows', au.max_rows, 100, 1_000_000_000) };
   }
   return out;
 }

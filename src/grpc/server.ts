@@ -5,7 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from '../log/logger';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import { snapshotsService } from './proto';
-import { createSnapshotsHandlers } from './service';
+import { type MutationEvent, createSnapshotsHandlers } from './service';
 
 export class SocketInUseError extends Error {
   constructor(readonly address: string) {
@@ -59,6 +59,7 @@ export async function startGrpcServer(opts: {
   address: string;
   snapshotter: Snapshotter;
   logger: Logger;
+  onMutation?: (e: MutationEvent) => void;
 }): Promise<GrpcServerHandle> {
   const inflight = new Set<Promise<unknown>>();
   const track = <T>(p: Promise<T>): Promise<T> => {
@@ -71,7 +72,7 @@ export async function startGrpcServer(opts: {
   });
   server.addService(
     snapshotsService().service,
-    createSnapshotsHandlers({ snapshotter: opts.snapshotter, logger: opts.logger, track }),
+    createSnapshotsHandlers({ snapshotter: opts.snapshotter, logger: opts.logger, track, onMutation: opts.onMutation }),
   );
   await prepareSocketPath(opts.address);
   await new Promise<void>((resolve, reject) => {

@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { invalidArgument } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
 import type { Snapshotter } from '../snapshot/snapshotter';
-import type { Info, Labels, Mount } from '../snapshot/types';
+import { type Info, Kind, type Labels, type Mount } from '../snapshot/types';
 import { classify, toGrpcError } from './status';
 
 /**
@@ -67,27 +67,87 @@ export interface ServiceOptions {
   logger: Logger;
   /** Tracks in-flight calls so shutdown can drain them. */
   track?: <T>(p: Promise<T>) => Promise<T>;
+  /** Told of every mutating call (prepare, view, commit, remove, update, cleanup), ok or failed. */
+  onMutation?: (e: MutationEvent) => void;
+}
+
+export interface MutationEvent {
+  op: string;
+  key: string | null;
+  snapshotId: string | null;
+  /** Set when the call concerns a committed layer (commit, remove of a layer). */
+  layerId: string | null;
+  ok: boolean;
+  error: string | null;
+  code: string | null;
+  durationMs: number;
+  details: Record<string, unknown>;
+}
+
+/** For the audit log: how a mutating call names its snapshot, and what else to note. */
+interface Audited<Req> {
+  key: (req: Req) => unknown;
+  /** Looked up before the call (remove: the row is gone after). */
+  before?: boolean;
+  layer?: boolean;
+  details?: (req: Req) => Record<string, unknown>;
 }
 
 export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServiceImplementation {
   const { snapshotter: sn, logger } = opts;
   const track = opts.track ?? (<T>(p: Promise<T>) => p);
 
+  const textOf = (v: unknown): string | null => (typeof v === 'string' && v !== '' ? v.slice(0, 4096) : null);
+
   function unary<Req, Res>(
     op: string,
     fn: (req: Req) => Promise<Res>,
+    audited?: Audited<Req>,
   ): grpc.handleUnaryCall<Req, Res> {
     return (call, callback) => {
       const started = Date.now();
       const req = call.request as Req & { key?: string };
+      let idBefore: string | undefined;
+      let layerBefore = false;
+      const key = audited ? textOf(audited.key(req)) : null;
+      if (audited?.before && key !== null && opts.onMutation) {
+        try {
+          idBefore = sn.idOf(key);
+          layerBefore = idBefore !== undefined && sn.ms.getInfo(key).info.kind === Kind.Committed;
+        } catch {
+          // the call itself reports what is wrong
+        }
+      }
+      const report = (ok: boolean, err: { kind: string; message: string } | null) => {
+        if (!audited || !opts.onMutation) return;
+        const id = idBefore ?? (ok && key !== null ? sn.idOf(key) : undefined) ?? null;
+        const details: Record<string, unknown> = { ns: namespaceOf(call) ?? null, ...(audited.details ? audited.details(req) : {}) };
+        try {
+          opts.onMutation({
+            op,
+            key,
+            snapshotId: id,
+            layerId: audited.layer || layerBefore ? id : null,
+            ok,
+            error: err?.message ?? null,
+            code: err?.kind ?? null,
+            durationMs: Date.now() - started,
+            details,
+          });
+        } catch {
+          // the audit's trouble is not the caller's
+        }
+      };
       track(
         (async () => fn(req))().then(
           (res) => {
             logger.debug({ op, key: req?.key, ns: namespaceOf(call), duration_ms: Date.now() - started }, 'rpc done');
+            report(true, null);
             callback(null, res);
           },
           (err) => {
             const e = classify(err);
+            report(false, e);
             const level = e.kind === 'Internal' || e.kind === 'Unavailable' ? 'error' : 'info';
             logger[level](
               { op, key: req?.key, ns: namespaceOf(call), code: e.kind, err: e.message, duration_ms: Date.now() - started },
@@ -101,21 +161,37 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
   }
 
   return {
-    Prepare: unary('prepare', async (req: any) => ({
-      mounts: toWireMounts(await sn.prepare(str(req.key, 'key'), str(req.parent, 'parent'), labelsOf(req.labels))),
-    })),
-    View: unary('view', async (req: any) => ({
-      mounts: toWireMounts(await sn.view(str(req.key, 'key'), str(req.parent, 'parent'), labelsOf(req.labels))),
-    })),
+    Prepare: unary(
+      'prepare',
+      async (req: any) => ({
+        mounts: toWireMounts(await sn.prepare(str(req.key, 'key'), str(req.parent, 'parent'), labelsOf(req.labels))),
+      }),
+      { key: (req: any) => req?.key, details: (req: any) => ({ parent: textOf(req?.parent) }) },
+    ),
+    View: unary(
+      'view',
+      async (req: any) => ({
+        mounts: toWireMounts(await sn.view(str(req.key, 'key'), str(req.parent, 'parent'), labelsOf(req.labels))),
+      }),
+      { key: (req: any) => req?.key, details: (req: any) => ({ parent: textOf(req?.parent) }) },
+    ),
     Mounts: unary('mounts', async (req: any) => ({ mounts: toWireMounts(await sn.mounts(str(req.key, 'key'))) })),
-    Commit: unary('commit', async (req: any) => {
-      await sn.commit(str(req.name, 'name'), str(req.key, 'key'), labelsOf(req.labels));
-      return {};
-    }),
-    Remove: unary('remove', async (req: any) => {
-      await sn.remove(str(req.key, 'key'));
-      return {};
-    }),
+    Commit: unary(
+      'commit',
+      async (req: any) => {
+        await sn.commit(str(req.name, 'name'), str(req.key, 'key'), labelsOf(req.labels));
+        return {};
+      },
+      { key: (req: any) => req?.name, layer: true, details: (req: any) => ({ active_key: textOf(req?.key) }) },
+    ),
+    Remove: unary(
+      'remove',
+      async (req: any) => {
+        await sn.remove(str(req.key, 'key'));
+        return {};
+      },
+      { key: (req: any) => req?.key, before: true },
+    ),
     Stat: unary('stat', async (req: any) => ({ info: toWireInfo(await sn.stat(str(req.key, 'key'))) })),
     Update: unary('update', async (req: any) => {
       const info = req.info;
@@ -123,15 +199,19 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
       const paths: string[] = req.update_mask?.paths ?? [];
       const updated = await sn.update({ name: str(info.name, 'info.name'), labels: labelsOf(info.labels) }, paths);
       return { info: toWireInfo(updated) };
-    }),
+    }, { key: (req: any) => req?.info?.name, details: (req: any) => ({ fields: Array.isArray(req?.update_mask?.paths) ? req.update_mask.paths.slice(0, 100) : [] }) }),
     Usage: unary('usage', async (req: any) => {
       const u = await sn.usage(str(req.key, 'key'));
       return { size: String(u.size), inodes: String(u.inodes) };
     }),
-    Cleanup: unary('cleanup', async () => {
-      await sn.cleanup();
-      return {};
-    }),
+    Cleanup: unary(
+      'cleanup',
+      async () => {
+        await sn.cleanup();
+        return {};
+      },
+      { key: () => null },
+    ),
     List: (call: grpc.ServerWritableStream<any, any>) => {
       const started = Date.now();
       track(

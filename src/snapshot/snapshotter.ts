@@ -14,9 +14,22 @@ import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from './fsutil';
 import { type LayerRow, MetaStore, checkKey } from './storage';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from './types';
 
+/** A layer conversion finished (ok) or failed, for the audit log and /stats. */
+export interface ConvertEvent {
+  key: string;
+  layer: string;
+  ok: boolean;
+  error?: string;
+  durationMs: number;
+  stats?: ConvertStats;
+  mode: 'background' | 'sync';
+}
+
 export interface SnapshotterOptions {
   root: string;
   logger?: Logger;
+  /** Called after each conversion; must not throw or block. */
+  onConvert?: (e: ConvertEvent) => void;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
     chunkSize: number;
@@ -86,7 +99,11 @@ export class Snapshotter {
   private readonly handedOut = new Map<string, number>();
   private sweepTimer: NodeJS.Timeout | null = null;
 
+  /** Told of each conversion; set at construction or later (wiring). */
+  onConvert?: (e: ConvertEvent) => void;
+
   constructor(opts: SnapshotterOptions) {
+    this.onConvert = opts.onConvert;
     this.root = opts.root;
     this.log = opts.logger ?? silentLogger();
     fs.mkdirSync(this.root, { recursive: true, mode: 0o700 });
@@ -398,12 +415,14 @@ export class Snapshotter {
         if (this.ms.keyOf(id) === undefined) throw notFound(`snapshot ${id} was removed while it was being converted`);
       });
       this.logConverted(id, this.ms.keyOf(id) ?? key, stats, started);
+      this.emitConvert({ key: this.ms.keyOf(id) ?? key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'background' });
       this.retire(id);
     } catch (err) {
       if (this.ms.keyOf(id) === undefined || this.closed) {
         this.log.info({ op: 'convert', key, snapshot: id, layer: id }, 'layer removed before its conversion finished');
         return;
       }
+      this.emitConvert({ key, layer: id, ok: false, error: (err as Error).message, durationMs: Date.now() - started, mode: 'background' });
       this.log.error(
         { op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message },
         `auto-convert of layer ${id} to EROFS failed; it stays a directory until the next start`,
@@ -450,6 +469,56 @@ export class Snapshotter {
       new_bytes: st.newBytes,
       convert_ms: Date.now() - started,
     });
+  }
+
+  private emitConvert(e: ConvertEvent): void {
+    try {
+      this.onConvert?.(e);
+    } catch (err) {
+      this.log.warn({ op: 'convert', layer: e.layer, err: (err as Error).message }, 'conversion listener failed');
+    }
+  }
+
+  /** The id of snapshot `key`, or undefined when there is none (or the key is malformed). */
+  idOf(key: string): string | undefined {
+    try {
+      return this.ms.has(key) ? this.ms.getInfo(key).id : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * The read-only roots of committed snapshot `ref` (its numeric id, or its
+   * key: containerd's chain id for an unpacked layer) and of its parents,
+   * nearest first: the layer's EROFS mount, or its directory until it is
+   * converted. For prefetch. NotFound for an unknown or uncommitted snapshot.
+   */
+  layerRoots(ref: string): { id: string; key: string; root: string }[] {
+    this.checkOpen();
+    const key = /^[1-9][0-9]{0,15}$/.test(ref) ? this.ms.keyOf(ref) : ref;
+    if (key === undefined || !this.ms.has(key)) throw notFound(`no layer ${JSON.stringify(ref)} (expected a layer id as in images/<id>.erofs, or a committed snapshot key)`);
+    const s = this.ms.getAny(key);
+    if (s.kind !== Kind.Committed) throw notFound(`snapshot ${JSON.stringify(ref)} is not a committed layer`);
+    const mounted = this.converter ? new Set(mountPoints()) : undefined;
+    const now = Date.now();
+    return [s.id, ...s.parentIds].map((id) => {
+      const layer = mounted ? this.ms.getLayer(id) : undefined;
+      let root: string;
+      if (layer) {
+        this.ensureLayerMounted(layer, mounted as Set<string>);
+        root = this.mntPath(id);
+      } else {
+        if (mounted) this.handedOut.set(id, now);
+        root = this.upperPath(id);
+      }
+      return { id, key: this.ms.keyOf(id) ?? '', root };
+    });
+  }
+
+  /** Layer rows (EROFS layers) for /stats. */
+  layerRows(): LayerRow[] {
+    return this.ms.layers();
   }
 
   private logConverted(id: string, key: string, stats: ConvertStats, started: number): void {
@@ -559,12 +628,14 @@ export class Snapshotter {
       // Recorded, and nothing ever mounted the directory as a layer: it goes now.
       await removeAll(path.join(this.snapshotsDir, id));
       this.logConverted(id, name, stats, started);
+      this.emitConvert({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'sync' });
       this.log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
     } catch (err) {
       // Removed while it was being converted: as if the Remove ran first.
       if (!this.ms.has(key) || this.ms.getInfo(key).id !== id) {
         throw notFound(`snapshot ${JSON.stringify(key)} was removed while it was being committed`);
       }
+      this.emitConvert({ key, layer: id, ok: false, error: (err as Error).message, durationMs: Date.now() - started, mode: 'sync' });
       this.log.error({ op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message }, `auto-convert of layer ${id} to EROFS failed`);
       throw err;
     }

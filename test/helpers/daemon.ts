@@ -51,6 +51,8 @@ export interface DaemonProcess {
   proc: ChildProcess;
   root: string;
   address: string;
+  /** The HTTP API: a unix socket path or "host:port". */
+  apiAddress: string;
   /** Everything the daemon printed so far (stdout + stderr). */
   output(): string;
   /** Parsed JSON log lines. */
@@ -75,15 +77,20 @@ export async function startDaemon(
     waitReady?: boolean;
     /** Written to a config file passed as CONFIG (unless env sets CONFIG). */
     convertMode?: 'background' | 'sync';
+    /** More config keys for that file. */
+    config?: Record<string, unknown>;
+    /** The HTTP API's address; default a unix socket in `dir` (tests run several daemons at once). */
+    apiAddress?: string;
   } = {},
 ): Promise<DaemonProcess> {
   const dir = opts.dir ?? tempDir('daemon');
   started.add(dir);
-  let config = '';
-  if (opts.convertMode) {
-    config = path.join(dir, `config-${opts.convertMode}.json`);
-    fs.writeFileSync(config, JSON.stringify({ convert_mode: opts.convertMode }));
-  }
+  const apiAddress = opts.apiAddress ?? path.join(dir, 'api.sock');
+  const config = path.join(dir, `config-${opts.convertMode ?? 'default'}.json`);
+  fs.writeFileSync(
+    config,
+    JSON.stringify({ ...(opts.convertMode ? { convert_mode: opts.convertMode } : {}), ...opts.config, api: { address: apiAddress, ...(opts.config?.api as object) } }),
+  );
   const root = opts.root ?? path.join(dir, 'root');
   const address = opts.address ?? path.join(dir, 'dedup.sock');
   let out = '';
@@ -98,6 +105,7 @@ export async function startDaemon(
     proc,
     root,
     address,
+    apiAddress,
     output: () => out,
     logs: () =>
       out
@@ -127,7 +135,8 @@ export async function startDaemon(
     await waitFor(
       () => {
         if (gone) throw new Error(`daemon exited before serving:\n${out}`);
-        return out.includes('serving containerd snapshots API');
+        // Ready: gRPC serves and the HTTP API started (or logged why not).
+        return out.includes('serving containerd snapshots API') && /HTTP API (on|not serving)/.test(out);
       },
       20_000,
       'daemon to serve',

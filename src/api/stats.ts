@@ -1,0 +1,219 @@
+import path from 'node:path';
+import type { AuditLog } from '../audit/audit';
+import type { Ksm, KsmCounters } from '../ksm/ksm';
+import { listMounts } from '../mount/mountinfo';
+import type { Prefetcher } from '../ondemand/prefetch';
+import type { ConvertEvent, Snapshotter } from '../snapshot/snapshotter';
+
+/** Conversion figures since the daemon started (durations of the last 1000). */
+export class ConversionMetrics {
+  count = 0;
+  failures = 0;
+  bytes = 0;
+  lastMs: number | null = null;
+  private durations: number[] = [];
+
+  record(e: ConvertEvent): void {
+    if (!e.ok) {
+      this.failures++;
+      return;
+    }
+    this.count++;
+    this.bytes += e.stats?.logicalBytes ?? 0;
+    this.lastMs = e.durationMs;
+    this.durations.push(e.durationMs);
+    if (this.durations.length > 1000) this.durations.shift();
+  }
+
+  percentile(p: number): number | null {
+    if (this.durations.length === 0) return null;
+    const sorted = [...this.durations].sort((a, b) => a - b);
+    return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
+  }
+}
+
+export interface StatsSources {
+  sn: Snapshotter;
+  conversions: ConversionMetrics;
+  prefetch: Prefetcher | null;
+  ksm: Ksm;
+  ksmEnabled: boolean;
+  audit: AuditLog | null;
+  version: string;
+  startedAt: number;
+}
+
+export interface Stats {
+  version: string;
+  uptime_seconds: number;
+  process: { pid: number; rss_bytes: number; heap_used_bytes: number };
+  snapshots: { active: number; view: number; committed: number; total: number };
+  layers: { total: number; erofs: number; directory: number; converting: number };
+  bytes: { logical: number; stored: number; saved: number; referenced: number; store_disk: number; images: number };
+  dedup_ratio: number | null;
+  chunks: { total: number; unique: number };
+  conversions: { count: number; failures: number; bytes: number; last_ms: number | null; p50_ms: number | null; p99_ms: number | null };
+  mounts: { backend: string | null; erofs_layers: number; direct_io: boolean | 'auto' | null; read_ahead_kb: number | null };
+  ondemand: { requests: number; bytes: number; hits: number; misses: number; queue: number };
+  prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number };
+  ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
+  audit: { recorded: number; written: number; dropped: number } | null;
+}
+
+export function collectStats(src: StatsSources): Stats {
+  const { sn } = src;
+  const counts = sn.ms.counts();
+  const layers = sn.layerRows();
+  const logical = layers.reduce((a, l) => a + l.logical_bytes, 0);
+  const images = layers.reduce((a, l) => a + l.image_bytes, 0);
+  const chunkRefs = layers.reduce((a, l) => a + l.chunks, 0);
+  const store = sn.store?.stats() ?? { chunks: 0, storedBytes: 0, referencedBytes: 0, diskBytes: 0 };
+  const mntDir = path.join(sn.root, 'mnt') + path.sep;
+  const erofsMounts = listMounts().filter((m) => m.fstype === 'erofs' && m.target.startsWith(mntDir)).length;
+  const mem = process.memoryUsage();
+  const c = src.conversions;
+  const p = src.prefetch?.counters;
+  return {
+    version: src.version,
+    uptime_seconds: Math.round((Date.now() - src.startedAt) / 100) / 10,
+    process: { pid: process.pid, rss_bytes: mem.rss, heap_used_bytes: mem.heapUsed },
+    snapshots: { ...counts, total: counts.active + counts.view + counts.committed },
+    layers: { total: counts.committed, erofs: layers.length, directory: counts.committed - layers.length, converting: sn.pendingConversions },
+    bytes: {
+      logical,
+      stored: store.storedBytes,
+      saved: Math.max(0, logical - store.storedBytes),
+      referenced: store.referencedBytes,
+      store_disk: store.diskBytes,
+      images,
+    },
+    dedup_ratio: store.storedBytes > 0 ? Math.round((logical / store.storedBytes) * 1000) / 1000 : null,
+    chunks: { total: chunkRefs, unique: store.chunks },
+    conversions: { count: c.count, failures: c.failures, bytes: c.bytes, last_ms: c.lastMs, p50_ms: c.percentile(50), p99_ms: c.percentile(99) },
+    mounts: {
+      backend: sn.mounter?.current ?? null,
+      erofs_layers: erofsMounts,
+      direct_io: sn.mounter ? sn.mounter.directIoInUse : null,
+      read_ahead_kb: sn.mounter?.readAheadInUse ?? null,
+    },
+    // Filled in by on-demand loading (remote layers); nothing is loaded on demand yet.
+    ondemand: { requests: 0, bytes: 0, hits: 0, misses: 0, queue: 0 },
+    prefetch: {
+      requests: p?.requests ?? 0,
+      rejected: p?.rejected ?? 0,
+      jobs_done: p?.jobs_done ?? 0,
+      jobs_failed: p?.jobs_failed ?? 0,
+      files_read: p?.files_read ?? 0,
+      bytes_read: p?.bytes_read ?? 0,
+      skipped: p?.skipped ?? 0,
+      missing: p?.missing ?? 0,
+      queue: src.prefetch?.queueLength ?? 0,
+    },
+    ksm: { enabled: src.ksmEnabled, state: src.ksm.state, reason: src.ksm.reason, counters: src.ksm.counters() },
+    audit: src.audit ? { ...src.audit.counters } : null,
+  };
+}
+
+/** One metric family: name, type, help, samples (labels → value). */
+interface Family {
+  name: string;
+  type: 'gauge' | 'counter';
+  help: string;
+  samples: { labels?: Record<string, string>; value: number | null }[];
+}
+
+/**
+ * Prometheus text exposition (version 0.0.4) of the same figures. The names
+ * are stable (README, "Metrics"); a figure that is unknown is left out.
+ */
+export function toPrometheus(s: Stats): string {
+  const g = (name: string, help: string, value: number | null, type: 'gauge' | 'counter' = 'gauge'): Family => ({ name, type, help, samples: [{ value }] });
+  const fams: Family[] = [
+    { name: 'dedup_info', type: 'gauge', help: 'Build information.', samples: [{ labels: { version: s.version }, value: 1 }] },
+    g('dedup_uptime_seconds', 'Seconds since the daemon started.', s.uptime_seconds),
+    g('dedup_process_resident_memory_bytes', 'Resident set size of the daemon.', s.process.rss_bytes),
+    {
+      name: 'dedup_snapshots',
+      type: 'gauge',
+      help: 'Snapshots by kind.',
+      samples: (['active', 'view', 'committed'] as const).map((k) => ({ labels: { kind: k }, value: s.snapshots[k] })),
+    },
+    {
+      name: 'dedup_layers',
+      type: 'gauge',
+      help: 'Committed layers by form: erofs (converted) or directory (not yet converted).',
+      samples: [
+        { labels: { form: 'erofs' }, value: s.layers.erofs },
+        { labels: { form: 'directory' }, value: s.layers.directory },
+      ],
+    },
+    g('dedup_layers_converting', 'Layers waiting for or under conversion.', s.layers.converting),
+    g('dedup_logical_bytes', 'File data in EROFS layers, as unpacked.', s.bytes.logical),
+    g('dedup_stored_bytes', 'Chunk data stored in the chunk store (each distinct chunk once).', s.bytes.stored),
+    g('dedup_saved_bytes', 'Logical bytes minus stored bytes.', s.bytes.saved),
+    g('dedup_store_disk_bytes', 'Bytes the chunk store file occupies on disk.', s.bytes.store_disk),
+    g('dedup_image_bytes', 'Bytes of EROFS metadata images.', s.bytes.images),
+    g('dedup_ratio', 'Logical bytes / stored bytes.', s.dedup_ratio),
+    g('dedup_chunk_references', 'Chunk references over all layers.', s.chunks.total),
+    g('dedup_chunks_unique', 'Distinct chunks in the store.', s.chunks.unique),
+    g('dedup_conversions_total', 'Layer conversions since start.', s.conversions.count, 'counter'),
+    g('dedup_conversion_failures_total', 'Failed layer conversions since start.', s.conversions.failures, 'counter'),
+    g('dedup_converted_bytes_total', 'Logical bytes converted since start.', s.conversions.bytes, 'counter'),
+    {
+      name: 'dedup_conversion_duration_milliseconds',
+      type: 'gauge',
+      help: 'Conversion durations since start: last, p50, p99 (of the last 1000).',
+      samples: [
+        { labels: { stat: 'last' }, value: s.conversions.last_ms },
+        { labels: { stat: 'p50' }, value: s.conversions.p50_ms },
+        { labels: { stat: 'p99' }, value: s.conversions.p99_ms },
+      ],
+    },
+    { name: 'dedup_erofs_mounts', type: 'gauge', help: 'EROFS layer mounts.', samples: [{ labels: { backend: s.mounts.backend ?? 'none' }, value: s.mounts.erofs_layers }] },
+    g('dedup_ondemand_requests_total', 'On-demand read requests.', s.ondemand.requests, 'counter'),
+    g('dedup_ondemand_bytes_total', 'Bytes loaded on demand.', s.ondemand.bytes, 'counter'),
+    g('dedup_ondemand_hits_total', 'On-demand requests served from local data.', s.ondemand.hits, 'counter'),
+    g('dedup_ondemand_misses_total', 'On-demand requests that had to fetch.', s.ondemand.misses, 'counter'),
+    g('dedup_ondemand_queue', 'On-demand requests waiting.', s.ondemand.queue),
+    g('dedup_prefetch_requests_total', 'Prefetch requests received.', s.prefetch.requests, 'counter'),
+    g('dedup_prefetch_rejected_total', 'Prefetch requests refused (4xx).', s.prefetch.rejected, 'counter'),
+    {
+      name: 'dedup_prefetch_jobs_total',
+      type: 'counter',
+      help: 'Prefetch jobs finished, by result.',
+      samples: [
+        { labels: { result: 'done' }, value: s.prefetch.jobs_done },
+        { labels: { result: 'failed' }, value: s.prefetch.jobs_failed },
+      ],
+    },
+    g('dedup_prefetch_files_total', 'Files read by prefetch.', s.prefetch.files_read, 'counter'),
+    g('dedup_prefetch_bytes_total', 'Bytes read by prefetch.', s.prefetch.bytes_read, 'counter'),
+    g('dedup_prefetch_queue', 'Prefetch jobs queued or running.', s.prefetch.queue),
+    g('dedup_ksm_enabled', '1 when the daemon turned KSM on.', s.ksm.state === 'active' ? 1 : 0),
+  ];
+  if (s.ksm.counters) {
+    for (const [k, v] of Object.entries(s.ksm.counters)) {
+      if (k === 'run' || k === 'sleep_millisecs') continue;
+      fams.push(g(`dedup_ksm_${k}`, `/sys/kernel/mm/ksm/${k}.`, v ?? null));
+    }
+  }
+  if (s.audit) {
+    fams.push(g('dedup_audit_rows_written_total', 'Audit rows written.', s.audit.written, 'counter'));
+    fams.push(g('dedup_audit_rows_dropped_total', 'Audit rows dropped (writer behind or failing).', s.audit.dropped, 'counter'));
+  }
+  const out: string[] = [];
+  for (const f of fams) {
+    const samples = f.samples.filter((x) => x.value !== null && Number.isFinite(x.value));
+    if (samples.length === 0) continue;
+    out.push(`# HELP ${f.name} ${f.help}`, `# TYPE ${f.name} ${f.type}`);
+    for (const x of samples) {
+      const labels = x.labels
+        ? `{${Object.entries(x.labels)
+            .map(([k, v]) => `${k}="${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`)
+            .join(',')}}`
+        : '';
+      out.push(`${f.name}${labels} ${x.value}`);
+    }
+  }
+  return `${out.join('\n')}\n`;
+}

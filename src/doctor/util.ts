@@ -1,0 +1,106 @@
+/** Small helpers shared by the doctor's checks. */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { listMounts } from '../mount/mountinfo';
+
+/**
+ * A fresh directory for a check's test files, on the filesystem of ROOT when
+ * ROOT exists (that is where the daemon mounts images and keeps the chunk
+ * store, and filesystems differ: tmpfs, for one, has no fanotify pre-content
+ * events), else in the system temp dir. The daemon never touches dot-names at
+ * the top of ROOT.
+ */
+export function scratchDir(root: string): { dir: string; where: string } {
+  try {
+    if (fs.statSync(root).isDirectory()) {
+      return { dir: fs.mkdtempSync(path.join(root, '.doctor-')), where: `under ROOT (${fsTypeOf(root) ?? 'unknown filesystem'})` };
+    }
+  } catch {
+    /* ROOT missing or unusable: fall back */
+  }
+  const tmp = os.tmpdir();
+  return { dir: fs.mkdtempSync(path.join(tmp, 'dedup-doctor-')), where: `in ${tmp} (${fsTypeOf(tmp) ?? 'unknown filesystem'}; ROOT does not exist yet)` };
+}
+
+/** The filesystem type holding `p` (the longest mount point that contains it), or null. */
+export function fsTypeOf(p: string): string | null {
+  let real: string;
+  try {
+    real = fs.realpathSync(p);
+  } catch {
+    return null;
+  }
+  let best: { target: string; fstype: string } | null = null;
+  try {
+    for (const m of listMounts()) {
+      const inside = real === m.target || m.target === '/' || real.startsWith(`${m.target}/`);
+      // Later entries shadow earlier ones on the same mount point.
+      if (inside && (!best || m.target.length >= best.target.length)) best = m;
+    }
+  } catch {
+    return null;
+  }
+  return best?.fstype ?? null;
+}
+
+/** The nearest existing ancestor of `p` (p itself if it exists). */
+export function existingAncestor(p: string): string {
+  let d = path.resolve(p);
+  while (!fs.existsSync(d) && path.dirname(d) !== d) d = path.dirname(d);
+  return d;
+}
+
+/** Where `bin` resolves: a path as given, or the first executable of that name in PATH. */
+export function whichBin(bin: string, envPath: string | undefined): string | null {
+  const candidates = bin.includes('/') ? [bin] : (envPath ?? '').split(':').filter((d) => d !== '').map((d) => path.join(d, bin));
+  for (const c of candidates) {
+    try {
+      fs.accessSync(c, fs.constants.X_OK);
+      if (fs.statSync(c).isFile()) return c;
+    } catch {
+      /* next */
+    }
+  }
+  return null;
+}
+
+/** Quotes `s` for a command line shown to the operator (never executed by us). */
+export function shq(s: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+export function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = n;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${u === 0 ? v : v.toFixed(1)} ${units[u]}`;
+}
+
+export function errCode(err: unknown): string | undefined {
+  return (err as { code?: string } | null)?.code;
+}
+
+export function errMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** Compares dotted versions numerically ("1.10" > "1.9"); non-numeric tails are ignored. */
+export function compareVersions(a: string, b: string): number {
+  const pa = (/^\d+(?:\.\d+)*/.exec(a)?.[0] ?? '0').split('.').map(Number);
+  const pb = (/^\d+(?:\.\d+)*/.exec(b)?.[0] ?? '0').split('.').map(Number);
+  for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+    const d = (pa[i] ?? 0) - (pb[i] ?? 0);
+    if (d !== 0) return d;
+  }
+  return 0;
+}
+
+/** Whether systemd is the init system (its runtime directory exists). */
+export function hasSystemd(): boolean {
+  return fs.existsSync('/run/systemd/system');
+}

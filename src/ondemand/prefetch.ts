@@ -1,0 +1,379 @@
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import type { Logger } from '../log/logger';
+import { silentLogger } from '../log/logger';
+
+/**
+ * Prefetch: warms the page cache with the file data a trace names, so a
+ * container's first reads find it there (for layers whose data is local;
+ * remote layers will fetch the same ranges).
+ *
+ * A trace is one entry per line: `path`, or `path offset length` (decimal
+ * bytes); blank lines and lines starting with `#` are skipped. Paths are
+ * paths inside the image. Each is looked up through the image's layers
+ * nearest first, component by component with lstat: a whiteout ends the
+ * lookup, and a path that goes through a symlink is skipped (a symlink in an
+ * image is the image's to resolve, never the host's). Jobs run one at a time,
+ * each reading at most `concurrency` files at once and yielding between
+ * reads, so foreground reads keep the disk.
+ */
+
+export class PrefetchError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'PrefetchError';
+  }
+}
+
+export interface TraceEntry {
+  /** Path components inside the image. */
+  parts: string[];
+  offset: number;
+  /** Bytes to read from offset; null: to the end of the file. */
+  length: number | null;
+}
+
+export interface LayerRoot {
+  id: string;
+  root: string;
+}
+
+export interface PrefetchJobView {
+  id: string;
+  image_id: string;
+  source: string;
+  state: 'queued' | 'running' | 'done' | 'failed';
+  entries: number;
+  processed: number;
+  files_read: number;
+  bytes_read: number;
+  skipped: number;
+  missing: number;
+  errors: string[];
+  created: string;
+  started: string | null;
+  finished: string | null;
+  duration_ms: number | null;
+}
+
+export interface PrefetchOptions {
+  /** Resolves an image id to its layer roots, nearest first; throws for an unknown one. */
+  resolve: (imageId: string) => LayerRoot[];
+  /** The only directory trace files are read from. */
+  traceDir: string;
+  concurrency: number;
+  logger?: Logger;
+  /** Called when a job ends. */
+  onDone?: (job: PrefetchJobView) => void;
+}
+
+export const MAX_TRACE_BYTES = 64 << 20;
+const MAX_ENTRIES = 1_000_000;
+const MAX_PATH = 4096;
+const READ_CHUNK = 1 << 20;
+/** Finished jobs kept for GET /prefetch/<id>. */
+const KEEP_JOBS = 1000;
+const MAX_ERRORS = 20;
+
+/** Splits an image path into components; throws on `..`, NUL or an over-long path. */
+export function imagePathParts(p: string): string[] {
+  if (p.length === 0 || p.length > MAX_PATH) throw new Error(`path must be 1 to ${MAX_PATH} characters`);
+  if (p.includes('\0')) throw new Error('path contains a NUL byte');
+  const parts = p.split('/').filter((c) => c !== '' && c !== '.');
+  if (parts.includes('..')) throw new Error(`path ${JSON.stringify(p)} contains ".."`);
+  if (parts.length === 0) throw new Error(`path ${JSON.stringify(p)} names the root, not a file`);
+  return parts;
+}
+
+/** Parses a trace; throws PrefetchError(400) naming the first bad line. */
+export function parseTrace(text: string): TraceEntry[] {
+  const out: TraceEntry[] = [];
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i].trim();
+    if (line === '' || line.startsWith('#')) continue;
+    if (out.length >= MAX_ENTRIES) throw new PrefetchError(400, `trace has more than ${MAX_ENTRIES} entries`);
+    const f = line.split(/\s+/);
+    if (f.length !== 1 && f.length !== 3) {
+      throw new PrefetchError(400, `trace line ${i + 1}: expected "path" or "path offset length", got ${JSON.stringify(line.slice(0, 200))}`);
+    }
+    let parts: string[];
+    try {
+      parts = imagePathParts(f[0]);
+    } catch (err) {
+      throw new PrefetchError(400, `trace line ${i + 1}: ${(err as Error).message}`);
+    }
+    if (f.length === 1) {
+      out.push({ parts, offset: 0, length: null });
+      continue;
+    }
+    const [offset, length] = [f[1], f[2]].map((v) => (/^\d{1,15}$/.test(v) ? Number(v) : NaN));
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) {
+      throw new PrefetchError(400, `trace line ${i + 1}: offset and length must be non-negative integers, got ${JSON.stringify(`${f[1]} ${f[2]}`)}`);
+    }
+    out.push({ parts, offset, length });
+  }
+  return out;
+}
+
+interface Job {
+  view: PrefetchJobView;
+  roots: LayerRoot[];
+  entries: TraceEntry[];
+  startedAt: number;
+}
+
+export class Prefetcher {
+  private readonly jobs = new Map<string, Job>();
+  private readonly queue: Job[] = [];
+  private running: Job | null = null;
+  private closed = false;
+  private readonly log: Logger;
+  /** requests and rejected are counted by the HTTP layer, which sees every request. */
+  readonly counters = { requests: 0, rejected: 0, jobs_done: 0, jobs_failed: 0, files_read: 0, bytes_read: 0, skipped: 0, missing: 0 };
+
+  constructor(private readonly opts: PrefetchOptions) {
+    this.log = opts.logger ?? silentLogger();
+  }
+
+  get queueLength(): number {
+    return this.queue.length + (this.running ? 1 : 0);
+  }
+
+  /**
+   * Checks a request and queues its job. Throws PrefetchError with the HTTP
+   * status (400 bad input, 403 a trace outside the trace directory, 404 an
+   * unknown image or trace file) and changes nothing then.
+   */
+  async submit(req: { imageId: string; traceFile?: string; files?: string[] }): Promise<PrefetchJobView> {
+    {
+      if (this.closed) throw new PrefetchError(503, 'the daemon is shutting down');
+      let roots: LayerRoot[];
+      try {
+        roots = this.opts.resolve(req.imageId);
+      } catch (err) {
+        throw new PrefetchError(404, (err as Error).message);
+      }
+      let entries: TraceEntry[];
+      let source: string;
+      if (req.traceFile !== undefined) {
+        const file = this.traceFile(req.traceFile);
+        entries = parseTrace(await fs.promises.readFile(file, 'utf8'));
+        source = file;
+      } else {
+        entries = (req.files ?? []).map((p, i) => {
+          try {
+            return { parts: imagePathParts(p), offset: 0, length: null };
+          } catch (err) {
+            throw new PrefetchError(400, `files[${i}]: ${(err as Error).message}`);
+          }
+        });
+        source = 'files';
+      }
+      const id = crypto.randomUUID();
+      const view: PrefetchJobView = {
+        id,
+        image_id: req.imageId,
+        source,
+        state: 'queued',
+        entries: entries.length,
+        processed: 0,
+        files_read: 0,
+        bytes_read: 0,
+        skipped: 0,
+        missing: 0,
+        errors: [],
+        created: new Date().toISOString(),
+        started: null,
+        finished: null,
+        duration_ms: null,
+      };
+      const job: Job = { view, roots, entries, startedAt: 0 };
+      this.jobs.set(id, job);
+      this.queue.push(job);
+      this.trim();
+      this.log.info({ op: 'prefetch', job: id, image: req.imageId, entries: entries.length, source }, `prefetch job ${id} queued: ${entries.length} entries`);
+      void this.pump();
+      return { ...view };
+    }
+  }
+
+  get(id: string): PrefetchJobView | undefined {
+    const j = this.jobs.get(id);
+    return j ? { ...j.view, errors: [...j.view.errors] } : undefined;
+  }
+
+  /** Stops taking jobs; the running one stops after its current reads. */
+  close(): void {
+    this.closed = true;
+    this.queue.length = 0;
+  }
+
+  /** Resolves `p` to a regular file inside the trace directory, or throws PrefetchError. */
+  private traceFile(p: string): string {
+    if (typeof p !== 'string' || p === '' || p.includes('\0')) throw new PrefetchError(400, 'trace_file must be a non-empty path');
+    if (!path.isAbsolute(p)) throw new PrefetchError(400, `trace_file must be an absolute path inside ${this.opts.traceDir}, got ${JSON.stringify(p)}`);
+    if (p.split('/').includes('..')) throw new PrefetchError(400, `trace_file must not contain "..", got ${JSON.stringify(p)}`);
+    let dir: string;
+    try {
+      dir = fs.realpathSync(this.opts.traceDir);
+    } catch {
+      throw new PrefetchError(404, `the trace directory ${this.opts.traceDir} does not exist; put trace files there`);
+    }
+    let real: string;
+    try {
+      real = fs.realpathSync(p);
+    } catch {
+      if (!isInside(dir, path.resolve(p)) && !isInside(this.opts.traceDir, path.resolve(p))) {
+        throw new PrefetchError(403, `trace_file must be inside ${this.opts.traceDir}, got ${JSON.stringify(p)}`);
+      }
+      throw new PrefetchError(404, `trace file ${JSON.stringify(p)} does not exist`);
+    }
+    if (!isInside(dir, real)) {
+      throw new PrefetchError(403, `trace_file must be inside ${this.opts.traceDir} (symlinks out of it are refused), got ${JSON.stringify(p)}`);
+    }
+    const st = fs.statSync(real);
+    if (!st.isFile()) throw new PrefetchError(400, `trace_file ${JSON.stringify(p)} is not a regular file`);
+    if (st.size > MAX_TRACE_BYTES) throw new PrefetchError(400, `trace_file ${JSON.stringify(p)} is over ${MAX_TRACE_BYTES} bytes`);
+    return real;
+  }
+
+  private trim(): void {
+    if (this.jobs.size <= KEEP_JOBS) return;
+    for (const [id, j] of this.jobs) {
+      if (this.jobs.size <= KEEP_JOBS) break;
+      if (j.view.state === 'done' || j.view.state === 'failed') this.jobs.delete(id);
+    }
+  }
+
+  private async pump(): Promise<void> {
+    if (this.running) return;
+    for (let job = this.queue.shift(); job; job = this.queue.shift()) {
+      this.running = job;
+      await this.run(job);
+      this.running = null;
+    }
+  }
+
+  private async run(job: Job): Promise<void> {
+    const v = job.view;
+    v.state = 'running';
+    job.startedAt = Date.now();
+    v.started = new Date(job.startedAt).toISOString();
+    const buf = Array.from({ length: this.opts.concurrency }, () => Buffer.allocUnsafe(READ_CHUNK));
+    let next = 0;
+    const worker = async (slot: number) => {
+      while (!this.closed && next < job.entries.length) {
+        const e = job.entries[next++];
+        try {
+          await this.warm(job, e, buf[slot]);
+        } catch (err) {
+          if (v.errors.length < MAX_ERRORS) v.errors.push(`/${e.parts.join('/')}: ${(err as Error).message}`);
+        }
+        v.processed++;
+      }
+    };
+    try {
+      await Promise.all(buf.map((_, i) => worker(i)));
+      v.state = this.closed && v.processed < v.entries ? 'failed' : 'done';
+      if (v.state === 'failed') v.errors.push('stopped: the daemon is shutting down');
+    } catch (err) {
+      v.state = 'failed';
+      v.errors.push((err as Error).message);
+    }
+    v.finished = new Date().toISOString();
+    v.duration_ms = Date.now() - job.startedAt;
+    if (v.state === 'done') this.counters.jobs_done++;
+    else this.counters.jobs_failed++;
+    this.log.info(
+      { op: 'prefetch', job: v.id, image: v.image_id, state: v.state, files_read: v.files_read, bytes_read: v.bytes_read, skipped: v.skipped, missing: v.missing, duration_ms: v.duration_ms },
+      `prefetch job ${v.id} ${v.state}: ${v.files_read} files, ${v.bytes_read} bytes`,
+    );
+    try {
+      this.opts.onDone?.({ ...v });
+    } catch {
+      // a listener's failure is not the job's
+    }
+  }
+
+  /** Reads one entry's range through the first layer that has the path. */
+  private async warm(job: Job, e: TraceEntry, buf: Buffer): Promise<void> {
+    const v = job.view;
+    const found = await lookup(job.roots, e.parts);
+    if (found === 'symlink') {
+      v.skipped++;
+      this.counters.skipped++;
+      return;
+    }
+    if (found === null) {
+      v.missing++;
+      this.counters.missing++;
+      return;
+    }
+    const fh = await fs.promises.open(found, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    try {
+      const size = (await fh.stat()).size;
+      const end = Math.min(size, e.length === null ? size : e.offset + e.length);
+      for (let pos = e.offset; pos < end && !this.closed; ) {
+        const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, end - pos), pos);
+        if (bytesRead === 0) break;
+        pos += bytesRead;
+        v.bytes_read += bytesRead;
+        this.counters.bytes_read += bytesRead;
+        await yieldToLoop();
+      }
+      v.files_read++;
+      this.counters.files_read++;
+    } finally {
+      await fh.close();
+    }
+  }
+}
+
+function isInside(dir: string, p: string): boolean {
+  const rel = path.relative(dir, p);
+  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel);
+}
+
+/**
+ * The host path of image path `parts`: in the nearest layer that has it, as
+ * a regular file. Null when no layer has it (or a whiteout hides it),
+ * 'symlink' when the path goes through a symlink.
+ */
+async function lookup(roots: LayerRoot[], parts: string[]): Promise<string | 'symlink' | null> {
+  for (const { root } of roots) {
+    let p = root;
+    let hidden = false;
+    let absent = false;
+    for (let i = 0; i < parts.length; i++) {
+      p = path.join(p, parts[i]);
+      let st: fs.Stats;
+      try {
+        st = await fs.promises.lstat(p);
+      } catch {
+        absent = true;
+        break;
+      }
+      if (st.isSymbolicLink()) return 'symlink';
+      // An overlayfs whiteout (char device 0:0) hides the path in lower layers.
+      if (st.isCharacterDevice() && st.rdev === 0) {
+        hidden = true;
+        break;
+      }
+      // A non-directory on the way hides the lower layers' directory too.
+      if (i < parts.length - 1 && !st.isDirectory()) {
+        hidden = true;
+        break;
+      }
+      if (i === parts.length - 1) return st.isFile() ? p : null;
+    }
+    if (hidden) return null;
+    if (!absent) return null;
+  }
+  return null;
+}
