@@ -12,6 +12,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { UnixDatagramReceiver } from '../native/socket';
+import { setXattr } from '../native/xattr';
 import { AuditLog } from '../src/audit/audit';
 import { Ksm } from '../src/ksm/ksm';
 import { type DaemonProcess, call, cleanupDaemons, snapshotsClient, startDaemon, tempDir, waitFor } from './helpers/daemon';
@@ -52,8 +53,8 @@ function request(address: string, method: string, url: string, body?: string | B
 
 type Client = ReturnType<typeof snapshotsClient>;
 
-/** Prepares `key` on `parent`, writes files into its upper dir and commits it as `name`. */
-async function layer(c: Client, name: string, parent: string, files: Record<string, Buffer | string>): Promise<void> {
+/** Prepares `key` on `parent`, writes files into its upper dir (then runs `extra` on it) and commits it as `name`. */
+async function layer(c: Client, name: string, parent: string, files: Record<string, Buffer | string>, extra?: (upper: string) => void): Promise<void> {
   const key = `${name}-active`;
   const { mounts } = await call(c, 'Prepare', { key, parent });
   const upper = mounts[0].type === 'bind' ? mounts[0].source : (mounts[0].options.find((o: string) => o.startsWith('upperdir=')) as string).slice(9);
@@ -61,6 +62,7 @@ async function layer(c: Client, name: string, parent: string, files: Record<stri
     fs.mkdirSync(path.dirname(path.join(upper, p)), { recursive: true });
     fs.writeFileSync(path.join(upper, p), data);
   }
+  extra?.(upper);
   await call(c, 'Commit', { name, key });
 }
 
@@ -94,8 +96,16 @@ describe('HTTP API on a daemon with EROFS layers', () => {
   before(async () => {
     d = await startDaemon({ convertMode: 'sync' });
     c = snapshotsClient(d.address);
-    await layer(c, 'sha256:base', '', { 'usr/lib/a.bin': shared, 'etc/os-release': 'ID=test\n', 'bin/link-target': 'x' });
-    await layer(c, 'sha256:top', 'sha256:base', { 'app/b.bin': shared, 'app/c.txt': 'hello prefetch\n' });
+    await layer(c, 'sha256:base', '', { 'usr/lib/a.bin': shared, 'etc/os-release': 'ID=test\n', 'bin/link-target': 'x', 'opq/old.txt': 'old\n', 'gone.txt': 'gone\n' }, (u) => {
+      fs.symlinkSync('usr/lib', path.join(u, 'lib'));
+      fs.symlinkSync('/usr/lib/a.bin', path.join(u, 'etc/alt'));
+      fs.symlinkSync('../../../../../../etc/passwd', path.join(u, 'etc/evil'));
+      fs.symlinkSync('loop', path.join(u, 'etc/loop'));
+    });
+    await layer(c, 'sha256:top', 'sha256:base', { 'app/b.bin': shared, 'app/c.txt': 'hello prefetch\n', 'opq/new.txt': 'new\n' }, (u) => {
+      execFileSync('mknod', [path.join(u, 'gone.txt'), 'c', '0', '0']);
+      setXattr(path.join(u, 'opq'), 'trusted.overlay.opaque', 'y');
+    });
     const stats = (await request(d.apiAddress, 'GET', '/stats')).json;
     assert.ok(stats, 'GET /stats answers JSON');
     const imgs = fs.readdirSync(path.join(d.root, 'images')).map((f) => f.replace(/\.erofs$/, '')).sort((a, b) => Number(a) - Number(b));
@@ -109,7 +119,7 @@ describe('HTTP API on a daemon with EROFS layers', () => {
     const s = r.json;
     assert.deepEqual(s.snapshots, { active: 0, view: 0, committed: 2, total: 2 });
     assert.deepEqual(s.layers, { total: 2, erofs: 2, directory: 0, converting: 0 });
-    const logical = 2 * shared.length + 'ID=test\n'.length + 1 + 'hello prefetch\n'.length;
+    const logical = 2 * shared.length + 'ID=test\n'.length + 1 + 'old\n'.length + 'gone\n'.length + 'hello prefetch\n'.length + 'new\n'.length;
     assert.equal(s.bytes.logical, logical);
     // The 3 MiB file is stored once: stored is about half of logical.
     assert.ok(s.bytes.stored >= shared.length && s.bytes.stored < shared.length + 64 * 1024, `stored ${s.bytes.stored}`);
@@ -196,6 +206,25 @@ describe('HTTP API on a daemon with EROFS layers', () => {
     const s = (await request(d.apiAddress, 'GET', '/stats')).json;
     assert.ok(s.prefetch.jobs_done >= 2 && s.prefetch.bytes_read >= shared.length);
     assert.ok(topId !== '');
+  });
+
+  test('prefetch sees the image as a container does: its symlinks followed inside it, whiteouts and opaque dirs respected', async () => {
+    const files = ['/lib/a.bin', '/etc/alt', '/etc/evil', '/etc/loop', '/gone.txt', '/opq/old.txt', '/opq/new.txt', '/usr'];
+    const r = await request(d.apiAddress, 'POST', '/prefetch', JSON.stringify({ image_id: 'sha256:top', files }));
+    assert.equal(r.status, 202, r.body);
+    let job: any;
+    await waitFor(async () => {
+      job = (await request(d.apiAddress, 'GET', `/prefetch/${r.json.id}`)).json;
+      return job.state === 'done';
+    }, 10_000, 'symlink job');
+    // lib -> usr/lib (relative, a directory) and etc/alt -> /usr/lib/a.bin (absolute: from the image root) are read;
+    // etc/evil -> ../../../../../../etc/passwd stops at the image root: the image has no /etc/passwd.
+    assert.equal(job.files_read, 3, JSON.stringify(job));
+    assert.equal(job.bytes_read, 2 * shared.length + 'new\n'.length);
+    assert.equal(job.missing, 3, 'etc/evil, the whited-out gone.txt and opq/old.txt under the opaque dir');
+    assert.equal(job.skipped, 1, '/usr is a directory');
+    assert.equal(job.errors.length, 1);
+    assert.match(job.errors[0], /^\/etc\/loop: more than 40 symlinks/);
   });
 
   test('the guide\'s curl -d (form content type) is read as JSON', async () => {
@@ -291,7 +320,7 @@ describe('HTTP API on a daemon with EROFS layers', () => {
     assert.equal(JSON.parse(commitBase.details).active_key, 'sha256:base-active');
     const [convertBase] = byOp('convert', 'sha256:base');
     assert.equal(convertBase.layer_id, baseId);
-    assert.equal(JSON.parse(convertBase.details).logical_bytes, shared.length + 'ID=test\n'.length + 1);
+    assert.equal(JSON.parse(convertBase.details).logical_bytes, shared.length + 'ID=test\n'.length + 1 + 'old\n'.length + 'gone\n'.length);
     assert.equal(byOp('prepare', 'ctr-1')[0].result, 'ok');
     assert.ok(byOp('prepare', 'ctr-1')[0].snapshot_id);
     assert.equal(byOp('view', 'view-1')[0].result, 'ok');

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
+import { getXattr } from '../../native/xattr';
 
 /**
  * Prefetch: warms the page cache with the file data a trace names, so a
@@ -12,10 +13,9 @@ import { silentLogger } from '../log/logger';
  *
  * A trace is one entry per line: `path`, or `path offset length` (decimal
  * bytes); blank lines and lines starting with `#` are skipped. Paths are
- * paths inside the image. Each is looked up through the image's layers
- * nearest first, component by component with lstat: a whiteout ends the
- * lookup, and a path that goes through a symlink is skipped (a symlink in an
- * image is the image's to resolve, never the host's). Jobs run one at a time,
+ * paths inside the image, resolved as a container would see them (see
+ * resolveInImage: whiteouts and opaque directories respected, the image's
+ * symlinks followed inside the image, never on the host). Jobs run one at a time,
  * each reading at most `concurrency` files at once and yielding between
  * reads, so foreground reads keep the disk.
  */
@@ -304,13 +304,13 @@ export class Prefetcher {
   /** Reads one entry's range through the first layer that has the path. */
   private async warm(job: Job, e: TraceEntry, buf: Buffer): Promise<void> {
     const v = job.view;
-    const found = await lookup(job.roots, e.parts);
-    if (found === 'symlink') {
+    const found = await resolveInImage(job.roots, e.parts);
+    if (found === 'not-a-file') {
       v.skipped++;
       this.counters.skipped++;
       return;
     }
-    if (found === null) {
+    if (found === 'missing') {
       v.missing++;
       this.counters.missing++;
       return;
@@ -340,40 +340,81 @@ function isInside(dir: string, p: string): boolean {
   return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel);
 }
 
+const MAX_SYMLINK_HOPS = 40;
+
+async function lstatOrNull(p: string): Promise<fs.Stats | null> {
+  try {
+    return await fs.promises.lstat(p);
+  } catch {
+    return null;
+  }
+}
+
 /**
- * The host path of image path `parts`: in the nearest layer that has it, as
- * a regular file. Null when no layer has it (or a whiteout hides it),
- * 'symlink' when the path goes through a symlink.
+ * The nearest layer's entry at image path `parts`, or null when no layer
+ * shows one. In each layer the ancestors are checked first, from the top:
+ * one that is not a directory (a symlink among them) hides everything below
+ * it and is never followed on the host; an opaque one hides lower layers.
  */
-async function lookup(roots: LayerRoot[], parts: string[]): Promise<string | 'symlink' | null> {
+async function entryOf(roots: LayerRoot[], parts: string[]): Promise<{ path: string; st: fs.Stats } | null> {
   for (const { root } of roots) {
-    let p = root;
-    let hidden = false;
-    let absent = false;
-    for (let i = 0; i < parts.length; i++) {
-      p = path.join(p, parts[i]);
-      let st: fs.Stats;
-      try {
-        st = await fs.promises.lstat(p);
-      } catch {
-        absent = true;
+    let opaque = false;
+    let complete = true;
+    for (let k = 1; k < parts.length; k++) {
+      const anc = path.join(root, ...parts.slice(0, k));
+      const ast = await lstatOrNull(anc);
+      if (!ast) {
+        complete = false;
         break;
       }
-      if (st.isSymbolicLink()) return 'symlink';
-      // An overlayfs whiteout (char device 0:0) hides the path in lower layers.
-      if (st.isCharacterDevice() && st.rdev === 0) {
-        hidden = true;
-        break;
-      }
-      // A non-directory on the way hides the lower layers' directory too.
-      if (i < parts.length - 1 && !st.isDirectory()) {
-        hidden = true;
-        break;
-      }
-      if (i === parts.length - 1) return st.isFile() ? p : null;
+      if (!ast.isDirectory()) return null;
+      if (getXattr(anc, 'trusted.overlay.opaque')?.toString() === 'y') opaque = true;
     }
-    if (hidden) return null;
-    if (!absent) return null;
+    if (complete) {
+      const p = path.join(root, ...parts);
+      const st = await lstatOrNull(p);
+      if (st) {
+        // An overlayfs whiteout (char device 0:0) hides the path in lower layers.
+        if (st.isCharacterDevice() && st.rdev === 0) return null;
+        return { path: p, st };
+      }
+    }
+    if (opaque) return null;
   }
   return null;
+}
+
+/**
+ * The host path of image path `parts` as a container would see it: looked
+ * up component by component through the layers, nearest first, following
+ * the image's symlinks inside the image (an absolute target starts again at
+ * the image root, `..` stops at it), as openat2's RESOLVE_IN_ROOT would.
+ * 'missing' when the image has no such path, 'not-a-file' when it is not a
+ * regular file.
+ */
+async function resolveInImage(roots: LayerRoot[], parts: string[]): Promise<string | 'missing' | 'not-a-file'> {
+  let todo = [...parts];
+  let done: string[] = [];
+  let hops = 0;
+  while (todo.length > 0) {
+    const name = todo.shift() as string;
+    if (name === '' || name === '.') continue;
+    if (name === '..') {
+      done.pop();
+      continue;
+    }
+    const hit = await entryOf(roots, [...done, name]);
+    if (!hit) return 'missing';
+    if (hit.st.isSymbolicLink()) {
+      if (++hops > MAX_SYMLINK_HOPS) throw new Error(`more than ${MAX_SYMLINK_HOPS} symlinks`);
+      const target = await fs.promises.readlink(hit.path);
+      if (target.startsWith('/')) done = [];
+      todo = [...target.split('/'), ...todo];
+      continue;
+    }
+    if (todo.length === 0) return hit.st.isFile() ? hit.path : 'not-a-file';
+    if (!hit.st.isDirectory()) return 'missing';
+    done.push(name);
+  }
+  return 'not-a-file';
 }
