@@ -159,7 +159,7 @@ describe('HTTP API on a daemon with EROFS layers', () => {
     }
   });
 
-  test('GET /healthz: 200 when usable, 503 naming the chunk store when it is gone', async () => {
+  test('GET /healthz: 200 when usable, 503 naming the chunk store or the gRPC socket when gone', async () => {
     assert.deepEqual((await request(d.apiAddress, 'GET', '/healthz')).json, { status: 'ok' });
     const blob = path.join(d.root, 'cache', 'chunks.blob');
     fs.renameSync(blob, `${blob}.away`);
@@ -170,6 +170,15 @@ describe('HTTP API on a daemon with EROFS layers', () => {
       assert.match(r.json.reason, /chunk store: .*chunks\.blob/);
     } finally {
       fs.renameSync(`${blob}.away`, blob);
+    }
+    assert.equal((await request(d.apiAddress, 'GET', '/healthz')).status, 200);
+    fs.renameSync(d.address, `${d.address}.away`);
+    try {
+      const r = await request(d.apiAddress, 'GET', '/healthz');
+      assert.equal(r.status, 503);
+      assert.match(r.json.reason, /gRPC socket .* is gone/);
+    } finally {
+      fs.renameSync(`${d.address}.away`, d.address);
     }
     assert.equal((await request(d.apiAddress, 'GET', '/healthz')).status, 200);
   });

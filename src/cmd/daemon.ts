@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { healthProblem } from '../api/health';
 import { type ApiHandle, startApiServer } from '../api/server';
 import { ConversionMetrics } from '../api/stats';
 import { AuditLog } from '../audit/audit';
@@ -217,22 +218,7 @@ export async function runDaemon(): Promise<void> {
       logger: log,
       prefetch,
       stats: { sn: snapshotter, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
-      health: () => {
-        if (stopping) return 'shutting down';
-        try {
-          snapshotter.ms.db.prepare('SELECT 1').get();
-        } catch (err) {
-          return `metadata database: ${(err as Error).message}`;
-        }
-        if (snapshotter.store) {
-          try {
-            fs.accessSync(snapshotter.store.blobPath, fs.constants.R_OK | fs.constants.W_OK);
-          } catch (err) {
-            return `chunk store: ${(err as Error).message}`;
-          }
-        }
-        return null;
-      },
+      health: () => healthProblem({ stopping, grpcAddress: cfg.address, sn: snapshotter }),
       onPrefetch: (e) =>
         audit.record({
           operation: 'prefetch',
@@ -254,5 +240,4 @@ export async function runDaemon(): Promise<void> {
   } catch (err) {
     log.warn({ op: 'start', err: (err as Error).message }, 'cannot notify systemd');
   }
-
 }

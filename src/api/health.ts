@@ -1,0 +1,29 @@
+import fs from 'node:fs';
+import type { Snapshotter } from '../snapshot/snapshotter';
+
+/**
+ * What GET /healthz checks: the gRPC socket is in place, the metadata
+ * database answers, the chunk store is readable and writable. Null when all
+ * hold, else the first problem, in words an operator can act on.
+ */
+export function healthProblem(opts: { stopping: boolean; grpcAddress: string; sn: Snapshotter }): string | null {
+  if (opts.stopping) return 'shutting down';
+  try {
+    if (!fs.lstatSync(opts.grpcAddress).isSocket()) return `gRPC socket ${opts.grpcAddress} is not a socket any more`;
+  } catch {
+    return `gRPC socket ${opts.grpcAddress} is gone (containerd cannot reach the snapshotter; restart the daemon)`;
+  }
+  try {
+    opts.sn.ms.db.prepare('SELECT 1').get();
+  } catch (err) {
+    return `metadata database: ${(err as Error).message}`;
+  }
+  if (opts.sn.store) {
+    try {
+      fs.accessSync(opts.sn.store.blobPath, fs.constants.R_OK | fs.constants.W_OK);
+    } catch (err) {
+      return `chunk store: ${(err as Error).message}`;
+    }
+  }
+  return null;
+}
