@@ -1,9 +1,9 @@
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { type ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
-import { EROFS_NULL_ADDR, checkSingleBlobDevice, scanChunks, setChunkAddress, updateSuperblockChecksum } from './erofs-format';
+import { extentKey, hashImageChunks } from './chunks';
+import { setChunkAddress, updateSuperblockChecksum } from './erofs-format';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 
 /** What a conversion produced, handed to the caller's transaction. */
@@ -75,29 +75,9 @@ export class Converter {
       await buildChunkedImage(await this.o.mkfs(), { dir, image: tmpImage, blob: tmpBlob, chunkSize: this.o.chunkSize });
       const mkfsMs = Date.now() - t0;
       const img = await fsp.readFile(tmpImage);
-      const scan = scanChunks(img);
-      const refs = scan.chunkRefs.filter((r) => r.blkaddr !== EROFS_NULL_ADDR);
-      if (refs.length > 0) checkSingleBlobDevice(scan.sb);
-
-      // Hash every distinct extent of the temporary blob (outside the lock).
-      const digests = new Map<string, string>();
-      const extentOf = new Map<string, Extent>();
+      const { scan, refs, digests, extents: extentOf } = await hashImageChunks(img, tmpBlob);
       const blobFd = refs.length > 0 ? fs.openSync(tmpBlob, 'r') : -1;
       try {
-        // In blob order: the temporary blob is read sequentially, and new
-        // chunks are allocated in the order mkfs.erofs laid files out, which
-        // keeps files of one directory together in the store. Measured: in a
-        // scrambled order, cold python3 start-up was ~1.2x slower.
-        const inBlobOrder = [...refs].sort((a, b) => a.blkaddr - b.blkaddr);
-        for (const r of inBlobOrder) {
-          const k = `${r.blkaddr}:${r.nblocks}`;
-          if (digests.has(k)) continue;
-          const buf = Buffer.alloc(r.nblocks * STORE_BLOCK);
-          await readAt(blobFd, buf, r.blkaddr * STORE_BLOCK);
-          digests.set(k, crypto.createHash('sha256').update(buf).digest('hex'));
-          extentOf.set(k, { blkaddr: r.blkaddr, nblocks: r.nblocks });
-        }
-
         const store = this.o.store;
         return await store.withLock(async () => {
           const t1 = Date.now();
@@ -128,7 +108,7 @@ export class Converter {
             if (fresh.length > 0) await store.sync();
 
             for (const r of refs) {
-              const digest = digests.get(`${r.blkaddr}:${r.nblocks}`) as string;
+              const digest = digests.get(extentKey(r)) as string;
               setChunkAddress(img, r, r.deviceId, target.get(digest) as number);
             }
             updateSuperblockChecksum(img);
