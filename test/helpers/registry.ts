@@ -1,0 +1,91 @@
+/**
+ * A real docker-registry on 127.0.0.1 for tests (filesystem storage in a temp
+ * dir, deletes enabled), and where it keeps a blob's bytes on disk.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { tempDir, waitFor } from './daemon';
+import { freePort } from './stack';
+
+
+export interface RealRegistry {
+  host: string;
+  dataDir: string;
+  dir: string;
+  stop(): Promise<void>;
+}
+
+const children = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const p of children) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+});
+
+export async function startRegistry(): Promise<RealRegistry> {
+  const dir = tempDir('registry');
+  const dataDir = path.join(dir, 'data');
+  const host = `127.0.0.1:${await freePort()}`;
+  const cfg = path.join(dir, 'registry.yml');
+  fs.writeFileSync(
+    cfg,
+    [
+      'version: 0.1',
+      'log:',
+      '  level: warn',
+      '  accesslog:',
+      '    disabled: true',
+      'storage:',
+      '  filesystem:',
+      `    rootdirectory: ${dataDir}`,
+      '  delete:',
+      '    enabled: true',
+      '  maintenance:',
+      '    uploadpurging:',
+      '      enabled: false',
+      'http:',
+      `  addr: ${host}`,
+      '',
+    ].join('\n'),
+  );
+  let output = '';
+  const p = spawn('docker-registry', ['serve', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(p);
+  p.stdout?.on('data', (d: Buffer) => (output += d.toString()));
+  p.stderr?.on('data', (d: Buffer) => (output += d.toString()));
+  const exited = new Promise<void>((resolve) => p.once('exit', () => resolve()));
+  const stop = async () => {
+    if (p.exitCode === null && p.signalCode === null) {
+      p.kill('SIGTERM');
+      const timer = setTimeout(() => p.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(timer);
+    }
+    children.delete(p);
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    await waitFor(
+      async () => {
+        if (p.exitCode !== null) throw new Error(`docker-registry exited (${p.exitCode}):\n${output}`);
+        try {
+          return (await fetch(`http://${host}/v2/`)).status === 200;
+        } catch {
+          return false;
+        }
+      },
+      20_000,
+      'docker-registry to answer /v2/',
+    );
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { host, dataDir, dir, stop };
+}
+
+/** Where docker-registry's filesystem driver keeps a blob's bytes. */
+export function registryBlobPath(dataDir: string, digest: string): string {
+  const hex = digest.slice('sha256:'.length);
+  return path.join(dataDir, 'docker', 'registry', 'v2', 'blobs', 'sha256', hex.slice(0, 2), hex, 'data');
+}
+
