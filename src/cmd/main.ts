@@ -3,6 +3,8 @@ import { runDaemon } from './daemon';
 const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy snapshotter (the default)
        dedup-snapshotter doctor [--json]  check this host for everything the snapshotter needs, with fixes
        dedup-snapshotter stats [--json]   print the running daemon's /stats
+       dedup-snapshotter convert [--plain-http] SRC DST
+                                          convert a registry image into a dedup image (lazy pull)
        dedup-snapshotter --version | --help
 
 Environment: ROOT, ADDRESS, CONFIG, LOG_LEVEL (see README).
@@ -26,6 +28,11 @@ async function main(argv: string[]): Promise<void> {
   if (cmd === 'stats') {
     const { runStats } = await import('./stats');
     process.exitCode = await runStats(rest);
+    return;
+  }
+  if (cmd === 'convert') {
+    const { runConvert } = await import('./convert');
+    process.exitCode = await runConvert(rest);
     return;
   }
   if (cmd !== undefined && cmd !== 'serve') {

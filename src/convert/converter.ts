@@ -3,7 +3,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { type ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
 import { extentKey, hashImageChunks } from './chunks';
-import { setChunkAddress, updateSuperblockChecksum } from './erofs-format';
+import { type ChunkRef, type ChunkScan, setChunkAddress, updateSuperblockChecksum } from './erofs-format';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 
 /** What a conversion produced, handed to the caller's transaction. */
@@ -75,78 +75,105 @@ export class Converter {
       await buildChunkedImage(await this.o.mkfs(), { dir, image: tmpImage, blob: tmpBlob, chunkSize: this.o.chunkSize });
       const mkfsMs = Date.now() - t0;
       const img = await fsp.readFile(tmpImage);
-      const { scan, refs, digests, extents: extentOf } = await hashImageChunks(img, tmpBlob);
+      const { scan, refs, digests, extents } = await hashImageChunks(img, tmpBlob);
       const blobFd = refs.length > 0 ? fs.openSync(tmpBlob, 'r') : -1;
       try {
-        const store = this.o.store;
-        return await store.withLock(async () => {
-          const t1 = Date.now();
-          const target = new Map<string, number>(); // digest → store blkaddr
-          const pinned: number[] = [];
-          const fresh: { digest: string; extent: Extent; from: Extent }[] = [];
-          const placed: string[] = [];
-          try {
-            for (const [k, digest] of digests) {
-              if (target.has(digest)) continue;
-              const row = store.lookup(digest);
-              if (row) {
-                store.pin(row.id);
-                pinned.push(row.id);
-                target.set(digest, row.blkaddr);
-              } else {
-                const from = extentOf.get(k) as Extent;
-                const extent = store.allocate(from.nblocks);
-                fresh.push({ digest, extent, from });
-                target.set(digest, extent.blkaddr);
-              }
-            }
-            for (const f of fresh) {
-              const buf = Buffer.alloc(f.from.nblocks * STORE_BLOCK);
-              await readAt(blobFd, buf, f.from.blkaddr * STORE_BLOCK);
-              await store.write(f.extent, buf);
-            }
-            if (fresh.length > 0) await store.sync();
-
-            for (const r of refs) {
-              const digest = digests.get(extentKey(r)) as string;
-              setChunkAddress(img, r, r.deviceId, target.get(digest) as number);
-            }
-            updateSuperblockChecksum(img);
-            const image = this.imagePath(id);
-            await writeDurably(image, img);
-            placed.push(image);
-            const layer: ConvertedLayer = {
-              image,
-              hasBlob: scan.sb.extraDevices > 0,
-              newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
-              existingChunkIds: pinned,
-              stats: {
-                files: scan.files,
-                logicalBytes: scan.logicalBytes,
-                chunks: target.size,
-                newChunks: fresh.length,
-                dedupChunks: target.size - fresh.length,
-                newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
-                imageBytes: img.length,
-                mkfsMs,
-                importMs: Date.now() - t1,
-              },
-            };
-            return finish(layer);
-          } catch (err) {
-            store.releaseExtents(fresh.map((f) => f.extent));
-            for (const p of placed) fs.rmSync(p, { force: true });
-            throw err;
-          } finally {
-            for (const id of pinned) store.unpin(id);
-          }
-        });
+        const chunks = [...digests].map(([k, digest]) => ({ key: k, digest, nblocks: (extents.get(k) as Extent).nblocks }));
+        return await this.importChunks(id, img, { scan, refs, chunks, mkfsMs }, async (k) => {
+          const from = extents.get(k) as Extent;
+          const buf = Buffer.alloc(from.nblocks * STORE_BLOCK);
+          await readAt(blobFd, buf, from.blkaddr * STORE_BLOCK);
+          return buf;
+        }, finish);
       } finally {
         if (blobFd >= 0) fs.closeSync(blobFd);
       }
     } finally {
       await fsp.rm(work, { recursive: true, force: true });
     }
+  }
+
+  /**
+   * Imports a layer whose EROFS image `img` (chunk indexes in a layer-local
+   * block space) comes with its chunks' digests: chunks the store has are
+   * pinned and referenced, the others are read with `read(key)` (their bytes,
+   * whole blocks), written and made durable; then the indexes are rewritten
+   * to store addresses, the image is written to images/<id>.erofs, and
+   * `finish` records it, all under the store's import lock. On failure
+   * nothing remains. `chunks` lists each distinct extent (key
+   * `${blkaddr}:${nblocks}`) in the order new chunks should be stored.
+   */
+  async importChunks<T>(
+    id: string,
+    img: Buffer,
+    layer: { scan: ChunkScan; refs: ChunkRef[]; chunks: { key: string; digest: string; nblocks: number }[]; mkfsMs: number },
+    read: (key: string) => Promise<Buffer>,
+    finish: (layer: ConvertedLayer) => T,
+  ): Promise<T> {
+    const store = this.o.store;
+    const digestOf = new Map(layer.chunks.map((c) => [c.key, c.digest]));
+    return store.withLock(async () => {
+      const t1 = Date.now();
+      const target = new Map<string, number>(); // digest → store blkaddr
+      const pinned: number[] = [];
+      const fresh: { digest: string; extent: Extent; key: string }[] = [];
+      const placed: string[] = [];
+      try {
+        for (const c of layer.chunks) {
+          if (target.has(c.digest)) continue;
+          const row = store.lookup(c.digest);
+          if (row) {
+            store.pin(row.id);
+            pinned.push(row.id);
+            target.set(c.digest, row.blkaddr);
+          } else {
+            const extent = store.allocate(c.nblocks);
+            fresh.push({ digest: c.digest, extent, key: c.key });
+            target.set(c.digest, extent.blkaddr);
+          }
+        }
+        for (const f of fresh) {
+          const buf = await read(f.key);
+          if (buf.length !== f.extent.nblocks * STORE_BLOCK) throw new Error(`chunk ${f.digest}: ${buf.length} bytes, expected ${f.extent.nblocks * STORE_BLOCK}`);
+          await store.write(f.extent, buf);
+        }
+        if (fresh.length > 0) await store.sync();
+
+        for (const r of layer.refs) {
+          const digest = digestOf.get(extentKey(r));
+          if (digest === undefined) throw new Error(`chunk index at block ${r.blkaddr} (+${r.nblocks}) has no digest`);
+          setChunkAddress(img, r, r.deviceId, target.get(digest) as number);
+        }
+        updateSuperblockChecksum(img);
+        const image = this.imagePath(id);
+        await writeDurably(image, img);
+        placed.push(image);
+        const converted: ConvertedLayer = {
+          image,
+          hasBlob: layer.scan.sb.extraDevices > 0,
+          newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
+          existingChunkIds: pinned,
+          stats: {
+            files: layer.scan.files,
+            logicalBytes: layer.scan.logicalBytes,
+            chunks: target.size,
+            newChunks: fresh.length,
+            dedupChunks: target.size - fresh.length,
+            newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
+            imageBytes: img.length,
+            mkfsMs: layer.mkfsMs,
+            importMs: Date.now() - t1,
+          },
+        };
+        return finish(converted);
+      } catch (err) {
+        store.releaseExtents(fresh.map((f) => f.extent));
+        for (const p of placed) fs.rmSync(p, { force: true });
+        throw err;
+      } finally {
+        for (const pid of pinned) store.unpin(pid);
+      }
+    });
   }
 }
 
