@@ -241,6 +241,18 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ mount_backend: 'fuse' }), 'mount_backend', /expected one of auto, file-backed, loop/);
   });
 
+  test('registry keys: plain_http_hosts and docker_config are read and checked', () => {
+    assert.deepEqual(defaultConfig().registry, { plain_http_hosts: [], docker_config: null });
+    const c = loadFile({ registry: { plain_http_hosts: ['127.0.0.1:5000', 'registry.local', '[::1]:5000'], docker_config: '/etc/dedup-snapshotter/docker.json' } });
+    assert.deepEqual(c.registry.plain_http_hosts, ['127.0.0.1:5000', 'registry.local', '[::1]:5000']);
+    assert.equal(c.registry.docker_config, '/etc/dedup-snapshotter/docker.json');
+    for (const bad of ['127.0.0.1:5000', ['http://x'], ['a b'], [1]]) {
+      assertConfigError(() => loadFile({ registry: { plain_http_hosts: bad } }), 'registry.plain_http_hosts', /expected a list of "host" or "host:port"/);
+    }
+    assertConfigError(() => loadFile({ registry: { docker_config: 'docker.json' } }), 'registry.docker_config', /absolute path/);
+    assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
+  });
+
   test('mount I/O keys: direct_io and read_ahead_kb are read and checked', () => {
     assert.equal(defaultConfig().direct_io, 'auto');
     assert.equal(defaultConfig().read_ahead_kb, 'auto');

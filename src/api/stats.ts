@@ -55,6 +55,8 @@ export interface Stats {
   conversions: { count: number; failures: number; bytes: number; last_ms: number | null; p50_ms: number | null; p99_ms: number | null };
   mounts: { backend: string | null; erofs_layers: number; direct_io: boolean | 'auto' | null; read_ahead_kb: number | null };
   ondemand: { requests: number; bytes: number; hits: number; misses: number; queue: number };
+  /** Layers of dedup images made from metadata and fetched chunks; bytes_saved: chunk bytes the node already had. */
+  remote: { layers: number; metadata_bytes: number; bytes_fetched: number; bytes_saved: number; fetch_errors: number };
   prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number };
   ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
   audit: { recorded: number; written: number; dropped: number } | null;
@@ -73,6 +75,7 @@ export function collectStats(src: StatsSources): Stats {
   const mem = process.memoryUsage();
   const c = src.conversions;
   const p = src.prefetch?.counters;
+  const r = sn.remote?.counters;
   return {
     version: src.version,
     uptime_seconds: Math.round((Date.now() - src.startedAt) / 100) / 10,
@@ -96,8 +99,21 @@ export function collectStats(src: StatsSources): Stats {
       direct_io: sn.mounter ? sn.mounter.directIoInUse : null,
       read_ahead_kb: sn.mounter?.readAheadInUse ?? null,
     },
-    // Filled in by on-demand loading (remote layers); nothing is loaded on demand yet.
-    ondemand: { requests: 0, bytes: 0, hits: 0, misses: 0, queue: 0 },
+    // Remote layers: chunks fetched (misses) or found on the node (hits).
+    ondemand: {
+      requests: (r?.chunks_fetched ?? 0) + (r?.chunks_local ?? 0),
+      bytes: r?.bytes_fetched ?? 0,
+      hits: r?.chunks_local ?? 0,
+      misses: r?.chunks_fetched ?? 0,
+      queue: 0,
+    },
+    remote: {
+      layers: r?.layers ?? 0,
+      metadata_bytes: r?.metadata_bytes ?? 0,
+      bytes_fetched: r?.bytes_fetched ?? 0,
+      bytes_saved: r?.bytes_local ?? 0,
+      fetch_errors: r?.fetch_errors ?? 0,
+    },
     prefetch: {
       requests: p?.requests ?? 0,
       rejected: p?.rejected ?? 0,
@@ -175,6 +191,10 @@ export function toPrometheus(s: Stats): string {
     g('dedup_ondemand_hits_total', 'On-demand requests served from local data.', s.ondemand.hits, 'counter'),
     g('dedup_ondemand_misses_total', 'On-demand requests that had to fetch.', s.ondemand.misses, 'counter'),
     g('dedup_ondemand_queue', 'On-demand requests waiting.', s.ondemand.queue),
+    g('dedup_remote_layers_total', 'Layers of dedup images made without their tar.', s.remote.layers, 'counter'),
+    g('dedup_remote_metadata_bytes_total', 'Bytes of dedup layer metadata fetched.', s.remote.metadata_bytes, 'counter'),
+    g('dedup_remote_saved_bytes_total', 'Chunk bytes of remote layers the node already had (not fetched).', s.remote.bytes_saved, 'counter'),
+    g('dedup_remote_fetch_errors_total', 'Chunk fetches that failed.', s.remote.fetch_errors, 'counter'),
     g('dedup_prefetch_requests_total', 'Prefetch requests received.', s.prefetch.requests, 'counter'),
     g('dedup_prefetch_rejected_total', 'Prefetch requests refused (4xx).', s.prefetch.rejected, 'counter'),
     {

@@ -10,6 +10,9 @@ import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
 import { erofsSupported } from '../mount/erofs';
 import { Prefetcher } from '../ondemand/prefetch';
+import { defaultDockerConfigPath } from '../remote/auth';
+import { RemoteLayers } from '../remote/lazy';
+import { RegistryClient } from '../remote/registry';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { sdNotify } from '../systemd/notify';
 
@@ -50,13 +53,20 @@ export async function runDaemon(): Promise<void> {
   }
 
   let snapshotter: Snapshotter;
+  let remoteClient: RegistryClient | null = null;
   try {
     if (cfg.use_erofs && !erofsSupported()) {
       throw new Error('use_erofs is true but the kernel has no erofs filesystem (modprobe erofs), or set "use_erofs": false');
     }
+    remoteClient = new RegistryClient({
+      plainHttpHosts: [...cfg.registry.plain_http_hosts],
+      dockerConfig: cfg.registry.docker_config ?? defaultDockerConfigPath(),
+      logger: log,
+    });
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
+      remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log }) : null,
       erofs: cfg.use_erofs
         ? {
             chunkSize: cfg.chunk_size,
@@ -174,6 +184,7 @@ export async function runDaemon(): Promise<void> {
     ksm.stop();
     audit.record({ operation: 'stop', result: 'ok', details: { signal } });
     await audit.close();
+    remoteClient?.close();
     snapshotter.close();
     log.info({ op: 'stop' }, 'stopped');
     process.exit(0);

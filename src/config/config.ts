@@ -36,6 +36,8 @@ export interface Config {
   readonly api: { readonly address: string };
   /** POST /prefetch: trace files are read only from trace_dir (null: ROOT/traces); reads in flight per job. */
   readonly prefetch: { readonly trace_dir: string | null; readonly concurrency: number };
+  /** Registries of dedup images: hosts reached over plain HTTP; docker config.json with credentials (null: $DOCKER_CONFIG or ~/.docker). */
+  readonly registry: { readonly plain_http_hosts: readonly string[]; readonly docker_config: string | null };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -65,6 +67,7 @@ export function defaultConfig(): Config {
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2 },
+    registry: { plain_http_hosts: [], docker_config: null },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
@@ -134,12 +137,13 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'audit']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'audit']);
   const out: { -readonly [K in keyof Config]: Config[K] } = {
     ...base,
     ksm: { ...base.ksm },
     api: { ...base.api },
     prefetch: { ...base.prefetch },
+    registry: { ...base.registry },
     audit: { ...base.audit },
   };
   if ('version' in doc && doc.version !== 1) {
@@ -213,6 +217,19 @@ export function applyConfigObject(base: Config, doc: Json): Config {
     rejectUnknown('prefetch', pf, ['trace_dir', 'concurrency']);
     if ('trace_dir' in pf) out.prefetch = { ...out.prefetch, trace_dir: expectAbsPath('prefetch.trace_dir', pf.trace_dir) };
     if ('concurrency' in pf) out.prefetch = { ...out.prefetch, concurrency: expectInt('prefetch.concurrency', pf.concurrency, 1, 64) };
+  }
+  if ('registry' in doc) {
+    const rg = doc.registry;
+    if (!isObject(rg)) throw new ConfigError('registry', `expected an object like {"plain_http_hosts": ["127.0.0.1:5000"]}, got ${JSON.stringify(rg)}`);
+    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config']);
+    if ('plain_http_hosts' in rg) {
+      const v = rg.plain_http_hosts;
+      if (!Array.isArray(v) || !v.every((h) => typeof h === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:.]+\](:\d{1,5})?$/.test(h))) {
+        throw new ConfigError('registry.plain_http_hosts', `expected a list of "host" or "host:port", got ${JSON.stringify(v)}`);
+      }
+      out.registry = { ...out.registry, plain_http_hosts: [...(v as string[])] };
+    }
+    if ('docker_config' in rg) out.registry = { ...out.registry, docker_config: expectAbsPath('registry.docker_config', rg.docker_config) };
   }
   if ('audit' in doc) {
     const au = doc.audit;

@@ -4,7 +4,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 
 /** proto/ at the package root, from src/grpc or dist/src/grpc. */
-function protoRoot(): string {
+export function protoRoot(): string {
   const candidates = [path.resolve(__dirname, '../../proto'), path.resolve(__dirname, '../../../proto')];
   for (const c of candidates) {
     try {

@@ -29,7 +29,12 @@
  * extent of that space to its digest and where its bytes are.
  */
 
-export const MEDIA_TYPE_LAYER = 'application/vnd.dedup-snapshotter.layer.v1.erofs';
+/**
+ * Under the OCI layer prefix on purpose: containerd (images.IsLayerType)
+ * annotates only such descriptors with the CRI labels a remote snapshotter
+ * needs, as nydus's `application/vnd.oci.image.layer.nydus.blob.v1` is.
+ */
+export const MEDIA_TYPE_LAYER = 'application/vnd.oci.image.layer.dedup-snapshotter.erofs.v1';
 export const MEDIA_TYPE_CHUNKS = 'application/vnd.dedup-snapshotter.chunks.v1';
 export const MEDIA_TYPE_CHUNKS_CONFIG = 'application/vnd.dedup-snapshotter.chunks.config.v1+json';
 export const MEDIA_TYPE_OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';

@@ -6,7 +6,11 @@ import { type ConvertStats, type ConvertedLayer, Converter } from '../convert/co
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
+import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers } from '../remote/lazy';
+import { formatReference } from '../remote/reference';
 import { ChunkStore, type Extent } from '../store/chunkstore';
+import { extentKey } from '../convert/chunks';
+import { EROFS_NULL_ADDR, scanChunks } from '../convert/erofs-format';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
@@ -22,7 +26,7 @@ export interface ConvertEvent {
   error?: string;
   durationMs: number;
   stats?: ConvertStats;
-  mode: 'background' | 'sync';
+  mode: 'background' | 'sync' | 'remote';
 }
 
 export interface SnapshotterOptions {
@@ -30,6 +34,8 @@ export interface SnapshotterOptions {
   logger?: Logger;
   /** Called after each conversion; must not throw or block. */
   onConvert?: (e: ConvertEvent) => void;
+  /** Dedup images in registries: layers made from metadata and the chunks the node lacks (lazy pull). */
+  remote?: RemoteLayers | null;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
     chunkSize: number;
@@ -51,6 +57,8 @@ export interface SnapshotterOptions {
 }
 
 /** Directory names under snapshots/ that are not snapshot ids. */
+/** Key of the temporary active snapshot a remote layer is made in (never a containerd key: those carry a namespace). */
+const REMOTE_IMPORT_PREFIX = 'remote-import-';
 const TEMP_PREFIX = 'new-';
 const REMOVED_PREFIX = 'rm-';
 
@@ -101,8 +109,10 @@ export class Snapshotter {
 
   /** Told of each conversion; set at construction or later (wiring). */
   onConvert?: (e: ConvertEvent) => void;
+  readonly remote: RemoteLayers | null;
 
   constructor(opts: SnapshotterOptions) {
+    this.remote = opts.remote ?? null;
     this.onConvert = opts.onConvert;
     this.root = opts.root;
     this.log = opts.logger ?? silentLogger();
@@ -190,6 +200,12 @@ export class Snapshotter {
     await this.sweepLayerOrphans(live);
     // Work directories of conversions a crash interrupted.
     for (const name of readdirOrEmpty(path.join(this.root, 'tmp'))) await removeAll(path.join(this.root, 'tmp', name));
+    // Remote layers a crash interrupted: their temporary active snapshots.
+    const unfinished: string[] = [];
+    this.ms.walkInfo((info) => {
+      if (info.kind === Kind.Active && info.name.startsWith(REMOTE_IMPORT_PREFIX)) unfinished.push(info.name);
+    });
+    for (const key of unfinished) await this.remove(key);
     if (this.converter) {
       // Committed layers not converted yet (interrupted, or from use_erofs false).
       for (const id of this.ms.committedWithoutLayer()) this.enqueueConversion(id);
@@ -266,7 +282,123 @@ export class Snapshotter {
   }
 
   async prepare(key: string, parent: string, labels?: Labels): Promise<Mount[]> {
+    const ref = labels?.[LABEL_SNAPSHOT_REF];
+    if (ref && this.remote && this.converter) {
+      this.checkOpen();
+      const rl = await this.remote.resolve(labels);
+      if (rl) {
+        await this.makeRemoteLayer(rl, ref, parent, labels as Labels);
+        // containerd's contract for remote snapshots: the layer exists now
+        // under `ref`; it lists it by label and skips download and unpack.
+        throw alreadyExists(`target snapshot ${JSON.stringify(ref)} is a remote layer, made without its tar`);
+      }
+    }
     return this.createSnapshot(Kind.Active, key, parent, labels);
+  }
+
+  /**
+   * Makes committed layer `name` from a dedup image's layer: its EROFS image
+   * from the registry, and from its chunks only those the node store lacks
+   * (fetched by Range, digest-checked, written durably before any row names
+   * them). Done when it returns; if `name` exists already, nothing to do.
+   */
+  private async makeRemoteLayer(rl: RemoteLayer, name: string, parent: string, labels: Labels): Promise<void> {
+    if (this.ms.has(name)) return;
+    const remote = this.remote as RemoteLayers;
+    const started = Date.now();
+    const { header, erofs } = await remote.fetchLayer(rl);
+    const img = Buffer.from(erofs);
+    const scan = scanChunks(img);
+    const refs = scan.chunkRefs.filter((r) => r.blkaddr !== EROFS_NULL_ADDR);
+    if (refs.length > 0 && !header.has_blob) throw internal(`remote layer ${rl.layerDigest}: the image has chunks but the header says has_blob false`);
+    const entries = new Map(header.chunks.map((c) => [extentKey({ blkaddr: c[0], nblocks: c[1] }), c]));
+    const store = this.store as ChunkStore;
+
+    // Fetch what the store lacks before taking its lock (a slow registry must
+    // not hold up conversions), into a temp file; the import then reads from there.
+    const tmpKey = `${REMOTE_IMPORT_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
+    fs.mkdirSync(path.join(this.root, 'tmp'), { recursive: true, mode: 0o700 });
+    const spool = path.join(this.root, 'tmp', `${tmpKey}.chunks`);
+    const spooled = new Map<string, { offset: number; length: number }>();
+    const fh = await fs.promises.open(spool, 'w+', 0o600);
+    let created = false;
+    try {
+      let size = 0;
+      const missing = [...entries].filter(([, c]) => !store.lookup(c[2]));
+      const local = entries.size - missing.length;
+      remote.counters.chunks_local += local;
+      remote.counters.bytes_local += [...entries.values()].filter((c) => store.lookup(c[2])).reduce((n, c) => n + c[1] * 4096, 0);
+      let next = 0;
+      const worker = async () => {
+        while (next < missing.length) {
+          const [k, c] = missing[next++];
+          const bytes = await remote.fetchChunk(rl, header, c);
+          const at = size;
+          size += bytes.length;
+          spooled.set(k, { offset: at, length: bytes.length });
+          await fh.write(bytes, 0, bytes.length, at);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(4, missing.length) }, worker));
+
+      await this.createSnapshot(Kind.Active, tmpKey, parent, undefined);
+      created = true;
+      const id = this.ms.getInfo(tmpKey).id;
+      const chunks = [...entries].map(([key, c]) => ({ key, digest: c[2], nblocks: c[1] }));
+      const stats = await (this.converter as Converter).importChunks(
+        id,
+        img,
+        { scan, refs, chunks, mkfsMs: 0 },
+        async (key) => {
+          const at = spooled.get(key);
+          // Present when checked above, gone since (removed meanwhile): fetch now.
+          if (!at) return remote.fetchChunk(rl, header, entries.get(key) as (typeof header.chunks)[number]);
+          const buf = Buffer.alloc(at.length);
+          const { bytesRead } = await fh.read(buf, 0, at.length, at.offset);
+          if (bytesRead !== at.length) throw internal(`spooled chunk ${key}: read ${bytesRead} of ${at.length} bytes`);
+          return buf;
+        },
+        (layer) => {
+          const target = this.mntPath(id);
+          (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
+          try {
+            this.ms.transaction(() => {
+              this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
+              this.recordLayer(id, layer, started);
+            });
+          } catch (err) {
+            unmountErofs(target);
+            throw err;
+          }
+          return layer.stats;
+        },
+      );
+      created = false;
+      await removeAll(path.join(this.snapshotsDir, id));
+      remote.counters.layers++;
+      this.log.info(
+        {
+          op: 'remote',
+          key: name,
+          snapshot: id,
+          layer: id,
+          image: formatReference(rl.repo),
+          layer_digest: rl.layerDigest,
+          chunks: stats.chunks,
+          fetched_chunks: missing.length,
+          fetched_bytes: size,
+          local_chunks: local,
+          logical_bytes: header.logical_bytes,
+          duration_ms: Date.now() - started,
+        },
+        `remote layer ${id} made from ${rl.layerDigest}: ${missing.length} chunks fetched (${size} bytes), ${local} already on this node`,
+      );
+      this.emitConvert({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'remote' });
+    } finally {
+      await fh.close();
+      fs.rmSync(spool, { force: true });
+      if (created) await this.remove(tmpKey).catch(() => undefined);
+    }
   }
 
   async view(key: string, parent: string, labels?: Labels): Promise<Mount[]> {

@@ -149,6 +149,8 @@ export interface StackOptions {
   cri?: boolean;
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
+  /** Extra keys for the daemon's config file (the stack's registry is always a plain-HTTP host). */
+  daemonConfig?: Record<string, unknown>;
 }
 
 export interface CtrOptions {
@@ -246,7 +248,13 @@ export class Stack {
   }
 
   private async startDedup(): Promise<void> {
-    this.daemon = await startDaemon({ dir: this.dir, root: this.daemonRoot, address: this.daemonAddress, env: { LOG_LEVEL: 'debug', ...this.opts.daemonEnv } });
+    this.daemon = await startDaemon({
+      dir: this.dir,
+      root: this.daemonRoot,
+      address: this.daemonAddress,
+      env: { LOG_LEVEL: 'debug', ...this.opts.daemonEnv },
+      config: { registry: { plain_http_hosts: [this.registry] }, ...this.opts.daemonConfig },
+    });
     const p = this.daemon.proc;
     live.add(p);
     void this.daemon.exited.then(() => live.delete(p));
