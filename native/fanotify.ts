@@ -62,3 +62,61 @@ export function fanotifyMark(fd: number, flags: number, mask: number | bigint, p
   const m = BigInt(mask);
   check('fanotify_mark', sys().mark(fd, flags, m, AT_FDCWD, path), `mask 0x${m.toString(16)} ${path}`);
 }
+
+/** Open flags for event fds: read-write, so a filler can write the range before allowing the access. */
+export const O_LARGEFILE = 0o100000;
+
+/** fanotify_event_metadata: 24 bytes. */
+const METADATA_LEN = 24;
+export const FANOTIFY_METADATA_VERSION = 3;
+/** Info record type of a pre-content event's file range (Linux ≥ 6.14). */
+export const FAN_EVENT_INFO_TYPE_RANGE = 6;
+
+/** FAN_DENY with an errno the reader gets (Linux ≥ 6.14: EIO, EPERM, EBUSY, ETXTBSY, EAGAIN, ENOSPC, EDQUOT). */
+export function fanDenyErrno(errno: number): number {
+  return (FAN_DENY | ((errno & 0xff) << 24)) >>> 0;
+}
+
+export interface FanotifyEvent {
+  mask: bigint;
+  /** An fd on the accessed file (the caller must close it), or -1 on overflow. */
+  fd: number;
+  pid: number;
+  /** The accessed range of a pre-content event, when the kernel reported one. */
+  range: { offset: number; count: number } | null;
+}
+
+/** Parses the events one read(2) of a fanotify group returned. Throws on a version or length it does not understand. */
+export function parseFanotifyEvents(buf: Buffer, length: number): FanotifyEvent[] {
+  const out: FanotifyEvent[] = [];
+  let at = 0;
+  while (at + METADATA_LEN <= length) {
+    const eventLen = buf.readUInt32LE(at);
+    const vers = buf.readUInt8(at + 4);
+    const metadataLen = buf.readUInt16LE(at + 6);
+    if (vers !== FANOTIFY_METADATA_VERSION) throw new Error(`fanotify metadata version ${vers}, expected ${FANOTIFY_METADATA_VERSION}`);
+    if (eventLen < METADATA_LEN || at + eventLen > length || metadataLen < METADATA_LEN) throw new Error(`fanotify event length ${eventLen} at ${at} is out of bounds (${length} bytes read)`);
+    const ev: FanotifyEvent = { mask: buf.readBigUInt64LE(at + 8), fd: buf.readInt32LE(at + 16), pid: buf.readInt32LE(at + 20), range: null };
+    // Info records follow the metadata: {u8 type, u8 pad, u16 len, ...}.
+    for (let i = at + metadataLen; i + 4 <= at + eventLen; ) {
+      const type = buf.readUInt8(i);
+      const len = buf.readUInt16LE(i + 2);
+      if (len < 4 || i + len > at + eventLen) throw new Error(`fanotify info record length ${len} is out of bounds`);
+      if (type === FAN_EVENT_INFO_TYPE_RANGE && len >= 24) {
+        ev.range = { offset: Number(buf.readBigUInt64LE(i + 8)), count: Number(buf.readBigUInt64LE(i + 16)) };
+      }
+      i += len;
+    }
+    out.push(ev);
+    at += eventLen;
+  }
+  return out;
+}
+
+/** The 8-byte struct fanotify_response for event fd `fd`. */
+export function fanotifyResponse(fd: number, response: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeInt32LE(fd, 0);
+  b.writeUInt32LE(response >>> 0, 4);
+  return b;
+}
