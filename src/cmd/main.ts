@@ -5,6 +5,8 @@ const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy
        dedup-snapshotter stats [--json]   print the running daemon's /stats
        dedup-snapshotter convert [--plain-http] SRC DST
                                           convert a registry image into a dedup image (lazy pull)
+       dedup-snapshotter pull [--plain-http] [--address SOCK] [--namespace NS] REF
+                                          pull a dedup image into containerd for ctr (no layer download)
        dedup-snapshotter --version | --help
 
 Environment: ROOT, ADDRESS, CONFIG, LOG_LEVEL (see README).
@@ -33,6 +35,11 @@ async function main(argv: string[]): Promise<void> {
   if (cmd === 'convert') {
     const { runConvert } = await import('./convert');
     process.exitCode = await runConvert(rest);
+    return;
+  }
+  if (cmd === 'pull') {
+    const { runPull } = await import('./pull');
+    process.exitCode = await runPull(rest);
     return;
   }
   if (cmd !== undefined && cmd !== 'serve') {

@@ -1,0 +1,128 @@
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { LOADER_OPTIONS, protoRoot } from './proto';
+
+/**
+ * A small client of containerd's own API (content, images, leases,
+ * snapshots) on its socket, for `dedup-snapshotter pull`. Every call carries
+ * the namespace, and the lease once one is set.
+ */
+type Unary = (req: unknown, md: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: any) => void) => void;
+type Client = grpc.Client & Record<string, Unary> & { Write?: (md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientDuplexStream<any, any> };
+
+export interface Descriptor {
+  media_type: string;
+  digest: string;
+  size: number;
+  annotations?: Record<string, string>;
+}
+
+export class ContainerdClient {
+  private readonly content: Client;
+  private readonly images: Client;
+  private readonly leases: Client;
+  private readonly snapshots: Client;
+  private lease: string | null = null;
+
+  constructor(
+    address: string,
+    private readonly namespace: string,
+    private readonly timeoutMs = 120_000,
+  ) {
+    const def = protoLoader.loadSync(
+      [
+        'containerd/services/content/v1/content.proto',
+        'containerd/services/images/v1/images.proto',
+        'containerd/services/leases/v1/leases.proto',
+        'containerd/services/snapshots/v1/snapshots.proto',
+      ],
+      { ...LOADER_OPTIONS, includeDirs: [protoRoot()] },
+    );
+    const pkg = grpc.loadPackageDefinition(def) as any;
+    const target = `unix:${address}`;
+    const creds = grpc.credentials.createInsecure();
+    this.content = new pkg.containerd.services.content.v1.Content(target, creds);
+    this.images = new pkg.containerd.services.images.v1.Images(target, creds, {}, {});
+    this.leases = new pkg.containerd.services.leases.v1.Leases(target, creds);
+    this.snapshots = new pkg.containerd.services.snapshots.v1.Snapshots(target, creds);
+  }
+
+  private md(): grpc.Metadata {
+    const md = new grpc.Metadata();
+    md.set('containerd-namespace', this.namespace);
+    if (this.lease) md.set('containerd-lease', this.lease);
+    return md;
+  }
+
+  private call<T = any>(c: Client, method: string, req: unknown): Promise<T> {
+    return new Promise((resolve, reject) => c[method](req, this.md(), { deadline: Date.now() + this.timeoutMs }, (err, res) => (err ? reject(err) : resolve(res))));
+  }
+
+  /** Creates a lease that expires on its own (a crash leaves nothing pinned for long) and uses it for every later call. */
+  async useLease(id: string, expireMs: number): Promise<void> {
+    await this.call(this.leases, 'Create', { id, labels: { 'containerd.io/gc.expire': new Date(Date.now() + expireMs).toISOString() } });
+    this.lease = id;
+  }
+
+  async dropLease(): Promise<void> {
+    if (!this.lease) return;
+    const id = this.lease;
+    this.lease = null;
+    await this.call(this.leases, 'Delete', { id, sync: false });
+  }
+
+  /** Writes `data` as committed content `digest` (AlreadyExists: it is there), then sets `labels` on it. */
+  async writeContent(digest: string, data: Buffer, labels: Record<string, string>): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      const s = (this.content.Write as NonNullable<Client['Write']>)(this.md(), { deadline: Date.now() + this.timeoutMs });
+      let done = false;
+      s.on('data', (res: { action: number; digest: string }) => {
+        if (res.action === 2) {
+          done = true;
+          s.end();
+        }
+      });
+      s.on('error', (err: grpc.ServiceError) => (err.code === grpc.status.ALREADY_EXISTS ? resolve() : reject(err)));
+      s.on('end', () => (done ? resolve() : reject(new Error(`content write of ${digest} ended without a commit`))));
+      s.write({ action: 2, ref: `dedup-pull-${digest}`, total: data.length, expected: digest, offset: 0, data });
+    });
+    if (Object.keys(labels).length > 0) {
+      await this.call(this.content, 'Update', {
+        info: { digest, labels },
+        update_mask: { paths: Object.keys(labels).map((k) => `labels.${k}`) },
+      });
+    }
+  }
+
+  /** Prepare through containerd (its metadata layer, then the snapshotter); resolves with the gRPC status code. */
+  async prepareSnapshot(snapshotter: string, key: string, parent: string, labels: Record<string, string>): Promise<number> {
+    try {
+      await this.call(this.snapshots, 'Prepare', { snapshotter, key, parent, labels });
+      return grpc.status.OK;
+    } catch (err) {
+      const e = err as grpc.ServiceError;
+      if (typeof e.code === 'number' && e.code !== grpc.status.UNAVAILABLE && e.code !== grpc.status.INTERNAL && e.code !== grpc.status.UNKNOWN) return e.code;
+      throw err;
+    }
+  }
+
+  async removeSnapshot(snapshotter: string, key: string): Promise<void> {
+    await this.call(this.snapshots, 'Remove', { snapshotter, key });
+  }
+
+  /** Creates image `name` pointing at `target`, or points an existing one there. */
+  async putImage(name: string, target: Descriptor, labels: Record<string, string> = {}): Promise<'created' | 'updated'> {
+    try {
+      await this.call(this.images, 'Create', { image: { name, target, labels } });
+      return 'created';
+    } catch (err) {
+      if ((err as grpc.ServiceError).code !== grpc.status.ALREADY_EXISTS) throw err;
+    }
+    await this.call(this.images, 'Update', { image: { name, target, labels }, update_mask: { paths: ['target', 'labels'] } });
+    return 'updated';
+  }
+
+  close(): void {
+    for (const c of [this.content, this.images, this.leases, this.snapshots]) c.close();
+  }
+}
