@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
-import { type LayerHeader, MEDIA_TYPE_LAYER, decodeLayerBlob } from './dedup-image';
+import { type ChunkEntry, type LayerHeader, MEDIA_TYPE_LAYER, decodeLayerBlob } from './dedup-image';
 import { type Reference, parseReference } from './reference';
 import type { RegistryClient } from './registry';
 
@@ -77,18 +77,60 @@ export class RemoteLayers {
   }
 
   /** One chunk's bytes by Range from its data blob, checked against its digest. */
-  async fetchChunk(l: RemoteLayer, header: LayerHeader, entry: LayerHeader['chunks'][number]): Promise<Buffer> {
-    const [, nblocks, hex, blob, offset] = entry;
+  async fetchChunk(l: RemoteLayer, header: LayerHeader, entry: ChunkEntry): Promise<Buffer> {
+    return (await this.fetchRun(l, header, [entry]))[0];
+  }
+
+  /**
+   * Chunks stored back to back in one data blob (see runsOf), with one Range
+   * request; each checked against its digest.
+   */
+  async fetchRun(l: RemoteLayer, header: LayerHeader, run: ChunkEntry[]): Promise<Buffer[]> {
+    const blob = header.data_blobs[run[0][3]];
+    const start = run[0][4];
+    const last = run[run.length - 1];
+    const end = last[4] + last[1] * 4096;
     try {
-      const bytes = await this.o.client.getBlobRange(l.repo, header.data_blobs[blob], offset, nblocks * 4096);
-      const got = crypto.createHash('sha256').update(bytes).digest('hex');
-      if (got !== hex) throw new Error(`chunk sha256:${hex} from ${header.data_blobs[blob]}@${offset}: content has sha256:${got}`);
-      this.counters.chunks_fetched++;
+      const bytes = await this.o.client.getBlobRange(l.repo, blob, start, end - start);
+      const out = run.map(([, nblocks, hex, , offset]) => {
+        const b = bytes.subarray(offset - start, offset - start + nblocks * 4096);
+        const got = crypto.createHash('sha256').update(b).digest('hex');
+        if (got !== hex) throw new Error(`chunk sha256:${hex} from ${blob}@${offset}: content has sha256:${got}`);
+        return b;
+      });
+      this.counters.chunks_fetched += run.length;
       this.counters.bytes_fetched += bytes.length;
-      return bytes;
+      return out;
     } catch (err) {
       this.counters.fetch_errors++;
       throw err;
     }
   }
+}
+
+/**
+ * Groups chunk entries into runs a single Range request can fetch: same
+ * data blob, each starting where the previous ended, at most `maxBytes`.
+ * The converter stores a layer's new chunks back to back in blob order, so a
+ * layer's missing chunks are usually a few long runs.
+ */
+export function runsOf(entries: ChunkEntry[], maxBytes = 8 << 20): ChunkEntry[][] {
+  const sorted = [...entries].sort((a, b) => a[3] - b[3] || a[4] - b[4]);
+  const runs: ChunkEntry[][] = [];
+  let cur: ChunkEntry[] = [];
+  let bytes = 0;
+  for (const e of sorted) {
+    const prev = cur[cur.length - 1];
+    const len = e[1] * 4096;
+    if (prev && prev[3] === e[3] && prev[4] + prev[1] * 4096 === e[4] && bytes + len <= maxBytes) {
+      cur.push(e);
+      bytes += len;
+    } else {
+      if (cur.length > 0) runs.push(cur);
+      cur = [e];
+      bytes = len;
+    }
+  }
+  if (cur.length > 0) runs.push(cur);
+  return runs;
 }

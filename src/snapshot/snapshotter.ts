@@ -6,7 +6,8 @@ import { type ConvertStats, type ConvertedLayer, Converter } from '../convert/co
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
-import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers } from '../remote/lazy';
+import type { ChunkEntry } from '../remote/dedup-image';
+import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference } from '../remote/reference';
 import { ChunkStore, type Extent } from '../store/chunkstore';
 import { extentKey } from '../convert/chunks';
@@ -324,22 +325,32 @@ export class Snapshotter {
     let created = false;
     try {
       let size = 0;
-      const missing = [...entries].filter(([, c]) => !store.lookup(c[2]));
-      const local = entries.size - missing.length;
-      remote.counters.chunks_local += local;
-      remote.counters.bytes_local += [...entries.values()].filter((c) => store.lookup(c[2])).reduce((n, c) => n + c[1] * 4096, 0);
+      // Each missing digest once (an extent may repeat another's content), fetched in runs.
+      const byDigest = new Map<string, ChunkEntry>();
+      let local = 0;
+      for (const c of entries.values()) {
+        if (store.lookup(c[2])) {
+          local++;
+          remote.counters.chunks_local++;
+          remote.counters.bytes_local += c[1] * 4096;
+        } else if (!byDigest.has(c[2])) byDigest.set(c[2], c);
+      }
+      const missing = [...byDigest.values()];
+      const runs = runsOf(missing);
       let next = 0;
       const worker = async () => {
-        while (next < missing.length) {
-          const [k, c] = missing[next++];
-          const bytes = await remote.fetchChunk(rl, header, c);
-          const at = size;
-          size += bytes.length;
-          spooled.set(k, { offset: at, length: bytes.length });
-          await fh.write(bytes, 0, bytes.length, at);
+        while (next < runs.length) {
+          const run = runs[next++];
+          const parts = await remote.fetchRun(rl, header, run);
+          for (const [i, bytes] of parts.entries()) {
+            const at = size;
+            size += bytes.length;
+            spooled.set(run[i][2], { offset: at, length: bytes.length });
+            await fh.write(bytes, 0, bytes.length, at);
+          }
         }
       };
-      await Promise.all(Array.from({ length: Math.min(4, missing.length) }, worker));
+      await Promise.all(Array.from({ length: Math.min(4, runs.length) }, worker));
 
       await this.createSnapshot(Kind.Active, tmpKey, parent, undefined);
       created = true;
@@ -350,9 +361,10 @@ export class Snapshotter {
         img,
         { scan, refs, chunks, mkfsMs: 0 },
         async (key) => {
-          const at = spooled.get(key);
+          const entry = entries.get(key) as ChunkEntry;
+          const at = spooled.get(entry[2]);
           // Present when checked above, gone since (removed meanwhile): fetch now.
-          if (!at) return remote.fetchChunk(rl, header, entries.get(key) as (typeof header.chunks)[number]);
+          if (!at) return remote.fetchChunk(rl, header, entry);
           const buf = Buffer.alloc(at.length);
           const { bytesRead } = await fh.read(buf, 0, at.length, at.offset);
           if (bytesRead !== at.length) throw internal(`spooled chunk ${key}: read ${bytesRead} of ${at.length} bytes`);

@@ -12,6 +12,10 @@
  * inside a container, both snapshotters interleaved (BENCH_RUNS rounds,
  * median, page cache dropped before each run).
  *
+ * Then the lazy-pull part (lazy.ts): three images converted to dedup images,
+ * bytes fetched for a second image sharing most chunks with one on the node,
+ * and pull-to-first-output of a command reading 10% of the large image.
+ *
  * Env: BENCH_CACHE (default /var/cache/dedup-bench) for the image cache and
  * bench-results.json; BENCH_RUNS (default 5) repetitions of timed runs.
  * `--build-only` builds (or checks) the image cache and stops.
@@ -22,6 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
+import { lazyPhase } from './lazy';
 import { dropCaches, duBytes, holdFreePageReporting, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
 
 const SNAPSHOTTERS = ['overlayfs', 'dedup'] as const;
@@ -312,6 +317,11 @@ async function main(): Promise<void> {
   for (const img of [START_IMAGE, READ_IMAGE]) await ctr(stack, ['images', 'pull', '--plain-http', '--snapshotter=overlayfs', refOf(stack, img)], 600_000);
   await timedRuns(stack, { overlayfs: o, dedup: d });
   await removeAndMeasure(stack, d);
+  const lazy = await lazyPhase(stack, {
+    refOf: (name) => refOf(stack, name),
+    emptyContainerd: () => emptyContainerd(stack),
+    ctr: (args, timeoutMs) => ctr(stack, args, timeoutMs),
+  });
 
   const converts = stack.daemon.logs().filter((l) => l.op === 'convert' && typeof l.logical_bytes === 'number');
   const logicalBytes = converts.reduce((a, l) => a + (l.logical_bytes as number), 0);
@@ -374,6 +384,7 @@ async function main(): Promise<void> {
       dedupDiskOverFloor: ratio(d.diskBytes, floor.floorBytes),
       overlayfsDiskOverFloor: ratio(o.diskBytes, floor.floorBytes),
     },
+    lazy,
     totalSeconds: (Date.now() - t0) / 1000,
   };
   const resultFile = path.join(path.dirname(built.dir), 'bench-results.json');
@@ -418,6 +429,9 @@ async function main(): Promise<void> {
   const runs = (xs: number[], f: (v: number) => string) => xs.map(f).join(' ');
   out.push(
     `runs (in order): /bin/true s: overlayfs ${runs(o.startTrueMs, (v) => (v / 1000).toFixed(2))} | dedup ${runs(d.startTrueMs, (v) => (v / 1000).toFixed(2))};  python3 s: overlayfs ${runs(o.startPythonMs, (v) => (v / 1000).toFixed(2))} | dedup ${runs(d.startPythonMs, (v) => (v / 1000).toFixed(2))};  read MB/s: overlayfs ${runs(o.readMBps, (v) => v.toFixed(0))} | dedup ${runs(d.readMBps, (v) => v.toFixed(0))}`,
+  );
+  out.push(
+    `lazy pull (dedup-snapshotter convert, then pull; chunks fetched before a layer is ready): python-b after python-a fetched ${mib(lazy.second.fetchedBytes)} = ${x(lazy.second.ratio)} its new chunks (${mib(lazy.second.newChunkBytes)}) + metadata (${mib(lazy.second.metadataBytes)}) [target ≤ 1×]; pull-to-first-output reading ${mib(lazy.firstOutput.readBytes)} of ${BIG_FILE_PATH}: overlayfs ${secs(lazy.firstOutput.overlayfsMs)}, dedup ${secs(lazy.firstOutput.dedupMs)} = ${x(lazy.firstOutput.ratio)} [target ≤ 0.25×] (${mib(lazy.firstOutput.dedupFetchedBytes)} fetched); convert ${Object.entries(lazy.convertMs).map(([k, v]) => `${k} ${secs(v)}`).join(', ')}`,
   );
   out.push(`per-image pull (s): ${built.images.map((i) => `${i.name} ${(o.pullMs[i.name] / 1000).toFixed(1)}/${(d.pullMs[i.name] / 1000).toFixed(1)}`).join(', ')}  (overlayfs/dedup)`);
   out.push(`after removing all images: overlayfs dir ${mib(o.afterRemove.diskBytes)}, dedup ROOT ${mib(d.afterRemove.diskBytes)} (chunk store ${mib(d.afterRemove.chunkStoreBytes ?? 0)})`);
