@@ -15,7 +15,8 @@ import { convertImage } from '../src/convert/image-convert';
 import { probeMkfs } from '../src/convert/mkfs';
 import { applyLayerTar } from '../src/convert/untar';
 import { SnapshotterError } from '../src/errdefs/errors';
-import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF, RemoteLayers } from '../src/remote/lazy';
+import type { ChunkEntry } from '../src/remote/dedup-image';
+import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF, RemoteLayers, runsOf } from '../src/remote/lazy';
 import { RegistryClient } from '../src/remote/registry';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { Kind } from '../src/snapshot/types';
@@ -223,4 +224,13 @@ describe('remote layers of dedup images', () => {
       sn2.close();
     }
   });
+});
+
+test('runsOf: one Range request per run of back-to-back chunks in one blob, at most maxBytes', () => {
+  const e = (blk: number, n: number, blob: number, off: number): ChunkEntry => [blk, n, String(blk).padStart(64, '0'), blob, off * 4096];
+  const entries = [e(0, 2, 0, 0), e(5, 1, 0, 2), e(9, 1, 1, 0), e(7, 3, 0, 3), e(3, 1, 0, 10), e(11, 4, 0, 6), e(13, 1, 0, 12)];
+  const runs = runsOf(entries, 9 * 4096).map((r) => r.map((x) => `${x[3]}@${x[4] / 4096}`));
+  // 6 blocks, then 6@4 would make 10 > 9: a new run, which 10@1 joins; 12 follows a gap; blob 1 is its own.
+  assert.deepEqual(runs, [['0@0', '0@2', '0@3'], ['0@6', '0@10'], ['0@12'], ['1@0']]);
+  assert.deepEqual(runsOf([]), []);
 });
