@@ -26,7 +26,7 @@ import { isMountPoint } from './helpers/mounts';
 
 const DOCTOR_MODULE = path.join(__dirname, '..', 'src', 'cmd', 'doctor.js');
 const SCRIPT = 'const [m, ...a] = process.argv.slice(1); require(m).runDoctor(a).then((c) => { process.exitCode = c; });';
-const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'containerd', 'socket', 'images', 'permissions', 'disk'];
+const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'images', 'permissions', 'disk'];
 const PATH_ENV = process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin';
 
 interface Run {
@@ -192,7 +192,7 @@ describe('doctor on this machine, with a running daemon', () => {
     if (!fs.existsSync('/dev/cachefiles')) {
       assert.equal(fscache.status, 'warn', fscache.detail);
       assert.match(fscache.detail, /no \/dev\/cachefiles/);
-      if (fanotify.status === 'ok') assert.match(fscache.detail, /on-demand loading uses fanotify pre-content instead/);
+      if (fanotify.status === 'ok') assert.match(fscache.detail, /fanotify pre-content can serve on-demand loading instead/);
     }
 
     assert.equal(get(by, 'containerd').status, 'ok', get(by, 'containerd').detail);

@@ -146,6 +146,12 @@ export async function runDaemon(): Promise<void> {
     process.exit(1);
   }
   log.info({ op: 'start', address: cfg.address }, 'serving containerd snapshots API');
+  if (snapshotter.remote) {
+    log.info(
+      { op: 'start', ondemand: 'fetch-before-ready', plain_http_hosts: cfg.registry.plain_http_hosts },
+      'remote layers of dedup images: missing chunks are fetched before a layer is ready',
+    );
+  }
 
   let stopping = false;
   const startedAt = Date.now();

@@ -447,7 +447,7 @@ export function checkFscache(opts: { release?: string; fanotify: CheckResult; us
   if (!opts.useFscache) facts.push('use_fscache is false');
   const instead =
     opts.fanotify.status === 'ok'
-      ? 'on-demand loading uses fanotify pre-content instead'
+      ? 'fanotify pre-content can serve on-demand loading instead'
       : 'and fanotify pre-content is not available either: layers are fetched whole before they are mounted';
   const rebuild = `a kernel ${needs('fscacheOndemand')} built with CONFIG_CACHEFILES_ONDEMAND=y and CONFIG_EROFS_FS_ONDEMAND=y`;
 

@@ -93,7 +93,12 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   );
   add(await guarded('file-backed', opts, (progress) => checkFileBackedMount({ config, mkfs: mkfs.features, mkfsProblem: mkfs.problem, euid, progress })));
   const fanotify = add(await guarded('fanotify', opts, () => checkFanotify(config.root)));
-  add(await guarded('fscache', opts, () => checkFscache({ release, fanotify, useFscache: config.use_fscache })));
+  const fscache = add(await guarded('fscache', opts, () => checkFscache({ release, fanotify, useFscache: config.use_fscache })));
+  add({
+    name: 'ondemand',
+    status: 'ok',
+    detail: `remote layers of dedup images: missing chunks are fetched before a layer is ready (the daemon's only backend so far); kernel support for loading while reading: fanotify pre-content ${fanotify.status === 'ok' ? 'yes' : 'no'}, fscache on-demand ${fscache.status === 'ok' ? 'yes' : 'no'}`,
+  });
   add(await guarded('containerd', opts, () => checkContainerdConfig(opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, config.address)));
   add(await guarded('socket', opts, (progress) => checkSocket(config, progress)));
   add(await guarded('images', opts, () => checkLayerImages(config.root)));
