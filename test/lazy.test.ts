@@ -12,6 +12,7 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { convertImage } from '../src/convert/image-convert';
+import { createLogger } from '../src/log/logger';
 import { probeMkfs } from '../src/convert/mkfs';
 import { applyLayerTar } from '../src/convert/untar';
 import { SnapshotterError } from '../src/errdefs/errors';
@@ -215,11 +216,16 @@ describe('remote layers of dedup images', () => {
 
     // The registry gone (manifest not cached in a fresh RemoteLayers): the
     // image cannot be recognised, so the normal path is taken.
-    const sn2 = newSnapshotter('root-gone', new RemoteLayers({ client: new RegistryClient({ plainHttpHosts: ['127.0.0.1:1'], retries: 0 }) }));
+    let logged = '';
+    const logger = createLogger('warn', { write: (line: string) => void (logged += line) });
+    const sn2 = newSnapshotter('root-gone', new RemoteLayers({ client: new RegistryClient({ plainHttpHosts: ['127.0.0.1:1'], retries: 0 }), logger }));
     try {
       const gone = { ...labelsFor(c, 0), [LABEL_CRI_IMAGE_REF]: '127.0.0.1:1/dedup/corrupt:v1' };
       const mounts = await sn2.prepare(`extract-0 ${c.chain[0]}`, '', gone);
       assert.equal(mounts[0].type, 'bind');
+      // The next layer of the same image does not ask the unreadable registry again.
+      await sn2.prepare(`extract-1 ${c.chain[0]}`, '', { ...gone, [LABEL_SNAPSHOT_REF]: `sha256:${'e'.repeat(64)}` });
+      assert.equal(logged.split('\n').filter((l) => l.includes('cannot read the manifest')).length, 1, logged);
     } finally {
       sn2.close();
     }

@@ -26,11 +26,14 @@ export interface RemoteLayer {
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
 const MAX_LAYER_BLOB = 512 << 20;
+const UNREADABLE_TTL_MS = 60_000;
 
 export class RemoteLayers {
   private readonly log: Logger;
   /** manifest digest → the dedup layer digests it lists (empty: not a dedup image). */
   private readonly manifests = new Map<string, Set<string>>();
+  /** manifest digest → until when its registry is not asked again. */
+  private readonly unreadable = new Map<string, number>();
   readonly counters = { layers: 0, chunks_fetched: 0, bytes_fetched: 0, chunks_local: 0, bytes_local: 0, metadata_bytes: 0, fetch_errors: 0 };
 
   constructor(private readonly o: { client: RegistryClient; logger?: Logger }) {
@@ -56,12 +59,16 @@ export class RemoteLayers {
     }
     let layers = this.manifests.get(manifestDigest);
     if (!layers) {
+      // An image whose registry could not be read is taken for a plain one
+      // for a minute: its other layers do not wait for the retries again.
+      if ((this.unreadable.get(manifestDigest) ?? 0) > Date.now()) return null;
       try {
         const m = await this.o.client.getManifest({ ...repo, tag: null, digest: manifestDigest } as Reference);
         const json = m.json as { layers?: { mediaType?: string; digest?: string }[] };
         layers = new Set((json.layers ?? []).filter((l) => l.mediaType === MEDIA_TYPE_LAYER && typeof l.digest === 'string').map((l) => l.digest as string));
         this.manifests.set(manifestDigest, layers);
       } catch (err) {
+        this.unreadable.set(manifestDigest, Date.now() + UNREADABLE_TTL_MS);
         this.log.warn({ op: 'remote', image: ref, err: (err as Error).message }, `cannot read the manifest of ${ref}; containerd unpacks its layers`);
         return null;
       }
