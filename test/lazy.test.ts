@@ -144,6 +144,19 @@ describe('remote layers of dedup images', () => {
     }
   });
 
+  test('two pulls of one image at once make each layer once', async () => {
+    const remote = new RemoteLayers({ client });
+    const sn = newSnapshotter('root-twice', remote);
+    try {
+      await Promise.all([lazyPull(sn, bigA), lazyPull(sn, bigA)]);
+      assert.equal(remote.counters.layers, bigA.chain.length);
+      assert.equal(remote.counters.bytes_fetched, shared.length + 4096);
+      await checkLayers(sn, bigA, 'twice');
+    } finally {
+      sn.close();
+    }
+  });
+
   test('chunks already on the node are not fetched: a second image sharing data downloads only its new chunks', async () => {
     const remote = new RemoteLayers({ client });
     const sn = newSnapshotter('root-big', remote);

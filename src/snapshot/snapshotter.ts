@@ -111,6 +111,7 @@ export class Snapshotter {
   /** Told of each conversion; set at construction or later (wiring). */
   onConvert?: (e: ConvertEvent) => void;
   readonly remote: RemoteLayers | null;
+  private readonly makingRemote = new Map<string, Promise<void>>();
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -288,7 +289,13 @@ export class Snapshotter {
       this.checkOpen();
       const rl = await this.remote.resolve(labels);
       if (rl) {
-        await this.makeRemoteLayer(rl, ref, parent, labels as Labels);
+        // Two pulls of one image at once make each layer once.
+        let making = this.makingRemote.get(ref);
+        if (!making) {
+          making = this.makeRemoteLayer(rl, ref, parent, labels as Labels).finally(() => this.makingRemote.delete(ref));
+          this.makingRemote.set(ref, making);
+        }
+        await making;
         // containerd's contract for remote snapshots: the layer exists now
         // under `ref`; it lists it by label and skips download and unpack.
         throw alreadyExists(`target snapshot ${JSON.stringify(ref)} is a remote layer, made without its tar`);
