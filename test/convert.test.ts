@@ -107,6 +107,7 @@ describe('dedup-snapshotter convert', () => {
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, new RegExp(`^${dst.replace(/[.:/]/g, '\\$&')}@sha256:[0-9a-f]{64}: ${img.layers.length} layers`));
     assert.match(r.stderr, new RegExp(`layer ${img.layers.length}/${img.layers.length}: `), 'progress per layer on stderr');
+    assert.match(r.stderr, /layer 1\/\d+: downloading 100% \(/, 'download progress (not a terminal: a line per 25%)');
 
     const index = await client.getManifest(dst);
     assert.equal(index.mediaType, 'application/vnd.oci.image.index.v1+json');

@@ -28,6 +28,42 @@ function parsePlatform(s: string): Platform | null {
   return { os: osName, architecture, ...(variant ? { variant } : {}) };
 }
 
+/**
+ * One status line on a terminal (redrawn at most 10 times a second); on
+ * anything else a line at each further 25% of a layer, so logs stay short.
+ */
+class ProgressBar {
+  private shown = false;
+  private last = 0;
+  private lastQuarter = new Map<string, number>();
+
+  constructor(private readonly out: NodeJS.WriteStream) {}
+
+  show(label: string, done: number, total: number): void {
+    const pct = total > 0 ? Math.min(100, Math.floor((done / total) * 100)) : 0;
+    const mib = (n: number) => (n / 1048576).toFixed(1);
+    if (this.out.isTTY) {
+      const now = Date.now();
+      if (now - this.last < 100 && done < total) return;
+      this.last = now;
+      const width = 30;
+      const fill = Math.round((pct / 100) * width);
+      this.out.write(`\r[${'#'.repeat(fill)}${' '.repeat(width - fill)}] ${String(pct).padStart(3)}% ${label} ${mib(done)}/${mib(total)} MiB\x1b[K`);
+      this.shown = true;
+    } else {
+      const quarter = Math.floor(pct / 25);
+      if ((this.lastQuarter.get(label) ?? -1) >= quarter) return;
+      this.lastQuarter.set(label, quarter);
+      this.out.write(`${label} ${pct}% (${mib(done)}/${mib(total)} MiB)\n`);
+    }
+  }
+
+  clear(): void {
+    if (this.shown) this.out.write('\r\x1b[K');
+    this.shown = false;
+  }
+}
+
 export async function runConvert(argv: string[]): Promise<number> {
   const fail = (msg: string, code = 2) => {
     process.stderr.write(`dedup-snapshotter convert: ${msg}\n`);
@@ -70,6 +106,7 @@ export async function runConvert(argv: string[]): Promise<number> {
   }
   const client = new RegistryClient({ plainHttpHosts: plainHttp ? hosts : [], dockerConfig: defaultDockerConfigPath() });
   const workDir = await fsp.mkdtemp(path.join(os.tmpdir(), 'dedup-convert-'));
+  const bar = new ProgressBar(process.stderr);
   const started = Date.now();
   try {
     let probe: ReturnType<typeof probeMkfs> | null = null;
@@ -81,8 +118,13 @@ export async function runConvert(argv: string[]): Promise<number> {
       mkfs: () => (probe ??= probeMkfs(cfg.mkfs_erofs)),
       chunkSize: chunkSize ?? cfg.chunk_size,
       workDir,
-      progress: (line) => process.stderr.write(`${line}\n`),
+      progress: (line) => {
+        bar.clear();
+        process.stderr.write(`${line}\n`);
+      },
+      onBytes: (index, count, done, total) => bar.show(`layer ${index}/${count}: downloading`, done, total),
     });
+    bar.clear();
     const logical = r.layers.reduce((n, l) => n + l.logicalBytes, 0);
     process.stdout.write(
       `${refs[1]}@${r.digest}: ${r.layers.length} layers, ${logical} bytes of file data, ${r.dataBytes} bytes of chunk data, converted from ${r.source} in ${((Date.now() - started) / 1000).toFixed(1)} s\n`,

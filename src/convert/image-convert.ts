@@ -1,6 +1,7 @@
 import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { Transform } from 'node:stream';
 import { invalidArgument } from '../errdefs/errors';
 import {
   ANNOTATION_CHUNKS_FOR,
@@ -52,6 +53,8 @@ export interface ImageConvertOptions {
   chunkSize: number;
   workDir: string;
   progress?: (line: string) => void;
+  /** Bytes of layer `index` (1-based) read so far, of `total`; for a progress bar. */
+  onBytes?: (index: number, count: number, done: number, total: number) => void;
 }
 
 export interface ImageConvertResult {
@@ -129,9 +132,20 @@ export async function convertImage(o: ImageConvertOptions): Promise<ImageConvert
     await fsp.mkdir(dir, { mode: 0o755 });
     const t0 = Date.now();
     const blob = await o.client.getBlobStream(src, l.digest);
+    let read = 0;
+    const counted = blob.stream.pipe(
+      new Transform({
+        transform(chunk: Buffer, _enc, cb) {
+          read += chunk.length;
+          o.onBytes?.(i + 1, manifest.layers.length, read, l.size);
+          cb(null, chunk);
+        },
+      }),
+    );
+    blob.stream.on('error', (err) => counted.destroy(err));
     // As containerd: directories the tar does not list take their owner,
     // mode and xattrs from the layers below (kept until the end for that).
-    await applyLayerTar(blob.stream, dir, { parents: [...unpacked].reverse() });
+    await applyLayerTar(counted, dir, { parents: [...unpacked].reverse() });
     blob.verify();
     unpacked.push(dir);
     const built = await builder.addLayer(dir, diffIds[i]);
