@@ -372,6 +372,22 @@ describe('restarts on the same ROOT', () => {
   });
 });
 
+test('a malformed docker config.json: the default one is ignored with a warning, a configured one stops the start naming it', async () => {
+  const dir = tempDir('daemon-dockercfg');
+  fs.mkdirSync(path.join(dir, 'docker'));
+  const bad = path.join(dir, 'docker', 'config.json');
+  fs.writeFileSync(bad, '{"auths": {"r.example": {"auth": "not base64 user:pass!"}}');
+  const d = await startDaemon({ dir, convertMode: 'sync', env: { DOCKER_CONFIG: path.join(dir, 'docker') } });
+  try {
+    assert.ok(d.logs().some((l) => l.level === 'warn' && /ignoring docker config\.json/.test(String(l.msg))), d.output());
+  } finally {
+    await d.stop();
+  }
+  const d2 = await startDaemon({ dir: tempDir('daemon-dockercfg2'), convertMode: 'sync', config: { registry: { docker_config: bad } }, waitReady: false });
+  assert.notEqual(await d2.exited, 0);
+  assert.match(d2.output(), /"err":"docker config [^"]*config\.json: not valid JSON","msg":"cannot start snapshotter"/);
+});
+
 test('logs carry op, key and snapshot on Prepare, Commit and Remove', async () => {
   let d: DaemonProcess | undefined;
   try {

@@ -58,11 +58,15 @@ export async function runDaemon(): Promise<void> {
     if (cfg.use_erofs && !erofsSupported()) {
       throw new Error('use_erofs is true but the kernel has no erofs filesystem (modprobe erofs), or set "use_erofs": false');
     }
-    remoteClient = new RegistryClient({
-      plainHttpHosts: [...cfg.registry.plain_http_hosts],
-      dockerConfig: cfg.registry.docker_config ?? defaultDockerConfigPath(),
-      logger: log,
-    });
+    const registryOptions = { plainHttpHosts: [...cfg.registry.plain_http_hosts], logger: log };
+    try {
+      remoteClient = new RegistryClient({ ...registryOptions, dockerConfig: cfg.registry.docker_config ?? defaultDockerConfigPath() });
+    } catch (err) {
+      // A configured file must be right; docker's default one is only a convenience.
+      if (cfg.registry.docker_config) throw err;
+      log.warn({ op: 'start', err: (err as Error).message }, 'ignoring docker config.json: registries are reached without its credentials');
+      remoteClient = new RegistryClient(registryOptions);
+    }
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
