@@ -42,6 +42,11 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runPull(rest);
     return;
   }
+  if (cmd === 'ondemand-holder') {
+    const { runHolder } = await import('./holder');
+    process.exitCode = await runHolder(rest);
+    return;
+  }
   if (cmd !== undefined && cmd !== 'serve') {
     process.stderr.write(`dedup-snapshotter: unknown command ${JSON.stringify(cmd)}\n${USAGE}`);
     process.exit(2);

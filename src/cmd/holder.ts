@@ -1,0 +1,36 @@
+import { OndemandHolder } from '../ondemand/holder';
+
+const USAGE = `usage: dedup-snapshotter ondemand-holder --socket PATH
+
+Holds the fanotify pre-content group for on-demand loading and relays its
+events to the daemon connecting on PATH, so a daemon crash or restart never
+lets a read of unfetched data through (it waits for the daemon instead).
+Started once, detached; not restarted with the daemon.
+`;
+
+export async function runHolder(argv: string[]): Promise<number> {
+  let socket: string | null = null;
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--socket' && argv[i + 1]) socket = argv[++i];
+    else if (argv[i] === '--help' || argv[i] === '-h') {
+      process.stdout.write(USAGE);
+      return 0;
+    } else {
+      process.stderr.write(`dedup-snapshotter ondemand-holder: unknown argument ${JSON.stringify(argv[i])}\n${USAGE}`);
+      return 2;
+    }
+  }
+  if (!socket) {
+    process.stderr.write(`dedup-snapshotter ondemand-holder: --socket is required\n${USAGE}`);
+    return 2;
+  }
+  const log = (msg: string) => process.stderr.write(`${JSON.stringify({ op: 'holder', time: new Date().toISOString(), msg })}\n`);
+  const holder = new OndemandHolder({ socket, log });
+  await holder.listen();
+  log(`holding the fanotify group; daemon socket ${socket}`);
+  await new Promise<void>((resolve) => {
+    for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => resolve());
+  });
+  await holder.close();
+  return 0;
+}

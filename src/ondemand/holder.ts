@@ -1,0 +1,202 @@
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import {
+  FAN_ALLOW,
+  FAN_CLASS_PRE_CONTENT,
+  FAN_CLOEXEC,
+  FAN_MARK_ADD,
+  FAN_NONBLOCK,
+  FAN_PRE_ACCESS,
+  O_LARGEFILE,
+  O_RDWR,
+  closeFd,
+  fanDenyErrno,
+  fanotifyInit,
+  fanotifyMark,
+  fanotifyResponse,
+  parseFanotifyEvents,
+} from '../../native/fanotify';
+import { FrameReader, encodeFrame } from './frames';
+
+/**
+ * The on-demand holder: a minimal process that owns the fanotify
+ * pre-content group, so that no daemon crash or restart can let a read of
+ * unfetched data through (the kernel allows pending and later accesses when
+ * the group's owner dies). It only relays: each event (a read of a marked
+ * lazy file) goes to the connected daemon as {op:"event", id, path, offset,
+ * count}; the daemon answers {op:"fill", id, offset} + bytes, which the
+ * holder writes through the event's fd (raising no event), and then
+ * {op:"done", id, ok}, which the holder turns into FAN_ALLOW or a denial
+ * with EIO. While no daemon is connected, events wait; a daemon that
+ * connects gets every pending one. Marks: {op:"mark", path} → {op:"marked",
+ * path} or {op:"error"}; mark a file before anything opens it (a file opened
+ * earlier raises no pre-content events).
+ */
+
+interface Pending {
+  id: number;
+  fd: number;
+  path: string;
+  offset: number;
+  count: number;
+  sentTo: net.Socket | null;
+}
+
+export interface HolderOptions {
+  /** Unix socket the daemon connects to (mode 0600). */
+  socket: string;
+  log?: (msg: string) => void;
+  /** How often the non-blocking group is polled, ms. */
+  pollMs?: number;
+}
+
+export class OndemandHolder {
+  private readonly group: number;
+  private readonly server: net.Server;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private client: net.Socket | null = null;
+  private readonly buf = Buffer.alloc(64 * 1024);
+  private timer: NodeJS.Timeout | null = null;
+  private closed = false;
+
+  constructor(private readonly o: HolderOptions) {
+    this.group = fanotifyInit(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE);
+    this.server = net.createServer((s) => this.accept(s));
+  }
+
+  private log(msg: string): void {
+    this.o.log?.(msg);
+  }
+
+  async listen(): Promise<void> {
+    try {
+      fs.unlinkSync(this.o.socket);
+    } catch {
+      // none
+    }
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(this.o.socket, () => resolve());
+    });
+    fs.chmodSync(this.o.socket, 0o600);
+    const poll = () => {
+      if (this.closed) return;
+      this.drain();
+      this.timer = setTimeout(poll, this.o.pollMs ?? 1);
+    };
+    poll();
+  }
+
+  get pendingCount(): number {
+    return this.pending.size;
+  }
+
+  /** Reads every queued event and relays it. */
+  private drain(): void {
+    for (;;) {
+      let n: number;
+      try {
+        n = fs.readSync(this.group, this.buf, 0, this.buf.length, null);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EAGAIN') return;
+        throw err;
+      }
+      for (const ev of parseFanotifyEvents(this.buf, n)) {
+        if (ev.fd < 0) continue;
+        let path = '';
+        try {
+          path = fs.readlinkSync(`/proc/self/fd/${ev.fd}`);
+        } catch {
+          // unknown: the daemon decides
+        }
+        const p: Pending = { id: this.nextId++, fd: ev.fd, path, offset: ev.range?.offset ?? 0, count: ev.range?.count ?? 0, sentTo: null };
+        this.pending.set(p.id, p);
+        this.send(p);
+      }
+    }
+  }
+
+  private send(p: Pending): void {
+    if (!this.client || p.sentTo === this.client) return;
+    p.sentTo = this.client;
+    this.client.write(encodeFrame({ op: 'event', id: p.id, path: p.path, offset: p.offset, count: p.count }));
+  }
+
+  private accept(s: net.Socket): void {
+    if (this.client) this.client.destroy();
+    this.client = s;
+    this.log('daemon connected');
+    const reader = new FrameReader();
+    s.on('data', (chunk: Buffer) => {
+      let frames;
+      try {
+        frames = reader.push(chunk);
+      } catch (err) {
+        this.log(`dropping the daemon's connection: ${(err as Error).message}`);
+        s.destroy();
+        return;
+      }
+      for (const f of frames) this.handle(s, f.head, f.data);
+    });
+    s.on('close', () => {
+      if (this.client === s) {
+        this.client = null;
+        // Events sent to it wait for the next daemon.
+        for (const p of this.pending.values()) if (p.sentTo === s) p.sentTo = null;
+        this.log('daemon disconnected; events wait');
+      }
+    });
+    s.on('error', () => undefined);
+    for (const p of this.pending.values()) this.send(p);
+  }
+
+  private handle(s: net.Socket, head: Record<string, unknown>, data: Buffer): void {
+    const reply = (h: Record<string, unknown>) => s.write(encodeFrame(h));
+    if (head.op === 'mark' && typeof head.path === 'string') {
+      try {
+        fanotifyMark(this.group, FAN_MARK_ADD, FAN_PRE_ACCESS, head.path);
+        reply({ op: 'marked', path: head.path });
+      } catch (err) {
+        reply({ op: 'error', path: head.path, error: (err as Error).message });
+      }
+      return;
+    }
+    const p = typeof head.id === 'number' ? this.pending.get(head.id) : undefined;
+    if (!p) return;
+    if (head.op === 'fill' && typeof head.offset === 'number') {
+      try {
+        fs.writeSync(p.fd, data, 0, data.length, head.offset);
+      } catch (err) {
+        reply({ op: 'error', id: p.id, error: (err as Error).message });
+      }
+    } else if (head.op === 'done') {
+      this.pending.delete(p.id);
+      const response = head.ok === true ? FAN_ALLOW : fanDenyErrno(os.constants.errno.EIO);
+      try {
+        fs.writeSync(this.group, fanotifyResponse(p.fd, response));
+      } finally {
+        closeFd(p.fd);
+      }
+    }
+  }
+
+  /** Stops relaying: what is pending is denied with EIO (never allowed unfilled). */
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    for (const p of this.pending.values()) {
+      try {
+        fs.writeSync(this.group, fanotifyResponse(p.fd, fanDenyErrno(os.constants.errno.EIO)));
+      } catch {
+        // the group goes next anyway
+      }
+      closeFd(p.fd);
+    }
+    this.pending.clear();
+    this.client?.destroy();
+    await new Promise<void>((r) => this.server.close(() => r()));
+    closeFd(this.group);
+  }
+}
