@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { snapshotsService } from '../../src/grpc/proto';
+import { mountPoints } from '../../src/mount/mountinfo';
 import { unmountUnder } from './mounts';
 
 /** Repository root (from dist/test/helpers or test/helpers). */
@@ -15,9 +16,35 @@ export const REPO_ROOT = (() => {
 
 export const DAEMON_BIN = path.join(REPO_ROOT, 'bin', 'dedup-snapshotter');
 
+const temps = new Set<string>();
+
+/**
+ * A fresh directory under the system temp dir. Whatever the test leaves is
+ * deleted when the process exits, except a directory with anything mounted
+ * under it (deleting through a mount could reach what it shows).
+ */
 export function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `dedup-${prefix}-`));
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), `dedup-${prefix}-`));
+  temps.add(d);
+  return d;
 }
+
+process.on('exit', () => {
+  let targets: string[] = [];
+  try {
+    targets = mountPoints();
+  } catch {
+    return;
+  }
+  for (const d of temps) {
+    if (targets.some((t) => t === d || t.startsWith(`${d}/`))) continue;
+    try {
+      fs.rmSync(d, { recursive: true, force: true });
+    } catch {
+      // best effort
+    }
+  }
+});
 
 export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
