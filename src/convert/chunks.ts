@@ -15,6 +15,12 @@ export interface HashedImage {
 
 export const extentKey = (r: { blkaddr: number; nblocks: number }): string => `${r.blkaddr}:${r.nblocks}`;
 
+/** The image's chunk indexes, and those of them that name data (not holes). */
+export function scanDataChunks(img: Buffer): { scan: ChunkScan; refs: ChunkRef[] } {
+  const scan = scanChunks(img);
+  return { scan, refs: scan.chunkRefs.filter((r) => r.blkaddr !== EROFS_NULL_ADDR) };
+}
+
 /**
  * Scans `img` for chunk indexes and hashes every distinct extent they name
  * in the temporary blob at `blobPath` (whole 4 KiB blocks, as the store keeps
@@ -23,8 +29,7 @@ export const extentKey = (r: { blkaddr: number; nblocks: number }): string => `$
  * in a scrambled order, cold python3 start-up was ~1.2x slower).
  */
 export async function hashImageChunks(img: Buffer, blobPath: string): Promise<HashedImage> {
-  const scan = scanChunks(img);
-  const refs = scan.chunkRefs.filter((r) => r.blkaddr !== EROFS_NULL_ADDR);
+  const { scan, refs } = scanDataChunks(img);
   const digests = new Map<string, string>();
   const extents = new Map<string, Extent>();
   if (refs.length === 0) return { scan, refs, digests, extents };

@@ -10,8 +10,7 @@ import type { ChunkEntry } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference } from '../remote/reference';
 import { ChunkStore, type Extent } from '../store/chunkstore';
-import { extentKey } from '../convert/chunks';
-import { EROFS_NULL_ADDR, scanChunks } from '../convert/erofs-format';
+import { extentKey, scanDataChunks } from '../convert/chunks';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
@@ -316,8 +315,7 @@ export class Snapshotter {
     const started = Date.now();
     const { header, erofs } = await remote.fetchLayer(rl);
     const img = Buffer.from(erofs);
-    const scan = scanChunks(img);
-    const refs = scan.chunkRefs.filter((r) => r.blkaddr !== EROFS_NULL_ADDR);
+    const { scan, refs } = scanDataChunks(img);
     if (refs.length > 0 && !header.has_blob) throw internal(`remote layer ${rl.layerDigest}: the image has chunks but the header says has_blob false`);
     const entries = new Map(header.chunks.map((c) => [extentKey({ blkaddr: c[0], nblocks: c[1] }), c]));
     const store = this.store as ChunkStore;
@@ -377,20 +375,9 @@ export class Snapshotter {
           if (bytesRead !== at.length) throw internal(`spooled chunk ${key}: read ${bytesRead} of ${at.length} bytes`);
           return buf;
         },
-        (layer) => {
-          const target = this.mntPath(id);
-          (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
-          try {
-            this.ms.transaction(() => {
-              this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
-              this.recordLayer(id, layer, started);
-            });
-          } catch (err) {
-            unmountErofs(target);
-            throw err;
-          }
-          return layer.stats;
-        },
+        this.mountAndRecord(id, started, () => {
+          this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
+        }),
       );
       created = false;
       await removeAll(path.join(this.snapshotsDir, id));
@@ -470,19 +457,7 @@ export class Snapshotter {
     if (s.parentIds.length === 0) {
       return [{ type: 'bind', source: this.upperPath(s.id), options: [s.kind === Kind.View ? 'ro' : 'rw', 'rbind'] }];
     }
-    // A layer mount lost (e.g. unmounted by hand) is made again here.
-    const mounted = this.converter ? new Set(mountPoints()) : undefined;
-    const now = Date.now();
-    const lower = s.parentIds.map((id) => {
-      const layer = mounted ? this.ms.getLayer(id) : undefined;
-      if (!layer) {
-        // Still a directory: remember it was handed out (see sweepRetired).
-        if (mounted) this.handedOut.set(id, now);
-        return this.upperPath(id);
-      }
-      this.ensureLayerMounted(layer, mounted as Set<string>);
-      return this.mntPath(id);
-    });
+    const lower = this.layerRootsOf(s.parentIds);
     if (s.kind === Kind.View && s.parentIds.length === 1) {
       return [{ type: 'bind', source: lower[0], options: ['ro', 'rbind'] }];
     }
@@ -581,13 +556,19 @@ export class Snapshotter {
     }
   }
 
-  /**
-   * Converts layer `id`'s directory, mounts the image at mnt/<id> and, in one
-   * transaction, runs `alsoInTx` and records chunks, references and the layer
-   * row. On failure the mount goes again (the converter removes the rest).
-   */
+  /** Converts layer `id`'s directory and records it (see mountAndRecord). */
   private convertLayer(id: string, started: number, alsoInTx: () => void): Promise<ConvertStats> {
-    return (this.converter as Converter).convert(id, this.upperPath(id), (layer) => {
+    return (this.converter as Converter).convert(id, this.upperPath(id), this.mountAndRecord(id, started, alsoInTx));
+  }
+
+  /**
+   * The converter's `finish` for layer `id`: mounts the image at mnt/<id>
+   * and, in one transaction, runs `alsoInTx` and records chunks, references
+   * and the layer row; on failure the mount goes again (the converter
+   * removes the rest).
+   */
+  private mountAndRecord(id: string, started: number, alsoInTx: () => void): (layer: ConvertedLayer) => ConvertStats {
+    return (layer) => {
       const target = this.mntPath(id);
       (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
       try {
@@ -600,7 +581,7 @@ export class Snapshotter {
         throw err;
       }
       return layer.stats;
-    });
+    };
   }
 
   /** In a transaction: chunk rows, the layer's references and its layer row. */
@@ -651,19 +632,27 @@ export class Snapshotter {
     if (key === undefined || !this.ms.has(key)) throw notFound(`no layer ${JSON.stringify(ref)} (expected a layer id as in images/<id>.erofs, or a committed snapshot key)`);
     const s = this.ms.getAny(key);
     if (s.kind !== Kind.Committed) throw notFound(`snapshot ${JSON.stringify(ref)} is not a committed layer`);
+    const ids = [s.id, ...s.parentIds];
+    const roots = this.layerRootsOf(ids);
+    return ids.map((id, i) => ({ id, key: this.ms.keyOf(id) ?? '', root: roots[i] }));
+  }
+
+  /**
+   * The read-only root of each committed layer `ids` names, for handing out:
+   * its EROFS mount (made again if lost, e.g. unmounted by hand), or its
+   * directory until it is converted, remembered as handed out (see sweepRetired).
+   */
+  private layerRootsOf(ids: string[]): string[] {
     const mounted = this.converter ? new Set(mountPoints()) : undefined;
     const now = Date.now();
-    return [s.id, ...s.parentIds].map((id) => {
+    return ids.map((id) => {
       const layer = mounted ? this.ms.getLayer(id) : undefined;
-      let root: string;
-      if (layer) {
-        this.ensureLayerMounted(layer, mounted as Set<string>);
-        root = this.mntPath(id);
-      } else {
+      if (!layer) {
         if (mounted) this.handedOut.set(id, now);
-        root = this.upperPath(id);
+        return this.upperPath(id);
       }
-      return { id, key: this.ms.keyOf(id) ?? '', root };
+      this.ensureLayerMounted(layer, mounted as Set<string>);
+      return this.mntPath(id);
     });
   }
 
