@@ -176,47 +176,41 @@ export async function convertImage(o: ImageConvertOptions): Promise<ImageConvert
     );
   }
 
+  /** Pushes `config` as a blob and an OCI manifest over it and `layers`, by digest; returns the manifest's digest and size. */
+  const pushManifest = async (config: Buffer, configType: string, layers: Descriptor[], annotations: Record<string, string>) => {
+    const configDigest = sha256(config);
+    await o.client.pushBlob(dst, configDigest, config);
+    const bytes = Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: MEDIA_TYPE_OCI_MANIFEST,
+        config: { mediaType: configType, digest: configDigest, size: config.length },
+        layers,
+        annotations: { [ANNOTATION_FORMAT]: FORMAT_VERSION, ...annotations },
+      }),
+    );
+    const digest = sha256(bytes);
+    await o.client.putManifest({ ...dst, tag: null, digest } as Reference, MEDIA_TYPE_OCI_MANIFEST, bytes);
+    return { digest, size: bytes.length };
+  };
   // The config as the source's, with the dedup layers' digests as diff ids.
   const newConfig = Buffer.from(JSON.stringify({ ...config, rootfs: { type: 'layers', diff_ids: layerDescs.map((d) => d.digest) } }));
-  const configDigest = sha256(newConfig);
-  await o.client.pushBlob(dst, configDigest, newConfig);
-  const imageManifest = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType: MEDIA_TYPE_OCI_MANIFEST,
-      config: { mediaType: MEDIA_TYPE_OCI_CONFIG, digest: configDigest, size: newConfig.length },
-      layers: layerDescs,
-      annotations: { [ANNOTATION_FORMAT]: FORMAT_VERSION, [ANNOTATION_SOURCE]: sourceName },
-    }),
-  );
-  const manifestDigest = sha256(imageManifest);
-  await o.client.putManifest({ ...dst, tag: null, digest: manifestDigest } as Reference, MEDIA_TYPE_OCI_MANIFEST, imageManifest);
-
+  const image = await pushManifest(newConfig, MEDIA_TYPE_OCI_CONFIG, layerDescs, { [ANNOTATION_SOURCE]: sourceName });
+  const manifestDigest = image.digest;
   const chunksConfig = Buffer.from(JSON.stringify({ format: FORMAT_VERSION, image: manifestDigest }));
-  const chunksConfigDigest = sha256(chunksConfig);
-  await o.client.pushBlob(dst, chunksConfigDigest, chunksConfig);
-  const chunksManifest = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType: MEDIA_TYPE_OCI_MANIFEST,
-      config: { mediaType: MEDIA_TYPE_CHUNKS_CONFIG, digest: chunksConfigDigest, size: chunksConfig.length },
-      layers: dataDescs,
-      annotations: { [ANNOTATION_FORMAT]: FORMAT_VERSION, [ANNOTATION_CHUNKS_FOR]: manifestDigest },
-    }),
-  );
-  const chunksManifestDigest = sha256(chunksManifest);
-  await o.client.putManifest({ ...dst, tag: null, digest: chunksManifestDigest } as Reference, MEDIA_TYPE_OCI_MANIFEST, chunksManifest);
+  const chunks = await pushManifest(chunksConfig, MEDIA_TYPE_CHUNKS_CONFIG, dataDescs, { [ANNOTATION_CHUNKS_FOR]: manifestDigest });
+  const chunksManifestDigest = chunks.digest;
 
   const index = Buffer.from(
     JSON.stringify({
       schemaVersion: 2,
       mediaType: MEDIA_TYPE_OCI_INDEX,
       manifests: [
-        { mediaType: MEDIA_TYPE_OCI_MANIFEST, digest: manifestDigest, size: imageManifest.length, platform },
+        { mediaType: MEDIA_TYPE_OCI_MANIFEST, digest: manifestDigest, size: image.size, platform },
         {
           mediaType: MEDIA_TYPE_OCI_MANIFEST,
           digest: chunksManifestDigest,
-          size: chunksManifest.length,
+          size: chunks.size,
           // As Docker's attestation manifests: pull handlers skip unknown/unknown.
           platform: { os: 'unknown', architecture: 'unknown' },
           annotations: { [ANNOTATION_CHUNKS_FOR]: manifestDigest, 'vnd.docker.reference.type': 'dedup-chunks', 'vnd.docker.reference.digest': manifestDigest },
