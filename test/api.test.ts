@@ -7,7 +7,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
@@ -16,40 +15,10 @@ import { setXattr } from '../native/xattr';
 import { AuditLog } from '../src/audit/audit';
 import { Ksm } from '../src/ksm/ksm';
 import { type DaemonProcess, call, cleanupDaemons, snapshotsClient, startDaemon, tempDir, waitFor } from './helpers/daemon';
+import { request } from './helpers/http';
 import { pseudoRandom } from './helpers/images';
 
 const MiB = 1 << 20;
-
-interface Res {
-  status: number;
-  headers: http.IncomingHttpHeaders;
-  body: string;
-  json: any;
-}
-
-/** One HTTP request to the API at `address` (a unix socket path or host:port). */
-function request(address: string, method: string, url: string, body?: string | Buffer, headers: Record<string, string> = {}): Promise<Res> {
-  const target = path.isAbsolute(address) ? { socketPath: address } : { host: address.split(':')[0], port: Number(address.split(':')[1]) };
-  return new Promise((resolve, reject) => {
-    const req = http.request({ ...target, method, path: url, headers: { ...(body !== undefined ? { 'content-type': 'application/json' } : {}), ...headers } }, (res) => {
-      let data = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (data += d));
-      res.on('end', () => {
-        let json: any = null;
-        try {
-          json = JSON.parse(data);
-        } catch {
-          // not JSON (metrics)
-        }
-        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: data, json });
-      });
-    });
-    req.on('error', reject);
-    if (body !== undefined) req.write(body);
-    req.end();
-  });
-}
 
 type Client = ReturnType<typeof snapshotsClient>;
 

@@ -8,28 +8,16 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { MS_RDONLY, mount, umount2 } from '../native/mount';
 import { DedupImageBuilder } from '../src/convert/dedup-layer';
 import { probeMkfs } from '../src/convert/mkfs';
 import { DedupFormatError, LAYER_MAGIC, type LayerHeader, decodeLayerBlob, encodeLayerBlob } from '../src/remote/dedup-image';
-import { tempDir } from './helpers/daemon';
+import { scratchDirs } from './helpers/daemon';
 import { pseudoRandom } from './helpers/images';
-import { unmountUnder } from './helpers/mounts';
 
 const MiB = 1 << 20;
-const dirs: string[] = [];
-function work(name: string): string {
-  const d = tempDir(name);
-  dirs.push(d);
-  return d;
-}
-after(async () => {
-  for (const d of dirs) {
-    await unmountUnder(d);
-    fs.rmSync(d, { recursive: true, force: true });
-  }
-});
+const work = scratchDirs();
 
 function writeTree(dir: string, files: Record<string, Buffer | string>): void {
   for (const [p, data] of Object.entries(files)) {

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { after, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { scanChunks, superblockChecksumOk, updateSuperblockChecksum } from '../src/convert/erofs-format';
 import { buildChunkedImage, probeMkfs } from '../src/convert/mkfs';
 import { ErofsMounter } from '../src/mount/erofs';
@@ -17,7 +17,7 @@ import { listMounts } from '../src/mount/mountinfo';
 import { bdiReadAheadKb, deviceReadAheadKb, erofsBdis } from '../src/mount/readahead';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { Kind } from '../src/snapshot/types';
-import { tempDir, waitFor } from './helpers/daemon';
+import { scratchDirs, waitFor } from './helpers/daemon';
 import { pseudoRandom } from './helpers/images';
 import { unmountUnder } from './helpers/mounts';
 
@@ -26,19 +26,7 @@ const erofs = { chunkSize: MiB, mkfs: 'mkfs.erofs', convertMode: 'sync' as const
 
 const random = pseudoRandom;
 
-const dirs: string[] = [];
-function workDir(name: string): string {
-  const d = tempDir(name);
-  dirs.push(d);
-  return d;
-}
-
-after(async () => {
-  for (const d of dirs) {
-    await unmountUnder(d);
-    fs.rmSync(d, { recursive: true, force: true });
-  }
-});
+const workDir = scratchDirs();
 
 /** Prepares `key` on `parent`, writes files into its upper dir, commits it as `name`. */
 async function layer(sn: Snapshotter, name: string, parent: string, files: Record<string, Buffer>): Promise<void> {

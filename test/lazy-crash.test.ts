@@ -10,11 +10,10 @@ import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { after, test } from 'node:test';
-import { convertImage } from '../src/convert/image-convert';
-import { probeMkfs } from '../src/convert/mkfs';
 import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
 import { RegistryClient } from '../src/remote/registry';
 import { call, cleanupDaemons, list, snapshotsClient, startDaemon, tempDir, waitFor } from './helpers/daemon';
+import { convertForTest } from './helpers/dedup';
 import { buildImage, busyboxImageDef, chainIds, pseudoRandom, pushImage } from './helpers/images';
 import { startRegistry } from './helpers/registry';
 
@@ -49,8 +48,7 @@ test('kill -9 mid-fetch of a remote layer leaves nothing; after a restart the sa
     const def = { ...busyboxImageDef(), name: 'test/crash', layers: [[{ type: 'file' as const, path: 'data.bin', content: pseudoRandom(3 << 20, 'lazy-crash') }]] };
     const img = await buildImage(def);
     const src = await pushImage(img, registry.host, dir);
-    const mkfs = await probeMkfs('mkfs.erofs');
-    const converted = await convertImage({ client, src, dst: `${registry.host}/dedup/crash:v1`, mkfs: async () => mkfs, chunkSize: 65536, workDir: fs.mkdtempSync(path.join(dir, 'c-')) });
+    const converted = await convertForTest(client, src, `${registry.host}/dedup/crash:v1`, dir);
     const chain = chainIds(converted.layers.map((l) => l.digest));
     const labels = {
       [LABEL_SNAPSHOT_REF]: chain[0],

@@ -6,14 +6,12 @@
  * runs from the image.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
 import { after, test } from 'node:test';
-import { convertImage } from '../src/convert/image-convert';
-import { probeMkfs } from '../src/convert/mkfs';
 import { RegistryClient } from '../src/remote/registry';
 import { CriImages } from './helpers/cri';
 import { cleanupDaemons } from './helpers/daemon';
+import { convertForTest } from './helpers/dedup';
+import { daemonStats } from './helpers/http';
 import { busyboxImageDef } from './helpers/images';
 import { Stack } from './helpers/stack';
 
@@ -26,16 +24,7 @@ test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers 
   try {
     const [img] = await stack.pushImages([busyboxImageDef()]);
     const dst = `${stack.registry}/dedup/busybox:v1`;
-    const work = fs.mkdtempSync(path.join(stack.dir, 'convert-'));
-    const mkfs = await probeMkfs('mkfs.erofs');
-    const converted = await convertImage({
-      client,
-      src: `${stack.registry}/${img.def.name}:${img.def.tag}`,
-      dst,
-      mkfs: async () => mkfs,
-      chunkSize: 65536,
-      workDir: work,
-    });
+    const converted = await convertForTest(client, `${stack.registry}/${img.def.name}:${img.def.tag}`, dst, stack.dir);
 
     await cri.pull(dst);
 
@@ -51,18 +40,7 @@ test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers 
     const out = await stack.ctr(['run', '--snapshotter', 'dedup', '--rm', dst, 'lazy-cri-1', 'cat', '/etc/passwd'], { ns: 'k8s.io', timeoutMs: 60_000 });
     assert.equal(out.stdout, img.def.passwd);
 
-    const stats = JSON.parse(
-      await new Promise<string>((resolve, reject) => {
-        const http = require('node:http') as typeof import('node:http');
-        http
-          .get({ socketPath: stack.daemon.apiAddress, path: '/stats' }, (res) => {
-            let b = '';
-            res.on('data', (d) => (b += d));
-            res.on('end', () => resolve(b));
-          })
-          .on('error', reject);
-      }),
-    );
+    const stats = await daemonStats(stack.daemon.apiAddress);
     assert.equal(stats.remote.layers, converted.layers.length);
     assert.ok(stats.ondemand.misses > 0 && stats.remote.bytes_fetched > 0);
   } finally {

@@ -11,9 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import { convertImage } from '../src/convert/image-convert';
 import { createLogger } from '../src/log/logger';
-import { probeMkfs } from '../src/convert/mkfs';
 import { applyLayerTar } from '../src/convert/untar';
 import { SnapshotterError } from '../src/errdefs/errors';
 import type { ChunkEntry } from '../src/remote/dedup-image';
@@ -22,6 +20,7 @@ import { RegistryClient } from '../src/remote/registry';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { Kind } from '../src/snapshot/types';
 import { tempDir } from './helpers/daemon';
+import { convertForTest } from './helpers/dedup';
 import { checkDirectoryEqual } from './helpers/fstest';
 import { type BuiltImage, buildImage, busyboxImageDef, chainIds, pseudoRandom, pushImage, tortureImageDef } from './helpers/images';
 import { unmountUnder } from './helpers/mounts';
@@ -56,9 +55,7 @@ interface Converted {
 async function pushAndConvert(img: BuiltImage, name: string): Promise<Converted> {
   const src = await pushImage(img, registry.host, dir);
   const ref = `${registry.host}/dedup/${name}:v1`;
-  const work = fs.mkdtempSync(path.join(dir, 'conv-'));
-  const mkfs = await probeMkfs('mkfs.erofs');
-  const r = await convertImage({ client, src, dst: ref, mkfs: async () => mkfs, chunkSize: 65536, workDir: work });
+  const r = await convertForTest(client, src, ref, dir);
   const layerDigests = r.layers.map((l) => l.digest);
   return { img, ref, manifestDigest: r.manifestDigest, layerDigests, chain: chainIds(layerDigests) };
 }

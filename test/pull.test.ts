@@ -6,14 +6,12 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { promisify } from 'node:util';
-import { convertImage } from '../src/convert/image-convert';
-import { probeMkfs } from '../src/convert/mkfs';
 import { RegistryClient } from '../src/remote/registry';
 import { cleanupDaemons, waitFor } from './helpers/daemon';
+import { convertForTest } from './helpers/dedup';
 import { busyboxImageDef } from './helpers/images';
 import { Stack } from './helpers/stack';
 
@@ -28,15 +26,7 @@ test('pull REF: the image is in ctr images ls, no layer blob downloaded, ctr run
   try {
     const [img] = await stack.pushImages([busyboxImageDef()]);
     const dst = `${stack.registry}/dedup/busybox:v1`;
-    const mkfs = await probeMkfs('mkfs.erofs');
-    const converted = await convertImage({
-      client,
-      src: `${stack.registry}/${img.def.name}:${img.def.tag}`,
-      dst,
-      mkfs: async () => mkfs,
-      chunkSize: 65536,
-      workDir: fs.mkdtempSync(path.join(stack.dir, 'convert-')),
-    });
+    const converted = await convertForTest(client, `${stack.registry}/${img.def.name}:${img.def.tag}`, dst, stack.dir);
 
     const r = await run(process.execPath, [BIN, 'pull', '--plain-http', '--address', stack.containerdAddress, dst], { env: { ...process.env, CONFIG: '' } });
     assert.match(r.stdout, new RegExp(`@${converted.digest}: ${converted.layers.length} layers ready in namespace default`));

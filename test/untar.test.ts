@@ -21,7 +21,7 @@ import zlib from 'node:zlib';
 import * as tar from 'tar-stream';
 import { readXattrs } from '../native/xattr';
 import { LayerTarError, applyLayerTar } from '../src/convert/untar';
-import { tempDir, waitFor } from './helpers/daemon';
+import { scratchDirs, waitFor } from './helpers/daemon';
 import { checkDirectoryEqual, deviceNumbers } from './helpers/fstest';
 import { CAP_NET_BIND_RAW, type Entry, MEDIA_CONFIG, MEDIA_LAYER_GZIP, MEDIA_MANIFEST, type TarHeader, buildLayer, chainIds, packEntry, pseudoRandom } from './helpers/images';
 import { mountsUnder, unmountUnder } from './helpers/mounts';
@@ -537,19 +537,7 @@ function implicitParentsTar(): Buffer {
 
 // ---------------------------------------------------------------------------
 
-const dirs: string[] = [];
-function workDir(name: string): string {
-  const d = tempDir(name);
-  dirs.push(d);
-  return d;
-}
-
-after(async () => {
-  for (const d of dirs) {
-    await unmountUnder(d);
-    fs.rmSync(d, { recursive: true, force: true });
-  }
-});
+const workDir = scratchDirs();
 
 /** Applies `blob` into a new directory under `parent`; returns it. */
 async function ours(parent: string, name: string, blob: Buffer, opts: Parameters<typeof applyLayerTar>[2] = {}): Promise<{ dir: string; files: number; bytes: number }> {

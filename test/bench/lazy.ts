@@ -10,12 +10,12 @@
  *   layer is ready today, so this shows what the fetch-everything fallback gives).
  */
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { convertImage } from '../../src/convert/image-convert';
 import { probeMkfs } from '../../src/convert/mkfs';
 import { decodeLayerBlob } from '../../src/remote/dedup-image';
 import { RegistryClient } from '../../src/remote/registry';
+import { daemonStats } from '../helpers/http';
 import type { Stack } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH } from './build';
 import { dropCaches, log, nowMs, secs, sh } from './util';
@@ -28,17 +28,7 @@ export interface LazyResult {
   firstOutput: { readBytes: number; overlayfsMs: number; dedupMs: number; ratio: number; dedupFetchedBytes: number };
 }
 
-function stats(stack: Stack): Promise<{ remote: { bytes_fetched: number; metadata_bytes: number } }> {
-  return new Promise((resolve, reject) => {
-    http
-      .get({ socketPath: stack.daemon.apiAddress, path: '/stats' }, (res) => {
-        let b = '';
-        res.on('data', (d) => (b += d));
-        res.on('end', () => resolve(JSON.parse(b)));
-      })
-      .on('error', reject);
-  });
-}
+const stats = async (stack: Stack): Promise<{ remote: { bytes_fetched: number; metadata_bytes: number } }> => daemonStats(stack.daemon.apiAddress);
 
 async function layerChunks(client: RegistryClient, ref: string): Promise<{ chunks: Map<string, number>; metadata: number }> {
   const repo = ref.slice(0, ref.lastIndexOf(':'));

@@ -1,7 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { after } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { snapshotsService } from '../../src/grpc/proto';
 import { mountPoints } from '../../src/mount/mountinfo';
@@ -45,6 +47,38 @@ process.on('exit', () => {
     }
   }
 });
+
+/**
+ * Scratch directories for one test file: each is unmounted (everything
+ * mounted under it) and deleted after the file's tests. Call at the top
+ * level of a test file.
+ */
+export function scratchDirs(): (name: string) => string {
+  const dirs: string[] = [];
+  after(async () => {
+    for (const d of dirs) {
+      await unmountUnder(d);
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+  return (name) => {
+    const d = tempDir(name);
+    dirs.push(d);
+    return d;
+  };
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
 
 export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -5,8 +5,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { tempDir, waitFor } from './daemon';
-import { freePort } from './stack';
+import { freePort, tempDir, waitFor } from './daemon';
 
 
 export interface RealRegistry {
@@ -26,8 +25,36 @@ export async function startRegistry(): Promise<RealRegistry> {
   const dataDir = path.join(dir, 'data');
   const host = `127.0.0.1:${await freePort()}`;
   const cfg = path.join(dir, 'registry.yml');
+  writeRegistryConfig(cfg, dataDir, host);
+  let output = '';
+  const p = spawn('docker-registry', ['serve', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(p);
+  p.stdout?.on('data', (d: Buffer) => (output += d.toString()));
+  p.stderr?.on('data', (d: Buffer) => (output += d.toString()));
+  const exited = new Promise<void>((resolve) => p.once('exit', () => resolve()));
+  const stop = async () => {
+    if (p.exitCode === null && p.signalCode === null) {
+      p.kill('SIGTERM');
+      const timer = setTimeout(() => p.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(timer);
+    }
+    children.delete(p);
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    await waitRegistryReady(host, p, () => output);
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { host, dataDir, dir, stop };
+}
+
+/** docker-registry's config: filesystem storage in `dataDir` (deletes on), quiet logs, listening on `host`. */
+export function writeRegistryConfig(file: string, dataDir: string, host: string): void {
   fs.writeFileSync(
-    cfg,
+    file,
     [
       'version: 0.1',
       'log:',
@@ -47,40 +74,22 @@ export async function startRegistry(): Promise<RealRegistry> {
       '',
     ].join('\n'),
   );
-  let output = '';
-  const p = spawn('docker-registry', ['serve', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(p);
-  p.stdout?.on('data', (d: Buffer) => (output += d.toString()));
-  p.stderr?.on('data', (d: Buffer) => (output += d.toString()));
-  const exited = new Promise<void>((resolve) => p.once('exit', () => resolve()));
-  const stop = async () => {
-    if (p.exitCode === null && p.signalCode === null) {
-      p.kill('SIGTERM');
-      const timer = setTimeout(() => p.kill('SIGKILL'), 5000);
-      await exited;
-      clearTimeout(timer);
-    }
-    children.delete(p);
-    fs.rmSync(dir, { recursive: true, force: true });
-  };
-  try {
-    await waitFor(
-      async () => {
-        if (p.exitCode !== null) throw new Error(`docker-registry exited (${p.exitCode}):\n${output}`);
-        try {
-          return (await fetch(`http://${host}/v2/`)).status === 200;
-        } catch {
-          return false;
-        }
-      },
-      20_000,
-      'docker-registry to answer /v2/',
-    );
-  } catch (err) {
-    await stop();
-    throw err;
-  }
-  return { host, dataDir, dir, stop };
+}
+
+/** Waits until the registry `p` serves /v2/ on `host`; throws with its output if it exits first. */
+export function waitRegistryReady(host: string, p: ChildProcess, output: () => string): Promise<void> {
+  return waitFor(
+    async () => {
+      if (p.exitCode !== null) throw new Error(`docker-registry exited (${p.exitCode}):\n${output()}`);
+      try {
+        return (await fetch(`http://${host}/v2/`)).status === 200;
+      } catch {
+        return false;
+      }
+    },
+    20_000,
+    'docker-registry to answer /v2/',
+  );
 }
 
 /** Where docker-registry's filesystem driver keeps a blob's bytes. */

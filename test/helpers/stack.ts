@@ -9,12 +9,12 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { readdirOrEmpty } from '../../src/snapshot/fsutil';
-import { type DaemonProcess, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
+import { type DaemonProcess, freePort, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
 import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
 import { mountPoints, mountsUnder, unmountUnder } from './mounts';
+import { waitRegistryReady, writeRegistryConfig } from './registry';
 
 export interface CmdResult {
   code: number | null;
@@ -86,16 +86,7 @@ export async function mustRun(cmd: string, args: string[], opts: { timeoutMs?: n
   return r;
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
+export { freePort };
 
 /**
  * Spawns a long-running child that is SIGKILLed if the test process exits
@@ -209,42 +200,10 @@ export class Stack {
 
   private async startRegistry(): Promise<void> {
     const cfg = path.join(this.dir, 'registry.yml');
-    fs.writeFileSync(
-      cfg,
-      [
-        'version: 0.1',
-        'log:',
-        '  level: warn',
-        '  accesslog:',
-        '    disabled: true',
-        'storage:',
-        '  filesystem:',
-        `    rootdirectory: ${path.join(this.dir, 'registry-data')}`,
-        '  delete:',
-        '    enabled: true',
-        '  maintenance:',
-        '    uploadpurging:',
-        '      enabled: false',
-        'http:',
-        `  addr: ${this.registry}`,
-        '',
-      ].join('\n'),
-    );
+    writeRegistryConfig(cfg, path.join(this.dir, 'registry-data'), this.registry);
     const p = spawnTracked('docker-registry', ['serve', cfg], (d) => (this.registryOut += d));
     this.registryProc = p;
-    await waitFor(
-      async () => {
-        if (p.exitCode !== null) throw new Error(`docker-registry exited (${p.exitCode}):\n${this.registryOut}`);
-        try {
-          const r = await fetch(`http://${this.registry}/v2/`);
-          return r.status === 200;
-        } catch {
-          return false;
-        }
-      },
-      20_000,
-      'docker-registry to answer /v2/',
-    );
+    await waitRegistryReady(this.registry, p, () => this.registryOut);
   }
 
   private async startDedup(): Promise<void> {
