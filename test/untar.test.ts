@@ -18,12 +18,11 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import zlib from 'node:zlib';
-import * as tar from 'tar-stream';
 import { readXattrs } from '../native/xattr';
 import { LayerTarError, applyLayerTar } from '../src/convert/untar';
 import { scratchDirs, waitFor } from './helpers/daemon';
 import { checkDirectoryEqual, deviceNumbers } from './helpers/fstest';
-import { CAP_NET_BIND_RAW, type Entry, MEDIA_CONFIG, MEDIA_LAYER_GZIP, MEDIA_MANIFEST, type TarHeader, buildLayer, chainIds, packEntry, pseudoRandom } from './helpers/images';
+import { CAP_NET_BIND_RAW, type Entry, MEDIA_CONFIG, MEDIA_LAYER_GZIP, MEDIA_MANIFEST, type TarHeader, buildLayer, chainIds, packEntry, packTar, pseudoRandom } from './helpers/images';
 import { mountsUnder, unmountUnder } from './helpers/mounts';
 import { runCmd } from './helpers/stack';
 
@@ -140,20 +139,12 @@ class RawTar {
 
 /** A tar of tar-stream headers (for malicious names tar-stream writes as given). */
 async function tarOf(entries: { header: TarHeader; body?: string }[]): Promise<Buffer> {
-  const pack = tar.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: unknown) => chunks.push(Buffer.from(c as Uint8Array)));
-  const ended = new Promise<void>((resolve, reject) => {
-    pack.on('end', resolve);
-    pack.on('error', reject);
+  return packTar(async (pack) => {
+    for (const e of entries) {
+      const body = e.body === undefined ? undefined : Buffer.from(e.body);
+      await packEntry(pack, { mode: 0o644, mtime: new Date(1704164645000), size: body?.length ?? 0, ...e.header }, body);
+    }
   });
-  for (const e of entries) {
-    const body = e.body === undefined ? undefined : Buffer.from(e.body);
-    await packEntry(pack, { mode: 0o644, mtime: new Date(1704164645000), size: body?.length ?? 0, ...e.header }, body);
-  }
-  pack.finalize();
-  await ended;
-  return Buffer.concat(chunks);
 }
 
 // ---------------------------------------------------------------------------
@@ -222,17 +213,9 @@ async function ociArchive(ref: string, layers: LayerBlob[]): Promise<Buffer> {
 
 /** Writes the archive with tar-stream (binary-safe bodies). */
 async function rawArchive(files: [string, Buffer][]): Promise<Buffer> {
-  const pack = tar.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: unknown) => chunks.push(Buffer.from(c as Uint8Array)));
-  const ended = new Promise<void>((resolve, reject) => {
-    pack.on('end', resolve);
-    pack.on('error', reject);
+  return packTar(async (pack) => {
+    for (const [name, data] of files) await packEntry(pack, { name, size: data.length, mode: 0o644, mtime: new Date(1704164645000) }, data);
   });
-  for (const [name, data] of files) await packEntry(pack, { name, size: data.length, mode: 0o644, mtime: new Date(1704164645000) }, data);
-  pack.finalize();
-  await ended;
-  return Buffer.concat(chunks);
 }
 
 class Containerd {

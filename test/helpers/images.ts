@@ -69,6 +69,23 @@ function sha256(b: Buffer | string): string {
 
 export type TarHeader = Partial<tar.Header> & Pick<tar.Header, 'name'>;
 
+/** Runs `fill` on a new tar-stream pack, finalizes it and resolves with the whole tar. */
+export async function packTar(fill: (pack: tar.Pack) => Promise<void>): Promise<Buffer> {
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  pack.on('data', (c: unknown) => chunks.push(Buffer.from(c as Uint8Array)));
+  const ended = new Promise<void>((resolve, reject) => {
+    pack.on('end', () => resolve());
+    pack.on('error', reject);
+  });
+  const done = (async () => {
+    await fill(pack);
+    pack.finalize();
+  })();
+  await Promise.all([done, ended]);
+  return Buffer.concat(chunks);
+}
+
 /** Adds one entry to a tar-stream pack, resolving once it is written. */
 export function packEntry(pack: tar.Pack, header: TarHeader, body?: Buffer): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -127,14 +144,12 @@ function defaultMode(e: Entry): number {
  * attributes.
  */
 export async function buildLayer(entries: Entry[]): Promise<BuiltLayer> {
-  const pack = tar.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: unknown) => chunks.push(Buffer.from(c as Uint8Array)));
-  const ended = new Promise<void>((resolve, reject) => {
-    pack.on('end', () => resolve());
-    pack.on('error', reject);
-  });
+  const tarBuf = await packTar((pack) => fillLayer(pack, entries));
+  const gz = zlib.gzipSync(tarBuf, { level: 6 });
+  return { tar: tarBuf, gz, diffId: sha256(tarBuf), digest: sha256(gz) };
+}
 
+async function fillLayer(pack: tar.Pack, entries: Entry[]): Promise<void> {
   const emittedDirs = new Set<string>();
   const fileAttrs = new Map<string, { mode: number; uid: number; gid: number }>();
   const add = (header: TarHeader, body?: Buffer) => packEntry(pack, header, body);
@@ -215,14 +230,7 @@ export async function buildLayer(entries: Entry[]): Promise<BuiltLayer> {
     await add(header, body);
   };
 
-  const done = (async () => {
-    for (const e of entries) await addEntry(e);
-    pack.finalize();
-  })();
-  await Promise.all([done, ended]);
-  const tarBuf = Buffer.concat(chunks);
-  const gz = zlib.gzipSync(tarBuf, { level: 6 });
-  return { tar: tarBuf, gz, diffId: sha256(tarBuf), digest: sha256(gz) };
+  for (const e of entries) await addEntry(e);
 }
 
 /** containerd's chain IDs: chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i]). */
