@@ -64,3 +64,23 @@ export function closeFd(fd: number): void {
   if (!closeFn) closeFn = libc().func('int close(int fd)') as unknown as (fd: number) => number;
   check('close', closeFn(fd), `fd ${fd}`);
 }
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+let lseekFn: ((fd: number, off: bigint, whence: number) => bigint) | null = null;
+
+/**
+ * lseek(2) with SEEK_DATA or SEEK_HOLE: the first offset ≥ `from` that is
+ * data (or a hole); null when there is none (ENXIO: past the end). Throws
+ * ErrnoError otherwise.
+ */
+export function seekDataOrHole(fd: number, from: number, what: 'data' | 'hole'): number | null {
+  if (!lseekFn) lseekFn = libc().func('int64_t lseek(int fd, int64_t offset, int whence)') as unknown as (fd: number, off: bigint, whence: number) => bigint;
+  const r = lseekFn(fd, BigInt(from), what === 'data' ? SEEK_DATA : SEEK_HOLE);
+  if (Number(r) < 0) {
+    const errno = koffi.errno();
+    if (errnoName(errno) === 'ENXIO') return null;
+    throw new ErrnoError('lseek', errno, `fd ${fd} SEEK_${what.toUpperCase()} ${from}`);
+  }
+  return Number(r);
+}

@@ -253,6 +253,17 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 
+  test('ondemand keys: backend and attempts are read and checked', () => {
+    assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2 });
+    const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5 } });
+    assert.deepEqual(c.ondemand, { backend: 'fetch', attempts: 5 });
+    assert.equal(loadFile({ ondemand: { backend: 'fanotify' } }).ondemand.backend, 'fanotify');
+    assertConfigError(() => loadFile({ ondemand: { backend: 'fscache' } }), 'ondemand.backend', /expected one of auto, fanotify, fetch/);
+    assertConfigError(() => loadFile({ ondemand: { attempts: 0 } }), 'ondemand.attempts', /integer from 1 to 20/);
+    assertConfigError(() => loadFile({ ondemand: { lazy: true } }), 'ondemand.lazy', /unknown key/);
+    assertConfigError(() => loadFile({ ondemand: 'fanotify' }), 'ondemand', /expected an object/);
+  });
+
   test('mount I/O keys: direct_io and read_ahead_kb are read and checked', () => {
     assert.equal(defaultConfig().direct_io, 'auto');
     assert.equal(defaultConfig().read_ahead_kb, 'auto');

@@ -7,7 +7,6 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
@@ -15,33 +14,15 @@ import { RegistryClient } from '../src/remote/registry';
 import { call, cleanupDaemons, list, snapshotsClient, startDaemon, tempDir, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { buildImage, busyboxImageDef, chainIds, pseudoRandom, pushImage } from './helpers/images';
-import { startRegistry } from './helpers/registry';
+import { startRegistry, startRegistryProxy } from './helpers/registry';
 
 after(() => cleanupDaemons());
 
 test('kill -9 mid-fetch of a remote layer leaves nothing; after a restart the same Prepare makes the layer', async () => {
   const registry = await startRegistry();
-  const [rhost, rport] = registry.host.split(':');
-  // A proxy that holds Range requests (chunk fetches) while `hold` is set.
-  let hold = true;
-  let held = 0;
-  const waiting: (() => void)[] = [];
-  const proxy = http.createServer((req, res) => {
-    const forward = () => {
-      const up = http.request({ host: rhost, port: Number(rport), method: req.method, path: req.url, headers: req.headers }, (ur) => {
-        res.writeHead(ur.statusCode ?? 502, ur.headers);
-        ur.pipe(res);
-      });
-      up.on('error', () => res.destroy());
-      req.pipe(up);
-    };
-    if (hold && req.headers.range) {
-      held++;
-      waiting.push(forward);
-    } else forward();
-  });
-  await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()));
-  const proxyHost = `127.0.0.1:${(proxy.address() as { port: number }).port}`;
+  // Holds Range requests (chunk fetches) so the kill lands mid-fetch.
+  const proxy = await startRegistryProxy(registry.host, 'hold');
+  const proxyHost = proxy.host;
   const dir = tempDir('lazy-crash');
   const client = new RegistryClient({ plainHttpHosts: [registry.host] });
   try {
@@ -56,17 +37,18 @@ test('kill -9 mid-fetch of a remote layer leaves nothing; after a restart the sa
       [LABEL_CRI_LAYER_DIGEST]: converted.layers[0].digest,
       [LABEL_CRI_MANIFEST_DIGEST]: converted.manifestDigest,
     };
-    const config = { registry: { plain_http_hosts: [proxyHost] } };
+    // The fetch backend: chunks are fetched during Prepare (on demand, Prepare fetches none).
+    const config = { registry: { plain_http_hosts: [proxyHost] }, ondemand: { backend: 'fetch' } };
     const d = await startDaemon({ dir, convertMode: 'sync', config });
     const c = snapshotsClient(d.address);
     const pending = call(c, 'Prepare', { key: `extract-1 ${chain[0]}`, parent: '', labels }).catch((e) => e);
-    await waitFor(() => held > 0, 20_000, 'a chunk request reaching the proxy');
+    await waitFor(() => proxy.held() > 0, 20_000, 'a chunk request reaching the proxy');
     assert.ok(fs.readdirSync(path.join(d.root, 'tmp')).some((f) => f.startsWith('remote-import-')), 'a spool exists mid-fetch');
     await d.kill();
     await pending;
 
-    hold = false;
-    for (const f of waiting.splice(0)) f();
+    proxy.mode = 'pass';
+    proxy.release();
     const d2 = await startDaemon({ dir, root: d.root, address: d.address, convertMode: 'sync', config });
     const c2 = snapshotsClient(d2.address);
     const left = (await list(c2)).map((i) => i.name);
@@ -84,9 +66,7 @@ test('kill -9 mid-fetch of a remote layer leaves nothing; after a restart the sa
     await d2.stop();
   } finally {
     client.close();
-    for (const f of waiting.splice(0)) f();
-    await new Promise<void>((r) => proxy.close(() => r()));
-    proxy.closeAllConnections?.();
+    await proxy.stop();
     await registry.stop();
   }
 });

@@ -54,12 +54,52 @@ export interface Stats {
   chunks: { total: number; unique: number };
   conversions: { count: number; failures: number; bytes: number; last_ms: number | null; p50_ms: number | null; p99_ms: number | null };
   mounts: { backend: string | null; erofs_layers: number; direct_io: boolean | 'auto' | null; read_ahead_kb: number | null };
-  ondemand: { requests: number; bytes: number; hits: number; misses: number; queue: number };
+  /**
+   * Data of remote layers. backend: "fanotify" (loaded while read) or
+   * "fetch" (before Prepare returns). requests: read events the kernel
+   * raised (fanotify) plus chunks needed at Prepare (fetch); hits: served
+   * from data on the node; misses: had to fetch; queue: reads waiting now;
+   * errors: reads denied with EIO; lazy_layers / incomplete_layers /
+   * missing_chunks: layers loading on demand and what they still lack.
+   */
+  ondemand: {
+    backend: 'fanotify' | 'fetch' | null;
+    requests: number;
+    bytes: number;
+    hits: number;
+    misses: number;
+    queue: number;
+    errors: number;
+    lazy_layers: number;
+    incomplete_layers: number;
+    missing_chunks: number;
+  };
   /** Layers of dedup images made from metadata and fetched chunks; bytes_saved: chunk bytes the node already had. */
   remote: { layers: number; metadata_bytes: number; bytes_fetched: number; bytes_saved: number; fetch_errors: number };
   prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number };
   ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
   audit: { recorded: number; written: number; dropped: number } | null;
+}
+
+function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
+  const r = sn.remote?.counters;
+  const l = sn.loader;
+  const lc = l?.counters;
+  const sum = l?.summary() ?? { layers: 0, incomplete: 0, missing_chunks: 0 };
+  // Chunks needed by layers made at Prepare (fetch) and read events (fanotify).
+  const prepareChunks = (r?.chunks_fetched ?? 0) - (lc?.chunks_fetched ?? 0) + (r?.chunks_local ?? 0) - (lc?.chunks_local ?? 0);
+  return {
+    backend: sn.remote ? (l ? 'fanotify' : 'fetch') : null,
+    requests: prepareChunks + (lc?.requests ?? 0),
+    bytes: r?.bytes_fetched ?? 0,
+    hits: (r?.chunks_local ?? 0) - (lc?.chunks_local ?? 0) + (lc?.hits ?? 0),
+    misses: (r?.chunks_fetched ?? 0) - (lc?.chunks_fetched ?? 0) + (lc?.misses ?? 0),
+    queue: l?.queue ?? 0,
+    errors: lc?.errors ?? 0,
+    lazy_layers: sum.layers,
+    incomplete_layers: sum.incomplete,
+    missing_chunks: sum.missing_chunks,
+  };
 }
 
 export function collectStats(src: StatsSources): Stats {
@@ -99,14 +139,7 @@ export function collectStats(src: StatsSources): Stats {
       direct_io: sn.mounter ? sn.mounter.directIoInUse : null,
       read_ahead_kb: sn.mounter?.readAheadInUse ?? null,
     },
-    // Remote layers: chunks fetched (misses) or found on the node (hits).
-    ondemand: {
-      requests: (r?.chunks_fetched ?? 0) + (r?.chunks_local ?? 0),
-      bytes: r?.bytes_fetched ?? 0,
-      hits: r?.chunks_local ?? 0,
-      misses: r?.chunks_fetched ?? 0,
-      queue: 0,
-    },
+    ondemand: ondemandStats(sn),
     remote: {
       layers: r?.layers ?? 0,
       metadata_bytes: r?.metadata_bytes ?? 0,
@@ -191,6 +224,9 @@ export function toPrometheus(s: Stats): string {
     g('dedup_ondemand_hits_total', 'On-demand requests served from local data.', s.ondemand.hits, 'counter'),
     g('dedup_ondemand_misses_total', 'On-demand requests that had to fetch.', s.ondemand.misses, 'counter'),
     g('dedup_ondemand_queue', 'On-demand requests waiting.', s.ondemand.queue),
+    g('dedup_ondemand_errors_total', 'On-demand reads denied with EIO.', s.ondemand.errors, 'counter'),
+    g('dedup_ondemand_lazy_layers', 'Layers loading their data on demand.', s.ondemand.lazy_layers),
+    g('dedup_ondemand_missing_chunks', 'Chunks lazy layers still lack.', s.ondemand.missing_chunks),
     g('dedup_remote_layers_total', 'Layers of dedup images made without their tar.', s.remote.layers, 'counter'),
     g('dedup_remote_metadata_bytes_total', 'Bytes of dedup layer metadata fetched.', s.remote.metadata_bytes, 'counter'),
     g('dedup_remote_saved_bytes_total', 'Chunk bytes of remote layers the node already had (not fetched).', s.remote.bytes_saved, 'counter'),

@@ -9,6 +9,7 @@ import { prepareSocketPath, startGrpcServer } from '../grpc/server';
 import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
 import { erofsSupported } from '../mount/erofs';
+import { type OndemandChoice, chooseOndemandBackend } from '../ondemand/backend';
 import { Prefetcher } from '../ondemand/prefetch';
 import { defaultDockerConfigPath } from '../remote/auth';
 import { RemoteLayers } from '../remote/lazy';
@@ -53,6 +54,7 @@ export async function runDaemon(): Promise<void> {
   }
 
   let snapshotter: Snapshotter;
+  let ondemand: OndemandChoice | null = null;
   let remoteClient: RegistryClient | null = null;
   try {
     if (cfg.use_erofs && !erofsSupported()) {
@@ -67,10 +69,20 @@ export async function runDaemon(): Promise<void> {
       log.warn({ op: 'start', err: (err as Error).message }, 'ignoring docker config.json: registries are reached without its credentials');
       remoteClient = new RegistryClient(registryOptions);
     }
+    ondemand = cfg.use_erofs ? chooseOndemandBackend(cfg) : null;
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
       remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log }) : null,
+      ondemand:
+        ondemand?.backend === 'fanotify'
+          ? {
+              socket: path.join(cfg.root, 'ondemand', 'holder.sock'),
+              // This same program, detached: it outlives the daemon.
+              holderCommand: [process.execPath, process.argv[1], 'ondemand-holder'],
+              attempts: cfg.ondemand.attempts,
+            }
+          : null,
       erofs: cfg.use_erofs
         ? {
             chunkSize: cfg.chunk_size,
@@ -150,10 +162,12 @@ export async function runDaemon(): Promise<void> {
     process.exit(1);
   }
   log.info({ op: 'start', address: cfg.address }, 'serving containerd snapshots API');
-  if (snapshotter.remote) {
+  if (snapshotter.remote && ondemand) {
     log.info(
-      { op: 'start', ondemand: 'fetch-before-ready', plain_http_hosts: cfg.registry.plain_http_hosts },
-      'remote layers of dedup images: missing chunks are fetched before a layer is ready',
+      { op: 'start', ondemand: ondemand.backend, reason: ondemand.reason, plain_http_hosts: cfg.registry.plain_http_hosts },
+      ondemand.backend === 'fanotify'
+        ? `remote layers of dedup images load their data on demand (fanotify pre-content events): ${ondemand.reason}`
+        : `remote layers of dedup images: missing chunks are fetched before a layer is ready (${ondemand.reason})`,
     );
   }
 

@@ -25,12 +25,24 @@ export async function runHolder(argv: string[]): Promise<number> {
     return 2;
   }
   const log = (msg: string) => process.stderr.write(`${JSON.stringify({ op: 'holder', time: new Date().toISOString(), msg })}\n`);
-  const holder = new OndemandHolder({ socket, log });
+  let orphaned = () => undefined as void;
+  const gone = new Promise<void>((resolve) => (orphaned = resolve));
+  const holder = new OndemandHolder({
+    socket,
+    log,
+    onOrphaned: () => {
+      log(`socket ${socket} is gone: no daemon can reach this holder; exiting`);
+      orphaned();
+    },
+  });
   await holder.listen();
   log(`holding the fanotify group; daemon socket ${socket}`);
-  await new Promise<void>((resolve) => {
-    for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => resolve());
-  });
+  await Promise.race([
+    gone,
+    new Promise<void>((resolve) => {
+      for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => resolve());
+    }),
+  ]);
   await holder.close();
   return 0;
 }

@@ -38,6 +38,15 @@ export interface Config {
   readonly prefetch: { readonly trace_dir: string | null; readonly concurrency: number };
   /** Registries of dedup images: hosts reached over plain HTTP; docker config.json with credentials (null: $DOCKER_CONFIG or ~/.docker). */
   readonly registry: { readonly plain_http_hosts: readonly string[]; readonly docker_config: string | null };
+  /**
+   * Remote layers: how their data arrives. "auto": fanotify when the kernel
+   * delivers pre-content events on ROOT (Linux >= 6.14), else "fetch";
+   * "fanotify": loaded while containers read (start fails without it);
+   * "fetch": every missing chunk fetched before Prepare returns. attempts:
+   * tries per chunk run (each after the registry client's own retries)
+   * before a read gets EIO.
+   */
+  readonly ondemand: { readonly backend: 'auto' | 'fanotify' | 'fetch'; readonly attempts: number };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -68,6 +77,7 @@ export function defaultConfig(): Config {
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2 },
     registry: { plain_http_hosts: [], docker_config: null },
+    ondemand: { backend: 'auto', attempts: 2 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
@@ -137,13 +147,14 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'audit']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'audit']);
   const out: { -readonly [K in keyof Config]: Config[K] } = {
     ...base,
     ksm: { ...base.ksm },
     api: { ...base.api },
     prefetch: { ...base.prefetch },
     registry: { ...base.registry },
+    ondemand: { ...base.ondemand },
     audit: { ...base.audit },
   };
   if ('version' in doc && doc.version !== 1) {
@@ -230,6 +241,17 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       out.registry = { ...out.registry, plain_http_hosts: [...(v as string[])] };
     }
     if ('docker_config' in rg) out.registry = { ...out.registry, docker_config: expectAbsPath('registry.docker_config', rg.docker_config) };
+  }
+  if ('ondemand' in doc) {
+    const od = doc.ondemand;
+    if (!isObject(od)) throw new ConfigError('ondemand', `expected an object like {"backend": "auto", "attempts": 2}, got ${JSON.stringify(od)}`);
+    rejectUnknown('ondemand', od, ['backend', 'attempts']);
+    if ('backend' in od) {
+      const v = od.backend;
+      if (v !== 'auto' && v !== 'fanotify' && v !== 'fetch') throw new ConfigError('ondemand.backend', `expected one of auto, fanotify, fetch, got ${JSON.stringify(v)}`);
+      out.ondemand = { ...out.ondemand, backend: v };
+    }
+    if ('attempts' in od) out.ondemand = { ...out.ondemand, attempts: expectInt('ondemand.attempts', od.attempts, 1, 20) };
   }
   if ('audit' in doc) {
     const au = doc.audit;

@@ -178,7 +178,7 @@ export class Converter {
 }
 
 /** Writes a file under a temporary name, fsyncs it, renames it into place, fsyncs the directory. */
-async function writeDurably(dest: string, data: Buffer): Promise<void> {
+export async function writeDurably(dest: string, data: Buffer): Promise<void> {
   const tmp = `${dest}.tmp-${process.pid}`;
   const fh = await fsp.open(tmp, 'w', 0o600);
   try {

@@ -5,6 +5,7 @@
  * once it has taken more than a second.
  */
 import os from 'node:os';
+import { chooseOndemandBackend } from '../ondemand/backend';
 import {
   DEFAULT_CONTAINERD_CONFIG,
   checkConfig,
@@ -94,11 +95,19 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   add(await guarded('file-backed', opts, (progress) => checkFileBackedMount({ config, mkfs: mkfs.features, mkfsProblem: mkfs.problem, euid, progress })));
   const fanotify = add(await guarded('fanotify', opts, () => checkFanotify(config.root)));
   const fscache = add(await guarded('fscache', opts, () => checkFscache({ release, fanotify, useFscache: config.use_fscache })));
-  add({
-    name: 'ondemand',
-    status: 'ok',
-    detail: `remote layers of dedup images: missing chunks are fetched before a layer is ready (the daemon's only backend so far); kernel support for loading while reading: fanotify pre-content ${fanotify.status === 'ok' ? 'yes' : 'no'}, fscache on-demand ${fscache.status === 'ok' ? 'yes' : 'no'}`,
-  });
+  add(
+    await guarded('ondemand', opts, () => {
+      const fscacheNote = `EROFS over fscache: ${fscache.status === 'ok' ? 'the kernel has it, this daemon does not use it yet' : 'not in this kernel'}`;
+      try {
+        const choice = chooseOndemandBackend(config, () => fanotify);
+        return choice.backend === 'fanotify'
+          ? { name: 'ondemand', status: 'ok', detail: `remote layers load their data while containers read it (fanotify, ondemand.backend "${config.ondemand.backend}"); ${fscacheNote}` }
+          : { name: 'ondemand', status: 'ok', detail: `remote layers: missing chunks are fetched before a layer is ready: ${choice.reason}; ${fscacheNote}` };
+      } catch (err) {
+        return { name: 'ondemand', status: 'fail', detail: (err as Error).message, fix: 'set "ondemand": {"backend": "auto"} or fix what the fanotify line says' };
+      }
+    }),
+  );
   add(await guarded('containerd', opts, () => checkContainerdConfig(opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, config.address)));
   add(await guarded('socket', opts, (progress) => checkSocket(config, progress)));
   add(await guarded('images', opts, () => checkLayerImages(config.root)));

@@ -103,16 +103,21 @@ export class ErofsMounter {
     return this.readAhead;
   }
 
-  /** Mounts `image` read-only on `target` unless something is mounted there already. */
-  mount(image: string, target: string, hasBlob: boolean): void {
+  /**
+   * Mounts `image` read-only on `target` unless something is mounted there
+   * already. Its extra device is the chunk store, or `device` (a lazy
+   * layer's own file: file-backed mounts only).
+   */
+  mount(image: string, target: string, hasBlob: boolean, device?: string): void {
     fs.mkdirSync(target, { recursive: true, mode: 0o755 });
     if (isMountPoint(target)) return;
+    if (device && this.backend === 'loop') throw this.error(image, target, new Error('layers loaded on demand need file-backed EROFS mounts (mount_backend "loop" is in use)'));
     if (this.backend === 'loop') return this.mountLoop(image, target, hasBlob);
     const before = erofsBdis();
     try {
-      this.mountFile(image, target, hasBlob ? [`device=${this.blob}`] : []);
+      this.mountFile(image, target, hasBlob ? [`device=${device ?? this.blob}`] : []);
     } catch (err) {
-      if (this.backend === null && errCode(err) === 'ENOTBLK') {
+      if (this.backend === null && errCode(err) === 'ENOTBLK' && !device) {
         this.decide('loop', 'this kernel has no file-backed EROFS mounts (Linux < 6.12)');
         return this.mountLoop(image, target, hasBlob);
       }

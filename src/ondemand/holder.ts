@@ -31,7 +31,9 @@ import { FrameReader, encodeFrame } from './frames';
  * with EIO. While no daemon is connected, events wait; a daemon that
  * connects gets every pending one. Marks: {op:"mark", path} → {op:"marked",
  * path} or {op:"error"}; mark a file before anything opens it (a file opened
- * earlier raises no pre-content events).
+ * earlier raises no pre-content events). {op:"hello"} → {op:"hello", pid,
+ * marked: [paths]}. A fill that cannot be written is reported as
+ * {op:"error", id, offset} and the read is denied.
  */
 
 interface Pending {
@@ -41,6 +43,8 @@ interface Pending {
   offset: number;
   count: number;
   sentTo: net.Socket | null;
+  /** A fill could not be written: the read is denied, whatever the daemon says. */
+  failed: boolean;
 }
 
 export interface HolderOptions {
@@ -49,6 +53,8 @@ export interface HolderOptions {
   log?: (msg: string) => void;
   /** How often the non-blocking group is polled, ms. */
   pollMs?: number;
+  /** Called once the socket file is gone or replaced (its directory removed): nothing can reach this holder any more. */
+  onOrphaned?: () => void;
 }
 
 export class OndemandHolder {
@@ -59,7 +65,10 @@ export class OndemandHolder {
   private client: net.Socket | null = null;
   private readonly buf = Buffer.alloc(64 * 1024);
   private timer: NodeJS.Timeout | null = null;
+  private watch: NodeJS.Timeout | null = null;
   private closed = false;
+  /** Files marked in this group (a mark lives as long as the group and the file). */
+  private readonly marked = new Set<string>();
 
   constructor(private readonly o: HolderOptions) {
     this.group = fanotifyInit(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE);
@@ -81,6 +90,17 @@ export class OndemandHolder {
       this.server.listen(this.o.socket, () => resolve());
     });
     fs.chmodSync(this.o.socket, 0o600);
+    const ino = fs.statSync(this.o.socket).ino;
+    this.watch = setInterval(() => {
+      let now: number | null = null;
+      try {
+        now = fs.statSync(this.o.socket).ino;
+      } catch {
+        // gone
+      }
+      if (now !== ino) this.o.onOrphaned?.();
+    }, 2000);
+    this.watch.unref();
     const poll = () => {
       if (this.closed) return;
       this.drain();
@@ -111,7 +131,7 @@ export class OndemandHolder {
         } catch {
           // unknown: the daemon decides
         }
-        const p: Pending = { id: this.nextId++, fd: ev.fd, path, offset: ev.range?.offset ?? 0, count: ev.range?.count ?? 0, sentTo: null };
+        const p: Pending = { id: this.nextId++, fd: ev.fd, path, offset: ev.range?.offset ?? 0, count: ev.range?.count ?? 0, sentTo: null, failed: false };
         this.pending.set(p.id, p);
         this.send(p);
       }
@@ -154,9 +174,16 @@ export class OndemandHolder {
 
   private handle(s: net.Socket, head: Record<string, unknown>, data: Buffer): void {
     const reply = (h: Record<string, unknown>) => s.write(encodeFrame(h));
+    if (head.op === 'hello') {
+      // Which files this group marks: a daemon that finds a lazy file of a
+      // mounted layer missing here knows the group was lost (fail-open).
+      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)) });
+      return;
+    }
     if (head.op === 'mark' && typeof head.path === 'string') {
       try {
         fanotifyMark(this.group, FAN_MARK_ADD, FAN_PRE_ACCESS, head.path);
+        this.marked.add(head.path);
         reply({ op: 'marked', path: head.path });
       } catch (err) {
         reply({ op: 'error', path: head.path, error: (err as Error).message });
@@ -167,13 +194,15 @@ export class OndemandHolder {
     if (!p) return;
     if (head.op === 'fill' && typeof head.offset === 'number') {
       try {
-        fs.writeSync(p.fd, data, 0, data.length, head.offset);
+        let off = 0;
+        while (off < data.length) off += fs.writeSync(p.fd, data, off, data.length - off, head.offset + off);
       } catch (err) {
-        reply({ op: 'error', id: p.id, error: (err as Error).message });
+        p.failed = true;
+        reply({ op: 'error', id: p.id, offset: head.offset, error: (err as Error).message });
       }
     } else if (head.op === 'done') {
       this.pending.delete(p.id);
-      const response = head.ok === true ? FAN_ALLOW : fanDenyErrno(os.constants.errno.EIO);
+      const response = head.ok === true && !p.failed ? FAN_ALLOW : fanDenyErrno(os.constants.errno.EIO);
       try {
         fs.writeSync(this.group, fanotifyResponse(p.fd, response));
       } finally {
@@ -186,6 +215,7 @@ export class OndemandHolder {
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.watch) clearInterval(this.watch);
     for (const p of this.pending.values()) {
       try {
         fs.writeSync(this.group, fanotifyResponse(p.fd, fanDenyErrno(os.constants.errno.EIO)));

@@ -1,14 +1,15 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { alreadyExists, internal, notFound } from '../errdefs/errors';
-import { type ConvertStats, type ConvertedLayer, Converter } from '../convert/converter';
+import { alreadyExists, internal, notFound, unavailable } from '../errdefs/errors';
+import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
-import type { ChunkEntry } from '../remote/dedup-image';
+import { FanotifyLoader, type LazyLayerInput } from '../ondemand/fanotify-loader';
+import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
-import { formatReference } from '../remote/reference';
+import { formatReference, parseReference } from '../remote/reference';
 import { ChunkStore, type Extent } from '../store/chunkstore';
 import { extentKey, scanDataChunks } from '../convert/chunks';
 import type { Logger } from '../log/logger';
@@ -36,6 +37,12 @@ export interface SnapshotterOptions {
   onConvert?: (e: ConvertEvent) => void;
   /** Dedup images in registries: layers made from metadata and the chunks the node lacks (lazy pull). */
   remote?: RemoteLayers | null;
+  /**
+   * Remote layers load their data on demand through fanotify (the holder
+   * on `socket`, started with `holderCommand` when none answers); null:
+   * their missing chunks are fetched before Prepare returns.
+   */
+  ondemand?: { socket: string; holderCommand: string[] | null; attempts?: number } | null;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
     chunkSize: number;
@@ -111,6 +118,8 @@ export class Snapshotter {
   onConvert?: (e: ConvertEvent) => void;
   readonly remote: RemoteLayers | null;
   private readonly makingRemote = new Map<string, Promise<void>>();
+  /** On-demand loading of remote layers (fanotify), when configured. */
+  readonly loader: FanotifyLoader | null = null;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -151,6 +160,18 @@ export class Snapshotter {
         tmpDir: path.join(this.root, 'tmp'),
         chunkSize: opts.erofs.chunkSize,
       });
+      if (opts.ondemand && this.remote) {
+        this.loader = new FanotifyLoader({
+          dir: path.join(this.root, 'lazy'),
+          socket: opts.ondemand.socket,
+          holderCommand: opts.ondemand.holderCommand,
+          holderLog: path.join(path.dirname(opts.ondemand.socket), 'holder.log'),
+          attempts: opts.ondemand.attempts,
+          remote: this.remote,
+          store: this.store,
+          logger: this.log,
+        });
+      }
     }
   }
 
@@ -169,7 +190,16 @@ export class Snapshotter {
     if (!this.converter || !this.mounter) throw internal(`layer ${id} is an EROFS image but use_erofs is off`);
     const target = this.mntPath(id);
     if (mounted.has(target)) return;
-    this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
+    if (!this.ms.isLazy(id)) return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
+    // Its device is its own lazy file; while it lacks data, the file must be
+    // marked (reads wait for the data) before the mount opens it.
+    if (!this.loader) throw internal(`layer ${id} loads its data on demand but on-demand loading is off`);
+    if (this.loader.incomplete(id) && !this.loader.isMarked(id)) {
+      // Mounted again after its mount was lost (by hand): mark first.
+      this.loader.mark(id).catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mark layer ${id} for on-demand reads`));
+      throw unavailable(`layer ${id}: its on-demand reads are being set up; retry`);
+    }
+    this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1, this.loader.fileOf(id));
   }
 
   /**
@@ -185,12 +215,29 @@ export class Snapshotter {
     }
     const live = new Set(layers.map((l) => String(l.snapshot_id)));
     const mounted = new Set(mountPoints());
+    const lazy = this.ms.lazyLayers();
+    if (lazy.length > 0 && !this.loader) {
+      throw new Error(`${lazy.length} layers load their data on demand, but on-demand loading is off: set ondemand.backend to "auto" or "fanotify" (Linux >= 6.14)`);
+    }
+    await this.loader?.start(
+      lazy.map((r) => ({
+        id: String(r.snapshot_id),
+        header: JSON.parse(r.header) as LayerHeader,
+        rl: { repo: parseReference(r.image_ref), manifestDigest: r.manifest_digest, layerDigest: r.layer_digest },
+      })),
+    );
+    const lazyIds = new Set(lazy.map((r) => String(r.snapshot_id)));
     let remounted = 0;
     for (const layer of layers) {
       const id = String(layer.snapshot_id);
+      const loader = this.loader as FanotifyLoader;
       if (!mounted.has(this.mntPath(id))) {
+        if (lazyIds.has(id) && loader.incomplete(id)) await loader.mark(id);
         this.ensureLayerMounted(layer, mounted);
         remounted++;
+      } else if (lazyIds.has(id) && loader.incomplete(id) && !loader.isMarked(id)) {
+        // Mounted while no group marks its file: the holder that did died.
+        loader.fillAllUnsafe(id);
       }
       // Converted; a directory left from before may still be under a
       // running container: it goes once no mount uses it (no grace: nothing
@@ -228,6 +275,10 @@ export class Snapshotter {
     for (const name of readdirOrEmpty(this.mntDir)) {
       if (keep(name)) continue;
       unmountErofs(path.join(this.mntDir, name));
+      n++;
+    }
+    for (const id of this.loader?.orphans(keep) ?? []) {
+      this.loader?.drop(id);
       n++;
     }
     const imagesDir = path.join(this.root, 'images');
@@ -317,6 +368,7 @@ export class Snapshotter {
     const img = Buffer.from(erofs);
     const { scan, refs } = scanDataChunks(img);
     if (refs.length > 0 && !header.has_blob) throw internal(`remote layer ${rl.layerDigest}: the image has chunks but the header says has_blob false`);
+    if (this.loader && header.chunks.length > 0) return this.makeLazyLayer(rl, name, parent, labels, header, img, started);
     const entries = new Map(header.chunks.map((c) => [extentKey({ blkaddr: c[0], nblocks: c[1] }), c]));
     const store = this.store as ChunkStore;
 
@@ -404,6 +456,92 @@ export class Snapshotter {
       await fh.close();
       fs.rmSync(spool, { force: true });
       if (created) await this.remove(tmpKey).catch(() => undefined);
+    }
+  }
+
+  /**
+   * The on-demand variant of makeRemoteLayer: the layer is committed and
+   * mounted with only its metadata here; its device is lazy/<id>.blob,
+   * holding the chunks this node had, marked so that reads of the rest
+   * wait until they are fetched (see FanotifyLoader).
+   */
+  private async makeLazyLayer(rl: RemoteLayer, name: string, parent: string, labels: Labels, header: LayerHeader, img: Buffer, started: number): Promise<void> {
+    const loader = this.loader as FanotifyLoader;
+    const tmpKey = `${REMOTE_IMPORT_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
+    await this.createSnapshot(Kind.Active, tmpKey, parent, undefined);
+    const id = this.ms.getInfo(tmpKey).id;
+    const input: LazyLayerInput = { id, rl, header };
+    const image = (this.converter as Converter).imagePath(id);
+    const target = this.mntPath(id);
+    // Not an orphan for a Cleanup running meanwhile.
+    const making = Promise.resolve();
+    this.converting.set(id, making);
+    let done = false;
+    try {
+      const made = await loader.create(input);
+      await writeDurably(image, img);
+      if (made.missing > 0) await loader.mark(id);
+      (this.mounter as ErofsMounter).mount(image, target, header.has_blob, made.file);
+      try {
+        this.ms.transaction(() => {
+          this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
+          this.ms.addLayer(id, {
+            format: 'erofs',
+            has_blob: header.has_blob ? 1 : 0,
+            files: header.files,
+            logical_bytes: header.logical_bytes,
+            image_bytes: img.length,
+            chunks: header.chunks.length,
+            new_chunks: 0,
+            new_bytes: 0,
+            convert_ms: Date.now() - started,
+          });
+          this.ms.addLazyLayer(id, { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) });
+        });
+      } catch (err) {
+        unmountErofs(target);
+        throw err;
+      }
+      done = true;
+      loader.register(input);
+      await removeAll(path.join(this.snapshotsDir, id));
+      const remote = this.remote as RemoteLayers;
+      remote.counters.layers++;
+      remote.counters.chunks_local += made.local;
+      remote.counters.bytes_local += made.localBytes;
+      this.log.info(
+        {
+          op: 'remote',
+          key: name,
+          snapshot: id,
+          layer: id,
+          image: formatReference(rl.repo),
+          layer_digest: rl.layerDigest,
+          ondemand: 'fanotify',
+          chunks: header.chunks.length,
+          fetched_chunks: 0,
+          missing_chunks: made.missing,
+          local_chunks: made.local,
+          logical_bytes: header.logical_bytes,
+          duration_ms: Date.now() - started,
+        },
+        `remote layer ${id} mounted from ${rl.layerDigest} with its metadata: ${made.missing} chunks load on demand, ${made.local} already on this node`,
+      );
+      this.emitConvert({
+        key: name,
+        layer: id,
+        ok: true,
+        durationMs: Date.now() - started,
+        mode: 'remote',
+        stats: { files: header.files, logicalBytes: header.logical_bytes, chunks: header.chunks.length, newChunks: 0, dedupChunks: made.local, newBytes: 0, imageBytes: img.length, mkfsMs: 0, importMs: 0 },
+      });
+    } finally {
+      this.converting.delete(id);
+      if (!done) {
+        loader.drop(id);
+        fs.rmSync(image, { force: true });
+        await this.remove(tmpKey).catch(() => undefined);
+      }
     }
   }
 
@@ -795,6 +933,7 @@ export class Snapshotter {
       try {
         unmountErofs(this.mntPath(id));
         fs.rmSync(this.converter.imagePath(id), { force: true });
+        this.loader?.drop(id);
         this.store.releaseExtents(dead);
       } catch (err) {
         this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'layer image left for cleanup');
@@ -856,6 +995,8 @@ export class Snapshotter {
     if (this.closed) return;
     this.closed = true;
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    // The holder keeps the marks: reads wait for the next daemon.
+    this.loader?.close();
     // Layer mounts stay: running containers use them, and start-up finds them.
     this.store?.close();
     this.ms.close();

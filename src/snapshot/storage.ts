@@ -18,7 +18,7 @@ import { type Info, Kind, type Labels, type Snapshot, type Usage } from './types
 
 export const MAX_KEY_SIZE = 4096;
 
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 
 interface Row {
   id: number;
@@ -30,6 +30,16 @@ interface Row {
   updated_ms: number;
   size: number;
   inodes: number;
+}
+
+/** A layer whose data is loaded on demand from a dedup image (header: its LayerHeader as JSON). */
+export interface LazyLayerRow {
+  snapshot_id: number;
+  image_ref: string;
+  manifest_digest: string;
+  layer_digest: string;
+  header: string;
+  created_ms: number;
 }
 
 export interface LayerRow {
@@ -95,6 +105,16 @@ export class MetaStore {
         new_bytes      INTEGER NOT NULL,
         convert_ms     INTEGER NOT NULL,
         created_ms     INTEGER NOT NULL
+      );
+      -- v3: layers whose data is loaded on demand (device lazy/<id>.blob)
+      -- from a dedup image: where to fetch from, and its chunk table.
+      CREATE TABLE IF NOT EXISTS lazy_layers (
+        snapshot_id      INTEGER PRIMARY KEY REFERENCES snapshots(id),
+        image_ref        TEXT    NOT NULL,
+        manifest_digest  TEXT    NOT NULL,
+        layer_digest     TEXT    NOT NULL,
+        header           TEXT    NOT NULL,
+        created_ms       INTEGER NOT NULL
       );
       PRAGMA user_version = ${SCHEMA_VERSION};
       COMMIT;
@@ -254,6 +274,7 @@ export class MetaStore {
       );
     }
     const layer = this.db.prepare('DELETE FROM layers WHERE snapshot_id = ?').run(row.id).changes > 0;
+    this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(row.id);
     this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
     return { id: String(row.id), kind: row.kind as Kind, layer };
   }
@@ -303,6 +324,21 @@ export class MetaStore {
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       )
       .run(Number(id), l.format, l.has_blob, l.files, l.logical_bytes, l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, l.convert_ms, Date.now());
+  }
+
+  /** In a transaction: records that layer `id` loads its data on demand. */
+  addLazyLayer(id: string, l: Omit<LazyLayerRow, 'snapshot_id' | 'created_ms'>): void {
+    this.db
+      .prepare('INSERT INTO lazy_layers (snapshot_id, image_ref, manifest_digest, layer_digest, header, created_ms) VALUES (?, ?, ?, ?, ?, ?)')
+      .run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header, Date.now());
+  }
+
+  lazyLayers(): LazyLayerRow[] {
+    return this.db.prepare('SELECT * FROM lazy_layers ORDER BY snapshot_id').all() as LazyLayerRow[];
+  }
+
+  isLazy(id: string): boolean {
+    return this.db.prepare('SELECT 1 FROM lazy_layers WHERE snapshot_id = ?').get(Number(id)) !== undefined;
   }
 
   getLayer(id: string): LayerRow | undefined {

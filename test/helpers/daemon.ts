@@ -101,11 +101,35 @@ const processes = new Set<DaemonProcess>();
 export async function cleanupDaemons(): Promise<void> {
   for (const d of processes) await d.kill();
   processes.clear();
+  for (const root of roots) stopHolder(root);
+  roots.clear();
   for (const dir of started) {
     await unmountUnder(dir);
     fs.rmSync(dir, { recursive: true, force: true });
   }
   started.clear();
+}
+
+const roots = new Set<string>();
+
+/**
+ * Stops the on-demand holder a daemon started for `root` (it outlives
+ * daemons on purpose; it also exits by itself once its socket is deleted).
+ * Returns its pid, or null when there was none.
+ */
+export function stopHolder(root: string, signal: NodeJS.Signals = 'SIGTERM'): number | null {
+  let pid: number;
+  try {
+    pid = Number(fs.readFileSync(path.join(root, 'ondemand', 'holder.pid'), 'utf8'));
+  } catch {
+    return null;
+  }
+  try {
+    process.kill(pid, signal);
+    return pid;
+  } catch {
+    return null;
+  }
 }
 
 export interface DaemonProcess {
@@ -153,6 +177,7 @@ export async function startDaemon(
     JSON.stringify({ ...(opts.convertMode ? { convert_mode: opts.convertMode } : {}), ...opts.config, api: { address: apiAddress, ...(opts.config?.api as object) } }),
   );
   const root = opts.root ?? path.join(dir, 'root');
+  roots.add(root);
   const address = opts.address ?? path.join(dir, 'dedup.sock');
   let out = '';
   const proc = spawn(process.execPath, [DAEMON_BIN], {

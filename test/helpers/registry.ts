@@ -4,9 +4,9 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { freePort, tempDir, waitFor } from './daemon';
-
 
 export interface RealRegistry {
   host: string;
@@ -98,3 +98,68 @@ export function registryBlobPath(dataDir: string, digest: string): string {
   return path.join(dataDir, 'docker', 'registry', 'v2', 'blobs', 'sha256', hex.slice(0, 2), hex, 'data');
 }
 
+
+/**
+ * What a RegistryProxy does with chunk requests (those with a Range
+ * header; everything else passes): "pass" forwards, "hold" keeps them
+ * waiting until release(), "fail" answers 503, "corrupt" forwards with the
+ * first byte of the body changed.
+ */
+export type ProxyMode = 'pass' | 'hold' | 'fail' | 'corrupt';
+
+export interface RegistryProxy {
+  host: string;
+  mode: ProxyMode;
+  /** Range requests received so far, and how many are held now. */
+  ranges: number;
+  held(): number;
+  /** Forwards the held requests (mode unchanged). */
+  release(): void;
+  stop(): Promise<void>;
+}
+
+/** An HTTP proxy in front of `upstream` ("host:port") that can hold, fail or corrupt chunk fetches. */
+export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pass'): Promise<RegistryProxy> {
+  const [uhost, uport] = upstream.split(':');
+  const waiting: (() => void)[] = [];
+  const forward = (req: http.IncomingMessage, res: http.ServerResponse, corrupt: boolean) => {
+    const up = http.request({ host: uhost, port: Number(uport), method: req.method, path: req.url, headers: req.headers }, (ur) => {
+      res.writeHead(ur.statusCode ?? 502, ur.headers);
+      let first = corrupt;
+      ur.on('data', (c: Buffer) => {
+        if (first && c.length > 0) {
+          c = Buffer.from(c);
+          c[0] ^= 0xff;
+          first = false;
+        }
+        res.write(c);
+      });
+      ur.on('end', () => res.end());
+    });
+    up.on('error', () => res.destroy());
+    req.pipe(up);
+  };
+  const server = http.createServer((req, res) => {
+    if (!req.headers.range) return forward(req, res, false);
+    proxy.ranges++;
+    if (proxy.mode === 'hold') waiting.push(() => forward(req, res, false));
+    else if (proxy.mode === 'fail') res.writeHead(503).end('proxy: failing chunk requests');
+    else forward(req, res, proxy.mode === 'corrupt');
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const proxy: RegistryProxy = {
+    host: `127.0.0.1:${(server.address() as { port: number }).port}`,
+    mode,
+    ranges: 0,
+    held: () => waiting.length,
+    release: () => {
+      for (const f of waiting.splice(0)) f();
+    },
+    stop: async () => {
+      proxy.release();
+      server.closeAllConnections?.();
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+  return proxy;
+}

@@ -1,0 +1,643 @@
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { seekDataOrHole } from '../../native/libc';
+import type { Logger } from '../log/logger';
+import { silentLogger } from '../log/logger';
+import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
+import { type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
+import { formatReference } from '../remote/reference';
+import type { ChunkStore } from '../store/chunkstore';
+import { FrameReader, encodeFrame } from './frames';
+
+/**
+ * On-demand loading with fanotify pre-content events (Linux ≥ 6.14).
+ *
+ * A layer of a dedup image is mounted before its data is here: its EROFS
+ * image (as the registry has it, chunk indexes in the layer-local block
+ * space of its chunk table) names as its device a sparse file,
+ * lazy/<id>.blob, holding the chunks the node already had (chunk store or
+ * another lazy layer) and holes for the rest. That file is marked for
+ * FAN_PRE_ACCESS in the group the on-demand holder (holder.ts, its own
+ * process) owns; every read of it waits until the holder relays the event
+ * here, the chunks the range overlaps are fetched (Range GET,
+ * digest-checked), written through the event's fd by the holder, and the
+ * read is allowed, or denied with EIO after bounded retries.
+ *
+ * Fail-closed: the group belongs to the holder, not to this daemon, so a
+ * daemon crash or restart leaves reads waiting for the next daemon, never
+ * reading holes as zeros. Only the holder's own death opens the files
+ * (the kernel drops the marks); a daemon that then finds a mounted,
+ * incomplete layer unmarked fetches all of it at once and logs an error.
+ *
+ * What is filled is what the file holds as data (SEEK_HOLE per chunk), so
+ * a restart knows it without any other record.
+ */
+
+const BLOCK = 4096;
+
+export interface LazyLayerInput {
+  id: string;
+  rl: RemoteLayer;
+  header: LayerHeader;
+}
+
+interface LazyFile {
+  id: string;
+  file: string;
+  rl: RemoteLayer;
+  header: LayerHeader;
+  /** Extents sorted by block address. */
+  entries: ChunkEntry[];
+  size: number;
+  filled: Uint8Array;
+  missing: number;
+  inflight: Map<number, Promise<void>>;
+  /** Mounted while its file was not marked (holder lost): filled directly, in the background. */
+  unsafe: boolean;
+  dropped: boolean;
+}
+
+export interface FanotifyLoaderOptions {
+  /** Directory of the lazy files (ROOT/lazy). */
+  dir: string;
+  /** The holder's unix socket. */
+  socket: string;
+  remote: RemoteLayers;
+  store: ChunkStore;
+  logger?: Logger;
+  /** Attempts per chunk run after the registry client's own retries (digest mismatches included). */
+  attempts?: number;
+  /** argv to start a holder with when none answers (null: wait for one started otherwise). */
+  holderCommand?: string[] | null;
+  /** Where a started holder's stderr goes. */
+  holderLog?: string;
+}
+
+export interface LoaderCounters {
+  /** Read events the kernel raised. */
+  requests: number;
+  /** Events whose range was all present. */
+  hits: number;
+  /** Events that waited for chunks. */
+  misses: number;
+  /** Chunks fetched from the registry / copied from local data. */
+  chunks_fetched: number;
+  chunks_local: number;
+  bytes_filled: number;
+  /** Events denied with EIO. */
+  errors: number;
+  holder_restarts: number;
+}
+
+type Waiter = { op: string; resolve: (h: Record<string, unknown>) => void; reject: (e: Error) => void };
+
+export class FanotifyLoader {
+  private readonly log: Logger;
+  private readonly byFile = new Map<string, LazyFile>();
+  private readonly byId = new Map<string, LazyFile>();
+  /** digest → a filled extent holding it (for copies into other lazy files). */
+  private readonly haveDigest = new Map<string, { st: LazyFile; i: number }>();
+  private sock: net.Socket | null = null;
+  private readonly waiters: Waiter[] = [];
+  private holderMarked = new Set<string>();
+  private holderPid = 0;
+  /** Event id → the layer it is for (to undo fills the holder could not write). */
+  private readonly eventLayer = new Map<number, LazyFile>();
+  private pendingEvents = 0;
+  private closed = false;
+  private connecting: Promise<void> | null = null;
+  private reconnecting: Promise<void> | null = null;
+  readonly counters: LoaderCounters = { requests: 0, hits: 0, misses: 0, chunks_fetched: 0, chunks_local: 0, bytes_filled: 0, errors: 0, holder_restarts: 0 };
+
+  constructor(private readonly o: FanotifyLoaderOptions) {
+    this.log = o.logger ?? silentLogger();
+    fs.mkdirSync(o.dir, { recursive: true, mode: 0o700 });
+    fs.mkdirSync(path.dirname(o.socket), { recursive: true, mode: 0o700 });
+  }
+
+  fileOf(id: string): string {
+    return path.join(this.o.dir, `${id}.blob`);
+  }
+
+  /** Read events waiting for data now. */
+  get queue(): number {
+    return this.pendingEvents;
+  }
+
+  /** Lazy layers and the chunks they still lack. */
+  summary(): { layers: number; incomplete: number; missing_chunks: number } {
+    let incomplete = 0;
+    let missing = 0;
+    for (const st of this.byId.values()) {
+      if (st.missing > 0) incomplete++;
+      missing += st.missing;
+    }
+    return { layers: this.byId.size, incomplete, missing_chunks: missing };
+  }
+
+  /**
+   * Loads the recorded lazy layers (what each file holds) and, when there
+   * are any, connects to the holder (starting one if none answers). With
+   * none, the holder is reached on the first mark.
+   */
+  async start(layers: LazyLayerInput[]): Promise<void> {
+    for (const l of layers) {
+      const file = this.fileOf(l.id);
+      if (!fs.existsSync(file)) {
+        // Recorded but its file is gone (deleted by hand): it is refetched whole.
+        fs.writeFileSync(file, '', { mode: 0o600 });
+      }
+      this.register(l);
+    }
+    if (layers.length > 0) await this.ensureConnected();
+  }
+
+  /** Connected to the holder (one connection attempt at a time). */
+  private async ensureConnected(): Promise<void> {
+    if (this.sock) return;
+    this.connecting ??= this.connect().finally(() => (this.connecting = null));
+    await this.connecting;
+  }
+
+  /** Whether `id` is a lazy layer that still lacks data. */
+  incomplete(id: string): boolean {
+    return (this.byId.get(id)?.missing ?? 0) > 0;
+  }
+
+  /** Whether the holder's group marks `id`'s file (reads of it wait for data). */
+  isMarked(id: string): boolean {
+    return this.holderMarked.has(this.fileOf(id));
+  }
+
+  /**
+   * Creates lazy/<id>.blob for a new layer: the size of its chunk space,
+   * with every chunk the node has (chunk store, other lazy layers) copied
+   * in; not yet marked. Returns how many chunks were local.
+   */
+  async create(l: LazyLayerInput): Promise<{ file: string; local: number; localBytes: number; missing: number }> {
+    const file = this.fileOf(l.id);
+    const entries = sortedEntries(l.header);
+    const size = spaceSize(entries);
+    const fh = await fsp.open(file, 'w', 0o600);
+    let local = 0;
+    let localBytes = 0;
+    let missing = 0;
+    try {
+      await fh.truncate(size);
+      const byDigest = groupByDigest(entries.map((_, i) => i), entries);
+      for (const [digest, idxs] of byDigest) {
+        const bytes = await this.localBytes(digest, entries[idxs[0]][1]);
+        if (!bytes) {
+          missing += idxs.length;
+          continue;
+        }
+        for (const i of idxs) await writeAll(fh, bytes, entries[i][0] * BLOCK);
+        local += idxs.length;
+        localBytes += bytes.length;
+      }
+    } finally {
+      await fh.close();
+    }
+    this.counters.chunks_local += local;
+    return { file, local, localBytes, missing };
+  }
+
+  /** Starts serving reads of `l`'s file (after create, or at start-up). */
+  register(l: LazyLayerInput): void {
+    const file = this.fileOf(l.id);
+    const entries = sortedEntries(l.header);
+    const st: LazyFile = {
+      id: l.id,
+      file,
+      rl: l.rl,
+      header: l.header,
+      entries,
+      size: spaceSize(entries),
+      filled: new Uint8Array(entries.length),
+      missing: 0,
+      inflight: new Map(),
+      unsafe: false,
+      dropped: false,
+    };
+    const fd = fs.openSync(file, 'r');
+    try {
+      for (let i = 0; i < entries.length; i++) {
+        const start = entries[i][0] * BLOCK;
+        const end = start + entries[i][1] * BLOCK;
+        // Whole chunks only: a write cut short by a crash leaves a hole in it.
+        const data = seekDataOrHole(fd, start, 'data');
+        const hole = data === start ? seekDataOrHole(fd, start, 'hole') : null;
+        if (data === start && (hole === null || hole >= end)) this.setFilled(st, i);
+        else st.missing++;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    this.byFile.set(file, st);
+    this.byId.set(l.id, st);
+  }
+
+  /** Forgets `id` and deletes its file (the layer is gone). */
+  drop(id: string): void {
+    const st = this.byId.get(id);
+    if (st) {
+      st.dropped = true;
+      this.byId.delete(id);
+      this.byFile.delete(st.file);
+      for (const [d, at] of this.haveDigest) if (at.st === st) this.haveDigest.delete(d);
+    }
+    this.holderMarked.delete(this.fileOf(id));
+    fs.rmSync(this.fileOf(id), { force: true });
+  }
+
+  /** Ids of files in the lazy directory that `keep` does not name (leftovers of a crash). */
+  orphans(keep: (id: string) => boolean): string[] {
+    return readdirOrEmpty(this.o.dir)
+      .map((n) => /^(\d+)\.blob$/.exec(n)?.[1])
+      .filter((id): id is string => id !== undefined && !keep(id));
+  }
+
+  /** Marks `id`'s file in the holder's group. Do it before anything opens the file. */
+  async mark(id: string): Promise<void> {
+    const file = this.fileOf(id);
+    if (this.holderMarked.has(file)) return;
+    await this.ensureConnected();
+    const reply = await this.request({ op: 'mark', path: file }, 'marked');
+    if (reply.op === 'error') throw new Error(`cannot mark ${file} for on-demand reads: ${String(reply.error)}`);
+    this.holderMarked.add(file);
+  }
+
+  /**
+   * A layer mounted while its file is not marked (the holder that marked it
+   * died): reads of its holes are not held, so everything it lacks is
+   * fetched now, written directly.
+   */
+  fillAllUnsafe(id: string): void {
+    const st = this.byId.get(id);
+    if (!st || st.missing === 0 || st.unsafe) return;
+    st.unsafe = true;
+    this.log.error(
+      { op: 'ondemand', layer: id, snapshot: id, missing_chunks: st.missing },
+      `layer ${id} is mounted but its on-demand holder was lost: reads of data not yet fetched are not held; fetching all ${st.missing} missing chunks now`,
+    );
+    const run = async () => {
+      for (let attempt = 0; st.missing > 0 && !st.dropped && !this.closed; attempt++) {
+        try {
+          const todo = st.entries.map((_, i) => i).filter((i) => !st.filled[i]);
+          await this.fillEntries(st, todo, directWriter(st.file));
+        } catch (err) {
+          this.log.error({ op: 'ondemand', layer: id, err: (err as Error).message }, `layer ${id}: fetching its missing chunks failed; retrying`);
+          await sleep(Math.min(30_000, 1000 * 2 ** attempt));
+        }
+      }
+      if (st.missing === 0) this.log.info({ op: 'ondemand', layer: id }, `layer ${id}: all data present`);
+    };
+    void run();
+  }
+
+  close(): void {
+    this.closed = true;
+    this.sock?.destroy();
+    this.sock = null;
+    for (const w of this.waiters.splice(0)) w.reject(new Error('on-demand loader closed'));
+  }
+
+  // ---- holder connection ----
+
+  private async connect(): Promise<void> {
+    let sock: net.Socket;
+    try {
+      sock = await dial(this.o.socket);
+    } catch (err) {
+      if (!this.o.holderCommand) throw new Error(`no on-demand holder answers on ${this.o.socket}: ${(err as Error).message}`);
+      this.startHolder();
+      sock = await retryDial(this.o.socket, 10_000);
+    }
+    this.attach(sock);
+    const hello = await this.request({ op: 'hello' }, 'hello');
+    this.holderPid = Number(hello.pid);
+    this.holderMarked = new Set(Array.isArray(hello.marked) ? hello.marked.filter((p): p is string => typeof p === 'string') : []);
+    this.log.info({ op: 'ondemand', holder_pid: this.holderPid, socket: this.o.socket, marked: this.holderMarked.size }, `on-demand holder (pid ${this.holderPid}) connected`);
+  }
+
+  private startHolder(): void {
+    const [cmd, ...args] = this.o.holderCommand as string[];
+    const logFd = this.o.holderLog ? fs.openSync(this.o.holderLog, 'a', 0o600) : 'ignore';
+    // Detached, its own session: it outlives this daemon (systemd: KillMode=process).
+    const child = spawn(cmd, [...args, '--socket', this.o.socket], { detached: true, stdio: ['ignore', logFd, logFd] });
+    if (typeof logFd === 'number') fs.closeSync(logFd);
+    child.unref();
+    fs.writeFileSync(path.join(path.dirname(this.o.socket), 'holder.pid'), `${child.pid}\n`, { mode: 0o600 });
+    this.log.info({ op: 'ondemand', holder_pid: child.pid, socket: this.o.socket }, `started the on-demand holder (pid ${child.pid})`);
+  }
+
+  private attach(sock: net.Socket): void {
+    this.sock = sock;
+    const reader = new FrameReader();
+    sock.on('data', (chunk: Buffer) => {
+      let frames;
+      try {
+        frames = reader.push(chunk);
+      } catch (err) {
+        this.log.error({ op: 'ondemand', err: (err as Error).message }, 'bad frame from the on-demand holder');
+        sock.destroy();
+        return;
+      }
+      for (const f of frames) this.onFrame(f.head);
+    });
+    sock.on('error', () => undefined);
+    sock.on('close', () => {
+      if (this.sock !== sock) return;
+      this.sock = null;
+      for (const w of this.waiters.splice(0)) w.reject(new Error('the on-demand holder connection closed'));
+      if (!this.closed) void this.holderLost();
+    });
+  }
+
+  /** The holder went away: its marks are gone with its group. Reconnect (starting a new one) and secure mounted layers. */
+  private async holderLost(): Promise<void> {
+    if (this.reconnecting) return;
+    this.counters.holder_restarts++;
+    const before = new Set(this.holderMarked);
+    this.log.error({ op: 'ondemand', holder_pid: this.holderPid }, `the on-demand holder (pid ${this.holderPid}) is gone; reconnecting`);
+    this.reconnecting = (async () => {
+      for (let attempt = 0; !this.closed; attempt++) {
+        try {
+          await this.ensureConnected();
+          break;
+        } catch (err) {
+          this.log.error({ op: 'ondemand', err: (err as Error).message }, 'cannot reach an on-demand holder; retrying');
+          await sleep(Math.min(10_000, 500 * 2 ** attempt));
+        }
+      }
+      for (const file of before) {
+        if (this.holderMarked.has(file)) continue;
+        const st = this.byFile.get(file);
+        if (st) this.fillAllUnsafe(st.id);
+      }
+    })().finally(() => (this.reconnecting = null));
+  }
+
+  private request(head: Record<string, unknown>, op: string): Promise<Record<string, unknown>> {
+    const sock = this.sock;
+    if (!sock) return Promise.reject(new Error('no on-demand holder connected'));
+    return new Promise((resolve, reject) => {
+      this.waiters.push({ op, resolve, reject });
+      sock.write(encodeFrame(head));
+    });
+  }
+
+  private send(head: Record<string, unknown>, data?: Buffer): void {
+    this.sock?.write(encodeFrame(head, data));
+  }
+
+  private onFrame(h: Record<string, unknown>): void {
+    if (h.op === 'event' && typeof h.id === 'number') {
+      this.serve(h.id, String(h.path ?? ''), Number(h.offset ?? 0), Number(h.count ?? 0));
+      return;
+    }
+    if (h.op === 'error' && typeof h.id === 'number') {
+      // The holder could not write a fill (its read is denied): that chunk is not there.
+      const st = this.eventLayer.get(h.id);
+      const offset = Number(h.offset);
+      this.log.error({ op: 'ondemand', layer: st?.id, offset, err: String(h.error) }, `the holder could not write fetched data: ${String(h.error)}`);
+      if (st) {
+        const i = indexAt(st.entries, offset);
+        if (i >= 0 && st.filled[i]) {
+          st.filled[i] = 0;
+          st.missing++;
+          if (this.haveDigest.get(st.entries[i][2])?.st === st) this.haveDigest.delete(st.entries[i][2]);
+        }
+      }
+      return;
+    }
+    const w = this.waiters.shift();
+    if (w) w.resolve(h);
+  }
+
+  // ---- serving reads ----
+
+  private serve(eventId: number, file: string, offset: number, count: number): void {
+    this.counters.requests++;
+    this.pendingEvents++;
+    const st = this.byFile.get(file);
+    const finish = (ok: boolean, err?: Error) => {
+      this.pendingEvents--;
+      this.eventLayer.delete(eventId);
+      if (!ok) {
+        this.counters.errors++;
+        this.log.error(
+          { op: 'ondemand', layer: st?.id, file, offset, count, err: err?.message },
+          `on-demand read of ${st ? `layer ${st.id}` : file} at ${offset} (+${count}) failed, the reader gets EIO: ${err?.message ?? 'unknown file'}`,
+        );
+      }
+      this.send({ op: 'done', id: eventId, ok });
+    };
+    if (!st) return finish(false, new Error(`${file} is not a lazy layer file this daemon knows`));
+    this.eventLayer.set(eventId, st);
+    const end = count > 0 ? Math.min(offset + count, st.size) : st.size;
+    const wait: Promise<void>[] = [];
+    const todo: number[] = [];
+    for (let i = firstEntryAtOrAfter(st.entries, offset); i < st.entries.length && st.entries[i][0] * BLOCK < end; i++) {
+      if (st.filled[i]) continue;
+      const p = st.inflight.get(i);
+      if (p) wait.push(p);
+      else todo.push(i);
+    }
+    if (wait.length === 0 && todo.length === 0) {
+      this.counters.hits++;
+      return finish(true);
+    }
+    this.counters.misses++;
+    if (todo.length > 0) wait.push(this.fillEntries(st, todo, this.holderWriter(eventId)));
+    Promise.all(wait).then(
+      () => finish(true),
+      (err: Error) => finish(false, err),
+    );
+  }
+
+  /** Writes through the event's fd, by the holder (raises no event). */
+  private holderWriter(eventId: number): (offset: number, bytes: Buffer) => Promise<void> {
+    return async (offset, bytes) => this.send({ op: 'fill', id: eventId, offset }, bytes);
+  }
+
+  /**
+   * Fills extents `idxs` of `st` (none filled or in flight): each distinct
+   * digest once, from local data when the node has it, else fetched in
+   * runs; every extent with that digest written with `write`.
+   */
+  private fillEntries(st: LazyFile, idxs: number[], write: (offset: number, bytes: Buffer) => Promise<void>): Promise<void> {
+    const work = (async () => {
+      const byDigest = groupByDigest(idxs, st.entries);
+      const put = async (digest: string, bytes: Buffer) => {
+        for (const i of byDigest.get(digest) ?? []) {
+          if (st.filled[i]) continue;
+          await write(st.entries[i][0] * BLOCK, bytes);
+          this.counters.bytes_filled += bytes.length;
+          this.setFilled(st, i);
+          st.missing--;
+        }
+      };
+      const remote: ChunkEntry[] = [];
+      for (const [digest, is] of byDigest) {
+        const bytes = await this.localBytes(digest, st.entries[is[0]][1]);
+        if (bytes) {
+          this.counters.chunks_local++;
+          await put(digest, bytes);
+        } else remote.push(st.entries[is[0]]);
+      }
+      const runs = runsOf(remote);
+      let next = 0;
+      const worker = async () => {
+        while (next < runs.length) {
+          const run = runs[next++];
+          const parts = await this.fetchRun(st, run);
+          this.counters.chunks_fetched += run.length;
+          for (const [k, bytes] of parts.entries()) await put(run[k][2], bytes);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(4, runs.length) }, worker));
+    })();
+    const tracked = work.finally(() => {
+      for (const i of idxs) if (st.inflight.get(i) === tracked) st.inflight.delete(i);
+    });
+    for (const i of idxs) st.inflight.set(i, tracked);
+    return tracked;
+  }
+
+  private async fetchRun(st: LazyFile, run: ChunkEntry[]): Promise<Buffer[]> {
+    const attempts = this.o.attempts ?? 2;
+    for (let a = 1; ; a++) {
+      try {
+        return await this.o.remote.fetchRun(st.rl, st.header, run);
+      } catch (err) {
+        if (a >= attempts || st.dropped) throw err;
+        this.log.warn(
+          { op: 'fetch', layer: st.id, image: formatReference(st.rl.repo), chunks: run.length, attempt: a, err: (err as Error).message },
+          `fetching ${run.length} chunks of layer ${st.id} failed (attempt ${a} of ${attempts}): ${(err as Error).message}`,
+        );
+        await sleep(250 * a);
+      }
+    }
+  }
+
+  /** A chunk's bytes from this node: another lazy layer that has it, or the chunk store. */
+  private async localBytes(digest: string, nblocks: number): Promise<Buffer | null> {
+    const have = this.haveDigest.get(digest);
+    if (have && !have.st.dropped) {
+      const buf = Buffer.alloc(nblocks * BLOCK);
+      try {
+        // A read of a marked file: its event comes back here and is a hit.
+        const fh = await fsp.open(have.st.file, 'r');
+        try {
+          const { bytesRead } = await fh.read(buf, 0, buf.length, have.st.entries[have.i][0] * BLOCK);
+          if (bytesRead === buf.length) return buf;
+        } finally {
+          await fh.close();
+        }
+      } catch {
+        // gone meanwhile: try the store, then the registry
+      }
+    }
+    const row = this.o.store.lookup(digest);
+    if (row && row.nblocks === nblocks) return this.o.store.read(row);
+    return null;
+  }
+
+  private setFilled(st: LazyFile, i: number): void {
+    st.filled[i] = 1;
+    if (!this.haveDigest.has(st.entries[i][2])) this.haveDigest.set(st.entries[i][2], { st, i });
+  }
+}
+
+function sortedEntries(h: LayerHeader): ChunkEntry[] {
+  return [...h.chunks].sort((a, b) => a[0] - b[0]);
+}
+
+function spaceSize(entries: ChunkEntry[]): number {
+  return entries.reduce((m, e) => Math.max(m, (e[0] + e[1]) * BLOCK), 0);
+}
+
+function groupByDigest(idxs: number[], entries: ChunkEntry[]): Map<string, number[]> {
+  const m = new Map<string, number[]>();
+  for (const i of idxs) {
+    const d = entries[i][2];
+    const list = m.get(d);
+    if (list) list.push(i);
+    else m.set(d, [i]);
+  }
+  return m;
+}
+
+/** Index of the first extent that ends after byte `offset`. */
+function firstEntryAtOrAfter(entries: ChunkEntry[], offset: number): number {
+  let lo = 0;
+  let hi = entries.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if ((entries[mid][0] + entries[mid][1]) * BLOCK <= offset) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** Index of the extent holding byte `offset`, or -1. */
+function indexAt(entries: ChunkEntry[], offset: number): number {
+  const i = firstEntryAtOrAfter(entries, offset);
+  return i < entries.length && entries[i][0] * BLOCK <= offset ? i : -1;
+}
+
+async function writeAll(fh: fsp.FileHandle, bytes: Buffer, at: number): Promise<void> {
+  let off = 0;
+  while (off < bytes.length) off += (await fh.write(bytes, off, bytes.length - off, at + off)).bytesWritten;
+}
+
+/** Writes straight into the file (only for files no group marks). */
+function directWriter(file: string): (offset: number, bytes: Buffer) => Promise<void> {
+  return async (offset, bytes) => {
+    const fh = await fsp.open(file, 'r+');
+    try {
+      await writeAll(fh, bytes, offset);
+    } finally {
+      await fh.close();
+    }
+  };
+}
+
+function dial(socket: string): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(socket);
+    s.once('connect', () => {
+      s.removeAllListeners('error');
+      resolve(s);
+    });
+    s.once('error', reject);
+  });
+}
+
+async function retryDial(socket: string, ms: number): Promise<net.Socket> {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      return await dial(socket);
+    } catch (err) {
+      if (Date.now() > until) throw new Error(`the on-demand holder did not come up on ${socket}: ${(err as Error).message}`);
+      await sleep(50);
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function readdirOrEmpty(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+}

@@ -1,0 +1,219 @@
+/**
+ * On-demand loading through fanotify (issue 5, item 3) with the real
+ * daemon, holder, registry and kernel: a remote layer is committed and
+ * mounted with only its metadata; a read of its files waits while the
+ * chunks it needs are fetched, and gets the right bytes. kill -9 of the
+ * daemon while a reader waits: the read completes with the right bytes
+ * after the restart, never zeros. Registry failing or serving corrupt
+ * chunks: the reader gets EIO, and a later read succeeds once the registry
+ * is back.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
+import { RegistryClient } from '../src/remote/registry';
+import { type DaemonProcess, call, cleanupDaemons, snapshotsClient, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
+import { convertForTest } from './helpers/dedup';
+import { daemonStats } from './helpers/http';
+import { buildImage, busyboxImageDef, chainIds, pseudoRandom, pushImage } from './helpers/images';
+import { type RealRegistry, type RegistryProxy, startRegistry, startRegistryProxy } from './helpers/registry';
+
+const [major, minor] = os.release().split('.').map(Number);
+const skip = major > 6 || (major === 6 && minor >= 14) ? false : `fanotify pre-content events need Linux >= 6.14 (this is ${os.release()})`;
+const MiB = 1 << 20;
+
+let registry: RealRegistry;
+let proxy: RegistryProxy;
+let client: RegistryClient;
+let dir: string;
+
+before(async () => {
+  if (skip) return;
+  registry = await startRegistry();
+  proxy = await startRegistryProxy(registry.host);
+  client = new RegistryClient({ plainHttpHosts: [registry.host] });
+  dir = tempDir('ondemand');
+});
+
+after(async () => {
+  await cleanupDaemons();
+  client?.close();
+  await proxy?.stop();
+  await registry?.stop();
+});
+
+interface Layer {
+  labels: Record<string, string>;
+  content: Buffer;
+}
+
+/** A one-layer image with `data.bin` of `size` pseudo-random bytes, converted; labels as containerd's CRI passes them, through the proxy. */
+async function lazyImage(name: string, size: number): Promise<Layer> {
+  const content = pseudoRandom(size, name);
+  const def = { ...busyboxImageDef(), name: `test/${name}`, layers: [[{ type: 'file' as const, path: 'data.bin', content }]] };
+  const src = await pushImage(await buildImage(def), registry.host, dir);
+  const converted = await convertForTest(client, src, `${registry.host}/dedup/${name}:v1`, dir);
+  const chain = chainIds(converted.layers.map((l) => l.digest));
+  return {
+    content,
+    labels: {
+      [LABEL_SNAPSHOT_REF]: chain[0],
+      [LABEL_CRI_IMAGE_REF]: `${proxy.host}/dedup/${name}:v1`,
+      [LABEL_CRI_LAYER_DIGEST]: converted.layers[0].digest,
+      [LABEL_CRI_MANIFEST_DIGEST]: converted.manifestDigest,
+    },
+  };
+}
+
+function daemonOptions(root?: string, address?: string) {
+  return { dir, root, address, config: { registry: { plain_http_hosts: [proxy.host] }, ondemand: { backend: 'fanotify' } } };
+}
+
+/** Prepare as containerd's CRI unpacker does; returns the layer id the daemon logged. */
+async function lazyPrepare(d: DaemonProcess, l: Layer): Promise<string> {
+  const c = snapshotsClient(d.address);
+  const err = await call(c, 'Prepare', { key: `extract-${crypto.randomBytes(3).toString('hex')} ${l.labels[LABEL_SNAPSHOT_REF]}`, parent: '', labels: l.labels }).catch((e) => e);
+  c.close();
+  assert.equal(err?.code, 6, `AlreadyExists: ${err}`);
+  const line = d.logs().find((x) => x.op === 'remote' && x.key === l.labels[LABEL_SNAPSHOT_REF]);
+  assert.ok(line, 'the remote layer was logged');
+  assert.equal(line.ondemand, 'fanotify');
+  return String(line.layer);
+}
+
+/** A separate process reading `file` whole: resolves with its sha256, or "ERR:<code>". */
+function readInChild(file: string): { done: Promise<string>; exited: () => boolean } {
+  const script = `const fs=require('fs'),c=require('crypto');const h=c.createHash('sha256');try{const fd=fs.openSync(process.argv[1],'r');const b=Buffer.alloc(1<<16);for(let p=0;;){const n=fs.readSync(fd,b,0,b.length,p);if(n===0)break;h.update(b.subarray(0,n));p+=n}process.stdout.write(h.digest('hex'))}catch(e){process.stdout.write('ERR:'+e.code)}`;
+  const p = spawn(process.execPath, ['-e', script, file], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  let gone = false;
+  p.stdout.on('data', (d) => (out += d));
+  const done = new Promise<string>((r) => p.once('exit', () => ((gone = true), r(out))));
+  return { done, exited: () => gone };
+}
+
+const sha256 = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
+
+test('a remote layer is mounted with its metadata only; reads fetch the chunks they need and get the right bytes', { skip }, async () => {
+  const l = await lazyImage('od-basic', 3 * MiB);
+  const d = await startDaemon(daemonOptions());
+  const before = proxy.ranges;
+  const id = await lazyPrepare(d, l);
+  assert.equal(proxy.ranges, before, 'no chunk fetched by Prepare');
+  let st = await daemonStats(d.apiAddress);
+  assert.equal(st.ondemand.backend, 'fanotify');
+  assert.equal(st.ondemand.lazy_layers, 1);
+  assert.ok(st.ondemand.missing_chunks > 0, 'chunks are missing before any read');
+  assert.equal(fs.statSync(path.join(d.root, 'lazy', `${id}.blob`)).blocks, 0, 'the lazy file is all holes');
+
+  const r = readInChild(path.join(d.root, 'mnt', id, 'data.bin'));
+  assert.equal(await r.done, sha256(l.content), 'the reader gets the file');
+  st = await daemonStats(d.apiAddress);
+  assert.ok(st.ondemand.requests > 0 && st.ondemand.misses > 0, `read events were served: ${JSON.stringify(st.ondemand)}`);
+  assert.ok(st.remote.bytes_fetched >= 3 * MiB, 'the chunks were fetched');
+  assert.equal(st.ondemand.missing_chunks, 0, 'the whole file was read: nothing missing');
+  assert.equal(st.ondemand.errors, 0);
+
+  // Read again from a fresh page cache: served from the lazy file, nothing fetched.
+  const ranges = proxy.ranges;
+  fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+  assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+  assert.equal(proxy.ranges, ranges, 'a second read fetches nothing');
+  await d.stop();
+});
+
+test('kill -9 of the daemon while a reader waits: after the restart the reader gets the right bytes, never zeros', { skip }, async () => {
+  const l = await lazyImage('od-crash', 2 * MiB);
+  const d = await startDaemon(daemonOptions());
+  const id = await lazyPrepare(d, l);
+  proxy.mode = 'hold';
+  try {
+    const r = readInChild(path.join(d.root, 'mnt', id, 'data.bin'));
+    await waitFor(() => proxy.held() > 0, 20_000, 'the read reaching the registry');
+    await d.kill();
+    await new Promise((res) => setTimeout(res, 1000));
+    assert.equal(r.exited(), false, 'the reader waits while no daemon runs');
+    // The killed daemon's fetches die with it; the restarted one fetches again.
+    proxy.mode = 'pass';
+    proxy.release();
+    const d2 = await startDaemon(daemonOptions(d.root, d.address));
+    const got = await r.done;
+    assert.equal(got, sha256(l.content), 'the right bytes after the restart');
+    assert.notEqual(got, sha256(Buffer.alloc(l.content.length)), 'not zeros');
+    assert.ok(d2.logs().some((x) => x.op === 'ondemand' && typeof x.holder_pid === 'number'), 'the restarted daemon reconnected to the holder');
+    await d2.stop();
+  } finally {
+    proxy.mode = 'pass';
+    proxy.release();
+  }
+});
+
+test('registry failing or serving a corrupt chunk: the read gets EIO after bounded retries; it succeeds once the registry is back', { skip }, async () => {
+  const l = await lazyImage('od-fail', 1 * MiB);
+  const d = await startDaemon(daemonOptions());
+  const id = await lazyPrepare(d, l);
+  const file = path.join(d.root, 'mnt', id, 'data.bin');
+  try {
+    for (const mode of ['fail', 'corrupt'] as const) {
+      proxy.mode = mode;
+      const t0 = Date.now();
+      assert.equal(await readInChild(file).done, 'ERR:EIO', `${mode}: EIO`);
+      assert.ok(Date.now() - t0 < 60_000, `${mode}: the reader did not hang`);
+    }
+    const st = await daemonStats(d.apiAddress);
+    assert.ok(st.ondemand.errors >= 2, 'denied reads are counted');
+    assert.ok(d.logs().some((x) => x.op === 'ondemand' && /failed, the reader gets EIO/.test(String(x.msg))), 'the failure is logged');
+    proxy.mode = 'pass';
+    assert.equal(await readInChild(file).done, sha256(l.content), 'a retry reads the file');
+  } finally {
+    proxy.mode = 'pass';
+  }
+  await d.stop();
+});
+
+test('chunks the node has are never fetched: a second image sharing a file copies it from the first lazy layer', { skip }, async () => {
+  const shared = pseudoRandom(2 * MiB, 'od-shared');
+  const mk = async (name: string, extra: Buffer) => {
+    const def = { ...busyboxImageDef(), name: `test/${name}`, layers: [[{ type: 'file' as const, path: 'shared.bin', content: shared }, { type: 'file' as const, path: 'own.bin', content: extra }]] };
+    const src = await pushImage(await buildImage(def), registry.host, dir);
+    const converted = await convertForTest(client, src, `${registry.host}/dedup/${name}:v1`, dir);
+    const chain = chainIds(converted.layers.map((x) => x.digest));
+    return {
+      content: shared,
+      labels: {
+        [LABEL_SNAPSHOT_REF]: chain[0],
+        [LABEL_CRI_IMAGE_REF]: `${proxy.host}/dedup/${name}:v1`,
+        [LABEL_CRI_LAYER_DIGEST]: converted.layers[0].digest,
+        [LABEL_CRI_MANIFEST_DIGEST]: converted.manifestDigest,
+      },
+    };
+  };
+  const a = await mk('od-share-a', pseudoRandom(256 * 1024, 'own-a'));
+  const b = await mk('od-share-b', pseudoRandom(256 * 1024, 'own-b'));
+  const d = await startDaemon(daemonOptions());
+  const idA = await lazyPrepare(d, a);
+  assert.equal(await readInChild(path.join(d.root, 'mnt', idA, 'shared.bin')).done, sha256(shared));
+  const ranges = proxy.ranges;
+  const idB = await lazyPrepare(d, b);
+  const line = d.logs().find((x) => x.op === 'remote' && x.layer === idB);
+  assert.ok(Number(line?.local_chunks) >= (2 * MiB) / 65536, `the shared chunks were copied at Prepare: ${JSON.stringify(line)}`);
+  assert.equal(await readInChild(path.join(d.root, 'mnt', idB, 'shared.bin')).done, sha256(shared));
+  assert.equal(proxy.ranges, ranges, 'reading the shared file of the second image fetched nothing');
+  await d.stop();
+});
+
+test('the holder lost while a lazy layer is mounted: the daemon fetches everything it lacks and says so', { skip }, async () => {
+  const l = await lazyImage('od-holder-lost', 1 * MiB);
+  const d = await startDaemon(daemonOptions());
+  const id = await lazyPrepare(d, l);
+  assert.ok(stopHolder(d.root, 'SIGKILL'), 'the holder ran');
+  await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && /fetching all \d+ missing chunks now/.test(String(x.msg))), 20_000, 'the daemon filling the layer');
+  await waitFor(async () => (await daemonStats(d.apiAddress)).ondemand.missing_chunks === 0, 30_000, 'the layer complete');
+  assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+  await d.stop();
+});
