@@ -253,10 +253,12 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 
-  test('ondemand keys: backend and attempts are read and checked', () => {
-    assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2 });
-    const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5 } });
-    assert.deepEqual(c.ondemand, { backend: 'fetch', attempts: 5 });
+  test('ondemand keys: backend, attempts, prefetch and prefetch_mbps are read and checked', () => {
+    assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0 });
+    const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200 } });
+    assert.deepEqual(c.ondemand, { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200 });
+    assertConfigError(() => loadFile({ ondemand: { prefetch: 'list' } }), 'ondemand.prefetch', /expected "none" or "all"/);
+    assertConfigError(() => loadFile({ ondemand: { prefetch_mbps: -1 } }), 'ondemand.prefetch_mbps', /integer from 0/);
     assert.equal(loadFile({ ondemand: { backend: 'fanotify' } }).ondemand.backend, 'fanotify');
     assertConfigError(() => loadFile({ ondemand: { backend: 'fscache' } }), 'ondemand.backend', /expected one of auto, fanotify, fetch/);
     assertConfigError(() => loadFile({ ondemand: { attempts: 0 } }), 'ondemand.attempts', /integer from 1 to 20/);

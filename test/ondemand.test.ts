@@ -52,10 +52,14 @@ interface Layer {
   content: Buffer;
 }
 
-/** A one-layer image with `data.bin` of `size` pseudo-random bytes, converted; labels as containerd's CRI passes them, through the proxy. */
-async function lazyImage(name: string, size: number): Promise<Layer> {
+/**
+ * A converted one-layer image with `files` (default: `data.bin` of `size`
+ * pseudo-random bytes); labels as containerd's CRI passes them, through the proxy.
+ */
+async function lazyImage(name: string, size: number, files?: { path: string; content: Buffer }[]): Promise<Layer> {
   const content = pseudoRandom(size, name);
-  const def = { ...busyboxImageDef(), name: `test/${name}`, layers: [[{ type: 'file' as const, path: 'data.bin', content }]] };
+  const entries = (files ?? [{ path: 'data.bin', content }]).map((f) => ({ type: 'file' as const, ...f }));
+  const def = { ...busyboxImageDef(), name: `test/${name}`, layers: [entries] };
   const src = await pushImage(await buildImage(def), registry.host, dir);
   const converted = await convertForTest(client, src, `${registry.host}/dedup/${name}:v1`, dir);
   const chain = chainIds(converted.layers.map((l) => l.digest));
@@ -70,8 +74,8 @@ async function lazyImage(name: string, size: number): Promise<Layer> {
   };
 }
 
-function daemonOptions(root?: string, address?: string) {
-  return { dir, root, address, config: { registry: { plain_http_hosts: [proxy.host] }, ondemand: { backend: 'fanotify' } } };
+function daemonOptions(root?: string, address?: string, ondemand: Record<string, unknown> = {}) {
+  return { dir, root, address, config: { registry: { plain_http_hosts: [proxy.host] }, ondemand: { backend: 'fanotify', ...ondemand } } };
 }
 
 /** Prepare as containerd's CRI unpacker does; returns the layer id the daemon logged. */
@@ -178,21 +182,7 @@ test('registry failing or serving a corrupt chunk: the read gets EIO after bound
 
 test('chunks the node has are never fetched: a second image sharing a file copies it from the first lazy layer', { skip }, async () => {
   const shared = pseudoRandom(2 * MiB, 'od-shared');
-  const mk = async (name: string, extra: Buffer) => {
-    const def = { ...busyboxImageDef(), name: `test/${name}`, layers: [[{ type: 'file' as const, path: 'shared.bin', content: shared }, { type: 'file' as const, path: 'own.bin', content: extra }]] };
-    const src = await pushImage(await buildImage(def), registry.host, dir);
-    const converted = await convertForTest(client, src, `${registry.host}/dedup/${name}:v1`, dir);
-    const chain = chainIds(converted.layers.map((x) => x.digest));
-    return {
-      content: shared,
-      labels: {
-        [LABEL_SNAPSHOT_REF]: chain[0],
-        [LABEL_CRI_IMAGE_REF]: `${proxy.host}/dedup/${name}:v1`,
-        [LABEL_CRI_LAYER_DIGEST]: converted.layers[0].digest,
-        [LABEL_CRI_MANIFEST_DIGEST]: converted.manifestDigest,
-      },
-    };
-  };
+  const mk = (name: string, own: Buffer) => lazyImage(name, 0, [{ path: 'shared.bin', content: shared }, { path: 'own.bin', content: own }]);
   const a = await mk('od-share-a', pseudoRandom(256 * 1024, 'own-a'));
   const b = await mk('od-share-b', pseudoRandom(256 * 1024, 'own-b'));
   const d = await startDaemon(daemonOptions());
@@ -215,5 +205,19 @@ test('the holder lost while a lazy layer is mounted: the daemon fetches everythi
   await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && /fetching all \d+ missing chunks now/.test(String(x.msg))), 20_000, 'the daemon filling the layer');
   await waitFor(async () => (await daemonStats(d.apiAddress)).ondemand.missing_chunks === 0, 30_000, 'the layer complete');
   assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+  await d.stop();
+});
+
+test('ondemand.prefetch "all": a lazy layer loads everything in the background, with no reader', { skip }, async () => {
+  const l = await lazyImage('od-prefetch', 2 * MiB);
+  const d = await startDaemon({ ...daemonOptions(undefined, undefined, { prefetch: 'all' }), dir: tempDir('ondemand-prefetch') });
+  const id = await lazyPrepare(d, l);
+  await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && x.layer === id && /background prefetch loaded all its data/.test(String(x.msg))), 30_000, 'the layer loaded in the background');
+  const st = await daemonStats(d.apiAddress);
+  assert.equal(st.ondemand.missing_chunks, 0);
+  assert.ok(st.ondemand.prefetch_bytes >= 2 * MiB, `prefetch read the layer: ${JSON.stringify(st.ondemand)}`);
+  const ranges = proxy.ranges;
+  assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+  assert.equal(proxy.ranges, ranges, 'the read fetched nothing more');
   await d.stop();
 });

@@ -60,7 +60,8 @@ export interface Stats {
    * raised (fanotify) plus chunks needed at Prepare (fetch); hits: served
    * from data on the node; misses: had to fetch; queue: reads waiting now;
    * errors: reads denied with EIO; lazy_layers / incomplete_layers /
-   * missing_chunks: layers loading on demand and what they still lack.
+   * missing_chunks: layers loading on demand and what they still lack;
+   * prefetch_bytes: read by the background prefetch (ondemand.prefetch "all").
    */
   ondemand: {
     backend: 'fanotify' | 'fetch' | null;
@@ -73,6 +74,7 @@ export interface Stats {
     lazy_layers: number;
     incomplete_layers: number;
     missing_chunks: number;
+    prefetch_bytes: number;
   };
   /** Layers of dedup images made from metadata and fetched chunks; bytes_saved: chunk bytes the node already had. */
   remote: { layers: number; metadata_bytes: number; bytes_fetched: number; bytes_saved: number; fetch_errors: number };
@@ -99,6 +101,7 @@ function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
     lazy_layers: sum.layers,
     incomplete_layers: sum.incomplete,
     missing_chunks: sum.missing_chunks,
+    prefetch_bytes: lc?.prefetch_bytes ?? 0,
   };
 }
 

@@ -81,6 +81,8 @@ export async function runDaemon(): Promise<void> {
               // This same program, detached: it outlives the daemon.
               holderCommand: [process.execPath, process.argv[1], 'ondemand-holder'],
               attempts: cfg.ondemand.attempts,
+              prefetch: cfg.ondemand.prefetch,
+              prefetchMbps: cfg.ondemand.prefetch_mbps,
             }
           : null,
       erofs: cfg.use_erofs

@@ -44,9 +44,11 @@ export interface Config {
    * "fanotify": loaded while containers read (start fails without it);
    * "fetch": every missing chunk fetched before Prepare returns. attempts:
    * tries per chunk run (each after the registry client's own retries)
-   * before a read gets EIO.
+   * before a read gets EIO. prefetch: "all" loads the rest of each lazy
+   * layer in the background once it is mounted, at most prefetch_mbps
+   * megabits/s (0: no limit); "none": only reads (and POST /prefetch) load data.
    */
-  readonly ondemand: { readonly backend: 'auto' | 'fanotify' | 'fetch'; readonly attempts: number };
+  readonly ondemand: { readonly backend: 'auto' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'all'; readonly prefetch_mbps: number };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -77,7 +79,7 @@ export function defaultConfig(): Config {
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2 },
     registry: { plain_http_hosts: [], docker_config: null },
-    ondemand: { backend: 'auto', attempts: 2 },
+    ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
@@ -245,13 +247,19 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('ondemand' in doc) {
     const od = doc.ondemand;
     if (!isObject(od)) throw new ConfigError('ondemand', `expected an object like {"backend": "auto", "attempts": 2}, got ${JSON.stringify(od)}`);
-    rejectUnknown('ondemand', od, ['backend', 'attempts']);
+    rejectUnknown('ondemand', od, ['backend', 'attempts', 'prefetch', 'prefetch_mbps']);
     if ('backend' in od) {
       const v = od.backend;
       if (v !== 'auto' && v !== 'fanotify' && v !== 'fetch') throw new ConfigError('ondemand.backend', `expected one of auto, fanotify, fetch, got ${JSON.stringify(v)}`);
       out.ondemand = { ...out.ondemand, backend: v };
     }
     if ('attempts' in od) out.ondemand = { ...out.ondemand, attempts: expectInt('ondemand.attempts', od.attempts, 1, 20) };
+    if ('prefetch' in od) {
+      const v = od.prefetch;
+      if (v !== 'none' && v !== 'all') throw new ConfigError('ondemand.prefetch', `expected "none" or "all", got ${JSON.stringify(v)}`);
+      out.ondemand = { ...out.ondemand, prefetch: v };
+    }
+    if ('prefetch_mbps' in od) out.ondemand = { ...out.ondemand, prefetch_mbps: expectInt('ondemand.prefetch_mbps', od.prefetch_mbps, 0, 1_000_000) };
   }
   if ('audit' in doc) {
     const au = doc.audit;

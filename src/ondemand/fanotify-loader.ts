@@ -70,6 +70,13 @@ export interface FanotifyLoaderOptions {
   logger?: Logger;
   /** Attempts per chunk run after the registry client's own retries (digest mismatches included). */
   attempts?: number;
+  /**
+   * "all": after a lazy layer is mounted, read what it lacks in the
+   * background (loading it like a container's reads would), at most
+   * `prefetchMbps` megabits per second (0: no limit); "none": only reads load data.
+   */
+  prefetch?: 'none' | 'all';
+  prefetchMbps?: number;
   /** argv to start a holder with when none answers (null: wait for one started otherwise). */
   holderCommand?: string[] | null;
   /** Where a started holder's stderr goes. */
@@ -90,6 +97,8 @@ export interface LoaderCounters {
   /** Events denied with EIO. */
   errors: number;
   holder_restarts: number;
+  /** Bytes the background prefetch read (loading what was missing). */
+  prefetch_bytes: number;
 }
 
 type Waiter = { op: string; resolve: (h: Record<string, unknown>) => void; reject: (e: Error) => void };
@@ -110,7 +119,9 @@ export class FanotifyLoader {
   private closed = false;
   private connecting: Promise<void> | null = null;
   private reconnecting: Promise<void> | null = null;
-  readonly counters: LoaderCounters = { requests: 0, hits: 0, misses: 0, chunks_fetched: 0, chunks_local: 0, bytes_filled: 0, errors: 0, holder_restarts: 0 };
+  readonly counters: LoaderCounters = { requests: 0, hits: 0, misses: 0, chunks_fetched: 0, chunks_local: 0, bytes_filled: 0, errors: 0, holder_restarts: 0, prefetch_bytes: 0 };
+  private readonly prefetchQueue: string[] = [];
+  private prefetching = false;
 
   constructor(private readonly o: FanotifyLoaderOptions) {
     this.log = o.logger ?? silentLogger();
@@ -296,6 +307,73 @@ export class FanotifyLoader {
       if (st.missing === 0) this.log.info({ op: 'ondemand', layer: id }, `layer ${id}: all data present`);
     };
     void run();
+  }
+
+  /**
+   * With prefetch "all": loads what layer `id` lacks in the background, by
+   * reading its file window by window (each read raises the events a
+   * container's read would, so the data arrives the same way), paced to
+   * prefetchMbps. Call once the layer is mounted (its file marked).
+   */
+  prefetchInBackground(id: string): void {
+    if (this.o.prefetch !== 'all' || !this.incomplete(id) || !this.isMarked(id) || this.prefetchQueue.includes(id)) return;
+    this.prefetchQueue.push(id);
+    if (!this.prefetching) void this.runPrefetch();
+  }
+
+  private async runPrefetch(): Promise<void> {
+    this.prefetching = true;
+    try {
+      while (this.prefetchQueue.length > 0 && !this.closed) {
+        const id = this.prefetchQueue.shift() as string;
+        const st = this.byId.get(id);
+        if (!st || st.dropped || st.missing === 0) continue;
+        const started = Date.now();
+        try {
+          await this.prefetchLayer(st);
+          this.log.info({ op: 'ondemand', layer: id, duration_ms: Date.now() - started }, `layer ${id}: background prefetch loaded all its data`);
+        } catch (err) {
+          this.log.warn({ op: 'ondemand', layer: id, err: (err as Error).message }, `layer ${id}: background prefetch stopped: ${(err as Error).message}; retried in a minute`);
+          setTimeout(() => this.prefetchInBackground(id), 60_000).unref();
+        }
+      }
+    } finally {
+      this.prefetching = false;
+    }
+  }
+
+  private async prefetchLayer(st: LazyFile): Promise<void> {
+    const window = 8 << 20;
+    const bytesPerMs = (this.o.prefetchMbps ?? 0) > 0 ? ((this.o.prefetchMbps as number) * 1e6) / 8 / 1000 : 0;
+    const buf = Buffer.alloc(window);
+    const fh = await fsp.open(st.file, 'r');
+    try {
+      for (let i = 0; i < st.entries.length && !st.dropped && !this.closed; ) {
+        if (st.filled[i]) {
+          i++;
+          continue;
+        }
+        // A run of missing extents, up to one window.
+        const start = st.entries[i][0] * BLOCK;
+        let end = start;
+        while (i < st.entries.length && !st.filled[i] && (st.entries[i][0] + st.entries[i][1]) * BLOCK - start <= window) {
+          end = (st.entries[i][0] + st.entries[i][1]) * BLOCK;
+          i++;
+        }
+        if (end === start) {
+          end = Math.min(start + window, (st.entries[i][0] + st.entries[i][1]) * BLOCK);
+          i++;
+        }
+        if (!this.isMarked(st.id)) throw new Error('its file is not marked for on-demand reads');
+        const t0 = Date.now();
+        const { bytesRead } = await fh.read(buf, 0, end - start, start);
+        this.counters.prefetch_bytes += bytesRead;
+        if (bytesPerMs > 0) await sleep(Math.max(0, bytesRead / bytesPerMs - (Date.now() - t0)));
+      }
+    } finally {
+      await fh.close();
+    }
+    if (st.missing > 0 && !st.dropped) throw new Error(`${st.missing} chunks still missing`);
   }
 
   close(): void {
@@ -494,8 +572,14 @@ export class FanotifyLoader {
       const worker = async () => {
         while (next < runs.length) {
           const run = runs[next++];
+          const t0 = Date.now();
           const parts = await this.fetchRun(st, run);
           this.counters.chunks_fetched += run.length;
+          const bytes = parts.reduce((n, b) => n + b.length, 0);
+          this.log.info(
+            { op: 'fetch', layer: st.id, snapshot: st.id, chunks: run.length, bytes, duration_ms: Date.now() - t0 },
+            `fetched ${run.length} chunks (${bytes} bytes) of layer ${st.id} on demand`,
+          );
           for (const [k, bytes] of parts.entries()) await put(run[k][2], bytes);
         }
       };

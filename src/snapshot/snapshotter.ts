@@ -42,7 +42,7 @@ export interface SnapshotterOptions {
    * on `socket`, started with `holderCommand` when none answers); null:
    * their missing chunks are fetched before Prepare returns.
    */
-  ondemand?: { socket: string; holderCommand: string[] | null; attempts?: number } | null;
+  ondemand?: { socket: string; holderCommand: string[] | null; attempts?: number; prefetch?: 'none' | 'all'; prefetchMbps?: number } | null;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
     chunkSize: number;
@@ -167,6 +167,8 @@ export class Snapshotter {
           holderCommand: opts.ondemand.holderCommand,
           holderLog: path.join(path.dirname(opts.ondemand.socket), 'holder.log'),
           attempts: opts.ondemand.attempts,
+          prefetch: opts.ondemand.prefetch,
+          prefetchMbps: opts.ondemand.prefetchMbps,
           remote: this.remote,
           store: this.store,
           logger: this.log,
@@ -235,9 +237,12 @@ export class Snapshotter {
         if (lazyIds.has(id) && loader.incomplete(id)) await loader.mark(id);
         this.ensureLayerMounted(layer, mounted);
         remounted++;
+        if (lazyIds.has(id)) loader.prefetchInBackground(id);
       } else if (lazyIds.has(id) && loader.incomplete(id) && !loader.isMarked(id)) {
         // Mounted while no group marks its file: the holder that did died.
         loader.fillAllUnsafe(id);
+      } else if (lazyIds.has(id)) {
+        loader.prefetchInBackground(id);
       }
       // Converted; a directory left from before may still be under a
       // running container: it goes once no mount uses it (no grace: nothing
@@ -433,25 +438,15 @@ export class Snapshotter {
       );
       created = false;
       await removeAll(path.join(this.snapshotsDir, id));
-      remote.counters.layers++;
-      this.log.info(
-        {
-          op: 'remote',
-          key: name,
-          snapshot: id,
-          layer: id,
-          image: formatReference(rl.repo),
-          layer_digest: rl.layerDigest,
-          chunks: stats.chunks,
-          fetched_chunks: missing.length,
-          fetched_bytes: size,
-          local_chunks: local,
-          logical_bytes: header.logical_bytes,
-          duration_ms: Date.now() - started,
-        },
+      this.remoteLayerMade(
+        rl,
+        name,
+        id,
+        started,
+        stats,
+        { chunks: stats.chunks, fetched_chunks: missing.length, fetched_bytes: size, local_chunks: local, logical_bytes: header.logical_bytes },
         `remote layer ${id} made from ${rl.layerDigest}: ${missing.length} chunks fetched (${size} bytes), ${local} already on this node`,
       );
-      this.emitConvert({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'remote' });
     } finally {
       await fh.close();
       fs.rmSync(spool, { force: true });
@@ -479,23 +474,14 @@ export class Snapshotter {
     let done = false;
     try {
       const made = await loader.create(input);
+      const stats: ConvertStats = { files: header.files, logicalBytes: header.logical_bytes, chunks: header.chunks.length, newChunks: 0, dedupChunks: made.local, newBytes: 0, imageBytes: img.length, mkfsMs: 0, importMs: 0 };
       await writeDurably(image, img);
       if (made.missing > 0) await loader.mark(id);
       (this.mounter as ErofsMounter).mount(image, target, header.has_blob, made.file);
       try {
         this.ms.transaction(() => {
           this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
-          this.ms.addLayer(id, {
-            format: 'erofs',
-            has_blob: header.has_blob ? 1 : 0,
-            files: header.files,
-            logical_bytes: header.logical_bytes,
-            image_bytes: img.length,
-            chunks: header.chunks.length,
-            new_chunks: 0,
-            new_bytes: 0,
-            convert_ms: Date.now() - started,
-          });
+          this.addLayerRow(id, header.has_blob, stats, started);
           this.ms.addLazyLayer(id, { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) });
         });
       } catch (err) {
@@ -504,37 +490,20 @@ export class Snapshotter {
       }
       done = true;
       loader.register(input);
+      loader.prefetchInBackground(id);
       await removeAll(path.join(this.snapshotsDir, id));
       const remote = this.remote as RemoteLayers;
-      remote.counters.layers++;
       remote.counters.chunks_local += made.local;
       remote.counters.bytes_local += made.localBytes;
-      this.log.info(
-        {
-          op: 'remote',
-          key: name,
-          snapshot: id,
-          layer: id,
-          image: formatReference(rl.repo),
-          layer_digest: rl.layerDigest,
-          ondemand: 'fanotify',
-          chunks: header.chunks.length,
-          fetched_chunks: 0,
-          missing_chunks: made.missing,
-          local_chunks: made.local,
-          logical_bytes: header.logical_bytes,
-          duration_ms: Date.now() - started,
-        },
+      this.remoteLayerMade(
+        rl,
+        name,
+        id,
+        started,
+        stats,
+        { ondemand: 'fanotify', chunks: header.chunks.length, fetched_chunks: 0, missing_chunks: made.missing, local_chunks: made.local, logical_bytes: header.logical_bytes },
         `remote layer ${id} mounted from ${rl.layerDigest} with its metadata: ${made.missing} chunks load on demand, ${made.local} already on this node`,
       );
-      this.emitConvert({
-        key: name,
-        layer: id,
-        ok: true,
-        durationMs: Date.now() - started,
-        mode: 'remote',
-        stats: { files: header.files, logicalBytes: header.logical_bytes, chunks: header.chunks.length, newChunks: 0, dedupChunks: made.local, newBytes: 0, imageBytes: img.length, mkfsMs: 0, importMs: 0 },
-      });
     } finally {
       this.converting.delete(id);
       if (!done) {
@@ -543,6 +512,14 @@ export class Snapshotter {
         await this.remove(tmpKey).catch(() => undefined);
       }
     }
+  }
+
+  /** A remote layer is committed: counted, logged (one "op":"remote" line), told to listeners. */
+  private remoteLayerMade(rl: RemoteLayer, name: string, id: string, started: number, stats: ConvertStats, fields: Record<string, unknown>, msg: string): void {
+    (this.remote as RemoteLayers).counters.layers++;
+    const durationMs = Date.now() - started;
+    this.log.info({ op: 'remote', key: name, snapshot: id, layer: id, image: formatReference(rl.repo), layer_digest: rl.layerDigest, ...fields, duration_ms: durationMs }, msg);
+    this.emitConvert({ key: name, layer: id, ok: true, durationMs, stats, mode: 'remote' });
   }
 
   async view(key: string, parent: string, labels?: Labels): Promise<Mount[]> {
@@ -727,10 +704,14 @@ export class Snapshotter {
     const store = this.store as ChunkStore;
     const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
     store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
-    const st = layer.stats;
+    this.addLayerRow(id, layer.hasBlob, layer.stats, started);
+  }
+
+  /** In a transaction: the layer row of `id` (an EROFS image now). */
+  private addLayerRow(id: string, hasBlob: boolean, st: ConvertStats, started: number): void {
     this.ms.addLayer(id, {
       format: 'erofs',
-      has_blob: layer.hasBlob ? 1 : 0,
+      has_blob: hasBlob ? 1 : 0,
       files: st.files,
       logical_bytes: st.logicalBytes,
       image_bytes: st.imageBytes,
