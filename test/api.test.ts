@@ -267,6 +267,7 @@ describe('HTTP API on a daemon with EROFS layers', () => {
     assert.match(table, new RegExp(`dedup ratio +${s.dedup_ratio.toFixed(2)}×`));
     assert.match(table, /layers: EROFS \/ directory \/ converting +2 \/ 0 \/ 0/);
     assert.match(table, /backend +file-backed/);
+    assert.match(table, /lazy layers \/ incomplete \/ missing chunks +0 \/ 0 \/ 0/);
     const json = JSON.parse(execFileSync(process.execPath, [bin, 'stats', '--json', '--address', d.apiAddress], { encoding: 'utf8' }));
     assert.equal(json.snapshots.committed, 2);
     // CONFIG names the API address when --address is not given.

@@ -84,7 +84,15 @@ export function formatStats(s: Stats): string {
         ['files / bytes read', `${s.prefetch.files_read} / ${bytes(s.prefetch.bytes_read)}`],
       ],
     ],
-    ['on-demand', [['requests / hits / misses / queue', `${s.ondemand.requests} / ${s.ondemand.hits} / ${s.ondemand.misses} / ${s.ondemand.queue}`]]],
+    [
+      'on-demand',
+      [
+        ['backend', s.ondemand.backend ?? '-'],
+        ['requests / hits / misses / queue', `${s.ondemand.requests} / ${s.ondemand.hits} / ${s.ondemand.misses} / ${s.ondemand.queue}`],
+        ['bytes fetched / errors (EIO)', `${bytes(s.ondemand.bytes)} / ${s.ondemand.errors}`],
+        ['lazy layers / incomplete / missing chunks', `${s.ondemand.lazy_layers} / ${s.ondemand.incomplete_layers} / ${s.ondemand.missing_chunks}`],
+      ],
+    ],
     [
       'KSM',
       s.ksm.counters
