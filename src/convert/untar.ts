@@ -23,7 +23,8 @@ import { Readable, pipeline } from 'node:stream';
 import zlib from 'node:zlib';
 import { S_IFBLK, S_IFCHR, S_IFIFO, mknod } from '../../native/mknod';
 import { XATTR_CREATE, XattrError, getXattr, listXattrs, setXattr } from '../../native/xattr';
-import { type ErrorKind, SnapshotterError } from '../errdefs/errors';
+import { type ErrorKind, SnapshotterError, messageOf } from '../errdefs/errors';
+import { lstatOrNull } from '../snapshot/fsutil';
 import { type TarHeader, TarFormatError, TarReader, TYPE } from './tar-reader';
 
 export interface ApplyLayerOptions {
@@ -87,18 +88,6 @@ function q(s: string): string {
   return JSON.stringify(s);
 }
 
-function messageOf(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
-
-function lstatOrNull(p: string): fs.Stats | null {
-  try {
-    return fs.lstatSync(p);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw err;
-  }
-}
 
 function kindName(st: fs.Stats): string {
   if (st.isFile()) return 'regular file';

@@ -85,9 +85,8 @@ export function errCode(err: unknown): string | undefined {
   return (err as { code?: string } | null)?.code;
 }
 
-export function errMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
+/** An error's message (the project's one helper, under the doctor's name). */
+export { messageOf as errMessage } from '../errdefs/errors';
 
 /** Compares dotted versions numerically ("1.10" > "1.9"); non-numeric tails are ignored. */
 export function compareVersions(a: string, b: string): number {

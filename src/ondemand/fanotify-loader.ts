@@ -9,6 +9,8 @@ import { silentLogger } from '../log/logger';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference } from '../remote/reference';
+import { sleep } from '../remote/transport';
+import { readdirOrEmpty } from '../snapshot/fsutil';
 import type { ChunkStore } from '../store/chunkstore';
 import { FrameReader, encodeFrame } from './frames';
 
@@ -711,17 +713,5 @@ async function retryDial(socket: string, ms: number): Promise<net.Socket> {
       if (Date.now() > until) throw new Error(`the on-demand holder did not come up on ${socket}: ${(err as Error).message}`);
       await sleep(50);
     }
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-function readdirOrEmpty(dir: string): string[] {
-  try {
-    return fs.readdirSync(dir);
-  } catch {
-    return [];
   }
 }

@@ -64,3 +64,13 @@ export function readdirOrEmpty(dir: string): string[] {
     throw err;
   }
 }
+
+/** lstat, or null when nothing is there (ENOENT); other errors are thrown. */
+export function lstatOrNull(p: string): fs.Stats | null {
+  try {
+    return fs.lstatSync(p);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+}

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { readXattrs, setXattr } from '../../native/xattr';
+import { lstatOrNull } from '../../src/snapshot/fsutil';
 
 /** Applies one change (or a sequence of changes) to the tree at root. */
 export interface Applier {
@@ -116,15 +117,6 @@ export function link(oldName: string, newName: string): Applier {
 /** Every extended attribute of p (not following a symlink), by name; none on a file system without them. */
 function xattrsOf(p: string): Map<string, Buffer> {
   return readXattrs(p, { unsupportedIsEmpty: true });
-}
-
-function lstatOrNull(p: string): fs.Stats | null {
-  try {
-    return fs.lstatSync(p);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw err;
-  }
 }
 
 /** Copies a tree keeping type, mode, owner, xattrs and times (for rename's EXDEV path). */
