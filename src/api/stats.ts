@@ -88,14 +88,18 @@ function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
   const l = sn.loader;
   const lc = l?.counters;
   const sum = l?.summary() ?? { layers: 0, incomplete: 0, missing_chunks: 0 };
-  // Chunks needed by layers made at Prepare (fetch) and read events (fanotify).
-  const prepareChunks = (r?.chunks_fetched ?? 0) - (lc?.chunks_fetched ?? 0) + (r?.chunks_local ?? 0) - (lc?.chunks_local ?? 0);
+  // At Prepare, each chunk of a remote layer is a hit (on the node) or a
+  // miss (fetched then: the fetch backend); afterwards each read event is
+  // one request (a hit, a miss, or refused for a file the daemon does not know).
+  const atPrepare = { hits: r?.chunks_local ?? 0, misses: (r?.chunks_fetched ?? 0) - (lc?.chunks_fetched ?? 0) };
+  const hits = atPrepare.hits + (lc?.hits ?? 0);
+  const misses = atPrepare.misses + (lc?.misses ?? 0);
   return {
     backend: sn.remote ? (l ? 'fanotify' : 'fetch') : null,
-    requests: prepareChunks + (lc?.requests ?? 0),
+    requests: atPrepare.hits + atPrepare.misses + (lc?.requests ?? 0),
     bytes: r?.bytes_fetched ?? 0,
-    hits: (r?.chunks_local ?? 0) - (lc?.chunks_local ?? 0) + (lc?.hits ?? 0),
-    misses: (r?.chunks_fetched ?? 0) - (lc?.chunks_fetched ?? 0) + (lc?.misses ?? 0),
+    hits,
+    misses,
     queue: l?.queue ?? 0,
     errors: lc?.errors ?? 0,
     lazy_layers: sum.layers,

@@ -92,13 +92,10 @@ export interface LoaderCounters {
   hits: number;
   /** Events that waited for chunks. */
   misses: number;
-  /** Chunks fetched from the registry / copied from local data. */
+  /** Chunks fetched from the registry by this loader (part of RemoteLayers' chunks_fetched). */
   chunks_fetched: number;
-  chunks_local: number;
-  bytes_filled: number;
   /** Events denied with EIO. */
   errors: number;
-  holder_restarts: number;
   /** Bytes the background prefetch read (loading what was missing). */
   prefetch_bytes: number;
 }
@@ -121,7 +118,7 @@ export class FanotifyLoader {
   private closed = false;
   private connecting: Promise<void> | null = null;
   private reconnecting: Promise<void> | null = null;
-  readonly counters: LoaderCounters = { requests: 0, hits: 0, misses: 0, chunks_fetched: 0, chunks_local: 0, bytes_filled: 0, errors: 0, holder_restarts: 0, prefetch_bytes: 0 };
+  readonly counters: LoaderCounters = { requests: 0, hits: 0, misses: 0, chunks_fetched: 0, errors: 0, prefetch_bytes: 0 };
   private readonly prefetchQueue: string[] = [];
   private prefetching = false;
 
@@ -214,7 +211,6 @@ export class FanotifyLoader {
     } finally {
       await fh.close();
     }
-    this.counters.chunks_local += local;
     return { file, local, localBytes, missing };
   }
 
@@ -440,7 +436,6 @@ export class FanotifyLoader {
   /** The holder went away: its marks are gone with its group. Reconnect (starting a new one) and secure mounted layers. */
   private async holderLost(): Promise<void> {
     if (this.reconnecting) return;
-    this.counters.holder_restarts++;
     const before = new Set(this.holderMarked);
     this.log.error({ op: 'ondemand', holder_pid: this.holderPid }, `the on-demand holder (pid ${this.holderPid}) is gone; reconnecting`);
     this.reconnecting = (async () => {
@@ -556,7 +551,6 @@ export class FanotifyLoader {
         for (const i of byDigest.get(digest) ?? []) {
           if (st.filled[i]) continue;
           await write(st.entries[i][0] * BLOCK, bytes);
-          this.counters.bytes_filled += bytes.length;
           this.setFilled(st, i);
           st.missing--;
         }
@@ -565,7 +559,6 @@ export class FanotifyLoader {
       for (const [digest, is] of byDigest) {
         const bytes = await this.localBytes(digest, st.entries[is[0]][1]);
         if (bytes) {
-          this.counters.chunks_local++;
           await put(digest, bytes);
         } else remote.push(st.entries[is[0]]);
       }
