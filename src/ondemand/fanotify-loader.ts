@@ -12,7 +12,7 @@ import { formatReference } from '../remote/reference';
 import { sleep } from '../remote/transport';
 import { readdirOrEmpty } from '../snapshot/fsutil';
 import type { ChunkStore } from '../store/chunkstore';
-import { FrameReader, encodeFrame } from './frames';
+import { encodeFrame, readFrames } from './frames';
 
 /**
  * On-demand loading with fanotify pre-content events (Linux ≥ 6.14).
@@ -412,18 +412,11 @@ export class FanotifyLoader {
 
   private attach(sock: net.Socket): void {
     this.sock = sock;
-    const reader = new FrameReader();
-    sock.on('data', (chunk: Buffer) => {
-      let frames;
-      try {
-        frames = reader.push(chunk);
-      } catch (err) {
-        this.log.error({ op: 'ondemand', err: (err as Error).message }, 'bad frame from the on-demand holder');
-        sock.destroy();
-        return;
-      }
-      for (const f of frames) this.onFrame(f.head);
-    });
+    readFrames(
+      sock,
+      (f) => this.onFrame(f.head),
+      (err) => this.log.error({ op: 'ondemand', err: err.message }, 'bad frame from the on-demand holder'),
+    );
     sock.on('error', () => undefined);
     sock.on('close', () => {
       if (this.sock !== sock) return;

@@ -1,3 +1,5 @@
+import type net from 'node:net';
+
 /**
  * Framing of the holder protocol (holder.ts) on a unix stream socket: each
  * frame is a u32 LE length of a JSON header, the header, a u32 LE length of
@@ -43,4 +45,24 @@ export class FrameReader {
     }
     return out;
   }
+}
+
+/**
+ * Calls `onFrame` for each whole frame arriving on `sock`; a frame over the
+ * limits calls `onBad` and drops the connection (both ends of the holder
+ * protocol read this way).
+ */
+export function readFrames(sock: net.Socket, onFrame: (f: Frame) => void, onBad: (err: Error) => void): void {
+  const reader = new FrameReader();
+  sock.on('data', (chunk: Buffer) => {
+    let frames: Frame[];
+    try {
+      frames = reader.push(chunk);
+    } catch (err) {
+      onBad(err as Error);
+      sock.destroy();
+      return;
+    }
+    for (const f of frames) onFrame(f);
+  });
 }

@@ -17,7 +17,7 @@ import {
   fanotifyResponse,
   parseFanotifyEvents,
 } from '../../native/fanotify';
-import { FrameReader, encodeFrame } from './frames';
+import { encodeFrame, readFrames } from './frames';
 
 /**
  * The on-demand holder: a minimal process that owns the fanotify
@@ -148,18 +148,11 @@ export class OndemandHolder {
     if (this.client) this.client.destroy();
     this.client = s;
     this.log('daemon connected');
-    const reader = new FrameReader();
-    s.on('data', (chunk: Buffer) => {
-      let frames;
-      try {
-        frames = reader.push(chunk);
-      } catch (err) {
-        this.log(`dropping the daemon's connection: ${(err as Error).message}`);
-        s.destroy();
-        return;
-      }
-      for (const f of frames) this.handle(s, f.head, f.data);
-    });
+    readFrames(
+      s,
+      (f) => this.handle(s, f.head, f.data),
+      (err) => this.log(`dropping the daemon's connection: ${err.message}`),
+    );
     s.on('close', () => {
       if (this.client === s) {
         this.client = null;
