@@ -257,10 +257,12 @@ describe('bad files and values', () => {
     assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0 });
     const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200 } });
     assert.deepEqual(c.ondemand, { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200 });
-    assertConfigError(() => loadFile({ ondemand: { prefetch: 'list' } }), 'ondemand.prefetch', /expected "none" or "all"/);
+    assert.equal(loadFile({ ondemand: { prefetch: 'list' } }).ondemand.prefetch, 'list');
+    assertConfigError(() => loadFile({ ondemand: { prefetch: 'some' } }), 'ondemand.prefetch', /expected "none", "list" or "all"/);
     assertConfigError(() => loadFile({ ondemand: { prefetch_mbps: -1 } }), 'ondemand.prefetch_mbps', /integer from 0/);
     assert.equal(loadFile({ ondemand: { backend: 'fanotify' } }).ondemand.backend, 'fanotify');
-    assertConfigError(() => loadFile({ ondemand: { backend: 'fscache' } }), 'ondemand.backend', /expected one of auto, fanotify, fetch/);
+    assert.equal(loadFile({ ondemand: { backend: 'fscache' } }).ondemand.backend, 'fscache');
+    assertConfigError(() => loadFile({ ondemand: { backend: 'fuse' } }), 'ondemand.backend', /expected one of auto, fscache, fanotify, fetch/);
     assertConfigError(() => loadFile({ ondemand: { attempts: 0 } }), 'ondemand.attempts', /integer from 1 to 20/);
     assertConfigError(() => loadFile({ ondemand: { lazy: true } }), 'ondemand.lazy', /unknown key/);
     assertConfigError(() => loadFile({ ondemand: 'fanotify' }), 'ondemand', /expected an object/);

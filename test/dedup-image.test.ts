@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { MS_RDONLY, mount, umount2 } from '../native/mount';
+import { parsePrefetchList } from '../src/cmd/convert';
 import { DedupImageBuilder } from '../src/convert/dedup-layer';
 import { probeMkfs } from '../src/convert/mkfs';
 import { DedupFormatError, LAYER_MAGIC, type LayerHeader, decodeLayerBlob, encodeLayerBlob } from '../src/remote/dedup-image';
@@ -87,6 +88,28 @@ describe('dedup image layers', () => {
     }
   });
 
+  test('a prefetch list is recorded in the layer that holds each file (regular files reached without symlinks only)', async () => {
+    const dir = work('dedup-image-prefetch');
+    fs.mkdirSync(path.join(dir, 'l', 'app', 'lib'), { recursive: true });
+    fs.writeFileSync(path.join(dir, 'l', 'app', 'main'), 'main');
+    fs.writeFileSync(path.join(dir, 'l', 'app', 'lib', 'x.so'), pseudoRandom(10_000, 'x'));
+    fs.symlinkSync('app', path.join(dir, 'l', 'via-link'));
+    fs.mkdirSync(path.join(dir, 'work'));
+    const mkfs = await probeMkfs('mkfs.erofs');
+    const b = new DedupImageBuilder({ mkfs: async () => mkfs, chunkSize: MiB, workDir: path.join(dir, 'work') });
+    const l = await b.addLayer(path.join(dir, 'l'), `sha256:${'4'.repeat(64)}`, ['/app/lib/x.so', '/app/main', '/app', '/via-link/main', '/missing']);
+    assert.deepEqual(l.header.prefetch, ['/app/lib/x.so', '/app/main']);
+    assert.deepEqual(decodeLayerBlob(l.blob).header.prefetch, ['/app/lib/x.so', '/app/main'], 'it round-trips');
+    const none = await b.addLayer(path.join(dir, 'l'), `sha256:${'5'.repeat(64)}`, ['/missing']);
+    assert.equal(none.header.prefetch, undefined, 'no key when nothing matched (headers stay as before)');
+  });
+
+  test('convert --prefetch-files: one absolute path per line, comments and blanks skipped, bad paths named by line', () => {
+    assert.deepEqual(parsePrefetchList('# hot files\n/usr/bin/python3\n\n  /app/main.py  \n/usr/bin/python3\n'), ['/usr/bin/python3', '/app/main.py']);
+    assert.throws(() => parsePrefetchList('/ok\nrelative/path\n'), /line 2: "relative\/path" is not an absolute, normalized path/);
+    assert.throws(() => parsePrefetchList('/a/../b\n'), /line 1/);
+  });
+
   test('a layer without file data has no data blob and no chunks', async () => {
     const dir = work('dedup-image-empty');
     fs.mkdirSync(path.join(dir, 'l', 'empty-dir'), { recursive: true });
@@ -134,6 +157,11 @@ describe('dedup image layers', () => {
       ['extent', withHeader({ ...header, chunks: [[0, 257, 'b'.repeat(64), 0, 0]] }), /bad extent/],
       ['duplicate', withHeader({ ...header, chunks: [[0, 1, 'b'.repeat(64), 0, 0], [0, 1, 'd'.repeat(64), 0, 4096]] }), /listed twice/],
       ['data blob digest', withHeader({ ...header, data_blobs: ['md5:00'] }), /data_blobs must be sha256 digests/],
+      ['prefetch not a list', withHeader({ ...header, prefetch: '/etc/passwd' }), /prefetch must be an array/],
+      ['prefetch relative', withHeader({ ...header, prefetch: ['etc/passwd'] }), /prefetch\[0\] "etc\/passwd" is not an absolute, normalized path/],
+      ['prefetch dot-dot', withHeader({ ...header, prefetch: ['/ok', '/a/../../etc/shadow'] }), /prefetch\[1\]/],
+      ['prefetch NUL', withHeader({ ...header, prefetch: ['/a\0b'] }), /prefetch\[0\]/],
+      ['prefetch root', withHeader({ ...header, prefetch: ['/'] }), /prefetch\[0\]/],
     ];
     for (const [what, blob, pattern] of cases) {
       assert.throws(() => decodeLayerBlob(blob), (err: unknown) => err instanceof DedupFormatError && pattern.test((err as Error).message), what);

@@ -9,18 +9,15 @@
  * is back.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
 import { RegistryClient } from '../src/remote/registry';
-import { type DaemonProcess, call, cleanupDaemons, snapshotsClient, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
-import { convertForTest } from './helpers/dedup';
+import { type DaemonProcess, cleanupDaemons, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
 import { daemonStats } from './helpers/http';
-import { buildImage, busyboxImageDef, chainIds, pseudoRandom, pushImage } from './helpers/images';
+import { pseudoRandom } from './helpers/images';
+import { type LazyLayer, lazyImage as makeLazyImage, lazyPrepare as prepareLazily, readInChild, sha256 } from './helpers/ondemand';
 import { type RealRegistry, type RegistryProxy, startRegistry, startRegistryProxy } from './helpers/registry';
 
 const [major, minor] = os.release().split('.').map(Number);
@@ -47,61 +44,12 @@ after(async () => {
   await registry?.stop();
 });
 
-interface Layer {
-  labels: Record<string, string>;
-  content: Buffer;
-}
-
-/**
- * A converted one-layer image with `files` (default: `data.bin` of `size`
- * pseudo-random bytes); labels as containerd's CRI passes them, through the proxy.
- */
-async function lazyImage(name: string, size: number, files?: { path: string; content: Buffer }[]): Promise<Layer> {
-  const content = pseudoRandom(size, name);
-  const entries = (files ?? [{ path: 'data.bin', content }]).map((f) => ({ type: 'file' as const, ...f }));
-  const def = { ...busyboxImageDef(), name: `test/${name}`, layers: [entries] };
-  const src = await pushImage(await buildImage(def), registry.host, dir);
-  const converted = await convertForTest(client, src, `${registry.host}/dedup/${name}:v1`, dir);
-  const chain = chainIds(converted.layers.map((l) => l.digest));
-  return {
-    content,
-    labels: {
-      [LABEL_SNAPSHOT_REF]: chain[0],
-      [LABEL_CRI_IMAGE_REF]: `${proxy.host}/dedup/${name}:v1`,
-      [LABEL_CRI_LAYER_DIGEST]: converted.layers[0].digest,
-      [LABEL_CRI_MANIFEST_DIGEST]: converted.manifestDigest,
-    },
-  };
-}
+const lazyImage = (name: string, size: number, files?: { path: string; content: Buffer }[], prefetch?: string[]) => makeLazyImage({ registry, proxy, client, dir }, name, size, files, prefetch);
+const lazyPrepare = (d: DaemonProcess, l: LazyLayer) => prepareLazily(d, l, 'fanotify');
 
 function daemonOptions(root?: string, address?: string, ondemand: Record<string, unknown> = {}) {
   return { dir, root, address, config: { registry: { plain_http_hosts: [proxy.host] }, ondemand: { backend: 'fanotify', ...ondemand } } };
 }
-
-/** Prepare as containerd's CRI unpacker does; returns the layer id the daemon logged. */
-async function lazyPrepare(d: DaemonProcess, l: Layer): Promise<string> {
-  const c = snapshotsClient(d.address);
-  const err = await call(c, 'Prepare', { key: `extract-${crypto.randomBytes(3).toString('hex')} ${l.labels[LABEL_SNAPSHOT_REF]}`, parent: '', labels: l.labels }).catch((e) => e);
-  c.close();
-  assert.equal(err?.code, 6, `AlreadyExists: ${err}`);
-  const line = d.logs().find((x) => x.op === 'remote' && x.key === l.labels[LABEL_SNAPSHOT_REF]);
-  assert.ok(line, 'the remote layer was logged');
-  assert.equal(line.ondemand, 'fanotify');
-  return String(line.layer);
-}
-
-/** A separate process reading `file` whole: resolves with its sha256, or "ERR:<code>". */
-function readInChild(file: string): { done: Promise<string>; exited: () => boolean } {
-  const script = `const fs=require('fs'),c=require('crypto');const h=c.createHash('sha256');try{const fd=fs.openSync(process.argv[1],'r');const b=Buffer.alloc(1<<16);for(let p=0;;){const n=fs.readSync(fd,b,0,b.length,p);if(n===0)break;h.update(b.subarray(0,n));p+=n}process.stdout.write(h.digest('hex'))}catch(e){process.stdout.write('ERR:'+e.code)}`;
-  const p = spawn(process.execPath, ['-e', script, file], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let out = '';
-  let gone = false;
-  p.stdout.on('data', (d) => (out += d));
-  const done = new Promise<string>((r) => p.once('exit', () => ((gone = true), r(out))));
-  return { done, exited: () => gone };
-}
-
-const sha256 = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
 test('a remote layer is mounted with its metadata only; reads fetch the chunks they need and get the right bytes', { skip }, async () => {
   const l = await lazyImage('od-basic', 3 * MiB);
@@ -219,5 +167,24 @@ test('ondemand.prefetch "all": a lazy layer loads everything in the background, 
   const ranges = proxy.ranges;
   assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
   assert.equal(proxy.ranges, ranges, 'the read fetched nothing more');
+  await d.stop();
+});
+
+test('ondemand.prefetch "list": the files recorded at convert time load in the background, the others wait for a reader', { skip }, async () => {
+  const hot = pseudoRandom(1 * MiB, 'od-hot');
+  const cold = pseudoRandom(1 * MiB, 'od-cold');
+  const l = await lazyImage('od-list', 0, [{ path: 'app/hot.bin', content: hot }, { path: 'cold.bin', content: cold }], ['/app/hot.bin']);
+  const d = await startDaemon({ ...daemonOptions(undefined, undefined, { prefetch: 'list' }), dir: tempDir('ondemand-list') });
+  const id = await lazyPrepare(d, l);
+  await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && x.layer === id && /loaded its 1 listed files/.test(String(x.msg))), 30_000, 'the listed file loaded in the background');
+  const st = await daemonStats(d.apiAddress);
+  assert.ok(st.ondemand.prefetch_bytes >= hot.length, `the listed file was read: ${JSON.stringify(st.ondemand)}`);
+  assert.ok(st.ondemand.missing_chunks >= cold.length / 65536, 'the other file is still missing');
+  let ranges = proxy.ranges;
+  assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'app', 'hot.bin')).done, sha256(hot));
+  assert.equal(proxy.ranges, ranges, 'reading the listed file fetched nothing more');
+  ranges = proxy.ranges;
+  assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'cold.bin')).done, sha256(cold));
+  assert.ok(proxy.ranges > ranges, 'the other file was fetched when read');
   await d.stop();
 });

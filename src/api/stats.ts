@@ -55,16 +55,16 @@ export interface Stats {
   conversions: { count: number; failures: number; bytes: number; last_ms: number | null; p50_ms: number | null; p99_ms: number | null };
   mounts: { backend: string | null; erofs_layers: number; direct_io: boolean | 'auto' | null; read_ahead_kb: number | null };
   /**
-   * Data of remote layers. backend: "fanotify" (loaded while read) or
-   * "fetch" (before Prepare returns). requests: read events the kernel
-   * raised (fanotify) plus chunks needed at Prepare (fetch); hits: served
+   * Data of remote layers. backend: "fscache" or "fanotify" (loaded while
+   * read) or "fetch" (before Prepare returns). requests: reads the kernel
+   * asked for (fanotify events, cachefiles READs) plus chunks needed at Prepare (fetch); hits: served
    * from data on the node; misses: had to fetch; queue: reads waiting now;
    * errors: reads denied with EIO; lazy_layers / incomplete_layers /
    * missing_chunks: layers loading on demand and what they still lack;
    * prefetch_bytes: read by the background prefetch (ondemand.prefetch "all").
    */
   ondemand: {
-    backend: 'fanotify' | 'fetch' | null;
+    backend: 'fscache' | 'fanotify' | 'fetch' | null;
     requests: number;
     bytes: number;
     hits: number;
@@ -95,7 +95,7 @@ function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
   const hits = atPrepare.hits + (lc?.hits ?? 0);
   const misses = atPrepare.misses + (lc?.misses ?? 0);
   return {
-    backend: sn.remote ? (l ? 'fanotify' : 'fetch') : null,
+    backend: sn.remote ? (l?.backend ?? 'fetch') : null,
     requests: atPrepare.hits + atPrepare.misses + (lc?.requests ?? 0),
     bytes: r?.bytes_fetched ?? 0,
     hits,

@@ -75,8 +75,11 @@ export async function runDaemon(): Promise<void> {
       logger: log,
       remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log }) : null,
       ondemand:
-        ondemand?.backend === 'fanotify'
+        ondemand && ondemand.backend !== 'fetch'
           ? {
+              backend: ondemand.backend,
+              // Under ROOT/cache, with the chunk store: the guide's `du -sh ROOT/cache` sees it.
+              fscache: { dir: path.join(cfg.root, 'cache', 'fscache'), tag: 'dedup', domain: 'dedup' },
               socket: path.join(cfg.root, 'ondemand', 'holder.sock'),
               // This same program, detached: it outlives the daemon.
               holderCommand: [process.execPath, process.argv[1], 'ondemand-holder'],
@@ -167,8 +170,8 @@ export async function runDaemon(): Promise<void> {
   if (snapshotter.remote && ondemand) {
     log.info(
       { op: 'start', ondemand: ondemand.backend, reason: ondemand.reason, plain_http_hosts: cfg.registry.plain_http_hosts },
-      ondemand.backend === 'fanotify'
-        ? `remote layers of dedup images load their data on demand (fanotify pre-content events): ${ondemand.reason}`
+      ondemand.backend !== 'fetch'
+        ? `remote layers of dedup images load their data on demand (${ondemand.backend === 'fanotify' ? 'fanotify pre-content events' : 'EROFS over fscache'}): ${ondemand.reason}`
         : `remote layers of dedup images: missing chunks are fetched before a layer is ready (${ondemand.reason})`,
     );
   }

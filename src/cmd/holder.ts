@@ -2,10 +2,12 @@ import { OndemandHolder } from '../ondemand/holder';
 
 const USAGE = `usage: dedup-snapshotter ondemand-holder --socket PATH
 
-Holds the fanotify pre-content group for on-demand loading and relays its
-events to the daemon connecting on PATH, so a daemon crash or restart never
-lets a read of unfetched data through (it waits for the daemon instead).
-Started once, detached; not restarted with the daemon.
+Holds what on-demand loading must not lose when the daemon dies: the
+fanotify pre-content group (relaying its events to the daemon connecting on
+PATH), or /dev/cachefiles bound in on-demand mode (EROFS over fscache), so
+a daemon crash or restart never lets a read of unfetched data through (it
+waits for the daemon instead). Started once by the daemon, detached; not
+restarted with it.
 `;
 
 export async function runHolder(argv: string[]): Promise<number> {
@@ -36,7 +38,7 @@ export async function runHolder(argv: string[]): Promise<number> {
     },
   });
   await holder.listen();
-  log(`holding the fanotify group; daemon socket ${socket}`);
+  log(`on-demand holder ready on ${socket} (it keeps the fanotify group or /dev/cachefiles for the daemon)`);
   await Promise.race([
     gone,
     new Promise<void>((resolve) => {

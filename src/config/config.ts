@@ -48,7 +48,7 @@ export interface Config {
    * layer in the background once it is mounted, at most prefetch_mbps
    * megabits/s (0: no limit); "none": only reads (and POST /prefetch) load data.
    */
-  readonly ondemand: { readonly backend: 'auto' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'all'; readonly prefetch_mbps: number };
+  readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -250,13 +250,13 @@ export function applyConfigObject(base: Config, doc: Json): Config {
     rejectUnknown('ondemand', od, ['backend', 'attempts', 'prefetch', 'prefetch_mbps']);
     if ('backend' in od) {
       const v = od.backend;
-      if (v !== 'auto' && v !== 'fanotify' && v !== 'fetch') throw new ConfigError('ondemand.backend', `expected one of auto, fanotify, fetch, got ${JSON.stringify(v)}`);
+      if (v !== 'auto' && v !== 'fscache' && v !== 'fanotify' && v !== 'fetch') throw new ConfigError('ondemand.backend', `expected one of auto, fscache, fanotify, fetch, got ${JSON.stringify(v)}`);
       out.ondemand = { ...out.ondemand, backend: v };
     }
     if ('attempts' in od) out.ondemand = { ...out.ondemand, attempts: expectInt('ondemand.attempts', od.attempts, 1, 20) };
     if ('prefetch' in od) {
       const v = od.prefetch;
-      if (v !== 'none' && v !== 'all') throw new ConfigError('ondemand.prefetch', `expected "none" or "all", got ${JSON.stringify(v)}`);
+      if (v !== 'none' && v !== 'list' && v !== 'all') throw new ConfigError('ondemand.prefetch', `expected "none", "list" or "all", got ${JSON.stringify(v)}`);
       out.ondemand = { ...out.ondemand, prefetch: v };
     }
     if ('prefetch_mbps' in od) out.ondemand = { ...out.ondemand, prefetch_mbps: expectInt('ondemand.prefetch_mbps', od.prefetch_mbps, 0, 1_000_000) };

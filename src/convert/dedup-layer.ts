@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { type ChunkEntry, type LayerHeader, encodeLayerBlob } from '../remote/dedup-image';
+import { regularFileUnder } from '../snapshot/fsutil';
 import { STORE_BLOCK, readAt } from '../store/chunkstore';
 import { extentKey, hashImageChunks } from './chunks';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
@@ -39,7 +40,11 @@ export class DedupImageBuilder {
     private readonly o: { mkfs: () => Promise<MkfsFeatures>; chunkSize: number; workDir: string },
   ) {}
 
-  async addLayer(dir: string, sourceDiffId: string): Promise<DedupLayer> {
+  /**
+   * `prefetch`: paths of the image to load first; the regular files among
+   * them that this layer holds are recorded in its header.
+   */
+  async addLayer(dir: string, sourceDiffId: string, prefetch: string[] = []): Promise<DedupLayer> {
     const i = this.n++;
     const work = await fsp.mkdtemp(path.join(this.o.workDir, `layer-${i}-`));
     const tmpImage = path.join(work, 'image.erofs');
@@ -102,6 +107,8 @@ export class DedupImageBuilder {
         files: scan.files,
         logical_bytes: scan.logicalBytes,
       };
+      const listed = prefetch.filter((p) => regularFileUnder(dir, p) !== null);
+      if (listed.length > 0) header.prefetch = listed;
       const blob = encodeLayerBlob(header, img);
       return {
         blob,

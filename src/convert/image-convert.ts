@@ -52,6 +52,8 @@ export interface ImageConvertOptions {
   mkfs: () => Promise<MkfsFeatures>;
   chunkSize: number;
   workDir: string;
+  /** Files (absolute paths in the image) a lazy pull loads first: recorded in the layers that hold them. */
+  prefetchFiles?: string[];
   progress?: (line: string) => void;
   /** Bytes of layer `index` (1-based) read so far, of `total`; for a progress bar. */
   onBytes?: (index: number, count: number, done: number, total: number) => void;
@@ -63,7 +65,7 @@ export interface ImageConvertResult {
   manifestDigest: string;
   chunksManifestDigest: string;
   source: string;
-  layers: { source: string; digest: string; size: number; files: number; logicalBytes: number; chunks: number; newChunks: number; dataBytes: number }[];
+  layers: { source: string; digest: string; size: number; files: number; logicalBytes: number; chunks: number; newChunks: number; dataBytes: number; prefetch: string[] }[];
   /** Bytes of chunk data blobs (each distinct chunk once). */
   dataBytes: number;
 }
@@ -148,7 +150,7 @@ export async function convertImage(o: ImageConvertOptions): Promise<ImageConvert
     await applyLayerTar(counted, dir, { parents: [...unpacked].reverse() });
     blob.verify();
     unpacked.push(dir);
-    const built = await builder.addLayer(dir, diffIds[i]);
+    const built = await builder.addLayer(dir, diffIds[i], o.prefetchFiles);
     if (built.data) {
       await o.client.pushBlob(dst, built.data.digest, built.data.path);
       await fsp.rm(built.data.path, { force: true });
@@ -170,6 +172,7 @@ export async function convertImage(o: ImageConvertOptions): Promise<ImageConvert
       chunks: built.chunks,
       newChunks: built.newChunks,
       dataBytes: built.data?.size ?? 0,
+      prefetch: built.header.prefetch ?? [],
     });
     progress(
       `layer ${i + 1}/${manifest.layers.length}: ${l.size} bytes → ${built.header.files} files, ${built.header.logical_bytes} bytes of data, ${built.chunks} chunks (${built.newChunks} new in this image), metadata ${built.blob.length} bytes (${Date.now() - t0} ms)`,

@@ -28,7 +28,7 @@ import { type MkfsFeatures, buildChunkedImage, probeMkfs } from '../convert/mkfs
 import { snapshotsService } from '../grpc/proto';
 import { isMountPoint, listMounts } from '../mount/mountinfo';
 import { proxyPluginSnippet, readContainerdToml } from './containerd-toml';
-import { KERNEL_NEEDS, type KernelVersion, atLeast, moduleFileExists, needs, parseRelease, procFilesystems, readKernelConfig } from './kernel';
+import { KERNEL_NEEDS, type KernelVersion, atLeast, kernelSymbols, moduleFileExists, needs, parseRelease, procFilesystems, readKernelConfig } from './kernel';
 import { type CheckResult, type Progress, noProgress } from './types';
 import { compareVersions, errCode, errMessage, existingAncestor, formatBytes, fsTypeOf, hasSystemd, scratchDir, shq, whichBin } from './util';
 
@@ -382,9 +382,13 @@ export function checkFanotify(root: string): CheckResult {
 
 // ---------------------------------------------------------------- fscache
 
-/** PIDs with /dev/cachefiles open (one opener per host), read from /proc/<pid>/fd. */
-function cachefilesHolders(): string[] {
-  const out: string[] = [];
+/**
+ * Processes with /dev/cachefiles open (one opener per host), read from
+ * /proc/<pid>/fd: "pid (comm)", and whether it is this snapshotter (its
+ * daemon or on-demand holder, which keep the device on purpose).
+ */
+function cachefilesHolders(): { who: string; ours: boolean }[] {
+  const out: { who: string; ours: boolean }[] = [];
   let pids: string[] = [];
   try {
     pids = fs.readdirSync('/proc').filter((n) => /^\d+$/.test(n));
@@ -402,12 +406,14 @@ function cachefilesHolders(): string[] {
       try {
         if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`) === '/dev/cachefiles') {
           let comm = '?';
+          let cmdline = '';
           try {
             comm = fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+            cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
           } catch {
             /* gone */
           }
-          out.push(`${pid} (${comm})`);
+          out.push({ who: `${pid} (${comm})`, ours: /dedup-snapshotter|\/cmd\/main\.js|ondemand-holder/.test(cmdline) });
           break;
         }
       } catch {
@@ -423,7 +429,7 @@ function cachefilesHolders(): string[] {
  * needs. Looks only: opening the device would take the host's one opener
  * slot, and no cache is bound.
  */
-export function checkFscache(opts: { release?: string; fanotify: CheckResult; useFscache: boolean }): CheckResult {
+export function checkFscache(opts: { release?: string; fanotify: CheckResult; useFscache: boolean; root?: string }): CheckResult {
   const name = 'fscache';
   const release = opts.release ?? os.release();
   const v: KernelVersion | null = parseRelease(release);
@@ -451,10 +457,18 @@ export function checkFscache(opts: { release?: string; fanotify: CheckResult; us
       : 'and fanotify pre-content is not available either: layers are fetched whole before they are mounted';
   const rebuild = `a kernel ${needs('fscacheOndemand')} built with CONFIG_CACHEFILES_ONDEMAND=y and CONFIG_EROFS_FS_ONDEMAND=y`;
 
+  // cachefiles keeps its cache in ROOT/cache/fscache and refuses a memory filesystem there (EOPNOTSUPP).
+  const cacheDirCheck = (): CheckResult | null => {
+    const fstype = opts.root ? fsTypeOf(existingAncestor(opts.root)) : null;
+    if (fstype === null || !['tmpfs', 'ramfs', 'overlay'].includes(fstype)) return null;
+    return { name, status: 'warn', detail: `${facts.join(', ')}; but ROOT is on ${fstype}, where cachefiles cannot keep its cache (ROOT/cache/fscache); ${instead}`, fix: 'put ROOT on a disk filesystem (ext4, xfs, btrfs)' };
+  };
   const ondemand = opt('CONFIG_CACHEFILES_ONDEMAND') === 'y';
   const erofsOndemand = opt('CONFIG_EROFS_FS_ONDEMAND') === 'y';
   if (device) {
-    const holders = cachefilesHolders();
+    const all = cachefilesHolders();
+    const holders = all.filter((h) => !h.ours).map((h) => h.who);
+    if (all.some((h) => h.ours)) facts.push(`in use by this snapshotter (pid ${all.filter((h) => h.ours).map((h) => h.who).join(', ')})`);
     if (holders.length > 0) {
       return {
         name,
@@ -463,8 +477,20 @@ export function checkFscache(opts: { release?: string; fanotify: CheckResult; us
         fix: 'stop that process (e.g. systemctl stop cachefilesd) if the snapshotter is to use fscache',
       };
     }
-    if (!kconfig) return { name, status: 'warn', detail: `${facts.join(', ')}; on-demand mode cannot be confirmed`, fix: `check that the kernel has CONFIG_CACHEFILES_ONDEMAND=y and CONFIG_EROFS_FS_ONDEMAND=y` };
-    if (ondemand && erofsOndemand) return { name, status: 'ok', detail: `${facts.join(', ')}: EROFS over fscache on-demand is available` };
+    if (!kconfig) {
+      // No config to read: the code those options build is in the kernel's symbols, or not.
+      const want = ['cachefiles_ondemand_copen', 'erofs_fscache_register_fs'];
+      const syms = kernelSymbols(want);
+      if (syms && syms.size === want.length) return cacheDirCheck() ?? { name, status: 'ok', detail: `${facts.join(', ')}; the kernel has ${want.join(' and ')} (/proc/kallsyms): EROFS over fscache on-demand is available` };
+      const missing = syms ? want.filter((w) => !syms.has(w)) : [];
+      return {
+        name,
+        status: 'warn',
+        detail: `${facts.join(', ')}; ${syms ? `the kernel lacks ${missing.join(' and ')} (/proc/kallsyms)` : '/proc/kallsyms not readable'}: on-demand mode cannot be confirmed; ${instead}`,
+        fix: `check that the kernel has CONFIG_CACHEFILES_ONDEMAND=y and CONFIG_EROFS_FS_ONDEMAND=y`,
+      };
+    }
+    if (ondemand && erofsOndemand) return cacheDirCheck() ?? { name, status: 'ok', detail: `${facts.join(', ')}: EROFS over fscache on-demand is available` };
     return { name, status: 'warn', detail: `${facts.join(', ')}: cachefiles without on-demand mode; ${instead}`, fix: opts.fanotify.status === 'ok' ? `none needed; for fscache: ${rebuild}` : rebuild };
   }
   // No device: say why.

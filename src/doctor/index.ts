@@ -94,17 +94,17 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   );
   add(await guarded('file-backed', opts, (progress) => checkFileBackedMount({ config, mkfs: mkfs.features, mkfsProblem: mkfs.problem, euid, progress })));
   const fanotify = add(await guarded('fanotify', opts, () => checkFanotify(config.root)));
-  const fscache = add(await guarded('fscache', opts, () => checkFscache({ release, fanotify, useFscache: config.use_fscache })));
+  const fscache = add(await guarded('fscache', opts, () => checkFscache({ release, fanotify, useFscache: config.use_fscache, root: config.root })));
   add(
     await guarded('ondemand', opts, () => {
-      const fscacheNote = `EROFS over fscache: ${fscache.status === 'ok' ? 'the kernel has it, this daemon does not use it yet' : 'not in this kernel'}`;
       try {
-        const choice = chooseOndemandBackend(config, () => fanotify);
-        return choice.backend === 'fanotify'
-          ? { name: 'ondemand', status: 'ok', detail: `remote layers load their data while containers read it (fanotify, ondemand.backend "${config.ondemand.backend}"); ${fscacheNote}` }
-          : { name: 'ondemand', status: 'ok', detail: `remote layers: missing chunks are fetched before a layer is ready: ${choice.reason}; ${fscacheNote}` };
+        const choice = chooseOndemandBackend(config, { fanotify: () => fanotify, fscache: () => fscache });
+        const how = { fscache: 'EROFS over fscache', fanotify: 'fanotify pre-content events', fetch: '' }[choice.backend];
+        return choice.backend !== 'fetch'
+          ? { name: 'ondemand', status: 'ok', detail: `remote layers load their data while containers read it (${how}, ondemand.backend "${config.ondemand.backend}"): ${choice.reason}` }
+          : { name: 'ondemand', status: 'ok', detail: `remote layers: missing chunks are fetched before a layer is ready: ${choice.reason}` };
       } catch (err) {
-        return { name: 'ondemand', status: 'fail', detail: (err as Error).message, fix: 'set "ondemand": {"backend": "auto"} or fix what the fanotify line says' };
+        return { name: 'ondemand', status: 'fail', detail: (err as Error).message, fix: 'set "ondemand": {"backend": "auto"} or fix what the fanotify or fscache line says' };
       }
     }),
   );

@@ -71,6 +71,23 @@ export function readKernelConfig(release: string): { config: KernelConfig | null
   return { config: null, tried };
 }
 
+/**
+ * Which of `names` the running kernel has as symbols (built in, or in a
+ * loaded module), from /proc/kallsyms; null when it cannot be read. Tells
+ * whether a feature was built when the kernel's config is not readable.
+ */
+export function kernelSymbols(names: string[]): Set<string> | null {
+  let text: string;
+  try {
+    text = fs.readFileSync('/proc/kallsyms', 'latin1');
+  } catch {
+    return null;
+  }
+  const found = new Set<string>();
+  for (const n of names) if (new RegExp(`^\\S+ \\S ${n}(\\s|$)`, 'm').test(text)) found.add(n);
+  return found;
+}
+
 /** Filesystem names in /proc/filesystems, or null when it cannot be read. */
 export function procFilesystems(): string[] | null {
   try {

@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { MNT_DETACH, MS_RDONLY, mount, umount2 } from '../../native/mount';
@@ -125,6 +125,27 @@ export class ErofsMounter {
     }
     if (this.backend === null) this.decide('file-backed', 'the kernel mounts EROFS image files directly');
     this.tuneReadAhead(newBdi(before, erofsBdis()), target);
+  }
+
+  /**
+   * Mounts an EROFS over fscache (on-demand mode) on `target`: `fsid` names
+   * the metadata blob, `device` the data blob, `domainId` the domain whose
+   * mounts share blobs (and their page cache). Asynchronous: the kernel
+   * reads the metadata through cachefiles while mount(2) runs, and this
+   * process answers those reads, so the call runs in mount(8).
+   */
+  async mountFscache(target: string, o: { fsid: string; domainId: string; device: string }): Promise<void> {
+    fs.mkdirSync(target, { recursive: true, mode: 0o755 });
+    if (isMountPoint(target)) return;
+    for (const v of [o.fsid, o.domainId, o.device]) if (!/^[A-Za-z0-9._-]{1,200}$/.test(v)) throw new ErofsMountError(`fscache blob name ${JSON.stringify(v)} is not one EROFS can take`);
+    const options = `ro,fsid=${o.fsid},domain_id=${o.domainId},device=${o.device}`;
+    await new Promise<void>((resolve, reject) => {
+      execFile('mount', ['-t', 'erofs', '-o', options, 'none', target], { encoding: 'utf8' }, (err, _out, stderr) => {
+        if (!err) return resolve();
+        const why = String(stderr || err.message).trim();
+        reject(new ErofsMountError(`cannot mount EROFS over fscache (${options}) on ${target}: ${why}`, { cause: err }));
+      });
+    });
   }
 
   /** mount(2) of the image file, with `directio` unless it is off or this kernel lacks it. */

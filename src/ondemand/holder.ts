@@ -17,6 +17,7 @@ import {
   fanotifyResponse,
   parseFanotifyEvents,
 } from '../../native/fanotify';
+import { cachefilesCommand, fdOfProcess, openCachefiles } from '../../native/cachefiles';
 import { encodeFrame, readFrames } from './frames';
 
 /**
@@ -32,8 +33,16 @@ import { encodeFrame, readFrames } from './frames';
  * connects gets every pending one. Marks: {op:"mark", path} → {op:"marked",
  * path} or {op:"error"}; mark a file before anything opens it (a file opened
  * earlier raises no pre-content events). {op:"hello"} → {op:"hello", pid,
- * marked: [paths]}. A fill that cannot be written is reported as
- * {op:"error", id, offset} and the read is denied.
+ * marked: [paths], cachefiles_fd}. A fill that cannot be written is
+ * reported as {op:"error", id, offset} and the read is denied.
+ *
+ * For EROFS over fscache it holds /dev/cachefiles instead (one opener per
+ * host; a cache is unbound when its last fd closes): {op:"cachefiles", dir,
+ * tag} opens and binds it in on-demand mode once, or with {adopt_pid,
+ * adopt_fd} takes a copy of a daemon's fd (a holder started after the
+ * previous one died); → {op:"cachefiles", pid, fd, fresh}. The daemon
+ * copies that fd (pidfd_getfd) and serves the requests itself; the holder
+ * only keeps the cache bound, so requests wait across daemon restarts.
  */
 
 interface Pending {
@@ -58,7 +67,10 @@ export interface HolderOptions {
 }
 
 export class OndemandHolder {
-  private readonly group: number;
+  /** The fanotify group, made on the first mark (a holder for fscache needs none). */
+  private groupFd = -1;
+  /** /dev/cachefiles, bound in on-demand mode, once asked for. */
+  private cachefiles = -1;
   private readonly server: net.Server;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
@@ -71,8 +83,12 @@ export class OndemandHolder {
   private readonly marked = new Set<string>();
 
   constructor(private readonly o: HolderOptions) {
-    this.group = fanotifyInit(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE);
     this.server = net.createServer((s) => this.accept(s));
+  }
+
+  private get group(): number {
+    if (this.groupFd < 0) this.groupFd = fanotifyInit(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE);
+    return this.groupFd;
   }
 
   private log(msg: string): void {
@@ -115,6 +131,7 @@ export class OndemandHolder {
 
   /** Reads every queued event and relays it. */
   private drain(): void {
+    if (this.groupFd < 0) return;
     for (;;) {
       let n: number;
       try {
@@ -170,7 +187,17 @@ export class OndemandHolder {
     if (head.op === 'hello') {
       // Which files this group marks: a daemon that finds a lazy file of a
       // mounted layer missing here knows the group was lost (fail-open).
-      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)) });
+      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)), cachefiles_fd: this.cachefiles });
+      return;
+    }
+    if (head.op === 'cachefiles') {
+      const fresh = this.cachefiles < 0;
+      try {
+        if (fresh) this.cachefiles = this.openCachefiles(head);
+        reply({ op: 'cachefiles', pid: process.pid, fd: this.cachefiles, fresh });
+      } catch (err) {
+        reply({ op: 'error', error: (err as Error).message });
+      }
       return;
     }
     if (head.op === 'mark' && typeof head.path === 'string') {
@@ -204,6 +231,27 @@ export class OndemandHolder {
     }
   }
 
+  /** /dev/cachefiles: a copy of a daemon's fd (adopt), or opened and bound in on-demand mode. */
+  private openCachefiles(head: Record<string, unknown>): number {
+    if (typeof head.adopt_pid === 'number' && typeof head.adopt_fd === 'number') {
+      const fd = fdOfProcess(head.adopt_pid, head.adopt_fd);
+      this.log(`holding /dev/cachefiles (a copy of fd ${head.adopt_fd} of pid ${head.adopt_pid})`);
+      return fd;
+    }
+    if (typeof head.dir !== 'string' || typeof head.tag !== 'string') throw new Error('cachefiles needs dir and tag');
+    fs.mkdirSync(head.dir, { recursive: true, mode: 0o700 });
+    const fd = openCachefiles();
+    try {
+      for (const c of [`dir ${head.dir}`, `tag ${head.tag}`, 'bind ondemand']) cachefilesCommand(fd, c);
+    } catch (err) {
+      fs.closeSync(fd);
+      if (/EOPNOTSUPP/.test((err as Error).message)) throw new Error(`${(err as Error).message} (the cache directory ${head.dir} must be on a disk filesystem with xattrs: ext4, xfs, btrfs)`);
+      throw err;
+    }
+    this.log(`bound /dev/cachefiles in on-demand mode, cache in ${head.dir}`);
+    return fd;
+  }
+
   /** Stops relaying: what is pending is denied with EIO (never allowed unfilled). */
   async close(): Promise<void> {
     this.closed = true;
@@ -220,6 +268,7 @@ export class OndemandHolder {
     this.pending.clear();
     this.client?.destroy();
     await new Promise<void>((r) => this.server.close(() => r()));
-    closeFd(this.group);
+    if (this.groupFd >= 0) closeFd(this.groupFd);
+    if (this.cachefiles >= 0) fs.closeSync(this.cachefiles);
   }
 }

@@ -28,6 +28,7 @@
  * layer-local space of 4 KiB blocks; the header's chunk table maps each
  * extent of that space to its digest and where its bytes are.
  */
+import path from 'node:path';
 
 /**
  * Under the OCI layer prefix on purpose: containerd (images.IsLayerType)
@@ -73,6 +74,29 @@ export interface LayerHeader {
   source_diff_id: string;
   files: number;
   logical_bytes: number;
+  /**
+   * Optional: files of this layer to load first once it is mounted lazily
+   * (absolute paths in the layer, regular files; `convert --prefetch-files`).
+   */
+  prefetch?: string[];
+}
+
+/** At most this many prefetch paths per layer, each at most this long. */
+export const MAX_PREFETCH_PATHS = 65536;
+const MAX_PATH_BYTES = 4096;
+
+/** A prefetch path as the format allows it: absolute, normalized, no "..", no NUL, not "/". */
+export function isPrefetchPath(p: unknown): p is string {
+  return (
+    typeof p === 'string' &&
+    p.length > 1 &&
+    Buffer.byteLength(p) <= MAX_PATH_BYTES &&
+    p.startsWith('/') &&
+    !p.includes('\0') &&
+    path.posix.normalize(p) === p &&
+    !p.endsWith('/') &&
+    !p.split('/').includes('..')
+  );
 }
 
 export class DedupFormatError extends Error {
@@ -147,4 +171,10 @@ function checkHeader(h: LayerHeader): void {
     seen.add(blkaddr);
   }
   if (h.chunks.length > 0 && !h.has_blob) throw new DedupFormatError('chunks listed but has_blob is false');
+  if (h.prefetch !== undefined) {
+    if (!Array.isArray(h.prefetch) || h.prefetch.length > MAX_PREFETCH_PATHS) throw new DedupFormatError(`prefetch must be an array of at most ${MAX_PREFETCH_PATHS} paths`);
+    for (const [i, p] of h.prefetch.entries()) {
+      if (!isPrefetchPath(p)) throw new DedupFormatError(`prefetch[${i}] ${JSON.stringify(p)} is not an absolute, normalized path`);
+    }
+  }
 }

@@ -74,3 +74,16 @@ export function lstatOrNull(p: string): fs.Stats | null {
     throw err;
   }
 }
+
+/** `root` + `rel` when that is a regular file reached through no symlink (paths from an image must not lead outside its mount). */
+export function regularFileUnder(root: string, rel: string): string | null {
+  let at = root;
+  const parts = rel.split('/').filter((x) => x !== '' && x !== '.');
+  if (parts.length === 0 || parts.includes('..')) return null;
+  for (const [i, part] of parts.entries()) {
+    at = path.join(at, part);
+    const st = lstatOrNull(at);
+    if (!st || (i < parts.length - 1 ? !st.isDirectory() : !st.isFile())) return null;
+  }
+  return at;
+}

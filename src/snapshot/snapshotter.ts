@@ -6,7 +6,7 @@ import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from 
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
-import { FanotifyLoader, type LazyLayerInput } from '../ondemand/fanotify-loader';
+import { type LazyBackend, LazyLoader, type LazyLayerInput } from '../ondemand/lazy-loader';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference, parseReference } from '../remote/reference';
@@ -38,11 +38,21 @@ export interface SnapshotterOptions {
   /** Dedup images in registries: layers made from metadata and the chunks the node lacks (lazy pull). */
   remote?: RemoteLayers | null;
   /**
-   * Remote layers load their data on demand through fanotify (the holder
-   * on `socket`, started with `holderCommand` when none answers); null:
-   * their missing chunks are fetched before Prepare returns.
+   * Remote layers load their data on demand, through fanotify or EROFS over
+   * fscache (the holder on `socket`, started with `holderCommand` when none
+   * answers, keeps the fanotify group or /dev/cachefiles); null: their
+   * missing chunks are fetched before Prepare returns.
    */
-  ondemand?: { socket: string; holderCommand: string[] | null; attempts?: number; prefetch?: 'none' | 'all'; prefetchMbps?: number } | null;
+  ondemand?: {
+    backend: LazyBackend;
+    socket: string;
+    holderCommand: string[] | null;
+    attempts?: number;
+    prefetch?: 'none' | 'list' | 'all';
+    prefetchMbps?: number;
+    /** fscache: cache directory (a disk filesystem), cachefiles tag, EROFS domain_id. */
+    fscache?: { dir: string; tag: string; domain: string };
+  } | null;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
     chunkSize: number;
@@ -119,7 +129,7 @@ export class Snapshotter {
   readonly remote: RemoteLayers | null;
   private readonly makingRemote = new Map<string, Promise<void>>();
   /** On-demand loading of remote layers (fanotify), when configured. */
-  readonly loader: FanotifyLoader | null = null;
+  readonly loader: LazyLoader | null = null;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -161,7 +171,12 @@ export class Snapshotter {
         chunkSize: opts.erofs.chunkSize,
       });
       if (opts.ondemand && this.remote) {
-        this.loader = new FanotifyLoader({
+        const converter = this.converter;
+        this.loader = new LazyLoader({
+          backend: opts.ondemand.backend,
+          fscache: opts.ondemand.fscache,
+          imagePath: (id) => converter.imagePath(id),
+          mountPath: (id) => this.mntPath(id),
           dir: path.join(this.root, 'lazy'),
           socket: opts.ondemand.socket,
           holderCommand: opts.ondemand.holderCommand,
@@ -193,15 +208,28 @@ export class Snapshotter {
     const target = this.mntPath(id);
     if (mounted.has(target)) return;
     if (!this.ms.isLazy(id)) return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
-    // Its device is its own lazy file; while it lacks data, the file must be
-    // marked (reads wait for the data) before the mount opens it.
     if (!this.loader) throw internal(`layer ${id} loads its data on demand but on-demand loading is off`);
-    if (this.loader.incomplete(id) && !this.loader.isMarked(id)) {
-      // Mounted again after its mount was lost (by hand): mark first.
-      this.loader.mark(id).catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mark layer ${id} for on-demand reads`));
-      throw unavailable(`layer ${id}: its on-demand reads are being set up; retry`);
+    if (this.loader.backend === 'fanotify' && (!this.loader.incomplete(id) || this.loader.isMarked(id))) {
+      return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1, this.loader.fileOf(id));
     }
-    this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1, this.loader.fileOf(id));
+    // Its mount was lost (unmounted by hand): making it again waits for the
+    // holder (fanotify: mark before the mount opens the file) or for this
+    // daemon's answers (fscache), so it happens in the background.
+    this.mountLazyLayer(layer).catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`));
+    throw unavailable(`layer ${id}: its on-demand mount is being made again; retry`);
+  }
+
+  /**
+   * Mounts lazy layer `layer`: reads of its missing data wait first
+   * (fanotify: its file marked; fscache: the cache bound), then the mount:
+   * file-backed over its lazy file, or EROFS over fscache.
+   */
+  private async mountLazyLayer(layer: Pick<LayerRow, 'snapshot_id' | 'has_blob'>): Promise<void> {
+    const id = String(layer.snapshot_id);
+    const src = await (this.loader as LazyLoader).mountSource(id);
+    const mounter = this.mounter as ErofsMounter;
+    if ('fscache' in src) await mounter.mountFscache(this.mntPath(id), src.fscache);
+    else mounter.mount((this.converter as Converter).imagePath(id), this.mntPath(id), layer.has_blob === 1, src.device);
   }
 
   /**
@@ -232,12 +260,18 @@ export class Snapshotter {
     let remounted = 0;
     for (const layer of layers) {
       const id = String(layer.snapshot_id);
-      const loader = this.loader as FanotifyLoader;
+      const loader = this.loader as LazyLoader;
       if (!mounted.has(this.mntPath(id))) {
-        if (lazyIds.has(id) && loader.incomplete(id)) await loader.mark(id);
-        this.ensureLayerMounted(layer, mounted);
+        if (lazyIds.has(id)) await this.mountLazyLayer(layer);
+        else this.ensureLayerMounted(layer, mounted);
         remounted++;
         if (lazyIds.has(id)) loader.prefetchInBackground(id);
+      } else if (lazyIds.has(id) && loader.backend === 'fscache' && loader.cachefilesRebound) {
+        // Mounted through a cache binding that died with the holder: its reads fail (EIO, never zeros).
+        this.log.error({ op: 'ondemand', layer: id, snapshot: id }, `layer ${id} was mounted through an fscache binding that is gone (the on-demand holder died): its reads fail with EIO; mounting it again for new containers`);
+        unmountErofs(this.mntPath(id));
+        await this.mountLazyLayer(layer);
+        remounted++;
       } else if (lazyIds.has(id) && loader.incomplete(id) && !loader.isMarked(id)) {
         // Mounted while no group marks its file: the holder that did died.
         loader.fillAllUnsafe(id);
@@ -458,10 +492,10 @@ export class Snapshotter {
    * The on-demand variant of makeRemoteLayer: the layer is committed and
    * mounted with only its metadata here; its device is lazy/<id>.blob,
    * holding the chunks this node had, marked so that reads of the rest
-   * wait until they are fetched (see FanotifyLoader).
+   * wait until they are fetched (see LazyLoader).
    */
   private async makeLazyLayer(rl: RemoteLayer, name: string, parent: string, labels: Labels, header: LayerHeader, img: Buffer, started: number): Promise<void> {
-    const loader = this.loader as FanotifyLoader;
+    const loader = this.loader as LazyLoader;
     const tmpKey = `${REMOTE_IMPORT_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
     await this.createSnapshot(Kind.Active, tmpKey, parent, undefined);
     const id = this.ms.getInfo(tmpKey).id;
@@ -476,8 +510,9 @@ export class Snapshotter {
       const made = await loader.create(input);
       const stats: ConvertStats = { files: header.files, logicalBytes: header.logical_bytes, chunks: header.chunks.length, newChunks: 0, dedupChunks: made.local, newBytes: 0, imageBytes: img.length, mkfsMs: 0, importMs: 0 };
       await writeDurably(image, img);
-      if (made.missing > 0) await loader.mark(id);
-      (this.mounter as ErofsMounter).mount(image, target, header.has_blob, made.file);
+      // Known to the loader before the mount: fscache reads the image through it.
+      loader.register(input);
+      await this.mountLazyLayer({ snapshot_id: Number(id), has_blob: header.has_blob ? 1 : 0 });
       try {
         this.ms.transaction(() => {
           this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
@@ -489,7 +524,6 @@ export class Snapshotter {
         throw err;
       }
       done = true;
-      loader.register(input);
       loader.prefetchInBackground(id);
       await removeAll(path.join(this.snapshotsDir, id));
       const remote = this.remote as RemoteLayers;
@@ -501,7 +535,7 @@ export class Snapshotter {
         id,
         started,
         stats,
-        { ondemand: 'fanotify', chunks: header.chunks.length, fetched_chunks: 0, missing_chunks: made.missing, local_chunks: made.local, logical_bytes: header.logical_bytes },
+        { ondemand: loader.backend, chunks: header.chunks.length, fetched_chunks: 0, missing_chunks: made.missing, local_chunks: made.local, logical_bytes: header.logical_bytes },
         `remote layer ${id} mounted from ${rl.layerDigest} with its metadata: ${made.missing} chunks load on demand, ${made.local} already on this node`,
       );
     } finally {

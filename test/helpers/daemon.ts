@@ -25,6 +25,12 @@ const temps = new Set<string>();
  * deleted when the process exits, except a directory with anything mounted
  * under it (deleting through a mount could reach what it shows).
  */
+/**
+ * How much slower than this machine the tests run (DEDUP_TEST_SLOW, e.g.
+ * 15 inside the emulated ondemand VM): start-up waits are multiplied by it.
+ */
+export const SLOW = Number(process.env.DEDUP_TEST_SLOW) || 1;
+
 export function tempDir(prefix: string): string {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), `dedup-${prefix}-`));
   temps.add(d);
@@ -224,7 +230,7 @@ export async function startDaemon(
         // Ready: gRPC serves and the HTTP API started (or logged why not).
         return out.includes('serving containerd snapshots API') && /HTTP API (on|not serving)/.test(out);
       },
-      20_000,
+      20_000 * SLOW,
       'daemon to serve',
     );
   }

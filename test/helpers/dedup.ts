@@ -8,7 +8,7 @@ import type { RegistryClient } from '../../src/remote/registry';
 let probe: Promise<MkfsFeatures> | null = null;
 
 /** Converts `src` to `dst` with 64 KiB chunks, working in a fresh directory under `workParent`. */
-export function convertForTest(client: RegistryClient, src: string, dst: string, workParent: string): Promise<ImageConvertResult> {
+export function convertForTest(client: RegistryClient, src: string, dst: string, workParent: string, prefetchFiles?: string[]): Promise<ImageConvertResult> {
   probe ??= probeMkfs('mkfs.erofs');
-  return convertImage({ client, src, dst, mkfs: () => probe as Promise<MkfsFeatures>, chunkSize: 65536, workDir: fs.mkdtempSync(path.join(workParent, 'convert-')) });
+  return convertImage({ client, src, dst, mkfs: () => probe as Promise<MkfsFeatures>, chunkSize: 65536, workDir: fs.mkdtempSync(path.join(workParent, 'convert-')), prefetchFiles });
 }

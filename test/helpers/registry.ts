@@ -6,7 +6,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
-import { freePort, tempDir, waitFor } from './daemon';
+import { SLOW, freePort, tempDir, waitFor } from './daemon';
 
 export interface RealRegistry {
   host: string;
@@ -87,7 +87,7 @@ export function waitRegistryReady(host: string, p: ChildProcess, output: () => s
         return false;
       }
     },
-    20_000,
+    20_000 * SLOW,
     'docker-registry to answer /v2/',
   );
 }

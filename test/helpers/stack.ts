@@ -11,7 +11,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readdirOrEmpty } from '../../src/snapshot/fsutil';
-import { type DaemonProcess, freePort, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
+import { type DaemonProcess, SLOW, freePort, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
 import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
 import { mountPoints, mountsUnder, unmountUnder } from './mounts';
 import { waitRegistryReady, writeRegistryConfig } from './registry';
@@ -286,7 +286,7 @@ export class Stack {
         const r = await runCmd('ctr', ['--address', this.containerdAddress, 'version'], { timeoutMs: 10_000 });
         return r.code === 0;
       },
-      30_000,
+      30_000 * SLOW,
       'containerd to serve',
     );
     const plugins = await this.ctr(['plugins', 'ls']);

@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
+import { fdOfProcess } from '../../native/cachefiles';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -10,13 +11,15 @@ import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference } from '../remote/reference';
 import { sleep } from '../remote/transport';
-import { readdirOrEmpty } from '../snapshot/fsutil';
+import { readdirOrEmpty, regularFileUnder } from '../snapshot/fsutil';
 import type { ChunkStore } from '../store/chunkstore';
+import { type BlobSource, CachefilesServer } from './cachefiles';
 import { encodeFrame, readFrames } from './frames';
 
 /**
- * On-demand loading with fanotify pre-content events (Linux ≥ 6.14).
+ * On-demand loading of lazy layers, with one of two kernel mechanisms.
  *
+ * fanotify pre-content events (Linux ≥ 6.14):
  * A layer of a dedup image is mounted before its data is here: its EROFS
  * image (as the registry has it, chunk indexes in the layer-local block
  * space of its chunk table) names as its device a sparse file,
@@ -33,6 +36,18 @@ import { encodeFrame, readFrames } from './frames';
  * reading holes as zeros. Only the holder's own death opens the files
  * (the kernel drops the marks); a daemon that then finds a mounted,
  * incomplete layer unmarked fetches all of it at once and logs an error.
+ *
+ * EROFS over fscache (cachefiles on-demand mode): the layer is mounted with
+ * `fsid=` (its metadata image, blob m-<id>-<digest>) and `device=` (its chunk
+ * space, blob b-<digest>, shared by every mount of that layer in the
+ * `domain_id`); the kernel asks for the ranges its cache lacks (READ),
+ * this daemon makes sure the lazy file has them (copied or fetched as
+ * above, written directly: nothing marks the file) and writes them into
+ * the cache object (cachefiles.ts). The holder keeps /dev/cachefiles bound
+ * across daemon restarts; requests wait, and the restarted daemon gets
+ * them again (`restore`). The lazy file stays the daemon's copy: what the
+ * kernel's cache lacks (an object it discarded) is served again without a
+ * fetch.
  *
  * What is filled is what the file holds as data (SEEK_HOLE per chunk), so
  * a restart knows it without any other record.
@@ -62,9 +77,21 @@ interface LazyFile {
   dropped: boolean;
 }
 
-export interface FanotifyLoaderOptions {
+export type LazyBackend = 'fanotify' | 'fscache';
+
+/** How a lazy layer is mounted: file-backed over its lazy file, or through fscache. */
+export type LazySource = { device: string } | { fscache: { fsid: string; domainId: string; device: string } };
+
+export interface LazyLoaderOptions {
+  backend: LazyBackend;
   /** Directory of the lazy files (ROOT/lazy). */
   dir: string;
+  /** fscache: the cache directory (on a disk filesystem), the cache's tag and the EROFS domain. */
+  fscache?: { dir: string; tag: string; domain: string };
+  /** A layer's metadata image (fscache serves it as the mount's primary blob). */
+  imagePath: (id: string) => string;
+  /** Where a layer is mounted (its prefetch list is read there). */
+  mountPath: (id: string) => string;
   /** The holder's unix socket. */
   socket: string;
   remote: RemoteLayers;
@@ -73,11 +100,12 @@ export interface FanotifyLoaderOptions {
   /** Attempts per chunk run after the registry client's own retries (digest mismatches included). */
   attempts?: number;
   /**
-   * "all": after a lazy layer is mounted, read what it lacks in the
-   * background (loading it like a container's reads would), at most
-   * `prefetchMbps` megabits per second (0: no limit); "none": only reads load data.
+   * After a lazy layer is mounted, in the background, at most
+   * `prefetchMbps` megabits per second (0: no limit): "list" reads the files
+   * its header lists (recorded at convert time), "all" those and then
+   * whatever else it lacks; "none": only reads load data.
    */
-  prefetch?: 'none' | 'all';
+  prefetch?: 'none' | 'list' | 'all';
   prefetchMbps?: number;
   /** argv to start a holder with when none answers (null: wait for one started otherwise). */
   holderCommand?: string[] | null;
@@ -94,7 +122,7 @@ export interface LoaderCounters {
   misses: number;
   /** Chunks fetched from the registry by this loader (part of RemoteLayers' chunks_fetched). */
   chunks_fetched: number;
-  /** Events denied with EIO. */
+  /** Reads that failed (denied with EIO). */
   errors: number;
   /** Bytes the background prefetch read (loading what was missing). */
   prefetch_bytes: number;
@@ -102,7 +130,7 @@ export interface LoaderCounters {
 
 type Waiter = { op: string; resolve: (h: Record<string, unknown>) => void; reject: (e: Error) => void };
 
-export class FanotifyLoader {
+export class LazyLoader {
   private readonly log: Logger;
   private readonly byFile = new Map<string, LazyFile>();
   private readonly byId = new Map<string, LazyFile>();
@@ -121,8 +149,12 @@ export class FanotifyLoader {
   readonly counters: LoaderCounters = { requests: 0, hits: 0, misses: 0, chunks_fetched: 0, errors: 0, prefetch_bytes: 0 };
   private readonly prefetchQueue: string[] = [];
   private prefetching = false;
+  /** fscache: the requests of /dev/cachefiles, once set up. */
+  private cachefiles: CachefilesServer | null = null;
+  private cachefilesSetup: Promise<void> | null = null;
+  private freshBind = false;
 
-  constructor(private readonly o: FanotifyLoaderOptions) {
+  constructor(private readonly o: LazyLoaderOptions) {
     this.log = o.logger ?? silentLogger();
     fs.mkdirSync(o.dir, { recursive: true, mode: 0o700 });
     fs.mkdirSync(path.dirname(o.socket), { recursive: true, mode: 0o700 });
@@ -132,9 +164,13 @@ export class FanotifyLoader {
     return path.join(this.o.dir, `${id}.blob`);
   }
 
-  /** Read events waiting for data now. */
+  get backend(): LazyBackend {
+    return this.o.backend;
+  }
+
+  /** Reads waiting for data now. */
   get queue(): number {
-    return this.pendingEvents;
+    return this.pendingEvents + (this.cachefiles?.inflight ?? 0);
   }
 
   /** Lazy layers and the chunks they still lack. */
@@ -163,6 +199,17 @@ export class FanotifyLoader {
       this.register(l);
     }
     if (layers.length > 0) await this.ensureConnected();
+    // fscache: requests a previous daemon left (mounted layers' reads) are answered from now on.
+    if (layers.length > 0 && this.o.backend === 'fscache') await this.ensureCachefiles();
+  }
+
+  /**
+   * fscache: /dev/cachefiles had to be bound anew at start (the holder
+   * that kept it died): mounts made through the previous binding fail
+   * their reads (EIO) and must be made again.
+   */
+  get cachefilesRebound(): boolean {
+    return this.freshBind;
   }
 
   /** Connected to the holder (one connection attempt at a time). */
@@ -177,9 +224,28 @@ export class FanotifyLoader {
     return (this.byId.get(id)?.missing ?? 0) > 0;
   }
 
-  /** Whether the holder's group marks `id`'s file (reads of it wait for data). */
+  /** Whether reads of `id`'s missing data wait for it: its file is marked (fanotify), or the fscache cache is bound. */
   isMarked(id: string): boolean {
+    if (this.o.backend === 'fscache') return this.cachefiles !== null;
     return this.holderMarked.has(this.fileOf(id));
+  }
+
+  /**
+   * Makes reads of layer `id` wait for its data, and says how to mount it:
+   * fanotify: its file marked (when it lacks data), mounted over it;
+   * fscache: the cache bound, mounted by blob names this loader serves.
+   */
+  async mountSource(id: string): Promise<LazySource> {
+    const st = this.byId.get(id);
+    if (!st) throw new Error(`layer ${id} is not a lazy layer this daemon knows`);
+    if (this.o.backend === 'fanotify') {
+      if (st.missing > 0) await this.mark(id);
+      return { device: st.file };
+    }
+    await this.ensureCachefiles();
+    const f = this.o.fscache as NonNullable<LazyLoaderOptions['fscache']>;
+    const hex = digestHex(st.rl.layerDigest);
+    return { fscache: { fsid: `m-${id}-${hex}`, domainId: f.domain, device: `b-${hex}` } };
   }
 
   /**
@@ -314,7 +380,9 @@ export class FanotifyLoader {
    * prefetchMbps. Call once the layer is mounted (its file marked).
    */
   prefetchInBackground(id: string): void {
-    if (this.o.prefetch !== 'all' || !this.incomplete(id) || !this.isMarked(id) || this.prefetchQueue.includes(id)) return;
+    const mode = this.o.prefetch ?? 'none';
+    if (mode === 'none' || !this.incomplete(id) || !this.isMarked(id) || this.prefetchQueue.includes(id)) return;
+    if (mode === 'list' && !this.byId.get(id)?.header.prefetch?.length) return;
     this.prefetchQueue.push(id);
     if (!this.prefetching) void this.runPrefetch();
   }
@@ -328,6 +396,8 @@ export class FanotifyLoader {
         if (!st || st.dropped || st.missing === 0) continue;
         const started = Date.now();
         try {
+          if (st.header.prefetch?.length) await this.prefetchListed(st);
+          if (this.o.prefetch !== 'all') continue;
           await this.prefetchLayer(st);
           this.log.info({ op: 'ondemand', layer: id, duration_ms: Date.now() - started }, `layer ${id}: background prefetch loaded all its data`);
         } catch (err) {
@@ -340,9 +410,55 @@ export class FanotifyLoader {
     }
   }
 
+  /**
+   * Reads the files layer `st`'s header lists through its mount (their
+   * reads load their chunks as a container's would), paced like the rest.
+   * The list comes from the image: a path that is not a regular file
+   * reached without symlinks inside the mount is skipped.
+   */
+  private async prefetchListed(st: LazyFile): Promise<void> {
+    const root = this.o.mountPath(st.id);
+    const buf = Buffer.alloc(1 << 20);
+    const started = Date.now();
+    let files = 0;
+    let bytes = 0;
+    for (const rel of st.header.prefetch ?? []) {
+      if (st.dropped || this.closed) return;
+      const file = regularFileUnder(root, rel);
+      if (!file) {
+        this.log.debug({ op: 'ondemand', layer: st.id, path: rel }, `layer ${st.id}: prefetch path ${rel} is not a regular file there; skipped`);
+        continue;
+      }
+      const fh = await fsp.open(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+      try {
+        for (let at = 0; ; ) {
+          const t0 = Date.now();
+          const { bytesRead } = await fh.read(buf, 0, buf.length, at);
+          if (bytesRead === 0) break;
+          at += bytesRead;
+          bytes += bytesRead;
+          this.counters.prefetch_bytes += bytesRead;
+          await this.pace(bytesRead, t0);
+        }
+      } finally {
+        await fh.close();
+      }
+      files++;
+    }
+    this.log.info(
+      { op: 'ondemand', layer: st.id, files, bytes, duration_ms: Date.now() - started },
+      `layer ${st.id}: background prefetch loaded its ${files} listed files (${bytes} bytes)`,
+    );
+  }
+
+  /** Waits so that `bytes` read since `t0` stay within ondemand.prefetch_mbps. */
+  private async pace(bytes: number, t0: number): Promise<void> {
+    const mbps = this.o.prefetchMbps ?? 0;
+    if (mbps > 0) await sleep(Math.max(0, bytes / ((mbps * 1e6) / 8 / 1000) - (Date.now() - t0)));
+  }
+
   private async prefetchLayer(st: LazyFile): Promise<void> {
     const window = 8 << 20;
-    const bytesPerMs = (this.o.prefetchMbps ?? 0) > 0 ? ((this.o.prefetchMbps as number) * 1e6) / 8 / 1000 : 0;
     const buf = Buffer.alloc(window);
     const fh = await fsp.open(st.file, 'r');
     try {
@@ -364,9 +480,15 @@ export class FanotifyLoader {
         }
         if (!this.isMarked(st.id)) throw new Error('its file is not marked for on-demand reads');
         const t0 = Date.now();
-        const { bytesRead } = await fh.read(buf, 0, end - start, start);
+        let bytesRead = end - start;
+        if (this.o.backend === 'fscache') {
+          // Nothing marks the file: fill the window directly (reads through fscache find it there).
+          await this.ensureRange(st, start, end - start, directWriter(st.file));
+        } else {
+          bytesRead = (await fh.read(buf, 0, end - start, start)).bytesRead;
+        }
         this.counters.prefetch_bytes += bytesRead;
-        if (bytesPerMs > 0) await sleep(Math.max(0, bytesRead / bytesPerMs - (Date.now() - t0)));
+        await this.pace(bytesRead, t0);
       }
     } finally {
       await fh.close();
@@ -376,6 +498,7 @@ export class FanotifyLoader {
 
   close(): void {
     this.closed = true;
+    this.cachefiles?.close();
     this.sock?.destroy();
     this.sock = null;
     for (const w of this.waiters.splice(0)) w.reject(new Error('on-demand loader closed'));
@@ -390,7 +513,8 @@ export class FanotifyLoader {
     } catch (err) {
       if (!this.o.holderCommand) throw new Error(`no on-demand holder answers on ${this.o.socket}: ${(err as Error).message}`);
       this.startHolder();
-      sock = await retryDial(this.o.socket, 10_000);
+      // A minute: a loaded (or emulated) machine starts a Node process slowly.
+      sock = await retryDial(this.o.socket, 60_000);
     }
     this.attach(sock);
     const hello = await this.request({ op: 'hello' }, 'hello');
@@ -426,6 +550,79 @@ export class FanotifyLoader {
     });
   }
 
+  /**
+   * fscache: /dev/cachefiles bound (by the holder, or already) and this
+   * daemon answering its requests through a copy of the holder's fd.
+   */
+  private async ensureCachefiles(): Promise<void> {
+    if (this.cachefiles) return;
+    this.cachefilesSetup ??= (async () => {
+      await this.ensureConnected();
+      const f = this.o.fscache as NonNullable<LazyLoaderOptions['fscache']>;
+      const reply = await this.request({ op: 'cachefiles', dir: f.dir, tag: f.tag }, 'cachefiles');
+      if (reply.op === 'error') throw new Error(`the on-demand holder cannot bind /dev/cachefiles: ${String(reply.error)}`);
+      this.startCachefiles(Number(reply.pid), Number(reply.fd), reply.fresh === true);
+    })().finally(() => (this.cachefilesSetup = null));
+    await this.cachefilesSetup;
+  }
+
+  private startCachefiles(pid: number, fd: number, fresh: boolean): void {
+    const f = this.o.fscache as NonNullable<LazyLoaderOptions['fscache']>;
+    const server = new CachefilesServer({
+      fd: fdOfProcess(pid, fd),
+      logger: this.log,
+      resolve: (volume, key) => (volume === `erofs,${f.domain}` ? this.blobSource(key) : null),
+      onReadError: (key, off, len, err) => {
+        this.counters.errors++;
+        this.log.error({ op: 'ondemand', blob: key, offset: off, count: len, err: err.message }, `on-demand read of blob ${key} at ${off} (+${len}) failed, the reader gets EIO: ${err.message}`);
+      },
+    });
+    server.start();
+    this.cachefiles = server;
+    this.freshBind = fresh;
+    this.log.info(
+      { op: 'ondemand', backend: 'fscache', holder_pid: pid, cache_dir: f.dir, fresh },
+      fresh ? `bound /dev/cachefiles in on-demand mode (cache ${f.dir})` : 'answering /dev/cachefiles again (requests left by a previous daemon restored)',
+    );
+  }
+
+  /** The blob an fscache cookie names: a lazy layer's metadata image (m-<id>-<hex>) or chunk space (b-<hex>). */
+  private blobSource(key: string): BlobSource | null {
+    const meta = /^m-(\d+)-([0-9a-f]{64})$/.exec(key);
+    if (meta) {
+      const st = this.byId.get(meta[1]);
+      if (!st || digestHex(st.rl.layerDigest) !== meta[2]) return null;
+      const image = this.o.imagePath(st.id);
+      let size: number;
+      try {
+        size = fs.statSync(image).size;
+      } catch {
+        return null;
+      }
+      return { size, read: (off, len) => readAt(image, off, Math.min(len, size - off)) };
+    }
+    const blob = /^b-([0-9a-f]{64})$/.exec(key);
+    if (!blob) return null;
+    const bySt = () => [...this.byId.values()].find((x) => !x.dropped && digestHex(x.rl.layerDigest) === blob[1]);
+    const first = bySt();
+    if (!first) return null;
+    return {
+      size: first.size,
+      read: async (off, len) => {
+        // Any lazy layer of that digest (the first may be removed meanwhile).
+        const st = first.dropped ? bySt() : first;
+        if (!st) throw new Error(`no lazy layer of ${blob[1]} any more`);
+        this.counters.requests++;
+        const wait = this.ensureRange(st, off, len, directWriter(st.file));
+        if (wait) {
+          this.counters.misses++;
+          await wait;
+        } else this.counters.hits++;
+        return readAt(st.file, off, Math.min(len, st.size - off));
+      },
+    };
+  }
+
   /** The holder went away: its marks are gone with its group. Reconnect (starting a new one) and secure mounted layers. */
   private async holderLost(): Promise<void> {
     if (this.reconnecting) return;
@@ -440,6 +637,12 @@ export class FanotifyLoader {
           this.log.error({ op: 'ondemand', err: (err as Error).message }, 'cannot reach an on-demand holder; retrying');
           await sleep(Math.min(10_000, 500 * 2 ** attempt));
         }
+      }
+      if (this.cachefiles && !this.closed) {
+        // This daemon's copy keeps the cache bound; the new holder takes a copy of it.
+        const reply = await this.request({ op: 'cachefiles', adopt_pid: process.pid, adopt_fd: this.cachefiles.fd }, 'cachefiles').catch((e: Error): Record<string, unknown> => ({ op: 'error', error: e.message }));
+        if (reply.op === 'error') this.log.error({ op: 'ondemand', err: String(reply.error) }, `the new on-demand holder could not take /dev/cachefiles: a daemon restart now unbinds the cache (reads of mounted layers then fail with EIO)`);
+        else this.log.info({ op: 'ondemand', holder_pid: Number(reply.pid) }, 'the new on-demand holder keeps /dev/cachefiles bound');
       }
       for (const file of before) {
         if (this.holderMarked.has(file)) continue;
@@ -506,7 +709,25 @@ export class FanotifyLoader {
     };
     if (!st) return finish(false, new Error(`${file} is not a lazy layer file this daemon knows`));
     this.eventLayer.set(eventId, st);
-    const end = count > 0 ? Math.min(offset + count, st.size) : st.size;
+    const wait = this.ensureRange(st, offset, count > 0 ? count : st.size, this.holderWriter(eventId));
+    if (!wait) {
+      this.counters.hits++;
+      return finish(true);
+    }
+    this.counters.misses++;
+    wait.then(
+      () => finish(true),
+      (err: Error) => finish(false, err),
+    );
+  }
+
+  /**
+   * Makes [offset, offset+count) of `st` present: the extents it overlaps
+   * that are neither filled nor in flight are filled with `write`; null
+   * when all are there already.
+   */
+  private ensureRange(st: LazyFile, offset: number, count: number, write: (offset: number, bytes: Buffer) => Promise<void>): Promise<void> | null {
+    const end = Math.min(offset + count, st.size);
     const wait: Promise<void>[] = [];
     const todo: number[] = [];
     for (let i = firstEntryAtOrAfter(st.entries, offset); i < st.entries.length && st.entries[i][0] * BLOCK < end; i++) {
@@ -515,16 +736,9 @@ export class FanotifyLoader {
       if (p) wait.push(p);
       else todo.push(i);
     }
-    if (wait.length === 0 && todo.length === 0) {
-      this.counters.hits++;
-      return finish(true);
-    }
-    this.counters.misses++;
-    if (todo.length > 0) wait.push(this.fillEntries(st, todo, this.holderWriter(eventId)));
-    Promise.all(wait).then(
-      () => finish(true),
-      (err: Error) => finish(false, err),
-    );
+    if (wait.length === 0 && todo.length === 0) return null;
+    if (todo.length > 0) wait.push(this.fillEntries(st, todo, write));
+    return Promise.all(wait).then(() => undefined);
   }
 
   /** Writes through the event's fd, by the holder (raises no event). */
@@ -622,6 +836,24 @@ export class FanotifyLoader {
   private setFilled(st: LazyFile, i: number): void {
     st.filled[i] = 1;
     if (!this.haveDigest.has(st.entries[i][2])) this.haveDigest.set(st.entries[i][2], { st, i });
+  }
+}
+
+/** The hex of a "sha256:<hex>" digest. */
+function digestHex(digest: string): string {
+  return digest.slice(digest.indexOf(':') + 1);
+}
+
+/** Up to `len` bytes of `file` at `off`. */
+async function readAt(file: string, off: number, len: number): Promise<Buffer> {
+  if (len <= 0) return Buffer.alloc(0);
+  const fh = await fsp.open(file, 'r');
+  try {
+    const buf = Buffer.alloc(len);
+    const { bytesRead } = await fh.read(buf, 0, len, off);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
   }
 }
 
