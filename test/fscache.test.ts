@@ -51,11 +51,19 @@ if (!IN_VM && !fscacheHere()) {
   const vm = vmTool();
   const skip = vm ? false : 'this kernel has no EROFS over fscache on-demand mode and the ondemand VM tool (../shared/tools/ondemand-vm/run.sh, or $ONDEMAND_VM) is not here';
   test('EROFS over fscache: the tests of this file pass in the ondemand VM, whose kernel has it', { skip }, async () => {
-    // The VM sees this machine's files read-only; its /tmp is a tmpfs, and
+    // The VM sees this machine's files read-only, except /tmp, /run and
+    // /var/cache (its own): a checkout there is copied where it can see it.
+    let where = REPO;
+    let staged: string | null = null;
+    if (/^\/(tmp|run|var\/cache)(\/|$)/.test(REPO)) {
+      staged = fs.mkdtempSync('/var/tmp/dedup-fscache-vm-');
+      for (const part of ['package.json', 'bin', 'dist', 'node_modules']) fs.cpSync(path.join(REPO, part), path.join(staged, part), { recursive: true, verbatimSymlinks: true });
+      where = staged;
+    }
     // cachefiles needs its cache on a disk filesystem: TMPDIR on the VM's ext4 disk.
-    const file = path.join(REPO, 'dist', 'test', 'fscache.test.js');
+    const file = path.join(where, 'dist', 'test', 'fscache.test.js');
     const inner = `mkdir -p /var/cache/fscache/tmp && exec env DEDUP_IN_ONDEMAND_VM=1 DEDUP_TEST_SLOW=15 TMPDIR=/var/cache/fscache/tmp ${process.execPath} --test --test-reporter=tap ${file}`;
-    const p = spawn(vm as string, ['-C', REPO, '-t', '1500', '--', 'sh', '-c', inner], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn(vm as string, ['-C', where, '-t', '1500', '--', 'sh', '-c', inner], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     const echo = (d: Buffer) => {
       out += d;
@@ -64,6 +72,7 @@ if (!IN_VM && !fscacheHere()) {
     p.stdout.on('data', echo);
     p.stderr.on('data', echo);
     const code = await new Promise<number | null>((r) => p.once('exit', r));
+    if (staged) fs.rmSync(staged, { recursive: true, force: true });
     const count = (what: string) => Number(new RegExp(`^# ${what} (\\d+)`, 'm').exec(out)?.[1] ?? -1);
     assert.equal(code, 0, `the VM run failed (exit ${code})`);
     assert.equal(count('fail'), 0, 'no test failed in the VM');
