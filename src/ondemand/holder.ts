@@ -33,8 +33,8 @@ import { encodeFrame, readFrames } from './frames';
  * connects gets every pending one. Marks: {op:"mark", path} → {op:"marked",
  * path} or {op:"error"}; mark a file before anything opens it (a file opened
  * earlier raises no pre-content events). {op:"hello"} → {op:"hello", pid,
- * marked: [paths], cachefiles_fd}. A fill that cannot be written is
- * reported as {op:"error", id, offset} and the read is denied.
+ * marked: [paths]}. A fill that cannot be written is reported as
+ * {op:"error", id, offset} and the read is denied.
  *
  * For EROFS over fscache it holds /dev/cachefiles instead (one opener per
  * host; a cache is unbound when its last fd closes): {op:"cachefiles", dir,
@@ -187,7 +187,7 @@ export class OndemandHolder {
     if (head.op === 'hello') {
       // Which files this group marks: a daemon that finds a lazy file of a
       // mounted layer missing here knows the group was lost (fail-open).
-      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)), cachefiles_fd: this.cachefiles });
+      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)) });
       return;
     }
     if (head.op === 'cachefiles') {
