@@ -57,7 +57,7 @@ if (!IN_VM && !fscacheHere()) {
     let staged: string | null = null;
     if (/^\/(tmp|run|var\/cache)(\/|$)/.test(REPO)) {
       staged = fs.mkdtempSync('/var/tmp/dedup-fscache-vm-');
-      for (const part of ['package.json', 'bin', 'dist', 'node_modules']) fs.cpSync(path.join(REPO, part), path.join(staged, part), { recursive: true, verbatimSymlinks: true });
+      fs.cpSync(REPO, staged, { recursive: true, verbatimSymlinks: true, filter: (src) => path.basename(src) !== '.git' });
       where = staged;
     }
     // cachefiles needs its cache on a disk filesystem: TMPDIR on the VM's ext4 disk.
