@@ -104,13 +104,13 @@ export function openCachefiles(): number {
   }
 }
 
-/** Writes one command ("dir /x", "tag t", "bind ondemand", "copen 3,4096", "restore"). */
+/** Writes one command ("dir /x", "tag t", "bind ondemand", "copen 3,4096", "restore", "cull NAME"). Throws an Error with the errno's `code`. */
 export function cachefilesCommand(fd: number, command: string): void {
   try {
     fs.writeSync(fd, command);
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    throw new Error(`cachefiles command "${command}" failed: ${e.code ?? e.message}`, { cause: err });
+    throw Object.assign(new Error(`cachefiles command "${command}" failed: ${e.code ?? e.message}`, { cause: err }), { code: e.code });
   }
 }
 

@@ -21,7 +21,8 @@ import { checkFanotify, checkFscache } from '../src/doctor/checks';
 import { RegistryClient } from '../src/remote/registry';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { type DaemonProcess, SLOW, cleanupDaemons, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
+import { LABEL_CRI_LAYER_DIGEST, LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
+import { type DaemonProcess, SLOW, call, cleanupDaemons, snapshotsClient, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { busyboxImageDef, pseudoRandom } from './helpers/images';
 import { Stack } from './helpers/stack';
@@ -132,6 +133,19 @@ if (!IN_VM && !fscacheHere()) {
     }
   }
 
+  /** Names of the cachefiles cache's data files under ROOT/cache/fscache. */
+  const cacheFiles = (root: string): string[] => {
+    const out: string[] = [];
+    const walk = (dir: string) => {
+      for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+        if (e.isDirectory()) walk(path.join(dir, e.name));
+        else out.push(e.name);
+      }
+    };
+    walk(path.join(root, 'cache', 'fscache', 'cache'));
+    return out;
+  };
+
   const mountLine = (target: string) => fs.readFileSync('/proc/self/mounts', 'utf8').split('\n').find((l) => l.split(' ')[1] === target) ?? '';
 
   test('a remote layer is mounted through fscache with its metadata only; reads are answered with fetched chunks', async () => {
@@ -163,6 +177,16 @@ if (!IN_VM && !fscacheHere()) {
       assert.equal(await readInChild(path.join(target, 'data.bin')).done, sha256(l.content));
       assert.equal(proxy.ranges, ranges, 'a second read fetches nothing');
       assert.equal((await daemonStats(d.apiAddress)).ondemand.requests, requests, 'a second read asks the daemon nothing');
+
+      // Removing the layer culls its two blobs from the cache (cachefiles
+      // links their files into its tree once the unmount lets them go).
+      const keys = [new RegExp(`^m-${id}-[0-9a-f]{64}$`), new RegExp(`^b-${l.labels[LABEL_CRI_LAYER_DIGEST].slice(7)}$`)];
+      const c = snapshotsClient(d.address);
+      await call(c, 'Remove', { key: l.labels[LABEL_SNAPSHOT_REF] });
+      c.close();
+      const culled = () => d.logs().filter((x) => x.op === 'ondemand' && /culled blob/.test(String(x.msg))).map((x) => String(x.blob));
+      await waitFor(() => keys.every((k) => culled().some((b) => k.test(b))), 60_000 * SLOW, `both blobs culled (culled: ${culled().join(' ')})`);
+      assert.deepEqual(cacheFiles(d.root).filter((n) => keys.some((k) => k.test(n.slice(1)))), [], 'their cache files are gone');
     } finally {
       await stopAll(d);
     }

@@ -147,6 +147,28 @@ export class CachefilesServer {
     }
   }
 
+  /**
+   * Deletes a blob's cache file from the cache (`cull`: the kernel refuses
+   * one in use with EBUSY). `dir` is the directory holding it; the command
+   * names a file in the daemon's working directory, so this changes it for
+   * the moment of the call (every other path of this program is absolute).
+   */
+  cull(dir: string, file: string): 'culled' | 'busy' | 'gone' {
+    const prev = process.cwd();
+    process.chdir(dir);
+    try {
+      cachefilesCommand(this.o.fd, `cull ${file}`);
+      return 'culled';
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EBUSY') return 'busy';
+      if (code === 'ENOENT' || code === 'ESTALE') return 'gone';
+      throw err;
+    } finally {
+      process.chdir(prev);
+    }
+  }
+
   /** Stops answering; unanswered requests stay in the kernel for the next daemon (restore). */
   close(): void {
     if (this.closed) return;

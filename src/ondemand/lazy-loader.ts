@@ -153,6 +153,13 @@ export class LazyLoader {
   private cachefiles: CachefilesServer | null = null;
   private cachefilesSetup: Promise<void> | null = null;
   private freshBind = false;
+  /**
+   * fscache: blobs of removed layers whose cache files are to be culled →
+   * tries left while the file is not there yet (cachefiles links a cache
+   * file into its tree only once the object is let go, after the unmount).
+   */
+  private readonly toCull = new Map<string, number>();
+  private cullTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly o: LazyLoaderOptions) {
     this.log = o.logger ?? silentLogger();
@@ -315,7 +322,7 @@ export class LazyLoader {
     this.byId.set(l.id, st);
   }
 
-  /** Forgets `id` and deletes its file (the layer is gone). */
+  /** Forgets `id` and deletes its file (the layer is gone); fscache: its blobs leave the cache too. */
   drop(id: string): void {
     const st = this.byId.get(id);
     if (st) {
@@ -323,6 +330,13 @@ export class LazyLoader {
       this.byId.delete(id);
       this.byFile.delete(st.file);
       for (const [d, at] of this.haveDigest) if (at.st === st) this.haveDigest.delete(d);
+      if (this.o.backend === 'fscache') {
+        const hex = digestHex(st.rl.layerDigest);
+        this.toCull.set(`m-${id}-${hex}`, CULL_TRIES);
+        // The chunk space is shared by every lazy layer of that digest.
+        if (![...this.byId.values()].some((x) => digestHex(x.rl.layerDigest) === hex)) this.toCull.set(`b-${hex}`, CULL_TRIES);
+        this.scheduleCull(1000);
+      }
     }
     this.holderMarked.delete(this.fileOf(id));
     fs.rmSync(this.fileOf(id), { force: true });
@@ -498,6 +512,7 @@ export class LazyLoader {
 
   close(): void {
     this.closed = true;
+    if (this.cullTimer) clearTimeout(this.cullTimer);
     this.cachefiles?.close();
     this.sock?.destroy();
     this.sock = null;
@@ -580,6 +595,12 @@ export class LazyLoader {
     server.start();
     this.cachefiles = server;
     this.freshBind = fresh;
+    // Blobs of layers removed while no daemon could cull them (a crash, a restart).
+    for (const name of this.cacheFiles().keys()) {
+      const key = name.slice(1);
+      if (/^[mb]-/.test(key) && !this.blobSource(key)) this.toCull.set(key, 1);
+    }
+    if (this.toCull.size > 0) this.scheduleCull(1000);
     this.log.info(
       { op: 'ondemand', backend: 'fscache', holder_pid: pid, cache_dir: f.dir, fresh },
       fresh ? `bound /dev/cachefiles in on-demand mode (cache ${f.dir})` : 'answering /dev/cachefiles again (requests left by a previous daemon restored)',
@@ -621,6 +642,57 @@ export class LazyLoader {
         return readAt(st.file, off, Math.min(len, st.size - off));
       },
     };
+  }
+
+  private scheduleCull(ms: number): void {
+    if (this.cullTimer || this.closed) return;
+    this.cullTimer = setTimeout(() => {
+      this.cullTimer = null;
+      this.cullNow();
+    }, ms);
+    this.cullTimer.unref();
+  }
+
+  /** The cache's files of this domain: name → its directory (cachefiles keeps a data blob as cache/I<volume key>/@<fan-out>/D<cookie key>). */
+  private cacheFiles(): Map<string, string> {
+    const files = new Map<string, string>();
+    const f = this.o.fscache;
+    if (!f) return files;
+    const volume = path.join(f.dir, 'cache', `Ierofs,${f.domain}`);
+    for (const fan of readdirOrEmpty(volume)) for (const name of readdirOrEmpty(path.join(volume, fan))) files.set(name, path.join(volume, fan));
+    return files;
+  }
+
+  /** Culls the cache files of removed layers' blobs; those still in use (unmounting) are retried. */
+  private cullNow(): void {
+    const server = this.cachefiles;
+    if (!server || this.toCull.size === 0) return;
+    const files = this.cacheFiles();
+    for (const [key, tries] of [...this.toCull]) {
+      // Mounted again meanwhile (the same layer pulled again): keep it.
+      if (this.blobSource(key)) {
+        this.toCull.delete(key);
+        continue;
+      }
+      const dir = files.get(`D${key}`);
+      if (!dir) {
+        // Not linked into the cache yet (or never cached): look again a few times.
+        if (tries <= 1) this.toCull.delete(key);
+        else this.toCull.set(key, tries - 1);
+        continue;
+      }
+      let r: 'culled' | 'busy' | 'gone';
+      try {
+        r = server.cull(dir, `D${key}`);
+      } catch (err) {
+        this.log.warn({ op: 'ondemand', blob: key, err: (err as Error).message }, `cannot cull blob ${key} from the fscache cache: ${(err as Error).message}`);
+        r = 'gone';
+      }
+      if (r === 'busy') continue;
+      this.toCull.delete(key);
+      if (r === 'culled') this.log.info({ op: 'ondemand', blob: key }, `culled blob ${key} of a removed layer from the fscache cache`);
+    }
+    if (this.toCull.size > 0) this.scheduleCull(5000);
   }
 
   /** The holder went away: its marks are gone with its group. Reconnect (starting a new one) and secure mounted layers. */
@@ -838,6 +910,9 @@ export class LazyLoader {
     if (!this.haveDigest.has(st.entries[i][2])) this.haveDigest.set(st.entries[i][2], { st, i });
   }
 }
+
+/** Looks for a removed layer's cache file this many times, 5 s apart. */
+const CULL_TRIES = 24;
 
 /** The hex of a "sha256:<hex>" digest. */
 function digestHex(digest: string): string {
