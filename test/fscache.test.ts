@@ -5,7 +5,8 @@
  * the daemon answers with fetched chunks; kill -9 of the daemon while a
  * reader waits: the restarted daemon gets the request again (`restore`)
  * and the reader the right bytes; registry failing or corrupt: EIO, not a
- * hang; the holder lost: a new one keeps the cache bound.
+ * hang; a removed layer's blobs culled from the cache; the guide's flow
+ * through containerd; the holder lost: a new one keeps the cache bound.
  *
  * This machine's kernel has no cachefiles on-demand mode; the tests then
  * run inside the VM of ../shared/tools/ondemand-vm (its kernel has it), as
@@ -13,22 +14,21 @@
  * pass. Without a kernel that has it and without the VM tool: SKIP.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { checkFanotify, checkFscache } from '../src/doctor/checks';
-import { RegistryClient } from '../src/remote/registry';
-import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { checkFanotify, checkFscache } from '../src/doctor/checks';
 import { LABEL_CRI_LAYER_DIGEST, LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
+import { RegistryClient } from '../src/remote/registry';
 import { type DaemonProcess, SLOW, call, cleanupDaemons, snapshotsClient, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
-import { busyboxImageDef, pseudoRandom } from './helpers/images';
-import { Stack } from './helpers/stack';
 import { daemonStats } from './helpers/http';
+import { busyboxImageDef, pseudoRandom } from './helpers/images';
 import { type LazyLayer, lazyImage as makeLazyImage, lazyPrepare as prepareLazily, readInChild, sha256 } from './helpers/ondemand';
 import { type RealRegistry, type RegistryProxy, startRegistry, startRegistryProxy } from './helpers/registry';
+import { Stack } from './helpers/stack';
 
 const IN_VM = process.env.DEDUP_IN_ONDEMAND_VM === '1';
 const REPO = path.resolve(__dirname, '..', '..');

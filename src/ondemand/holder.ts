@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
+import { cachefilesCommand, fdOfProcess, openCachefiles } from '../../native/cachefiles';
 import {
   FAN_ALLOW,
   FAN_CLASS_PRE_CONTENT,
@@ -17,7 +18,6 @@ import {
   fanotifyResponse,
   parseFanotifyEvents,
 } from '../../native/fanotify';
-import { cachefilesCommand, fdOfProcess, openCachefiles } from '../../native/cachefiles';
 import { encodeFrame, readFrames } from './frames';
 
 /**
