@@ -78,7 +78,7 @@ if (!IN_VM && !fscacheHere()) {
     assert.equal(code, 0, `the VM run failed (exit ${code})`);
     assert.equal(count('fail'), 0, 'no test failed in the VM');
     assert.equal(count('skipped'), 0, 'no test was skipped in the VM');
-    assert.ok(count('pass') >= 5, `the VM ran the fscache tests (${count('pass')} passed)`);
+    assert.ok(count('pass') >= 6, `the VM ran the fscache tests (${count('pass')} passed)`);
   });
 } else {
   let registry: RealRegistry;
@@ -301,6 +301,26 @@ if (!IN_VM && !fscacheHere()) {
       d2 = await daemon(d.root, d.address);
       assert.ok(d2.logs().some((x) => x.op === 'ondemand' && x.backend === 'fscache' && x.fresh === false), 'the cache stayed bound across the holder and the daemon');
       assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content), 'the mounted layer reads right');
+    } finally {
+      await stopAll(d2 ?? d);
+    }
+  });
+
+  test('holder and daemon both killed: the cache is unbound, reads of the old mount fail (never zeros); the next daemon binds anew and mounts the layer again', async () => {
+    const l = await lazyImage('fc-both', 1 * MiB);
+    const d = await daemon();
+    let d2: DaemonProcess | null = null;
+    try {
+      const id = await lazyPrepare(d, l);
+      const file = path.join(d.root, 'mnt', id, 'data.bin');
+      await d.kill();
+      await holderGone(stopHolder(d.root, 'SIGKILL'));
+      const got = await readInChild(file).done;
+      assert.match(got, /^ERR:/, 'a read of the mount whose cache is gone fails');
+      d2 = await daemon(d.root, d.address);
+      assert.ok(d2.logs().some((x) => x.op === 'ondemand' && x.backend === 'fscache' && x.fresh === true), 'the cache was bound anew');
+      assert.ok(d2.logs().some((x) => x.op === 'ondemand' && x.layer === id && /fscache binding that is gone/.test(String(x.msg))), 'the layer is named in an error');
+      assert.equal(await readInChild(file).done, sha256(l.content), 'mounted again: the right bytes');
     } finally {
       await stopAll(d2 ?? d);
     }
