@@ -490,9 +490,9 @@ export class Snapshotter {
 
   /**
    * The on-demand variant of makeRemoteLayer: the layer is committed and
-   * mounted with only its metadata here; its device is lazy/<id>.blob,
-   * holding the chunks this node had, marked so that reads of the rest
-   * wait until they are fetched (see LazyLoader).
+   * mounted with only its metadata here; its chunk space is lazy/<id>.blob,
+   * holding the chunks this node had; reads of the rest wait until they are
+   * fetched (its file marked for fanotify, or asked for by fscache; see LazyLoader).
    */
   private async makeLazyLayer(rl: RemoteLayer, name: string, parent: string, labels: Labels, header: LayerHeader, img: Buffer, started: number): Promise<void> {
     const loader = this.loader as LazyLoader;
