@@ -12,6 +12,7 @@ import {
   setCloexec,
 } from '../../native/cachefiles';
 import type { Logger } from '../log/logger';
+import { writeAllAt } from '../store/chunkstore';
 
 /**
  * The daemon's side of EROFS over fscache in on-demand mode: it reads the
@@ -177,14 +178,4 @@ export class CachefilesServer {
     this.objects.clear();
     fs.closeSync(this.o.fd);
   }
-}
-
-function writeAllAt(fd: number, buf: Buffer, at: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const step = (done: number) => {
-      if (done >= buf.length) return resolve();
-      fs.write(fd, buf, done, buf.length - done, at + done, (err, n) => (err ? reject(err) : step(done + n)));
-    };
-    step(0);
-  });
 }

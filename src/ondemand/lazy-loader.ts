@@ -12,7 +12,7 @@ import { type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference } from '../remote/reference';
 import { sleep } from '../remote/transport';
 import { readdirOrEmpty, regularFileUnder } from '../snapshot/fsutil';
-import type { ChunkStore } from '../store/chunkstore';
+import { type ChunkStore, readAt, writeAllAt } from '../store/chunkstore';
 import { type BlobSource, CachefilesServer } from './cachefiles';
 import { encodeFrame, readFrames } from './frames';
 
@@ -277,7 +277,7 @@ export class LazyLoader {
           missing += idxs.length;
           continue;
         }
-        for (const i of idxs) await writeAll(fh, bytes, entries[i][0] * BLOCK);
+        for (const i of idxs) await writeAllAt(fh.fd, bytes, entries[i][0] * BLOCK);
         local += idxs.length;
         localBytes += bytes.length;
       }
@@ -620,7 +620,7 @@ export class LazyLoader {
       } catch {
         return null;
       }
-      return { size, read: (off, len) => readAt(image, off, Math.min(len, size - off)) };
+      return { size, read: (off, len) => readRange(image, off, Math.min(len, size - off)) };
     }
     const blob = /^b-([0-9a-f]{64})$/.exec(key);
     if (!blob) return null;
@@ -639,7 +639,7 @@ export class LazyLoader {
           this.counters.misses++;
           await wait;
         } else this.counters.hits++;
-        return readAt(st.file, off, Math.min(len, st.size - off));
+        return readRange(st.file, off, Math.min(len, st.size - off));
       },
     };
   }
@@ -919,14 +919,14 @@ function digestHex(digest: string): string {
   return digest.slice(digest.indexOf(':') + 1);
 }
 
-/** Up to `len` bytes of `file` at `off`. */
-async function readAt(file: string, off: number, len: number): Promise<Buffer> {
+/** `len` bytes of `file` at `off` (callers keep the range inside the file). */
+async function readRange(file: string, off: number, len: number): Promise<Buffer> {
   if (len <= 0) return Buffer.alloc(0);
   const fh = await fsp.open(file, 'r');
   try {
     const buf = Buffer.alloc(len);
-    const { bytesRead } = await fh.read(buf, 0, len, off);
-    return buf.subarray(0, bytesRead);
+    await readAt(fh.fd, buf, off);
+    return buf;
   } finally {
     await fh.close();
   }
@@ -969,17 +969,12 @@ function indexAt(entries: ChunkEntry[], offset: number): number {
   return i < entries.length && entries[i][0] * BLOCK <= offset ? i : -1;
 }
 
-async function writeAll(fh: fsp.FileHandle, bytes: Buffer, at: number): Promise<void> {
-  let off = 0;
-  while (off < bytes.length) off += (await fh.write(bytes, off, bytes.length - off, at + off)).bytesWritten;
-}
-
 /** Writes straight into the file (only for files no group marks). */
 function directWriter(file: string): (offset: number, bytes: Buffer) => Promise<void> {
   return async (offset, bytes) => {
     const fh = await fsp.open(file, 'r+');
     try {
-      await writeAll(fh, bytes, offset);
+      await writeAllAt(fh.fd, bytes, offset);
     } finally {
       await fh.close();
     }

@@ -159,11 +159,7 @@ export class ChunkStore {
   async write(e: Extent, data: Buffer): Promise<void> {
     const len = e.nblocks * STORE_BLOCK;
     const padded = data.length === len ? data : Buffer.concat([data, Buffer.alloc(len - data.length)]);
-    let off = 0;
-    while (off < len) {
-      const { bytesWritten } = await writeAt(this.fd, padded, off, len - off, e.blkaddr * STORE_BLOCK + off);
-      off += bytesWritten;
-    }
+    await writeAllAt(this.fd, padded, e.blkaddr * STORE_BLOCK);
   }
 
   async read(e: Extent): Promise<Buffer> {
@@ -291,6 +287,12 @@ function writeAt(fd: number, buf: Buffer, off: number, len: number, pos: number)
   return new Promise((resolve, reject) =>
     fs.write(fd, buf, off, len, pos, (err, bytesWritten) => (err ? reject(err) : resolve({ bytesWritten }))),
   );
+}
+
+/** Writes all of `buf` at `pos` of `fd` (short writes continued). */
+export async function writeAllAt(fd: number, buf: Buffer, pos: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) off += (await writeAt(fd, buf, off, buf.length - off, pos + off)).bytesWritten;
 }
 
 export function readAt(fd: number, buf: Buffer, pos: number): Promise<void> {
