@@ -241,8 +241,8 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ mount_backend: 'fuse' }), 'mount_backend', /expected one of auto, file-backed, loop/);
   });
 
-  test('registry keys: plain_http_hosts and docker_config are read and checked', () => {
-    assert.deepEqual(defaultConfig().registry, { plain_http_hosts: [], docker_config: null });
+  test('registry keys: plain_http_hosts, docker_config, push_converted and pull_converted are read and checked', () => {
+    assert.deepEqual(defaultConfig().registry, { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false });
     const c = loadFile({ registry: { plain_http_hosts: ['127.0.0.1:5000', 'registry.local', '[::1]:5000'], docker_config: '/etc/dedup-snapshotter/docker.json' } });
     assert.deepEqual(c.registry.plain_http_hosts, ['127.0.0.1:5000', 'registry.local', '[::1]:5000']);
     assert.equal(c.registry.docker_config, '/etc/dedup-snapshotter/docker.json');
@@ -250,6 +250,10 @@ describe('bad files and values', () => {
       assertConfigError(() => loadFile({ registry: { plain_http_hosts: bad } }), 'registry.plain_http_hosts', /expected a list of "host" or "host:port"/);
     }
     assertConfigError(() => loadFile({ registry: { docker_config: 'docker.json' } }), 'registry.docker_config', /absolute path/);
+    const shared = loadFile({ registry: { push_converted: true, pull_converted: true } });
+    assert.deepEqual([shared.registry.push_converted, shared.registry.pull_converted], [true, true]);
+    assertConfigError(() => loadFile({ registry: { push_converted: 'yes' } }), 'registry.push_converted', /expected true or false/);
+    assertConfigError(() => loadFile({ registry: { pull_converted: 1 } }), 'registry.pull_converted', /expected true or false/);
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 

@@ -3,17 +3,22 @@
  * with this snapshotter; each layer's Prepare carries the CRI labels, the
  * daemon makes the layer from metadata and chunks and answers
  * AlreadyExists, and containerd downloads no layer blob. A container then
- * runs from the image.
+ * runs from the image. And shared converted layers: one node pushes the
+ * layers of a plain image it converted, a second node pulls that plain
+ * image lazily from them.
  */
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { after, test } from 'node:test';
+import { convertedLayerTag } from '../src/remote/dedup-image';
 import { RegistryClient } from '../src/remote/registry';
 import { CriImages } from './helpers/cri';
-import { cleanupDaemons } from './helpers/daemon';
+import { SLOW, cleanupDaemons, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { daemonStats } from './helpers/http';
-import { busyboxImageDef } from './helpers/images';
-import { Stack } from './helpers/stack';
+import { busyboxImageDef, tortureImageDef } from './helpers/images';
+import { Stack, assertDirsMatchSnapshots } from './helpers/stack';
+import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
 
 after(() => cleanupDaemons());
 
@@ -52,5 +57,65 @@ test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers 
     cri.close();
     client.close();
     await stack.stop();
+  }
+});
+
+test('shared converted layers: node A pushes the plain layers it converted, node B pulls the plain image lazily from them', async () => {
+  const a = await Stack.start({ cri: true, daemonConfig: { registry: { push_converted: true } } });
+  let b: Stack | null = null;
+  const client = new RegistryClient({ plainHttpHosts: [a.registry] });
+  const criA = new CriImages(a.containerdAddress);
+  let criB: CriImages | null = null;
+  try {
+    const [img] = await a.pushImages([tortureImageDef()]);
+    const ref = img.ref as string;
+    const plainLayers = JSON.parse(img.manifest.toString('utf8')).layers.map((l: { digest: string }) => l.digest) as string[];
+    const top = img.chainIds[img.chainIds.length - 1];
+    const trees: Record<string, Tree> = {};
+    const viewTree = async (stack: Stack, name: string) => {
+      const mounts = await protectedView(stack, 'dedup', `shared-view-${name}`, top, 'k8s.io');
+      trees[name] = await walkMounted(mounts, path.join(stack.dir, `mnt-shared-${name}`));
+      await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'rm', `shared-view-${name}`], { ns: 'k8s.io' });
+    };
+
+    // Node A: containerd downloads and unpacks; each layer is converted, then shared.
+    await criA.pull(ref);
+    await assertDirsMatchSnapshots(a, 120_000);
+    await waitFor(async () => (await daemonStats(a.daemon.apiAddress)).remote.shared.pending === 0, 120_000 * SLOW, 'node A to share its layers');
+    const shared = (await daemonStats(a.daemon.apiAddress)).remote.shared;
+    assert.deepEqual({ pushed: shared.pushed, failed: shared.failed }, { pushed: plainLayers.length, failed: 0 }, JSON.stringify(a.daemon.logs().filter((l) => l.op === 'push')));
+    const pushLines = a.daemon.logs().filter((l) => l.op === 'push' && typeof l.tag === 'string');
+    assert.deepEqual(pushLines.map((l) => l.layer_digest).sort(), [...plainLayers].sort(), 'one push line per plain layer, naming it');
+    for (const d of plainLayers) {
+      const m = await client.getManifest(`${a.registry}/${img.def.name}:${convertedLayerTag(d)}`);
+      assert.equal((m.json as { annotations: Record<string, string> }).annotations['io.dedup-snapshotter.source.layer'], d);
+    }
+    await viewTree(a, 'unpacked');
+
+    // Node B: same registry, its own containerd and daemon.
+    b = await Stack.start({ cri: true, registry: a.registry, daemonConfig: { registry: { pull_converted: true } } });
+    criB = new CriImages(b.containerdAddress);
+    await criB.pull(ref);
+    const content = (await b.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })).stdout.split('\n').map((l) => l.trim());
+    for (const d of plainLayers) assert.ok(!content.includes(d), `node B's containerd did not download layer ${d}`);
+    const remote = b.daemon.logs().filter((l) => l.op === 'remote' && typeof l.source_layer === 'string');
+    assert.deepEqual(remote.map((l) => l.source_layer).sort(), [...plainLayers].sort(), 'every layer made from its shared converted layer');
+    assert.equal((await daemonStats(b.daemon.apiAddress)).remote.converted_layers, plainLayers.length);
+
+    // The rootfs made from shared layers is the one containerd unpacked, to the xattr and hardlink.
+    await viewTree(b, 'shared');
+    const expectFailures = checkExpect(trees.shared, img.def.expect);
+    assert.deepEqual(expectFailures, [], `expected entries:\n${expectFailures.join('\n')}`);
+    const diffs = diffTrees(trees.unpacked, trees.shared, 'node A (unpacked)', 'node B (shared)');
+    assert.equal(diffs.length, 0, `${diffs.length} differences:\n${diffs.slice(0, 30).join('\n')}`);
+
+    const out = await b.ctr(['run', '--snapshotter', 'dedup', '--rm', ref, 'shared-1', 'cat', '/etc/passwd'], { ns: 'k8s.io', timeoutMs: 60_000 });
+    assert.equal(out.stdout, img.def.passwd);
+  } finally {
+    criB?.close();
+    criA.close();
+    client.close();
+    await b?.stop();
+    await a.stop();
   }
 });

@@ -77,7 +77,20 @@ export interface Stats {
     prefetch_bytes: number;
   };
   /** Layers of dedup images made from metadata and fetched chunks; bytes_saved: chunk bytes the node already had. */
-  remote: { layers: number; metadata_bytes: number; bytes_fetched: number; bytes_saved: number; fetch_errors: number };
+  /**
+   * converted_layers: layers of plain images made from a layer another node
+   * shared converted (registry.pull_converted); shared: this node's pushes of
+   * the layers it converted (registry.push_converted), null when off.
+   */
+  remote: {
+    layers: number;
+    metadata_bytes: number;
+    bytes_fetched: number;
+    bytes_saved: number;
+    fetch_errors: number;
+    converted_layers: number;
+    shared: { pushed: number; present: number; failed: number; bytes: number; pending: number } | null;
+  };
   prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number };
   ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
   audit: { recorded: number; written: number; dropped: number } | null;
@@ -153,6 +166,8 @@ export function collectStats(src: StatsSources): Stats {
       bytes_fetched: r?.bytes_fetched ?? 0,
       bytes_saved: r?.bytes_local ?? 0,
       fetch_errors: r?.fetch_errors ?? 0,
+      converted_layers: r?.converted_layers ?? 0,
+      shared: sn.share ? { ...sn.share.counters, pending: sn.share.pending } : null,
     },
     prefetch: {
       requests: p?.requests ?? 0,
@@ -238,6 +253,7 @@ export function toPrometheus(s: Stats): string {
     g('dedup_remote_metadata_bytes_total', 'Bytes of dedup layer metadata fetched.', s.remote.metadata_bytes, 'counter'),
     g('dedup_remote_saved_bytes_total', 'Chunk bytes of remote layers the node already had (not fetched).', s.remote.bytes_saved, 'counter'),
     g('dedup_remote_fetch_errors_total', 'Chunk fetches that failed.', s.remote.fetch_errors, 'counter'),
+    g('dedup_remote_converted_layers_total', 'Layers of plain images made from a converted layer another node shared.', s.remote.converted_layers, 'counter'),
     g('dedup_prefetch_requests_total', 'Prefetch requests received.', s.prefetch.requests, 'counter'),
     g('dedup_prefetch_rejected_total', 'Prefetch requests refused (4xx).', s.prefetch.rejected, 'counter'),
     {
@@ -254,6 +270,21 @@ export function toPrometheus(s: Stats): string {
     g('dedup_prefetch_queue', 'Prefetch jobs queued or running.', s.prefetch.queue),
     g('dedup_ksm_enabled', '1 when the daemon turned KSM on.', s.ksm.state === 'active' ? 1 : 0),
   ];
+  if (s.remote.shared) {
+    const sh = s.remote.shared;
+    fams.push({
+      name: 'dedup_shared_layers_total',
+      type: 'counter',
+      help: 'Converted layers offered to their repository (registry.push_converted), by result.',
+      samples: [
+        { labels: { result: 'pushed' }, value: sh.pushed },
+        { labels: { result: 'present' }, value: sh.present },
+        { labels: { result: 'failed' }, value: sh.failed },
+      ],
+    });
+    fams.push(g('dedup_shared_bytes_total', 'Bytes uploaded sharing converted layers.', sh.bytes, 'counter'));
+    fams.push(g('dedup_shared_pending', 'Converted layers waiting to be shared.', sh.pending));
+  }
   if (s.ksm.counters) {
     for (const [k, v] of Object.entries(s.ksm.counters)) {
       if (k === 'run' || k === 'sleep_millisecs') continue;

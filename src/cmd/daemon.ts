@@ -73,7 +73,8 @@ export async function runDaemon(): Promise<void> {
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
-      remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log }) : null,
+      remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log, pullConverted: cfg.registry.pull_converted }) : null,
+      pushConverted: cfg.registry.push_converted,
       ondemand:
         ondemand && ondemand.backend !== 'fetch'
           ? {

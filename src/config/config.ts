@@ -36,8 +36,15 @@ export interface Config {
   readonly api: { readonly address: string };
   /** POST /prefetch: trace files are read only from trace_dir (null: ROOT/traces); reads in flight per job. */
   readonly prefetch: { readonly trace_dir: string | null; readonly concurrency: number };
-  /** Registries of dedup images: hosts reached over plain HTTP; docker config.json with credentials (null: $DOCKER_CONFIG or ~/.docker). */
-  readonly registry: { readonly plain_http_hosts: readonly string[]; readonly docker_config: string | null };
+  /**
+   * Registries of dedup images: hosts reached over plain HTTP; docker
+   * config.json with credentials (null: $DOCKER_CONFIG or ~/.docker).
+   * push_converted: each layer of a plain image pulled through CRI that this
+   * node converts is pushed to the image's repository, tagged
+   * `sha256-<layer hex>.dedup` (needs push access); pull_converted: a CRI
+   * pull of a plain image makes each layer that has such a tag lazily.
+   */
+  readonly registry: { readonly plain_http_hosts: readonly string[]; readonly docker_config: string | null; readonly push_converted: boolean; readonly pull_converted: boolean };
   /**
    * Remote layers: how their data arrives. "auto": fanotify when the kernel
    * delivers pre-content events on ROOT (Linux >= 6.14), else "fetch";
@@ -78,7 +85,7 @@ export function defaultConfig(): Config {
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2 },
-    registry: { plain_http_hosts: [], docker_config: null },
+    registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
@@ -234,7 +241,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('registry' in doc) {
     const rg = doc.registry;
     if (!isObject(rg)) throw new ConfigError('registry', `expected an object like {"plain_http_hosts": ["127.0.0.1:5000"]}, got ${JSON.stringify(rg)}`);
-    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config']);
+    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config', 'push_converted', 'pull_converted']);
     if ('plain_http_hosts' in rg) {
       const v = rg.plain_http_hosts;
       if (!Array.isArray(v) || !v.every((h) => typeof h === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:.]+\](:\d{1,5})?$/.test(h))) {
@@ -243,6 +250,8 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       out.registry = { ...out.registry, plain_http_hosts: [...(v as string[])] };
     }
     if ('docker_config' in rg) out.registry = { ...out.registry, docker_config: expectAbsPath('registry.docker_config', rg.docker_config) };
+    if ('push_converted' in rg) out.registry = { ...out.registry, push_converted: expectBool('registry.push_converted', rg.push_converted) };
+    if ('pull_converted' in rg) out.registry = { ...out.registry, pull_converted: expectBool('registry.pull_converted', rg.pull_converted) };
   }
   if ('ondemand' in doc) {
     const od = doc.ondemand;

@@ -52,6 +52,32 @@ export const ANNOTATION_SOURCE_DIFF_ID = 'io.dedup-snapshotter.source.diff-id';
 /** On the chunks manifest: the digest of the image manifest its blobs belong to. */
 export const ANNOTATION_CHUNKS_FOR = 'io.dedup-snapshotter.chunks.for';
 
+/**
+ * Shared converted layers: a node that unpacked and converted a layer of a
+ * plain image (registry.push_converted) pushes it to the image's repository
+ * as a one-layer artifact, tagged convertedLayerTag(the layer's digest): an
+ * OCI manifest with config MEDIA_TYPE_CONVERTED_CONFIG (ConvertedConfig),
+ * layers = [the dedup layer blob (MEDIA_TYPE_LAYER), its chunk data blob
+ * (MEDIA_TYPE_CHUNKS), when it has data], annotated with the source layer's
+ * digest. A node pulling the plain image (registry.pull_converted) looks the
+ * tag up per layer and, when found, makes the layer lazily from it.
+ */
+export const MEDIA_TYPE_CONVERTED_CONFIG = 'application/vnd.dedup-snapshotter.converted-layer.config.v1+json';
+/** On a converted-layer manifest: the digest of the (compressed) source layer, as in the plain image's manifest. */
+export const ANNOTATION_SOURCE_LAYER = 'io.dedup-snapshotter.source.layer';
+
+export interface ConvertedConfig {
+  format: typeof FORMAT_VERSION;
+  source_layer: string;
+  source_diff_id: string;
+}
+
+/** The tag a converted layer of `layerDigest` (sha256:…) is pushed under: `sha256-<hex>.dedup` (the cosign-style digest tag). */
+export function convertedLayerTag(layerDigest: string): string {
+  if (!/^sha256:[0-9a-f]{64}$/.test(layerDigest)) throw new DedupFormatError(`layer digest ${JSON.stringify(layerDigest)} is not sha256:<64 hex>`);
+  return `sha256-${layerDigest.slice(7)}.dedup`;
+}
+
 export const LAYER_MAGIC = Buffer.from('DDSLAYR1', 'ascii');
 export const LAYER_BLOCK = 4096;
 const MAX_HEADER_BYTES = 256 << 20;

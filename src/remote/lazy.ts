@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
-import { type ChunkEntry, type LayerHeader, MEDIA_TYPE_LAYER, decodeLayerBlob } from './dedup-image';
+import { ANNOTATION_SOURCE_LAYER, type ChunkEntry, type LayerHeader, MEDIA_TYPE_CONVERTED_CONFIG, MEDIA_TYPE_LAYER, MEDIA_TYPE_OCI_MANIFEST, convertedLayerTag, decodeLayerBlob } from './dedup-image';
 import { type Reference, parseReference } from './reference';
 import type { RegistryClient } from './registry';
 
@@ -10,7 +10,9 @@ import type { RegistryClient } from './registry';
  * Prepare, the labels below (ARCHITECTURE.md §3). When they name a layer of
  * a dedup image, the snapshotter can make the layer from its metadata and
  * the chunks it lacks, and answer AlreadyExists so containerd downloads
- * nothing. Plain OCI images are not remote layers: containerd unpacks them.
+ * nothing. Layers of plain OCI images are not remote layers (containerd
+ * unpacks them) unless another node shared the layer converted
+ * (registry.pull_converted; convert/share.ts).
  */
 export const LABEL_SNAPSHOT_REF = 'containerd.io/snapshot.ref';
 export const LABEL_CRI_IMAGE_REF = 'containerd.io/snapshot/cri.image-ref';
@@ -21,29 +23,40 @@ export interface RemoteLayer {
   /** The image's repository (from cri.image-ref). */
   repo: Reference;
   manifestDigest: string;
+  /** The dedup layer blob's digest. */
   layerDigest: string;
+  /** When the image is a plain one: the plain layer a shared converted layer stands for (registry.pull_converted). */
+  sourceLayer?: string;
 }
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
 const MAX_LAYER_BLOB = 512 << 20;
 const UNREADABLE_TTL_MS = 60_000;
+const MAX_CONVERTED_ANSWERS = 4096;
 
 export class RemoteLayers {
   private readonly log: Logger;
-  /** manifest digest → the dedup layer digests it lists (empty: not a dedup image). */
-  private readonly manifests = new Map<string, Set<string>>();
+  /** manifest digest → the layer digests it lists, and which of them are dedup layers (none: a plain image). */
+  private readonly manifests = new Map<string, { dedup: Set<string>; all: Set<string> }>();
+  /** `repo\0layer digest` → the shared converted dedup layer's digest (null: none), until when that answer holds. */
+  private readonly converted = new Map<string, { digest: string | null; until: number }>();
   /** manifest digest → until when its registry is not asked again. */
   private readonly unreadable = new Map<string, number>();
-  readonly counters = { layers: 0, chunks_fetched: 0, bytes_fetched: 0, chunks_local: 0, bytes_local: 0, metadata_bytes: 0, fetch_errors: 0 };
+  readonly counters = { layers: 0, chunks_fetched: 0, bytes_fetched: 0, chunks_local: 0, bytes_local: 0, metadata_bytes: 0, fetch_errors: 0, converted_layers: 0 };
 
-  constructor(private readonly o: { client: RegistryClient; logger?: Logger }) {
+  constructor(private readonly o: { client: RegistryClient; logger?: Logger; pullConverted?: boolean }) {
     this.log = o.logger ?? silentLogger();
+  }
+
+  get client(): RegistryClient {
+    return this.o.client;
   }
 
   /**
    * The dedup layer `labels` name, or null: labels absent or malformed, the
-   * image is not a dedup image, or its registry cannot be read (then the
-   * normal path is taken and containerd unpacks the layer; logged).
+   * image is not a dedup image (and no converted layer was shared for this
+   * one), or its registry cannot be read (then the normal path is taken and
+   * containerd unpacks the layer; logged).
    */
   async resolve(labels: Record<string, string> | undefined): Promise<RemoteLayer | null> {
     const ref = labels?.[LABEL_CRI_IMAGE_REF];
@@ -65,7 +78,8 @@ export class RemoteLayers {
       try {
         const m = await this.o.client.getManifest({ ...repo, tag: null, digest: manifestDigest } as Reference);
         const json = m.json as { layers?: { mediaType?: string; digest?: string }[] };
-        layers = new Set((json.layers ?? []).filter((l) => l.mediaType === MEDIA_TYPE_LAYER && typeof l.digest === 'string').map((l) => l.digest as string));
+        const listed = (json.layers ?? []).filter((l) => typeof l.digest === 'string');
+        layers = { dedup: new Set(listed.filter((l) => l.mediaType === MEDIA_TYPE_LAYER).map((l) => l.digest as string)), all: new Set(listed.map((l) => l.digest as string)) };
         this.manifests.set(manifestDigest, layers);
       } catch (err) {
         this.unreadable.set(manifestDigest, Date.now() + UNREADABLE_TTL_MS);
@@ -73,7 +87,46 @@ export class RemoteLayers {
         return null;
       }
     }
-    return layers.has(layerDigest) ? { repo, manifestDigest, layerDigest } : null;
+    if (layers.dedup.has(layerDigest)) return { repo, manifestDigest, layerDigest };
+    if (this.o.pullConverted && layers.all.has(layerDigest)) {
+      const converted = await this.convertedLayer(repo, layerDigest);
+      if (converted) return { repo, manifestDigest, layerDigest: converted, sourceLayer: layerDigest };
+    }
+    return null;
+  }
+
+  /**
+   * registry.pull_converted: the dedup layer another node pushed for plain
+   * layer `layerDigest` (tag convertedLayerTag, see convert/share.ts), or
+   * null. Answers (found or not) are kept for a minute.
+   */
+  private async convertedLayer(repo: Reference, layerDigest: string): Promise<string | null> {
+    const key = `${repo.name}\0${layerDigest}`;
+    const known = this.converted.get(key);
+    if (known && known.until > Date.now()) return known.digest;
+    const tag = convertedLayerTag(layerDigest);
+    let digest: string | null = null;
+    try {
+      const m = await this.o.client.getManifest({ ...repo, tag, digest: null }, [MEDIA_TYPE_OCI_MANIFEST]);
+      const json = m.json as { config?: { mediaType?: string }; layers?: { mediaType?: string; digest?: string }[]; annotations?: Record<string, string> };
+      const layer = json.layers?.[0];
+      if (json.config?.mediaType !== MEDIA_TYPE_CONVERTED_CONFIG || json.annotations?.[ANNOTATION_SOURCE_LAYER] !== layerDigest || layer?.mediaType !== MEDIA_TYPE_LAYER || !DIGEST.test(layer.digest ?? '')) {
+        this.log.warn({ op: 'remote', image: repo.name, layer_digest: layerDigest, tag }, `${repo.name}:${tag} is not a converted layer of ${layerDigest}; containerd unpacks the layer`);
+      } else {
+        digest = layer.digest as string;
+      }
+    } catch (err) {
+      if ((err as { status?: number }).status !== 404) {
+        this.log.warn({ op: 'remote', image: repo.name, layer_digest: layerDigest, tag, err: (err as Error).message }, `cannot look up ${repo.name}:${tag}; containerd unpacks the layer`);
+      }
+    }
+    if (this.converted.size >= MAX_CONVERTED_ANSWERS) this.converted.delete(this.converted.keys().next().value as string);
+    this.converted.set(key, { digest, until: Date.now() + UNREADABLE_TTL_MS });
+    if (digest) {
+      this.counters.converted_layers++;
+      this.log.debug({ op: 'remote', image: repo.name, layer_digest: layerDigest, tag, dedup_layer: digest }, `layer ${layerDigest} was shared converted as ${repo.name}:${tag}`);
+    }
+    return digest;
   }
 
   /** The layer's header and EROFS image (digest-checked by the client, format-checked here). */

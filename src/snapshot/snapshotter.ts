@@ -4,6 +4,7 @@ import path from 'node:path';
 import { alreadyExists, internal, notFound, unavailable } from '../errdefs/errors';
 import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
+import { ConvertedLayerPusher } from '../convert/share';
 import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
 import { type LazyBackend, LazyLoader, type LazyLayerInput } from '../ondemand/lazy-loader';
@@ -71,6 +72,8 @@ export interface SnapshotterOptions {
     /** Background mode: how long a replaced directory is kept after it was last handed out in a mount. */
     retireGraceMs?: number;
   } | null;
+  /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
+  pushConverted?: boolean;
 }
 
 /** Directory names under snapshots/ that are not snapshot ids. */
@@ -130,6 +133,10 @@ export class Snapshotter {
   private readonly makingRemote = new Map<string, Promise<void>>();
   /** On-demand loading of remote layers (fanotify), when configured. */
   readonly loader: LazyLoader | null = null;
+  /** Pushes converted layers back to their image's repository (registry.push_converted). */
+  readonly share: ConvertedLayerPusher | null = null;
+  /** Converted layers whose directory a push is reading: not swept meanwhile. */
+  private readonly sharing = new Set<string>();
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -146,6 +153,14 @@ export class Snapshotter {
     this.mntDir = path.join(this.root, 'mnt');
     if (opts.erofs) {
       const mkfs = opts.erofs.mkfs;
+      // Probed once, on first use; a failed probe is retried on the next use.
+      const mkfsFeatures = () => {
+        if (!this.mkfsProbe) {
+          this.mkfsProbe = probeMkfs(mkfs);
+          this.mkfsProbe.catch(() => (this.mkfsProbe = null));
+        }
+        return this.mkfsProbe;
+      };
       this.store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log });
       this.mounter = new ErofsMounter(this.store.blobPath, {
         mode: opts.erofs.mountMode ?? 'auto',
@@ -158,14 +173,7 @@ export class Snapshotter {
       this.retireGraceMs = opts.erofs.retireGraceMs ?? this.retireGraceMs;
       this.converter = new Converter({
         store: this.store,
-        // Probed once, on first use; a failed probe is retried on the next commit.
-        mkfs: () => {
-          if (!this.mkfsProbe) {
-            this.mkfsProbe = probeMkfs(mkfs);
-            this.mkfsProbe.catch(() => (this.mkfsProbe = null));
-          }
-          return this.mkfsProbe;
-        },
+        mkfs: mkfsFeatures,
         imagesDir: path.join(this.root, 'images'),
         tmpDir: path.join(this.root, 'tmp'),
         chunkSize: opts.erofs.chunkSize,
@@ -188,6 +196,9 @@ export class Snapshotter {
           store: this.store,
           logger: this.log,
         });
+      }
+      if (opts.pushConverted && this.remote) {
+        this.share = new ConvertedLayerPusher({ client: this.remote.client, mkfs: mkfsFeatures, chunkSize: opts.erofs.chunkSize, workDir: path.join(this.root, 'tmp'), logger: this.log });
       }
     }
   }
@@ -552,7 +563,8 @@ export class Snapshotter {
   private remoteLayerMade(rl: RemoteLayer, name: string, id: string, started: number, stats: ConvertStats, fields: Record<string, unknown>, msg: string): void {
     (this.remote as RemoteLayers).counters.layers++;
     const durationMs = Date.now() - started;
-    this.log.info({ op: 'remote', key: name, snapshot: id, layer: id, image: formatReference(rl.repo), layer_digest: rl.layerDigest, ...fields, duration_ms: durationMs }, msg);
+    const source = rl.sourceLayer ? { source_layer: rl.sourceLayer } : {};
+    this.log.info({ op: 'remote', key: name, snapshot: id, layer: id, image: formatReference(rl.repo), layer_digest: rl.layerDigest, ...source, ...fields, duration_ms: durationMs }, msg);
     this.emitConvert({ key: name, layer: id, ok: true, durationMs, stats, mode: 'remote' });
   }
 
@@ -692,6 +704,8 @@ export class Snapshotter {
       this.logConverted(id, this.ms.keyOf(id) ?? key, stats, started);
       this.emitConvert({ key: this.ms.keyOf(id) ?? key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'background' });
       this.retire(id);
+      const now = this.ms.keyOf(id);
+      if (now !== undefined) this.offerShare(id, this.ms.getInfo(now).info.labels);
     } catch (err) {
       if (this.ms.keyOf(id) === undefined || this.closed) {
         this.log.info({ op: 'convert', key, snapshot: id, layer: id }, 'layer removed before its conversion finished');
@@ -835,6 +849,23 @@ export class Snapshotter {
     );
   }
 
+  /**
+   * registry.push_converted: offers converted layer `id` to the pusher, which
+   * reads its directory (kept meanwhile: sweepRetired skips it). False when
+   * nothing is pushed (off, or the labels name no image layer).
+   */
+  private offerShare(id: string, labels: Labels | undefined): boolean {
+    if (!this.share || !ConvertedLayerPusher.sourceOf(labels)) return false;
+    this.sharing.add(id);
+    return this.share.offer({
+      id,
+      dir: this.upperPath(id),
+      labels: labels as Labels,
+      alive: () => this.ms.keyOf(id) !== undefined,
+      release: () => this.sharing.delete(id),
+    });
+  }
+
   /** The directory of converted layer `id` goes once no mount uses it. */
   private retire(id: string, at = Date.now()): void {
     this.retired.set(id, at);
@@ -862,7 +893,7 @@ export class Snapshotter {
         continue;
       }
       const last = Math.max(at, this.handedOut.get(id) ?? 0);
-      if (now - last < this.retireGraceMs) continue;
+      if (now - last < this.retireGraceMs || this.sharing.has(id)) continue;
       if (new RegExp(`(^|[\\s=:,/])${id}/fs([\\s:,/]|$)`, 'm').test(info)) continue;
       this.retired.delete(id);
       this.handedOut.delete(id);
@@ -918,8 +949,10 @@ export class Snapshotter {
       const stats = await this.convertLayer(id, started, () => {
         this.ms.commitActive(key, name, usage, labels);
       });
-      // Recorded, and nothing ever mounted the directory as a layer: it goes now.
-      await removeAll(path.join(this.snapshotsDir, id));
+      // Recorded, and nothing ever mounted the directory as a layer: it goes
+      // now, or once a push of the layer read it.
+      if (this.offerShare(id, labels)) this.retire(id, 0);
+      else await removeAll(path.join(this.snapshotsDir, id));
       this.logConverted(id, name, stats, started);
       this.emitConvert({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'sync' });
       this.log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
@@ -1010,6 +1043,7 @@ export class Snapshotter {
     if (this.closed) return;
     this.closed = true;
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.share?.close();
     // The holder keeps the marks: reads wait for the next daemon.
     this.loader?.close();
     // Layer mounts stay: running containers use them, and start-up finds them.

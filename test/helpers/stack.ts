@@ -140,8 +140,10 @@ export interface StackOptions {
   cri?: boolean;
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
-  /** Extra keys for the daemon's config file (the stack's registry is always a plain-HTTP host). */
+  /** Extra keys for the daemon's config file (the stack's registry is always a plain-HTTP host; `registry` keys are merged). */
   daemonConfig?: Record<string, unknown>;
+  /** `host:port` of another stack's registry to use instead of starting one (a second node). */
+  registry?: string;
 }
 
 export interface CtrOptions {
@@ -186,9 +188,9 @@ export class Stack {
 
   /** Starts registry, daemon and containerd; on any failure stops what was started. */
   static async start(opts: StackOptions = {}): Promise<Stack> {
-    const s = new Stack(tempDir('e2e'), await freePort(), opts);
+    const s = new Stack(tempDir('e2e'), opts.registry ? Number(opts.registry.split(':').pop()) : await freePort(), opts);
     try {
-      await s.startRegistry();
+      if (!opts.registry) await s.startRegistry();
       await s.startDedup();
       await s.startContainerd();
     } catch (err) {
@@ -212,7 +214,7 @@ export class Stack {
       root: this.daemonRoot,
       address: this.daemonAddress,
       env: { LOG_LEVEL: 'debug', ...this.opts.daemonEnv },
-      config: { registry: { plain_http_hosts: [this.registry] }, ...this.opts.daemonConfig },
+      config: { ...this.opts.daemonConfig, registry: { plain_http_hosts: [this.registry], ...(this.opts.daemonConfig?.registry as object | undefined) } },
     });
     const p = this.daemon.proc;
     live.add(p);
