@@ -6,13 +6,14 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { promisify } from 'node:util';
 import { RegistryClient } from '../src/remote/registry';
 import { cleanupDaemons, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
-import { busyboxImageDef } from './helpers/images';
+import { busyboxImageDef, chainIds } from './helpers/images';
 import { Stack } from './helpers/stack';
 
 const run = promisify(execFile);
@@ -38,6 +39,22 @@ test('pull REF: the image is in ctr images ls, no layer blob downloaded, ctr run
     for (const l of converted.layers) assert.ok(!content.includes(l.digest), `no layer blob ${l.digest} in containerd`);
     const out = await stack.ctr(['run', '--snapshotter', 'dedup', '--rm', dst, 'pull-t1', 'cat', '/etc/passwd'], { timeoutMs: 60_000 });
     assert.equal(out.stdout, img.def.passwd);
+
+    // The image's rootfs mounted without a container, as the README shows
+    // (containerd 1.6's `ctr images mount` ignores --snapshotter).
+    const top = chainIds(converted.layers.map((l) => l.digest)).pop() as string;
+    await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'view', 'pull-view', top]);
+    const target = path.join(stack.dir, 'pull-view');
+    fs.mkdirSync(target);
+    const cmd = (await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'mounts', target, 'pull-view'])).stdout;
+    assert.match(cmd, /^mount -t overlay overlay /);
+    await run('sh', ['-c', cmd]);
+    try {
+      assert.equal(fs.readFileSync(path.join(target, 'etc', 'passwd'), 'utf8'), img.def.passwd);
+    } finally {
+      await run('umount', [target]);
+      await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'rm', 'pull-view']);
+    }
 
     // Pulling again is a no-op that succeeds.
     await run(process.execPath, [BIN, 'pull', '--plain-http', '--address', stack.containerdAddress, dst], { env: { ...process.env, CONFIG: '' } });
