@@ -103,7 +103,7 @@ describe('HTTP API on a daemon with EROFS layers', () => {
     assert.equal(s.mounts.erofs_layers, 2);
     const { backend, ...ondemand } = s.ondemand;
     assert.ok(backend === 'fanotify' || backend === 'fetch', `ondemand.backend: ${backend}`);
-    assert.deepEqual(ondemand, { requests: 0, bytes: 0, hits: 0, misses: 0, queue: 0, errors: 0, lazy_layers: 0, incomplete_layers: 0, missing_chunks: 0, prefetch_bytes: 0 });
+    assert.deepEqual(ondemand, { requests: 0, bytes: 0, hits: 0, misses: 0, queue: 0, errors: 0, lazy_layers: 0, incomplete_layers: 0, missing_chunks: 0, prefetch_bytes: 0, settled_layers: 0 });
     assert.equal(s.ksm.enabled, false);
     assert.equal(s.version, JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')).version);
     assert.ok(s.process.rss_bytes > 0 && s.uptime_seconds >= 0);

@@ -13,8 +13,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
+import { mountAll, unmount } from '../src/mount/mount';
+import { listMounts } from '../src/mount/mountinfo';
+import { LABEL_SNAPSHOT_REF } from '../src/remote/lazy';
 import { RegistryClient } from '../src/remote/registry';
-import { type DaemonProcess, cleanupDaemons, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
+import { type DaemonProcess, call, cleanupDaemons, snapshotsClient, startDaemon, stopHolder, tempDir, waitFor } from './helpers/daemon';
 import { daemonStats } from './helpers/http';
 import { pseudoRandom } from './helpers/images';
 import { type LazyLayer, lazyImage as makeLazyImage, lazyPrepare as prepareLazily, readInChild, sha256 } from './helpers/ondemand';
@@ -187,4 +190,75 @@ test('ondemand.prefetch "list": the files recorded at convert time load in the b
   assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'cold.bin')).done, sha256(cold));
   assert.ok(proxy.ranges > ranges, 'the other file was fetched when read');
   await d.stop();
+});
+
+test('a lazy layer with all its data settles into the chunk store once no mount uses it; one whose chunks are all on the node settles at once, sharing them', { skip }, async () => {
+  const shared = pseudoRandom(3 * MiB, 'od-settle');
+  const a = await lazyImage('od-settle-a', 0, [
+    { path: 'data.bin', content: shared },
+    { path: 'a.txt', content: Buffer.from('only in a\n') },
+  ]);
+  const b = await lazyImage('od-settle-b', 0, [{ path: 'copy.bin', content: shared }]);
+  const d = await startDaemon(daemonOptions());
+  const c = snapshotsClient(d.address);
+  const settled = (id: string) => d.logs().find((x) => x.op === 'settle' && x.layer === id && typeof x.new_chunks === 'number');
+  try {
+    const idA = await lazyPrepare(d, a);
+    // A container on top of it, as containerd makes one: the layer is an overlay's lower.
+    const { mounts } = await call(c, 'Prepare', { key: 'settle-ctr', parent: a.labels[LABEL_SNAPSHOT_REF] });
+    const rootfs = path.join(dir, 'settle-ctr');
+    fs.mkdirSync(rootfs);
+    await mountAll(mounts, rootfs);
+    try {
+      assert.equal(await readInChild(path.join(rootfs, 'data.bin')).done, sha256(shared));
+      // In another process: the registry proxy runs in this one.
+      assert.equal(await readInChild(path.join(rootfs, 'a.txt')).done, sha256(Buffer.from('only in a\n')));
+      assert.equal((await daemonStats(d.apiAddress)).ondemand.incomplete_layers, 0, 'layer A has all its data');
+      // Past the grace after Prepare handed it out: still lazy, it is in use.
+      await new Promise((r) => setTimeout(r, 7000));
+      assert.equal(settled(idA), undefined, 'not settled while a mount uses it');
+      assert.ok(fs.existsSync(path.join(d.root, 'lazy', `${idA}.blob`)));
+    } finally {
+      await unmount(rootfs);
+    }
+    await call(c, 'Remove', { key: 'settle-ctr' });
+    await waitFor(() => settled(idA) !== undefined, 30_000, 'layer A to settle once its container is gone');
+    const sa = settled(idA) as Record<string, unknown>;
+    assert.equal(sa.new_chunks, sa.chunks, 'all of A’s chunks were new to the store');
+    for (const f of [`lazy/${idA}.blob`, `lazy/${idA}.erofs`]) assert.ok(!fs.existsSync(path.join(d.root, f)), `${f} is gone`);
+    assert.ok(fs.existsSync(path.join(d.root, 'images', `${idA}.erofs`)));
+    const mountA = listMounts().find((m) => m.target === path.join(d.root, 'mnt', idA));
+    assert.ok(mountA && mountA.fstype === 'erofs' && mountA.source === path.join(d.root, 'images', `${idA}.erofs`), `A is mounted from its store image: ${JSON.stringify(mountA)}`);
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+    assert.equal(await readInChild(path.join(d.root, 'mnt', idA, 'data.bin')).done, sha256(shared), 'A reads right from the store');
+
+    // B's only file is A's data: every chunk is on the node; it settles without a reader, sharing A's chunks.
+    const ranges = proxy.ranges;
+    const storedBefore = (await daemonStats(d.apiAddress)).bytes.stored;
+    const idB = await lazyPrepare(d, b);
+    await waitFor(() => settled(idB) !== undefined, 30_000, 'layer B to settle');
+    assert.equal(proxy.ranges, ranges, 'nothing of B was fetched');
+    const sb = settled(idB) as Record<string, unknown>;
+    assert.deepEqual([sb.new_chunks, sb.new_bytes], [0, 0], 'B stored nothing new');
+    assert.equal(sb.dedup_chunks, sb.chunks);
+    const st = await daemonStats(d.apiAddress);
+    // (This file's daemons share one ROOT: earlier tests' layers that have all their data settle too.)
+    assert.ok(st.ondemand.settled_layers >= 2, `settled_layers ${st.ondemand.settled_layers}`);
+    assert.equal(st.bytes.stored, storedBefore, 'the shared data is stored once');
+
+    // After a restart both are store layers, mounted from their images.
+    await d.stop();
+    const d2 = await startDaemon(daemonOptions(d.root, d.address));
+    for (const id of [idA, idB]) {
+      const m = listMounts().find((x) => x.target === path.join(d.root, 'mnt', id));
+      assert.equal(m?.source, path.join(d.root, 'images', `${id}.erofs`), `layer ${id} mounted from its store image after the restart`);
+      assert.ok(!fs.existsSync(path.join(d.root, 'lazy', `${id}.blob`)));
+    }
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+    assert.equal(await readInChild(path.join(d.root, 'mnt', idB, 'copy.bin')).done, sha256(shared));
+    await d2.stop();
+  } finally {
+    c.close();
+    await d.stop().catch(() => undefined);
+  }
 });

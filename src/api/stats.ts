@@ -61,7 +61,8 @@ export interface Stats {
    * from data on the node; misses: had to fetch; queue: reads waiting now;
    * errors: reads denied with EIO; lazy_layers / incomplete_layers /
    * missing_chunks: layers loading on demand and what they still lack;
-   * prefetch_bytes: read by the background prefetch (ondemand.prefetch "all").
+   * prefetch_bytes: read by the background prefetch (ondemand.prefetch "all");
+   * settled_layers: lazy layers moved into the chunk store since start.
    */
   ondemand: {
     backend: 'fscache' | 'fanotify' | 'fetch' | null;
@@ -75,6 +76,7 @@ export interface Stats {
     incomplete_layers: number;
     missing_chunks: number;
     prefetch_bytes: number;
+    settled_layers: number;
   };
   /** Layers of dedup images made from metadata and fetched chunks; bytes_saved: chunk bytes the node already had. */
   /**
@@ -119,6 +121,7 @@ function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
     incomplete_layers: sum.incomplete,
     missing_chunks: sum.missing_chunks,
     prefetch_bytes: lc?.prefetch_bytes ?? 0,
+    settled_layers: sn.settledLayers,
   };
 }
 
@@ -249,6 +252,7 @@ export function toPrometheus(s: Stats): string {
     g('dedup_ondemand_errors_total', 'On-demand reads denied with EIO.', s.ondemand.errors, 'counter'),
     g('dedup_ondemand_lazy_layers', 'Layers loading their data on demand.', s.ondemand.lazy_layers),
     g('dedup_ondemand_missing_chunks', 'Chunks lazy layers still lack.', s.ondemand.missing_chunks),
+    g('dedup_ondemand_settled_layers_total', 'Lazy layers moved into the chunk store (all data present, no mount using them).', s.ondemand.settled_layers, 'counter'),
     g('dedup_remote_layers_total', 'Layers of dedup images made without their tar.', s.remote.layers, 'counter'),
     g('dedup_remote_metadata_bytes_total', 'Bytes of dedup layer metadata fetched.', s.remote.metadata_bytes, 'counter'),
     g('dedup_remote_saved_bytes_total', 'Chunk bytes of remote layers the node already had (not fetched).', s.remote.bytes_saved, 'counter'),

@@ -54,8 +54,10 @@ export interface Config {
    * before a read gets EIO. prefetch: "all" loads the rest of each lazy
    * layer in the background once it is mounted, at most prefetch_mbps
    * megabits/s (0: no limit); "none": only reads (and POST /prefetch) load data.
+   * settle: a lazy layer that has all its data moves into the chunk store
+   * (shared with every other layer) once no mount uses it.
    */
-  readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number };
+  readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number; readonly settle: boolean };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -86,7 +88,7 @@ export function defaultConfig(): Config {
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2 },
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
-    ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0 },
+    ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, settle: true },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
@@ -256,7 +258,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('ondemand' in doc) {
     const od = doc.ondemand;
     if (!isObject(od)) throw new ConfigError('ondemand', `expected an object like {"backend": "auto", "attempts": 2}, got ${JSON.stringify(od)}`);
-    rejectUnknown('ondemand', od, ['backend', 'attempts', 'prefetch', 'prefetch_mbps']);
+    rejectUnknown('ondemand', od, ['backend', 'attempts', 'prefetch', 'prefetch_mbps', 'settle']);
     if ('backend' in od) {
       const v = od.backend;
       if (v !== 'auto' && v !== 'fscache' && v !== 'fanotify' && v !== 'fetch') throw new ConfigError('ondemand.backend', `expected one of auto, fscache, fanotify, fetch, got ${JSON.stringify(v)}`);
@@ -269,6 +271,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       out.ondemand = { ...out.ondemand, prefetch: v };
     }
     if ('prefetch_mbps' in od) out.ondemand = { ...out.ondemand, prefetch_mbps: expectInt('ondemand.prefetch_mbps', od.prefetch_mbps, 0, 1_000_000) };
+    if ('settle' in od) out.ondemand = { ...out.ondemand, settle: expectBool('ondemand.settle', od.settle) };
   }
   if ('audit' in doc) {
     const au = doc.audit;

@@ -264,3 +264,19 @@ export function unmountErofs(target: string): void {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
 }
+
+/**
+ * Unmounts `target` unless it is in use: true when nothing is mounted there
+ * afterwards, false when it is busy (left mounted; nothing is detached).
+ */
+export function unmountIfIdle(target: string): boolean {
+  try {
+    umount2(target, 0);
+    return true;
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code === 'EBUSY') return false;
+    if (code === 'EINVAL' || code === 'ENOENT') return !isMountPoint(target);
+    throw err;
+  }
+}

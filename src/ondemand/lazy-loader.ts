@@ -88,8 +88,6 @@ export interface LazyLoaderOptions {
   dir: string;
   /** fscache: the cache directory (on a disk filesystem), the cache's tag and the EROFS domain. */
   fscache?: { dir: string; tag: string; domain: string };
-  /** A layer's metadata image (fscache serves it as the mount's primary blob). */
-  imagePath: (id: string) => string;
   /** Where a layer is mounted (its prefetch list is read there). */
   mountPath: (id: string) => string;
   /** The holder's unix socket. */
@@ -107,6 +105,8 @@ export interface LazyLoaderOptions {
    */
   prefetch?: 'none' | 'list' | 'all';
   prefetchMbps?: number;
+  /** Told when a layer has all its data (its last missing chunk written). */
+  onComplete?: (id: string) => void;
   /** argv to start a holder with when none answers (null: wait for one started otherwise). */
   holderCommand?: string[] | null;
   /** Where a started holder's stderr goes. */
@@ -169,6 +169,15 @@ export class LazyLoader {
 
   fileOf(id: string): string {
     return path.join(this.o.dir, `${id}.blob`);
+  }
+
+  /**
+   * A lazy layer's EROFS image as its registry has it (chunk indexes in the
+   * layer's own block space): lazy/<id>.erofs, never images/<id>.erofs,
+   * which only ever holds images over the chunk store (see Snapshotter.settleLayer).
+   */
+  imageOf(id: string): string {
+    return path.join(this.o.dir, `${id}.erofs`);
   }
 
   get backend(): LazyBackend {
@@ -322,7 +331,7 @@ export class LazyLoader {
     this.byId.set(l.id, st);
   }
 
-  /** Forgets `id` and deletes its file (the layer is gone); fscache: its blobs leave the cache too. */
+  /** Forgets `id` and deletes its files (the layer is gone, or settled into the chunk store); fscache: its blobs leave the cache too. */
   drop(id: string): void {
     const st = this.byId.get(id);
     if (st) {
@@ -340,13 +349,13 @@ export class LazyLoader {
     }
     this.holderMarked.delete(this.fileOf(id));
     fs.rmSync(this.fileOf(id), { force: true });
+    fs.rmSync(this.imageOf(id), { force: true });
   }
 
   /** Ids of files in the lazy directory that `keep` does not name (leftovers of a crash). */
   orphans(keep: (id: string) => boolean): string[] {
-    return readdirOrEmpty(this.o.dir)
-      .map((n) => /^(\d+)\.blob$/.exec(n)?.[1])
-      .filter((id): id is string => id !== undefined && !keep(id));
+    const ids = readdirOrEmpty(this.o.dir).map((n) => /^(\d+)\.(blob|erofs)$/.exec(n)?.[1]);
+    return [...new Set(ids)].filter((id): id is string => id !== undefined && !keep(id));
   }
 
   /** Marks `id`'s file in the holder's group. Do it before anything opens the file. */
@@ -613,7 +622,7 @@ export class LazyLoader {
     if (meta) {
       const st = this.byId.get(meta[1]);
       if (!st || digestHex(st.rl.layerDigest) !== meta[2]) return null;
-      const image = this.o.imagePath(st.id);
+      const image = this.imageOf(st.id);
       let size: number;
       try {
         size = fs.statSync(image).size;
@@ -832,6 +841,7 @@ export class LazyLoader {
           await write(st.entries[i][0] * BLOCK, bytes);
           this.setFilled(st, i);
           st.missing--;
+          if (st.missing === 0 && !st.dropped) this.o.onComplete?.(st.id);
         }
       };
       const remote: ChunkEntry[] = [];

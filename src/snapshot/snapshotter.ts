@@ -5,13 +5,14 @@ import { alreadyExists, internal, notFound, unavailable } from '../errdefs/error
 import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ConvertedLayerPusher } from '../convert/share';
-import { ErofsMounter, type MountMode, unmountErofs } from '../mount/erofs';
+import { openElsewhere } from '../../native/lease';
+import { ErofsMounter, type MountMode, unmountErofs, unmountIfIdle } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
 import { type LazyBackend, LazyLoader, type LazyLayerInput } from '../ondemand/lazy-loader';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference, parseReference } from '../remote/reference';
-import { ChunkStore, type Extent } from '../store/chunkstore';
+import { ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
 import { extentKey, scanDataChunks } from '../convert/chunks';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -53,6 +54,8 @@ export interface SnapshotterOptions {
     prefetchMbps?: number;
     /** fscache: cache directory (a disk filesystem), cachefiles tag, EROFS domain_id. */
     fscache?: { dir: string; tag: string; domain: string };
+    /** fanotify: move fully loaded lazy layers nothing uses into the chunk store (default true; see settleLayer). */
+    settle?: boolean;
   } | null;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
@@ -77,6 +80,16 @@ export interface SnapshotterOptions {
 }
 
 /** Directory names under snapshots/ that are not snapshot ids. */
+/** A settle that found its layer in use or removed when it came to switch the mount. */
+class SettleSkipped extends Error {
+  constructor(readonly outcome: 'busy' | 'gone') {
+    super(`settle skipped: layer ${outcome}`);
+  }
+}
+
+/** How often lazy layers that have all their data but are in use are tried again. */
+const SETTLE_RETRY_MS = 30_000;
+
 /** Key of the temporary active snapshot a remote layer is made in (never a containerd key: those carry a namespace). */
 const REMOTE_IMPORT_PREFIX = 'remote-import-';
 const TEMP_PREFIX = 'new-';
@@ -137,6 +150,13 @@ export class Snapshotter {
   readonly share: ConvertedLayerPusher | null = null;
   /** Converted layers whose directory a push is reading: not swept meanwhile. */
   private readonly sharing = new Set<string>();
+  /** Settling of fully loaded lazy layers into the chunk store (see settleIdle). */
+  private settleOn = false;
+  private settleTimer: NodeJS.Timeout | null = null;
+  private settleAt = 0;
+  private settleRunning: Promise<number> | null = null;
+  /** Lazy layers settled into the chunk store since start. */
+  settledLayers = 0;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -179,11 +199,15 @@ export class Snapshotter {
         chunkSize: opts.erofs.chunkSize,
       });
       if (opts.ondemand && this.remote) {
-        const converter = this.converter;
+        // fscache: while an overlay uses a clone of the layer's mount, its
+        // reads keep coming to this process as READs of the layer's blobs,
+        // which only the lazy files answer; serving them from the store is
+        // not built, so such layers stay lazy (README, "Settling").
+        this.settleOn = (opts.ondemand.settle ?? true) && opts.ondemand.backend === 'fanotify';
         this.loader = new LazyLoader({
           backend: opts.ondemand.backend,
           fscache: opts.ondemand.fscache,
-          imagePath: (id) => converter.imagePath(id),
+          onComplete: () => this.scheduleSettle(this.retireGraceMs),
           mountPath: (id) => this.mntPath(id),
           dir: path.join(this.root, 'lazy'),
           socket: opts.ondemand.socket,
@@ -197,6 +221,7 @@ export class Snapshotter {
           logger: this.log,
         });
       }
+      if (this.loader) this.migrateLazyImages();
       if (opts.pushConverted && this.remote) {
         this.share = new ConvertedLayerPusher({ client: this.remote.client, mkfs: mkfsFeatures, chunkSize: opts.erofs.chunkSize, workDir: path.join(this.root, 'tmp'), logger: this.log });
       }
@@ -221,7 +246,7 @@ export class Snapshotter {
     if (!this.ms.isLazy(id)) return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
     if (!this.loader) throw internal(`layer ${id} loads its data on demand but on-demand loading is off`);
     if (this.loader.backend === 'fanotify' && (!this.loader.incomplete(id) || this.loader.isMarked(id))) {
-      return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1, this.loader.fileOf(id));
+      return this.mounter.mount(this.loader.imageOf(id), target, layer.has_blob === 1, this.loader.fileOf(id));
     }
     // Its mount was lost (unmounted by hand): making it again waits for the
     // holder (fanotify: mark before the mount opens the file) or for this
@@ -237,10 +262,11 @@ export class Snapshotter {
    */
   private async mountLazyLayer(layer: Pick<LayerRow, 'snapshot_id' | 'has_blob'>): Promise<void> {
     const id = String(layer.snapshot_id);
-    const src = await (this.loader as LazyLoader).mountSource(id);
+    const loader = this.loader as LazyLoader;
+    const src = await loader.mountSource(id);
     const mounter = this.mounter as ErofsMounter;
     if ('fscache' in src) await mounter.mountFscache(this.mntPath(id), src.fscache);
-    else mounter.mount((this.converter as Converter).imagePath(id), this.mntPath(id), layer.has_blob === 1, src.device);
+    else mounter.mount(loader.imageOf(id), this.mntPath(id), layer.has_blob === 1, src.device);
   }
 
   /**
@@ -304,6 +330,8 @@ export class Snapshotter {
       if (info.kind === Kind.Active && info.name.startsWith(REMOTE_IMPORT_PREFIX)) unfinished.push(info.name);
     });
     for (const key of unfinished) await this.remove(key);
+    // Lazy layers that have all their data go into the chunk store once no mount uses them.
+    this.scheduleSettle(this.retireGraceMs);
     if (this.converter) {
       // Committed layers not converted yet (interrupted, or from use_erofs false).
       for (const id of this.ms.committedWithoutLayer()) this.enqueueConversion(id);
@@ -318,7 +346,11 @@ export class Snapshotter {
     }
   }
 
-  /** Unmounts and deletes mounts/images of layers no row names (and no conversion is making). */
+  /**
+   * Unmounts and deletes mounts/images of layers no row names (and no
+   * conversion is making); lazy files of layers that are not lazy (any more);
+   * images/<id>.erofs of lazy layers (a settle the daemon died in).
+   */
   private async sweepLayerOrphans(live: Set<string>): Promise<number> {
     let n = 0;
     const keep = (id: string) => live.has(id) || this.converting.has(id);
@@ -327,14 +359,15 @@ export class Snapshotter {
       unmountErofs(path.join(this.mntDir, name));
       n++;
     }
-    for (const id of this.loader?.orphans(keep) ?? []) {
+    const lazy = new Set(this.ms.lazyLayers().map((r) => String(r.snapshot_id)));
+    for (const id of this.loader?.orphans((id) => lazy.has(id) || this.converting.has(id)) ?? []) {
       this.loader?.drop(id);
       n++;
     }
     const imagesDir = path.join(this.root, 'images');
     for (const name of readdirOrEmpty(imagesDir)) {
       const id = /^(\d+)\.erofs$/.exec(name)?.[1];
-      if (id !== undefined && keep(id)) continue;
+      if (id !== undefined && keep(id) && (!lazy.has(id) || this.converting.has(id))) continue;
       if (id === undefined && [...this.converting.keys()].some((c) => name.startsWith(`${c}.erofs.tmp`))) continue;
       fs.rmSync(path.join(imagesDir, name), { force: true });
       n++;
@@ -501,7 +534,7 @@ export class Snapshotter {
 
   /**
    * The on-demand variant of makeRemoteLayer: the layer is committed and
-   * mounted with only its metadata here; its chunk space is lazy/<id>.blob,
+   * mounted with only its metadata here (lazy/<id>.erofs); its chunk space is lazy/<id>.blob,
    * holding the chunks this node had; reads of the rest wait until they are
    * fetched (its file marked for fanotify, or asked for by fscache; see LazyLoader).
    */
@@ -511,7 +544,7 @@ export class Snapshotter {
     await this.createSnapshot(Kind.Active, tmpKey, parent, undefined);
     const id = this.ms.getInfo(tmpKey).id;
     const input: LazyLayerInput = { id, rl, header };
-    const image = (this.converter as Converter).imagePath(id);
+    const image = loader.imageOf(id);
     const target = this.mntPath(id);
     // Not an orphan for a Cleanup running meanwhile.
     const making = Promise.resolve();
@@ -536,6 +569,8 @@ export class Snapshotter {
       }
       done = true;
       loader.prefetchInBackground(id);
+      // Every chunk was on the node already: it can go into the store at once.
+      if (made.missing === 0) this.scheduleSettle(this.retireGraceMs);
       await removeAll(path.join(this.snapshotsDir, id));
       const remote = this.remote as RemoteLayers;
       remote.counters.chunks_local += made.local;
@@ -557,6 +592,186 @@ export class Snapshotter {
         await this.remove(tmpKey).catch(() => undefined);
       }
     }
+  }
+
+  /**
+   * Lazy layers made before their image moved to lazy/<id>.erofs kept it at
+   * images/<id>.erofs: moved now, before anything reads either (a mount
+   * keeps the file it opened).
+   */
+  private migrateLazyImages(): void {
+    const loader = this.loader as LazyLoader;
+    for (const r of this.ms.lazyLayers()) {
+      const id = String(r.snapshot_id);
+      const old = (this.converter as Converter).imagePath(id);
+      if (!fs.existsSync(loader.imageOf(id)) && fs.existsSync(old)) {
+        fs.renameSync(old, loader.imageOf(id));
+        fsyncDir(path.dirname(old));
+        fsyncDir(path.dirname(loader.imageOf(id)));
+      }
+    }
+  }
+
+  /** Runs settleIdle in `ms` (or sooner, if already due sooner). */
+  private scheduleSettle(ms: number): void {
+    if (!this.settleOn || this.closed) return;
+    const at = Date.now() + ms;
+    if (this.settleTimer && this.settleAt <= at) return;
+    if (this.settleTimer) clearTimeout(this.settleTimer);
+    this.settleAt = at;
+    this.settleTimer = setTimeout(() => {
+      this.settleTimer = null;
+      // A pass under way may have gone past layers completed since: another one after it.
+      if (this.settleRunning) return void this.settleRunning.finally(() => this.scheduleSettle(0));
+      this.settleIdle().catch((err: Error) => this.log.error({ op: 'settle', err: err.message }, `settling lazy layers failed: ${err.message}`));
+    }, ms);
+    this.settleTimer.unref();
+  }
+
+  /**
+   * Settles every lazy layer that has all its data and that no mount uses
+   * (see settleLayer), one at a time; layers in use are tried again every
+   * SETTLE_RETRY_MS (and when a snapshot is removed). Returns how many were settled.
+   */
+  async settleIdle(): Promise<number> {
+    if (!this.loader || this.closed) return 0;
+    if (this.settleRunning) return this.settleRunning;
+    const loader = this.loader;
+    this.settleRunning = (async () => {
+      let settled = 0;
+      let again = Infinity;
+      for (const r of this.ms.lazyLayers()) {
+        const id = String(r.snapshot_id);
+        if (this.closed) break;
+        if (loader.incomplete(id) || this.converting.has(id)) continue;
+        // Handed out in a mount a moment ago: containerd is about to use it.
+        const grace = this.retireGraceMs - (Date.now() - (this.handedOut.get(id) ?? 0));
+        if (grace > 0) {
+          again = Math.min(again, grace + 100);
+          continue;
+        }
+        try {
+          const outcome = await this.settleLayer(id, JSON.parse(r.header) as LayerHeader);
+          if (outcome === 'settled') settled++;
+          else if (outcome === 'busy') again = Math.min(again, SETTLE_RETRY_MS);
+        } catch (err) {
+          again = Math.min(again, SETTLE_RETRY_MS);
+          this.log.warn({ op: 'settle', layer: id, snapshot: id, err: (err as Error).message }, `cannot settle lazy layer ${id} into the chunk store: ${(err as Error).message}; it stays lazy, tried again later`);
+        }
+      }
+      if (again !== Infinity) this.scheduleSettle(again);
+      return settled;
+    })().finally(() => (this.settleRunning = null));
+    return this.settleRunning;
+  }
+
+  /**
+   * Settles lazy layer `id` (all its data present) into the chunk store, so
+   * that it is stored as a converted layer is: its chunks go into the store
+   * (those the store has are shared), its image is rewritten to address the
+   * store (images/<id>.erofs), and its lazy files go. Only while nothing but
+   * its own mount uses it (see lazyLayerIdle), checked before the work and
+   * again when the new mount replaces the lazy one, in one synchronous step
+   * in which no request can run. 'busy': in use (nothing changed); 'gone':
+   * removed meanwhile.
+   *
+   * Crash-safe: until the transaction the layer is lazy and its lazy files
+   * untouched (an images/<id>.erofs left is removed at start); after it the
+   * layer is a store layer (lazy files left are removed at start).
+   */
+  private async settleLayer(id: string, header: LayerHeader): Promise<'settled' | 'busy' | 'gone'> {
+    const loader = this.loader as LazyLoader;
+    const target = this.mntPath(id);
+    if (!this.lazyLayerIdle(id, header, false)) return 'busy';
+    const started = Date.now();
+    const img = fs.readFileSync(loader.imageOf(id));
+    const { scan, refs } = scanDataChunks(img);
+    const entries = new Map(header.chunks.map((c) => [extentKey({ blkaddr: c[0], nblocks: c[1] }), c]));
+    const chunks = [...entries].map(([key, c]) => ({ key, digest: c[2], nblocks: c[1] }));
+    let fd = fs.openSync(loader.fileOf(id), 'r');
+    const closeFile = () => {
+      if (fd >= 0) fs.closeSync(fd);
+      fd = -1;
+    };
+    this.converting.set(id, Promise.resolve());
+    let stats: ConvertStats;
+    try {
+      stats = await (this.converter as Converter).importChunks(
+        id,
+        img,
+        { scan, refs, chunks, mkfsMs: 0 },
+        async (key) => {
+          const [blkaddr, nblocks, hex] = entries.get(key) as ChunkEntry;
+          const buf = Buffer.alloc(nblocks * STORE_BLOCK);
+          await readAt(fd, buf, blkaddr * STORE_BLOCK);
+          const got = crypto.createHash('sha256').update(buf).digest('hex');
+          if (got !== hex) throw internal(`lazy/${id}.blob at block ${blkaddr}: sha256:${got}, the chunk table says sha256:${hex}`);
+          return buf;
+        },
+        (layer) => {
+          // From here to the transaction all is synchronous: no request runs in between.
+          closeFile();
+          if (this.closed || this.ms.keyOf(id) === undefined || !this.ms.isLazy(id)) throw new SettleSkipped('gone');
+          if (!this.lazyLayerIdle(id, header, true)) throw new SettleSkipped('busy');
+          try {
+            (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
+          } catch (err) {
+            this.mountLazyFile(id, header);
+            throw err;
+          }
+          try {
+            this.ms.transaction(() => {
+              const store = this.store as ChunkStore;
+              const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
+              store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
+              this.ms.settleLazyLayer(id, { image_bytes: layer.stats.imageBytes, chunks: layer.stats.chunks, new_chunks: layer.stats.newChunks, new_bytes: layer.stats.newBytes });
+            });
+          } catch (err) {
+            unmountErofs(target);
+            this.mountLazyFile(id, header);
+            throw err;
+          }
+          return layer.stats;
+        },
+      );
+    } catch (err) {
+      if (err instanceof SettleSkipped) return err.outcome;
+      throw err;
+    } finally {
+      closeFile();
+      this.converting.delete(id);
+    }
+    loader.drop(id);
+    this.settledLayers++;
+    this.log.info(
+      { op: 'settle', key: this.ms.keyOf(id), snapshot: id, layer: id, chunks: stats.chunks, new_chunks: stats.newChunks, new_bytes: stats.newBytes, dedup_chunks: stats.dedupChunks, duration_ms: Date.now() - started },
+      `lazy layer ${id} settled into the chunk store: ${stats.newChunks} chunks stored (${stats.newBytes} bytes), ${stats.dedupChunks} shared with other layers`,
+    );
+    return 'settled';
+  }
+
+  /**
+   * Whether lazy layer `id` (all its data present, fanotify) is used by
+   * nothing but its own mount: the mount comes off (EBUSY: a process's cwd
+   * or open file is in it) and then no other open of its lazy files remains
+   * (an overlay stacked on the layer holds a private clone of its mount,
+   * which keeps the lazy superblock, hence its files, open for as long as
+   * the container runs, and reads through it raise events only the lazy
+   * files' owner can answer). Mounted again at once unless idle and
+   * `keepOff`; synchronous, so no request sees the mount missing.
+   */
+  private lazyLayerIdle(id: string, header: LayerHeader, keepOff: boolean): boolean {
+    const loader = this.loader as LazyLoader;
+    if (!unmountIfIdle(this.mntPath(id))) return false;
+    const used = openElsewhere(loader.imageOf(id)) || openElsewhere(loader.fileOf(id));
+    if (used || !keepOff) this.mountLazyFile(id, header);
+    return !used;
+  }
+
+  /** Lazy layer `id`, which has all its data, mounted over its lazy files again (nothing to mark: no read waits). */
+  private mountLazyFile(id: string, header: LayerHeader): void {
+    const loader = this.loader as LazyLoader;
+    (this.mounter as ErofsMounter).mount(loader.imageOf(id), this.mntPath(id), header.has_blob, loader.fileOf(id));
   }
 
   /** A remote layer is committed: counted, logged (one "op":"remote" line), told to listeners. */
@@ -814,10 +1029,8 @@ export class Snapshotter {
     const now = Date.now();
     return ids.map((id) => {
       const layer = mounted ? this.ms.getLayer(id) : undefined;
-      if (!layer) {
-        if (mounted) this.handedOut.set(id, now);
-        return this.upperPath(id);
-      }
+      if (mounted) this.handedOut.set(id, now);
+      if (!layer) return this.upperPath(id);
       this.ensureLayerMounted(layer, mounted as Set<string>);
       return this.mntPath(id);
     });
@@ -982,6 +1195,7 @@ export class Snapshotter {
         unmountErofs(this.mntPath(id));
         fs.rmSync(this.converter.imagePath(id), { force: true });
         this.loader?.drop(id);
+        this.handedOut.delete(id);
         this.store.releaseExtents(dead);
       } catch (err) {
         this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'layer image left for cleanup');
@@ -996,6 +1210,8 @@ export class Snapshotter {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');
     }
     this.log.info({ op: 'remove', key, snapshot: id, kind: kindName(kind) }, 'snapshot removed');
+    // A container's snapshot gone: the lazy layers under it may be idle now.
+    this.scheduleSettle(1000);
   }
 
   /** Calls fn with each snapshot matching any of the filters. */
@@ -1043,6 +1259,7 @@ export class Snapshotter {
     if (this.closed) return;
     this.closed = true;
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    if (this.settleTimer) clearTimeout(this.settleTimer);
     this.share?.close();
     // The holder keeps the marks: reads wait for the next daemon.
     this.loader?.close();

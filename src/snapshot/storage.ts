@@ -333,6 +333,17 @@ export class MetaStore {
       .run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header, Date.now());
   }
 
+  /**
+   * In a transaction: lazy layer `id` was settled into the chunk store (its
+   * image now addresses the store): it no longer loads on demand, and its
+   * layer row takes the figures of the import.
+   */
+  settleLazyLayer(id: string, l: Pick<LayerRow, 'image_bytes' | 'chunks' | 'new_chunks' | 'new_bytes'>): void {
+    const n = Number(id);
+    if (this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(n).changes !== 1) throw new Error(`layer ${id} is not a lazy layer`);
+    this.db.prepare('UPDATE layers SET image_bytes = ?, chunks = ?, new_chunks = ?, new_bytes = ? WHERE snapshot_id = ?').run(l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, n);
+  }
+
   lazyLayers(): LazyLayerRow[] {
     return this.db.prepare('SELECT * FROM lazy_layers ORDER BY snapshot_id').all() as LazyLayerRow[];
   }
