@@ -262,3 +262,35 @@ test('a lazy layer with all its data settles into the chunk store once no mount 
     await d.stop().catch(() => undefined);
   }
 });
+
+test('at start: a lazy image in the old place (images/) moves to lazy/, an images/<id>.erofs a settle left for a lazy layer goes, lazy files of a settled layer go', { skip }, async () => {
+  const l = await lazyImage('od-leftover', 1 * MiB);
+  const kept = await lazyImage('od-leftover-kept', 1 * MiB);
+  const opts = (root?: string, address?: string) => daemonOptions(root, address, { settle: false });
+  const d = await startDaemon(opts());
+  const id = await lazyPrepare(d, l);
+  const idKept = await lazyPrepare(d, kept);
+  await d.stop();
+  const at = (...p: string[]) => path.join(d.root, ...p);
+  // `id` as an older daemon left it; `idKept` as a settle interrupted before its transaction.
+  fs.renameSync(at('lazy', `${id}.erofs`), at('images', `${id}.erofs`));
+  fs.copyFileSync(at('lazy', `${idKept}.erofs`), at('images', `${idKept}.erofs`));
+  // Lazy files of a layer that is not lazy (a settle interrupted after its transaction).
+  fs.writeFileSync(at('lazy', '999999.blob'), 'x');
+  fs.writeFileSync(at('lazy', '999999.erofs'), 'x');
+
+  const d2 = await startDaemon(opts(d.root, d.address));
+  assert.ok(fs.existsSync(at('lazy', `${id}.erofs`)) && !fs.existsSync(at('images', `${id}.erofs`)), 'the old-place image moved to lazy/');
+  assert.ok(fs.existsSync(at('lazy', `${idKept}.erofs`)) && !fs.existsSync(at('images', `${idKept}.erofs`)), 'the interrupted settle’s image is gone, the lazy one kept');
+  assert.ok(!fs.existsSync(at('lazy', '999999.blob')) && !fs.existsSync(at('lazy', '999999.erofs')), 'lazy files no lazy layer names are gone');
+  fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+  assert.equal(await readInChild(at('mnt', id, 'data.bin')).done, sha256(l.content));
+  assert.equal(await readInChild(at('mnt', idKept, 'data.bin')).done, sha256(kept.content));
+  // Unmounted by hand: mounted again from lazy/ by the next daemon.
+  await d2.stop();
+  await unmount(at('mnt', id));
+  const d3 = await startDaemon(opts(d.root, d.address));
+  assert.equal(listMounts().find((m) => m.target === at('mnt', id))?.source, at('lazy', `${id}.erofs`));
+  assert.equal(await readInChild(at('mnt', id, 'data.bin')).done, sha256(l.content));
+  await d3.stop();
+});
