@@ -257,10 +257,11 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 
-  test('ondemand keys: backend, attempts, prefetch, prefetch_mbps and settle are read and checked', () => {
-    assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, settle: true });
-    const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200, settle: false } });
-    assert.deepEqual(c.ondemand, { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200, settle: false });
+  test('ondemand keys: backend, attempts, prefetch, prefetch_mbps, prefetch_concurrency and settle are read and checked', () => {
+    assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true });
+    const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200, prefetch_concurrency: 4, settle: false } });
+    assert.deepEqual(c.ondemand, { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200, prefetch_concurrency: 4, settle: false });
+    assertConfigError(() => loadFile({ ondemand: { prefetch_concurrency: 0 } }), 'ondemand.prefetch_concurrency', /integer from 1 to 16/);
     assertConfigError(() => loadFile({ ondemand: { settle: 'yes' } }), 'ondemand.settle', /expected true or false/);
     assert.equal(loadFile({ ondemand: { prefetch: 'list' } }).ondemand.prefetch, 'list');
     assertConfigError(() => loadFile({ ondemand: { prefetch: 'some' } }), 'ondemand.prefetch', /expected "none", "list" or "all"/);

@@ -159,19 +159,24 @@ test('the holder lost while a lazy layer is mounted: the daemon fetches everythi
   await d.stop();
 });
 
-test('ondemand.prefetch "all": a lazy layer loads everything in the background, with no reader', { skip }, async () => {
-  const l = await lazyImage('od-prefetch', 2 * MiB);
-  const d = await startDaemon({ ...daemonOptions(undefined, undefined, { prefetch: 'all' }), dir: tempDir('ondemand-prefetch') });
-  const id = await lazyPrepare(d, l);
-  await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && x.layer === id && /background prefetch loaded all its data/.test(String(x.msg))), 30_000, 'the layer loaded in the background');
-  const st = await daemonStats(d.apiAddress);
-  assert.equal(st.ondemand.missing_chunks, 0);
-  assert.ok(st.ondemand.prefetch_bytes >= 2 * MiB, `prefetch read the layer: ${JSON.stringify(st.ondemand)}`);
-  const ranges = proxy.ranges;
-  assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
-  assert.equal(proxy.ranges, ranges, 'the read fetched nothing more');
-  await d.stop();
-});
+for (const [concurrency, size] of [
+  [1, 2 * MiB],
+  [3, 20 * MiB],
+] as const) {
+  test(`ondemand.prefetch "all", ${concurrency} window(s) at a time: a lazy layer loads everything in the background, with no reader`, { skip }, async () => {
+    const l = await lazyImage(`od-prefetch-${concurrency}`, size);
+    const d = await startDaemon({ ...daemonOptions(undefined, undefined, { prefetch: 'all', prefetch_concurrency: concurrency }), dir: tempDir('ondemand-prefetch') });
+    const id = await lazyPrepare(d, l);
+    await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && x.layer === id && /background prefetch loaded all its data/.test(String(x.msg))), 60_000, 'the layer loaded in the background');
+    const st = await daemonStats(d.apiAddress);
+    assert.equal(st.ondemand.missing_chunks, 0);
+    assert.ok(st.ondemand.prefetch_bytes >= size, `prefetch read the layer: ${JSON.stringify(st.ondemand)}`);
+    const ranges = proxy.ranges;
+    assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+    assert.equal(proxy.ranges, ranges, 'the read fetched nothing more');
+    await d.stop();
+  });
+}
 
 test('ondemand.prefetch "list": the files recorded at convert time load in the background, the others wait for a reader', { skip }, async () => {
   const hot = pseudoRandom(1 * MiB, 'od-hot');

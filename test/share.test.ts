@@ -134,7 +134,6 @@ describe('shared converted layers', () => {
     assert.ok(rl, 'found');
     assert.equal(rl.layerDigest, shared.layers[0].digest);
     assert.equal(rl.sourceLayer, plain[0]);
-    assert.equal(on.counters.converted_layers, 1);
     const { header } = await on.fetchLayer(rl);
     assert.equal(header.source_diff_id, img.diffIds[0]);
 
@@ -153,6 +152,5 @@ describe('shared converted layers', () => {
     );
     await client.putManifest(tagOf(plain[2]), MEDIA_TYPE_OCI_MANIFEST, bogus);
     assert.equal(await on.resolve(labelsFor(plain[2])), null, 'annotation names another layer');
-    assert.equal(on.counters.converted_layers, 1);
   });
 });

@@ -87,6 +87,7 @@ export async function runDaemon(): Promise<void> {
               attempts: cfg.ondemand.attempts,
               prefetch: cfg.ondemand.prefetch,
               prefetchMbps: cfg.ondemand.prefetch_mbps,
+              prefetchConcurrency: cfg.ondemand.prefetch_concurrency,
               settle: cfg.ondemand.settle,
             }
           : null,

@@ -53,11 +53,12 @@ export interface Config {
    * tries per chunk run (each after the registry client's own retries)
    * before a read gets EIO. prefetch: "all" loads the rest of each lazy
    * layer in the background once it is mounted, at most prefetch_mbps
-   * megabits/s (0: no limit); "none": only reads (and POST /prefetch) load data.
+   * megabits/s (0: no limit), prefetch_concurrency windows of 8 MiB at a
+   * time; "none": only reads (and POST /prefetch) load data.
    * settle: a lazy layer that has all its data moves into the chunk store
    * (shared with every other layer) once no mount uses it.
    */
-  readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number; readonly settle: boolean };
+  readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number; readonly prefetch_concurrency: number; readonly settle: boolean };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -88,7 +89,7 @@ export function defaultConfig(): Config {
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2 },
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
-    ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, settle: true },
+    ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
@@ -258,7 +259,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('ondemand' in doc) {
     const od = doc.ondemand;
     if (!isObject(od)) throw new ConfigError('ondemand', `expected an object like {"backend": "auto", "attempts": 2}, got ${JSON.stringify(od)}`);
-    rejectUnknown('ondemand', od, ['backend', 'attempts', 'prefetch', 'prefetch_mbps', 'settle']);
+    rejectUnknown('ondemand', od, ['backend', 'attempts', 'prefetch', 'prefetch_mbps', 'prefetch_concurrency', 'settle']);
     if ('backend' in od) {
       const v = od.backend;
       if (v !== 'auto' && v !== 'fscache' && v !== 'fanotify' && v !== 'fetch') throw new ConfigError('ondemand.backend', `expected one of auto, fscache, fanotify, fetch, got ${JSON.stringify(v)}`);
@@ -271,6 +272,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       out.ondemand = { ...out.ondemand, prefetch: v };
     }
     if ('prefetch_mbps' in od) out.ondemand = { ...out.ondemand, prefetch_mbps: expectInt('ondemand.prefetch_mbps', od.prefetch_mbps, 0, 1_000_000) };
+    if ('prefetch_concurrency' in od) out.ondemand = { ...out.ondemand, prefetch_concurrency: expectInt('ondemand.prefetch_concurrency', od.prefetch_concurrency, 1, 16) };
     if ('settle' in od) out.ondemand = { ...out.ondemand, settle: expectBool('ondemand.settle', od.settle) };
   }
   if ('audit' in doc) {

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { type ChunkEntry, type LayerHeader, encodeLayerBlob } from '../remote/dedup-image';
 import { regularFileUnder } from '../snapshot/fsutil';
 import { STORE_BLOCK, readAt } from '../store/chunkstore';
-import { extentKey, hashImageChunks } from './chunks';
+import { hashImageChunks } from './chunks';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 
 /** A chunk's bytes in the image's data blobs: the blob's digest once known, or the index of the layer being built. */

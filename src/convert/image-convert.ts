@@ -35,7 +35,7 @@ export interface Platform {
   variant?: string;
 }
 
-interface Descriptor {
+export interface Descriptor {
   mediaType: string;
   digest: string;
   size: number;
@@ -70,7 +70,7 @@ export interface ImageConvertResult {
   dataBytes: number;
 }
 
-const MANIFEST_TYPES = new Set(['application/vnd.oci.image.manifest.v1+json', 'application/vnd.docker.distribution.manifest.v2+json']);
+export const MANIFEST_TYPES = new Set(['application/vnd.oci.image.manifest.v1+json', 'application/vnd.docker.distribution.manifest.v2+json']);
 const INDEX_TYPES = new Set(['application/vnd.oci.image.index.v1+json', 'application/vnd.docker.distribution.manifest.list.v2+json']);
 const LAYER_TYPES = new Set([
   'application/vnd.oci.image.layer.v1.tar',
@@ -89,6 +89,36 @@ function platformMatches(want: Platform, have: Platform | undefined): boolean {
 }
 
 const sha256 = (b: Buffer) => `sha256:${crypto.createHash('sha256').update(b).digest('hex')}`;
+
+/**
+ * Pushes `config` as a blob and a dedup-format OCI manifest over it and
+ * `layers` to `ref`: under its tag, or by digest when it has none. Returns
+ * the manifest's digest and size, and the bytes uploaded (blobs the
+ * registry had already not counted).
+ */
+export async function pushOciManifest(
+  client: RegistryClient,
+  ref: Reference,
+  config: Buffer,
+  configType: string,
+  layers: Descriptor[],
+  annotations: Record<string, string>,
+): Promise<{ digest: string; size: number; uploaded: number }> {
+  const configDigest = sha256(config);
+  const configPush = await client.pushBlob(ref, configDigest, config);
+  const bytes = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: MEDIA_TYPE_OCI_MANIFEST,
+      config: { mediaType: configType, digest: configDigest, size: config.length },
+      layers,
+      annotations: { [ANNOTATION_FORMAT]: FORMAT_VERSION, ...annotations },
+    }),
+  );
+  const digest = sha256(bytes);
+  await client.putManifest(ref.tag ? ref : { ...ref, digest }, MEDIA_TYPE_OCI_MANIFEST, bytes);
+  return { digest, size: bytes.length, uploaded: (configPush === 'uploaded' ? config.length : 0) + bytes.length };
+}
 
 export async function convertImage(o: ImageConvertOptions): Promise<ImageConvertResult> {
   const progress = o.progress ?? (() => undefined);
@@ -179,23 +209,8 @@ export async function convertImage(o: ImageConvertOptions): Promise<ImageConvert
     );
   }
 
-  /** Pushes `config` as a blob and an OCI manifest over it and `layers`, by digest; returns the manifest's digest and size. */
-  const pushManifest = async (config: Buffer, configType: string, layers: Descriptor[], annotations: Record<string, string>) => {
-    const configDigest = sha256(config);
-    await o.client.pushBlob(dst, configDigest, config);
-    const bytes = Buffer.from(
-      JSON.stringify({
-        schemaVersion: 2,
-        mediaType: MEDIA_TYPE_OCI_MANIFEST,
-        config: { mediaType: configType, digest: configDigest, size: config.length },
-        layers,
-        annotations: { [ANNOTATION_FORMAT]: FORMAT_VERSION, ...annotations },
-      }),
-    );
-    const digest = sha256(bytes);
-    await o.client.putManifest({ ...dst, tag: null, digest } as Reference, MEDIA_TYPE_OCI_MANIFEST, bytes);
-    return { digest, size: bytes.length };
-  };
+  const pushManifest = (config: Buffer, configType: string, layers: Descriptor[], annotations: Record<string, string>) =>
+    pushOciManifest(o.client, { ...dst, tag: null, digest: null }, config, configType, layers, annotations);
   // The config as the source's, with the dedup layers' digests as diff ids.
   const newConfig = Buffer.from(JSON.stringify({ ...config, rootfs: { type: 'layers', diff_ids: layerDescs.map((d) => d.digest) } }));
   const image = await pushManifest(newConfig, MEDIA_TYPE_OCI_CONFIG, layerDescs, { [ANNOTATION_SOURCE]: sourceName });

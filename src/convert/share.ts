@@ -1,10 +1,8 @@
-import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import {
-  ANNOTATION_FORMAT,
   ANNOTATION_SOURCE_LAYER,
   ANNOTATION_SOURCE_DIFF_ID,
   type ConvertedConfig,
@@ -19,6 +17,7 @@ import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST 
 import { type Reference, type RepositoryName, formatReference, parseReference } from '../remote/reference';
 import type { PushBlobResult, RegistryClient } from '../remote/registry';
 import { DedupImageBuilder } from './dedup-layer';
+import { type Descriptor, MANIFEST_TYPES, pushOciManifest } from './image-convert';
 import type { MkfsFeatures } from './mkfs';
 
 /**
@@ -59,7 +58,6 @@ export interface ShareCounters {
 }
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
-const MANIFEST_TYPES = new Set(['application/vnd.oci.image.manifest.v1+json', 'application/vnd.docker.distribution.manifest.v2+json']);
 
 /** Source images whose layers are remembered (manifest digest → layer digest → diff id). */
 const MAX_IMAGES = 64;
@@ -201,27 +199,15 @@ export class ConvertedLayerPusher {
       const count = (r: PushBlobResult, size: number) => {
         if (r === 'uploaded') bytes += size;
       };
-      const layers: { mediaType: string; digest: string; size: number; annotations?: Record<string, string> }[] = [{ mediaType: MEDIA_TYPE_LAYER, digest: built.digest, size: built.blob.length, annotations: { [ANNOTATION_SOURCE_DIFF_ID]: diffId } }];
+      const layers: Descriptor[] = [{ mediaType: MEDIA_TYPE_LAYER, digest: built.digest, size: built.blob.length, annotations: { [ANNOTATION_SOURCE_DIFF_ID]: diffId } }];
       if (built.data) {
         count(await this.o.client.pushBlob(src.repo, built.data.digest, built.data.path), built.data.size);
         layers.push({ mediaType: MEDIA_TYPE_CHUNKS, digest: built.data.digest, size: built.data.size });
       }
       count(await this.o.client.pushBlob(src.repo, built.digest, built.blob), built.blob.length);
       const cfg: ConvertedConfig = { format: FORMAT_VERSION, source_layer: src.layerDigest, source_diff_id: diffId };
-      const config = Buffer.from(JSON.stringify(cfg));
-      const configDigest = `sha256:${crypto.createHash('sha256').update(config).digest('hex')}`;
-      count(await this.o.client.pushBlob(src.repo, configDigest, config), config.length);
-      const manifest = Buffer.from(
-        JSON.stringify({
-          schemaVersion: 2,
-          mediaType: MEDIA_TYPE_OCI_MANIFEST,
-          config: { mediaType: MEDIA_TYPE_CONVERTED_CONFIG, digest: configDigest, size: config.length },
-          layers,
-          annotations: { [ANNOTATION_FORMAT]: FORMAT_VERSION, [ANNOTATION_SOURCE_LAYER]: src.layerDigest },
-        }),
-      );
-      await this.o.client.putManifest(dst, MEDIA_TYPE_OCI_MANIFEST, manifest);
-      return { tag: formatReference(dst), digest: built.digest, bytes: bytes + manifest.length };
+      const m = await pushOciManifest(this.o.client, dst, Buffer.from(JSON.stringify(cfg)), MEDIA_TYPE_CONVERTED_CONFIG, layers, { [ANNOTATION_SOURCE_LAYER]: src.layerDigest });
+      return { tag: formatReference(dst), digest: built.digest, bytes: bytes + m.uploaded };
     } finally {
       release();
       if (work) await fsp.rm(work, { recursive: true, force: true });

@@ -105,6 +105,8 @@ export interface LazyLoaderOptions {
    */
   prefetch?: 'none' | 'list' | 'all';
   prefetchMbps?: number;
+  /** "all": windows of a layer (8 MiB each) loaded at once, sharing prefetchMbps (default 1). */
+  prefetchConcurrency?: number;
   /** Told when a layer has all its data (its last missing chunk written). */
   onComplete?: (id: string) => void;
   /** argv to start a holder with when none answers (null: wait for one started otherwise). */
@@ -474,48 +476,60 @@ export class LazyLoader {
     );
   }
 
-  /** Waits so that `bytes` read since `t0` stay within ondemand.prefetch_mbps. */
-  private async pace(bytes: number, t0: number): Promise<void> {
-    const mbps = this.o.prefetchMbps ?? 0;
+  /** Waits so that `bytes` one of `readers` read since `t0` stay within its share of ondemand.prefetch_mbps. */
+  private async pace(bytes: number, t0: number, readers = 1): Promise<void> {
+    const mbps = (this.o.prefetchMbps ?? 0) / readers;
     if (mbps > 0) await sleep(Math.max(0, bytes / ((mbps * 1e6) / 8 / 1000) - (Date.now() - t0)));
   }
 
+  /**
+   * Loads everything layer `st` lacks: its missing extents in windows of up
+   * to 8 MiB, `prefetchConcurrency` windows at a time, each read through
+   * the marked file (fanotify: the reads raise the events that load it) or
+   * filled directly (fscache: reads through fscache find it there).
+   */
   private async prefetchLayer(st: LazyFile): Promise<void> {
     const window = 8 << 20;
-    const buf = Buffer.alloc(window);
+    const windows: [start: number, end: number][] = [];
+    for (let i = 0; i < st.entries.length; ) {
+      if (st.filled[i]) {
+        i++;
+        continue;
+      }
+      // A run of missing extents, up to one window.
+      const start = st.entries[i][0] * BLOCK;
+      let end = start;
+      while (i < st.entries.length && !st.filled[i] && (st.entries[i][0] + st.entries[i][1]) * BLOCK - start <= window) {
+        end = (st.entries[i][0] + st.entries[i][1]) * BLOCK;
+        i++;
+      }
+      if (end === start) {
+        end = Math.min(start + window, (st.entries[i][0] + st.entries[i][1]) * BLOCK);
+        i++;
+      }
+      windows.push([start, end]);
+    }
+    const readers = Math.max(1, Math.min(this.o.prefetchConcurrency ?? 1, windows.length));
     const fh = await fsp.open(st.file, 'r');
-    try {
-      for (let i = 0; i < st.entries.length && !st.dropped && !this.closed; ) {
-        if (st.filled[i]) {
-          i++;
-          continue;
-        }
-        // A run of missing extents, up to one window.
-        const start = st.entries[i][0] * BLOCK;
-        let end = start;
-        while (i < st.entries.length && !st.filled[i] && (st.entries[i][0] + st.entries[i][1]) * BLOCK - start <= window) {
-          end = (st.entries[i][0] + st.entries[i][1]) * BLOCK;
-          i++;
-        }
-        if (end === start) {
-          end = Math.min(start + window, (st.entries[i][0] + st.entries[i][1]) * BLOCK);
-          i++;
-        }
+    let next = 0;
+    const reader = async () => {
+      const buf = Buffer.alloc(window);
+      while (next < windows.length && !st.dropped && !this.closed) {
+        const [start, end] = windows[next++];
         if (!this.isMarked(st.id)) throw new Error('its file is not marked for on-demand reads');
         const t0 = Date.now();
         let bytesRead = end - start;
-        if (this.o.backend === 'fscache') {
-          // Nothing marks the file: fill the window directly (reads through fscache find it there).
-          await this.ensureRange(st, start, end - start, directWriter(st.file));
-        } else {
-          bytesRead = (await fh.read(buf, 0, end - start, start)).bytesRead;
-        }
+        if (this.o.backend === 'fscache') await this.ensureRange(st, start, end - start, directWriter(st.file));
+        else bytesRead = (await fh.read(buf, 0, end - start, start)).bytesRead;
         this.counters.prefetch_bytes += bytesRead;
-        await this.pace(bytesRead, t0);
+        await this.pace(bytesRead, t0, readers);
       }
-    } finally {
-      await fh.close();
-    }
+    };
+    // Every reader finished before the file closes; the first failure is the answer.
+    const results = await Promise.allSettled(Array.from({ length: readers }, reader));
+    await fh.close();
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
     if (st.missing > 0 && !st.dropped) throw new Error(`${st.missing} chunks still missing`);
   }
 

@@ -42,7 +42,7 @@ export class RemoteLayers {
   private readonly converted = new Map<string, { digest: string | null; until: number }>();
   /** manifest digest → until when its registry is not asked again. */
   private readonly unreadable = new Map<string, number>();
-  readonly counters = { layers: 0, chunks_fetched: 0, bytes_fetched: 0, chunks_local: 0, bytes_local: 0, metadata_bytes: 0, fetch_errors: 0, converted_layers: 0 };
+  readonly counters = { layers: 0, chunks_fetched: 0, bytes_fetched: 0, chunks_local: 0, bytes_local: 0, metadata_bytes: 0, fetch_errors: 0, /** layers made from a layer another node shared converted */ converted_layers: 0 };
 
   constructor(private readonly o: { client: RegistryClient; logger?: Logger; pullConverted?: boolean }) {
     this.log = o.logger ?? silentLogger();
@@ -123,7 +123,6 @@ export class RemoteLayers {
     if (this.converted.size >= MAX_CONVERTED_ANSWERS) this.converted.delete(this.converted.keys().next().value as string);
     this.converted.set(key, { digest, until: Date.now() + UNREADABLE_TTL_MS });
     if (digest) {
-      this.counters.converted_layers++;
       this.log.debug({ op: 'remote', image: repo.name, layer_digest: layerDigest, tag, dedup_layer: digest }, `layer ${layerDigest} was shared converted as ${repo.name}:${tag}`);
     }
     return digest;

@@ -52,6 +52,7 @@ export interface SnapshotterOptions {
     attempts?: number;
     prefetch?: 'none' | 'list' | 'all';
     prefetchMbps?: number;
+    prefetchConcurrency?: number;
     /** fscache: cache directory (a disk filesystem), cachefiles tag, EROFS domain_id. */
     fscache?: { dir: string; tag: string; domain: string };
     /** fanotify: move fully loaded lazy layers nothing uses into the chunk store (default true; see settleLayer). */
@@ -79,7 +80,6 @@ export interface SnapshotterOptions {
   pushConverted?: boolean;
 }
 
-/** Directory names under snapshots/ that are not snapshot ids. */
 /** A settle that found its layer in use or removed when it came to switch the mount. */
 class SettleSkipped extends Error {
   constructor(readonly outcome: 'busy' | 'gone') {
@@ -90,6 +90,7 @@ class SettleSkipped extends Error {
 /** How often lazy layers that have all their data but are in use are tried again. */
 const SETTLE_RETRY_MS = 30_000;
 
+/** Directory names under snapshots/ that are not snapshot ids. */
 /** Key of the temporary active snapshot a remote layer is made in (never a containerd key: those carry a namespace). */
 const REMOTE_IMPORT_PREFIX = 'remote-import-';
 const TEMP_PREFIX = 'new-';
@@ -216,6 +217,7 @@ export class Snapshotter {
           attempts: opts.ondemand.attempts,
           prefetch: opts.ondemand.prefetch,
           prefetchMbps: opts.ondemand.prefetchMbps,
+          prefetchConcurrency: opts.ondemand.prefetchConcurrency,
           remote: this.remote,
           store: this.store,
           logger: this.log,
@@ -763,8 +765,12 @@ export class Snapshotter {
   private lazyLayerIdle(id: string, header: LayerHeader, keepOff: boolean): boolean {
     const loader = this.loader as LazyLoader;
     if (!unmountIfIdle(this.mntPath(id))) return false;
-    const used = openElsewhere(loader.imageOf(id)) || openElsewhere(loader.fileOf(id));
-    if (used || !keepOff) this.mountLazyFile(id, header);
+    let used = true;
+    try {
+      used = openElsewhere(loader.imageOf(id)) || openElsewhere(loader.fileOf(id));
+    } finally {
+      if (used || !keepOff) this.mountLazyFile(id, header);
+    }
     return !used;
   }
 
@@ -776,7 +782,9 @@ export class Snapshotter {
 
   /** A remote layer is committed: counted, logged (one "op":"remote" line), told to listeners. */
   private remoteLayerMade(rl: RemoteLayer, name: string, id: string, started: number, stats: ConvertStats, fields: Record<string, unknown>, msg: string): void {
-    (this.remote as RemoteLayers).counters.layers++;
+    const counters = (this.remote as RemoteLayers).counters;
+    counters.layers++;
+    if (rl.sourceLayer) counters.converted_layers++;
     const durationMs = Date.now() - started;
     const source = rl.sourceLayer ? { source_layer: rl.sourceLayer } : {};
     this.log.info({ op: 'remote', key: name, snapshot: id, layer: id, image: formatReference(rl.repo), layer_digest: rl.layerDigest, ...source, ...fields, duration_ms: durationMs }, msg);
