@@ -299,3 +299,23 @@ test('at start: a lazy image in the old place (images/) moves to lazy/, an image
   assert.equal(await readInChild(at('mnt', id, 'data.bin')).done, sha256(l.content));
   await d3.stop();
 });
+
+test('file leases off (fs.leases-enable = 0): whether a layer is in use cannot be told; it stays lazy and the daemon says why, once', { skip }, async () => {
+  const l = await lazyImage('od-noleases', 1 * MiB);
+  const knob = '/proc/sys/fs/leases-enable';
+  const was = fs.readFileSync(knob, 'utf8').trim();
+  const d = await startDaemon({ ...daemonOptions(), dir: tempDir('ondemand-noleases') });
+  fs.writeFileSync(knob, '0');
+  try {
+    const id = await lazyPrepare(d, l);
+    assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+    await waitFor(() => d.logs().some((x) => x.op === 'settle' && /file leases/.test(String(x.msg))), 30_000, 'the daemon to say settling is off');
+    assert.equal(d.logs().filter((x) => x.op === 'settle').length, 1, 'one line, no settle');
+    assert.ok(fs.existsSync(path.join(d.root, 'lazy', `${id}.blob`)), 'the layer is still lazy');
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+    assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content), 'and mounted, readable');
+  } finally {
+    fs.writeFileSync(knob, was);
+    await d.stop();
+  }
+});

@@ -5,6 +5,7 @@ import { alreadyExists, internal, notFound, unavailable } from '../errdefs/error
 import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ConvertedLayerPusher } from '../convert/share';
+import { ErrnoError } from '../../native/libc';
 import { openElsewhere } from '../../native/lease';
 import { ErofsMounter, type MountMode, unmountErofs, unmountIfIdle } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
@@ -657,6 +658,12 @@ export class Snapshotter {
           if (outcome === 'settled') settled++;
           else if (outcome === 'busy') again = Math.min(again, SETTLE_RETRY_MS);
         } catch (err) {
+          if (err instanceof ErrnoError && err.syscall === 'fcntl') {
+            // No file leases here (fs.leases-enable = 0): whether a layer is in use cannot be told.
+            this.settleOn = false;
+            this.log.error({ op: 'settle', err: err.message }, `lazy layers are not settled into the chunk store: file leases, which tell whether a layer is in use, are not available (${err.message}; sysctl fs.leases-enable = 1 turns them on, then restart)`);
+            return settled;
+          }
           again = Math.min(again, SETTLE_RETRY_MS);
           this.log.warn({ op: 'settle', layer: id, snapshot: id, err: (err as Error).message }, `cannot settle lazy layer ${id} into the chunk store: ${(err as Error).message}; it stays lazy, tried again later`);
         }
