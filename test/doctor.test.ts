@@ -303,6 +303,28 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.equal(get(by, 'containerd').status, 'ok');
   });
 
+  test('file leases off: with fanotify the ondemand line warns that loaded layers cannot settle, naming the sysctl', async () => {
+    const knob = '/proc/sys/fs/leases-enable';
+    const was = fs.readFileSync(knob, 'utf8').trim();
+    const before = get((await doctorJson(env)).by, 'ondemand');
+    fs.writeFileSync(knob, '0');
+    let r: CheckResult;
+    try {
+      r = get((await doctorJson(env)).by, 'ondemand');
+    } finally {
+      fs.writeFileSync(knob, was);
+    }
+    if (!/fanotify pre-content/.test(before.detail)) {
+      // Another backend here: leases play no part.
+      assert.equal(r.status, before.status);
+      return;
+    }
+    assert.equal(before.status, 'ok', before.detail);
+    assert.equal(r.status, 'warn', r.detail);
+    assert.match(r.detail, /file leases are off .* cannot settle/);
+    assert.match(r.fix ?? '', /sysctl -w fs\.leases-enable=1/);
+  });
+
   test('a daemon killed with -9 leaves a stale socket: fail, ECONNREFUSED, with the fix', async () => {
     const dir = scratch('stale');
     const d = await startDaemon();

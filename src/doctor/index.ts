@@ -4,6 +4,7 @@
  * result on as soon as it is known, and reports progress of a check only
  * once it has taken more than a second.
  */
+import fs from 'node:fs';
 import os from 'node:os';
 import { chooseOndemandBackend } from '../ondemand/backend';
 import {
@@ -22,6 +23,15 @@ import {
 } from './checks';
 import { checkLayerImages } from './images';
 import type { CheckResult, Progress } from './types';
+
+/** Whether file leases are switched off (settling tells a layer in use with one). */
+function leasesOff(): boolean {
+  try {
+    return fs.readFileSync('/proc/sys/fs/leases-enable', 'utf8').trim() === '0';
+  } catch {
+    return false;
+  }
+}
 
 export type { CheckResult, CheckStatus } from './types';
 
@@ -100,9 +110,17 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
       try {
         const choice = chooseOndemandBackend(config, { fanotify: () => fanotify, fscache: () => fscache });
         const how = { fscache: 'EROFS over fscache', fanotify: 'fanotify pre-content events', fetch: '' }[choice.backend];
-        return choice.backend !== 'fetch'
-          ? { name: 'ondemand', status: 'ok', detail: `remote layers load their data while containers read it (${how}, ondemand.backend "${config.ondemand.backend}"): ${choice.reason}` }
-          : { name: 'ondemand', status: 'ok', detail: `remote layers: missing chunks are fetched before a layer is ready: ${choice.reason}` };
+        if (choice.backend === 'fetch') return { name: 'ondemand', status: 'ok', detail: `remote layers: missing chunks are fetched before a layer is ready: ${choice.reason}` };
+        const detail = `remote layers load their data while containers read it (${how}, ondemand.backend "${config.ondemand.backend}"): ${choice.reason}`;
+        if (choice.backend === 'fanotify' && config.ondemand.settle && leasesOff()) {
+          return {
+            name: 'ondemand',
+            status: 'warn',
+            detail: `${detail}; file leases are off (fs.leases-enable = 0): loaded layers cannot settle into the chunk store`,
+            fix: 'sysctl -w fs.leases-enable=1, then restart the daemon',
+          };
+        }
+        return { name: 'ondemand', status: 'ok', detail };
       } catch (err) {
         return { name: 'ondemand', status: 'fail', detail: (err as Error).message, fix: 'set "ondemand": {"backend": "auto"} or fix what the fanotify or fscache line says' };
       }
