@@ -721,6 +721,8 @@ export class Snapshotter {
           // From here to the transaction all is synchronous: no request runs in between.
           closeFile();
           if (this.closed || this.ms.keyOf(id) === undefined || !this.ms.isLazy(id)) throw new SettleSkipped('gone');
+          // Handed out in a mount during the import: containerd may be about to mount it.
+          if (Date.now() - (this.handedOut.get(id) ?? 0) < this.retireGraceMs) throw new SettleSkipped('busy');
           if (!this.lazyLayerIdle(id, header, true)) throw new SettleSkipped('busy');
           try {
             (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
