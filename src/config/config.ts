@@ -55,8 +55,8 @@ export interface Config {
    * layer in the background once it is mounted, at most prefetch_mbps
    * megabits/s (0: no limit), prefetch_concurrency windows of 8 MiB at a
    * time; "none": only reads (and POST /prefetch) load data.
-   * settle: a lazy layer that has all its data moves into the chunk store
-   * (shared with every other layer) once no mount uses it.
+   * settle (fanotify backend): a lazy layer that has all its data moves into
+   * the chunk store (shared with every other layer) once nothing uses it.
    */
   readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number; readonly prefetch_concurrency: number; readonly settle: boolean };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
