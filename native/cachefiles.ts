@@ -9,7 +9,7 @@
  */
 import fs from 'node:fs';
 import koffi from 'koffi';
-import { ErrnoError, check, libc } from './libc';
+import { ErrnoError, check, fcntl, libc } from './libc';
 
 export const CACHEFILES_DEVICE = '/dev/cachefiles';
 export const CACHEFILES_MSG_MAX_SIZE = 1024;
@@ -27,20 +27,18 @@ const POLLIN = 0x1;
 export const PAGE = 4096;
 
 type IoctlFn = (fd: number, request: number, arg: number) => number;
-type FcntlFn = (fd: number, cmd: number, arg: number) => number;
 type SyscallFn = (n: number, a: number, b: number, c: number) => number;
 type PollFn = ((fds: Buffer, nfds: number, timeout: number) => number) & { async: (fds: Buffer, nfds: number, timeout: number, cb: (err: unknown, r: number) => void) => void };
 type AlignedAllocFn = (alignment: number, size: number) => unknown;
 type FreeFn = (p: unknown) => void;
 
-let fns: { ioctl: IoctlFn; fcntl: FcntlFn; syscall: SyscallFn; poll: PollFn; alignedAlloc: AlignedAllocFn; free: FreeFn } | null = null;
+let fns: { ioctl: IoctlFn; syscall: SyscallFn; poll: PollFn; alignedAlloc: AlignedAllocFn; free: FreeFn } | null = null;
 
 function sys() {
   if (!fns) {
     const lib = libc();
     fns = {
       ioctl: lib.func('int ioctl(int fd, unsigned long request, unsigned long arg)') as unknown as IoctlFn,
-      fcntl: lib.func('int fcntl(int fd, int cmd, int arg)') as unknown as FcntlFn,
       syscall: lib.func('long syscall(long number, long a, long b, long c)') as unknown as SyscallFn,
       poll: lib.func('int poll(void *fds, unsigned long nfds, int timeout)') as unknown as PollFn,
       alignedAlloc: lib.func('void *aligned_alloc(size_t alignment, size_t size)') as unknown as AlignedAllocFn,
@@ -130,7 +128,7 @@ const FD_CLOEXEC = 1;
  * daemon would get READs for an object it never saw opened.
  */
 export function setCloexec(fd: number): void {
-  check('fcntl(F_SETFD, FD_CLOEXEC)', sys().fcntl(fd, F_SETFD, FD_CLOEXEC), `fd ${fd}`);
+  check('fcntl(F_SETFD, FD_CLOEXEC)', fcntl(fd, F_SETFD, FD_CLOEXEC), `fd ${fd}`);
 }
 
 /** Completes READ request `msgId` on the object's anonymous fd: the kernel reads its range from the cache file again. */

@@ -7,10 +7,7 @@
  */
 import fs from 'node:fs';
 import koffi from 'koffi';
-import { ErrnoError, libc } from './libc';
-
-type FcntlFn = (fd: number, cmd: number, arg: number) => number;
-let fcntlFn: FcntlFn | null = null;
+import { ErrnoError, fcntl } from './libc';
 
 const F_SETLEASE = 1024;
 const F_WRLCK = 1;
@@ -19,15 +16,14 @@ const EAGAIN = 11;
 
 /** Whether `file` is open anywhere but here (ENOENT: it does not exist). Needs to own the file or CAP_LEASE. */
 export function openElsewhere(file: string): boolean {
-  fcntlFn ??= libc().func('int fcntl(int fd, int cmd, int arg)') as unknown as FcntlFn;
   const fd = fs.openSync(file, 'r');
   try {
-    if (fcntlFn(fd, F_SETLEASE, F_WRLCK) < 0) {
+    if (fcntl(fd, F_SETLEASE, F_WRLCK) < 0) {
       const errno = koffi.errno();
       if (errno === EAGAIN) return true;
       throw new ErrnoError('fcntl', errno, `F_SETLEASE F_WRLCK ${file}`);
     }
-    fcntlFn(fd, F_SETLEASE, F_UNLCK);
+    fcntl(fd, F_SETLEASE, F_UNLCK);
     return false;
   } finally {
     fs.closeSync(fd);

@@ -65,6 +65,14 @@ export function closeFd(fd: number): void {
   check('close', closeFn(fd), `fd ${fd}`);
 }
 
+let fcntlFn: ((fd: number, cmd: number, arg: number) => number) | null = null;
+
+/** fcntl(2) with an int argument; the raw result (-1: the error is koffi.errno()). */
+export function fcntl(fd: number, cmd: number, arg: number): number {
+  if (!fcntlFn) fcntlFn = libc().func('int fcntl(int fd, int cmd, int arg)') as unknown as (fd: number, cmd: number, arg: number) => number;
+  return fcntlFn(fd, cmd, arg);
+}
+
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 let lseekFn: ((fd: number, off: bigint, whence: number) => bigint) | null = null;
