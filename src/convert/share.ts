@@ -11,10 +11,11 @@ import {
   MEDIA_TYPE_CONVERTED_CONFIG,
   MEDIA_TYPE_LAYER,
   MEDIA_TYPE_OCI_MANIFEST,
+  SHA256_DIGEST,
   convertedLayerTag,
 } from '../remote/dedup-image';
-import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST } from '../remote/lazy';
-import { type Reference, type RepositoryName, formatReference, parseReference } from '../remote/reference';
+import { criLayerOf } from '../remote/lazy';
+import { type Reference, type RepositoryName, formatReference } from '../remote/reference';
 import type { PushBlobResult, RegistryClient } from '../remote/registry';
 import { DedupImageBuilder } from './dedup-layer';
 import { type Descriptor, MANIFEST_TYPES, pushOciManifest } from './image-convert';
@@ -57,7 +58,6 @@ export interface ShareCounters {
   bytes: number;
 }
 
-const DIGEST = /^sha256:[0-9a-f]{64}$/;
 
 /** Source images whose layers are remembered (manifest digest → layer digest → diff id). */
 const MAX_IMAGES = 64;
@@ -76,26 +76,9 @@ export class ConvertedLayerPusher {
     this.log = o.logger ?? silentLogger();
   }
 
-  /**
-   * The image and layer the labels of a committed layer name, or null when
-   * they do not name one (not a CRI pull, or malformed).
-   */
-  static sourceOf(labels: Record<string, string> | undefined): { repo: RepositoryName; manifestDigest: string; layerDigest: string } | null {
-    const ref = labels?.[LABEL_CRI_IMAGE_REF];
-    const manifestDigest = labels?.[LABEL_CRI_MANIFEST_DIGEST];
-    const layerDigest = labels?.[LABEL_CRI_LAYER_DIGEST];
-    if (!ref || !manifestDigest || !layerDigest || !DIGEST.test(manifestDigest) || !DIGEST.test(layerDigest)) return null;
-    try {
-      const r = parseReference(ref);
-      return { repo: { domain: r.domain, host: r.host, repository: r.repository, name: r.name }, manifestDigest, layerDigest };
-    } catch {
-      return null;
-    }
-  }
-
   /** Queues a converted layer; returns false (and releases it) when its labels name no image layer. */
   offer(job: ShareJob): boolean {
-    if (this.closed || !ConvertedLayerPusher.sourceOf(job.labels)) {
+    if (this.closed || !criLayerOf(job.labels)) {
       job.release();
       return false;
     }
@@ -122,7 +105,7 @@ export class ConvertedLayerPusher {
   private async drain(): Promise<void> {
     while (this.queue.length > 0 && !this.closed) {
       const job = this.queue.shift() as ShareJob;
-      const src = ConvertedLayerPusher.sourceOf(job.labels) as NonNullable<ReturnType<typeof ConvertedLayerPusher.sourceOf>>;
+      const src = criLayerOf(job.labels) as NonNullable<ReturnType<typeof criLayerOf>>;
       const fields = { op: 'push', layer: job.id, snapshot: job.id, image: src.repo.name, layer_digest: src.layerDigest };
       const started = Date.now();
       try {
@@ -155,7 +138,7 @@ export class ConvertedLayerPusher {
       if (!MANIFEST_TYPES.has(m.mediaType)) throw new Error(`${repo.name}@${manifestDigest} is a ${m.mediaType}, not an image manifest`);
       const json = m.json as { config?: { digest?: string }; layers?: { digest?: string }[] };
       const configDigest = json.config?.digest;
-      if (typeof configDigest !== 'string' || !DIGEST.test(configDigest)) throw new Error(`${repo.name}@${manifestDigest}: no config digest`);
+      if (typeof configDigest !== 'string' || !SHA256_DIGEST.test(configDigest)) throw new Error(`${repo.name}@${manifestDigest}: no config digest`);
       const config = JSON.parse((await this.o.client.getBlob(repo, configDigest, { maxBytes: 16 << 20 })).toString('utf8')) as { rootfs?: { diff_ids?: unknown[] } };
       const ids = config.rootfs?.diff_ids ?? [];
       const digests = json.layers ?? [];
@@ -163,7 +146,7 @@ export class ConvertedLayerPusher {
       layers = new Map();
       for (const [i, l] of digests.entries()) {
         const id = ids[i];
-        if (typeof l.digest === 'string' && typeof id === 'string' && DIGEST.test(id)) layers.set(l.digest, id);
+        if (typeof l.digest === 'string' && typeof id === 'string' && SHA256_DIGEST.test(id)) layers.set(l.digest, id);
       }
       if (this.diffIds.size >= MAX_IMAGES) this.diffIds.delete(this.diffIds.keys().next().value as string);
       this.diffIds.set(manifestDigest, layers);

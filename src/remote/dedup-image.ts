@@ -74,7 +74,7 @@ export interface ConvertedConfig {
 
 /** The tag a converted layer of `layerDigest` (sha256:…) is pushed under: `sha256-<hex>.dedup` (the cosign-style digest tag). */
 export function convertedLayerTag(layerDigest: string): string {
-  if (!/^sha256:[0-9a-f]{64}$/.test(layerDigest)) throw new DedupFormatError(`layer digest ${JSON.stringify(layerDigest)} is not sha256:<64 hex>`);
+  if (!SHA256_DIGEST.test(layerDigest)) throw new DedupFormatError(`layer digest ${JSON.stringify(layerDigest)} is not sha256:<64 hex>`);
   return `sha256-${layerDigest.slice(7)}.dedup`;
 }
 
@@ -132,7 +132,8 @@ export class DedupFormatError extends Error {
   }
 }
 
-const DIGEST = /^sha256:[0-9a-f]{64}$/;
+/** A sha256 digest as this format and containerd's CRI labels spell it. */
+export const SHA256_DIGEST = /^sha256:[0-9a-f]{64}$/;
 const HEX = /^[0-9a-f]{64}$/;
 
 export function encodeLayerBlob(header: LayerHeader, erofs: Buffer): Buffer {
@@ -180,8 +181,8 @@ function checkHeader(h: LayerHeader): void {
   }
   if (!isCount(h.erofs_size) || h.erofs_size < 2 * 1024) throw new DedupFormatError(`erofs_size ${JSON.stringify(h.erofs_size)} is too small`);
   if (typeof h.has_blob !== 'boolean') throw new DedupFormatError('has_blob must be a boolean');
-  if (!Array.isArray(h.data_blobs) || !h.data_blobs.every((d) => typeof d === 'string' && DIGEST.test(d))) throw new DedupFormatError('data_blobs must be sha256 digests');
-  if (typeof h.source_diff_id !== 'string' || !DIGEST.test(h.source_diff_id)) throw new DedupFormatError('source_diff_id must be a sha256 digest');
+  if (!Array.isArray(h.data_blobs) || !h.data_blobs.every((d) => typeof d === 'string' && SHA256_DIGEST.test(d))) throw new DedupFormatError('data_blobs must be sha256 digests');
+  if (typeof h.source_diff_id !== 'string' || !SHA256_DIGEST.test(h.source_diff_id)) throw new DedupFormatError('source_diff_id must be a sha256 digest');
   if (!isCount(h.files) || !isCount(h.logical_bytes)) throw new DedupFormatError('files and logical_bytes must be counts');
   if (!Array.isArray(h.chunks)) throw new DedupFormatError('chunks must be an array');
   const maxBlocks = h.chunk_size / LAYER_BLOCK;

@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
-import { ANNOTATION_SOURCE_LAYER, type ChunkEntry, type LayerHeader, MEDIA_TYPE_CONVERTED_CONFIG, MEDIA_TYPE_LAYER, MEDIA_TYPE_OCI_MANIFEST, convertedLayerTag, decodeLayerBlob } from './dedup-image';
+import { ANNOTATION_SOURCE_LAYER, type ChunkEntry, type LayerHeader, MEDIA_TYPE_CONVERTED_CONFIG, MEDIA_TYPE_LAYER, MEDIA_TYPE_OCI_MANIFEST, SHA256_DIGEST, convertedLayerTag, decodeLayerBlob } from './dedup-image';
 import { type Reference, parseReference } from './reference';
 import type { RegistryClient } from './registry';
 
@@ -19,6 +19,22 @@ export const LABEL_CRI_IMAGE_REF = 'containerd.io/snapshot/cri.image-ref';
 export const LABEL_CRI_LAYER_DIGEST = 'containerd.io/snapshot/cri.layer-digest';
 export const LABEL_CRI_MANIFEST_DIGEST = 'containerd.io/snapshot/cri.manifest-digest';
 
+/**
+ * The image (cri.image-ref), its manifest and the layer that containerd's
+ * CRI snapshot labels name, or null when they are absent or malformed.
+ */
+export function criLayerOf(labels: Record<string, string> | undefined): { repo: Reference; manifestDigest: string; layerDigest: string } | null {
+  const ref = labels?.[LABEL_CRI_IMAGE_REF];
+  const manifestDigest = labels?.[LABEL_CRI_MANIFEST_DIGEST];
+  const layerDigest = labels?.[LABEL_CRI_LAYER_DIGEST];
+  if (!ref || !manifestDigest || !layerDigest || !SHA256_DIGEST.test(manifestDigest) || !SHA256_DIGEST.test(layerDigest)) return null;
+  try {
+    return { repo: parseReference(ref), manifestDigest, layerDigest };
+  } catch {
+    return null;
+  }
+}
+
 export interface RemoteLayer {
   /** The image's repository (from cri.image-ref). */
   repo: Reference;
@@ -29,7 +45,6 @@ export interface RemoteLayer {
   sourceLayer?: string;
 }
 
-const DIGEST = /^sha256:[0-9a-f]{64}$/;
 const MAX_LAYER_BLOB = 512 << 20;
 const UNREADABLE_TTL_MS = 60_000;
 const MAX_CONVERTED_ANSWERS = 4096;
@@ -59,17 +74,10 @@ export class RemoteLayers {
    * containerd unpacks the layer; logged).
    */
   async resolve(labels: Record<string, string> | undefined): Promise<RemoteLayer | null> {
-    const ref = labels?.[LABEL_CRI_IMAGE_REF];
-    const manifestDigest = labels?.[LABEL_CRI_MANIFEST_DIGEST];
-    const layerDigest = labels?.[LABEL_CRI_LAYER_DIGEST];
-    if (!labels?.[LABEL_SNAPSHOT_REF] || !ref || !manifestDigest || !layerDigest) return null;
-    if (!DIGEST.test(manifestDigest) || !DIGEST.test(layerDigest)) return null;
-    let repo: Reference;
-    try {
-      repo = parseReference(ref);
-    } catch {
-      return null;
-    }
+    const cri = labels?.[LABEL_SNAPSHOT_REF] ? criLayerOf(labels) : null;
+    if (!cri) return null;
+    const { repo, manifestDigest, layerDigest } = cri;
+    const ref = (labels as Record<string, string>)[LABEL_CRI_IMAGE_REF];
     let layers = this.manifests.get(manifestDigest);
     if (!layers) {
       // An image whose registry could not be read is taken for a plain one
@@ -110,7 +118,7 @@ export class RemoteLayers {
       const m = await this.o.client.getManifest({ ...repo, tag, digest: null }, [MEDIA_TYPE_OCI_MANIFEST]);
       const json = m.json as { config?: { mediaType?: string }; layers?: { mediaType?: string; digest?: string }[]; annotations?: Record<string, string> };
       const layer = json.layers?.[0];
-      if (json.config?.mediaType !== MEDIA_TYPE_CONVERTED_CONFIG || json.annotations?.[ANNOTATION_SOURCE_LAYER] !== layerDigest || layer?.mediaType !== MEDIA_TYPE_LAYER || !DIGEST.test(layer.digest ?? '')) {
+      if (json.config?.mediaType !== MEDIA_TYPE_CONVERTED_CONFIG || json.annotations?.[ANNOTATION_SOURCE_LAYER] !== layerDigest || layer?.mediaType !== MEDIA_TYPE_LAYER || !SHA256_DIGEST.test(layer.digest ?? '')) {
         this.log.warn({ op: 'remote', image: repo.name, layer_digest: layerDigest, tag }, `${repo.name}:${tag} is not a converted layer of ${layerDigest}; containerd unpacks the layer`);
       } else {
         digest = layer.digest as string;

@@ -11,7 +11,7 @@ import { ErofsMounter, type MountMode, unmountErofs, unmountIfIdle } from '../mo
 import { mountPoints } from '../mount/mountinfo';
 import { type LazyBackend, LazyLoader, type LazyLayerInput } from '../ondemand/lazy-loader';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
-import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
+import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, criLayerOf, runsOf } from '../remote/lazy';
 import { formatReference, parseReference } from '../remote/reference';
 import { ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
 import { extentKey, scanDataChunks } from '../convert/chunks';
@@ -1085,7 +1085,7 @@ export class Snapshotter {
    * nothing is pushed (off, or the labels name no image layer).
    */
   private offerShare(id: string, labels: Labels | undefined): boolean {
-    if (!this.share || !ConvertedLayerPusher.sourceOf(labels)) return false;
+    if (!this.share || !criLayerOf(labels)) return false;
     this.sharing.add(id);
     return this.share.offer({
       id,
