@@ -15,6 +15,7 @@ import { cleanupDaemons, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { busyboxImageDef, chainIds } from './helpers/images';
 import { Stack } from './helpers/stack';
+import { protectedView } from './helpers/trees';
 
 const run = promisify(execFile);
 const BIN = path.join(__dirname, '..', '..', 'bin', 'dedup-snapshotter');
@@ -41,9 +42,10 @@ test('pull REF: the image is in ctr images ls, no layer blob downloaded, ctr run
     assert.equal(out.stdout, img.def.passwd);
 
     // The image's rootfs mounted without a container, as the README shows
-    // (containerd 1.6's `ctr images mount` ignores --snapshotter).
+    // (containerd 1.6's `ctr images mount` ignores --snapshotter); the view
+    // labeled gc.root, or a GC the `run --rm` scheduled may take it.
     const top = chainIds(converted.layers.map((l) => l.digest)).pop() as string;
-    await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'view', 'pull-view', top]);
+    await protectedView(stack, 'dedup', 'pull-view', top);
     const target = path.join(stack.dir, 'pull-view');
     fs.mkdirSync(target);
     const cmd = (await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'mounts', target, 'pull-view'])).stdout;
