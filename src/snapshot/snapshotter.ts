@@ -249,7 +249,7 @@ export class Snapshotter {
     if (!this.ms.isLazy(id)) return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
     if (!this.loader) throw internal(`layer ${id} loads its data on demand but on-demand loading is off`);
     if (this.loader.backend === 'fanotify' && (!this.loader.incomplete(id) || this.loader.isMarked(id))) {
-      return this.mounter.mount(this.loader.imageOf(id), target, layer.has_blob === 1, this.loader.fileOf(id));
+      return this.mountLazyFile(id, layer.has_blob === 1);
     }
     // Its mount was lost (unmounted by hand): making it again waits for the
     // holder (fanotify: mark before the mount opens the file) or for this
@@ -727,7 +727,7 @@ export class Snapshotter {
           try {
             (this.mounter as ErofsMounter).mount(layer.image, target, layer.hasBlob);
           } catch (err) {
-            this.mountLazyFile(id, header);
+            this.mountLazyFile(id, header.has_blob);
             throw err;
           }
           try {
@@ -739,7 +739,7 @@ export class Snapshotter {
             });
           } catch (err) {
             unmountErofs(target);
-            this.mountLazyFile(id, header);
+            this.mountLazyFile(id, header.has_blob);
             throw err;
           }
           return layer.stats;
@@ -778,15 +778,15 @@ export class Snapshotter {
     try {
       used = openElsewhere(loader.imageOf(id)) || openElsewhere(loader.fileOf(id));
     } finally {
-      if (used || !keepOff) this.mountLazyFile(id, header);
+      if (used || !keepOff) this.mountLazyFile(id, header.has_blob);
     }
     return !used;
   }
 
-  /** Lazy layer `id`, which has all its data, mounted over its lazy files again (nothing to mark: no read waits). */
-  private mountLazyFile(id: string, header: LayerHeader): void {
+  /** fanotify: lazy layer `id` mounted file-backed over its lazy files (marked already, or with nothing missing). */
+  private mountLazyFile(id: string, hasBlob: boolean): void {
     const loader = this.loader as LazyLoader;
-    (this.mounter as ErofsMounter).mount(loader.imageOf(id), this.mntPath(id), header.has_blob, loader.fileOf(id));
+    (this.mounter as ErofsMounter).mount(loader.imageOf(id), this.mntPath(id), hasBlob, loader.fileOf(id));
   }
 
   /** A remote layer is committed: counted, logged (one "op":"remote" line), told to listeners. */
