@@ -132,7 +132,7 @@ describe('HTTP API on a daemon with EROFS layers', () => {
 
   test('GET /healthz: 200 when usable, 503 naming the chunk store or the gRPC socket when gone', async () => {
     assert.deepEqual((await request(d.apiAddress, 'GET', '/healthz')).json, { status: 'ok' });
-    const blob = path.join(d.root, 'cache', 'chunks.blob');
+    const blob = path.join(d.root, 'store', 'chunks.blob');
     fs.renameSync(blob, `${blob}.away`);
     try {
       const r = await request(d.apiAddress, 'GET', '/healthz');

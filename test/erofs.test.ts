@@ -134,7 +134,7 @@ describe('EROFS conversion over the chunk store', () => {
     const live = (sn.store as NonNullable<typeof sn.store>).stats();
     sn.close();
     // What a crash between writing chunk data and recording it leaves behind.
-    const blob = path.join(root, 'cache', 'chunks.blob');
+    const blob = path.join(root, 'store', 'chunks.blob');
     const fd = fs.openSync(blob, 'r+');
     fs.writeSync(fd, random(4 * MiB, 'garbage'), 0, 4 * MiB, 64 * MiB);
     fs.closeSync(fd);
@@ -244,7 +244,7 @@ describe('EROFS mount backends', () => {
       await sn.remove('l1');
     } finally {
       sn.close();
-      for (const dev of loopsOf(path.join(root, 'cache', 'chunks.blob'))) execFileSync('losetup', ['-d', dev]);
+      for (const dev of loopsOf(path.join(root, 'store', 'chunks.blob'))) execFileSync('losetup', ['-d', dev]);
     }
   });
 });
@@ -292,7 +292,7 @@ describe('EROFS file-backed mount options', () => {
       assert.ok(superOptions(target).includes('ro'));
       assert.ok(!superOptions(target).includes('directio'), superOptions(target).join(','));
       assert.equal(sn.mounter?.directIoInUse, false);
-      const expected = Math.max(deviceReadAheadKb(path.join(dir, 'root', 'cache', 'chunks.blob')) ?? 0, 4096);
+      const expected = Math.max(deviceReadAheadKb(path.join(dir, 'root', 'store', 'chunks.blob')) ?? 0, 4096);
       assert.equal(sn.mounter?.readAheadInUse, expected, 'the store device\'s read-ahead, at least one 4 MiB chunk');
       assert.ok(bdisAt(expected) >= 1);
     } finally {

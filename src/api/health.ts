@@ -3,7 +3,8 @@ import type { Snapshotter } from '../snapshot/snapshotter';
 
 /**
  * What GET /healthz checks: the gRPC socket is in place, the metadata
- * database answers, the chunk store is readable and writable. Null when all
+ * database answers, the chunk store is readable and writable, is still the
+ * file the daemon writes, and no layer is quarantined. Null when all
  * hold, else the first problem, in words an operator can act on.
  */
 export function healthProblem(opts: { stopping: boolean; grpcAddress: string; sn: Snapshotter }): string | null {
@@ -25,5 +26,6 @@ export function healthProblem(opts: { stopping: boolean; grpcAddress: string; sn
       return `chunk store: ${(err as Error).message}`;
     }
   }
-  return null;
+  // A deleted or replaced store file, or layers not served because their data is damaged.
+  return opts.sn.integrity?.healthProblem() ?? null;
 }

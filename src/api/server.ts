@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { PassThrough } from 'node:stream';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { prepareSocketPath } from '../grpc/server';
 import type { Logger } from '../log/logger';
@@ -9,7 +10,7 @@ import { type StatsSources, collectStats, toPrometheus } from './stats';
 /**
  * The HTTP API (`api.address`: "host:port", loopback by default, or a unix
  * socket path): GET /stats, GET /metrics, GET /healthz, POST /prefetch,
- * GET /prefetch/<id>. Errors are JSON `{"error": "..."}` with a 4xx for
+ * GET /prefetch/<id>, POST /fsck. Errors are JSON `{"error": "..."}` with a 4xx for
  * what the client sent and 5xx for the daemon's own trouble.
  */
 export interface ApiOptions {
@@ -19,6 +20,8 @@ export interface ApiOptions {
   prefetch: Prefetcher;
   /** Null when healthy, else what is wrong. */
   health: () => string | null;
+  /** POST /fsck: verifies the store and layer images; progress as it goes. */
+  fsck?: (onProgress: (p: unknown) => void) => Promise<unknown>;
   /** Called for each POST /prefetch (accepted or not), for the audit log. */
   onPrefetch?: (e: { ok: boolean; status: number; imageId: string | null; jobId: string | null; error: string | null; durationMs: number }) => void;
 }
@@ -142,11 +145,33 @@ export async function startApiServer(opts: ApiOptions): Promise<ApiHandle> {
     if (!job) return reply.code(404).send({ error: `no prefetch job ${JSON.stringify(req.params.id.slice(0, 100))}` });
     return job;
   });
+  // One fsck at a time; the answer is NDJSON: {"progress":…} lines, then {"report":…} or {"error":…}.
+  let fsckRunning = false;
+  app.post('/fsck', async (_req, reply) => {
+    const fsck = opts.fsck;
+    if (!fsck) return reply.code(404).send({ error: 'this daemon has no chunk store to check (use_erofs is off)' });
+    if (fsckRunning) return reply.code(409).send({ error: 'an fsck is already running' });
+    fsckRunning = true;
+    const out = new PassThrough();
+    const line = (v: unknown) => out.write(`${JSON.stringify(v)}\n`);
+    fsck((p) => line({ progress: p }))
+      .then((report) => line({ report }))
+      .catch((err: Error) => {
+        log.error({ op: 'fsck', err: err.message }, `fsck failed: ${err.message}`);
+        line({ error: err.message });
+      })
+      .finally(() => {
+        fsckRunning = false;
+        out.end();
+      });
+    return reply.code(200).type('application/x-ndjson').send(out);
+  });
   const others: [string, ('GET' | 'POST' | 'PUT' | 'DELETE' | 'PATCH')[]][] = [
     ['/stats', ['POST', 'PUT', 'DELETE', 'PATCH']],
     ['/metrics', ['POST', 'PUT', 'DELETE', 'PATCH']],
     ['/healthz', ['POST', 'PUT', 'DELETE', 'PATCH']],
     ['/prefetch', ['GET', 'PUT', 'DELETE', 'PATCH']],
+    ['/fsck', ['GET', 'PUT', 'DELETE', 'PATCH']],
   ];
   for (const [url, method] of others) {
     app.route({ method, url, handler: async (req, reply) => reply.code(405).send({ error: `${req.method} is not allowed on ${url}` }) });

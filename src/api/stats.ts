@@ -51,7 +51,15 @@ export interface Stats {
   layers: { total: number; erofs: number; directory: number; converting: number };
   bytes: { logical: number; stored: number; saved: number; referenced: number; store_disk: number; images: number };
   dedup_ratio: number | null;
-  chunks: { total: number; unique: number };
+  chunks: { total: number; unique: number; bad: number };
+  /** Store file, quarantined layers, background scrub (see snapshot/integrity.ts). */
+  integrity: {
+    store_file: string | null;
+    store_problem: string | null;
+    quarantined_layers: { layer: string; reason: string; key: string; images: string[] }[];
+    last_scrub_ms: number | null;
+    scrubbed_bytes: number;
+  };
   conversions: { count: number; failures: number; bytes: number; last_ms: number | null; p50_ms: number | null; p99_ms: number | null };
   mounts: { backend: string | null; erofs_layers: number; direct_io: boolean | 'auto' | null; read_ahead_kb: number | null };
   /**
@@ -132,7 +140,7 @@ export function collectStats(src: StatsSources): Stats {
   const logical = layers.reduce((a, l) => a + l.logical_bytes, 0);
   const images = layers.reduce((a, l) => a + l.image_bytes, 0);
   const chunkRefs = layers.reduce((a, l) => a + l.chunks, 0);
-  const store = sn.store?.stats() ?? { chunks: 0, storedBytes: 0, referencedBytes: 0, diskBytes: 0 };
+  const store = sn.store?.stats() ?? { chunks: 0, badChunks: 0, storedBytes: 0, referencedBytes: 0, diskBytes: 0 };
   const mntDir = path.join(sn.root, 'mnt') + path.sep;
   const erofsMounts = listMounts().filter((m) => m.fstype === 'erofs' && m.target.startsWith(mntDir)).length;
   const mem = process.memoryUsage();
@@ -154,7 +162,14 @@ export function collectStats(src: StatsSources): Stats {
       images,
     },
     dedup_ratio: store.storedBytes > 0 ? Math.round((logical / store.storedBytes) * 1000) / 1000 : null,
-    chunks: { total: chunkRefs, unique: store.chunks },
+    chunks: { total: chunkRefs, unique: store.chunks, bad: store.badChunks },
+    integrity: {
+      store_file: sn.store?.blobPath ?? null,
+      store_problem: sn.store?.fileProblem() ?? null,
+      quarantined_layers: sn.integrity?.problems() ?? [],
+      last_scrub_ms: sn.integrity?.lastScrubMs ?? null,
+      scrubbed_bytes: sn.integrity?.scrubbedBytes ?? 0,
+    },
     conversions: { count: c.count, failures: c.failures, bytes: c.bytes, last_ms: c.lastMs, p50_ms: c.percentile(50), p99_ms: c.percentile(99) },
     mounts: {
       backend: sn.mounter?.current ?? null,
@@ -230,6 +245,8 @@ export function toPrometheus(s: Stats): string {
     g('dedup_ratio', 'Logical bytes / stored bytes.', s.dedup_ratio),
     g('dedup_chunk_references', 'Chunk references over all layers.', s.chunks.total),
     g('dedup_chunks_unique', 'Distinct chunks in the store.', s.chunks.unique),
+    g('dedup_chunks_bad', 'Chunks whose bytes are lost or do not match their digest.', s.chunks.bad),
+    g('dedup_layers_quarantined', 'Layers not served because their image or chunks are damaged.', s.integrity.quarantined_layers.length),
     g('dedup_conversions_total', 'Layer conversions since start.', s.conversions.count, 'counter'),
     g('dedup_conversion_failures_total', 'Failed layer conversions since start.', s.conversions.failures, 'counter'),
     g('dedup_converted_bytes_total', 'Logical bytes converted since start.', s.conversions.bytes, 'counter'),

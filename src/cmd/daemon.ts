@@ -79,7 +79,7 @@ export async function runDaemon(): Promise<void> {
         ondemand && ondemand.backend !== 'fetch'
           ? {
               backend: ondemand.backend,
-              // Under ROOT/cache, with the chunk store: the guide's `du -sh ROOT/cache` sees it.
+              // Under ROOT/cache (only what can be fetched again): the guide's `du -sh ROOT/cache` sees it.
               fscache: { dir: path.join(cfg.root, 'cache', 'fscache'), tag: 'dedup', domain: 'dedup' },
               socket: path.join(cfg.root, 'ondemand', 'holder.sock'),
               // This same program, detached: it outlives the daemon.
@@ -101,6 +101,7 @@ export async function runDaemon(): Promise<void> {
             convertMode: cfg.convert_mode,
           }
         : null,
+      integrity: { scrubMbps: cfg.integrity.scrub_mbps, scrubIntervalMs: cfg.integrity.scrub_interval_minutes * 60_000 },
     });
     // Directories left by a crash (no row names them) go before serving;
     // layer images are mounted again and the chunk store checked.
@@ -262,6 +263,21 @@ export async function runDaemon(): Promise<void> {
       prefetch,
       stats: { sn: snapshotter, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
       health: () => healthProblem({ stopping, grpcAddress: cfg.address, sn: snapshotter }),
+      fsck: snapshotter.integrity
+        ? async (onProgress) => {
+            const started = Date.now();
+            const report = await snapshotter.fsck(onProgress);
+            audit.record({
+              operation: 'fsck',
+              key: null,
+              result: report.quarantined.length === 0 && !report.store ? 'ok' : 'error',
+              error: report.store,
+              durationMs: Date.now() - started,
+              details: { checked: report.verified?.checked ?? 0, bad_chunks: report.badChunks, quarantined: report.quarantined.map((q) => q.layer), released: report.released },
+            });
+            return report;
+          }
+        : undefined,
       onPrefetch: (e) =>
         audit.record({
           operation: 'prefetch',

@@ -3,6 +3,8 @@ import { runDaemon } from './daemon';
 const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy snapshotter (the default)
        dedup-snapshotter doctor [--json]  check this host for everything the snapshotter needs, with fixes
        dedup-snapshotter stats [--json]   print the running daemon's /stats
+       dedup-snapshotter fsck [--json] [--drop-broken]
+                                          verify every chunk and layer image; list what is damaged and how to fix it
        dedup-snapshotter convert [--plain-http] SRC DST
                                           convert a registry image into a dedup image (lazy pull)
        dedup-snapshotter pull [--plain-http] [--address SOCK] [--namespace NS] REF
@@ -30,6 +32,11 @@ async function main(argv: string[]): Promise<void> {
   if (cmd === 'stats') {
     const { runStats } = await import('./stats');
     process.exitCode = await runStats(rest);
+    return;
+  }
+  if (cmd === 'fsck') {
+    const { runFsck } = await import('./fsck');
+    process.exitCode = await runFsck(rest);
     return;
   }
   if (cmd === 'convert') {

@@ -59,6 +59,12 @@ export interface Config {
    * the chunk store (shared with every other layer) once nothing uses it.
    */
   readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number; readonly prefetch_concurrency: number; readonly settle: boolean };
+  /**
+   * Background scrub of the chunk store: every scrub_interval_minutes (0:
+   * never) every chunk is read back at scrub_mbps MiB/s and checked against
+   * its digest; layers on damaged chunks are quarantined.
+   */
+  readonly integrity: { readonly scrub_mbps: number; readonly scrub_interval_minutes: number };
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -90,6 +96,7 @@ export function defaultConfig(): Config {
     prefetch: { trace_dir: null, concurrency: 2 },
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
+    integrity: { scrub_mbps: 20, scrub_interval_minutes: 1440 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     source: null,
   };
@@ -159,7 +166,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'audit']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'integrity', 'audit']);
   const out: { -readonly [K in keyof Config]: Config[K] } = {
     ...base,
     ksm: { ...base.ksm },
@@ -274,6 +281,13 @@ export function applyConfigObject(base: Config, doc: Json): Config {
     if ('prefetch_mbps' in od) out.ondemand = { ...out.ondemand, prefetch_mbps: expectInt('ondemand.prefetch_mbps', od.prefetch_mbps, 0, 1_000_000) };
     if ('prefetch_concurrency' in od) out.ondemand = { ...out.ondemand, prefetch_concurrency: expectInt('ondemand.prefetch_concurrency', od.prefetch_concurrency, 1, 16) };
     if ('settle' in od) out.ondemand = { ...out.ondemand, settle: expectBool('ondemand.settle', od.settle) };
+  }
+  if ('integrity' in doc) {
+    const ig = doc.integrity;
+    if (!isObject(ig)) throw new ConfigError('integrity', `expected an object like {"scrub_mbps": 20, "scrub_interval_minutes": 1440}, got ${JSON.stringify(ig)}`);
+    rejectUnknown('integrity', ig, ['scrub_mbps', 'scrub_interval_minutes']);
+    if ('scrub_mbps' in ig) out.integrity = { ...out.integrity, scrub_mbps: expectInt('integrity.scrub_mbps', ig.scrub_mbps, 1, 100_000) };
+    if ('scrub_interval_minutes' in ig) out.integrity = { ...out.integrity, scrub_interval_minutes: expectInt('integrity.scrub_interval_minutes', ig.scrub_interval_minutes, 0, 525_600) };
   }
   if ('audit' in doc) {
     const au = doc.audit;

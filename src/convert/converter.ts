@@ -1,3 +1,4 @@
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
@@ -9,6 +10,8 @@ import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 /** What a conversion produced, handed to the caller's transaction. */
 export interface ConvertedLayer {
   image: string;
+  /** SHA-256 (hex) of the image as written: checked before each mount at start. */
+  imageSha256: string;
   /** The image names the chunk store as its extra device (false: no file data). */
   hasBlob: boolean;
   /** Chunks to record as new rows (their data is durable): digest and extent. */
@@ -27,6 +30,8 @@ export interface ConvertStats {
   dedupChunks: number;
   /** Bytes this layer added to the store. */
   newBytes: number;
+  /** Bad chunks of the store whose bytes this layer brought again. */
+  healedChunks?: number;
   imageBytes: number;
   mkfsMs: number;
   importMs: number;
@@ -117,15 +122,19 @@ export class Converter {
       const target = new Map<string, number>(); // digest → store blkaddr
       const pinned: number[] = [];
       const fresh: { digest: string; extent: Extent; key: string }[] = [];
+      // Bad chunks (bytes lost or damaged) this layer has: written again at their own address.
+      const heal: { digest: string; extent: Extent; key: string; id: number }[] = [];
       const placed: string[] = [];
       try {
         for (const c of layer.chunks) {
           if (target.has(c.digest)) continue;
-          const row = store.lookup(c.digest);
+          const row = store.lookupAny(c.digest);
+          if (row && row.bad && row.nblocks !== c.nblocks) throw new Error(`chunk ${c.digest}: the store's damaged copy has ${row.nblocks} blocks, this layer's ${c.nblocks}`);
           if (row) {
             store.pin(row.id);
             pinned.push(row.id);
             target.set(c.digest, row.blkaddr);
+            if (row.bad) heal.push({ digest: c.digest, extent: row, key: c.key, id: row.id });
           } else {
             const extent = store.allocate(c.nblocks);
             fresh.push({ digest: c.digest, extent, key: c.key });
@@ -137,7 +146,15 @@ export class Converter {
           if (buf.length !== f.extent.nblocks * STORE_BLOCK) throw new Error(`chunk ${f.digest}: ${buf.length} bytes, expected ${f.extent.nblocks * STORE_BLOCK}`);
           await store.write(f.extent, buf);
         }
-        if (fresh.length > 0) await store.sync();
+        for (const h of heal) {
+          const buf = await read(h.key);
+          // Whatever the source, only the right bytes go over a chunk other layers reference.
+          const got = crypto.createHash('sha256').update(buf).digest('hex');
+          if (got !== h.digest) throw new Error(`chunk ${h.digest}: the bytes read for it hash to ${got}`);
+          await store.write(h.extent, buf);
+        }
+        if (fresh.length > 0 || heal.length > 0) await store.sync();
+        if (heal.length > 0) store.markGood(heal.map((h) => h.id));
 
         for (const r of layer.refs) {
           const digest = digestOf.get(extentKey(r));
@@ -150,6 +167,7 @@ export class Converter {
         placed.push(image);
         const converted: ConvertedLayer = {
           image,
+          imageSha256: crypto.createHash('sha256').update(img).digest('hex'),
           hasBlob: layer.scan.sb.extraDevices > 0,
           newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
           existingChunkIds: pinned,
@@ -160,6 +178,7 @@ export class Converter {
             newChunks: fresh.length,
             dedupChunks: target.size - fresh.length,
             newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
+            healedChunks: heal.length,
             imageBytes: img.length,
             mkfsMs: layer.mkfsMs,
             importMs: Date.now() - t1,

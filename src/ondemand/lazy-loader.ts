@@ -925,7 +925,8 @@ export class LazyLoader {
       }
     }
     const row = this.o.store.lookup(digest);
-    if (row && row.nblocks === nblocks) return this.o.store.read(row);
+    // Checked: a damaged store chunk must not spread into a lazy layer (it is marked bad; the registry is asked instead).
+    if (row && row.nblocks === nblocks) return this.o.store.readChecked(row);
     return null;
   }
 

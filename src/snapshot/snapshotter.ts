@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { alreadyExists, internal, notFound, unavailable } from '../errdefs/errors';
+import { alreadyExists, failedPrecondition, internal, notFound, unavailable } from '../errdefs/errors';
 import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ConvertedLayerPusher } from '../convert/share';
@@ -18,6 +18,8 @@ import { extentKey, scanDataChunks } from '../convert/chunks';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
+import { type IntegrityReport, LayerIntegrity } from './integrity';
+import type { VerifyProgress } from '../store/verify';
 import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from './fsutil';
 import { type LayerRow, MetaStore, checkKey } from './storage';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from './types';
@@ -77,6 +79,8 @@ export interface SnapshotterOptions {
     /** Background mode: how long a replaced directory is kept after it was last handed out in a mount. */
     retireGraceMs?: number;
   } | null;
+  /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
+  integrity?: { scrubMbps: number; scrubIntervalMs: number };
   /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
   pushConverted?: boolean;
 }
@@ -108,7 +112,9 @@ const REMOVED_PREFIX = 'rm-';
  *   snapshots/<id>/work    overlayfs workdir of an active snapshot
  *   images/<id>.erofs      a converted committed layer (use_erofs)
  *   mnt/<id>               where that image is mounted, read-only
- *   cache/chunks.blob      the chunk store all images read their data from
+ *   store/chunks.blob      the chunk store all images read their data from
+ *   lazy/<id>.erofs|.blob  a lazy layer's image and its on-demand data
+ *   cache/                 only what can be fetched again (fscache's cache)
  *
  * Directories are named by numeric id, never by key. Crash safety: a
  * snapshot's directory is built under a temporary name and renamed to its id
@@ -159,9 +165,13 @@ export class Snapshotter {
   private settleRunning: Promise<number> | null = null;
   /** Lazy layers settled into the chunk store since start. */
   settledLayers = 0;
+  /** Which layers may be served (damaged images or chunks are quarantined). */
+  readonly integrity: LayerIntegrity | null = null;
+  private readonly scrub: { scrubMbps: number; scrubIntervalMs: number } | null;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
+    this.scrub = opts.integrity ?? null;
     this.onConvert = opts.onConvert;
     this.root = opts.root;
     this.log = opts.logger ?? silentLogger();
@@ -225,6 +235,25 @@ export class Snapshotter {
         });
       }
       if (this.loader) this.migrateLazyImages();
+      const integrity = new LayerIntegrity({
+        ms: this.ms,
+        store: this.store,
+        imagePath: (id) => (this.loader && this.ms.isLazy(id) ? this.loader.imageOf(id) : (this.converter as Converter).imagePath(id)),
+        mountPath: (id) => this.mntPath(id),
+        logger: this.log,
+      });
+      this.integrity = integrity;
+      // A chunk found bad while serving (a copy for a lazy layer), or healed
+      // by an import that brought its bytes: the layers on it stop or start being served.
+      let due = false;
+      this.store.onChunkHealth = () => {
+        if (due) return;
+        due = true;
+        setImmediate(() => {
+          due = false;
+          if (!this.closed) integrity.afterChunkHealth();
+        });
+      };
       if (opts.pushConverted && this.remote) {
         this.share = new ConvertedLayerPusher({ client: this.remote.client, mkfs: mkfsFeatures, chunkSize: opts.erofs.chunkSize, workDir: path.join(this.root, 'tmp'), logger: this.log });
       }
@@ -240,10 +269,21 @@ export class Snapshotter {
     return this.ms.getLayer(id) ? this.mntPath(id) : this.upperPath(id);
   }
 
+  /** Throws FailedPrecondition, naming what to do, if layer `id` is quarantined (see integrity.ts). */
+  private assertServed(id: string): void {
+    const quarantined = this.integrity?.isQuarantined(id);
+    if (!quarantined) return;
+    const p = (this.integrity as LayerIntegrity).describe(id, quarantined);
+    throw failedPrecondition(
+      `layer ${id} (snapshot ${JSON.stringify(p.key)}) is quarantined, not served: ${quarantined}; remove the image${p.images.length > 0 ? ` (${p.images.join(', ')})` : ''} and pull it again (dedup-snapshotter fsck lists what is affected)`,
+    );
+  }
+
   /** Mounts the EROFS image of `layer` unless `mounted` (the mount points now) has it. */
   private ensureLayerMounted(layer: LayerRow, mounted: Set<string>): void {
     const id = String(layer.snapshot_id);
     if (!this.converter || !this.mounter) throw internal(`layer ${id} is an EROFS image but use_erofs is off`);
+    this.assertServed(id);
     const target = this.mntPath(id);
     if (mounted.has(target)) return;
     if (!this.ms.isLazy(id)) return this.mounter.mount(this.converter.imagePath(id), target, layer.has_blob === 1);
@@ -297,13 +337,26 @@ export class Snapshotter {
       })),
     );
     const lazyIds = new Set(lazy.map((r) => String(r.snapshot_id)));
+    // Damaged images and chunks are found before anything is mounted from them.
+    await this.integrity?.checkAtStart(layers.map((l) => String(l.snapshot_id)));
     let remounted = 0;
     for (const layer of layers) {
       const id = String(layer.snapshot_id);
       const loader = this.loader as LazyLoader;
+      if (this.integrity?.isQuarantined(id)) {
+        if (mounted.has(this.mntPath(id))) unmountErofs(this.mntPath(id));
+        if (fs.existsSync(path.join(this.snapshotsDir, id))) this.retire(id, 0);
+        continue;
+      }
       if (!mounted.has(this.mntPath(id))) {
-        if (lazyIds.has(id)) await this.mountLazyLayer(layer);
-        else this.ensureLayerMounted(layer, mounted);
+        try {
+          if (lazyIds.has(id)) await this.mountLazyLayer(layer);
+          else this.ensureLayerMounted(layer, mounted);
+        } catch (err) {
+          // One bad layer does not stop the daemon: it is not served, the others are.
+          (this.integrity as LayerIntegrity).quarantineAndLog(id, `the kernel cannot mount its image: ${(err as Error).message}`);
+          continue;
+        }
         remounted++;
         if (lazyIds.has(id)) loader.prefetchInBackground(id);
       } else if (lazyIds.has(id) && loader.backend === 'fscache' && loader.cachefilesRebound) {
@@ -341,11 +394,14 @@ export class Snapshotter {
     }
     if (this.store) {
       const r = this.store.fsck(new Set([...live].map(Number)));
+      this.store.saveStamp();
       const st = this.store.stats();
+      const quarantined = this.ms.quarantined().length;
       this.log.info(
-        { op: 'recover', layers: live.size, remounted, ...r, chunks: st.chunks, stored_bytes: st.storedBytes },
+        { op: 'recover', layers: live.size, remounted, ...r, chunks: st.chunks, stored_bytes: st.storedBytes, bad_chunks: st.badChunks, quarantined },
         'chunk store checked',
       );
+      if (this.scrub) this.integrity?.startScrub(this.scrub.scrubMbps, this.scrub.scrubIntervalMs);
     }
   }
 
@@ -565,6 +621,7 @@ export class Snapshotter {
           this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
           this.addLayerRow(id, header.has_blob, stats, started);
           this.ms.addLazyLayer(id, { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) });
+          this.ms.setImageDigest(id, crypto.createHash('sha256').update(img).digest('hex'));
         });
       } catch (err) {
         unmountErofs(target);
@@ -736,6 +793,7 @@ export class Snapshotter {
               const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
               store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
               this.ms.settleLazyLayer(id, { image_bytes: layer.stats.imageBytes, chunks: layer.stats.chunks, new_chunks: layer.stats.newChunks, new_bytes: layer.stats.newBytes });
+              this.ms.setImageDigest(id, layer.imageSha256);
             });
           } catch (err) {
             unmountErofs(target);
@@ -820,6 +878,7 @@ export class Snapshotter {
       if (kind === Kind.Active) fs.mkdirSync(path.join(tmp, 'work'), { mode: 0o711 });
       snap = this.ms.transaction(() => {
         const s = this.ms.createSnapshot(kind, key, parent, labels);
+        for (const id of s.parentIds) this.assertServed(id);
         if (s.parentIds.length > 0) {
           // The new layer's root starts owned like its parent's (containerd does the same).
           const st = fs.lstatSync(this.layerRoot(s.parentIds[0]));
@@ -985,6 +1044,7 @@ export class Snapshotter {
     const newIds = layer.newChunks.map((c) => store.insertChunk(c.digest, c.extent));
     store.addLayerRefs(Number(id), [...newIds, ...layer.existingChunkIds]);
     this.addLayerRow(id, layer.hasBlob, layer.stats, started);
+    this.ms.setImageDigest(id, layer.imageSha256);
   }
 
   /** In a transaction: the layer row of `id` (an EROFS image now). */
@@ -1051,6 +1111,17 @@ export class Snapshotter {
       this.ensureLayerMounted(layer, mounted as Set<string>);
       return this.mntPath(id);
     });
+  }
+
+  /**
+   * `dedup-snapshotter fsck` (POST /fsck): every chunk of the store and every
+   * layer image verified, layers on damaged data quarantined, layers whose
+   * data is good again served again. Progress goes to `onProgress`.
+   */
+  async fsck(onProgress?: (p: VerifyProgress) => void): Promise<IntegrityReport> {
+    this.checkOpen();
+    if (!this.integrity) throw failedPrecondition('use_erofs is off: there is no chunk store to check');
+    return this.integrity.fsck(this.ms.layers().map((l) => String(l.snapshot_id)), onProgress);
   }
 
   /** Layer rows (EROFS layers) for /stats. */
@@ -1280,6 +1351,7 @@ export class Snapshotter {
     this.share?.close();
     // The holder keeps the marks: reads wait for the next daemon.
     this.loader?.close();
+    void this.integrity?.stop();
     // Layer mounts stay: running containers use them, and start-up finds them.
     this.store?.close();
     this.ms.close();

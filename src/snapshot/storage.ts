@@ -18,7 +18,7 @@ import { type Info, Kind, type Labels, type Snapshot, type Usage } from './types
 
 export const MAX_KEY_SIZE = 4096;
 
-const SCHEMA_VERSION = 3;
+const SCHEMA_VERSION = 4;
 
 interface Row {
   id: number;
@@ -33,6 +33,12 @@ interface Row {
 }
 
 /** A layer whose data is loaded on demand from a dedup image (header: its LayerHeader as JSON). */
+export interface QuarantineRow {
+  snapshot_id: number;
+  reason: string;
+  since_ms: number;
+}
+
 export interface LazyLayerRow {
   snapshot_id: number;
   image_ref: string;
@@ -115,6 +121,18 @@ export class MetaStore {
         layer_digest     TEXT    NOT NULL,
         header           TEXT    NOT NULL,
         created_ms       INTEGER NOT NULL
+      );
+      -- v4: what each layer image should hash to (checked before it is
+      -- mounted at start), and layers not served because their image or
+      -- their chunks are damaged (see snapshot/integrity.ts).
+      CREATE TABLE IF NOT EXISTS layer_images (
+        snapshot_id  INTEGER PRIMARY KEY REFERENCES snapshots(id),
+        sha256       TEXT    NOT NULL
+      );
+      CREATE TABLE IF NOT EXISTS quarantine (
+        snapshot_id  INTEGER PRIMARY KEY REFERENCES snapshots(id),
+        reason       TEXT    NOT NULL,
+        since_ms     INTEGER NOT NULL
       );
       PRAGMA user_version = ${SCHEMA_VERSION};
       COMMIT;
@@ -275,6 +293,8 @@ export class MetaStore {
     }
     const layer = this.db.prepare('DELETE FROM layers WHERE snapshot_id = ?').run(row.id).changes > 0;
     this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(row.id);
+    this.db.prepare('DELETE FROM layer_images WHERE snapshot_id = ?').run(row.id);
+    this.db.prepare('DELETE FROM quarantine WHERE snapshot_id = ?').run(row.id);
     this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
     return { id: String(row.id), kind: row.kind as Kind, layer };
   }
@@ -342,6 +362,45 @@ export class MetaStore {
     const n = Number(id);
     if (this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(n).changes !== 1) throw new Error(`layer ${id} is not a lazy layer`);
     this.db.prepare('UPDATE layers SET image_bytes = ?, chunks = ?, new_chunks = ?, new_bytes = ? WHERE snapshot_id = ?').run(l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, n);
+  }
+
+  /** Snapshot `id` and every snapshot stacked on it (children, theirs, …): key and labels, for naming the images a layer serves. */
+  withDescendants(id: string): { id: string; key: string; labels: Labels; kind: Kind }[] {
+    const rows = this.db
+      .prepare(
+        `WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT s.id FROM snapshots s JOIN d ON s.parent_id = d.id)
+         SELECT s.id, s.key, s.labels, s.kind FROM snapshots s JOIN d ON s.id = d.id ORDER BY s.id`,
+      )
+      .all(Number(id)) as { id: number; key: string; labels: string; kind: number }[];
+    return rows.map((r) => ({ id: String(r.id), key: r.key, labels: JSON.parse(r.labels) as Labels, kind: r.kind as Kind }));
+  }
+
+  /** In a transaction (or alone): the SHA-256 layer `id`'s image file should have. */
+  setImageDigest(id: string, sha256: string): void {
+    this.db
+      .prepare('INSERT INTO layer_images (snapshot_id, sha256) VALUES (?, ?) ON CONFLICT(snapshot_id) DO UPDATE SET sha256 = excluded.sha256')
+      .run(Number(id), sha256);
+  }
+
+  imageDigest(id: string): string | undefined {
+    return (this.db.prepare('SELECT sha256 FROM layer_images WHERE snapshot_id = ?').get(Number(id)) as { sha256: string } | undefined)?.sha256;
+  }
+
+  /** Layer `id` is not served: its image or its chunks are damaged. Returns false if it was quarantined already. */
+  quarantine(id: string, reason: string): boolean {
+    return this.db.prepare('INSERT OR IGNORE INTO quarantine (snapshot_id, reason, since_ms) VALUES (?, ?, ?)').run(Number(id), reason, Date.now()).changes > 0;
+  }
+
+  release(id: string): void {
+    this.db.prepare('DELETE FROM quarantine WHERE snapshot_id = ?').run(Number(id));
+  }
+
+  quarantined(): QuarantineRow[] {
+    return this.db.prepare('SELECT * FROM quarantine ORDER BY snapshot_id').all() as QuarantineRow[];
+  }
+
+  quarantineOf(id: string): QuarantineRow | undefined {
+    return this.db.prepare('SELECT * FROM quarantine WHERE snapshot_id = ?').get(Number(id)) as QuarantineRow | undefined;
   }
 
   lazyLayers(): LazyLayerRow[] {

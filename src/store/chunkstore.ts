@@ -1,3 +1,4 @@
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type Database from 'better-sqlite3';
@@ -7,10 +8,22 @@ import { silentLogger } from '../log/logger';
 
 /**
  * The node-wide content-addressed chunk store: one sparse file
- * (`cache/chunks.blob`) addressed in 4 KiB blocks, and an index in the
+ * (`store/chunks.blob`) addressed in 4 KiB blocks, and an index in the
  * metadata database (digest → block address, length, reference count).
  * Every EROFS layer image names this file as its one extra device, so a chunk
- * stored once serves every layer of every image that contains it.
+ * stored once serves every layer of every image that contains it. It is the
+ * only copy of converted layers' data, so it lives outside `cache/` (which
+ * holds only what can be fetched again); older versions kept it at
+ * `cache/chunks.blob` and it is moved at start.
+ *
+ * Integrity: the store is never silently re-created or trusted. A file that
+ * is missing while the index names chunks, or shorter than the chunks it
+ * should hold, marks those chunks bad (table bad_chunks); so does a chunk
+ * whose bytes no longer match its digest (see verify.ts). A bad chunk is
+ * never handed to a new layer (`lookup` skips it); an import that brings its
+ * bytes again writes them, checked, at the chunk's own address, which heals
+ * every layer that references it. Layers that reference bad chunks are not
+ * served (the snapshotter quarantines them).
  *
  * Order of durability, for kill -9 at any point: chunk data is written and
  * fdatasync'ed before any row names it, and rows are written in the same
@@ -34,6 +47,8 @@ export interface ChunkRow extends Extent {
 
 export interface StoreStats {
   chunks: number;
+  /** Chunks whose bytes are missing or do not match their digest. */
+  badChunks: number;
   /** Bytes of chunk data stored (live chunks, block-rounded). */
   storedBytes: number;
   /** Sum over layers of the chunk bytes they reference (what they would take undeduplicated). */
@@ -42,10 +57,23 @@ export interface StoreStats {
   diskBytes: number;
 }
 
+/** What the store file looked like when this daemon last knew it untouched by others (see stampMatches). */
+interface Stamp {
+  ino: number;
+  size: number;
+  ctimeNs: string;
+}
+
 export class ChunkStore {
   readonly dir: string;
   readonly blobPath: string;
   private fd: number;
+  /** (dev, ino) of the file `fd` is: compared with what `blobPath` names now (see fileProblem). */
+  private readonly fileId: { dev: number; ino: number };
+  /** Told when chunks turned bad or good again (the layers on them stop or start being served). */
+  onChunkHealth?: () => void;
+  /** What start-up found wrong with the store file, for the log and /healthz (null: nothing). */
+  readonly openProblem: string | null = null;
   private readonly db: Database.Database;
   private readonly log: Logger;
   /** Free extents below the high-water mark, sorted by address. */
@@ -56,14 +84,40 @@ export class ChunkStore {
   private lockTail: Promise<void> = Promise.resolve();
 
   constructor(opts: { root: string; db: Database.Database; logger?: Logger }) {
-    this.dir = path.join(opts.root, 'cache');
+    this.dir = path.join(opts.root, 'store');
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     this.blobPath = path.join(this.dir, 'chunks.blob');
-    this.fd = fs.openSync(this.blobPath, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
     this.db = opts.db;
     this.log = opts.logger ?? silentLogger();
     this.migrate();
+    moveFromCache(opts.root, this.blobPath, this.log);
+    const rows = (this.db.prepare('SELECT count(*) AS n FROM chunks').get() as { n: number }).n;
+    let fd: number;
+    try {
+      fd = fs.openSync(this.blobPath, fs.constants.O_RDWR);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      fd = fs.openSync(this.blobPath, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+      fsyncDirOf(this.blobPath);
+      if (rows > 0) {
+        // The index names chunks whose only copy is gone. A new, empty file
+        // lets new layers be stored; the old chunks are bad, never handed
+        // out, until an import brings their bytes again.
+        const n = this.markBad(this.allChunkIds(), 'the store file was missing');
+        this.openProblem = `${this.blobPath} was missing at start although ${n} chunks were stored in it: their data is lost`;
+      }
+    }
+    this.fd = fd;
+    const st = fs.fstatSync(fd);
+    this.fileId = { dev: st.dev, ino: st.ino };
     this.rebuildFreeList();
+    if (!this.openProblem && st.size < this.highWater * STORE_BLOCK) {
+      const cut = this.db
+        .prepare('SELECT id FROM chunks WHERE (blkaddr + nblocks) * ? > ?')
+        .all(STORE_BLOCK, st.size) as { id: number }[];
+      const n = this.markBad(cut.map((r) => r.id), 'beyond the end of the store file (truncated)');
+      this.openProblem = `${this.blobPath} is ${st.size} bytes, shorter than the ${this.highWater * STORE_BLOCK} its chunks need: ${n} chunks are lost`;
+    }
   }
 
   private migrate(): void {
@@ -82,7 +136,101 @@ export class ChunkStore {
         PRIMARY KEY (snapshot_id, chunk_id)
       ) WITHOUT ROWID;
       CREATE INDEX IF NOT EXISTS layer_chunks_chunk ON layer_chunks(chunk_id);
+      -- Chunks whose bytes are missing or do not match their digest.
+      CREATE TABLE IF NOT EXISTS bad_chunks (
+        chunk_id  INTEGER PRIMARY KEY REFERENCES chunks(id),
+        reason    TEXT    NOT NULL,
+        found_ms  INTEGER NOT NULL
+      );
+      CREATE TABLE IF NOT EXISTS store_meta (
+        name   TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+      );
     `);
+  }
+
+  private allChunkIds(): number[] {
+    return (this.db.prepare('SELECT id FROM chunks').all() as { id: number }[]).map((r) => r.id);
+  }
+
+  /** Records chunks as bad (their bytes missing or wrong); returns how many were not bad already. */
+  markBad(ids: Iterable<number>, reason: string): number {
+    const ins = this.db.prepare('INSERT OR IGNORE INTO bad_chunks (chunk_id, reason, found_ms) VALUES (?, ?, ?)');
+    let n = 0;
+    const now = Date.now();
+    this.db.transaction(() => {
+      for (const id of ids) n += ins.run(id, reason, now).changes;
+    })();
+    if (n > 0) this.onChunkHealth?.();
+    return n;
+  }
+
+  /** Chunks whose right bytes were written again: good from now on. */
+  markGood(ids: Iterable<number>): void {
+    const del = this.db.prepare('DELETE FROM bad_chunks WHERE chunk_id = ?');
+    let n = 0;
+    this.db.transaction(() => {
+      for (const id of ids) n += del.run(id).changes;
+    })();
+    if (n > 0) this.onChunkHealth?.();
+  }
+
+  badChunkCount(): number {
+    return (this.db.prepare('SELECT count(*) AS n FROM bad_chunks').get() as { n: number }).n;
+  }
+
+  /** Snapshot ids of layers that reference at least one bad chunk, with how many. */
+  layersWithBadChunks(): Map<number, number> {
+    const rows = this.db
+      .prepare('SELECT lc.snapshot_id AS id, count(*) AS n FROM layer_chunks lc JOIN bad_chunks b ON b.chunk_id = lc.chunk_id GROUP BY lc.snapshot_id')
+      .all() as { id: number; n: number }[];
+    return new Map(rows.map((r) => [r.id, r.n]));
+  }
+
+  /**
+   * Whether the store file is as this daemon last left it (same inode, size
+   * and change time as recorded by `saveStamp`): if not, something else
+   * wrote, truncated or replaced it, or this daemon stopped mid-write, and
+   * every chunk must be verified before it is trusted.
+   */
+  stampMatches(): boolean {
+    const raw = (this.db.prepare("SELECT value FROM store_meta WHERE name = 'stamp'").get() as { value: string } | undefined)?.value;
+    if (!raw) return false;
+    const was = JSON.parse(raw) as Stamp;
+    const now = this.stamp();
+    return was.ino === now.ino && was.size === now.size && was.ctimeNs === now.ctimeNs;
+  }
+
+  /** Records the file's current inode, size and change time: its content is known good as of now. */
+  saveStamp(): void {
+    if (this.fd < 0) return;
+    this.db.prepare("INSERT INTO store_meta (name, value) VALUES ('stamp', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value").run(JSON.stringify(this.stamp()));
+  }
+
+  /** Forgets the stamp: the next start verifies every chunk. */
+  dropStamp(): void {
+    this.db.prepare("DELETE FROM store_meta WHERE name = 'stamp'").run();
+  }
+
+  private stamp(): Stamp {
+    const st = fs.fstatSync(this.fd, { bigint: true });
+    return { ino: Number(st.ino), size: Number(st.size), ctimeNs: String(st.ctimeNs) };
+  }
+
+  /**
+   * What is wrong with the store file now, or null: the path no longer
+   * names the file this daemon writes (deleted or replaced while running:
+   * what it stores now would be lost at the next start).
+   */
+  fileProblem(): string | null {
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(this.blobPath);
+    } catch (err) {
+      return `${this.blobPath} was deleted while the daemon runs (${(err as NodeJS.ErrnoException).code}): new layers are not stored; restart the daemon to put it right`;
+    }
+    if (st.dev !== this.fileId.dev || st.ino !== this.fileId.ino) return `${this.blobPath} was replaced by another file while the daemon runs: new layers are not stored; restart the daemon to put it right`;
+    return null;
   }
 
   /** Free list = the gaps between live chunks; high water = end of the last one. */
@@ -110,8 +258,32 @@ export class ChunkStore {
     }
   }
 
+  /** The chunk with `digest` whose bytes are good (a bad one is never handed out). */
   lookup(digest: string): ChunkRow | undefined {
-    return this.db.prepare('SELECT * FROM chunks WHERE digest = ?').get(digest) as ChunkRow | undefined;
+    return this.db
+      .prepare('SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id)')
+      .get(digest) as ChunkRow | undefined;
+  }
+
+  /** The chunk with `digest`, good or bad (`bad` true: an import must write its bytes again, see Converter.importChunks). */
+  lookupAny(digest: string): (ChunkRow & { bad: boolean }) | undefined {
+    const row = this.db
+      .prepare('SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ?')
+      .get(digest) as (ChunkRow & { bad: number }) | undefined;
+    return row ? { ...row, bad: row.bad === 1 } : undefined;
+  }
+
+  /**
+   * The bytes of chunk `row`, checked against its digest; null (and the
+   * chunk marked bad) when they do not match. For copying a chunk out of
+   * the store (lazy layers), where a damaged copy must not spread.
+   */
+  async readChecked(row: ChunkRow): Promise<Buffer | null> {
+    const buf = await this.read(row);
+    if (crypto.createHash('sha256').update(buf).digest('hex') === row.digest) return buf;
+    this.markBad([row.id], 'its bytes do not match its digest');
+    this.log.error({ op: 'integrity', chunk: row.digest, blkaddr: row.blkaddr }, `chunk sha256:${row.digest} in the store does not match its digest: marked bad`);
+    return null;
   }
 
   pin(id: number): void {
@@ -157,6 +329,8 @@ export class ChunkStore {
   }
 
   async write(e: Extent, data: Buffer): Promise<void> {
+    const problem = this.fileProblem();
+    if (problem) throw new Error(problem);
     const len = e.nblocks * STORE_BLOCK;
     const padded = data.length === len ? data : Buffer.concat([data, Buffer.alloc(len - data.length)]);
     await writeAllAt(this.fd, padded, e.blkaddr * STORE_BLOCK);
@@ -207,8 +381,10 @@ export class ChunkStore {
     const dead = this.db.prepare('SELECT id, blkaddr, nblocks FROM chunks WHERE refs <= 0').all() as ChunkRow[];
     const del = this.db.prepare('DELETE FROM chunks WHERE id = ?');
     const out: Extent[] = [];
+    const delBad = this.db.prepare('DELETE FROM bad_chunks WHERE chunk_id = ?');
     for (const c of dead) {
       if (this.pins.has(c.id)) continue;
+      delBad.run(c.id);
       del.run(c.id);
       out.push({ blkaddr: c.blkaddr, nblocks: c.nblocks });
     }
@@ -269,6 +445,7 @@ export class ChunkStore {
     const st = fs.fstatSync(this.fd);
     return {
       chunks: r.n,
+      badChunks: this.badChunkCount(),
       storedBytes: r.blocks * STORE_BLOCK,
       referencedBytes: ref.blocks * STORE_BLOCK,
       diskBytes: st.blocks * 512,
@@ -277,10 +454,40 @@ export class ChunkStore {
 
   close(): void {
     if (this.fd >= 0) {
+      // A clean stop: the file is as this daemon left it; the next start need not verify it all.
+      try {
+        if (this.db.open && !this.fileProblem()) this.saveStamp();
+      } catch (err) {
+        this.log.warn({ op: 'integrity', err: (err as Error).message }, 'cannot record the chunk store stamp; the next start verifies every chunk');
+      }
       fs.closeSync(this.fd);
       this.fd = -1;
     }
   }
+}
+
+function fsyncDirOf(file: string): void {
+  const fd = fs.openSync(path.dirname(file), 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Versions before 0.2 kept the store at cache/chunks.blob, where the guide's
+ * `rm -rf ROOT/cache/*` deletes it: moved to store/chunks.blob (one rename:
+ * a crash leaves it at one place or the other). Layers mounted meanwhile keep
+ * reading the file they opened.
+ */
+function moveFromCache(root: string, dest: string, log: Logger): void {
+  const old = path.join(root, 'cache', 'chunks.blob');
+  if (fs.existsSync(dest) || !fs.existsSync(old)) return;
+  fs.renameSync(old, dest);
+  fsyncDirOf(dest);
+  fsyncDirOf(old);
+  log.info({ op: 'migrate', from: old, to: dest }, `chunk store moved from ${old} to ${dest} (cache/ holds only what can be fetched again)`);
 }
 
 function writeAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesWritten: number }> {

@@ -369,7 +369,7 @@ export class Stack {
     const points = new Set(mountPoints());
     let storeBytes = 0;
     try {
-      storeBytes = fs.statSync(path.join(root, 'cache', 'chunks.blob')).blocks * 512;
+      storeBytes = fs.statSync(path.join(root, 'store', 'chunks.blob')).blocks * 512;
     } catch {
       /* no store yet */
     }
