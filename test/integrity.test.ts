@@ -169,6 +169,24 @@ describe('integrity: never other bytes than the image\'s', () => {
     assert.equal(doctorIntegrity().status, 'ok');
   });
 
+  test('the store file deleted while the daemon runs: reported, put back from the open file, nothing lost across a reboot', async () => {
+    const [a, b] = imgs;
+    fs.rmSync(storeFile());
+    const h = await health();
+    assert.equal(h.status, 503);
+    assert.match(String(h.reason), /deleted while the daemon runs/);
+    // The daemon looks every 10 s and copies the file it holds open back into place.
+    const until = Date.now() + 30_000;
+    while (!fs.existsSync(storeFile()) && Date.now() < until) await new Promise((r) => setTimeout(r, 500));
+    assert.ok(fs.existsSync(storeFile()), 'the store file is back');
+    assert.ok(stack.daemon.logs().some((l) => l.op === 'integrity' && /put back/.test(String(l.msg))), 'one line says it was put back');
+    assert.equal((await health()).status, 200);
+    await restart({ reboot: true });
+    await expectRight(a.ref as string, '/data/a', 'after the store was put back and a reboot');
+    await expectRight(b.ref as string, '/data/b', 'after the store was put back and a reboot (b)');
+    assert.equal((await health()).status, 200);
+  });
+
   test('flipped bytes in the store: found at start, layers quarantined (never served), reported; an import of the same data heals them', async () => {
     const [a, b, c] = imgs;
     // The 8 MiB of DATA are most of the store: flip 18 bytes in its middle.

@@ -11,6 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import { createLogger } from '../src/log/logger';
 import { applyLayerTar } from '../src/convert/untar';
 import { SnapshotterError } from '../src/errdefs/errors';
@@ -136,6 +137,45 @@ describe('remote layers of dedup images', () => {
       assert.equal(sn.ms.layers().length, torture.chain.length);
       assert.ok(!sn.ms.has('remote-import-x'));
       assert.deepEqual(fs.readdirSync(path.join(sn.root, 'tmp')), [], 'no spool left');
+    } finally {
+      sn.close();
+    }
+  });
+
+  test('damaged chunks of a remote layer: quarantined at start, fetched again by fsck, served again', async () => {
+    const remote = new RemoteLayers({ client });
+    const root = 'root-repair';
+    let sn = newSnapshotter(root, remote);
+    let layerId: string;
+    try {
+      await sn.recover();
+      await lazyPull(sn, bigA);
+      layerId = sn.ms.getInfo(bigA.chain[0]).id;
+      const file = path.join(sn.layerRoots(bigA.chain[0])[0].root, 'data', 'shared.bin');
+      assert.ok(fs.readFileSync(file).equals(shared));
+    } finally {
+      sn.close();
+    }
+    // Damage the biggest chunk's first bytes while nothing runs (layers unmounted: a reboot).
+    await unmountUnder(path.join(dir, root));
+    const db = new Database(path.join(dir, root, 'metadata.db'), { readonly: true });
+    const { blkaddr } = db.prepare('SELECT blkaddr FROM chunks ORDER BY nblocks DESC LIMIT 1').get() as { blkaddr: number };
+    db.close();
+    const fd = fs.openSync(path.join(dir, root, 'store', 'chunks.blob'), 'r+');
+    fs.writeSync(fd, Buffer.from('not the image bytes'), 0, 19, blkaddr * 4096 + 10);
+    fs.closeSync(fd);
+
+    sn = newSnapshotter(root, remote);
+    try {
+      await sn.recover();
+      assert.match(sn.integrity?.isQuarantined(layerId) ?? '', /lost or damaged/);
+      assert.throws(() => sn.layerRoots(bigA.chain[0]), (err: unknown) => err instanceof SnapshotterError && err.kind === 'FailedPrecondition' && /quarantined/.test(err.message));
+      const report = await sn.fsck();
+      assert.equal(report.repaired, 1, JSON.stringify(report));
+      assert.deepEqual(report.quarantined, []);
+      assert.deepEqual(report.released, [layerId]);
+      const file = path.join(sn.layerRoots(bigA.chain[0])[0].root, 'data', 'shared.bin');
+      assert.ok(fs.readFileSync(file).equals(shared), 'the repaired layer reads the image\'s bytes');
     } finally {
       sn.close();
     }

@@ -19,6 +19,9 @@ export function healthProblem(opts: { stopping: boolean; grpcAddress: string; sn
   } catch (err) {
     return `metadata database: ${(err as Error).message}`;
   }
+  // A deleted or replaced store file, or layers not served because their data is damaged.
+  const integrity = opts.sn.integrity?.healthProblem();
+  if (integrity) return integrity;
   if (opts.sn.store) {
     try {
       fs.accessSync(opts.sn.store.blobPath, fs.constants.R_OK | fs.constants.W_OK);
@@ -26,6 +29,5 @@ export function healthProblem(opts: { stopping: boolean; grpcAddress: string; sn
       return `chunk store: ${(err as Error).message}`;
     }
   }
-  // A deleted or replaced store file, or layers not served because their data is damaged.
-  return opts.sn.integrity?.healthProblem() ?? null;
+  return null;
 }

@@ -80,6 +80,8 @@ export function formatReport(r: IntegrityReport): string {
   const lines: string[] = [];
   if (r.verified) lines.push(`verified ${r.verified.checked} chunks (${mib(r.verified.bytes)}): ${r.verified.bad} bad`);
   if (r.store) lines.push(`chunk store: ${r.store}`);
+  if (r.repaired > 0) lines.push(`fetched again from registries and written back: ${r.repaired} chunks`);
+  for (const u of r.unrepaired) lines.push(`not repairable: ${u}`);
   if (r.released.length > 0) lines.push(`served again (their data is good again): layers ${r.released.join(', ')}`);
   if (r.quarantined.length === 0) {
     lines.push('every layer is served: nothing is damaged');

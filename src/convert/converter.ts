@@ -118,6 +118,8 @@ export class Converter {
     const store = this.o.store;
     const digestOf = new Map(layer.chunks.map((c) => [c.key, c.digest]));
     return store.withLock(async () => {
+      // A store file deleted or replaced under the daemon is put back first: what is stored now must survive a restart.
+      await store.restoreFile();
       const t1 = Date.now();
       const target = new Map<string, number>(); // digest → store blkaddr
       const pinned: number[] = [];

@@ -2,8 +2,10 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { unmountErofs } from '../mount/erofs';
 import type { Logger } from '../log/logger';
-import { LABEL_CRI_IMAGE_REF } from '../remote/lazy';
-import type { ChunkStore } from '../store/chunkstore';
+import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
+import { LABEL_CRI_IMAGE_REF, type RemoteLayers } from '../remote/lazy';
+import { parseReference } from '../remote/reference';
+import type { ChunkRow, ChunkStore } from '../store/chunkstore';
 import { type VerifyProgress, type VerifyResult, verifyChunks } from '../store/verify';
 import type { MetaStore } from './storage';
 import { Kind } from './types';
@@ -42,11 +44,17 @@ export interface IntegrityReport {
   quarantined: LayerProblem[];
   /** Layers whose quarantine ended (their chunks are good again). */
   released: string[];
+  /** Bad chunks fetched again from a registry and written back (fsck). */
+  repaired: number;
+  /** Bad chunks no registry could provide, with why (fsck; at most 20). */
+  unrepaired: string[];
 }
 
 export interface IntegrityOptions {
   ms: MetaStore;
   store: ChunkStore;
+  /** Registries of dedup images: bad chunks of layers made from them are fetched again by fsck. */
+  remote?: RemoteLayers | null;
   /** Path of layer `id`'s image file (store image or lazy image). */
   imagePath: (id: string) => string;
   /** Where layer `id` is mounted. */
@@ -56,6 +64,7 @@ export interface IntegrityOptions {
 
 export class LayerIntegrity {
   private scrubTimer: NodeJS.Timeout | null = null;
+  private watchTimer: NodeJS.Timeout | null = null;
   private scrubAbort: AbortController | null = null;
   private running: Promise<unknown> | null = null;
   /** Last completed background scrub (ms since epoch), for /stats. */
@@ -137,7 +146,47 @@ export class LayerIntegrity {
   async fsck(layerIds: string[], onProgress?: (p: VerifyProgress) => void): Promise<IntegrityReport> {
     const verified = await this.verifyAll('fsck', 0, onProgress);
     for (const id of layerIds) this.checkImage(id, true);
-    return this.settleQuarantine(verified, this.o.store.fileProblem());
+    const { repaired, unrepaired } = await this.repairFromRegistries();
+    return { ...this.settleQuarantine(verified, this.o.store.fileProblem()), repaired, unrepaired };
+  }
+
+  /**
+   * Bad chunks of layers made from a dedup image: fetched again from its
+   * registry (checked against the digest by the registry client, and here),
+   * written at the chunk's own address, made durable, marked good.
+   */
+  private async repairFromRegistries(): Promise<{ repaired: number; unrepaired: string[] }> {
+    const store = this.o.store;
+    const bad = this.o.ms.db.prepare('SELECT c.* FROM chunks c JOIN bad_chunks b ON b.chunk_id = c.id ORDER BY c.id').all() as ChunkRow[];
+    let repaired = 0;
+    const unrepaired: string[] = [];
+    for (const row of bad) {
+      const why: string[] = [];
+      for (const src of this.o.remote ? this.o.ms.remoteSourcesOfChunk(row.id) : []) {
+        const header = JSON.parse(src.header) as LayerHeader;
+        const entry = header.chunks.find((c: ChunkEntry) => c[2] === row.digest && c[1] === row.nblocks);
+        if (!entry) continue;
+        try {
+          const rl = { repo: parseReference(src.image_ref), manifestDigest: src.manifest_digest, layerDigest: src.layer_digest };
+          const bytes = await (this.o.remote as RemoteLayers).fetchChunk(rl, header, entry);
+          const buf = bytes.length === row.nblocks * 4096 ? bytes : Buffer.concat([bytes, Buffer.alloc(row.nblocks * 4096 - bytes.length)]);
+          if (crypto.createHash('sha256').update(buf).digest('hex') !== row.digest) throw new Error('the fetched bytes do not match the digest');
+          await store.withLock(async () => {
+            await store.write(row, buf);
+            await store.sync();
+          });
+          store.markGood([row.id]);
+          repaired++;
+          this.o.logger.info({ op: 'fsck', chunk: row.digest, layer: String(src.snapshot_id), image: src.image_ref }, `chunk sha256:${row.digest} fetched again from ${src.image_ref} and written back`);
+          why.length = 0;
+          break;
+        } catch (err) {
+          why.push(`${src.image_ref}: ${(err as Error).message}`);
+        }
+      }
+      if (store.lookup(row.digest) === undefined && unrepaired.length < 20) unrepaired.push(`sha256:${row.digest}: ${why.length > 0 ? why.join('; ') : 'no registry has it (the layers using it were unpacked by containerd)'}`);
+    }
+    return { repaired, unrepaired };
   }
 
   private async verifyAll(why: 'start' | 'fsck' | 'scrub', mbps: number, onProgress?: (p: VerifyProgress) => void, signal?: AbortSignal): Promise<VerifyResult> {
@@ -211,7 +260,7 @@ export class LayerIntegrity {
       );
     }
     for (const id of released) this.o.logger.info({ op: 'integrity', layer: id, snapshot: id }, `layer ${id} served again: its chunks are good again`);
-    return { store: storeProblem, verified, badChunks: this.o.store.badChunkCount(), quarantined: this.problems(), released };
+    return { store: storeProblem, verified, badChunks: this.o.store.badChunkCount(), quarantined: this.problems(), released, repaired: 0, unrepaired: [] };
   }
 
   /** Chunks turned bad (met while serving) or good (healed by an import): quarantines brought up to date. */
@@ -246,7 +295,22 @@ export class LayerIntegrity {
     this.scrubTimer.unref();
   }
 
+  /**
+   * Every `everyMs`: if the store file was deleted or replaced under the
+   * daemon, it is put back from the file this process holds open (see
+   * ChunkStore.restoreFile), so that nothing is lost at the next start.
+   */
+  watchStoreFile(everyMs = 10_000): void {
+    const store = this.o.store;
+    this.watchTimer = setInterval(() => {
+      if (!store.fileProblem()) return;
+      store.withLock(() => store.restoreFile()).catch((err: Error) => this.o.logger.error({ op: 'integrity', store: store.blobPath, err: err.message }, `cannot put the chunk store file back: ${err.message}`));
+    }, everyMs);
+    this.watchTimer.unref();
+  }
+
   async stop(): Promise<void> {
+    if (this.watchTimer) clearInterval(this.watchTimer);
     if (this.scrubTimer) clearTimeout(this.scrubTimer);
     this.scrubTimer = null;
     this.scrubAbort?.abort();

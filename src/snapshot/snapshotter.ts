@@ -80,7 +80,7 @@ export interface SnapshotterOptions {
     retireGraceMs?: number;
   } | null;
   /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
-  integrity?: { scrubMbps: number; scrubIntervalMs: number };
+  integrity?: { scrubMbps: number; scrubIntervalMs: number; storeWatchMs?: number };
   /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
   pushConverted?: boolean;
 }
@@ -167,7 +167,7 @@ export class Snapshotter {
   settledLayers = 0;
   /** Which layers may be served (damaged images or chunks are quarantined). */
   readonly integrity: LayerIntegrity | null = null;
-  private readonly scrub: { scrubMbps: number; scrubIntervalMs: number } | null;
+  private readonly scrub: { scrubMbps: number; scrubIntervalMs: number; storeWatchMs?: number } | null;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -238,6 +238,7 @@ export class Snapshotter {
       const integrity = new LayerIntegrity({
         ms: this.ms,
         store: this.store,
+        remote: this.remote,
         imagePath: (id) => (this.loader && this.ms.isLazy(id) ? this.loader.imageOf(id) : (this.converter as Converter).imagePath(id)),
         mountPath: (id) => this.mntPath(id),
         logger: this.log,
@@ -402,6 +403,7 @@ export class Snapshotter {
         'chunk store checked',
       );
       if (this.scrub) this.integrity?.startScrub(this.scrub.scrubMbps, this.scrub.scrubIntervalMs);
+      this.integrity?.watchStoreFile(this.scrub?.storeWatchMs);
     }
   }
 
@@ -571,6 +573,7 @@ export class Snapshotter {
         },
         this.mountAndRecord(id, started, () => {
           this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
+          this.ms.addRemoteSource(id, { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) });
         }),
       );
       created = false;
@@ -620,7 +623,9 @@ export class Snapshotter {
         this.ms.transaction(() => {
           this.ms.commitActive(tmpKey, name, { size: header.logical_bytes, inodes: header.files }, labels);
           this.addLayerRow(id, header.has_blob, stats, started);
-          this.ms.addLazyLayer(id, { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) });
+          const source = { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) };
+          this.ms.addLazyLayer(id, source);
+          this.ms.addRemoteSource(id, source);
           this.ms.setImageDigest(id, crypto.createHash('sha256').update(img).digest('hex'));
         });
       } catch (err) {

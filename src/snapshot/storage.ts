@@ -129,6 +129,15 @@ export class MetaStore {
         snapshot_id  INTEGER PRIMARY KEY REFERENCES snapshots(id),
         sha256       TEXT    NOT NULL
       );
+      -- Layers made from a dedup image's layer: where their chunks can be
+      -- fetched again (kept after a lazy layer settles; fsck repairs from it).
+      CREATE TABLE IF NOT EXISTS remote_sources (
+        snapshot_id      INTEGER PRIMARY KEY REFERENCES snapshots(id),
+        image_ref        TEXT    NOT NULL,
+        manifest_digest  TEXT    NOT NULL,
+        layer_digest     TEXT    NOT NULL,
+        header           TEXT    NOT NULL
+      );
       CREATE TABLE IF NOT EXISTS quarantine (
         snapshot_id  INTEGER PRIMARY KEY REFERENCES snapshots(id),
         reason       TEXT    NOT NULL,
@@ -295,6 +304,7 @@ export class MetaStore {
     this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(row.id);
     this.db.prepare('DELETE FROM layer_images WHERE snapshot_id = ?').run(row.id);
     this.db.prepare('DELETE FROM quarantine WHERE snapshot_id = ?').run(row.id);
+    this.db.prepare('DELETE FROM remote_sources WHERE snapshot_id = ?').run(row.id);
     this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
     return { id: String(row.id), kind: row.kind as Kind, layer };
   }
@@ -373,6 +383,20 @@ export class MetaStore {
       )
       .all(Number(id)) as { id: number; key: string; labels: string; kind: number }[];
     return rows.map((r) => ({ id: String(r.id), key: r.key, labels: JSON.parse(r.labels) as Labels, kind: r.kind as Kind }));
+  }
+
+  /** In a transaction: layer `id` was made from a dedup image's layer, which can provide its chunks again. */
+  addRemoteSource(id: string, l: Omit<LazyLayerRow, 'snapshot_id' | 'created_ms'>): void {
+    this.db
+      .prepare('INSERT OR REPLACE INTO remote_sources (snapshot_id, image_ref, manifest_digest, layer_digest, header) VALUES (?, ?, ?, ?, ?)')
+      .run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header);
+  }
+
+  /** Remote sources of the layers that reference chunk `chunkId`. */
+  remoteSourcesOfChunk(chunkId: number): Omit<LazyLayerRow, 'created_ms'>[] {
+    return this.db
+      .prepare('SELECT rs.* FROM remote_sources rs JOIN layer_chunks lc ON lc.snapshot_id = rs.snapshot_id WHERE lc.chunk_id = ?')
+      .all(chunkId) as Omit<LazyLayerRow, 'created_ms'>[];
   }
 
   /** In a transaction (or alone): the SHA-256 layer `id`'s image file should have. */

@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type Database from 'better-sqlite3';
 import { punchHole } from '../../native/fallocate';
+import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 
@@ -69,9 +70,11 @@ export class ChunkStore {
   readonly blobPath: string;
   private fd: number;
   /** (dev, ino) of the file `fd` is: compared with what `blobPath` names now (see fileProblem). */
-  private readonly fileId: { dev: number; ino: number };
+  private fileId: { dev: number; ino: number };
   /** Told when chunks turned bad or good again (the layers on them stop or start being served). */
   onChunkHealth?: () => void;
+  /** Files put back by restoreFile since start (for /stats). */
+  restoredFiles = 0;
   /** What start-up found wrong with the store file, for the log and /healthz (null: nothing). */
   readonly openProblem: string | null = null;
   private readonly db: Database.Database;
@@ -326,6 +329,54 @@ export class ChunkStore {
       const i = this.free.findIndex((f) => f.blkaddr > e.blkaddr);
       this.free.splice(i < 0 ? this.free.length : i, 0, { ...e });
     }
+  }
+
+  /**
+   * The store file was deleted or replaced while this daemon runs (see
+   * fileProblem): the data lives on in the file this process has open, so
+   * it is copied (holes kept) to a new file that is renamed into place; a
+   * foreign file found at the path is kept beside it, renamed
+   * `chunks.blob.displaced-<ms>`. Call with the import lock held (no write
+   * under way). Layers mounted before keep reading the old file, which has
+   * the same bytes; new mounts read the new one.
+   */
+  async restoreFile(): Promise<string | null> {
+    const problem = this.fileProblem();
+    if (!problem || this.fd < 0) return null;
+    const tmp = `${this.blobPath}.restore-${process.pid}`;
+    const out = fs.openSync(tmp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
+    try {
+      const size = fs.fstatSync(this.fd).size;
+      const buf = Buffer.alloc(1 << 20);
+      for (let at = seekDataOrHole(this.fd, 0, 'data'); at !== null && at < size; ) {
+        const end = seekDataOrHole(this.fd, at, 'hole') ?? size;
+        for (let off = at; off < end; ) {
+          const n = Math.min(buf.length, end - off);
+          await readAt(this.fd, buf.subarray(0, n), off);
+          await writeAllAt(out, buf.subarray(0, n), off);
+          off += n;
+        }
+        at = end < size ? seekDataOrHole(this.fd, end, 'data') : null;
+      }
+      fs.ftruncateSync(out, size);
+      fs.fsyncSync(out);
+    } catch (err) {
+      fs.closeSync(out);
+      fs.rmSync(tmp, { force: true });
+      throw err;
+    }
+    if (fs.existsSync(this.blobPath)) fs.renameSync(this.blobPath, `${this.blobPath}.displaced-${Date.now()}`);
+    fs.renameSync(tmp, this.blobPath);
+    fsyncDirOf(this.blobPath);
+    const old = this.fd;
+    this.fd = out;
+    const st = fs.fstatSync(out);
+    this.fileId = { dev: st.dev, ino: st.ino };
+    fs.closeSync(old);
+    this.restoredFiles++;
+    this.saveStamp();
+    this.log.error({ op: 'integrity', store: this.blobPath }, `${problem.replace(/: new layers are not stored.*$/, '')}: put back from the copy this daemon holds open (nothing lost)`);
+    return problem;
   }
 
   async write(e: Extent, data: Buffer): Promise<void> {
