@@ -101,7 +101,12 @@ export async function runDaemon(): Promise<void> {
             convertMode: cfg.convert_mode,
           }
         : null,
-      integrity: { scrubMbps: cfg.integrity.scrub_mbps, scrubIntervalMs: cfg.integrity.scrub_interval_minutes * 60_000 },
+      integrity: {
+        scrubMbps: cfg.integrity.scrub_mbps,
+        scrubIntervalMs: cfg.integrity.scrub_interval_minutes * 60_000,
+        // Verifying a large store at start can outlast systemd's start timeout: each progress line extends it.
+        onStartProgress: (p) => sdNotify({ EXTEND_TIMEOUT_USEC: 30_000_000, STATUS: `verifying the chunk store: ${p.checked} of ${p.total} chunks` }),
+      },
     });
     // Directories left by a crash (no row names them) go before serving;
     // layer images are mounted again and the chunk store checked.

@@ -60,6 +60,8 @@ export interface IntegrityOptions {
   /** Where layer `id` is mounted. */
   mountPath: (id: string) => string;
   logger: Logger;
+  /** Start-up verification progress (about once a second): the daemon tells systemd it is still starting. */
+  onStartProgress?: (p: VerifyProgress) => void;
 }
 
 export class LayerIntegrity {
@@ -199,6 +201,7 @@ export class LayerIntegrity {
       signal,
       onProgress: (p) => {
         onProgress?.(p);
+        if (why === 'start') this.o.onStartProgress?.(p);
         if (why !== 'scrub' && p.checked < p.total) log.info({ op: 'integrity', checked: p.checked, total: p.total, bytes: p.bytes, bad: p.bad }, `verified ${p.checked} of ${p.total} chunks`);
       },
     });

@@ -80,7 +80,7 @@ export interface SnapshotterOptions {
     retireGraceMs?: number;
   } | null;
   /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
-  integrity?: { scrubMbps: number; scrubIntervalMs: number; storeWatchMs?: number };
+  integrity?: { scrubMbps: number; scrubIntervalMs: number; storeWatchMs?: number; onStartProgress?: (p: VerifyProgress) => void };
   /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
   pushConverted?: boolean;
 }
@@ -167,7 +167,7 @@ export class Snapshotter {
   settledLayers = 0;
   /** Which layers may be served (damaged images or chunks are quarantined). */
   readonly integrity: LayerIntegrity | null = null;
-  private readonly scrub: { scrubMbps: number; scrubIntervalMs: number; storeWatchMs?: number } | null;
+  private readonly scrub: SnapshotterOptions['integrity'] | null;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -242,6 +242,7 @@ export class Snapshotter {
         imagePath: (id) => (this.loader && this.ms.isLazy(id) ? this.loader.imageOf(id) : (this.converter as Converter).imagePath(id)),
         mountPath: (id) => this.mntPath(id),
         logger: this.log,
+        onStartProgress: opts.integrity?.onStartProgress,
       });
       this.integrity = integrity;
       // A chunk found bad while serving (a copy for a lazy layer), or healed
