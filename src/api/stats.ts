@@ -56,6 +56,8 @@ export interface Stats {
   integrity: {
     store_file: string | null;
     store_problem: string | null;
+    /** Layer images sealed with fs-verity (null: no image written since start). */
+    verity_images: boolean | null;
     quarantined_layers: { layer: string; reason: string; key: string; images: string[] }[];
     last_scrub_ms: number | null;
     scrubbed_bytes: number;
@@ -166,6 +168,7 @@ export function collectStats(src: StatsSources): Stats {
     integrity: {
       store_file: sn.store?.blobPath ?? null,
       store_problem: sn.store?.fileProblem() ?? null,
+      verity_images: sn.sealer?.inUse ?? null,
       quarantined_layers: sn.integrity?.problems() ?? [],
       last_scrub_ms: sn.integrity?.lastScrubMs ?? null,
       scrubbed_bytes: sn.integrity?.scrubbedBytes ?? 0,

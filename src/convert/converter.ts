@@ -43,6 +43,8 @@ export interface ConverterOptions {
   imagesDir: string;
   tmpDir: string;
   chunkSize: number;
+  /** Seals a written image (fs-verity) where the filesystem can. */
+  seal?: (file: string) => void;
 }
 
 /**
@@ -167,6 +169,7 @@ export class Converter {
         const image = this.imagePath(id);
         await writeDurably(image, img);
         placed.push(image);
+        this.o.seal?.(image);
         const converted: ConvertedLayer = {
           image,
           imageSha256: crypto.createHash('sha256').update(img).digest('hex'),

@@ -14,6 +14,7 @@ import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, criLayerOf, runsOf } from '../remote/lazy';
 import { formatReference, parseReference } from '../remote/reference';
 import { ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
+import { ImageSealer } from '../store/seal';
 import { extentKey, scanDataChunks } from '../convert/chunks';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -167,6 +168,8 @@ export class Snapshotter {
   settledLayers = 0;
   /** Which layers may be served (damaged images or chunks are quarantined). */
   readonly integrity: LayerIntegrity | null = null;
+  /** Seals layer images with fs-verity where ROOT's filesystem has it. */
+  readonly sealer: ImageSealer | null = null;
   private readonly scrub: SnapshotterOptions['integrity'] | null;
 
   constructor(opts: SnapshotterOptions) {
@@ -203,7 +206,10 @@ export class Snapshotter {
       });
       this.background = (opts.erofs.convertMode ?? 'background') === 'background';
       this.retireGraceMs = opts.erofs.retireGraceMs ?? this.retireGraceMs;
+      const sealer = new ImageSealer({ logger: this.log });
+      this.sealer = sealer;
       this.converter = new Converter({
+        seal: (file) => sealer.seal(file),
         store: this.store,
         mkfs: mkfsFeatures,
         imagesDir: path.join(this.root, 'images'),
@@ -617,6 +623,7 @@ export class Snapshotter {
       const made = await loader.create(input);
       const stats: ConvertStats = { files: header.files, logicalBytes: header.logical_bytes, chunks: header.chunks.length, newChunks: 0, dedupChunks: made.local, newBytes: 0, imageBytes: img.length, mkfsMs: 0, importMs: 0 };
       await writeDurably(image, img);
+      this.sealer?.seal(image);
       // Known to the loader before the mount: fscache reads the image through it.
       loader.register(input);
       await this.mountLazyLayer({ snapshot_id: Number(id), has_blob: header.has_blob ? 1 : 0 });
