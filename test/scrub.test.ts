@@ -2,7 +2,8 @@
  * The background scrub (integrity.scrub_*): damage that appears in the chunk
  * store while the daemon runs is found at the configured pace, the layers on
  * it are quarantined (their mounts taken down, Prepare/View on them refused
- * with FailedPrecondition) and the other layers keep being served.
+ * with FailedPrecondition) and the other layers keep being served. And the
+ * move of the store out of cache/ for a ROOT written by an older version.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -56,6 +57,43 @@ test('damage found by the scrub while running quarantines only the layers on it'
     assert.equal(mounts.length, 1);
     assert.ok((sn.integrity?.scrubbedBytes ?? 0) > 0);
     assert.match(sn.integrity?.healthProblem() ?? '', /1 layer is quarantined/);
+  } finally {
+    sn.close();
+  }
+});
+
+test('a store at the old place (cache/chunks.blob) is moved to store/ at start and serves as before', async () => {
+  const root = path.join(dir, 'old-layout');
+  let sn = new Snapshotter({ root, erofs: { chunkSize: 65536, mkfs: 'mkfs.erofs', convertMode: 'sync' } });
+  const data = pseudoRandom(300 * 1024, 'old-layout');
+  try {
+    await sn.recover();
+    await layer(sn, 'old', { 'f.bin': data });
+  } finally {
+    sn.close();
+  }
+  // What an older version left: the store under cache/, and (a reboot) no mounts.
+  await unmountUnder(root);
+  fs.mkdirSync(path.join(root, 'cache'), { recursive: true });
+  fs.renameSync(path.join(root, 'store', 'chunks.blob'), path.join(root, 'cache', 'chunks.blob'));
+  sn = new Snapshotter({ root, erofs: { chunkSize: 65536, mkfs: 'mkfs.erofs', convertMode: 'sync' } });
+  try {
+    await sn.recover();
+    assert.ok(fs.existsSync(path.join(root, 'store', 'chunks.blob')));
+    assert.ok(!fs.existsSync(path.join(root, 'cache', 'chunks.blob')));
+    assert.equal(sn.store?.stats().badChunks, 0);
+    assert.deepEqual(sn.integrity?.problems(), []);
+    assert.ok(fs.readFileSync(path.join(sn.layerRoots('old')[0].root, 'f.bin')).equals(data));
+    // The guide's clean-up now touches nothing the layers need.
+    fs.rmSync(path.join(root, 'cache'), { recursive: true, force: true });
+  } finally {
+    sn.close();
+  }
+  await unmountUnder(root);
+  sn = new Snapshotter({ root, erofs: { chunkSize: 65536, mkfs: 'mkfs.erofs', convertMode: 'sync' } });
+  try {
+    await sn.recover();
+    assert.ok(fs.readFileSync(path.join(sn.layerRoots('old')[0].root, 'f.bin')).equals(data));
   } finally {
     sn.close();
   }
