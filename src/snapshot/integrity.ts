@@ -24,6 +24,8 @@ import { Kind } from './types';
 
 /** Why a layer is quarantined because of its chunks (lifted when they are good again). */
 const CHUNKS_REASON = /^\d+ chunks? of its data (are|is) (lost or )?damaged/;
+/** …or because of its image (lifted when fsck finds it whole again). */
+const IMAGE_REASON = /^its image .* (is damaged|cannot be read)/;
 
 export interface LayerProblem {
   layer: string;
@@ -59,6 +61,8 @@ export interface IntegrityOptions {
   imagePath: (id: string) => string;
   /** Where layer `id` is mounted. */
   mountPath: (id: string) => string;
+  /** Every EROFS layer now (for the scrub). */
+  layerIds: () => string[];
   logger: Logger;
   /** Start-up verification progress (about once a second): the daemon tells systemd it is still starting. */
   onStartProgress?: (p: VerifyProgress) => void;
@@ -81,6 +85,8 @@ export class LayerIntegrity {
 
   /** Takes layer `id` out of service: recorded, its mount detached (containers running on it keep what they hold). */
   quarantine(id: string, reason: string): boolean {
+    // Removed meanwhile (the scrub works from a list taken earlier): nothing to keep out of service.
+    if (this.o.ms.keyOf(id) === undefined) return false;
     const fresh = this.o.ms.quarantine(id, reason);
     try {
       unmountErofs(this.o.mountPath(id));
@@ -137,7 +143,7 @@ export class LayerIntegrity {
       verified = await this.verifyAll('start', 0);
       store.saveStamp();
     }
-    for (const id of layerIds) this.checkImage(id);
+    for (const id of layerIds) this.checkImage(id, 'changed');
     return this.settleQuarantine(verified, store.openProblem);
   }
 
@@ -147,7 +153,7 @@ export class LayerIntegrity {
    */
   async fsck(layerIds: string[], onProgress?: (p: VerifyProgress) => void): Promise<IntegrityReport> {
     const verified = await this.verifyAll('fsck', 0, onProgress);
-    for (const id of layerIds) this.checkImage(id, true);
+    for (const id of layerIds) this.checkImage(id, 'all');
     const { repaired, unrepaired } = await this.repairFromRegistries();
     return { ...this.settleQuarantine(verified, this.o.store.fileProblem()), repaired, unrepaired };
   }
@@ -213,20 +219,42 @@ export class LayerIntegrity {
     return res;
   }
 
-  /** Quarantines layer `id` if its image file is missing or does not hash to its recorded digest. */
-  private checkImage(id: string, recheck = false): void {
-    if (!recheck && this.isQuarantined(id)) return;
+  /**
+   * Quarantines layer `id` if its image file is missing or does not hash to
+   * its recorded digest. At start ('changed') only an image whose file
+   * changed (inode, size, change time) since it last hashed right is read;
+   * 'all' (fsck, scrub) reads every one, and releases a layer whose image
+   * hashes right again.
+   */
+  private checkImage(id: string, which: 'changed' | 'all'): void {
+    const quarantined = this.isQuarantined(id);
+    if (which === 'changed' && quarantined) return;
     const file = this.o.imagePath(id);
+    const want = this.o.ms.imageDigest(id);
     let got: string;
+    let stamp: string;
     try {
+      const st = fs.statSync(file, { bigint: true });
+      stamp = `${st.ino}:${st.size}:${st.ctimeNs}`;
+      if (which === 'changed' && want?.stamp === stamp) return;
       got = crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
     } catch (err) {
       this.quarantineAndLog(id, `its image ${file} cannot be read: ${(err as Error).message}`);
       return;
     }
-    const want = this.o.ms.imageDigest(id);
-    if (want === undefined) this.o.ms.setImageDigest(id, got);
-    else if (want !== got) this.quarantineAndLog(id, `its image ${file} is damaged (sha256:${got}, written as sha256:${want})`);
+    if (want === undefined) {
+      // Written by a version that kept no digest: this one is trusted from now on.
+      this.o.ms.setImageDigest(id, got);
+      this.o.ms.setImageStamp(id, stamp);
+    } else if (want.sha256 !== got) {
+      this.quarantineAndLog(id, `its image ${file} is damaged (sha256:${got}, written as sha256:${want.sha256})`);
+    } else {
+      this.o.ms.setImageStamp(id, stamp);
+      if (quarantined && IMAGE_REASON.test(quarantined)) {
+        this.o.ms.release(id);
+        this.o.logger.info({ op: 'integrity', layer: id, snapshot: id }, `layer ${id} served again: its image is whole again`);
+      }
+    }
   }
 
   /** Quarantines a layer (one error line) unless it already is. */
@@ -282,8 +310,11 @@ export class LayerIntegrity {
       this.scrubAbort = new AbortController();
       this.running = this.verifyAll('scrub', mbps, undefined, this.scrubAbort.signal)
         .then((res) => {
+          if (this.scrubAbort?.signal.aborted) return;
+          // Images too: bit rot does not change a file's change time.
+          for (const id of this.o.layerIds()) this.checkImage(id, 'all');
           this.lastScrubMs = Date.now();
-          if (res.newlyBad.length > 0 || res.restored.length > 0) this.settleQuarantine(res, null);
+          this.settleQuarantine(res, null);
         })
         .catch((err: Error) => this.o.logger.error({ op: 'integrity', err: err.message }, `background scrub failed: ${err.message}`))
         .finally(() => {

@@ -247,6 +247,7 @@ export class Snapshotter {
         remote: this.remote,
         imagePath: (id) => (this.loader && this.ms.isLazy(id) ? this.loader.imageOf(id) : (this.converter as Converter).imagePath(id)),
         mountPath: (id) => this.mntPath(id),
+        layerIds: () => this.ms.layers().map((l) => String(l.snapshot_id)),
         logger: this.log,
         onStartProgress: opts.integrity?.onStartProgress,
       });

@@ -127,7 +127,9 @@ export class MetaStore {
       -- their chunks are damaged (see snapshot/integrity.ts).
       CREATE TABLE IF NOT EXISTS layer_images (
         snapshot_id  INTEGER PRIMARY KEY REFERENCES snapshots(id),
-        sha256       TEXT    NOT NULL
+        sha256       TEXT    NOT NULL,
+        -- inode:size:ctime of the file when it last hashed right (NULL: hash it)
+        stamp        TEXT
       );
       -- Layers made from a dedup image's layer: where their chunks can be
       -- fetched again (kept after a lazy layer settles; fsck repairs from it).
@@ -402,12 +404,17 @@ export class MetaStore {
   /** In a transaction (or alone): the SHA-256 layer `id`'s image file should have. */
   setImageDigest(id: string, sha256: string): void {
     this.db
-      .prepare('INSERT INTO layer_images (snapshot_id, sha256) VALUES (?, ?) ON CONFLICT(snapshot_id) DO UPDATE SET sha256 = excluded.sha256')
+      .prepare('INSERT INTO layer_images (snapshot_id, sha256, stamp) VALUES (?, ?, NULL) ON CONFLICT(snapshot_id) DO UPDATE SET sha256 = excluded.sha256, stamp = NULL')
       .run(Number(id), sha256);
   }
 
-  imageDigest(id: string): string | undefined {
-    return (this.db.prepare('SELECT sha256 FROM layer_images WHERE snapshot_id = ?').get(Number(id)) as { sha256: string } | undefined)?.sha256;
+  imageDigest(id: string): { sha256: string; stamp: string | null } | undefined {
+    return this.db.prepare('SELECT sha256, stamp FROM layer_images WHERE snapshot_id = ?').get(Number(id)) as { sha256: string; stamp: string | null } | undefined;
+  }
+
+  /** Layer `id`'s image hashed right while its file looked like `stamp`. */
+  setImageStamp(id: string, stamp: string): void {
+    this.db.prepare('UPDATE layer_images SET stamp = ? WHERE snapshot_id = ?').run(stamp, Number(id));
   }
 
   /** Layer `id` is not served: its image or its chunks are damaged. Returns false if it was quarantined already. */
