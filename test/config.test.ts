@@ -257,6 +257,15 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 
+  test('integrity keys: scrub_mbps and scrub_interval_minutes are read and checked', () => {
+    assert.deepEqual(defaultConfig().integrity, { scrub_mbps: 20, scrub_interval_minutes: 1440 });
+    assert.deepEqual(loadFile({ integrity: { scrub_mbps: 5, scrub_interval_minutes: 0 } }).integrity, { scrub_mbps: 5, scrub_interval_minutes: 0 });
+    assertConfigError(() => loadFile({ integrity: { scrub_mbps: 0 } }), 'integrity.scrub_mbps', /integer from 1 to 100000/);
+    assertConfigError(() => loadFile({ integrity: { scrub_interval_minutes: -1 } }), 'integrity.scrub_interval_minutes', /integer from 0 to 525600/);
+    assertConfigError(() => loadFile({ integrity: { verity: true } }), 'integrity.verity', /unknown/);
+    assertConfigError(() => loadFile({ integrity: 'daily' }), 'integrity', /expected an object/);
+  });
+
   test('ondemand keys: backend, attempts, prefetch, prefetch_mbps, prefetch_concurrency and settle are read and checked', () => {
     assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true });
     const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200, prefetch_concurrency: 4, settle: false } });
