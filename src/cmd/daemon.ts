@@ -185,6 +185,7 @@ export async function runDaemon(): Promise<void> {
     resolve: (imageId) => snapshotter.layerRoots(imageId),
     traceDir: cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'),
     concurrency: cfg.prefetch.concurrency,
+    limits: { maxJobs: cfg.prefetch.max_queued_jobs, maxEntries: cfg.prefetch.max_queued_entries, maxBytes: cfg.prefetch.max_queued_bytes, keepFinished: cfg.prefetch.keep_finished },
     logger: log,
     onDone: (job) =>
       audit.record({

@@ -34,8 +34,20 @@ export interface Config {
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
-  /** POST /prefetch: trace files are read only from trace_dir (null: ROOT/traces); reads in flight per job. */
-  readonly prefetch: { readonly trace_dir: string | null; readonly concurrency: number };
+  /**
+   * POST /prefetch: trace files are read only from trace_dir (null:
+   * ROOT/traces); reads in flight per job; limits of the job queue (jobs
+   * waiting or running, their entries, the entries' estimated bytes; beyond
+   * them 429) and finished jobs kept for GET /prefetch/<id>.
+   */
+  readonly prefetch: {
+    readonly trace_dir: string | null;
+    readonly concurrency: number;
+    readonly max_queued_jobs: number;
+    readonly max_queued_entries: number;
+    readonly max_queued_bytes: number;
+    readonly keep_finished: number;
+  };
   /**
    * Registries of dedup images: hosts reached over plain HTTP; docker
    * config.json with credentials (null: $DOCKER_CONFIG or ~/.docker).
@@ -87,7 +99,7 @@ export function defaultConfig(): Config {
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
-    prefetch: { trace_dir: null, concurrency: 2 },
+    prefetch: { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 },
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
     audit: { retention_days: 30, max_rows: 1_000_000 },
@@ -237,9 +249,13 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('prefetch' in doc) {
     const pf = doc.prefetch;
     if (!isObject(pf)) throw new ConfigError('prefetch', `expected an object like {"trace_dir": "/var/lib/x/traces", "concurrency": 2}, got ${JSON.stringify(pf)}`);
-    rejectUnknown('prefetch', pf, ['trace_dir', 'concurrency']);
+    rejectUnknown('prefetch', pf, ['trace_dir', 'concurrency', 'max_queued_jobs', 'max_queued_entries', 'max_queued_bytes', 'keep_finished']);
     if ('trace_dir' in pf) out.prefetch = { ...out.prefetch, trace_dir: expectAbsPath('prefetch.trace_dir', pf.trace_dir) };
     if ('concurrency' in pf) out.prefetch = { ...out.prefetch, concurrency: expectInt('prefetch.concurrency', pf.concurrency, 1, 64) };
+    if ('max_queued_jobs' in pf) out.prefetch = { ...out.prefetch, max_queued_jobs: expectInt('prefetch.max_queued_jobs', pf.max_queued_jobs, 1, 10_000) };
+    if ('max_queued_entries' in pf) out.prefetch = { ...out.prefetch, max_queued_entries: expectInt('prefetch.max_queued_entries', pf.max_queued_entries, 1, 10_000_000) };
+    if ('max_queued_bytes' in pf) out.prefetch = { ...out.prefetch, max_queued_bytes: expectInt('prefetch.max_queued_bytes', pf.max_queued_bytes, 1 << 20, 4 * 2 ** 30) };
+    if ('keep_finished' in pf) out.prefetch = { ...out.prefetch, keep_finished: expectInt('prefetch.keep_finished', pf.keep_finished, 0, 100_000) };
   }
   if ('registry' in doc) {
     const rg = doc.registry;
