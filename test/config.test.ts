@@ -257,6 +257,14 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 
+  test('disk_reserve_mb (issue 12 item 6): 0 to 1024, default 8', () => {
+    assert.equal(defaultConfig().disk_reserve_mb, 8);
+    assert.equal(loadFile({ disk_reserve_mb: 0 }).disk_reserve_mb, 0);
+    assert.equal(loadFile({ disk_reserve_mb: 64 }).disk_reserve_mb, 64);
+    assertConfigError(() => loadFile({ disk_reserve_mb: 2048 }), 'disk_reserve_mb', /integer from 0 to 1024/);
+    assertConfigError(() => loadFile({ disk_reserve_mb: '8M' }), 'disk_reserve_mb', /integer from 0 to 1024/);
+  });
+
   test('prefetch queue limits (issue 12 item 5): max_queued_jobs, max_queued_entries, max_queued_bytes, keep_finished are read and checked', () => {
     assert.deepEqual(defaultConfig().prefetch, { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 });
     const c = loadFile({ prefetch: { max_queued_jobs: 4, max_queued_entries: 5000, max_queued_bytes: 1 << 20, keep_finished: 0 } });

@@ -71,6 +71,8 @@ export interface Config {
    * the chunk store (shared with every other layer) once nothing uses it.
    */
   readonly ondemand: { readonly backend: 'auto' | 'fscache' | 'fanotify' | 'fetch'; readonly attempts: number; readonly prefetch: 'none' | 'list' | 'all'; readonly prefetch_mbps: number; readonly prefetch_concurrency: number; readonly settle: boolean };
+  /** MiB of ROOT/reserve, released so a Remove goes through on a full disk (0: none). */
+  readonly disk_reserve_mb: number;
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -103,6 +105,7 @@ export function defaultConfig(): Config {
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
     audit: { retention_days: 30, max_rows: 1_000_000 },
+    disk_reserve_mb: 8,
     source: null,
   };
 }
@@ -171,7 +174,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'audit']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'audit', 'disk_reserve_mb']);
   const out: { -readonly [K in keyof Config]: Config[K] } = {
     ...base,
     ksm: { ...base.ksm },
@@ -189,6 +192,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('use_erofs' in doc) out.use_erofs = expectBool('use_erofs', doc.use_erofs);
   if ('use_fscache' in doc) out.use_fscache = expectBool('use_fscache', doc.use_fscache);
   if ('log_level' in doc) out.log_level = expectLevel('log_level', doc.log_level);
+  if ('disk_reserve_mb' in doc) out.disk_reserve_mb = expectInt('disk_reserve_mb', doc.disk_reserve_mb, 0, 1024);
   if ('chunk_size' in doc) {
     const v = doc.chunk_size;
     if (typeof v !== 'number' || !Number.isInteger(v) || v < 4096 || v > 1 << 30 || (v & (v - 1)) !== 0) {
