@@ -15,7 +15,8 @@ import { checkReserve } from '../src/doctor/checks';
 import { createLogger } from '../src/log/logger';
 import { Snapshotter } from '../src/snapshot/snapshotter';
 import { RESERVE_FILE, reserveOnDisk } from '../src/store/reserve';
-import { tempDir } from './helpers/daemon';
+import { call, cleanupDaemons, snapshotsClient, startDaemon, tempDir } from './helpers/daemon';
+import { daemonStats } from './helpers/http';
 import { unmountUnder } from './helpers/mounts';
 
 const MiB = 1 << 20;
@@ -85,6 +86,7 @@ describe('a full disk can always be cleaned', { skip }, () => {
   });
 
   after(async () => {
+    await cleanupDaemons();
     // Unmounts whatever is under the loop filesystem, and the loop filesystem itself.
     await unmountUnder(mnt);
     fs.rmSync(dir, { recursive: true, force: true });
@@ -205,6 +207,29 @@ describe('a full disk can always be cleaned', { skip }, () => {
     } finally {
       sn?.close();
       fs.rmSync(filler, { recursive: true, force: true });
+    }
+  });
+
+  test('the daemon: Remove through gRPC on the full disk succeeds; /stats and the log report the reserve', async () => {
+    const root = path.join(mnt, 'daemon-root');
+    const d = await startDaemon({ root, config: { disk_reserve_mb: 4 } });
+    const c = snapshotsClient(d.address);
+    try {
+      assert.deepEqual((await daemonStats(d.apiAddress)).disk_reserve, { state: 'held', bytes: 4 * MiB, released_at: null, reason: null });
+      const { mounts } = await call(c, 'Prepare', { key: 'default/9/extract-sha256:bbb', parent: '' });
+      fillUp(upperOf(mounts));
+      assert.ok(freeBytes(mnt) < 64 * 1024, `disk full: ${freeBytes(mnt)} bytes free`);
+      await call(c, 'Remove', { key: 'default/9/extract-sha256:bbb' });
+      assert.ok(freeBytes(mnt) > 30 * MiB, `space given back: ${freeBytes(mnt)} bytes free`);
+      const lines = d.logs().filter((l) => l.op === 'reserve');
+      assert.equal(lines.filter((l) => l.level === 'warn').length, 1, JSON.stringify(lines));
+      assert.ok(d.logs().some((l) => l.op === 'remove' && l.key === 'default/9/extract-sha256:bbb' && /snapshot removed/.test(String(l.msg))));
+      // Room again: the reserve was made again right after the Remove.
+      assert.equal((await daemonStats(d.apiAddress)).disk_reserve.state, 'held');
+      assert.equal(reserveOnDisk(root, 4 * MiB), 'held');
+    } finally {
+      c.close();
+      await d.stop();
     }
   });
 });
