@@ -180,10 +180,14 @@ describe('a prefetch flood against the daemon', () => {
 
     // It drains, then answers and accepts as before.
     assert.equal((await request(d.apiAddress, 'GET', '/healthz')).status, 200);
+    const during = (await request(d.apiAddress, 'GET', '/stats')).json.prefetch;
+    assert.ok(during.queue <= 4 && during.queued_entries <= 4 * 70_000, JSON.stringify(during));
     await waitFor(async () => (await request(d.apiAddress, 'GET', '/stats')).json.prefetch.queue === 0, 120_000, 'the prefetch queue to drain');
     const stats = (await request(d.apiAddress, 'GET', '/stats')).json;
     assert.equal(stats.prefetch.rejected, refusedN);
     assert.equal(stats.prefetch.jobs_done, accepted);
+    assert.equal(stats.prefetch.queued_entries, 0);
+    assert.equal(stats.prefetch.queued_bytes, 0);
     const r = await request(d.apiAddress, 'POST', '/prefetch', JSON.stringify({ image_id: image, files: ['etc/hello.txt'] }));
     assert.equal(r.status, 202, r.body);
     await waitFor(async () => (await request(d.apiAddress, 'GET', `/prefetch/${r.json.id}`)).json.state === 'done', 10_000, 'the job after the flood');

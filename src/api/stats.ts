@@ -93,7 +93,8 @@ export interface Stats {
     converted_layers: number;
     shared: { pushed: number; present: number; failed: number; bytes: number; pending: number } | null;
   };
-  prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number };
+  /** queue: jobs waiting or running; queued_entries, queued_bytes: their entries and the entries' estimated memory (bounded by prefetch.max_queued_*). */
+  prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number; queued_entries: number; queued_bytes: number };
   ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
   audit: { recorded: number; written: number; dropped: number } | null;
   /** ROOT/reserve (store/reserve.ts): "held", "released" (a full disk took it; made again once there is room) or "off". */
@@ -184,6 +185,8 @@ export function collectStats(src: StatsSources): Stats {
       skipped: p?.skipped ?? 0,
       missing: p?.missing ?? 0,
       queue: src.prefetch?.queueLength ?? 0,
+      queued_entries: src.prefetch?.queued.entries ?? 0,
+      queued_bytes: src.prefetch?.queued.bytes ?? 0,
     },
     ksm: { enabled: src.ksmEnabled, state: src.ksm.state, reason: src.ksm.reason, counters: src.ksm.counters() },
     audit: src.audit ? { ...src.audit.counters } : null,
