@@ -99,7 +99,14 @@ export class SpaceReserve {
       const tmp = `${this.file}.tmp`;
       const fd = fs.openSync(tmp, 'w', 0o600);
       try {
-        allocate(fd, 0, this.o.bytes);
+        try {
+          allocate(fd, 0, this.o.bytes);
+        } catch (err) {
+          // A filesystem without fallocate: zeros written take blocks too.
+          if ((err as { code?: string }).code !== 'EOPNOTSUPP') throw err;
+          const zeros = Buffer.alloc(1 << 20);
+          for (let at = 0; at < this.o.bytes; ) at += fs.writeSync(fd, zeros, 0, Math.min(zeros.length, this.o.bytes - at), at);
+        }
         fs.fsyncSync(fd);
       } catch (err) {
         fs.closeSync(fd);
