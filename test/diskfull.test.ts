@@ -30,7 +30,7 @@ function which(bin: string): boolean {
   }
 }
 
-const skip = process.getuid?.() !== 0 ? 'needs root (mount -o loop)' : !which('mkfs.ext4') ? 'needs mkfs.ext4' : !which('mkfs.erofs') ? 'needs mkfs.erofs' : false;
+const skip = process.getuid?.() !== 0 ? 'needs root (mount -o loop)' : !fs.existsSync('/dev/loop-control') ? 'needs loop devices (/dev/loop-control)' : !which('mkfs.ext4') ? 'needs mkfs.ext4' : !which('mkfs.erofs') ? 'needs mkfs.erofs' : false;
 
 function freeBytes(dir: string): number {
   const s = fs.statfsSync(dir);
