@@ -204,6 +204,7 @@ describe('a full disk can always be cleaned', { skip }, () => {
       fs.rmSync(filler, { recursive: true });
       assert.equal(sn.reserve.restore(), true);
       assert.equal(reserveOnDisk(root, 4 * MiB), 'held');
+      assert.match(logged, /"level":"info".*"op":"reserve".*made again/);
     } finally {
       sn?.close();
       fs.rmSync(filler, { recursive: true, force: true });

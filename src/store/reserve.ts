@@ -163,7 +163,8 @@ export class SpaceReserve {
   }
 
   private held(made: boolean): boolean {
-    const was = this.releasedAt;
+    // Missing before (released, or not made at start): say it is back.
+    const was = this.releasedAt ?? (this.reason !== null ? Date.now() : null);
     this.state = 'held';
     this.reason = null;
     this.releasedAt = null;
