@@ -1,4 +1,4 @@
-/** fallocate(2): gives a freed chunk's blocks back to the filesystem. */
+/** fallocate(2): gives a freed chunk's blocks back to the filesystem, or takes blocks for a reserve. */
 import { check, libc } from './libc';
 
 type FallocateFn = (fd: number, mode: number, offset: number, len: number) => number;
@@ -8,8 +8,17 @@ let fn: FallocateFn | null = null;
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 
+function fallocate(): FallocateFn {
+  if (!fn) fn = libc().func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as FallocateFn;
+  return fn;
+}
+
 /** Deallocates [offset, offset+len) of fd; reads there return zeros. */
 export function punchHole(fd: number, offset: number, len: number): void {
-  if (!fn) fn = libc().func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as FallocateFn;
-  check('fallocate(PUNCH_HOLE)', fn(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len), `offset ${offset} len ${len}`);
+  check('fallocate(PUNCH_HOLE)', fallocate()(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len), `offset ${offset} len ${len}`);
+}
+
+/** Allocates real blocks for [offset, offset+len) of fd (mode 0: the file grows); throws ErrnoError ENOSPC when the filesystem has not that much. */
+export function allocate(fd: number, offset: number, len: number): void {
+  check('fallocate', fallocate()(fd, 0, offset, len), `offset ${offset} len ${len}`);
 }

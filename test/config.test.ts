@@ -266,6 +266,25 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ integrity: 'daily' }), 'integrity', /expected an object/);
   });
 
+  test('disk_reserve_mb (issue 12 item 6): 0 to 1024, default 8', () => {
+    assert.equal(defaultConfig().disk_reserve_mb, 8);
+    assert.equal(loadFile({ disk_reserve_mb: 0 }).disk_reserve_mb, 0);
+    assert.equal(loadFile({ disk_reserve_mb: 64 }).disk_reserve_mb, 64);
+    assertConfigError(() => loadFile({ disk_reserve_mb: 2048 }), 'disk_reserve_mb', /integer from 0 to 1024/);
+    assertConfigError(() => loadFile({ disk_reserve_mb: '8M' }), 'disk_reserve_mb', /integer from 0 to 1024/);
+  });
+
+  test('prefetch queue limits (issue 12 item 5): max_queued_jobs, max_queued_entries, max_queued_bytes, keep_finished are read and checked', () => {
+    assert.deepEqual(defaultConfig().prefetch, { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 });
+    const c = loadFile({ prefetch: { max_queued_jobs: 4, max_queued_entries: 5000, max_queued_bytes: 1 << 20, keep_finished: 0 } });
+    assert.deepEqual(c.prefetch, { trace_dir: null, concurrency: 2, max_queued_jobs: 4, max_queued_entries: 5000, max_queued_bytes: 1 << 20, keep_finished: 0 });
+    assertConfigError(() => loadFile({ prefetch: { max_queued_jobs: 0 } }), 'prefetch.max_queued_jobs', /integer from 1 to 10000/);
+    assertConfigError(() => loadFile({ prefetch: { max_queued_entries: 1e9 } }), 'prefetch.max_queued_entries', /integer from 1 to 10000000/);
+    assertConfigError(() => loadFile({ prefetch: { max_queued_bytes: 1000 } }), 'prefetch.max_queued_bytes', /integer from 1048576/);
+    assertConfigError(() => loadFile({ prefetch: { keep_finished: -1 } }), 'prefetch.keep_finished', /integer from 0 to 100000/);
+    assertConfigError(() => loadFile({ prefetch: { max_jobs: 3 } }), 'prefetch.max_jobs', /unknown key/);
+  });
+
   test('ondemand keys: backend, attempts, prefetch, prefetch_mbps, prefetch_concurrency and settle are read and checked', () => {
     assert.deepEqual(defaultConfig().ondemand, { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true });
     const c = loadFile({ ondemand: { backend: 'fetch', attempts: 5, prefetch: 'all', prefetch_mbps: 200, prefetch_concurrency: 4, settle: false } });

@@ -26,7 +26,7 @@ import { isMountPoint } from './helpers/mounts';
 
 const DOCTOR_MODULE = path.join(__dirname, '..', 'src', 'cmd', 'doctor.js');
 const SCRIPT = 'const [m, ...a] = process.argv.slice(1); require(m).runDoctor(a).then((c) => { process.exitCode = c; });';
-const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'images', 'integrity', 'permissions', 'disk'];
+const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'images', 'integrity', 'permissions', 'disk', 'reserve'];
 const PATH_ENV = process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin';
 
 interface Run {
@@ -211,6 +211,9 @@ describe('doctor on this machine, with a running daemon', () => {
     const ipct = s.files > 0 ? (s.ffree / s.files) * 100 : 100;
     const expected = pct < 1 || ipct < 1 ? 'fail' : pct < 10 || s.bavail * s.bsize < 1024 ** 3 || ipct < 10 ? 'warn' : 'ok';
     assert.equal(get(by, 'disk').status, expected, get(by, 'disk').detail);
+    // The daemon made ROOT/reserve at start (issue 12 item 6).
+    assert.equal(get(by, 'reserve').status, 'ok', get(by, 'reserve').detail);
+    assert.match(get(by, 'reserve').detail, /8\.0 MiB held back so snapshots can be removed on a full disk/);
 
     // Nothing left behind in ROOT or mounted.
     assert.deepEqual(

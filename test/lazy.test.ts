@@ -256,6 +256,8 @@ describe('remote layers of dedup images', () => {
       assert.deepEqual(left, [], 'no snapshot left');
       assert.deepEqual(fs.readdirSync(path.join(sn.root, 'images')), [], 'no image left');
       assert.equal(sn.store?.stats().storedBytes, 0, 'no chunk left');
+      // Issue 12 item 6: nothing a failed pull leaves keeps the disk full, not even until the next start.
+      assert.deepEqual(fs.readdirSync(path.join(sn.root, 'tmp')), [], 'no spool left in ROOT/tmp');
 
       fs.writeFileSync(blobFile, good);
       await lazyPull(sn, c);

@@ -27,6 +27,12 @@ export interface ApiOptions {
 }
 
 export const MAX_BODY_BYTES = 1 << 20;
+/**
+ * POST /prefetch requests read and checked at once; more are refused (429)
+ * before their body is read, so bodies in memory stay bounded (each parsed
+ * body of 1 MiB of paths takes a few MB) however many clients send at once.
+ */
+export const MAX_PREFETCH_IN_FLIGHT = 4;
 
 export interface ApiHandle {
   app: FastifyInstance;
@@ -39,6 +45,8 @@ class HttpError extends Error {
   constructor(
     readonly statusCode: number,
     message: string,
+    /** Seconds, sent as Retry-After. */
+    readonly retryAfter?: number,
   ) {
     super(message);
   }
@@ -84,7 +92,7 @@ export async function startApiServer(opts: ApiOptions): Promise<ApiHandle> {
     }
   });
 
-  app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, req, reply) => {
+  app.setErrorHandler((err: Error & { statusCode?: number; code?: string; retryAfter?: number }, req, reply) => {
     let status = err.statusCode ?? 500;
     let message = err.message;
     if (err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') message = `request body is over ${MAX_BODY_BYTES} bytes`;
@@ -104,7 +112,8 @@ export async function startApiServer(opts: ApiOptions): Promise<ApiHandle> {
         durationMs: Date.now() - started,
       });
     }
-    if (status >= 500) log.error({ op: 'api', method: req.method, url: req.url, err: message }, 'API request failed');
+    if (status >= 500 && status !== 503) log.error({ op: 'api', method: req.method, url: req.url, err: message }, 'API request failed');
+    if (err.retryAfter !== undefined) reply.header('retry-after', String(err.retryAfter));
     reply.code(status).type('application/json').send({ error: message });
   });
   app.setNotFoundHandler((req, reply) => {
@@ -124,6 +133,14 @@ export async function startApiServer(opts: ApiOptions): Promise<ApiHandle> {
     if (problem) return reply.code(503).send({ status: 'unhealthy', reason: problem });
     return { status: 'ok' };
   });
+  // At most MAX_PREFETCH_IN_FLIGHT prefetch requests are read at once; a slot is freed when the response ends or the client goes.
+  let inFlight = 0;
+  app.addHook('onRequest', async (req, reply) => {
+    if (req.method !== 'POST' || req.url.split('?')[0] !== '/prefetch') return;
+    if (inFlight >= MAX_PREFETCH_IN_FLIGHT) throw new HttpError(429, `${inFlight} prefetch requests are being read already; retry later`, 1);
+    inFlight++;
+    reply.raw.once('close', () => inFlight--);
+  });
   // Refusals are counted and audited by the error handler, which also sees bodies that never parsed.
   app.post('/prefetch', async (req, reply) => {
     const started = Date.now();
@@ -133,7 +150,7 @@ export async function startApiServer(opts: ApiOptions): Promise<ApiHandle> {
     try {
       job = await opts.prefetch.submit(r);
     } catch (err) {
-      if (err instanceof PrefetchError) throw new HttpError(err.status, err.message);
+      if (err instanceof PrefetchError) throw new HttpError(err.status, err.message, err.retryAfter);
       throw err;
     }
     opts.prefetch.counters.requests++;

@@ -103,9 +103,12 @@ export interface Stats {
     converted_layers: number;
     shared: { pushed: number; present: number; failed: number; bytes: number; pending: number } | null;
   };
-  prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number };
+  /** queue: jobs waiting or running; queued_entries, queued_bytes: their entries and the entries' estimated memory (bounded by prefetch.max_queued_*). */
+  prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number; queued_entries: number; queued_bytes: number };
   ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
   audit: { recorded: number; written: number; dropped: number } | null;
+  /** ROOT/reserve (store/reserve.ts): "held", "released" (a full disk took it; made again once there is room) or "off". */
+  disk_reserve: { state: string; bytes: number; released_at: string | null; reason: string | null };
 }
 
 function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
@@ -200,9 +203,12 @@ export function collectStats(src: StatsSources): Stats {
       skipped: p?.skipped ?? 0,
       missing: p?.missing ?? 0,
       queue: src.prefetch?.queueLength ?? 0,
+      queued_entries: src.prefetch?.queued.entries ?? 0,
+      queued_bytes: src.prefetch?.queued.bytes ?? 0,
     },
     ksm: { enabled: src.ksmEnabled, state: src.ksm.state, reason: src.ksm.reason, counters: src.ksm.counters() },
     audit: src.audit ? { ...src.audit.counters } : null,
+    disk_reserve: (({ path: _p, ...r }) => r)(sn.reserve.status),
   };
 }
 
@@ -278,6 +284,7 @@ export function toPrometheus(s: Stats): string {
     g('dedup_remote_saved_bytes_total', 'Chunk bytes of remote layers the node already had (not fetched).', s.remote.bytes_saved, 'counter'),
     g('dedup_remote_fetch_errors_total', 'Chunk fetches that failed.', s.remote.fetch_errors, 'counter'),
     g('dedup_remote_converted_layers_total', 'Layers of plain images made from a converted layer another node shared.', s.remote.converted_layers, 'counter'),
+    g('dedup_disk_reserve_held', 'Whether the disk reserve (ROOT/reserve) is held: 0 while a full disk has taken it.', s.disk_reserve.state === 'held' ? 1 : 0),
     g('dedup_prefetch_requests_total', 'Prefetch requests received.', s.prefetch.requests, 'counter'),
     g('dedup_prefetch_rejected_total', 'Prefetch requests refused (4xx).', s.prefetch.rejected, 'counter'),
     {

@@ -73,6 +73,7 @@ export async function runDaemon(): Promise<void> {
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
+      reserveBytes: cfg.disk_reserve_mb * 1024 * 1024,
       remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log, pullConverted: cfg.registry.pull_converted }) : null,
       pushConverted: cfg.registry.push_converted,
       ondemand:
@@ -191,6 +192,7 @@ export async function runDaemon(): Promise<void> {
     resolve: (imageId) => snapshotter.layerRoots(imageId),
     traceDir: cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'),
     concurrency: cfg.prefetch.concurrency,
+    limits: { maxJobs: cfg.prefetch.max_queued_jobs, maxEntries: cfg.prefetch.max_queued_entries, maxBytes: cfg.prefetch.max_queued_bytes, keepFinished: cfg.prefetch.keep_finished },
     logger: log,
     onDone: (job) =>
       audit.record({

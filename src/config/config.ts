@@ -34,8 +34,20 @@ export interface Config {
   readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
-  /** POST /prefetch: trace files are read only from trace_dir (null: ROOT/traces); reads in flight per job. */
-  readonly prefetch: { readonly trace_dir: string | null; readonly concurrency: number };
+  /**
+   * POST /prefetch: trace files are read only from trace_dir (null:
+   * ROOT/traces); reads in flight per job; limits of the job queue (jobs
+   * waiting or running, their entries, the entries' estimated bytes; beyond
+   * them 429) and finished jobs kept for GET /prefetch/<id>.
+   */
+  readonly prefetch: {
+    readonly trace_dir: string | null;
+    readonly concurrency: number;
+    readonly max_queued_jobs: number;
+    readonly max_queued_entries: number;
+    readonly max_queued_bytes: number;
+    readonly keep_finished: number;
+  };
   /**
    * Registries of dedup images: hosts reached over plain HTTP; docker
    * config.json with credentials (null: $DOCKER_CONFIG or ~/.docker).
@@ -65,6 +77,8 @@ export interface Config {
    * its digest; layers on damaged chunks are quarantined.
    */
   readonly integrity: { readonly scrub_mbps: number; readonly scrub_interval_minutes: number };
+  /** MiB of ROOT/reserve, released so a Remove goes through on a full disk (0: none). */
+  readonly disk_reserve_mb: number;
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
   readonly audit: { readonly retention_days: number; readonly max_rows: number };
   /** Where the file was read from, or null when only defaults were used. */
@@ -93,11 +107,12 @@ export function defaultConfig(): Config {
     ksm: { enabled: false, scan_interval: 100 },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
-    prefetch: { trace_dir: null, concurrency: 2 },
+    prefetch: { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 },
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
     integrity: { scrub_mbps: 20, scrub_interval_minutes: 1440 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
+    disk_reserve_mb: 8,
     source: null,
   };
 }
@@ -166,7 +181,7 @@ function rejectUnknown(prefix: string, obj: Record<string, Json>, known: readonl
 /** Applies a parsed JSON document onto `base`, validating every key. */
 export function applyConfigObject(base: Config, doc: Json): Config {
   if (!isObject(doc)) throw new ConfigError('(file)', 'expected a JSON object at the top level');
-  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'integrity', 'audit']);
+  rejectUnknown('', doc, ['version', 'root', 'address', 'use_erofs', 'use_fscache', 'chunk_size', 'mkfs_erofs', 'mount_backend', 'direct_io', 'read_ahead_kb', 'convert_mode', 'ksm', 'log_level', 'api', 'prefetch', 'registry', 'ondemand', 'integrity', 'audit', 'disk_reserve_mb']);
   const out: { -readonly [K in keyof Config]: Config[K] } = {
     ...base,
     ksm: { ...base.ksm },
@@ -184,6 +199,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('use_erofs' in doc) out.use_erofs = expectBool('use_erofs', doc.use_erofs);
   if ('use_fscache' in doc) out.use_fscache = expectBool('use_fscache', doc.use_fscache);
   if ('log_level' in doc) out.log_level = expectLevel('log_level', doc.log_level);
+  if ('disk_reserve_mb' in doc) out.disk_reserve_mb = expectInt('disk_reserve_mb', doc.disk_reserve_mb, 0, 1024);
   if ('chunk_size' in doc) {
     const v = doc.chunk_size;
     if (typeof v !== 'number' || !Number.isInteger(v) || v < 4096 || v > 1 << 30 || (v & (v - 1)) !== 0) {
@@ -244,9 +260,13 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('prefetch' in doc) {
     const pf = doc.prefetch;
     if (!isObject(pf)) throw new ConfigError('prefetch', `expected an object like {"trace_dir": "/var/lib/x/traces", "concurrency": 2}, got ${JSON.stringify(pf)}`);
-    rejectUnknown('prefetch', pf, ['trace_dir', 'concurrency']);
+    rejectUnknown('prefetch', pf, ['trace_dir', 'concurrency', 'max_queued_jobs', 'max_queued_entries', 'max_queued_bytes', 'keep_finished']);
     if ('trace_dir' in pf) out.prefetch = { ...out.prefetch, trace_dir: expectAbsPath('prefetch.trace_dir', pf.trace_dir) };
     if ('concurrency' in pf) out.prefetch = { ...out.prefetch, concurrency: expectInt('prefetch.concurrency', pf.concurrency, 1, 64) };
+    if ('max_queued_jobs' in pf) out.prefetch = { ...out.prefetch, max_queued_jobs: expectInt('prefetch.max_queued_jobs', pf.max_queued_jobs, 1, 10_000) };
+    if ('max_queued_entries' in pf) out.prefetch = { ...out.prefetch, max_queued_entries: expectInt('prefetch.max_queued_entries', pf.max_queued_entries, 1, 10_000_000) };
+    if ('max_queued_bytes' in pf) out.prefetch = { ...out.prefetch, max_queued_bytes: expectInt('prefetch.max_queued_bytes', pf.max_queued_bytes, 1 << 20, 4 * 2 ** 30) };
+    if ('keep_finished' in pf) out.prefetch = { ...out.prefetch, keep_finished: expectInt('prefetch.keep_finished', pf.keep_finished, 0, 100_000) };
   }
   if ('registry' in doc) {
     const rg = doc.registry;

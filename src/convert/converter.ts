@@ -204,14 +204,20 @@ export class Converter {
 /** Writes a file under a temporary name, fsyncs it, renames it into place, fsyncs the directory. */
 export async function writeDurably(dest: string, data: Buffer): Promise<void> {
   const tmp = `${dest}.tmp-${process.pid}`;
-  const fh = await fsp.open(tmp, 'w', 0o600);
   try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
+    const fh = await fsp.open(tmp, 'w', 0o600);
+    try {
+      await fh.writeFile(data);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fsp.rename(tmp, dest);
+  } catch (err) {
+    // A disk that filled up mid-write keeps nothing of it.
+    await fsp.rm(tmp, { force: true });
+    throw err;
   }
-  await fsp.rename(tmp, dest);
   const dh = await fsp.open(path.dirname(dest), 'r');
   try {
     await dh.sync();

@@ -26,6 +26,7 @@ import { MNT_DETACH, MS_RDONLY, mount, umount2 } from '../../native/mount';
 import { type Config, ConfigError, DEFAULT_CONFIG_PATH, defaultConfig, loadConfig } from '../config/config';
 import { type MkfsFeatures, buildChunkedImage, probeMkfs } from '../convert/mkfs';
 import { snapshotsService } from '../grpc/proto';
+import { RESERVE_FILE, reserveOnDisk } from '../store/reserve';
 import { isMountPoint, listMounts } from '../mount/mountinfo';
 import { proxyPluginSnippet, readContainerdToml } from './containerd-toml';
 import { KERNEL_NEEDS, type KernelVersion, atLeast, kernelSymbols, moduleFileExists, needs, parseRelease, procFilesystems, readKernelConfig } from './kernel';
@@ -719,4 +720,26 @@ export function checkDisk(root: string): CheckResult {
   if (pct < 1 || (inodePct !== null && inodePct < 1)) return { name, status: 'fail', detail: `${detail}; pulls and conversions will fail`, fix };
   if (pct < 10 || free < GiB || (inodePct !== null && inodePct < 10)) return { name, status: 'warn', detail, fix };
   return { name, status: 'ok', detail };
+}
+
+/** ROOT/reserve (store/reserve.ts): warn while it is missing, which is while a full disk has taken it. */
+export function checkReserve(root: string, bytes: number): CheckResult {
+  const name = 'reserve';
+  const file = path.join(root, RESERVE_FILE);
+  if (bytes === 0) return { name, status: 'ok', detail: 'no disk reserve (disk_reserve_mb 0): a Remove on a full disk may fail until space is freed by hand' };
+  try {
+    fs.statSync(file);
+  } catch (err) {
+    const code = errCode(err);
+    if (code === 'EACCES') return { name, status: 'skip', detail: `cannot look at ${file}: EACCES`, fix: 'run as root: sudo dedup-snapshotter doctor' };
+    if (code === 'ENOENT' && !fs.existsSync(root)) return { name, status: 'skip', detail: `ROOT ${root} does not exist yet; the daemon makes ${file} at start`, fix: 'start the daemon once' };
+  }
+  const on = reserveOnDisk(root, bytes);
+  if (on === 'held') return { name, status: 'ok', detail: `${file}: ${formatBytes(bytes)} held back so snapshots can be removed on a full disk` };
+  return {
+    name,
+    status: 'warn',
+    detail: `${file} is ${on === 'missing' ? 'missing' : 'shorter than ' + formatBytes(bytes)}: it was released because the disk filled up (or could not be made); the next Remove on a full disk may fail`,
+    fix: `free space on ROOT's filesystem (remove unused images: ctr images rm …); the daemon makes the reserve again by itself once ${formatBytes(3 * bytes)} are free`,
+  };
 }

@@ -19,6 +19,7 @@ import {
   checkKernel,
   checkMkfs,
   checkPermissions,
+  checkReserve,
   checkSocket,
 } from './checks';
 import { checkLayerImages } from './images';
@@ -133,5 +134,6 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   add(await guarded('integrity', opts, () => checkIntegrity(config.root)));
   add(await guarded('permissions', opts, () => checkPermissions(config.root, euid)));
   add(await guarded('disk', opts, () => checkDisk(config.root)));
+  add(await guarded('reserve', opts, () => checkReserve(config.root, config.disk_reserve_mb * 1024 * 1024)));
   return results;
 }

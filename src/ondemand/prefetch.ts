@@ -18,12 +18,21 @@ import { getXattr } from '../../native/xattr';
  * symlinks followed inside the image, never on the host). Jobs run one at a time,
  * each reading at most `concurrency` files at once and yielding between
  * reads, so foreground reads keep the disk.
+ *
+ * Memory is bounded whatever clients send (issue 12, item 5: a flood of
+ * 70,000-path requests grew the daemon to 4.3 GB): the jobs waiting or
+ * running, their entries and the entries' estimated bytes are limited
+ * (PrefetchLimits); a request beyond them is refused with 429 and a
+ * Retry-After, one that could never fit with 413. Finished jobs keep only
+ * their figures, and at most `keepFinished` of them are kept.
  */
 
 export class PrefetchError extends Error {
   constructor(
     readonly status: number,
     message: string,
+    /** Seconds a client should wait before trying again (429, 503). */
+    readonly retryAfter?: number,
   ) {
     super(message);
     this.name = 'PrefetchError';
@@ -31,8 +40,8 @@ export class PrefetchError extends Error {
 }
 
 export interface TraceEntry {
-  /** Path components inside the image. */
-  parts: string[];
+  /** The path inside the image, components joined by "/" (no ".", "..", or empty ones); split when it is read. */
+  path: string;
   offset: number;
   /** Bytes to read from offset; null: to the end of the file. */
   length: number | null;
@@ -61,12 +70,34 @@ export interface PrefetchJobView {
   duration_ms: number | null;
 }
 
+/** Limits on what the queue holds (config `prefetch.*`). */
+export interface PrefetchLimits {
+  /** Jobs waiting or running. */
+  maxJobs: number;
+  /** Entries of those jobs, in total. */
+  maxEntries: number;
+  /** Estimated memory of those entries (entryBytes each). */
+  maxBytes: number;
+  /** Finished jobs kept for GET /prefetch/<id> (the oldest go first). */
+  keepFinished: number;
+}
+
+export const DEFAULT_PREFETCH_LIMITS: PrefetchLimits = { maxJobs: 64, maxEntries: 1_000_000, maxBytes: 256 << 20, keepFinished: 1000 };
+
+/** Estimated heap bytes of a queued entry: the object and its path string (measured about 85 + length). */
+export function entryBytes(e: TraceEntry): number {
+  return ENTRY_OVERHEAD + e.path.length;
+}
+const ENTRY_OVERHEAD = 96;
+
 export interface PrefetchOptions {
   /** Resolves an image id to its layer roots, nearest first; throws for an unknown one. */
   resolve: (imageId: string) => LayerRoot[];
   /** The only directory trace files are read from. */
   traceDir: string;
   concurrency: number;
+  /** DEFAULT_PREFETCH_LIMITS when not given. */
+  limits?: PrefetchLimits;
   logger?: Logger;
   /** Called when a job ends. */
   onDone?: (job: PrefetchJobView) => void;
@@ -76,9 +107,9 @@ export const MAX_TRACE_BYTES = 64 << 20;
 const MAX_ENTRIES = 1_000_000;
 const MAX_PATH = 4096;
 const READ_CHUNK = 1 << 20;
-/** Finished jobs kept for GET /prefetch/<id>. */
-const KEEP_JOBS = 1000;
 const MAX_ERRORS = 20;
+/** A job's error lines are cut to this many characters (paths may be 4096). */
+const MAX_ERROR_CHARS = 512;
 
 /** Splits an image path into components; throws on `..`, NUL or an over-long path. */
 export function imagePathParts(p: string): string[] {
@@ -109,22 +140,25 @@ export function parseTrace(text: string): TraceEntry[] {
       throw new PrefetchError(400, `trace line ${i + 1}: ${(err as Error).message}`);
     }
     if (f.length === 1) {
-      out.push({ parts, offset: 0, length: null });
+      out.push({ path: parts.join('/'), offset: 0, length: null });
       continue;
     }
     const [offset, length] = [f[1], f[2]].map((v) => (/^\d{1,15}$/.test(v) ? Number(v) : NaN));
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) {
       throw new PrefetchError(400, `trace line ${i + 1}: offset and length must be non-negative integers, got ${JSON.stringify(`${f[1]} ${f[2]}`)}`);
     }
-    out.push({ parts, offset, length });
+    out.push({ path: parts.join('/'), offset, length });
   }
   return out;
 }
 
 interface Job {
   view: PrefetchJobView;
+  /** Emptied when the job ends: a finished job keeps only its view. */
   roots: LayerRoot[];
   entries: TraceEntry[];
+  /** Estimated bytes of entries (counted in the queue's total until the job ends). */
+  bytes: number;
   startedAt: number;
 }
 
@@ -132,17 +166,71 @@ export class Prefetcher {
   private readonly jobs = new Map<string, Job>();
   private readonly queue: Job[] = [];
   private running: Job | null = null;
+  /** Ids of finished jobs, oldest first: at most limits.keepFinished. */
+  private readonly finished: string[] = [];
+  /** Entries and their estimated bytes of the jobs waiting or running. */
+  private held = { entries: 0, bytes: 0 };
+  /** Entries processed and milliseconds spent by finished jobs: the pace Retry-After is estimated from. */
+  private pace = { entries: 0, ms: 0 };
+  /** Trace files are read and parsed one at a time (each may be 64 MiB). */
+  private traceTurn: Promise<unknown> = Promise.resolve();
   private closed = false;
+  private readonly limits: PrefetchLimits;
   private readonly log: Logger;
   /** requests and rejected are counted by the HTTP layer, which sees every request. */
   readonly counters = { requests: 0, rejected: 0, jobs_done: 0, jobs_failed: 0, files_read: 0, bytes_read: 0, skipped: 0, missing: 0 };
 
   constructor(private readonly opts: PrefetchOptions) {
     this.log = opts.logger ?? silentLogger();
+    this.limits = opts.limits ?? DEFAULT_PREFETCH_LIMITS;
   }
 
   get queueLength(): number {
     return this.queue.length + (this.running ? 1 : 0);
+  }
+
+  /** Entries and estimated bytes of the jobs waiting or running. */
+  get queued(): { jobs: number; entries: number; bytes: number } {
+    return { jobs: this.queueLength, ...this.held };
+  }
+
+  /** Seconds until the queue has likely drained enough: from the pace of finished jobs, 1 to 60. */
+  private retryAfter(): number {
+    const perMs = this.pace.ms > 0 ? this.pace.entries / this.pace.ms : 0;
+    if (perMs <= 0) return 5;
+    return Math.min(60, Math.max(1, Math.ceil(this.held.entries / perMs / 1000)));
+  }
+
+  /** Throws 429 when the queue is at its job limit or closed (503). */
+  private checkRoom(): void {
+    if (this.closed) throw new PrefetchError(503, 'the daemon is shutting down', 5);
+    if (this.queueLength >= this.limits.maxJobs) {
+      throw new PrefetchError(429, `prefetch queue full: ${this.queueLength} jobs waiting or running (prefetch.max_queued_jobs ${this.limits.maxJobs}); retry later`, this.retryAfter());
+    }
+  }
+
+  /** Throws 413 for a job that could never fit, 429 for one that does not fit now. */
+  private checkFits(entries: number, bytes: number): void {
+    const l = this.limits;
+    if (entries > l.maxEntries) throw new PrefetchError(413, `${entries} entries are over prefetch.max_queued_entries (${l.maxEntries}); split the request`);
+    if (bytes > l.maxBytes) throw new PrefetchError(413, `the entries take about ${bytes} bytes, over prefetch.max_queued_bytes (${l.maxBytes}); split the request`);
+    if (this.held.entries + entries > l.maxEntries) {
+      throw new PrefetchError(429, `prefetch queue full: ${this.held.entries} entries queued, ${entries} more would pass prefetch.max_queued_entries (${l.maxEntries}); retry later`, this.retryAfter());
+    }
+    if (this.held.bytes + bytes > l.maxBytes) {
+      throw new PrefetchError(429, `prefetch queue full: about ${this.held.bytes} bytes of entries queued, ${bytes} more would pass prefetch.max_queued_bytes (${l.maxBytes}); retry later`, this.retryAfter());
+    }
+  }
+
+  /** Reads and parses a trace file when no other is being read (one 64 MiB text in memory at a time). */
+  private async readTrace(file: string): Promise<TraceEntry[]> {
+    const turn = this.traceTurn.then(async () => {
+      // The queue may have filled while this request waited its turn.
+      this.checkRoom();
+      return parseTrace(await fs.promises.readFile(file, 'utf8'));
+    });
+    this.traceTurn = turn.catch(() => undefined);
+    return turn;
   }
 
   /**
@@ -152,7 +240,8 @@ export class Prefetcher {
    */
   async submit(req: { imageId: string; traceFile?: string; files?: string[] }): Promise<PrefetchJobView> {
     {
-      if (this.closed) throw new PrefetchError(503, 'the daemon is shutting down');
+      this.checkRoom();
+      if (req.files !== undefined) this.checkFits(req.files.length, 0);
       let roots: LayerRoot[];
       try {
         roots = this.opts.resolve(req.imageId);
@@ -163,18 +252,22 @@ export class Prefetcher {
       let source: string;
       if (req.traceFile !== undefined) {
         const file = this.traceFile(req.traceFile);
-        entries = parseTrace(await fs.promises.readFile(file, 'utf8'));
+        entries = await this.readTrace(file);
         source = file;
       } else {
         entries = (req.files ?? []).map((p, i) => {
           try {
-            return { parts: imagePathParts(p), offset: 0, length: null };
+            return { path: imagePathParts(p).join('/'), offset: 0, length: null };
           } catch (err) {
             throw new PrefetchError(400, `files[${i}]: ${(err as Error).message}`);
           }
         });
         source = 'files';
       }
+      const bytes = entries.reduce((a, e) => a + entryBytes(e), 0);
+      // Checked again: the queue may have filled while the trace was read.
+      this.checkRoom();
+      this.checkFits(entries.length, bytes);
       const id = crypto.randomUUID();
       const view: PrefetchJobView = {
         id,
@@ -193,10 +286,11 @@ export class Prefetcher {
         finished: null,
         duration_ms: null,
       };
-      const job: Job = { view, roots, entries, startedAt: 0 };
+      const job: Job = { view, roots, entries, bytes, startedAt: 0 };
       this.jobs.set(id, job);
       this.queue.push(job);
-      this.trim();
+      this.held.entries += entries.length;
+      this.held.bytes += bytes;
       this.log.info({ op: 'prefetch', job: id, image: req.imageId, entries: entries.length, source }, `prefetch job ${id} queued: ${entries.length} entries`);
       void this.pump();
       return { ...view };
@@ -211,7 +305,22 @@ export class Prefetcher {
   /** Stops taking jobs; the running one stops after its current reads. */
   close(): void {
     this.closed = true;
-    this.queue.length = 0;
+    for (const job of this.queue.splice(0)) {
+      job.view.state = 'failed';
+      job.view.errors.push('stopped: the daemon is shutting down');
+      this.release(job);
+    }
+  }
+
+  /** A job that will not run (again): its entries leave the queue's totals and memory, and it joins the finished jobs kept. */
+  private release(job: Job): void {
+    this.held.entries -= job.entries.length;
+    this.held.bytes -= job.bytes;
+    job.entries = [];
+    job.roots = [];
+    job.bytes = 0;
+    this.finished.push(job.view.id);
+    while (this.finished.length > this.limits.keepFinished) this.jobs.delete(this.finished.shift() as string);
   }
 
   /** Resolves `p` to a regular file inside the trace directory, or throws PrefetchError. */
@@ -243,14 +352,6 @@ export class Prefetcher {
     return real;
   }
 
-  private trim(): void {
-    if (this.jobs.size <= KEEP_JOBS) return;
-    for (const [id, j] of this.jobs) {
-      if (this.jobs.size <= KEEP_JOBS) break;
-      if (j.view.state === 'done' || j.view.state === 'failed') this.jobs.delete(id);
-    }
-  }
-
   private async pump(): Promise<void> {
     if (this.running) return;
     for (let job = this.queue.shift(); job; job = this.queue.shift()) {
@@ -273,7 +374,7 @@ export class Prefetcher {
         try {
           await this.warm(job, e, buf[slot]);
         } catch (err) {
-          if (v.errors.length < MAX_ERRORS) v.errors.push(`/${e.parts.join('/')}: ${(err as Error).message}`);
+          if (v.errors.length < MAX_ERRORS) v.errors.push(`/${e.path}: ${(err as Error).message}`.slice(0, MAX_ERROR_CHARS));
         }
         v.processed++;
       }
@@ -284,10 +385,13 @@ export class Prefetcher {
       if (v.state === 'failed') v.errors.push('stopped: the daemon is shutting down');
     } catch (err) {
       v.state = 'failed';
-      v.errors.push((err as Error).message);
+      v.errors.push((err as Error).message.slice(0, MAX_ERROR_CHARS));
     }
     v.finished = new Date().toISOString();
     v.duration_ms = Date.now() - job.startedAt;
+    this.pace.entries += v.processed;
+    this.pace.ms += Math.max(1, v.duration_ms);
+    this.release(job);
     if (v.state === 'done') this.counters.jobs_done++;
     else this.counters.jobs_failed++;
     this.log.info(
@@ -304,7 +408,7 @@ export class Prefetcher {
   /** Reads one entry's range through the first layer that has the path. */
   private async warm(job: Job, e: TraceEntry, buf: Buffer): Promise<void> {
     const v = job.view;
-    const found = await resolveInImage(job.roots, e.parts);
+    const found = await resolveInImage(job.roots, e.path.split('/'));
     if (found === 'not-a-file') {
       v.skipped++;
       this.counters.skipped++;

@@ -15,6 +15,7 @@ import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, criLayerOf, ru
 import { formatReference, parseReference } from '../remote/reference';
 import { ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
 import { ImageSealer } from '../store/seal';
+import { DEFAULT_RESERVE_BYTES, SpaceReserve } from '../store/reserve';
 import { extentKey, scanDataChunks } from '../convert/chunks';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -39,6 +40,8 @@ export interface ConvertEvent {
 export interface SnapshotterOptions {
   root: string;
   logger?: Logger;
+  /** Bytes of ROOT/reserve, released so a Remove goes through on a full disk (0: none; default DEFAULT_RESERVE_BYTES). */
+  reserveBytes?: number;
   /** Called after each conversion; must not throw or block. */
   onConvert?: (e: ConvertEvent) => void;
   /** Dedup images in registries: layers made from metadata and the chunks the node lacks (lazy pull). */
@@ -171,6 +174,8 @@ export class Snapshotter {
   /** Seals layer images with fs-verity where ROOT's filesystem has it. */
   readonly sealer: ImageSealer | null = null;
   private readonly scrub: SnapshotterOptions['integrity'] | null;
+  /** Space held back so Remove works on a full disk (store/reserve.ts). */
+  readonly reserve: SpaceReserve;
 
   constructor(opts: SnapshotterOptions) {
     this.remote = opts.remote ?? null;
@@ -182,6 +187,8 @@ export class Snapshotter {
     this.snapshotsDir = path.join(this.root, 'snapshots');
     fs.mkdirSync(this.snapshotsDir, { recursive: true, mode: 0o700 });
     this.ms = new MetaStore(path.join(this.root, 'metadata.db'));
+    this.reserve = new SpaceReserve({ root: this.root, bytes: opts.reserveBytes ?? DEFAULT_RESERVE_BYTES, logger: this.log });
+    this.reserve.restore();
     // As containerd's overlayfs snapshotter: with index=on, overlayfs refuses
     // to reuse a lower layer mounted under another upper.
     this.overlayIndexOff = fs.existsSync('/sys/module/overlay/parameters/index');
@@ -1285,11 +1292,14 @@ export class Snapshotter {
   async remove(key: string): Promise<void> {
     this.checkOpen();
     let dead: Extent[] = [];
-    const { id, kind, layer } = this.ms.transaction(() => {
-      const r = this.ms.remove(key);
-      if (r.layer && this.store) dead = this.store.dropLayerRefs(Number(r.id));
-      return r;
-    });
+    // On a full disk the DELETE's WAL frames get the reserve's space.
+    const { id, kind, layer } = this.reserve.whenFull(`remove of ${JSON.stringify(key)}`, () =>
+      this.ms.transaction(() => {
+        const r = this.ms.remove(key);
+        if (r.layer && this.store) dead = this.store.dropLayerRefs(Number(r.id));
+        return r;
+      }),
+    );
     // The rows are gone; now the files. If this fails or the process dies
     // here, they are unnamed and Cleanup (or start-up) removes them.
     if (layer && this.converter && this.store) {
@@ -1312,6 +1322,8 @@ export class Snapshotter {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');
     }
     this.log.info({ op: 'remove', key, snapshot: id, kind: kindName(kind) }, 'snapshot removed');
+    // Space given back: the reserve, if a full disk took it, can be made again.
+    this.reserve.restore();
     // A container's snapshot gone: the lazy layers under it may be idle now.
     this.scheduleSettle(1000);
   }
@@ -1368,6 +1380,7 @@ export class Snapshotter {
     void this.integrity?.stop();
     // Layer mounts stay: running containers use them, and start-up finds them.
     this.store?.close();
+    this.reserve.close();
     this.ms.close();
   }
 }
