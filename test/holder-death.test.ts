@@ -88,7 +88,8 @@ async function container(d: DaemonProcess, l: LazyLayer, key: string): Promise<s
 }
 
 test('kill -9 of the holder while readers of three lazy files wait: each gets the right bytes, the daemon says so per read, a new holder runs', { skip }, async () => {
-  const layers = await Promise.all(['hd-a', 'hd-b', 'hd-c'].map((n) => lazyImage(n, 2 * MiB)));
+  const layers: LazyLayer[] = [];
+  for (const n of ['hd-a', 'hd-b', 'hd-c']) layers.push(await lazyImage(n, 2 * MiB));
   const d = await startDaemon(daemonOptions());
   const ids: string[] = [];
   for (const l of layers) ids.push(await lazyPrepare(d, l));
@@ -173,4 +174,53 @@ test('daemon and holder both killed mid read: after the restart new views, and a
     proxy.release();
     await unmount(old).catch(() => undefined);
   }
+});
+
+/** CPU time `pid` used so far, in ms: utime + stime of /proc/PID/stat (clock ticks, 1/100 s) and, finer, the sum of its threads' /proc/PID/task/TID/schedstat (ns). */
+function cpuMs(pid: number): { ticks: number; ms: number } {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  let ns = 0;
+  for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // the thread ended
+    }
+  }
+  return { ticks: Number(f[11]) + Number(f[12]), ms: ns / 1e6 };
+}
+
+test('idle with marks in place, daemon and holder together use under 0.1% of a core', { skip }, async () => {
+  const l = await lazyImage('hd-idle', 1 * MiB);
+  // Its own ROOT: no layer of the tests above (complete ones settle into the store at start, which reads them).
+  const started = Date.now();
+  const d = await startDaemon({ ...daemonOptions(), dir: tempDir('holder-idle') });
+  const id = await lazyPrepare(d, l);
+  assert.ok(fs.existsSync(path.join(d.root, 'mnt', id, 'data.bin')));
+  const pids = [d.proc.pid as number, holderPid(d.root)];
+  // Start-up work ends first: for 20-40 s after a Node process starts, V8
+  // works in the background now and then (compiling, the memory reducer's
+  // GCs: ~100 ms of CPU in a burst); then it is quiet. So: 45 s after the
+  // start, and then a 5 s window under 1 ms (up to 90 s more).
+  await new Promise((r) => setTimeout(r, Math.max(0, started + 45_000 - Date.now())));
+  for (const until = Date.now() + 90_000; Date.now() < until; ) {
+    const a = pids.map(cpuMs);
+    await new Promise((r) => setTimeout(r, 5000));
+    const b = pids.map(cpuMs);
+    if (b[0].ms - a[0].ms + b[1].ms - a[1].ms < 1) break;
+  }
+  const t0 = Date.now();
+  const before = pids.map(cpuMs);
+  await new Promise((r) => setTimeout(r, 10_000));
+  const after = pids.map(cpuMs);
+  const seconds = (Date.now() - t0) / 1000;
+  const ms = pids.map((_, i) => after[i].ms - before[i].ms);
+  const ticks = pids.map((_, i) => after[i].ticks - before[i].ticks);
+  const share = (ms[0] + ms[1]) / 1000 / seconds;
+  const what = `daemon ${ms[0].toFixed(1)} ms (${ticks[0]} ticks) + holder ${ms[1].toFixed(1)} ms (${ticks[1]} ticks) in ${seconds.toFixed(1)} s: ${(share * 100).toFixed(3)}% of a core`;
+  assert.ok(share < 0.001, what);
+  // Ticks are coarse (10 ms): one may fall in the window by rounding, not more.
+  assert.ok(ticks[0] + ticks[1] <= 1, what);
+  await d.stop();
 });
