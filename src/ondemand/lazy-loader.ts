@@ -804,7 +804,8 @@ export class LazyLoader {
         }
         // Answered before a new holder reads: its event fd numbers must not meet the dead one's.
         await Promise.all(orphans.map((r) => r.done));
-        const denied = this.group.denyUnknown();
+        // Only once it is gone for good (a dropped connection to a live holder: it relays its events again).
+        const denied = processGone(this.holderPid) ? this.group.denyUnknown() : 0;
         if (denied > 0) this.log.warn({ op: 'ondemand', denied }, `denied ${denied} reads (EIO) the dead on-demand holder had taken from the group but not relayed`);
       }
       for (let attempt = 0; !this.closed; attempt++) {
@@ -1087,6 +1088,16 @@ function directWriter(file: string): (offset: number, bytes: Buffer) => Promise<
       await fh.close();
     }
   };
+}
+
+/** Whether process `pid` is gone (or a zombie: dead, not reaped yet). */
+function processGone(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
+  } catch {
+    return true;
+  }
 }
 
 function dial(socket: string): Promise<net.Socket> {
