@@ -138,6 +138,8 @@ interface Relayed {
   offset: number;
   count: number;
   done: Promise<void>;
+  /** Denied already (its holder died and it took too long): never answered again, its number may be another event's now. */
+  cancelled: boolean;
 }
 
 export interface LoaderCounters {
@@ -803,7 +805,16 @@ export class LazyLoader {
           );
         }
         // Answered before a new holder reads: its event fd numbers must not meet the dead one's.
-        await Promise.all(orphans.map((r) => r.done));
+        // Bounded: a fill that itself reads a marked file (a chunk copied from another lazy layer) waits for a holder.
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([Promise.all(orphans.map((r) => r.done)), new Promise<void>((res) => (timer = setTimeout(res, ORPHAN_WAIT_MS)))]);
+        clearTimeout(timer);
+        for (const r of orphans) {
+          if (!this.relayed.has(r)) continue;
+          r.cancelled = true;
+          this.group.answer(r.fd, false);
+          this.log.warn({ op: 'ondemand', layer: r.layer, offset: r.offset, count: r.count }, `a read of ${r.layer ? `layer ${r.layer}` : r.file} at ${r.offset} (+${r.count}) the dead holder had relayed was not served in ${ORPHAN_WAIT_MS / 1000} s: denied (EIO)`);
+        }
         // Only once it is gone for good (a dropped connection to a live holder: it relays its events again).
         const denied = processGone(this.holderPid) ? this.group.denyUnknown() : 0;
         if (denied > 0) this.log.warn({ op: 'ondemand', denied }, `denied ${denied} reads (EIO) the dead on-demand holder had taken from the group but not relayed`);
@@ -868,7 +879,7 @@ export class LazyLoader {
     // Writes go through a copy of the event's fd (no event raised), counted filled once written.
     const ev = Number.isInteger(holderFd) && holderFd >= 0 ? EventFile.copy(holderPid, holderFd) : null;
     let resolveDone = () => undefined as void;
-    const r: Relayed = { id: eventId, sock, fd: holderFd, file, layer: st?.id, offset, count, done: new Promise<void>((res) => (resolveDone = res)) };
+    const r: Relayed = { id: eventId, sock, fd: holderFd, file, layer: st?.id, offset, count, done: new Promise<void>((res) => (resolveDone = res)), cancelled: false };
     this.relayed.add(r);
     const finish = (ok: boolean, err?: Error) => {
       this.pendingEvents--;
@@ -883,7 +894,8 @@ export class LazyLoader {
       // Answered here (false from answer: answered already, by a daemon that died before telling the holder).
       let viaGroup = false;
       try {
-        if (this.group.held) {
+        if (r.cancelled) viaGroup = true;
+        else if (this.group.held) {
           this.group.answer(holderFd, ok);
           viaGroup = true;
         }
@@ -1025,6 +1037,9 @@ export class LazyLoader {
     if (!this.haveDigest.has(st.entries[i][2])) this.haveDigest.set(st.entries[i][2], { st, i });
   }
 }
+
+/** How long reads a dead holder had relayed may take before they are denied and a new holder starts. */
+const ORPHAN_WAIT_MS = 10_000;
 
 /** Looks for a removed layer's cache file this many times, 5 s apart. */
 const CULL_TRIES = 24;
