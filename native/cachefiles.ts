@@ -3,7 +3,7 @@
  * CONFIG_CACHEFILES_ONDEMAND), as <linux/cachefiles.h> defines it: the
  * messages a read(2) of the device returns (OPEN, CLOSE, READ), the
  * CACHEFILES_IOC_READ_COMPLETE ioctl on an object's anonymous fd, page-aligned
- * buffers (writes to that fd are direct I/O), poll(2) in a worker thread, and
+ * buffers (writes to that fd are direct I/O), and
  * pidfd_open/pidfd_getfd (Linux ≥ 5.6) to share the device's fd with another
  * process (the device has one opener per host).
  */
@@ -23,16 +23,14 @@ export const CACHEFILES_IOC_READ_COMPLETE = (1 << 30) | (4 << 16) | (0x98 << 8) 
 
 const SYS_PIDFD_OPEN = 434;
 const SYS_PIDFD_GETFD = 438;
-const POLLIN = 0x1;
 export const PAGE = 4096;
 
 type IoctlFn = (fd: number, request: number, arg: number) => number;
 type SyscallFn = (n: number, a: number, b: number, c: number) => number;
-type PollFn = ((fds: Buffer, nfds: number, timeout: number) => number) & { async: (fds: Buffer, nfds: number, timeout: number, cb: (err: unknown, r: number) => void) => void };
 type AlignedAllocFn = (alignment: number, size: number) => unknown;
 type FreeFn = (p: unknown) => void;
 
-let fns: { ioctl: IoctlFn; syscall: SyscallFn; poll: PollFn; alignedAlloc: AlignedAllocFn; free: FreeFn } | null = null;
+let fns: { ioctl: IoctlFn; syscall: SyscallFn; alignedAlloc: AlignedAllocFn; free: FreeFn } | null = null;
 
 function sys() {
   if (!fns) {
@@ -40,7 +38,6 @@ function sys() {
     fns = {
       ioctl: lib.func('int ioctl(int fd, unsigned long request, unsigned long arg)') as unknown as IoctlFn,
       syscall: lib.func('long syscall(long number, long a, long b, long c)') as unknown as SyscallFn,
-      poll: lib.func('int poll(void *fds, unsigned long nfds, int timeout)') as unknown as PollFn,
       alignedAlloc: lib.func('void *aligned_alloc(size_t alignment, size_t size)') as unknown as AlignedAllocFn,
       free: lib.func('void free(void *p)') as unknown as FreeFn,
     };
@@ -136,18 +133,7 @@ export function readComplete(anonFd: number, msgId: number): void {
   check('ioctl(CACHEFILES_IOC_READ_COMPLETE)', sys().ioctl(anonFd, CACHEFILES_IOC_READ_COMPLETE, msgId), `msg ${msgId}`);
 }
 
-/** Waits (in a worker thread, not blocking the event loop) until `fd` is readable or `timeoutMs` passed. */
-export function pollReadable(fd: number, timeoutMs: number): Promise<boolean> {
-  const pfd = Buffer.alloc(8);
-  pfd.writeInt32LE(fd, 0);
-  pfd.writeInt16LE(POLLIN, 4);
-  return new Promise((resolve, reject) => {
-    sys().poll.async(pfd, 1, timeoutMs, (err, r) => {
-      if (err) reject(err instanceof Error ? err : new Error(String(err)));
-      else resolve(r > 0);
-    });
-  });
-}
+export { pollReadable } from './libc';
 
 /** A copy of fd `targetFd` of process `pid` in this process (pidfd_getfd(2); needs ptrace rights: root). */
 export function fdOfProcess(pid: number, targetFd: number): number {

@@ -92,3 +92,57 @@ export function seekDataOrHole(fd: number, from: number, what: 'data' | 'hole'):
   }
   return Number(r);
 }
+
+const POLLIN = 0x1;
+type PollFn = ((fds: Buffer, nfds: number, timeout: number) => number) & { async: (fds: Buffer, nfds: number, timeout: number, cb: (err: unknown, r: number) => void) => void };
+let pollFn: PollFn | null = null;
+
+/**
+ * Waits in a worker thread (the event loop runs on) until one of `fds` is
+ * readable or `timeoutMs` passed (-1: no limit): a blocking wait that costs
+ * no CPU, for fds Node cannot watch itself (/dev/cachefiles, a fanotify
+ * group). True when one is readable.
+ */
+export function pollReadable(fds: number | number[], timeoutMs: number): Promise<boolean> {
+  if (!pollFn) pollFn = libc().func('int poll(void *fds, unsigned long nfds, int timeout)') as unknown as PollFn;
+  const list = Array.isArray(fds) ? fds : [fds];
+  const pfd = Buffer.alloc(8 * list.length);
+  for (const [i, fd] of list.entries()) {
+    pfd.writeInt32LE(fd, 8 * i);
+    pfd.writeInt16LE(POLLIN, 8 * i + 4);
+  }
+  const poll = pollFn;
+  return new Promise((resolve, reject) => {
+    poll.async(pfd, list.length, timeoutMs, (err, r) => {
+      if (err) reject(err instanceof Error ? err : new Error(String(err)));
+      else resolve(r > 0);
+    });
+  });
+}
+
+const EFD_CLOEXEC = 0o2000000;
+const EFD_NONBLOCK = 0o4000;
+let eventfdFn: ((initval: number, flags: number) => number) | null = null;
+
+/**
+ * A non-blocking eventfd(2): a write of an 8-byte count makes it readable,
+ * to wake a worker thread waiting in pollReadable. Throws ErrnoError.
+ */
+export function eventFd(): number {
+  if (!eventfdFn) eventfdFn = libc().func('int eventfd(unsigned int initval, int flags)') as unknown as (initval: number, flags: number) => number;
+  return check('eventfd', eventfdFn(0, EFD_CLOEXEC | EFD_NONBLOCK));
+}
+
+const POSIX_FADV_DONTNEED = 4;
+let fadviseFn: ((fd: number, off: bigint, len: bigint, advice: number) => number) | null = null;
+
+/**
+ * posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED): drops the clean, unmapped
+ * pages of the file's page cache. Throws ErrnoError (it returns the error
+ * number instead of setting errno).
+ */
+export function dropPageCache(fd: number): void {
+  if (!fadviseFn) fadviseFn = libc().func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)') as unknown as (fd: number, off: bigint, len: bigint, advice: number) => number;
+  const r = fadviseFn(fd, 0n, 0n, POSIX_FADV_DONTNEED);
+  if (r !== 0) throw new ErrnoError('posix_fadvise', r, `fd ${fd} DONTNEED`);
+}

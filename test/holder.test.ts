@@ -3,7 +3,11 @@
  * of a hole in a marked file waits while no daemon is connected, survives
  * the daemon's connection dying mid-event (a crash), and completes with the
  * right bytes once a daemon connects again and fills the range; a failed
- * fill is an EIO for the reader, never zeros.
+ * fill is an EIO for the reader, never zeros. The group outlives the
+ * holder (issue 12): a copy taken with pidfd_getfd keeps reads waiting after
+ * kill -9 of the holder, answers a relayed event by the holder's fd number
+ * (the kernel matches responses by number), and a new holder adopting the
+ * copy reads the events that waited.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -13,6 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { FrameReader, encodeFrame } from '../src/ondemand/frames';
+import { EventFile, SharedGroup } from '../src/ondemand/group';
 import { tempDir, waitFor } from './helpers/daemon';
 
 const [major, minor] = os.release().split('.').map(Number);
@@ -85,6 +90,76 @@ test('reads wait through a daemon crash and complete once a daemon fills them; a
   } finally {
     holder.kill('SIGTERM');
     await new Promise((r) => holder.once('exit', r));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('the group outlives the holder: a copy answers a relayed event by its fd number after kill -9 (filled through a copy of the event fd); a fill the holder writes is confirmed', { skip }, async () => {
+  const dir = tempDir('holder-group');
+  const socket = path.join(dir, 'holder.sock');
+  const file = path.join(dir, 'lazy.blob');
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, 1 << 20);
+  const holder = spawn(process.execPath, [BIN, 'ondemand-holder', '--socket', socket], { stdio: ['ignore', 'ignore', 'pipe'] });
+  procs.push(holder);
+  const group = new SharedGroup();
+  try {
+    await waitFor(() => fs.existsSync(socket), 10_000, 'the holder socket');
+    const d = await connect(socket);
+    d.s.write(encodeFrame({ op: 'group' }));
+    await waitFor(() => d.frames.some((f) => f.head.op === 'group'), 5_000, 'the group');
+    const g = (d.frames.find((f) => f.head.op === 'group') as { head: Record<string, unknown> }).head;
+    assert.equal(g.fresh, true);
+    group.copyFrom(Number(g.pid), Number(g.fd));
+    d.s.write(encodeFrame({ op: 'mark', path: file }));
+    await waitFor(() => d.frames.some((f) => f.head.op === 'marked'), 5_000, 'marked');
+
+    // A fill the holder writes is confirmed once written.
+    const r0 = reader(file, 0);
+    await waitFor(() => d.frames.some((f) => f.head.op === 'event'), 5_000, 'an event');
+    const e0 = (d.frames.find((f) => f.head.op === 'event') as { head: Record<string, unknown> }).head;
+    d.s.write(encodeFrame({ op: 'fill', id: e0.id, offset: e0.offset }, Buffer.alloc(Number(e0.count), 0x11)));
+    await waitFor(() => d.frames.some((f) => f.head.op === 'filled' && f.head.id === e0.id), 5_000, 'the fill confirmed');
+    d.s.write(encodeFrame({ op: 'done', id: e0.id, ok: true }));
+    assert.equal(await r0.done, '11'.repeat(4096));
+
+    // The holder dies with a relayed event pending: the copy keeps the read waiting; the daemon's side serves it.
+    const r1 = reader(file, 256 * 1024);
+    await waitFor(() => d.frames.filter((f) => f.head.op === 'event').length >= 2, 5_000, 'a second event');
+    const e1 = d.frames.filter((f) => f.head.op === 'event')[1].head;
+    assert.equal(e1.pid, g.pid);
+    const ev = EventFile.copy(Number(e1.pid), Number(e1.fd));
+    assert.ok(ev, 'a copy of the event fd');
+    holder.kill('SIGKILL');
+    await new Promise((r) => holder.once('exit', r));
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(r1.exited(), false, 'the read still waits: the group lives in this process');
+    await ev.write(Number(e1.offset), Buffer.alloc(Number(e1.count), 0x22));
+    ev.close();
+    assert.equal(group.answer(Number(e1.fd), true), true, 'answered by the dead holder\'s fd number');
+    assert.equal(await r1.done, '22'.repeat(4096));
+    assert.equal(group.answer(Number(e1.fd), true), false, 'once');
+    // A read nobody took from the group waits for the next reader of this copy.
+    const r2 = reader(file, 512 * 1024);
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(r2.exited(), false);
+    fs.rmSync(socket);
+    const again = spawn(process.execPath, [BIN, 'ondemand-holder', '--socket', socket], { stdio: ['ignore', 'ignore', 'pipe'] });
+    procs.push(again);
+    await waitFor(() => fs.existsSync(socket), 10_000, 'the new holder socket');
+    const d2 = await connect(socket);
+    d2.s.write(encodeFrame({ op: 'group', adopt_pid: process.pid, adopt_fd: group.fdNumber, marked: [file] }));
+    await waitFor(() => d2.frames.some((f) => f.head.op === 'event'), 5_000, 'the waiting event, read by the new holder');
+    assert.equal(d2.frames.find((f) => f.head.op === 'group')?.head.adopted, true);
+    const e2 = (d2.frames.find((f) => f.head.op === 'event') as { head: Record<string, unknown> }).head;
+    d2.s.write(encodeFrame({ op: 'done', id: e2.id, ok: false }));
+    assert.equal(await r2.done, 'ERR:EIO');
+    d2.s.destroy();
+    again.kill('SIGTERM');
+    await new Promise((r) => again.once('exit', r));
+  } finally {
+    group.close();
+    if (holder.exitCode === null && holder.signalCode === null) holder.kill('SIGKILL');
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -148,14 +148,16 @@ test('chunks the node has are never fetched: a second image sharing a file copie
   await d.stop();
 });
 
-test('the holder lost while a lazy layer is mounted: the daemon fetches everything it lacks and says so', { skip }, async () => {
+test('the holder lost while a lazy layer is mounted: a new holder reads the daemon\'s copy of the group; reads still wait for their data', { skip }, async () => {
   const l = await lazyImage('od-holder-lost', 1 * MiB);
   const d = await startDaemon(daemonOptions());
   const id = await lazyPrepare(d, l);
+  const ranges = proxy.ranges;
   assert.ok(stopHolder(d.root, 'SIGKILL'), 'the holder ran');
-  await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && /fetching all \d+ missing chunks now/.test(String(x.msg))), 20_000, 'the daemon filling the layer');
-  await waitFor(async () => (await daemonStats(d.apiAddress)).ondemand.missing_chunks === 0, 30_000, 'the layer complete');
+  await waitFor(() => d.logs().some((x) => x.op === 'ondemand' && x.adopted === true), 20_000, "a new holder adopting the daemon's group");
+  assert.equal(proxy.ranges, ranges, 'nothing fetched: the marks held, nothing was let through');
   assert.equal(await readInChild(path.join(d.root, 'mnt', id, 'data.bin')).done, sha256(l.content));
+  assert.ok(proxy.ranges > ranges, 'the read waited for its data');
   await d.stop();
 });
 
@@ -208,6 +210,8 @@ test('a lazy layer with all its data settles into the chunk store once no mount 
   const c = snapshotsClient(d.address);
   const settled = (id: string) => d.logs().find((x) => x.op === 'settle' && x.layer === id && typeof x.new_chunks === 'number');
   try {
+    // (This file's daemons share one ROOT: layers of earlier tests may lack data still.)
+    const incompleteBefore = (await daemonStats(d.apiAddress)).ondemand.incomplete_layers;
     const idA = await lazyPrepare(d, a);
     // A container on top of it, as containerd makes one: the layer is an overlay's lower.
     const { mounts } = await call(c, 'Prepare', { key: 'settle-ctr', parent: a.labels[LABEL_SNAPSHOT_REF] });
@@ -218,7 +222,7 @@ test('a lazy layer with all its data settles into the chunk store once no mount 
       assert.equal(await readInChild(path.join(rootfs, 'data.bin')).done, sha256(shared));
       // In another process: the registry proxy runs in this one.
       assert.equal(await readInChild(path.join(rootfs, 'a.txt')).done, sha256(Buffer.from('only in a\n')));
-      assert.equal((await daemonStats(d.apiAddress)).ondemand.incomplete_layers, 0, 'layer A has all its data');
+      assert.equal((await daemonStats(d.apiAddress)).ondemand.incomplete_layers, incompleteBefore, 'layer A has all its data');
       // Past the grace after Prepare handed it out: still lazy, it is in use.
       await new Promise((r) => setTimeout(r, 7000));
       assert.equal(settled(idA), undefined, 'not settled while a mount uses it');

@@ -1,7 +1,8 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
-import { cachefilesCommand, fdOfProcess, openCachefiles } from '../../native/cachefiles';
+import path from 'node:path';
+import { cachefilesCommand, fdOfProcess, openCachefiles, pollReadable } from '../../native/cachefiles';
 import {
   FAN_ALLOW,
   FAN_CLASS_PRE_CONTENT,
@@ -18,23 +19,39 @@ import {
   fanotifyResponse,
   parseFanotifyEvents,
 } from '../../native/fanotify';
+import { eventFd } from '../../native/libc';
 import { encodeFrame, readFrames } from './frames';
 
 /**
- * The on-demand holder: a minimal process that owns the fanotify
+ * The on-demand holder: a minimal process that reads the fanotify
  * pre-content group, so that no daemon crash or restart can let a read of
- * unfetched data through (the kernel allows pending and later accesses when
- * the group's owner dies). It only relays: each event (a read of a marked
- * lazy file) goes to the connected daemon as {op:"event", id, path, offset,
- * count}; the daemon answers {op:"fill", id, offset} + bytes, which the
- * holder writes through the event's fd (raising no event), and then
- * {op:"done", id, ok}, which the holder turns into FAN_ALLOW or a denial
- * with EIO. While no daemon is connected, events wait; a daemon that
- * connects gets every pending one. Marks: {op:"mark", path} → {op:"marked",
- * path} or {op:"error"}; mark a file before anything opens it (a file opened
- * earlier raises no pre-content events). {op:"hello"} → {op:"hello", pid,
- * marked: [paths]}. A fill that cannot be written is reported as
- * {op:"error", id, offset} and the read is denied.
+ * unfetched data through (the kernel allows pending and later accesses once
+ * no process holds the group). The daemon holds a copy of the group too
+ * ({op:"group"} → {op:"group", pid, fd, fresh}; it takes it with
+ * pidfd_getfd), so the group also outlives this process: a holder started
+ * after one died is handed the daemon's copy ({op:"group", adopt_pid,
+ * adopt_fd, marked}) and reads the events that waited meanwhile.
+ *
+ * It only relays: each event (a read of a marked lazy file) goes to the
+ * connected daemon as {op:"event", id, pid, fd, path, offset, count}, `fd`
+ * being the event's fd here. The daemon copies that fd (it raises no
+ * events: FMODE_NONOTIFY), writes the range through it, answers the event
+ * itself on its copy of the group (the kernel matches a response by the
+ * event's fd number, not by whose fd table holds it) and then sends
+ * {op:"done", id, answered: true}: only then is the fd closed here, so its
+ * number is not reused while the event waits. Without `answered`, {op:"done",
+ * id, ok} is turned into FAN_ALLOW or a denial with EIO here, and
+ * {op:"fill", id, offset} + bytes is written through the event's fd and
+ * confirmed with {op:"filled", id, offset} (or {op:"error", id, offset}:
+ * the read is then denied). While no daemon is connected, events wait; a
+ * daemon that connects gets every pending one. Marks: {op:"mark", path} →
+ * {op:"marked", path} or {op:"error"}; mark a file before anything opens it
+ * (a file opened earlier raises no pre-content events). {op:"hello"} →
+ * {op:"hello", pid, marked: [paths]}.
+ *
+ * Waiting costs nothing: poll(2) on the group in a worker thread, with no
+ * timeout (close() wakes it through an eventfd); the socket file is watched
+ * with inotify (fs.watch), not polled.
  *
  * For EROFS over fscache it holds /dev/cachefiles instead (one opener per
  * host; a cache is unbound when its last fd closes): {op:"cachefiles", dir,
@@ -60,8 +77,6 @@ export interface HolderOptions {
   /** Unix socket the daemon connects to (mode 0600). */
   socket: string;
   log?: (msg: string) => void;
-  /** How often the non-blocking group is polled, ms. */
-  pollMs?: number;
   /** Called once the socket file is gone or replaced (its directory removed): nothing can reach this holder any more. */
   onOrphaned?: () => void;
 }
@@ -76,8 +91,11 @@ export class OndemandHolder {
   private nextId = 1;
   private client: net.Socket | null = null;
   private readonly buf = Buffer.alloc(64 * 1024);
-  private timer: NodeJS.Timeout | null = null;
-  private watch: NodeJS.Timeout | null = null;
+  /** The loop that waits on the group and relays its events, once there is a group. */
+  private waiting: Promise<void> | null = null;
+  private watch: fs.FSWatcher | null = null;
+  /** Wakes the wait on the group (close). */
+  private wake = -1;
   private closed = false;
   /** Files marked in this group (a mark lives as long as the group and the file). */
   private readonly marked = new Set<string>();
@@ -87,8 +105,25 @@ export class OndemandHolder {
   }
 
   private get group(): number {
-    if (this.groupFd < 0) this.groupFd = fanotifyInit(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE);
+    if (this.groupFd < 0) this.useGroup(fanotifyInit(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE));
     return this.groupFd;
+  }
+
+  /** Takes `fd` as the group and starts relaying its events. */
+  private useGroup(fd: number): void {
+    this.groupFd = fd;
+    this.wake = eventFd();
+    const wake = this.wake;
+    this.waiting = (async () => {
+      while (!this.closed) {
+        try {
+          this.drain();
+        } catch (err) {
+          this.log(`reading the fanotify group failed: ${(err as Error).message}`);
+        }
+        await pollReadable([fd, wake], -1);
+      }
+    })();
   }
 
   private log(msg: string): void {
@@ -107,7 +142,7 @@ export class OndemandHolder {
     });
     fs.chmodSync(this.o.socket, 0o600);
     const ino = fs.statSync(this.o.socket).ino;
-    this.watch = setInterval(() => {
+    const check = () => {
       let now: number | null = null;
       try {
         now = fs.statSync(this.o.socket).ino;
@@ -115,14 +150,10 @@ export class OndemandHolder {
         // gone
       }
       if (now !== ino) this.o.onOrphaned?.();
-    }, 2000);
-    this.watch.unref();
-    const poll = () => {
-      if (this.closed) return;
-      this.drain();
-      this.timer = setTimeout(poll, this.o.pollMs ?? 1);
     };
-    poll();
+    // inotify on its directory: told when the socket or the directory goes, no timer.
+    this.watch = fs.watch(path.dirname(this.o.socket), { persistent: false }, check);
+    this.watch.on('error', check);
   }
 
   get pendingCount(): number {
@@ -135,7 +166,7 @@ export class OndemandHolder {
     for (;;) {
       let n: number;
       try {
-        n = fs.readSync(this.group, this.buf, 0, this.buf.length, null);
+        n = fs.readSync(this.groupFd, this.buf, 0, this.buf.length, null);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'EAGAIN') return;
         throw err;
@@ -158,7 +189,7 @@ export class OndemandHolder {
   private send(p: Pending): void {
     if (!this.client || p.sentTo === this.client) return;
     p.sentTo = this.client;
-    this.client.write(encodeFrame({ op: 'event', id: p.id, path: p.path, offset: p.offset, count: p.count }));
+    this.client.write(encodeFrame({ op: 'event', id: p.id, pid: process.pid, fd: p.fd, path: p.path, offset: p.offset, count: p.count }));
   }
 
   private accept(s: net.Socket): void {
@@ -200,6 +231,21 @@ export class OndemandHolder {
       }
       return;
     }
+    if (head.op === 'group') {
+      try {
+        const fresh = this.groupFd < 0;
+        if (fresh && typeof head.adopt_pid === 'number' && typeof head.adopt_fd === 'number') {
+          // The daemon's copy of a group a previous holder made: its marks and unread events are there.
+          this.useGroup(fdOfProcess(head.adopt_pid, head.adopt_fd));
+          if (Array.isArray(head.marked)) for (const p of head.marked) if (typeof p === 'string') this.marked.add(p);
+          this.log(`reading the fanotify group again (a copy of fd ${head.adopt_fd} of pid ${head.adopt_pid}, ${this.marked.size} files marked)`);
+          reply({ op: 'group', pid: process.pid, fd: this.groupFd, fresh: false, adopted: true });
+        } else reply({ op: 'group', pid: process.pid, fd: this.group, fresh });
+      } catch (err) {
+        reply({ op: 'error', error: (err as Error).message });
+      }
+      return;
+    }
     if (head.op === 'mark' && typeof head.path === 'string') {
       try {
         fanotifyMark(this.group, FAN_MARK_ADD, FAN_PRE_ACCESS, head.path);
@@ -216,12 +262,18 @@ export class OndemandHolder {
       try {
         let off = 0;
         while (off < data.length) off += fs.writeSync(p.fd, data, off, data.length - off, head.offset + off);
+        reply({ op: 'filled', id: p.id, offset: head.offset });
       } catch (err) {
         p.failed = true;
         reply({ op: 'error', id: p.id, offset: head.offset, error: (err as Error).message });
       }
     } else if (head.op === 'done') {
       this.pending.delete(p.id);
+      if (head.answered === true) {
+        // The daemon answered it on its copy of the group: the fd number may go.
+        closeFd(p.fd);
+        return;
+      }
       const response = head.ok === true && !p.failed ? FAN_ALLOW : fanDenyErrno(os.constants.errno.EIO);
       try {
         fs.writeSync(this.group, fanotifyResponse(p.fd, response));
@@ -255,8 +307,11 @@ export class OndemandHolder {
   /** Stops relaying: what is pending is denied with EIO (never allowed unfilled). */
   async close(): Promise<void> {
     this.closed = true;
-    if (this.timer) clearTimeout(this.timer);
-    if (this.watch) clearInterval(this.watch);
+    this.watch?.close();
+    // The wait on the group ends once woken; the fds are closed only after it.
+    if (this.wake >= 0) fs.writeSync(this.wake, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
+    await this.waiting?.catch(() => undefined);
+    if (this.wake >= 0) closeFd(this.wake);
     for (const p of this.pending.values()) {
       try {
         fs.writeSync(this.group, fanotifyResponse(p.fd, fanDenyErrno(os.constants.errno.EIO)));

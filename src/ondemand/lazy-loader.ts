@@ -15,6 +15,7 @@ import { readdirOrEmpty, regularFileUnder } from '../snapshot/fsutil';
 import { type ChunkStore, readAt, writeAllAt } from '../store/chunkstore';
 import { type BlobSource, CachefilesServer } from './cachefiles';
 import { encodeFrame, readFrames } from './frames';
+import { EventFile, SharedGroup } from './group';
 
 /**
  * On-demand loading of lazy layers, with one of two kernel mechanisms.
@@ -28,14 +29,17 @@ import { encodeFrame, readFrames } from './frames';
  * FAN_PRE_ACCESS in the group the on-demand holder (holder.ts, its own
  * process) owns; every read of it waits until the holder relays the event
  * here, the chunks the range overlaps are fetched (Range GET,
- * digest-checked), written through the event's fd by the holder, and the
- * read is allowed, or denied with EIO after bounded retries.
+ * digest-checked), written through a copy of the event's fd, and the read
+ * is allowed, or denied with EIO after bounded retries (group.ts).
  *
- * Fail-closed: the group belongs to the holder, not to this daemon, so a
- * daemon crash or restart leaves reads waiting for the next daemon, never
- * reading holes as zeros. Only the holder's own death opens the files
- * (the kernel drops the marks); a daemon that then finds a mounted,
- * incomplete layer unmarked fetches all of it at once and logs an error.
+ * Fail-closed: holder and daemon both hold the group, so a daemon crash or
+ * restart leaves reads waiting for the next daemon, and a holder's death
+ * leaves them waiting for the next holder, which this daemon starts with a
+ * copy of its group (marks and queued events kept); what the dead holder
+ * had relayed is still served here. Only when both die does the kernel let
+ * reads through (holes read as zeros, which then sit in the layer's page
+ * cache); a daemon that then finds a mounted, incomplete layer unmarked has
+ * it mounted again over a clean page cache (onGroupLost) and logs an error.
  *
  * EROFS over fscache (cachefiles on-demand mode): the layer is mounted with
  * `fsid=` (its metadata image, blob m-<id>-<digest>) and `device=` (its chunk
@@ -113,6 +117,29 @@ export interface LazyLoaderOptions {
   holderCommand?: string[] | null;
   /** Where a started holder's stderr goes. */
   holderLog?: string;
+  /**
+   * fanotify: mounted lazy layers whose file no group marks any more (the
+   * group was lost: holder and daemon both died); reads of their missing
+   * data were let through, so they must be mounted again (and their data
+   * fetched). Without it, they are filled in the background (fillAllUnsafe).
+   */
+  onGroupLost?: (ids: string[]) => void;
+}
+
+/** An event the holder relayed: answered on this daemon's copy of the group, by the holder's fd number. */
+interface Relayed {
+  id: number;
+  /** The connection it came on (event ids are per holder). */
+  sock: net.Socket;
+  /** The event's fd number in the holder. */
+  fd: number;
+  file: string;
+  layer: string | undefined;
+  offset: number;
+  count: number;
+  done: Promise<void>;
+  /** Denied already (its holder died and it took too long): never answered again, its number may be another event's now. */
+  cancelled: boolean;
 }
 
 export interface LoaderCounters {
@@ -142,8 +169,10 @@ export class LazyLoader {
   private readonly waiters: Waiter[] = [];
   private holderMarked = new Set<string>();
   private holderPid = 0;
-  /** Event id → the layer it is for (to undo fills the holder could not write). */
-  private readonly eventLayer = new Map<number, LazyFile>();
+  /** fanotify: this daemon's copy of the holder's group. */
+  private readonly group = new SharedGroup();
+  /** Events relayed by the holder and not answered yet. */
+  private readonly relayed = new Set<Relayed>();
   private pendingEvents = 0;
   private closed = false;
   private connecting: Promise<void> | null = null;
@@ -399,6 +428,27 @@ export class LazyLoader {
   }
 
   /**
+   * Loads everything layer `id` lacks, through its marked file (fanotify:
+   * each read raises the events a container's read would) or directly
+   * (fscache), retrying with backoff until it has all its data: true then,
+   * false when the layer is gone or the loader closed first.
+   */
+  async loadAll(id: string): Promise<boolean> {
+    for (let attempt = 0; ; attempt++) {
+      const st = this.byId.get(id);
+      if (!st || st.dropped || this.closed) return false;
+      if (st.missing === 0) return true;
+      try {
+        if (this.o.backend === 'fanotify' && !this.isMarked(id)) await this.fillEntries(st, st.entries.map((_, i) => i).filter((i) => !st.filled[i]), directWriter(st.file));
+        else await this.prefetchLayer(st);
+      } catch (err) {
+        this.log.warn({ op: 'ondemand', layer: id, err: (err as Error).message }, `layer ${id}: loading its missing chunks failed; retrying: ${(err as Error).message}`);
+        await sleep(Math.min(30_000, 1000 * 2 ** attempt));
+      }
+    }
+  }
+
+  /**
    * With prefetch "all": loads what layer `id` lacks in the background, by
    * reading its file window by window (each read raises the events a
    * container's read would, so the data arrives the same way), paced to
@@ -537,6 +587,7 @@ export class LazyLoader {
     this.closed = true;
     if (this.cullTimer) clearTimeout(this.cullTimer);
     this.cachefiles?.close();
+    this.group.close();
     this.sock?.destroy();
     this.sock = null;
     for (const w of this.waiters.splice(0)) w.reject(new Error('on-demand loader closed'));
@@ -557,8 +608,19 @@ export class LazyLoader {
     this.attach(sock);
     const hello = await this.request({ op: 'hello' }, 'hello');
     this.holderPid = Number(hello.pid);
-    this.holderMarked = new Set(Array.isArray(hello.marked) ? hello.marked.filter((p): p is string => typeof p === 'string') : []);
-    this.log.info({ op: 'ondemand', holder_pid: this.holderPid, socket: this.o.socket, marked: this.holderMarked.size }, `on-demand holder (pid ${this.holderPid}) connected`);
+    let adopted = false;
+    if (this.o.backend === 'fanotify') {
+      // This daemon's copy of the group goes to a holder that has none (one started after the last died), or is taken from it.
+      const ask: Record<string, unknown> = { op: 'group' };
+      if (this.group.held) Object.assign(ask, { adopt_pid: process.pid, adopt_fd: this.group.fdNumber, marked: [...this.holderMarked] });
+      const g = await this.request(ask, 'group');
+      if (g.op === 'error') throw new Error(`the on-demand holder has no fanotify group: ${String(g.error)}`);
+      adopted = g.adopted === true;
+      if (!this.group.held) this.group.copyFrom(this.holderPid, Number(g.fd));
+    }
+    // Adopted: the marks are this daemon's record of the group's; else the holder's (a fresh group marks nothing).
+    if (!adopted) this.holderMarked = new Set(Array.isArray(hello.marked) ? hello.marked.filter((p): p is string => typeof p === 'string') : []);
+    this.log.info({ op: 'ondemand', holder_pid: this.holderPid, socket: this.o.socket, marked: this.holderMarked.size, adopted }, `on-demand holder (pid ${this.holderPid}) connected${adopted ? ", reading this daemon's copy of the fanotify group" : ''}`);
   }
 
   private startHolder(): void {
@@ -576,7 +638,7 @@ export class LazyLoader {
     this.sock = sock;
     readFrames(
       sock,
-      (f) => this.onFrame(f.head),
+      (f) => this.onFrame(sock, f.head),
       (err) => this.log.error({ op: 'ondemand', err: err.message }, 'bad frame from the on-demand holder'),
     );
     sock.on('error', () => undefined);
@@ -584,7 +646,7 @@ export class LazyLoader {
       if (this.sock !== sock) return;
       this.sock = null;
       for (const w of this.waiters.splice(0)) w.reject(new Error('the on-demand holder connection closed'));
-      if (!this.closed) void this.holderLost();
+      if (!this.closed) void this.holderLost(sock);
     });
   }
 
@@ -718,12 +780,45 @@ export class LazyLoader {
     if (this.toCull.size > 0) this.scheduleCull(5000);
   }
 
-  /** The holder went away: its marks are gone with its group. Reconnect (starting a new one) and secure mounted layers. */
-  private async holderLost(): Promise<void> {
+  /**
+   * The holder went away. fanotify: this daemon's copy keeps the group (its
+   * marks, its queued events) and reads wait; what the holder had relayed is
+   * answered here, what it had read but not relayed is denied, and then a new
+   * holder reads the group again. Without a copy (never taken), the marks
+   * are gone with the group: layers mounted over them go to onGroupLost.
+   */
+  private async holderLost(dead: net.Socket): Promise<void> {
     if (this.reconnecting) return;
     const before = new Set(this.holderMarked);
-    this.log.error({ op: 'ondemand', holder_pid: this.holderPid }, `the on-demand holder (pid ${this.holderPid}) is gone; reconnecting`);
+    const kept = this.group.held;
+    this.log.error(
+      { op: 'ondemand', holder_pid: this.holderPid, group_kept: kept },
+      `the on-demand holder (pid ${this.holderPid}) is gone; ${kept ? 'this daemon holds the fanotify group: reads wait for a new holder' : 'reconnecting'}`,
+    );
     this.reconnecting = (async () => {
+      if (kept) {
+        const orphans = [...this.relayed].filter((r) => r.sock === dead);
+        for (const r of orphans) {
+          this.log.warn(
+            { op: 'ondemand', layer: r.layer, file: r.file, offset: r.offset, count: r.count },
+            `the on-demand holder died while a read of ${r.layer ? `layer ${r.layer}` : r.file} at ${r.offset} (+${r.count}) waited: this daemon fills and answers it through its copy of the group`,
+          );
+        }
+        // Answered before a new holder reads: its event fd numbers must not meet the dead one's.
+        // Bounded: a fill that itself reads a marked file (a chunk copied from another lazy layer) waits for a holder.
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([Promise.all(orphans.map((r) => r.done)), new Promise<void>((res) => (timer = setTimeout(res, ORPHAN_WAIT_MS)))]);
+        clearTimeout(timer);
+        for (const r of orphans) {
+          if (!this.relayed.has(r)) continue;
+          r.cancelled = true;
+          this.group.answer(r.fd, false);
+          this.log.warn({ op: 'ondemand', layer: r.layer, offset: r.offset, count: r.count }, `a read of ${r.layer ? `layer ${r.layer}` : r.file} at ${r.offset} (+${r.count}) the dead holder had relayed was not served in ${ORPHAN_WAIT_MS / 1000} s: denied (EIO)`);
+        }
+        // Only once it is gone for good (a dropped connection to a live holder: it relays its events again).
+        const denied = processGone(this.holderPid) ? this.group.denyUnknown() : 0;
+        if (denied > 0) this.log.warn({ op: 'ondemand', denied }, `denied ${denied} reads (EIO) the dead on-demand holder had taken from the group but not relayed`);
+      }
       for (let attempt = 0; !this.closed; attempt++) {
         try {
           await this.ensureConnected();
@@ -739,11 +834,15 @@ export class LazyLoader {
         if (reply.op === 'error') this.log.error({ op: 'ondemand', err: String(reply.error) }, `the new on-demand holder could not take /dev/cachefiles: a daemon restart now unbinds the cache (reads of mounted layers then fail with EIO)`);
         else this.log.info({ op: 'ondemand', holder_pid: Number(reply.pid) }, 'the new on-demand holder keeps /dev/cachefiles bound');
       }
+      const lost: string[] = [];
       for (const file of before) {
         if (this.holderMarked.has(file)) continue;
         const st = this.byFile.get(file);
-        if (st) this.fillAllUnsafe(st.id);
+        if (st && st.missing > 0) lost.push(st.id);
       }
+      if (lost.length === 0) return;
+      if (this.o.onGroupLost) this.o.onGroupLost(lost);
+      else for (const id of lost) this.fillAllUnsafe(id);
     })().finally(() => (this.reconnecting = null));
   }
 
@@ -760,39 +859,31 @@ export class LazyLoader {
     this.sock?.write(encodeFrame(head, data));
   }
 
-  private onFrame(h: Record<string, unknown>): void {
+  private onFrame(sock: net.Socket, h: Record<string, unknown>): void {
     if (h.op === 'event' && typeof h.id === 'number') {
-      this.serve(h.id, String(h.path ?? ''), Number(h.offset ?? 0), Number(h.count ?? 0));
+      this.serve(sock, h.id, Number(h.pid), Number(h.fd), String(h.path ?? ''), Number(h.offset ?? 0), Number(h.count ?? 0));
       return;
     }
-    if (h.op === 'error' && typeof h.id === 'number') {
-      // The holder could not write a fill (its read is denied): that chunk is not there.
-      const st = this.eventLayer.get(h.id);
-      const offset = Number(h.offset);
-      this.log.error({ op: 'ondemand', layer: st?.id, offset, err: String(h.error) }, `the holder could not write fetched data: ${String(h.error)}`);
-      if (st) {
-        const i = indexAt(st.entries, offset);
-        if (i >= 0 && st.filled[i]) {
-          st.filled[i] = 0;
-          st.missing++;
-          if (this.haveDigest.get(st.entries[i][2])?.st === st) this.haveDigest.delete(st.entries[i][2]);
-        }
-      }
-      return;
-    }
+    // Answers about events (this daemon sends no fill frames): not for a request.
+    if (typeof h.id === 'number') return;
     const w = this.waiters.shift();
     if (w) w.resolve(h);
   }
 
   // ---- serving reads ----
 
-  private serve(eventId: number, file: string, offset: number, count: number): void {
+  private serve(sock: net.Socket, eventId: number, holderPid: number, holderFd: number, file: string, offset: number, count: number): void {
     this.counters.requests++;
     this.pendingEvents++;
     const st = this.byFile.get(file);
+    // Writes go through a copy of the event's fd (no event raised), counted filled once written.
+    const ev = Number.isInteger(holderFd) && holderFd >= 0 ? EventFile.copy(holderPid, holderFd) : null;
+    let resolveDone = () => undefined as void;
+    const r: Relayed = { id: eventId, sock, fd: holderFd, file, layer: st?.id, offset, count, done: new Promise<void>((res) => (resolveDone = res)), cancelled: false };
+    this.relayed.add(r);
     const finish = (ok: boolean, err?: Error) => {
       this.pendingEvents--;
-      this.eventLayer.delete(eventId);
+      ev?.close();
       if (!ok) {
         this.counters.errors++;
         this.log.error(
@@ -800,11 +891,28 @@ export class LazyLoader {
           `on-demand read of ${st ? `layer ${st.id}` : file} at ${offset} (+${count}) failed, the reader gets EIO: ${err?.message ?? 'unknown file'}`,
         );
       }
-      this.send({ op: 'done', id: eventId, ok });
+      // Answered here (false from answer: answered already, by a daemon that died before telling the holder).
+      let viaGroup = false;
+      try {
+        if (r.cancelled) viaGroup = true;
+        else if (this.group.held) {
+          this.group.answer(holderFd, ok);
+          viaGroup = true;
+        }
+      } catch (e) {
+        this.log.error({ op: 'ondemand', layer: st?.id, err: (e as Error).message }, `cannot answer an on-demand read of ${st ? `layer ${st.id}` : file} through this daemon's copy of the group; the holder answers it: ${(e as Error).message}`);
+      }
+      // The holder closes its fd only now (its number stays the event's until answered); a holder started since has other events under these ids.
+      if (this.sock === sock) this.send(viaGroup ? { op: 'done', id: eventId, answered: true } : { op: 'done', id: eventId, ok });
+      this.relayed.delete(r);
+      resolveDone();
     };
     if (!st) return finish(false, new Error(`${file} is not a lazy layer file this daemon knows`));
-    this.eventLayer.set(eventId, st);
-    const wait = this.ensureRange(st, offset, count > 0 ? count : st.size, this.holderWriter(eventId));
+    const write = async (off: number, bytes: Buffer) => {
+      if (!ev) throw new Error('the on-demand holder went away before its event could be served');
+      await ev.write(off, bytes);
+    };
+    const wait = this.ensureRange(st, offset, count > 0 ? count : st.size, write);
     if (!wait) {
       this.counters.hits++;
       return finish(true);
@@ -834,11 +942,6 @@ export class LazyLoader {
     if (wait.length === 0 && todo.length === 0) return null;
     if (todo.length > 0) wait.push(this.fillEntries(st, todo, write));
     return Promise.all(wait).then(() => undefined);
-  }
-
-  /** Writes through the event's fd, by the holder (raises no event). */
-  private holderWriter(eventId: number): (offset: number, bytes: Buffer) => Promise<void> {
-    return async (offset, bytes) => this.send({ op: 'fill', id: eventId, offset }, bytes);
   }
 
   /**
@@ -936,6 +1039,9 @@ export class LazyLoader {
   }
 }
 
+/** How long reads a dead holder had relayed may take before they are denied and a new holder starts. */
+const ORPHAN_WAIT_MS = 10_000;
+
 /** Looks for a removed layer's cache file this many times, 5 s apart. */
 const CULL_TRIES = 24;
 
@@ -988,12 +1094,6 @@ function firstEntryAtOrAfter(entries: ChunkEntry[], offset: number): number {
   return lo;
 }
 
-/** Index of the extent holding byte `offset`, or -1. */
-function indexAt(entries: ChunkEntry[], offset: number): number {
-  const i = firstEntryAtOrAfter(entries, offset);
-  return i < entries.length && entries[i][0] * BLOCK <= offset ? i : -1;
-}
-
 /** Writes straight into the file (only for files no group marks). */
 function directWriter(file: string): (offset: number, bytes: Buffer) => Promise<void> {
   return async (offset, bytes) => {
@@ -1004,6 +1104,16 @@ function directWriter(file: string): (offset: number, bytes: Buffer) => Promise<
       await fh.close();
     }
   };
+}
+
+/** Whether process `pid` is gone (or a zombie: dead, not reaped yet). */
+function processGone(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
+  } catch {
+    return true;
+  }
 }
 
 function dial(socket: string): Promise<net.Socket> {

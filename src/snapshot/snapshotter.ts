@@ -10,6 +10,7 @@ import { openElsewhere } from '../../native/lease';
 import { ErofsMounter, type MountMode, unmountErofs, unmountIfIdle } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
 import { type LazyBackend, LazyLoader, type LazyLayerInput } from '../ondemand/lazy-loader';
+import { dropPageCacheUnder } from '../ondemand/stale-pages';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, criLayerOf, runsOf } from '../remote/lazy';
 import { formatReference, parseReference } from '../remote/reference';
@@ -233,6 +234,9 @@ export class Snapshotter {
           backend: opts.ondemand.backend,
           fscache: opts.ondemand.fscache,
           onComplete: () => this.scheduleSettle(this.retireGraceMs),
+          onGroupLost: (ids) => {
+            for (const id of ids) this.remountStale(id).catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`));
+          },
           mountPath: (id) => this.mntPath(id),
           dir: path.join(this.root, 'lazy'),
           socket: opts.ondemand.socket,
@@ -329,6 +333,55 @@ export class Snapshotter {
   }
 
   /**
+   * Lazy layer `id` is mounted, lacks data, and no fanotify group marks its
+   * file any more: holder and daemon both died, and while no process held
+   * the group the kernel let every waiting and later read of its missing
+   * data through, reading holes as zeros, which may now sit in the mount's
+   * page cache. It is not handed out again as it is: its mount is replaced
+   * by a new one (a new superblock: a clean page cache) over its file
+   * marked again, so new views read the right bytes or wait. Overlays of
+   * running containers keep the old superblock (their clone of the mount):
+   * once the layer has all its data, the old superblock's page cache is
+   * dropped file by file, so they read the right bytes from then on too
+   * (except pages a process keeps mapped).
+   */
+  private async remountStale(id: string): Promise<void> {
+    const loader = this.loader as LazyLoader;
+    const layer = this.ms.getLayer(id);
+    if (!layer) return;
+    const target = this.mntPath(id);
+    this.log.error(
+      { op: 'ondemand', layer: id, snapshot: id },
+      `layer ${id} was mounted while the on-demand fanotify group was lost (holder and daemon both died): reads of its missing data may have returned zeros; mounting it again over a clean page cache and fetching all it lacks`,
+    );
+    // Kept open: the old superblock stays reachable after it is detached, to drop its pages later.
+    let old: number | null = null;
+    try {
+      old = fs.openSync(target, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    } catch {
+      // not there: nothing to drop
+    }
+    try {
+      unmountErofs(target);
+      await this.mountLazyLayer(layer);
+    } catch (err) {
+      if (old !== null) fs.closeSync(old);
+      throw err;
+    }
+    if (old === null) return;
+    const fd = old;
+    void (async () => {
+      try {
+        if (!(await loader.loadAll(id))) return;
+        const r = await dropPageCacheUnder(`/proc/self/fd/${fd}`);
+        this.log.info({ op: 'ondemand', layer: id, files: r.files, failed: r.failed }, `layer ${id}: all its data is here; dropped the page cache of its previous mount (${r.files} files) for containers still using it`);
+      } finally {
+        fs.closeSync(fd);
+      }
+    })().catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `layer ${id}: cannot drop the page cache of its previous mount: ${err.message}`));
+  }
+
+  /**
    * Start-up recovery, before serving: every EROFS layer mounted again,
    * leftovers of interrupted work removed (mounts and images no row names,
    * directories of converted layers), and the chunk store checked.
@@ -381,9 +434,10 @@ export class Snapshotter {
         unmountErofs(this.mntPath(id));
         await this.mountLazyLayer(layer);
         remounted++;
-      } else if (lazyIds.has(id) && loader.incomplete(id) && !loader.isMarked(id)) {
-        // Mounted while no group marks its file: the holder that did died.
-        loader.fillAllUnsafe(id);
+      } else if (lazyIds.has(id) && loader.backend === 'fanotify' && loader.incomplete(id) && !loader.isMarked(id)) {
+        // Mounted while no group marks its file: holder and daemon both died, the group with them.
+        await this.remountStale(id);
+        remounted++;
       } else if (lazyIds.has(id)) {
         loader.prefetchInBackground(id);
       }
