@@ -14,7 +14,7 @@
  * pass. Without a kernel that has it and without the VM tool: SKIP.
  */
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -29,8 +29,9 @@ import { busyboxImageDef, pseudoRandom } from './helpers/images';
 import { type LazyLayer, lazyImage as makeLazyImage, lazyPrepare as prepareLazily, readInChild, sha256 } from './helpers/ondemand';
 import { type RealRegistry, type RegistryProxy, startRegistry, startRegistryProxy } from './helpers/registry';
 import { Stack } from './helpers/stack';
+import { IN_ONDEMAND_VM, ondemandVmTool, runInOndemandVm } from './helpers/vm';
 
-const IN_VM = process.env.DEDUP_IN_ONDEMAND_VM === '1';
+const IN_VM = IN_ONDEMAND_VM;
 const REPO = path.resolve(__dirname, '..', '..');
 const MiB = 1 << 20;
 
@@ -42,43 +43,17 @@ function tempDirRoot(): string {
   return process.env.TMPDIR ?? '/tmp';
 }
 
-/** The ondemand VM's run.sh: $ONDEMAND_VM, or ../shared/tools/ondemand-vm next to this checkout or under /work. */
-function vmTool(): string | null {
-  const candidates = [process.env.ONDEMAND_VM, path.join(REPO, '..', 'shared', 'tools', 'ondemand-vm', 'run.sh'), '/work/shared/tools/ondemand-vm/run.sh'];
-  return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
-}
-
 if (!IN_VM && !fscacheHere()) {
-  const vm = vmTool();
-  const skip = vm ? false : 'this kernel has no EROFS over fscache on-demand mode and the ondemand VM tool (../shared/tools/ondemand-vm/run.sh, or $ONDEMAND_VM) is not here';
+  const skip = ondemandVmTool() ? false : 'this kernel has no EROFS over fscache on-demand mode and the ondemand VM tool (../shared/tools/ondemand-vm/run.sh, or $ONDEMAND_VM) is not here';
   test('EROFS over fscache: the tests of this file pass in the ondemand VM, whose kernel has it', { skip }, async () => {
-    // The VM sees this machine's files read-only, except /tmp, /run and
-    // /var/cache (its own): a checkout there is copied where it can see it.
-    let where = REPO;
-    let staged: string | null = null;
-    if (/^\/(tmp|run|var\/cache)(\/|$)/.test(REPO)) {
-      staged = fs.mkdtempSync('/var/tmp/dedup-fscache-vm-');
-      fs.cpSync(REPO, staged, { recursive: true, verbatimSymlinks: true, filter: (src) => path.basename(src) !== '.git' });
-      where = staged;
-    }
     // cachefiles needs its cache on a disk filesystem: TMPDIR on the VM's ext4 disk.
-    const file = path.join(where, 'dist', 'test', 'fscache.test.js');
-    const inner = `mkdir -p /var/cache/fscache/tmp && exec env DEDUP_IN_ONDEMAND_VM=1 DEDUP_TEST_SLOW=15 TMPDIR=/var/cache/fscache/tmp ${process.execPath} --test --test-reporter=tap ${file}`;
-    const p = spawn(vm as string, ['-C', where, '-t', '1500', '--', 'sh', '-c', inner], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    const echo = (d: Buffer) => {
-      out += d;
-      process.stderr.write(d);
-    };
-    p.stdout.on('data', echo);
-    p.stderr.on('data', echo);
-    const code = await new Promise<number | null>((r) => p.once('exit', r));
-    if (staged) fs.rmSync(staged, { recursive: true, force: true });
-    const count = (what: string) => Number(new RegExp(`^# ${what} (\\d+)`, 'm').exec(out)?.[1] ?? -1);
-    assert.equal(code, 0, `the VM run failed (exit ${code})`);
-    assert.equal(count('fail'), 0, 'no test failed in the VM');
-    assert.equal(count('skipped'), 0, 'no test was skipped in the VM');
-    assert.ok(count('pass') >= 6, `the VM ran the fscache tests (${count('pass')} passed)`);
+    await runInOndemandVm({
+      file: 'fscache.test.js',
+      prelude: 'mkdir -p /var/cache/fscache/tmp',
+      env: { DEDUP_TEST_SLOW: '15', TMPDIR: '/var/cache/fscache/tmp' },
+      timeoutS: 1500,
+      minPasses: 6,
+    });
   });
 } else {
   let registry: RealRegistry;

@@ -48,14 +48,20 @@ function reader(file: string, offset: number): { done: Promise<string>; exited: 
   return { done: new Promise((r) => p.once('exit', () => ((gone = true), r(out)))), exited: () => gone };
 }
 
-test('reads wait through a daemon crash and complete once a daemon fills them; a failed fill is EIO', { skip }, async () => {
-  const dir = tempDir('holder');
+/** A holder process on a socket in a new temp dir, and a 1 MiB sparse lazy file beside it. */
+function startHolder(name: string) {
+  const dir = tempDir(name);
   const socket = path.join(dir, 'holder.sock');
   const file = path.join(dir, 'lazy.blob');
   fs.writeFileSync(file, '');
   fs.truncateSync(file, 1 << 20);
   const holder = spawn(process.execPath, [BIN, 'ondemand-holder', '--socket', socket], { stdio: ['ignore', 'ignore', 'pipe'] });
   procs.push(holder);
+  return { dir, socket, file, holder };
+}
+
+test('reads wait through a daemon crash and complete once a daemon fills them; a failed fill is EIO', { skip }, async () => {
+  const { dir, socket, file, holder } = startHolder('holder');
   try {
     await waitFor(() => fs.existsSync(socket), 10_000, 'the holder socket');
     let d = await connect(socket);
@@ -95,13 +101,7 @@ test('reads wait through a daemon crash and complete once a daemon fills them; a
 });
 
 test('the group outlives the holder: a copy answers a relayed event by its fd number after kill -9 (filled through a copy of the event fd); a fill the holder writes is confirmed', { skip }, async () => {
-  const dir = tempDir('holder-group');
-  const socket = path.join(dir, 'holder.sock');
-  const file = path.join(dir, 'lazy.blob');
-  fs.writeFileSync(file, '');
-  fs.truncateSync(file, 1 << 20);
-  const holder = spawn(process.execPath, [BIN, 'ondemand-holder', '--socket', socket], { stdio: ['ignore', 'ignore', 'pipe'] });
-  procs.push(holder);
+  const { dir, socket, file, holder } = startHolder('holder-group');
   const group = new SharedGroup();
   try {
     await waitFor(() => fs.existsSync(socket), 10_000, 'the holder socket');

@@ -11,7 +11,7 @@
  * Without the VM tool: SKIP.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -20,43 +20,12 @@ import { Snapshotter } from '../src/snapshot/snapshotter';
 import { ImageSealer } from '../src/store/seal';
 import { pseudoRandom } from './helpers/images';
 import { unmountUnder } from './helpers/mounts';
+import { IN_ONDEMAND_VM, ondemandVmTool, runInOndemandVm } from './helpers/vm';
 
-const IN_VM = process.env.DEDUP_IN_ONDEMAND_VM === '1';
-const REPO = path.resolve(__dirname, '..', '..');
-
-function vmTool(): string | null {
-  const candidates = [process.env.ONDEMAND_VM, path.join(REPO, '..', 'shared', 'tools', 'ondemand-vm', 'run.sh'), '/work/shared/tools/ondemand-vm/run.sh'];
-  return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
-}
-
-if (!IN_VM) {
-  const vm = vmTool();
-  const skip = vm ? false : 'this kernel has no fs-verity and the ondemand VM tool (../shared/tools/ondemand-vm/run.sh, or $ONDEMAND_VM) is not here';
+if (!IN_ONDEMAND_VM) {
+  const skip = ondemandVmTool() ? false : 'this kernel has no fs-verity and the ondemand VM tool (../shared/tools/ondemand-vm/run.sh, or $ONDEMAND_VM) is not here';
   test('fs-verity: the tests of this file pass in the ondemand VM, whose kernel has it', { skip }, async () => {
-    let where = REPO;
-    let staged: string | null = null;
-    if (/^\/(tmp|run|var\/cache)(\/|$)/.test(REPO)) {
-      staged = fs.mkdtempSync('/var/tmp/dedup-verity-vm-');
-      fs.cpSync(REPO, staged, { recursive: true, verbatimSymlinks: true, filter: (src) => path.basename(src) !== '.git' });
-      where = staged;
-    }
-    const file = path.join(where, 'dist', 'test', 'verity.test.js');
-    const inner = `exec env DEDUP_IN_ONDEMAND_VM=1 ${process.execPath} --test --test-reporter=tap ${file}`;
-    const p = spawn(vm as string, ['-C', where, '-t', '600', '--', 'sh', '-c', inner], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    const echo = (d: Buffer) => {
-      out += d;
-      process.stderr.write(d);
-    };
-    p.stdout.on('data', echo);
-    p.stderr.on('data', echo);
-    const code = await new Promise<number | null>((r) => p.once('exit', r));
-    if (staged) fs.rmSync(staged, { recursive: true, force: true });
-    const count = (what: string) => Number(new RegExp(`^# ${what} (\\d+)`, 'm').exec(out)?.[1] ?? -1);
-    assert.equal(code, 0, `the VM run failed (exit ${code})`);
-    assert.equal(count('fail'), 0, 'no test failed in the VM');
-    assert.equal(count('skipped'), 0, 'no test was skipped in the VM');
-    assert.ok(count('pass') >= 1, 'the VM ran the tests');
+    await runInOndemandVm({ file: 'verity.test.js', timeoutS: 600, minPasses: 1 });
   });
 } else {
   const base = fs.mkdtempSync('/tmp/verity-');

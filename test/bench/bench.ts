@@ -339,7 +339,7 @@ async function main(): Promise<void> {
   const logicalBytes = converts.reduce((a, l) => a + (l.logical_bytes as number), 0);
   const storedBytes = converts.reduce((a, l) => a + (l.stored_bytes as number), 0);
   const imageBytes = converts.reduce((a, l) => a + ((l.image_bytes as number) ?? 0), 0);
-  const chunkStoreBytes = d.diskBreakdown.cache ?? 0;
+  const chunkStoreBytes = d.diskBreakdown.store ?? 0;
   const perLayer = perLayerStats(built, converts);
   const withoutBig = perLayer.filter((l) => l.layer !== 'big');
   const nb = {
