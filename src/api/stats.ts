@@ -56,6 +56,8 @@ export interface Stats {
   integrity: {
     store_file: string | null;
     store_problem: string | null;
+    /** Times the store file, deleted or replaced under the daemon, was put back since start. */
+    store_restored: number;
     /** Layer images sealed with fs-verity (null: no image written since start). */
     verity_images: boolean | null;
     quarantined_layers: { layer: string; reason: string; key: string; images: string[] }[];
@@ -171,6 +173,7 @@ export function collectStats(src: StatsSources): Stats {
     integrity: {
       store_file: sn.store?.blobPath ?? null,
       store_problem: sn.store?.fileProblem() ?? null,
+      store_restored: sn.store?.restoredFiles ?? 0,
       verity_images: sn.sealer?.inUse ?? null,
       quarantined_layers: sn.integrity?.problems() ?? [],
       last_scrub_ms: sn.integrity?.lastScrubMs ?? null,
