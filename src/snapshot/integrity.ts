@@ -104,8 +104,8 @@ export class LayerIntegrity {
       const ref = r.labels[LABEL_CRI_IMAGE_REF];
       if (ref && r.kind === Kind.Committed) images.add(ref);
     }
-    const lazyRef = this.o.ms.lazyLayers().find((l) => String(l.snapshot_id) === id)?.image_ref;
-    if (lazyRef) images.add(lazyRef);
+    const remoteRef = this.o.ms.remoteImageOf(id);
+    if (remoteRef) images.add(remoteRef);
     const kinds = { [Kind.Committed]: 'committed', [Kind.Active]: 'active', [Kind.View]: 'view' } as const;
     const stack = rows
       .slice()

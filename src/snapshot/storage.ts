@@ -438,6 +438,13 @@ export class MetaStore {
     return this.db.prepare('SELECT * FROM lazy_layers ORDER BY snapshot_id').all() as LazyLayerRow[];
   }
 
+  /** The image a lazy layer (or one made from a dedup image) came from, if any. */
+  remoteImageOf(id: string): string | undefined {
+    // lazy_layers too: lazy layers made before remote_sources existed have only that row.
+    const q = 'SELECT image_ref FROM remote_sources WHERE snapshot_id = ? UNION ALL SELECT image_ref FROM lazy_layers WHERE snapshot_id = ? LIMIT 1';
+    return (this.db.prepare(q).get(Number(id), Number(id)) as { image_ref: string } | undefined)?.image_ref;
+  }
+
   isLazy(id: string): boolean {
     return this.db.prepare('SELECT 1 FROM lazy_layers WHERE snapshot_id = ?').get(Number(id)) !== undefined;
   }
