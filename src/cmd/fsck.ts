@@ -1,6 +1,5 @@
 import http from 'node:http';
-import path from 'node:path';
-import { ConfigError, loadConfig } from '../config/config';
+import { apiTarget, configuredApiAddress } from './api-address';
 import { ContainerdClient } from '../grpc/containerd-client';
 import type { IntegrityReport, LayerProblem } from '../snapshot/integrity';
 
@@ -28,9 +27,7 @@ interface Line {
 }
 
 function post(address: string, url: string, onLine: (l: Line) => void): Promise<number> {
-  const target = path.isAbsolute(address)
-    ? { socketPath: address }
-    : { host: address.slice(0, address.lastIndexOf(':')).replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port: Number(address.slice(address.lastIndexOf(':') + 1)) };
+  const target = apiTarget(address);
   return new Promise((resolve, reject) => {
     const req = http.request({ ...target, method: 'POST', path: url }, (res) => {
       let buf = '';
@@ -144,17 +141,8 @@ export async function runFsck(args: string[]): Promise<number> {
       return 2;
     }
   }
-  if (!address) {
-    try {
-      address = loadConfig().api.address;
-    } catch (err) {
-      if (err instanceof ConfigError) {
-        process.stderr.write(`dedup-snapshotter fsck: ${err.message}\n`);
-        return 2;
-      }
-      throw err;
-    }
-  }
+  if (!address) address = configuredApiAddress('fsck');
+  if (!address) return 2;
   let report: IntegrityReport | null = null;
   let error: string | null = null;
   let status: number;

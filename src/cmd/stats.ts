@@ -1,7 +1,6 @@
 import http from 'node:http';
-import path from 'node:path';
 import type { Stats } from '../api/stats';
-import { ConfigError, loadConfig } from '../config/config';
+import { apiTarget, configuredApiAddress } from './api-address';
 
 const USAGE = `usage: dedup-snapshotter stats [--json] [--address HOST:PORT|SOCKET]
 
@@ -10,9 +9,7 @@ address is api.address from CONFIG unless --address is given.
 `;
 
 function get(address: string, url: string): Promise<{ status: number; body: string }> {
-  const target = path.isAbsolute(address)
-    ? { socketPath: address }
-    : { host: address.slice(0, address.lastIndexOf(':')).replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port: Number(address.slice(address.lastIndexOf(':') + 1)) };
+  const target = apiTarget(address);
   return new Promise((resolve, reject) => {
     const req = http.get({ ...target, path: url, timeout: 10_000 }, (res) => {
       let body = '';
@@ -128,17 +125,8 @@ export async function runStats(argv: string[]): Promise<number> {
       return 2;
     }
   }
-  if (address === null) {
-    try {
-      address = loadConfig().api.address;
-    } catch (err) {
-      if (err instanceof ConfigError) {
-        process.stderr.write(`dedup-snapshotter stats: ${err.message}\n`);
-        return 2;
-      }
-      throw err;
-    }
-  }
+  if (address === null) address = configuredApiAddress('stats');
+  if (address === null) return 2;
   let res;
   try {
     res = await get(address, '/stats');

@@ -73,6 +73,17 @@ export class Converter {
     return path.join(this.o.imagesDir, `${id}.erofs`);
   }
 
+  /**
+   * Writes a layer image durably to `file`, seals it (fs-verity) where the
+   * filesystem can, and returns its SHA-256 (hex), which start-up checks
+   * before mounting it.
+   */
+  async writeImage(file: string, img: Buffer): Promise<string> {
+    await writeDurably(file, img);
+    this.o.seal?.(file);
+    return crypto.createHash('sha256').update(img).digest('hex');
+  }
+
   async convert<T>(id: string, dir: string, finish: (layer: ConvertedLayer) => T): Promise<T> {
     const work = await fsp.mkdtemp(path.join(this.o.tmpDir, `convert-${id}-`));
     try {
@@ -167,12 +178,11 @@ export class Converter {
         }
         updateSuperblockChecksum(img);
         const image = this.imagePath(id);
-        await writeDurably(image, img);
+        const imageSha256 = await this.writeImage(image, img);
         placed.push(image);
-        this.o.seal?.(image);
         const converted: ConvertedLayer = {
           image,
-          imageSha256: crypto.createHash('sha256').update(img).digest('hex'),
+          imageSha256,
           hasBlob: layer.scan.sb.extraDevices > 0,
           newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
           existingChunkIds: pinned,

@@ -139,10 +139,8 @@ export class LayerIntegrity {
     const log = this.o.logger;
     if (store.openProblem) log.error({ op: 'integrity', store: store.blobPath }, `chunk store: ${store.openProblem}`);
     let verified: VerifyResult | null = null;
-    if (!store.stampMatches()) {
-      verified = await this.verifyAll('start', 0);
-      store.saveStamp();
-    }
+    // The stamp is saved again once recovery is done (Snapshotter.recover).
+    if (!store.stampMatches()) verified = await this.verifyAll('start', 0);
     for (const id of layerIds) this.checkImage(id, 'changed');
     return this.settleQuarantine(verified, store.openProblem);
   }

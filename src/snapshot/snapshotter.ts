@@ -2,7 +2,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { alreadyExists, failedPrecondition, internal, notFound, unavailable } from '../errdefs/errors';
-import { type ConvertStats, type ConvertedLayer, Converter, writeDurably } from '../convert/converter';
+import { type ConvertStats, type ConvertedLayer, Converter } from '../convert/converter';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { ConvertedLayerPusher } from '../convert/share';
 import { ErrnoError } from '../../native/libc';
@@ -85,7 +85,7 @@ export interface SnapshotterOptions {
     retireGraceMs?: number;
   } | null;
   /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
-  integrity?: { scrubMbps: number; scrubIntervalMs: number; storeWatchMs?: number; onStartProgress?: (p: VerifyProgress) => void };
+  integrity?: { scrubMbps: number; scrubIntervalMs: number; onStartProgress?: (p: VerifyProgress) => void };
   /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
   pushConverted?: boolean;
 }
@@ -472,7 +472,7 @@ export class Snapshotter {
         'chunk store checked',
       );
       if (this.scrub) this.integrity?.startScrub(this.scrub.scrubMbps, this.scrub.scrubIntervalMs);
-      this.integrity?.watchStoreFile(this.scrub?.storeWatchMs);
+      this.integrity?.watchStoreFile();
     }
   }
 
@@ -684,8 +684,7 @@ export class Snapshotter {
     try {
       const made = await loader.create(input);
       const stats: ConvertStats = { files: header.files, logicalBytes: header.logical_bytes, chunks: header.chunks.length, newChunks: 0, dedupChunks: made.local, newBytes: 0, imageBytes: img.length, mkfsMs: 0, importMs: 0 };
-      await writeDurably(image, img);
-      this.sealer?.seal(image);
+      const imageSha256 = await (this.converter as Converter).writeImage(image, img);
       // Known to the loader before the mount: fscache reads the image through it.
       loader.register(input);
       await this.mountLazyLayer({ snapshot_id: Number(id), has_blob: header.has_blob ? 1 : 0 });
@@ -696,7 +695,7 @@ export class Snapshotter {
           const source = { image_ref: formatReference(rl.repo), manifest_digest: rl.manifestDigest, layer_digest: rl.layerDigest, header: JSON.stringify(header) };
           this.ms.addLazyLayer(id, source);
           this.ms.addRemoteSource(id, source);
-          this.ms.setImageDigest(id, crypto.createHash('sha256').update(img).digest('hex'));
+          this.ms.setImageDigest(id, imageSha256);
         });
       } catch (err) {
         unmountErofs(target);
