@@ -7,7 +7,8 @@ import type { RegistryClient } from './registry';
 
 /**
  * Remote (lazy) layers: containerd's CRI unpacker passes, on each layer's
- * Prepare, the labels below (ARCHITECTURE.md §3). When they name a layer of
+ * Prepare, the labels below (2.x transfer too, with the proxy plugin's
+ * enable_remote_snapshot_annotations export). When they name a layer of
  * a dedup image, the snapshotter can make the layer from its metadata and
  * the chunks it lacks, and answer AlreadyExists so containerd downloads
  * nothing. Layers of plain OCI images are not remote layers (containerd
