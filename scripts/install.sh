@@ -21,6 +21,20 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
+# The pid of the containerd process listening on unix socket $1 (the
+# socket's inode in /proc/net/unix, then the containerd holding it); fails
+# when there is none.
+containerd_on_socket() {
+  local inode p
+  inode=$(awk -v s="$1" '$8 == s && $6 == "01" { print $7; exit }' /proc/net/unix 2>/dev/null)
+  [ -n "$inode" ] || return 1
+  for p in /proc/[0-9]*; do
+    [ "$(cat "$p/comm" 2>/dev/null)" = containerd ] || continue
+    if ls -l "$p/fd" 2>/dev/null | grep -q "socket:\[$inode\]"; then echo "${p#/proc/}"; return 0; fi
+  done
+  return 1
+}
+
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
 
 if [ "${1:-}" != "--no-apt" ]; then
@@ -94,11 +108,16 @@ else
     nohup "$BIN_LINK" >>"$LOG_FILE" 2>&1 </dev/null &
   echo $! > /run/dedup-snapshotter.pid
   wait_socket || die "dedup-snapshotter did not create $SOCKET; see $LOG_FILE"
-  if pid=$(pidof containerd); then
-    kill -TERM $pid
-    for _ in $(seq 1 100); do pidof containerd >/dev/null || break; sleep 0.1; done
+  # Only the containerd serving /run/containerd/containerd.sock is restarted
+  # (found by the socket it listens on, never by name: Docker's or k3s's
+  # containerd, or a second instance with its own socket, are not touched).
+  if pid=$(containerd_on_socket /run/containerd/containerd.sock); then
+    say "restarting the containerd serving /run/containerd/containerd.sock (pid $pid) so it loads the proxy plugin"
+    kill -TERM "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   nohup containerd --config "$CONTAINERD_CONFIG" >>/var/log/containerd.log 2>&1 </dev/null &
+  echo $! > /run/dedup-snapshotter-containerd.pid
   for _ in $(seq 1 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
   say "started dedup-snapshotter (pid $(cat /run/dedup-snapshotter.pid)) and containerd"
 fi
