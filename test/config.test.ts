@@ -257,11 +257,14 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ registry: { insecure: true } }), 'registry.insecure', /unknown key/);
   });
 
-  test('integrity keys: scrub_mbps and scrub_interval_minutes are read and checked', () => {
-    assert.deepEqual(defaultConfig().integrity, { scrub_mbps: 20, scrub_interval_minutes: 1440 });
-    assert.deepEqual(loadFile({ integrity: { scrub_mbps: 5, scrub_interval_minutes: 0 } }).integrity, { scrub_mbps: 5, scrub_interval_minutes: 0 });
+  test('integrity keys: scrub pace and interval, store layout and segments per layer are read and checked', () => {
+    assert.deepEqual(defaultConfig().integrity, { scrub_mbps: 20, scrub_interval_minutes: 1440, store_layout: 'auto', segments_per_layer: 32 });
+    assert.deepEqual(loadFile({ integrity: { scrub_mbps: 5, scrub_interval_minutes: 0 } }).integrity, { scrub_mbps: 5, scrub_interval_minutes: 0, store_layout: 'auto', segments_per_layer: 32 });
+    assert.deepEqual(loadFile({ integrity: { store_layout: 'segments', segments_per_layer: 4 } }).integrity, { scrub_mbps: 20, scrub_interval_minutes: 1440, store_layout: 'segments', segments_per_layer: 4 });
     assertConfigError(() => loadFile({ integrity: { scrub_mbps: 0 } }), 'integrity.scrub_mbps', /integer from 1 to 100000/);
     assertConfigError(() => loadFile({ integrity: { scrub_interval_minutes: -1 } }), 'integrity.scrub_interval_minutes', /integer from 0 to 525600/);
+    assertConfigError(() => loadFile({ integrity: { store_layout: 'sealed' } }), 'integrity.store_layout', /one of auto, single, segments/);
+    assertConfigError(() => loadFile({ integrity: { segments_per_layer: 0 } }), 'integrity.segments_per_layer', /integer from 1 to 128/);
     assertConfigError(() => loadFile({ integrity: { verity: true } }), 'integrity.verity', /unknown/);
     assertConfigError(() => loadFile({ integrity: 'daily' }), 'integrity', /expected an object/);
   });

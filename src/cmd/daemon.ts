@@ -100,6 +100,8 @@ export async function runDaemon(): Promise<void> {
             directIo: cfg.direct_io,
             readAheadKb: cfg.read_ahead_kb,
             convertMode: cfg.convert_mode,
+            storeLayout: cfg.integrity.store_layout,
+            storeMaxDevices: cfg.integrity.segments_per_layer,
           }
         : null,
       integrity: {

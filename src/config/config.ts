@@ -75,8 +75,15 @@ export interface Config {
    * Background scrub of the chunk store: every scrub_interval_minutes (0:
    * never) every chunk is read back at scrub_mbps MiB/s and checked against
    * its digest; layers on damaged chunks are quarantined.
+   * store_layout: where new chunks go. "segments": each import writes its
+   * new chunks to a segment file of its own, sealed with fs-verity where
+   * ROOT's filesystem has it (the kernel then fails every read of damaged
+   * data); "single": one writable file, store/chunks.blob, checked by the
+   * daemon; "auto": segments where fs-verity works, else single.
+   * segments_per_layer: the most segments one layer reads from (chunks
+   * found only in others are stored again in its own).
    */
-  readonly integrity: { readonly scrub_mbps: number; readonly scrub_interval_minutes: number };
+  readonly integrity: { readonly scrub_mbps: number; readonly scrub_interval_minutes: number; readonly store_layout: 'auto' | 'single' | 'segments'; readonly segments_per_layer: number };
   /** MiB of ROOT/reserve, released so a Remove goes through on a full disk (0: none). */
   readonly disk_reserve_mb: number;
   /** ROOT/audit.db: rows older than retention_days or beyond max_rows are deleted. */
@@ -114,7 +121,7 @@ export function defaultConfig(): Config {
     prefetch: { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 },
     registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
-    integrity: { scrub_mbps: 20, scrub_interval_minutes: 1440 },
+    integrity: { scrub_mbps: 20, scrub_interval_minutes: 1440, store_layout: 'auto', segments_per_layer: 32 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
     disk_reserve_mb: 8,
     source: null,
@@ -308,8 +315,14 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   }
   if ('integrity' in doc) {
     const ig = doc.integrity;
-    if (!isObject(ig)) throw new ConfigError('integrity', `expected an object like {"scrub_mbps": 20, "scrub_interval_minutes": 1440}, got ${JSON.stringify(ig)}`);
-    rejectUnknown('integrity', ig, ['scrub_mbps', 'scrub_interval_minutes']);
+    if (!isObject(ig)) throw new ConfigError('integrity', `expected an object like {"scrub_mbps": 20, "scrub_interval_minutes": 1440, "store_layout": "auto"}, got ${JSON.stringify(ig)}`);
+    rejectUnknown('integrity', ig, ['scrub_mbps', 'scrub_interval_minutes', 'store_layout', 'segments_per_layer']);
+    if ('store_layout' in ig) {
+      const v = ig.store_layout;
+      if (v !== 'auto' && v !== 'single' && v !== 'segments') throw new ConfigError('integrity.store_layout', `expected one of auto, single, segments, got ${JSON.stringify(v)}`);
+      out.integrity = { ...out.integrity, store_layout: v };
+    }
+    if ('segments_per_layer' in ig) out.integrity = { ...out.integrity, segments_per_layer: expectInt('integrity.segments_per_layer', ig.segments_per_layer, 1, 128) };
     if ('scrub_mbps' in ig) out.integrity = { ...out.integrity, scrub_mbps: expectInt('integrity.scrub_mbps', ig.scrub_mbps, 1, 100_000) };
     if ('scrub_interval_minutes' in ig) out.integrity = { ...out.integrity, scrub_interval_minutes: expectInt('integrity.scrub_interval_minutes', ig.scrub_interval_minutes, 0, 525_600) };
   }

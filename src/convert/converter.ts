@@ -2,9 +2,11 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { type ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
+import { type ChunkStore, type Extent, STORE_BLOCK, readAt, segmentTag } from '../store/chunkstore';
+import type { SegmentRow, SegmentWriter } from '../store/segments';
 import { extentKey, hashImageChunks } from './chunks';
-import { type ChunkRef, type ChunkScan, setChunkAddress, updateSuperblockChecksum } from './erofs-format';
+import { type ChunkRef, type ChunkScan, EROFS_DEVT_SLOT_SIZE, MAX_IMAGE_BEFORE_DEVT, setChunkAddress, setDeviceTable, updateSuperblockChecksum } from './erofs-format';
+import { NEW_SEGMENT, placeChunks } from './placement';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 
 /** What a conversion produced, handed to the caller's transaction. */
@@ -134,74 +136,96 @@ export class Converter {
       // A store file deleted or replaced under the daemon is put back first: what is stored now must survive a restart.
       await store.restoreFile();
       const t1 = Date.now();
-      const target = new Map<string, number>(); // digest → store blkaddr
+      const segmented = store.layout === 'segments';
+      // An image too big for a device table after it reads from one place only.
+      const roomy = Math.ceil(img.length / STORE_BLOCK) * STORE_BLOCK + store.maxDevices * EROFS_DEVT_SLOT_SIZE <= MAX_IMAGE_BEFORE_DEVT;
+      const plan = placeChunks(layer.chunks, (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: roomy ? store.maxDevices : 1 });
       const pinned: number[] = [];
       const fresh: { digest: string; extent: Extent; key: string }[] = [];
-      // Bad chunks (bytes lost or damaged) this layer has: written again at their own address.
-      const heal: { digest: string; extent: Extent; key: string; id: number }[] = [];
       const placed: string[] = [];
+      const keyOf = new Map<string, string>();
+      for (const c of layer.chunks) if (!keyOf.has(c.digest)) keyOf.set(c.digest, c.key);
+      let writer: SegmentWriter | null = null;
       try {
-        for (const c of layer.chunks) {
-          if (target.has(c.digest)) continue;
-          const row = store.lookupAny(c.digest);
-          if (row && row.bad && row.nblocks !== c.nblocks) throw new Error(`chunk ${c.digest}: the store's damaged copy has ${row.nblocks} blocks, this layer's ${c.nblocks}`);
-          if (row) {
-            store.pin(row.id);
-            pinned.push(row.id);
-            target.set(c.digest, row.blkaddr);
-            if (row.bad) heal.push({ digest: c.digest, extent: row, key: c.key, id: row.id });
+        for (const row of [...plan.use.values(), ...plan.heal]) {
+          store.pin(row.id);
+          pinned.push(row.id);
+        }
+        if (plan.fresh.length > 0 && segmented) writer = store.segments.create();
+        for (const digest of plan.fresh) {
+          const key = keyOf.get(digest) as string;
+          const buf = await read(key);
+          const nblocks = layer.chunks.find((c) => c.key === key)?.nblocks as number;
+          if (buf.length !== nblocks * STORE_BLOCK) throw new Error(`chunk ${digest}: ${buf.length} bytes, expected ${nblocks * STORE_BLOCK}`);
+          if (writer) {
+            fresh.push({ digest, key, extent: await store.append(writer, buf) });
           } else {
-            const extent = store.allocate(c.nblocks);
-            fresh.push({ digest: c.digest, extent, key: c.key });
-            target.set(c.digest, extent.blkaddr);
+            const extent = store.allocate(nblocks);
+            fresh.push({ digest, key, extent });
+            await store.write(extent, buf);
           }
         }
-        for (const f of fresh) {
-          const buf = await read(f.key);
-          if (buf.length !== f.extent.nblocks * STORE_BLOCK) throw new Error(`chunk ${f.digest}: ${buf.length} bytes, expected ${f.extent.nblocks * STORE_BLOCK}`);
-          await store.write(f.extent, buf);
-        }
-        for (const h of heal) {
-          const buf = await read(h.key);
+        for (const h of plan.heal) {
+          const buf = await read(keyOf.get(h.digest) as string);
           // Whatever the source, only the right bytes go over a chunk other layers reference.
           const got = crypto.createHash('sha256').update(buf).digest('hex');
           if (got !== h.digest) throw new Error(`chunk ${h.digest}: the bytes read for it hash to ${got}`);
-          await store.write(h.extent, buf);
+          await store.write(h, buf);
         }
-        if (fresh.length > 0 || heal.length > 0) await store.sync();
-        if (heal.length > 0) store.markGood(heal.map((h) => h.id));
+        if (plan.heal.length > 0 || (fresh.length > 0 && !writer)) await store.sync();
+        // Sealed (fs-verity, where the filesystem has it) before any row names it.
+        const own = writer ? store.segments.finish(writer) : null;
+        if (plan.heal.length > 0) store.markGood(plan.heal.map((h) => h.id));
 
+        const where = new Map<string, Extent>();
+        for (const [digest, row] of plan.use) where.set(digest, row);
+        for (const f of fresh) where.set(f.digest, f.extent);
+        const deviceOf = new Map(plan.devices.map((seg, i) => [seg === NEW_SEGMENT ? (own?.id ?? NEW_SEGMENT) : seg, i + 1]));
         for (const r of layer.refs) {
           const digest = digestOf.get(extentKey(r));
           if (digest === undefined) throw new Error(`chunk index at block ${r.blkaddr} (+${r.nblocks}) has no digest`);
-          setChunkAddress(img, r, r.deviceId, target.get(digest) as number);
+          const e = where.get(digest) as Extent;
+          setChunkAddress(img, r, deviceOf.get(e.segment ?? 0) as number, e.blkaddr);
+        }
+        if (plan.devices.length > 0) {
+          img = setDeviceTable(
+            img,
+            plan.devices.map((seg) => {
+              const id = seg === NEW_SEGMENT ? (own as SegmentRow).id : seg;
+              return { tag: segmentTag(id), blocks: store.segmentBlocks(id) };
+            }),
+          );
         }
         updateSuperblockChecksum(img);
         const image = this.imagePath(id);
         const imageSha256 = await this.writeImage(image, img);
         placed.push(image);
+        const distinct = plan.use.size + fresh.length;
         const converted: ConvertedLayer = {
           image,
           imageSha256,
           hasBlob: layer.scan.sb.extraDevices > 0,
           newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
-          existingChunkIds: pinned,
+          existingChunkIds: [...new Set([...plan.use.values()].map((r) => r.id))],
           stats: {
             files: layer.scan.files,
             logicalBytes: layer.scan.logicalBytes,
-            chunks: target.size,
+            chunks: distinct,
             newChunks: fresh.length,
-            dedupChunks: target.size - fresh.length,
+            dedupChunks: distinct - fresh.length,
             newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
-            healedChunks: heal.length,
+            healedChunks: plan.heal.length,
             imageBytes: img.length,
             mkfsMs: layer.mkfsMs,
             importMs: Date.now() - t1,
           },
         };
-        return finish(converted);
+        const out = finish(converted);
+        if (writer) store.segments.committed(writer.id);
+        return out;
       } catch (err) {
-        store.releaseExtents(fresh.map((f) => f.extent));
+        if (writer) store.segments.abandon(writer);
+        else store.releaseExtents(fresh.map((f) => f.extent));
         for (const p of placed) fs.rmSync(p, { force: true });
         throw err;
       } finally {

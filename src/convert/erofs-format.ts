@@ -1,9 +1,11 @@
+import fs from 'node:fs';
+
 /**
  * Just enough of the EROFS on-disk format (the kernel's fs/erofs/erofs_fs.h)
  * to find every chunk index of an image built by `mkfs.erofs --chunksize
- * --blobdev` and point it at the node-wide chunk store instead of the
- * temporary blob. Nothing here changes block 0, so the superblock checksum
- * stays valid.
+ * --blobdev`, point it at the chunk store (device id and block address)
+ * instead of the temporary blob, and give the image the device table those
+ * addresses need. Whoever changes an image updates its superblock checksum.
  */
 
 export const EROFS_SUPER_OFFSET = 1024;
@@ -218,6 +220,94 @@ export function checkSingleBlobDevice(sb: Superblock): void {
   if (!(sb.featureIncompat & FEATURE_INCOMPAT_DEVICE_TABLE) || sb.extraDevices !== 1) {
     throw new ErofsFormatError(`expected one extra blob device, found ${sb.extraDevices}`);
   }
+}
+
+/** Size of one device table slot (struct erofs_deviceslot). */
+export const EROFS_DEVT_SLOT_SIZE = 128;
+/** Bytes of a slot's tag (NUL-padded): the kernel opens it as the device's path when no device= is given. */
+const DEVT_TAG_BYTES = 64;
+/** The most an image can have before its device table: devt_slotoff is a 16-bit count of slots. */
+export const MAX_IMAGE_BEFORE_DEVT = 0xffff * EROFS_DEVT_SLOT_SIZE;
+
+/** The tags of the image's extra devices, in device id order (1, 2, ...); '' for an untagged slot. */
+export function readDeviceTags(img: Buffer, sb: Superblock = readSuperblock(img)): string[] {
+  if (!(sb.featureIncompat & FEATURE_INCOMPAT_DEVICE_TABLE)) return [];
+  const pos = sb.devtSlotoff * EROFS_DEVT_SLOT_SIZE;
+  const end = pos + sb.extraDevices * EROFS_DEVT_SLOT_SIZE;
+  if (end > img.length) throw new ErofsFormatError(`device table at ${pos} (${sb.extraDevices} slots) lies past the end`);
+  return slotTags(img.subarray(pos, end));
+}
+
+function slotTags(table: Buffer): string[] {
+  const tags: string[] = [];
+  for (let at = 0; at + EROFS_DEVT_SLOT_SIZE <= table.length; at += EROFS_DEVT_SLOT_SIZE) {
+    const tag = table.subarray(at, at + DEVT_TAG_BYTES);
+    const nul = tag.indexOf(0);
+    tags.push(tag.subarray(0, nul < 0 ? tag.length : nul).toString('latin1'));
+  }
+  return tags;
+}
+
+/** The device tags of the image file `file` (its first block and its device table only are read). */
+export function readImageDeviceTags(file: string): string[] {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const head = Buffer.alloc(EROFS_SUPER_OFFSET + 128);
+    if (fs.readSync(fd, head, 0, head.length, 0) < head.length) throw new ErofsFormatError(`${file} is too small`);
+    const { pos, slots } = deviceTableExtent(head);
+    const table = Buffer.alloc(slots * EROFS_DEVT_SLOT_SIZE);
+    if (fs.readSync(fd, table, 0, table.length, pos) < table.length) throw new ErofsFormatError(`${file}: its device table lies past the end`);
+    return slotTags(table);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Where the device table of an image starts and how many slots it has, from its first block alone. */
+export function deviceTableExtent(head: Buffer): { pos: number; slots: number } {
+  const sb = readSuperblock(head);
+  if (!(sb.featureIncompat & FEATURE_INCOMPAT_DEVICE_TABLE)) return { pos: 0, slots: 0 };
+  return { pos: sb.devtSlotoff * EROFS_DEVT_SLOT_SIZE, slots: sb.extraDevices };
+}
+
+/**
+ * Gives the image the extra devices `devices` (device ids 1, 2, ... in this
+ * order; a tag names each, at most 63 bytes; blocks: the device's size in
+ * blocks). mkfs.erofs --blobdev writes one slot, in the first block, right
+ * before the inodes: one device is written there; more are written as a new
+ * table appended at the end of the image (block-aligned), the old slot left
+ * unused. Returns the image (a new buffer when it grew). The caller updates
+ * the superblock checksum.
+ */
+export function setDeviceTable(img: Buffer, devices: { tag: string; blocks: number }[]): Buffer {
+  const sb = readSuperblock(img);
+  if (!(sb.featureIncompat & FEATURE_INCOMPAT_DEVICE_TABLE) || sb.extraDevices < 1) {
+    throw new ErofsFormatError('the image has no device table to extend (built without --blobdev)');
+  }
+  if (devices.length < 1 || devices.length > 0xffff) throw new ErofsFormatError(`cannot give an image ${devices.length} devices`);
+  const slot = (i: number) => {
+    const b = Buffer.alloc(EROFS_DEVT_SLOT_SIZE);
+    const tag = Buffer.from(devices[i].tag, 'latin1');
+    if (tag.length >= DEVT_TAG_BYTES || tag.includes(0)) throw new ErofsFormatError(`device tag ${JSON.stringify(devices[i].tag)} is too long or has NUL`);
+    tag.copy(b, 0);
+    b.writeUInt32LE(devices[i].blocks >>> 0, DEVT_TAG_BYTES);
+    return b;
+  };
+  let out = img;
+  let slotoff = sb.devtSlotoff;
+  if (devices.length > sb.extraDevices) {
+    const start = Math.ceil(img.length / sb.blockSize) * sb.blockSize;
+    if (start > MAX_IMAGE_BEFORE_DEVT) throw new ErofsFormatError(`the image is ${img.length} bytes: a device table cannot follow it (limit ${MAX_IMAGE_BEFORE_DEVT})`);
+    const tableBytes = Math.ceil((devices.length * EROFS_DEVT_SLOT_SIZE) / sb.blockSize) * sb.blockSize;
+    out = Buffer.alloc(start + tableBytes);
+    img.copy(out, 0);
+    slotoff = start / EROFS_DEVT_SLOT_SIZE;
+    out.writeUInt16LE(slotoff, EROFS_SUPER_OFFSET + 88);
+    out.writeUInt32LE(out.length / sb.blockSize, EROFS_SUPER_OFFSET + 36);
+  }
+  out.writeUInt16LE(devices.length, EROFS_SUPER_OFFSET + 86);
+  for (let i = 0; i < devices.length; i++) slot(i).copy(out, slotoff * EROFS_DEVT_SLOT_SIZE + i * EROFS_DEVT_SLOT_SIZE);
+  return out;
 }
 
 export function hasChunkedFiles(sb: Superblock): boolean {

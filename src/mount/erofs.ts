@@ -37,6 +37,11 @@ export interface ErofsMountOptions {
   /** The store's chunk size (bytes), the least 'auto' read-ahead. */
   chunkSize?: number;
   logger?: Logger;
+  /**
+   * The files a store image reads as its extra devices, in device order
+   * (its device table); absent: the one chunk store file.
+   */
+  devicesOf?: (image: string) => string[];
   /** mount(2); tests substitute it. */
   mountFn?: typeof mount;
 }
@@ -112,14 +117,20 @@ export class ErofsMounter {
     fs.mkdirSync(target, { recursive: true, mode: 0o755 });
     if (isMountPoint(target)) return;
     if (device && this.backend === 'loop') throw this.error(image, target, new Error('layers loaded on demand need file-backed EROFS mounts (mount_backend "loop" is in use)'));
-    if (this.backend === 'loop') return this.mountLoop(image, target, hasBlob);
+    let devices: string[];
+    try {
+      devices = device ? [device] : hasBlob ? (this.opts.devicesOf?.(image) ?? [this.blob]) : [];
+    } catch (err) {
+      throw this.error(image, target, err);
+    }
+    if (this.backend === 'loop') return this.mountLoop(image, target, devices);
     const before = erofsBdis();
     try {
-      this.mountFile(image, target, hasBlob ? [`device=${device ?? this.blob}`] : []);
+      this.withDeviceOptions(devices, (options) => this.mountFile(image, target, options));
     } catch (err) {
       if (this.backend === null && errCode(err) === 'ENOTBLK' && !device) {
         this.decide('loop', 'this kernel has no file-backed EROFS mounts (Linux < 6.12)');
-        return this.mountLoop(image, target, hasBlob);
+        return this.mountLoop(image, target, devices);
       }
       throw this.error(image, target, err);
     }
@@ -146,6 +157,23 @@ export class ErofsMounter {
         reject(new ErofsMountError(`cannot mount EROFS over fscache (${options}) on ${target}: ${why}`, { cause: err }));
       });
     });
+  }
+
+  /**
+   * Runs `fn` with one `device=` option per device. mount(2) takes one page
+   * of options: past about 3 KiB of paths (many segments, a long ROOT) each
+   * device is opened here and named by its /proc/self/fd link instead,
+   * closed again once the kernel has opened its own.
+   */
+  private withDeviceOptions(devices: string[], fn: (options: string[]) => void): void {
+    if (devices.reduce((n, d) => n + d.length + 8, 0) <= 3072) return fn(devices.map((d) => `device=${d}`));
+    const fds: number[] = [];
+    try {
+      for (const d of devices) fds.push(fs.openSync(d, 'r'));
+      fn(fds.map((fd) => `device=/proc/self/fd/${fd}`));
+    } finally {
+      for (const fd of fds) fs.closeSync(fd);
+    }
   }
 
   /** mount(2) of the image file, with `directio` unless it is off or this kernel lacks it. */
@@ -233,17 +261,28 @@ export class ErofsMounter {
     return this.blobLoop;
   }
 
-  private mountLoop(image: string, target: string, hasBlob: boolean): void {
-    const device = hasBlob ? this.blobDevice() : null;
-    const dev = losetup(['--find', '--show', '--read-only', image]);
+  /**
+   * The image on a loop device of its own, chunks.blob on the shared one,
+   * each sealed segment (never written again) on a loop device of this mount.
+   */
+  private mountLoop(image: string, target: string, devices: string[]): void {
+    const own: string[] = [];
     try {
-      this.sysMount(dev, target, 'erofs', MS_RDONLY, device ? `device=${device}` : null);
+      const loops = devices.map((d) => {
+        if (d === this.blob) return this.blobDevice();
+        const l = losetup(['--find', '--show', '--read-only', d]);
+        own.push(l);
+        return l;
+      });
+      const dev = losetup(['--find', '--show', '--read-only', image]);
+      own.push(dev);
+      this.sysMount(dev, target, 'erofs', MS_RDONLY, loops.length > 0 ? loops.map((l) => `device=${l}`).join(',') : null);
     } catch (err) {
       throw this.error(image, target, err);
     } finally {
       // Detaching a mounted loop device only marks it autoclear: the kernel
       // releases it with the unmount. An unused one goes now.
-      losetup(['-d', dev]);
+      for (const l of own) losetup(['-d', l]);
     }
   }
 }

@@ -140,7 +140,11 @@ export class LayerIntegrity {
     if (store.openProblem) log.error({ op: 'integrity', store: store.blobPath }, `chunk store: ${store.openProblem}`);
     let verified: VerifyResult | null = null;
     // The stamp is saved again once recovery is done (Snapshotter.recover).
-    if (!store.stampMatches()) verified = await this.verifyAll('start', 0);
+    const check = store.chunksToVerifyAtStart();
+    if (check.why.length > 0) {
+      verified = await this.verifyAll('start', 0, undefined, undefined, check);
+      store.acceptChangedSegments();
+    }
     for (const id of layerIds) this.checkImage(id, 'changed');
     return this.settleQuarantine(verified, store.openProblem);
   }
@@ -195,12 +199,19 @@ export class LayerIntegrity {
     return { repaired, unrepaired };
   }
 
-  private async verifyAll(why: 'start' | 'fsck' | 'scrub', mbps: number, onProgress?: (p: VerifyProgress) => void, signal?: AbortSignal): Promise<VerifyResult> {
+  private async verifyAll(
+    why: 'start' | 'fsck' | 'scrub',
+    mbps: number,
+    onProgress?: (p: VerifyProgress) => void,
+    signal?: AbortSignal,
+    only?: { ids: number[]; why: string[] },
+  ): Promise<VerifyResult> {
     const log = this.o.logger;
     const started = Date.now();
-    const what = { start: 'the store file changed since this daemon last stopped cleanly (or it never did)', fsck: 'fsck', scrub: 'background scrub' }[why];
-    if (why !== 'scrub') log.info({ op: 'integrity', store: this.o.store.blobPath }, `verifying every chunk of the store against its digest: ${what}`);
+    const what = only ? only.why.join('; ') : { start: '', fsck: 'fsck', scrub: 'background scrub' }[why];
+    if (why !== 'scrub') log.info({ op: 'integrity', store: this.o.store.blobPath }, `verifying ${only ? `${only.ids.length} chunks` : 'every chunk'} of the store against their digests: ${what}`);
     const res = await verifyChunks(this.o.store, this.o.ms.db, {
+      ids: only?.ids,
       mbps,
       signal,
       onProgress: (p) => {

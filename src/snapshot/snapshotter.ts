@@ -14,10 +14,11 @@ import { dropPageCacheUnder } from '../ondemand/stale-pages';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, criLayerOf, runsOf } from '../remote/lazy';
 import { formatReference, parseReference } from '../remote/reference';
-import { ChunkStore, type Extent, STORE_BLOCK, readAt } from '../store/chunkstore';
+import { ChunkStore, type Extent, STORE_BLOCK, type StoreLayout, readAt } from '../store/chunkstore';
 import { ImageSealer } from '../store/seal';
 import { DEFAULT_RESERVE_BYTES, SpaceReserve } from '../store/reserve';
 import { extentKey, scanDataChunks } from '../convert/chunks';
+import { readImageDeviceTags } from '../convert/erofs-format';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
@@ -83,6 +84,10 @@ export interface SnapshotterOptions {
     convertMode?: 'background' | 'sync';
     /** Background mode: how long a replaced directory is kept after it was last handed out in a mount. */
     retireGraceMs?: number;
+    /** Where new chunks go: chunks.blob, or a sealed segment per import ('auto': segments where fs-verity works). */
+    storeLayout?: StoreLayout;
+    /** The most store segments one layer image reads from. */
+    storeMaxDevices?: number;
   } | null;
   /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
   integrity?: { scrubMbps: number; scrubIntervalMs: number; onStartProgress?: (p: VerifyProgress) => void };
@@ -204,8 +209,10 @@ export class Snapshotter {
         }
         return this.mkfsProbe;
       };
-      this.store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log });
-      this.mounter = new ErofsMounter(this.store.blobPath, {
+      const store = new ChunkStore({ root: this.root, db: this.ms.db, logger: this.log, layout: opts.erofs.storeLayout, maxDevices: opts.erofs.storeMaxDevices });
+      this.store = store;
+      this.mounter = new ErofsMounter(store.blobPath, {
+        devicesOf: (image) => store.devicePaths(readImageDeviceTags(image)),
         mode: opts.erofs.mountMode ?? 'auto',
         directIo: opts.erofs.directIo ?? 'auto',
         readAheadKb: opts.erofs.readAheadKb ?? 'auto',
@@ -282,11 +289,6 @@ export class Snapshotter {
 
   private mntPath(id: string): string {
     return path.join(this.mntDir, id);
-  }
-
-  /** Where a committed layer's files are: its EROFS mount, or its directory. */
-  private layerRoot(id: string): string {
-    return this.ms.getLayer(id) ? this.mntPath(id) : this.upperPath(id);
   }
 
   /** Throws FailedPrecondition, naming what to do, if layer `id` is quarantined (see integrity.ts). */
@@ -955,7 +957,8 @@ export class Snapshotter {
         for (const id of s.parentIds) this.assertServed(id);
         if (s.parentIds.length > 0) {
           // The new layer's root starts owned like its parent's (containerd does the same).
-          const st = fs.lstatSync(this.layerRoot(s.parentIds[0]));
+          // (Mounted again first if its mount is gone: released from quarantine, unmounted by hand.)
+          const st = fs.lstatSync(this.layerRootsOf([s.parentIds[0]])[0]);
           fs.lchownSync(path.join(tmp, 'fs'), st.uid, st.gid);
         }
         const dest = path.join(this.snapshotsDir, s.id);

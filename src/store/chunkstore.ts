@@ -6,6 +6,7 @@ import { punchHole } from '../../native/fallocate';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
+import { type SegmentCheck, type SegmentWriter, Segments } from './segments';
 
 /**
  * The node-wide content-addressed chunk store: one sparse file
@@ -26,6 +27,15 @@ import { silentLogger } from '../log/logger';
  * every layer that references it. Layers that reference bad chunks are not
  * served (the snapshotter quarantines them).
  *
+ * Sealed segments (segments.ts): where ROOT's filesystem has fs-verity (or
+ * `store_layout` says "segments"), each import writes the chunks it adds to
+ * a new file of its own, sealed before any row names it, so the kernel
+ * checks every read of them. A chunk row names its segment (0:
+ * chunks.blob); a layer image lists the segments it reads as its extra
+ * devices, tagged `dedup:seg:<id>` (see devicePaths). A layer references at
+ * most `maxDevices` segments: chunks found only in others are stored again
+ * in its own segment, so the same digest may have a row per segment.
+ *
  * Order of durability, for kill -9 at any point: chunk data is written and
  * fdatasync'ed before any row names it, and rows are written in the same
  * transaction as the commit of the layer that references them. Whatever a
@@ -38,10 +48,21 @@ export const STORE_BLOCK = 4096;
 export interface Extent {
   blkaddr: number;
   nblocks: number;
+  /** The segment the blocks are in: 0 (or absent) for chunks.blob. */
+  segment?: number;
+}
+
+/** Where new chunks go: one writable file, or a sealed segment per import (auto: segments where fs-verity works). */
+export type StoreLayout = 'auto' | 'single' | 'segments';
+
+/** The tag of segment `id` in a layer image's device table. */
+export function segmentTag(id: number): string {
+  return `dedup:seg:${id}`;
 }
 
 export interface ChunkRow extends Extent {
   id: number;
+  segment: number;
   digest: string;
   refs: number;
 }
@@ -77,6 +98,8 @@ export class ChunkStore {
   restoredFiles = 0;
   /** What start-up found wrong with the store file, for the log and /healthz (null: nothing). */
   readonly openProblem: string | null = null;
+  /** Segments whose files changed since this daemon wrote them (found at start). */
+  private readonly changedSegments: SegmentCheck[] = [];
   private readonly db: Database.Database;
   private readonly log: Logger;
   /** Free extents below the high-water mark, sorted by address. */
@@ -86,15 +109,31 @@ export class ChunkStore {
   private readonly pins = new Map<number, number>();
   private lockTail: Promise<void> = Promise.resolve();
 
-  constructor(opts: { root: string; db: Database.Database; logger?: Logger }) {
+  readonly segments: Segments;
+  /** Where this store puts new chunks (resolved from the configured layout). */
+  readonly layout: 'single' | 'segments';
+  /** The most segments (devices) one layer image reads from. */
+  readonly maxDevices: number;
+  /** Segments written (healed) since the last sync. */
+  private readonly dirtySegments = new Set<number>();
+  /** Chunks to write over in sealed segments at the next sync (segment → block address → bytes). */
+  private readonly sealedPatches = new Map<number, Map<number, Buffer>>();
+  /** Read-write fds of unsealed segments being healed. */
+  private readonly rwSegments = new Map<number, number>();
+
+  constructor(opts: { root: string; db: Database.Database; logger?: Logger; layout?: StoreLayout; maxDevices?: number }) {
     this.dir = path.join(opts.root, 'store');
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     this.blobPath = path.join(this.dir, 'chunks.blob');
     this.db = opts.db;
     this.log = opts.logger ?? silentLogger();
     this.migrate();
+    this.segments = new Segments(opts.root, this.db, this.log);
+    const layout = opts.layout ?? 'auto';
+    this.layout = layout === 'auto' ? (this.segments.canSeal() ? 'segments' : 'single') : layout;
+    this.maxDevices = opts.maxDevices ?? 32;
     moveFromCache(opts.root, this.blobPath, this.log);
-    const rows = (this.db.prepare('SELECT count(*) AS n FROM chunks').get() as { n: number }).n;
+    const rows = (this.db.prepare('SELECT count(*) AS n FROM chunks WHERE segment = 0').get() as { n: number }).n;
     let fd: number;
     try {
       fd = fs.openSync(this.blobPath, fs.constants.O_RDWR);
@@ -106,7 +145,7 @@ export class ChunkStore {
         // The index names chunks whose only copy is gone. A new, empty file
         // lets new layers be stored; the old chunks are bad, never handed
         // out, until an import brings their bytes again.
-        const n = this.markBad(this.allChunkIds(), 'the store file was missing');
+        const n = this.markBad(this.chunkIdsOf(0), 'the store file was missing');
         this.openProblem = `${this.blobPath} was missing at start although ${n} chunks were stored in it: their data is lost`;
       }
     }
@@ -116,23 +155,58 @@ export class ChunkStore {
     this.rebuildFreeList();
     if (!this.openProblem && st.size < this.highWater * STORE_BLOCK) {
       const cut = this.db
-        .prepare('SELECT id FROM chunks WHERE (blkaddr + nblocks) * ? > ?')
+        .prepare('SELECT id FROM chunks WHERE segment = 0 AND (blkaddr + nblocks) * ? > ?')
         .all(STORE_BLOCK, st.size) as { id: number }[];
       const n = this.markBad(cut.map((r) => r.id), 'beyond the end of the store file (truncated)');
       this.openProblem = `${this.blobPath} is ${st.size} bytes, shorter than the ${this.highWater * STORE_BLOCK} its chunks need: ${n} chunks are lost`;
     }
+    const problems: string[] = this.openProblem ? [this.openProblem] : [];
+    for (const c of this.segments.checkAtStart()) {
+      if (c.lost) {
+        const n = this.markBad(this.chunkIdsOf(c.id), c.lost);
+        problems.push(`${c.lost}: ${n} chunks are lost`);
+      } else if (c.changed) {
+        this.changedSegments.push(c);
+      }
+    }
+    this.openProblem = problems.length > 0 ? problems.join('; ') : null;
+  }
+
+  /**
+   * Chunks start-up must verify before anything is served: all of
+   * chunks.blob when its stamp does not match (see stampMatches), and those
+   * of every segment whose file changed. Empty: nothing to verify.
+   */
+  chunksToVerifyAtStart(): { ids: number[]; why: string[] } {
+    const ids: number[] = [];
+    const why: string[] = [];
+    if (!this.stampMatches()) {
+      ids.push(...this.chunkIdsOf(0));
+      why.push(`${this.blobPath} changed since this daemon last stopped cleanly (or it never did)`);
+    }
+    for (const c of this.changedSegments) {
+      ids.push(...this.chunkIdsOf(c.id));
+      why.push(c.changed as string);
+    }
+    return { ids, why };
+  }
+
+  /** After the start-up verification: the changed segments' files are what their rows trust from now on. */
+  acceptChangedSegments(): void {
+    for (const c of this.changedSegments.splice(0)) if (!this.segments.sealed(c.id)) this.segments.restamp(c.id);
   }
 
   private migrate(): void {
     this.db.exec(`
       CREATE TABLE IF NOT EXISTS chunks (
         id       INTEGER PRIMARY KEY,
-        digest   TEXT    NOT NULL UNIQUE,
+        digest   TEXT    NOT NULL,
+        segment  INTEGER NOT NULL DEFAULT 0,
         blkaddr  INTEGER NOT NULL,
         nblocks  INTEGER NOT NULL,
-        refs     INTEGER NOT NULL DEFAULT 0
+        refs     INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (digest, segment)
       );
-      CREATE INDEX IF NOT EXISTS chunks_blkaddr ON chunks(blkaddr);
       CREATE TABLE IF NOT EXISTS layer_chunks (
         snapshot_id INTEGER NOT NULL,
         chunk_id    INTEGER NOT NULL REFERENCES chunks(id),
@@ -150,10 +224,45 @@ export class ChunkStore {
         value  TEXT NOT NULL
       );
     `);
+    const cols = (this.db.prepare("SELECT name FROM pragma_table_info('chunks')").all() as { name: string }[]).map((c) => c.name);
+    if (!cols.includes('segment')) this.addSegmentColumn();
+    this.db.exec('DROP INDEX IF EXISTS chunks_blkaddr; CREATE INDEX IF NOT EXISTS chunks_segment_blkaddr ON chunks(segment, blkaddr);');
   }
 
-  private allChunkIds(): number[] {
-    return (this.db.prepare('SELECT id FROM chunks').all() as { id: number }[]).map((r) => r.id);
+  /**
+   * Stores made before segments keep one row per digest (digest UNIQUE):
+   * the table is rebuilt with a segment column (all 0, chunks.blob) and
+   * uniqueness per segment, in one transaction, foreign keys off meanwhile
+   * (SQLite's documented way to change a table's constraints).
+   */
+  private addSegmentColumn(): void {
+    this.db.pragma('foreign_keys = OFF');
+    try {
+      this.db.transaction(() => {
+        this.db.exec(`
+          CREATE TABLE chunks_v2 (
+            id       INTEGER PRIMARY KEY,
+            digest   TEXT    NOT NULL,
+            segment  INTEGER NOT NULL DEFAULT 0,
+            blkaddr  INTEGER NOT NULL,
+            nblocks  INTEGER NOT NULL,
+            refs     INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (digest, segment)
+          );
+          INSERT INTO chunks_v2 (id, digest, segment, blkaddr, nblocks, refs) SELECT id, digest, 0, blkaddr, nblocks, refs FROM chunks;
+          DROP TABLE chunks;
+          ALTER TABLE chunks_v2 RENAME TO chunks;
+        `);
+        const broken = this.db.pragma('foreign_key_check') as unknown[];
+        if (broken.length > 0) throw new Error(`chunk index migration left ${broken.length} dangling references`);
+      })();
+    } finally {
+      this.db.pragma('foreign_keys = ON');
+    }
+  }
+
+  private chunkIdsOf(segment: number): number[] {
+    return (this.db.prepare('SELECT id FROM chunks WHERE segment = ?').all(segment) as { id: number }[]).map((r) => r.id);
   }
 
   /** Records chunks as bad (their bytes missing or wrong); returns how many were not bad already. */
@@ -238,7 +347,7 @@ export class ChunkStore {
 
   /** Free list = the gaps between live chunks; high water = end of the last one. */
   private rebuildFreeList(): void {
-    const rows = this.db.prepare('SELECT blkaddr, nblocks FROM chunks ORDER BY blkaddr').all() as Extent[];
+    const rows = this.db.prepare('SELECT blkaddr, nblocks FROM chunks WHERE segment = 0 ORDER BY blkaddr').all() as Extent[];
     this.free = [];
     let cursor = 0;
     for (const r of rows) {
@@ -264,16 +373,36 @@ export class ChunkStore {
   /** The chunk with `digest` whose bytes are good (a bad one is never handed out). */
   lookup(digest: string): ChunkRow | undefined {
     return this.db
-      .prepare('SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id)')
+      .prepare('SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) ORDER BY c.segment LIMIT 1')
       .get(digest) as ChunkRow | undefined;
   }
 
-  /** The chunk with `digest`, good or bad (`bad` true: an import must write its bytes again, see Converter.importChunks). */
-  lookupAny(digest: string): (ChunkRow & { bad: boolean }) | undefined {
-    const row = this.db
-      .prepare('SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ?')
-      .get(digest) as (ChunkRow & { bad: number }) | undefined;
-    return row ? { ...row, bad: row.bad === 1 } : undefined;
+  /**
+   * Every row of `digest` (one per segment holding it), good or bad; `bad`
+   * true: an import must write its bytes again (see Converter.importChunks;
+   * in a sealed segment that writes the segment anew).
+   */
+  lookupAll(digest: string): (ChunkRow & { bad: boolean })[] {
+    const rows = this.db
+      .prepare('SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ? ORDER BY c.segment')
+      .all(digest) as (ChunkRow & { bad: number })[];
+    return rows.map((r) => ({ ...r, bad: r.bad === 1 }));
+  }
+
+  /** Size in blocks of segment `id` (chunks.blob: its high-water mark). */
+  segmentBlocks(id: number): number {
+    return id === 0 ? this.highWater : (this.segments.row(id)?.blocks ?? 0);
+  }
+
+  /** The files behind a layer image's device tags (see segmentTag); an untagged slot is chunks.blob (images made before segments). */
+  devicePaths(tags: string[]): string[] {
+    return tags.map((t) => {
+      if (t === '') return this.blobPath;
+      const m = /^dedup:seg:(0|[1-9][0-9]{0,14})$/.exec(t);
+      if (!m) throw new Error(`layer image names device ${JSON.stringify(t)}, not a segment of this store`);
+      const id = Number(m[1]);
+      return id === 0 ? this.blobPath : this.segments.pathOf(id);
+    });
   }
 
   /**
@@ -282,10 +411,16 @@ export class ChunkStore {
    * the store (lazy layers), where a damaged copy must not spread.
    */
   async readChecked(row: ChunkRow): Promise<Buffer | null> {
-    const buf = await this.read(row);
-    if (crypto.createHash('sha256').update(buf).digest('hex') === row.digest) return buf;
-    this.markBad([row.id], 'its bytes do not match its digest');
-    this.log.error({ op: 'integrity', chunk: row.digest, blkaddr: row.blkaddr }, `chunk sha256:${row.digest} in the store does not match its digest: marked bad`);
+    let why = 'its bytes do not match its digest';
+    try {
+      const buf = await this.read(row);
+      if (crypto.createHash('sha256').update(buf).digest('hex') === row.digest) return buf;
+    } catch (err) {
+      // EIO: the kernel found a sealed segment's bytes damaged.
+      why = `its bytes cannot be read: ${(err as Error).message}`;
+    }
+    this.markBad([row.id], why);
+    this.log.error({ op: 'integrity', chunk: row.digest, segment: row.segment, blkaddr: row.blkaddr }, `chunk sha256:${row.digest} in the store: ${why}: marked bad`);
     return null;
   }
 
@@ -317,7 +452,7 @@ export class ChunkStore {
   }
 
   /** Returns an extent that holds no live chunk: punch it and make it reusable. */
-  releaseExtent(e: Extent): void {
+  private releaseExtent(e: Extent): void {
     try {
       punchHole(this.fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK);
     } catch (err) {
@@ -379,29 +514,79 @@ export class ChunkStore {
     return problem;
   }
 
+  /**
+   * Writes a chunk's blocks at its extent: in chunks.blob, or over a
+   * damaged chunk of an unsealed segment (a sealed one cannot be written:
+   * throws). New chunks of a segment are written through its SegmentWriter.
+   */
   async write(e: Extent, data: Buffer): Promise<void> {
-    const problem = this.fileProblem();
-    if (problem) throw new Error(problem);
     const len = e.nblocks * STORE_BLOCK;
     const padded = data.length === len ? data : Buffer.concat([data, Buffer.alloc(len - data.length)]);
-    await writeAllAt(this.fd, padded, e.blkaddr * STORE_BLOCK);
+    const seg = e.segment ?? 0;
+    if (seg === 0) {
+      const problem = this.fileProblem();
+      if (problem) throw new Error(problem);
+      await writeAllAt(this.fd, padded, e.blkaddr * STORE_BLOCK);
+      return;
+    }
+    if (this.segments.sealed(seg)) {
+      // Written at the next sync, as a new sealed copy of the whole segment.
+      const patches = this.sealedPatches.get(seg) ?? new Map<number, Buffer>();
+      patches.set(e.blkaddr, padded);
+      this.sealedPatches.set(seg, patches);
+      return;
+    }
+    let fd = this.rwSegments.get(seg);
+    if (fd === undefined) {
+      fd = fs.openSync(this.segments.pathOf(seg), fs.constants.O_RDWR);
+      this.rwSegments.set(seg, fd);
+    }
+    await writeAllAt(fd, padded, e.blkaddr * STORE_BLOCK);
+    this.dirtySegments.add(seg);
+  }
+
+  /** Writes a new chunk at the end of segment `w` (an import's own); returns its extent. */
+  async append(w: SegmentWriter, data: Buffer): Promise<Extent> {
+    const nblocks = Math.ceil(data.length / STORE_BLOCK);
+    const e = { segment: w.id, blkaddr: w.blocks, nblocks };
+    const padded = data.length === nblocks * STORE_BLOCK ? data : Buffer.concat([data, Buffer.alloc(nblocks * STORE_BLOCK - data.length)]);
+    await writeAllAt(w.fd, padded, e.blkaddr * STORE_BLOCK);
+    w.blocks += nblocks;
+    return e;
   }
 
   async read(e: Extent): Promise<Buffer> {
     const buf = Buffer.alloc(e.nblocks * STORE_BLOCK);
-    await readAt(this.fd, buf, e.blkaddr * STORE_BLOCK);
+    const seg = e.segment ?? 0;
+    await readAt(seg === 0 ? this.fd : this.segments.fd(seg), buf, e.blkaddr * STORE_BLOCK);
     return buf;
   }
 
+  /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
   async sync(): Promise<void> {
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    for (const [seg, patches] of [...this.sealedPatches]) {
+      this.sealedPatches.delete(seg);
+      const { unreadable } = await this.segments.rewrite(seg, patches);
+      if (unreadable.length > 0) this.markBad(unreadable, `its bytes cannot be read (store segment ${seg} is damaged)`);
+    }
+    for (const seg of [...this.dirtySegments]) {
+      const fd = this.rwSegments.get(seg) as number;
+      fs.fsyncSync(fd);
+      fs.closeSync(fd);
+      this.rwSegments.delete(seg);
+      this.dirtySegments.delete(seg);
+      this.segments.restamp(seg);
+    }
   }
 
-  /** In a transaction: records a new chunk whose data is already durable. */
+  /** In a transaction: records a new chunk whose data is already durable (and its segment, with the first of its chunks). */
   insertChunk(digest: string, e: Extent): number {
+    const seg = e.segment ?? 0;
+    if (seg > 0) this.segments.record(seg);
     const res = this.db
-      .prepare('INSERT INTO chunks (digest, blkaddr, nblocks, refs) VALUES (?, ?, ?, 0)')
-      .run(digest, e.blkaddr, e.nblocks);
+      .prepare('INSERT INTO chunks (digest, segment, blkaddr, nblocks, refs) VALUES (?, ?, ?, ?, 0)')
+      .run(digest, seg, e.blkaddr, e.nblocks);
     return Number(res.lastInsertRowid);
   }
 
@@ -429,7 +614,7 @@ export class ChunkStore {
 
   /** In a transaction: deletes unreferenced, unpinned chunk rows; returns their extents. */
   collectUnreferenced(): Extent[] {
-    const dead = this.db.prepare('SELECT id, blkaddr, nblocks FROM chunks WHERE refs <= 0').all() as ChunkRow[];
+    const dead = this.db.prepare('SELECT id, segment, blkaddr, nblocks FROM chunks WHERE refs <= 0').all() as ChunkRow[];
     const del = this.db.prepare('DELETE FROM chunks WHERE id = ?');
     const out: Extent[] = [];
     const delBad = this.db.prepare('DELETE FROM bad_chunks WHERE chunk_id = ?');
@@ -437,13 +622,22 @@ export class ChunkStore {
       if (this.pins.has(c.id)) continue;
       delBad.run(c.id);
       del.run(c.id);
-      out.push({ blkaddr: c.blkaddr, nblocks: c.nblocks });
+      out.push({ segment: c.segment, blkaddr: c.blkaddr, nblocks: c.nblocks });
     }
     return out;
   }
 
+  /**
+   * Extents no live chunk holds any more (committed): chunks.blob's are
+   * punched and reused; a segment is deleted whole once no chunk is in it.
+   */
   releaseExtents(extents: Extent[]): void {
-    for (const e of extents) this.releaseExtent(e);
+    const segs = new Set<number>();
+    for (const e of extents) {
+      if ((e.segment ?? 0) === 0) this.releaseExtent(e);
+      else segs.add(e.segment as number);
+    }
+    if (segs.size > 0) this.segments.dropUnused(segs);
   }
 
   /**
@@ -473,6 +667,7 @@ export class ChunkStore {
       // Rows of dead chunks go; their blocks become gaps, punched below.
       this.collectUnreferenced();
     }).immediate();
+    this.segments.dropUnused(this.segments.rows().map((r) => r.id));
     this.rebuildFreeList();
     const size = fs.fstatSync(this.fd).size;
     let punched = 0;
@@ -499,7 +694,7 @@ export class ChunkStore {
       badChunks: this.badChunkCount(),
       storedBytes: r.blocks * STORE_BLOCK,
       referencedBytes: ref.blocks * STORE_BLOCK,
-      diskBytes: st.blocks * 512,
+      diskBytes: st.blocks * 512 + this.segments.diskBytes(),
     };
   }
 
@@ -514,6 +709,9 @@ export class ChunkStore {
       fs.closeSync(this.fd);
       this.fd = -1;
     }
+    for (const fd of this.rwSegments.values()) fs.closeSync(fd);
+    this.rwSegments.clear();
+    this.segments.close();
   }
 }
 

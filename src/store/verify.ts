@@ -64,8 +64,16 @@ export async function verifyChunks(store: ChunkStore, db: Database.Database, o: 
   for (let rows = nextBatch(); rows.length > 0; rows = nextBatch()) {
     for (const row of rows) {
       if (o.signal?.aborted) return res;
-      const buf = await store.read(row);
-      const ok = crypto.createHash('sha256').update(buf).digest('hex') === row.digest;
+      let ok: boolean;
+      try {
+        const buf = await store.read(row);
+        ok = crypto.createHash('sha256').update(buf).digest('hex') === row.digest;
+      } catch (err) {
+        // EIO from a sealed segment (the kernel found its bytes damaged), or its file gone.
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code !== 'EIO' && code !== 'ENOENT' && code !== 'EBADMSG') throw err;
+        ok = false;
+      }
       res.checked++;
       res.bytes += row.nblocks * STORE_BLOCK;
       const wasBad = isBad.get(row.id) !== undefined;

@@ -1,0 +1,396 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import type Database from 'better-sqlite3';
+import { ErrnoError } from '../../native/libc';
+import { VERITY_UNSUPPORTED, enableVerity, hasVerity, measureVerity } from '../../native/verity';
+import type { Logger } from '../log/logger';
+
+/**
+ * Sealed segments of the chunk store: files `store/segments/<id>.blob`, each
+ * written once by one import (the chunks that import added, from block 0),
+ * made durable, then sealed with fs-verity where ROOT's filesystem has it,
+ * and never written again. A sealed segment's every read is checked by the
+ * kernel against its Merkle tree: damaged bytes fail with EIO, never reach a
+ * container. A segment lives while a chunk row names it; it is deleted
+ * whole when its last chunk goes (a sealed file cannot be punched).
+ *
+ * Segment 0 is `store/chunks.blob`, the one writable store file (the layout
+ * used where the filesystem has no fs-verity, and by every version before
+ * segments): it is not a row here.
+ *
+ * A segment row records what the file must be: its size in blocks, its
+ * fs-verity digest (sealed) or its inode, size and change time (not sealed,
+ * see ChunkStore's stamp). Start-up compares: a missing or shorter file
+ * loses its chunks (marked bad by the caller); a changed one has its chunks
+ * verified.
+ */
+
+export interface SegmentRow {
+  id: number;
+  blocks: number;
+  /** fs-verity digest (hex) of a sealed segment, else null. */
+  verity: string | null;
+  /** `ino:size:ctimeNs` of the file as last written by this daemon. */
+  stamp: string;
+}
+
+/** A segment being written by one import: not a row until its first chunk row commits. */
+export interface SegmentWriter {
+  readonly id: number;
+  /** Next free block. */
+  blocks: number;
+  /** Open for writing until finish (then -1). */
+  fd: number;
+}
+
+/** What start-up found for one segment. */
+export interface SegmentCheck {
+  id: number;
+  /** The file is gone or shorter than its chunks: they are lost. */
+  lost?: string;
+  /** The file may have changed: its chunks must be verified. */
+  changed?: string;
+}
+
+const MAX_OPEN = 128;
+/** Temporary files of rewrite(): deleted at start if a crash left one. */
+const REWRITE_PREFIX = '.rewrite-';
+
+export class Segments {
+  readonly dir: string;
+  /** Whether new segments are sealed with fs-verity (probed once). */
+  private sealing: boolean | null = null;
+  /** Read-only fds of segment files, most recently used last. */
+  private readonly open = new Map<number, number>();
+  /** Segments written but not yet named by a committed row. */
+  private readonly pending = new Map<number, SegmentRow>();
+  private nextId: number;
+
+  constructor(
+    root: string,
+    private readonly db: Database.Database,
+    private readonly log: Logger,
+  ) {
+    this.dir = path.join(root, 'store', 'segments');
+    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    db.exec(`
+      CREATE TABLE IF NOT EXISTS segments (
+        id          INTEGER PRIMARY KEY,
+        blocks      INTEGER NOT NULL,
+        verity      TEXT,
+        stamp       TEXT    NOT NULL,
+        created_ms  INTEGER NOT NULL
+      );
+    `);
+    const max = (db.prepare('SELECT coalesce(max(id), 0) AS m FROM segments').get() as { m: number }).m;
+    this.nextId = Math.max(max, ...this.files()) + 1;
+  }
+
+  pathOf(id: number): string {
+    if (!Number.isSafeInteger(id) || id <= 0) throw new Error(`segment id ${id} is not a positive integer`);
+    return path.join(this.dir, `${id}.blob`);
+  }
+
+  /** Ids of the segment files present (names other than `<id>.blob` are ignored). */
+  private files(): number[] {
+    const out: number[] = [];
+    for (const name of fs.readdirSync(this.dir)) {
+      const m = /^([1-9][0-9]{0,14})\.blob$/.exec(name);
+      if (m) out.push(Number(m[1]));
+    }
+    return out;
+  }
+
+  /**
+   * Whether ROOT's filesystem can seal files with fs-verity: a scratch file
+   * in the segments directory is written and sealed, once.
+   */
+  canSeal(): boolean {
+    if (this.sealing !== null) return this.sealing;
+    const probe = path.join(this.dir, `.verity-probe-${process.pid}`);
+    try {
+      fs.writeFileSync(probe, Buffer.alloc(4096, 1), { mode: 0o600 });
+      const fd = fs.openSync(probe, 'r');
+      try {
+        enableVerity(fd);
+        this.sealing = true;
+      } finally {
+        fs.closeSync(fd);
+      }
+    } catch (err) {
+      if (!(err instanceof ErrnoError && VERITY_UNSUPPORTED.has(err.code))) this.log.warn({ op: 'integrity', err: (err as Error).message }, `cannot probe fs-verity in ${this.dir}: ${(err as Error).message}`);
+      this.sealing = false;
+    } finally {
+      fs.rmSync(probe, { force: true });
+    }
+    return this.sealing;
+  }
+
+  /** The segment rows (for start-up checks, stats and doctor). */
+  rows(): SegmentRow[] {
+    return this.db.prepare('SELECT id, blocks, verity, stamp FROM segments ORDER BY id').all() as SegmentRow[];
+  }
+
+  row(id: number): SegmentRow | undefined {
+    return (this.db.prepare('SELECT id, blocks, verity, stamp FROM segments WHERE id = ?').get(id) as SegmentRow | undefined) ?? this.pending.get(id);
+  }
+
+  /** Starts a new segment file (created, empty). */
+  create(): SegmentWriter {
+    const id = this.nextId++;
+    const fd = fs.openSync(this.pathOf(id), fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    return { id, blocks: 0, fd };
+  }
+
+  /**
+   * Makes a written segment durable and immutable: fsync, close, seal with
+   * fs-verity where possible (the digest is recorded), fsync the directory.
+   * It becomes a row with the first chunk row that names it (see record).
+   */
+  finish(w: SegmentWriter): SegmentRow {
+    fs.fsyncSync(w.fd);
+    fs.closeSync(w.fd);
+    w.fd = -1;
+    const file = this.pathOf(w.id);
+    let verity: string | null = null;
+    if (this.canSeal()) {
+      const fd = fs.openSync(file, 'r');
+      try {
+        enableVerity(fd);
+        verity = measureVerity(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+    }
+    fsyncDir(this.dir);
+    const row = { id: w.id, blocks: w.blocks, verity, stamp: stampOf(file) };
+    this.pending.set(w.id, row);
+    return row;
+  }
+
+  /** A written segment that will not be used (the import failed): deleted. */
+  abandon(w: SegmentWriter): void {
+    if (w.fd >= 0) fs.closeSync(w.fd);
+    w.fd = -1;
+    this.pending.delete(w.id);
+    fs.rmSync(this.pathOf(w.id), { force: true });
+  }
+
+  /** In the transaction that records chunks of segment `id`: its row, once. */
+  record(id: number): void {
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.db
+      .prepare('INSERT OR IGNORE INTO segments (id, blocks, verity, stamp, created_ms) VALUES (?, ?, ?, ?, ?)')
+      .run(p.id, p.blocks, p.verity, p.stamp, Date.now());
+  }
+
+  /** After the recording transaction committed (or failed: the file stays for the caller to abandon). */
+  committed(id: number): void {
+    if (this.db.prepare('SELECT 1 FROM segments WHERE id = ?').get(id)) this.pending.delete(id);
+  }
+
+  /** A read-only fd of segment `id` (cached). */
+  fd(id: number): number {
+    const have = this.open.get(id);
+    if (have !== undefined) {
+      this.open.delete(id);
+      this.open.set(id, have);
+      return have;
+    }
+    const fd = fs.openSync(this.pathOf(id), fs.constants.O_RDONLY);
+    this.open.set(id, fd);
+    if (this.open.size > MAX_OPEN) {
+      const [oldId, oldFd] = this.open.entries().next().value as [number, number];
+      this.open.delete(oldId);
+      fs.closeSync(oldFd);
+    }
+    return fd;
+  }
+
+  /** Whether segment `id` is sealed (its file cannot be written). */
+  sealed(id: number): boolean {
+    return this.row(id)?.verity != null;
+  }
+
+  /** Records that an unsealed segment was written (healed) by this daemon: its new stamp. */
+  restamp(id: number): void {
+    this.db.prepare('UPDATE segments SET stamp = ? WHERE id = ?').run(stampOf(this.pathOf(id)), id);
+  }
+
+  /**
+   * A sealed segment cannot be written: healing a chunk in it makes a new
+   * file with the same layout: every chunk read from the old one (a damaged
+   * one, whose read fails, left as zeros and returned in `unreadable`),
+   * `patches` (block address → the right bytes) written over; then sealed,
+   * renamed over the old name, and its new digest recorded. Mounts made
+   * before keep reading the old file (its good bytes are the same); new
+   * mounts open the new one.
+   */
+  async rewrite(id: number, patches: Map<number, Buffer>): Promise<{ unreadable: number[] }> {
+    const row = this.row(id);
+    if (!row) throw new Error(`store segment ${id} has no row`);
+    const chunks = this.db.prepare('SELECT id, blkaddr, nblocks FROM chunks WHERE segment = ? ORDER BY blkaddr').all(id) as { id: number; blkaddr: number; nblocks: number }[];
+    const file = this.pathOf(id);
+    const tmp = path.join(this.dir, `${REWRITE_PREFIX}${id}-${process.pid}`);
+    const unreadable: number[] = [];
+    const out = fs.openSync(tmp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
+    try {
+      fs.ftruncateSync(out, row.blocks * 4096);
+      const old = this.fd(id);
+      for (const c of chunks) {
+        let buf = patches.get(c.blkaddr) ?? null;
+        if (!buf) {
+          buf = Buffer.alloc(c.nblocks * 4096);
+          try {
+            if (fs.readSync(old, buf, 0, buf.length, c.blkaddr * 4096) !== buf.length) throw new Error('short read');
+          } catch {
+            unreadable.push(c.id);
+            continue;
+          }
+        }
+        fs.writeSync(out, buf, 0, buf.length, c.blkaddr * 4096);
+      }
+      fs.fsyncSync(out);
+    } catch (err) {
+      fs.closeSync(out);
+      fs.rmSync(tmp, { force: true });
+      throw err;
+    }
+    fs.closeSync(out);
+    let verity: string | null = null;
+    try {
+      const fd = fs.openSync(tmp, 'r');
+      try {
+        enableVerity(fd);
+        verity = measureVerity(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      fs.renameSync(tmp, file);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      throw err;
+    }
+    fsyncDir(this.dir);
+    const cached = this.open.get(id);
+    if (cached !== undefined) {
+      this.open.delete(id);
+      fs.closeSync(cached);
+    }
+    this.db.prepare('UPDATE segments SET verity = ?, stamp = ? WHERE id = ?').run(verity, stampOf(file), id);
+    this.log.info({ op: 'integrity', segment: id, healed: patches.size, unreadable: unreadable.length }, `store segment ${id} written again with ${patches.size} healed chunks and sealed`);
+    return { unreadable };
+  }
+
+  /** Deletes segments no chunk row names any more (rows first, then files). Returns how many. */
+  dropUnused(ids: Iterable<number>): number {
+    const unused: number[] = [];
+    const has = this.db.prepare('SELECT 1 FROM chunks WHERE segment = ? LIMIT 1');
+    const del = this.db.prepare('DELETE FROM segments WHERE id = ?');
+    this.db.transaction(() => {
+      for (const id of new Set(ids)) {
+        if (id <= 0 || this.pending.has(id) || has.get(id)) continue;
+        del.run(id);
+        unused.push(id);
+      }
+    })();
+    for (const id of unused) this.remove(id);
+    return unused.length;
+  }
+
+  private remove(id: number): void {
+    const fd = this.open.get(id);
+    if (fd !== undefined) {
+      this.open.delete(id);
+      fs.closeSync(fd);
+    }
+    fs.rmSync(this.pathOf(id), { force: true });
+  }
+
+  /**
+   * Start-up, before anything is served or imported: segment files no row
+   * names (an import killed before its commit) are deleted, so are rows no
+   * chunk names; every other segment is compared with its row.
+   */
+  checkAtStart(): SegmentCheck[] {
+    const rows = this.rows();
+    const known = new Set(rows.map((r) => r.id));
+    for (const name of fs.readdirSync(this.dir)) if (name.startsWith(REWRITE_PREFIX)) fs.rmSync(path.join(this.dir, name), { force: true });
+    for (const id of this.files()) {
+      if (!known.has(id)) {
+        this.remove(id);
+        this.log.info({ op: 'recover', segment: id }, `deleted store segment ${id}: written by an import that never committed`);
+      }
+    }
+    this.dropUnused(known);
+    const out: SegmentCheck[] = [];
+    for (const r of this.rows()) {
+      const file = this.pathOf(r.id);
+      let st: fs.BigIntStats;
+      try {
+        st = fs.statSync(file, { bigint: true });
+      } catch (err) {
+        out.push({ id: r.id, lost: `${file} is missing (${(err as NodeJS.ErrnoException).code})` });
+        continue;
+      }
+      if (Number(st.size) < r.blocks * 4096) {
+        out.push({ id: r.id, lost: `${file} is ${st.size} bytes, shorter than the ${r.blocks * 4096} its chunks need` });
+        continue;
+      }
+      if (r.verity) {
+        const why = verityProblem(file, r.verity);
+        if (why) out.push({ id: r.id, changed: why });
+      } else if (`${st.ino}:${st.size}:${st.ctimeNs}` !== r.stamp) {
+        out.push({ id: r.id, changed: `${file} changed since this daemon wrote it` });
+      }
+    }
+    return out;
+  }
+
+  /** Allocated bytes of all segment files. */
+  diskBytes(): number {
+    let n = 0;
+    for (const id of this.files()) {
+      try {
+        n += fs.statSync(this.pathOf(id)).blocks * 512;
+      } catch {
+        // deleted meanwhile
+      }
+    }
+    return n;
+  }
+
+  close(): void {
+    for (const fd of this.open.values()) fs.closeSync(fd);
+    this.open.clear();
+  }
+}
+
+/** Why a sealed segment's file is not the one recorded (not sealed, or another content), or null. */
+function verityProblem(file: string, want: string): string | null {
+  const fd = fs.openSync(file, 'r');
+  try {
+    if (!hasVerity(fd)) return `${file} is no longer sealed with fs-verity (replaced by another file)`;
+    const got = measureVerity(fd);
+    return got === want ? null : `${file} has fs-verity digest ${got}, sealed as ${want} (replaced by another file)`;
+  } catch (err) {
+    return `${file}: cannot measure its fs-verity digest: ${(err as Error).message}`;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function stampOf(file: string): string {
+  const st = fs.statSync(file, { bigint: true });
+  return `${st.ino}:${st.size}:${st.ctimeNs}`;
+}
+
+function fsyncDir(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
