@@ -60,6 +60,11 @@ export interface Stats {
     store_restored: number;
     /** Layer images sealed with fs-verity (null: no image written since start). */
     verity_images: boolean | null;
+    /** Where new chunks go: "segments" (a file per import, sealed where fs-verity works) or "single" (store/chunks.blob). */
+    store_layout: 'single' | 'segments' | null;
+    /** Segment files, and how many of them are sealed with fs-verity. */
+    store_segments: number;
+    sealed_segments: number;
     quarantined_layers: { layer: string; reason: string; key: string; images: string[] }[];
     last_scrub_ms: number | null;
     scrubbed_bytes: number;
@@ -148,6 +153,7 @@ export function collectStats(src: StatsSources): Stats {
   const images = layers.reduce((a, l) => a + l.image_bytes, 0);
   const chunkRefs = layers.reduce((a, l) => a + l.chunks, 0);
   const store = sn.store?.stats() ?? { chunks: 0, badChunks: 0, storedBytes: 0, referencedBytes: 0, diskBytes: 0 };
+  const segRows = sn.store?.segments.rows() ?? [];
   const mntDir = path.join(sn.root, 'mnt') + path.sep;
   const erofsMounts = listMounts().filter((m) => m.fstype === 'erofs' && m.target.startsWith(mntDir)).length;
   const mem = process.memoryUsage();
@@ -175,6 +181,9 @@ export function collectStats(src: StatsSources): Stats {
       store_problem: sn.store?.fileProblem() ?? null,
       store_restored: sn.store?.restoredFiles ?? 0,
       verity_images: sn.sealer?.inUse ?? null,
+      store_layout: sn.store?.layout ?? null,
+      store_segments: segRows.length,
+      sealed_segments: segRows.filter((r) => r.verity !== null).length,
       quarantined_layers: sn.integrity?.problems() ?? [],
       last_scrub_ms: sn.integrity?.lastScrubMs ?? null,
       scrubbed_bytes: sn.integrity?.scrubbedBytes ?? 0,

@@ -132,6 +132,12 @@ export class ChunkStore {
     const layout = opts.layout ?? 'auto';
     this.layout = layout === 'auto' ? (this.segments.canSeal() ? 'segments' : 'single') : layout;
     this.maxDevices = opts.maxDevices ?? 32;
+    this.log.info(
+      { op: 'integrity', store_layout: this.layout, sealed: this.layout === 'segments' && this.segments.canSeal() },
+      this.layout === 'segments'
+        ? `new chunks go to a segment file per import under ${this.segments.dir}${this.segments.canSeal() ? ', sealed with fs-verity: the kernel fails reads of damaged chunk data with EIO' : ' (not sealed: this filesystem has no fs-verity; the daemon checks them)'}`
+        : `new chunks go to ${this.blobPath}, checked by the daemon${layout === 'auto' ? ' (this filesystem has no fs-verity to seal segments with)' : ''}`,
+    );
     moveFromCache(opts.root, this.blobPath, this.log);
     const rows = (this.db.prepare('SELECT count(*) AS n FROM chunks WHERE segment = 0').get() as { n: number }).n;
     let fd: number;
