@@ -10,10 +10,11 @@ import { type SegmentCheck, type SegmentWriter, Segments } from './segments';
 
 /**
  * The node-wide content-addressed chunk store: one sparse file
- * (`store/chunks.blob`) addressed in 4 KiB blocks, and an index in the
- * metadata database (digest → block address, length, reference count).
- * Every EROFS layer image names this file as its one extra device, so a chunk
- * stored once serves every layer of every image that contains it. It is the
+ * (`store/chunks.blob`) addressed in 4 KiB blocks, plus sealed segments
+ * (below), and an index in the metadata database (digest → segment, block
+ * address, length, reference count). EROFS layer images name the store
+ * files they read as extra devices, so a chunk stored once serves every
+ * layer of every image that contains it. It is the
  * only copy of converted layers' data, so it lives outside `cache/` (which
  * holds only what can be fetched again); older versions kept it at
  * `cache/chunks.blob` and it is moved at start.

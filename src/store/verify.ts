@@ -6,9 +6,10 @@ import { type ChunkRow, type ChunkStore, STORE_BLOCK } from './chunkstore';
  * Reading chunks back and checking them against their digests: at start
  * when the store file may have been touched while no daemon watched it (see
  * ChunkStore.stampMatches), by the background scrub at a set pace, and by
- * `dedup-snapshotter fsck`. This machine's kernel has no fs-verity, so the
- * daemon is what notices damage; a chunk found wrong is marked bad and the
- * layers that reference it are quarantined by the caller.
+ * `dedup-snapshotter fsck`. Without fs-verity the daemon is what notices
+ * damage; in a sealed segment the kernel fails the read with EIO, counted
+ * as damage too. A chunk found wrong is marked bad and the layers that
+ * reference it are quarantined by the caller.
  */
 
 export interface VerifyProgress {
