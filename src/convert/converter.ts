@@ -144,7 +144,12 @@ export class Converter {
       const fresh: { digest: string; extent: Extent; key: string }[] = [];
       const placed: string[] = [];
       const keyOf = new Map<string, string>();
-      for (const c of layer.chunks) if (!keyOf.has(c.digest)) keyOf.set(c.digest, c.key);
+      const blocksOf = new Map<string, number>();
+      for (const c of layer.chunks) {
+        if (keyOf.has(c.digest)) continue;
+        keyOf.set(c.digest, c.key);
+        blocksOf.set(c.digest, c.nblocks);
+      }
       let writer: SegmentWriter | null = null;
       try {
         for (const row of [...plan.use.values(), ...plan.heal]) {
@@ -155,7 +160,7 @@ export class Converter {
         for (const digest of plan.fresh) {
           const key = keyOf.get(digest) as string;
           const buf = await read(key);
-          const nblocks = layer.chunks.find((c) => c.key === key)?.nblocks as number;
+          const nblocks = blocksOf.get(digest) as number;
           if (buf.length !== nblocks * STORE_BLOCK) throw new Error(`chunk ${digest}: ${buf.length} bytes, expected ${nblocks * STORE_BLOCK}`);
           if (writer) {
             fresh.push({ digest, key, extent: await store.append(writer, buf) });
