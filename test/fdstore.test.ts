@@ -13,7 +13,8 @@
  *   (the copy this test holds keeps the group, so they keep waiting); the
  *   daemon started again with that copy as fd 3 (LISTEN_FDS) takes it back
  *   and every reader gets the image's bytes: nothing was let through,
- *   nothing is remounted.
+ *   nothing is remounted. A restart of the daemon alone (the holder alive)
+ *   hands back the holder's own group: nothing is stored again.
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -314,6 +315,42 @@ describe('the daemon and systemd', { skip }, () => {
       // The marks came back with the group: a read of the file through a fresh page cache still waits for data and gets it.
       fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
       assert.equal(await readInChild(mnt).done, sha256(l.content));
+      assert.equal(await d2.stop(), 0);
+    } finally {
+      proxy.mode = 'pass';
+      proxy.release();
+      if (stored >= 0) closeFd(stored);
+      rx.close();
+    }
+  });
+
+  test('a restart of the daemon alone while a reader waits (systemctl restart): the group handed back is the live holder\'s, nothing is stored again', async () => {
+    const l = await lazyImage('fds-restart', 1 * MiB);
+    const sock = path.join(dir, 'notify-restart.sock');
+    const rx = new UnixDatagramReceiver(sock);
+    const got: Datagram[] = [];
+    let stored = -1;
+    try {
+      const d = await startDaemon(options({ dir: tempDir('fdstore-restart'), env: { NOTIFY_SOCKET: sock } }));
+      const id = await lazyPrepare(d, l);
+      await waitFor(() => drain(rx, got).some((m) => lines(m).includes('FDSTORE=1')), 10_000, 'FDSTORE=1');
+      stored = got.find((m) => lines(m).includes('FDSTORE=1'))?.fds[0] ?? -1;
+      for (const m of got) for (const f of m.fds) if (f !== stored) closeFd(f);
+      const holder = holderPid(d.root);
+      proxy.mode = 'hold';
+      const reader = readInChild(path.join(d.root, 'mnt', id, 'data.bin'));
+      await waitFor(() => proxy.held() > 0, 20_000, 'the read reaching the registry');
+      assert.equal(await d.stop(), 0);
+      proxy.release();
+      proxy.mode = 'pass';
+      const d2 = await startDaemon(options({ root: d.root, address: d.address, env: { NOTIFY_SOCKET: sock }, listenFds: [{ fd: stored, name: GROUP_FDNAME }] }));
+      assert.equal(await reader.done, sha256(l.content));
+      assert.equal(holderPid(d2.root), holder, 'the same holder');
+      assert.ok(d2.logs().some((x) => /took the fanotify group back/.test(String(x.msg))));
+      assert.ok(!d2.logs().some((x) => /reads another fanotify group|fanotify group was lost|denied \d+ reads/.test(String(x.msg))), 'the same group, nothing lost or denied');
+      const after2 = drain(rx, []);
+      assert.ok(!after2.some((m) => lines(m).includes('FDSTORE=1') || lines(m).includes('FDSTOREREMOVE=1')), after2.map((m) => m.message).join(' | '));
+      for (const m of after2) for (const f of m.fds) closeFd(f);
       assert.equal(await d2.stop(), 0);
     } finally {
       proxy.mode = 'pass';
