@@ -14,7 +14,8 @@
  *   daemon started again with that copy as fd 3 (LISTEN_FDS) takes it back
  *   and every reader gets the image's bytes: nothing was let through,
  *   nothing is remounted. A restart of the daemon alone (the holder alive)
- *   hands back the holder's own group: nothing is stored again.
+ *   hands back the holder's own group: nothing is stored again. A group
+ *   handed back that guards nothing is let go.
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -356,6 +357,26 @@ describe('the daemon and systemd', { skip }, () => {
       proxy.mode = 'pass';
       proxy.release();
       if (stored >= 0) closeFd(stored);
+      rx.close();
+    }
+  });
+
+  test('a group handed back that marks nothing, with no lazy layer left: let go and removed from the store, no holder started', async () => {
+    const sock = path.join(dir, 'notify-idle.sock');
+    const rx = new UnixDatagramReceiver(sock);
+    const group = preContentGroup();
+    try {
+      const d = await startDaemon(options({ dir: tempDir('fdstore-idle'), env: { NOTIFY_SOCKET: sock }, listenFds: [{ fd: group, name: GROUP_FDNAME }] }));
+      assert.ok(d.logs().some((x) => x.op === 'ondemand' && /took the fanotify group back/.test(String(x.msg))));
+      const gone = d.logs().find((x) => x.op === 'ondemand' && /removed dedup-fanotify from systemd's fd store: no lazy layer is left/.test(String(x.msg)));
+      assert.equal(gone?.level, 'info');
+      const msgs = drain(rx, []);
+      assert.ok(msgs.some((m) => lines(m).join() === `FDSTOREREMOVE=1,FDNAME=${GROUP_FDNAME}`));
+      assert.ok(!msgs.some((m) => lines(m).includes('FDSTORE=1')));
+      assert.equal(fs.existsSync(path.join(d.root, 'ondemand', 'holder.pid')), false, 'no holder for nothing');
+      assert.equal(await d.stop(), 0);
+    } finally {
+      closeFd(group);
       rx.close();
     }
   });

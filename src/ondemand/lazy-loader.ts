@@ -279,6 +279,12 @@ export class LazyLoader {
       }
       this.register(l);
     }
+    if (this.fromStore && layers.length === 0 && this.group.marks().length === 0) {
+      // Nothing lazy and nothing marked: the group guards nothing any more; let it go (a holder, if one lives, keeps its own).
+      this.group.close();
+      this.fromStore = false;
+      this.o.fdStore?.forget('no lazy layer is left and the group marks no file');
+    }
     // A group taken back from systemd's fd store may have reads waiting: answered from now on.
     if (layers.length > 0 || this.fromStore) await this.ensureConnected();
     // fscache: requests a previous daemon left (mounted layers' reads) are answered from now on.
