@@ -328,9 +328,17 @@ export class OndemandHolder {
     }
     try {
       for (const n of fds) {
+        if (this.reserved.has(n)) {
+          if (!taken.includes(n)) taken.push(n);
+          continue;
+        }
         // F_GETFD fails (EBADF) only for a number nothing holds.
-        if (this.reserved.has(n) || fcntl(n, 1, 0) >= 0) continue;
-        dupTo(placeholder, n);
+        if (fcntl(n, 1, 0) >= 0) continue;
+        try {
+          dupTo(placeholder, n);
+        } catch {
+          continue; // beyond this process's fd limit: not taken (denied)
+        }
         this.reserved.add(n);
         taken.push(n);
       }
