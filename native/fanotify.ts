@@ -4,6 +4,7 @@
  * given file. Constants are from <linux/fanotify.h>; FAN_PRE_ACCESS is not in
  * Debian 12's linux-libc-dev (6.1), its value is the 6.14 uapi one.
  */
+import fs from 'node:fs';
 import { check, libc } from './libc';
 
 export { closeFd } from './libc';
@@ -119,4 +120,60 @@ export function fanotifyResponse(fd: number, response: number): Buffer {
   b.writeInt32LE(fd, 0);
   b.writeUInt32LE(response >>> 0, 4);
   return b;
+}
+
+/** An inode mark of a fanotify group, as /proc/PID/fdinfo/FD lists it. */
+export interface FanotifyInodeMark {
+  ino: bigint;
+  /** The inode's device in the kernel's own encoding (major << 20 | minor); see kernelDev. */
+  sdev: number;
+  mask: bigint;
+}
+
+export interface FanotifyGroupInfo {
+  /** fanotify_init flags (FAN_CLASS_*, FAN_CLOEXEC, ...). */
+  flags: number;
+  /** fanotify_init event_f_flags: how event fds are opened. */
+  eventFlags: number;
+  marks: FanotifyInodeMark[];
+}
+
+/**
+ * What the kernel says about fd `fd` of this process when it is a fanotify
+ * group (its link is anon_inode:[fanotify] and its fdinfo has a
+ * "fanotify flags:" line): its init flags and its inode marks; null when
+ * it is anything else, or closed.
+ */
+export function fanotifyGroupInfo(fd: number): FanotifyGroupInfo | null {
+  let text: string;
+  try {
+    if (fs.readlinkSync(`/proc/self/fd/${fd}`) !== 'anon_inode:[fanotify]') return null;
+    text = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+  } catch {
+    return null;
+  }
+  let info: FanotifyGroupInfo | null = null;
+  const marks: FanotifyInodeMark[] = [];
+  for (const line of text.split('\n')) {
+    const head = /^fanotify flags:([0-9a-f]+) event-flags:([0-9a-f]+)/.exec(line);
+    if (head) {
+      info = { flags: parseInt(head[1], 16), eventFlags: parseInt(head[2], 16), marks };
+      continue;
+    }
+    const m = /^fanotify ino:([0-9a-f]+) sdev:([0-9a-f]+) mflags:[0-9a-f]+ mask:([0-9a-f]+)/.exec(line);
+    if (m) marks.push({ ino: BigInt(`0x${m[1]}`), sdev: parseInt(m[2], 16), mask: BigInt(`0x${m[3]}`) });
+  }
+  return info;
+}
+
+/**
+ * stat(2)'s st_dev (glibc's encoding: minor's low 8 bits, then major, then
+ * the rest of minor) in the kernel's internal encoding, the one fdinfo's
+ * sdev uses: major << 20 | minor.
+ */
+export function kernelDev(stDev: bigint | number): number {
+  const d = BigInt(stDev);
+  const major = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n));
+  const minor = Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n));
+  return ((major << 20) | minor) >>> 0;
 }

@@ -146,3 +146,39 @@ export function dropPageCache(fd: number): void {
   const r = fadviseFn(fd, 0n, 0n, POSIX_FADV_DONTNEED);
   if (r !== 0) throw new ErrnoError('posix_fadvise', r, `fd ${fd} DONTNEED`);
 }
+
+const F_GETFD = 1;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/** Sets FD_CLOEXEC on `fd` (an fd inherited without it must not reach the children this process starts). Throws ErrnoError. */
+export function setCloexec(fd: number): void {
+  const flags = check('fcntl(F_GETFD)', fcntl(fd, F_GETFD, 0), `fd ${fd}`);
+  check('fcntl(F_SETFD)', fcntl(fd, F_SETFD, flags | FD_CLOEXEC), `fd ${fd}`);
+}
+
+/** F_LINUX_SPECIFIC_BASE + 3 (Linux ≥ 6.10). */
+const F_DUPFD_QUERY = 1027;
+
+/**
+ * Whether `a` and `b` are the same open file (one a dup, an SCM_RIGHTS or
+ * pidfd_getfd copy of the other): true or false, null when the kernel
+ * cannot say (F_DUPFD_QUERY is Linux ≥ 6.10).
+ */
+export function sameOpenFile(a: number, b: number): boolean | null {
+  const r = fcntl(a, F_DUPFD_QUERY, b);
+  if (r < 0) {
+    if (errnoName(koffi.errno()) === 'EINVAL') return null;
+    throw new ErrnoError('fcntl(F_DUPFD_QUERY)', koffi.errno(), `fds ${a} ${b}`);
+  }
+  return r === 1;
+}
+
+const O_CLOEXEC = 0o2000000;
+let dup3Fn: ((oldfd: number, newfd: number, flags: number) => number) | null = null;
+
+/** dup3(fd, target, O_CLOEXEC): `target` becomes a copy of `fd` (closed first if open). Throws ErrnoError. */
+export function dupTo(fd: number, target: number): void {
+  if (!dup3Fn) dup3Fn = libc().func('int dup3(int oldfd, int newfd, int flags)') as unknown as (oldfd: number, newfd: number, flags: number) => number;
+  check('dup3', dup3Fn(fd, target, O_CLOEXEC), `fd ${fd} to ${target}`);
+}

@@ -10,12 +10,13 @@ import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
 import { erofsSupported } from '../mount/erofs';
 import { type OndemandChoice, chooseOndemandBackend } from '../ondemand/backend';
+import { GroupFdStore, takeStoredGroup } from '../ondemand/fdstore';
 import { Prefetcher } from '../ondemand/prefetch';
 import { defaultDockerConfigPath } from '../remote/auth';
 import { RemoteLayers } from '../remote/lazy';
 import { RegistryClient } from '../remote/registry';
 import { Snapshotter } from '../snapshot/snapshotter';
-import { sdNotify } from '../systemd/notify';
+import { sdListenFds, sdNotify } from '../systemd/notify';
 
 const VERSION: string = (() => {
   try {
@@ -27,6 +28,8 @@ const VERSION: string = (() => {
 
 /** Runs the daemon until SIGTERM/SIGINT. Wiring only. */
 export async function runDaemon(): Promise<void> {
+  // First: fds systemd passed (its fd store given back) get FD_CLOEXEC and LISTEN_* leave the environment before any child starts.
+  const passedFds = sdListenFds();
   let cfg: Config;
   try {
     cfg = loadConfig();
@@ -70,6 +73,9 @@ export async function runDaemon(): Promise<void> {
       remoteClient = new RegistryClient(registryOptions);
     }
     ondemand = cfg.use_erofs ? chooseOndemandBackend(cfg) : null;
+    const fdStore = new GroupFdStore({ logger: log });
+    // The fanotify group kept by systemd's fd store while holder and daemon were both gone, if it was.
+    const storedGroup = takeStoredGroup(passedFds, fdStore, ondemand?.backend === 'fanotify', log);
     snapshotter = new Snapshotter({
       root: cfg.root,
       logger: log,
@@ -90,6 +96,8 @@ export async function runDaemon(): Promise<void> {
               prefetchMbps: cfg.ondemand.prefetch_mbps,
               prefetchConcurrency: cfg.ondemand.prefetch_concurrency,
               settle: cfg.ondemand.settle,
+              fdStore,
+              storedGroup,
             }
           : null,
       erofs: cfg.use_erofs

@@ -1,7 +1,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { fdOfProcess } from '../../native/cachefiles';
-import { FAN_ALLOW, closeFd, fanDenyErrno, fanotifyResponse } from '../../native/fanotify';
+import { FAN_ALLOW, type FanotifyInodeMark, closeFd, fanDenyErrno, fanotifyGroupInfo, fanotifyResponse } from '../../native/fanotify';
+import { sameOpenFile } from '../../native/libc';
 import { writeAllAt } from '../store/chunkstore';
 
 /**
@@ -27,6 +28,10 @@ import { writeAllAt } from '../store/chunkstore';
  * kill between its read(2) and its write to the socket) are denied with EIO
  * by number (denyUnknown) before the next holder reads anything, so no
  * number of its is mistaken for theirs.
+ *
+ * systemd's fd store may keep a third copy (fdstore.ts): a daemon started
+ * after holder and daemon both died gets it back at start and adopts it
+ * here (adopt), learning what it marks from the kernel (marks).
  */
 export class SharedGroup {
   /** This daemon's copy of the group, or -1. */
@@ -45,6 +50,39 @@ export class SharedGroup {
   copyFrom(pid: number, fd: number): void {
     if (this.fd >= 0) return;
     this.fd = fdOfProcess(pid, fd);
+  }
+
+  /** Takes `fd`, a copy of the group this process was given (systemd's fd store), once; it is closed with this copy. */
+  adopt(fd: number): void {
+    if (this.fd >= 0) throw new Error('this daemon holds a fanotify group already');
+    this.fd = fd;
+  }
+
+  /**
+   * Whether fd `fd` of process `pid` is this very group (the same open
+   * file); null when the kernel cannot say (before Linux 6.10).
+   */
+  sameAs(pid: number, fd: number): boolean | null {
+    if (this.fd < 0) return false;
+    const other = fdOfProcess(pid, fd);
+    try {
+      return sameOpenFile(this.fd, other);
+    } finally {
+      closeFd(other);
+    }
+  }
+
+  /** Lets go of this copy and takes one of fd `fd` of process `pid` instead. */
+  replaceFrom(pid: number, fd: number): void {
+    const next = fdOfProcess(pid, fd);
+    this.close();
+    this.fd = next;
+  }
+
+  /** The group's inode marks, as the kernel lists them (/proc/self/fdinfo). */
+  marks(): FanotifyInodeMark[] {
+    if (this.fd < 0) return [];
+    return fanotifyGroupInfo(this.fd)?.marks ?? [];
   }
 
   /**
@@ -66,12 +104,13 @@ export class SharedGroup {
   /**
    * Denies with EIO every event a dead holder read and nobody answered:
    * the kernel knows them only by fd number, so every number below `max`
-   * not answered yet is tried (ENOENT for the rest). Call it only while no
-   * process reads the group. Returns how many were denied.
+   * not answered yet is tried (ENOENT for the rest), except those in
+   * `keep` (events whose range is known: answered once it is filled). Call
+   * it only while no process reads the group. Returns how many were denied.
    */
-  denyUnknown(max = 4096): number {
+  denyUnknown(max = 4096, keep: ReadonlySet<number> = new Set()): number {
     let n = 0;
-    for (let fd = 0; fd < max && this.fd >= 0; fd++) if (this.answer(fd, false)) n++;
+    for (let fd = 0; fd < max && this.fd >= 0; fd++) if (!keep.has(fd) && this.answer(fd, false)) n++;
     return n;
   }
 

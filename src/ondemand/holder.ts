@@ -19,7 +19,7 @@ import {
   fanotifyResponse,
   parseFanotifyEvents,
 } from '../../native/fanotify';
-import { eventFd } from '../../native/libc';
+import { dupTo, eventFd, fcntl } from '../../native/libc';
 import { encodeFrame, readFrames } from './frames';
 
 /**
@@ -47,7 +47,18 @@ import { encodeFrame, readFrames } from './frames';
  * daemon that connects gets every pending one. Marks: {op:"mark", path} →
  * {op:"marked", path} or {op:"error"}; mark a file before anything opens it
  * (a file opened earlier raises no pre-content events). {op:"hello"} →
- * {op:"hello", pid, marked: [paths]}.
+ * {op:"hello", pid, marked: [paths], group: bool, reserved: [fds]}.
+ *
+ * Adopting a group that outlived its last reader (systemd's fd store kept
+ * it: fdstore.ts), the adopt request may carry `reserve: [fds]`: the fd
+ * numbers under which a dead holder read events the daemon still answers
+ * (their ranges were written down: relayed-record.ts). Before reading the
+ * group, each free number is taken here by a placeholder (/dev/null), so
+ * that no event read here gets it while the old event waits (the kernel
+ * matches an answer by number, the oldest event first); a number that is
+ * not free is denied with EIO at once. {op:"release", fd} (no reply)
+ * closes the placeholder once the daemon answered the old event; hello
+ * lists the numbers still held, for a daemon started meanwhile.
  *
  * Waiting costs nothing: poll(2) on the group in a worker thread, with no
  * timeout (close() wakes it through an eventfd); the socket file is watched
@@ -99,6 +110,8 @@ export class OndemandHolder {
   private closed = false;
   /** Files marked in this group (a mark lives as long as the group and the file). */
   private readonly marked = new Set<string>();
+  /** Fd numbers held by placeholders while the daemon answers the events a dead holder read under them. */
+  private readonly reserved = new Set<number>();
 
   constructor(private readonly o: HolderOptions) {
     this.server = net.createServer((s) => this.accept(s));
@@ -218,7 +231,11 @@ export class OndemandHolder {
     if (head.op === 'hello') {
       // Which files this group marks: a daemon that finds a lazy file of a
       // mounted layer missing here knows the group was lost (fail-open).
-      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)) });
+      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)), group: this.groupFd >= 0, reserved: [...this.reserved] });
+      return;
+    }
+    if (head.op === 'release' && typeof head.fd === 'number') {
+      if (this.reserved.delete(head.fd)) closeFd(head.fd);
       return;
     }
     if (head.op === 'cachefiles') {
@@ -236,10 +253,25 @@ export class OndemandHolder {
         const fresh = this.groupFd < 0;
         if (fresh && typeof head.adopt_pid === 'number' && typeof head.adopt_fd === 'number') {
           // The daemon's copy of a group a previous holder made: its marks and unread events are there.
-          this.useGroup(fdOfProcess(head.adopt_pid, head.adopt_fd));
+          // Numbers of events a dead holder read are taken first: no event read here may get one.
+          const wanted = Array.isArray(head.reserve) ? head.reserve.filter((n): n is number => Number.isInteger(n) && n > 2 && n < 1 << 20) : [];
+          const taken = this.reserve(wanted);
+          const fd = fdOfProcess(head.adopt_pid, head.adopt_fd);
+          const refused = wanted.filter((n) => !taken.includes(n));
+          // Before this holder reads: an answer by number must meet the old event, not a new one.
+          for (const n of refused) {
+            try {
+              fs.writeSync(fd, fanotifyResponse(n, fanDenyErrno(os.constants.errno.EIO)));
+            } catch {
+              // answered already
+            }
+          }
+          this.useGroup(fd);
           if (Array.isArray(head.marked)) for (const p of head.marked) if (typeof p === 'string') this.marked.add(p);
-          this.log(`reading the fanotify group again (a copy of fd ${head.adopt_fd} of pid ${head.adopt_pid}, ${this.marked.size} files marked)`);
-          reply({ op: 'group', pid: process.pid, fd: this.groupFd, fresh: false, adopted: true });
+          this.log(
+            `reading the fanotify group again (a copy of fd ${head.adopt_fd} of pid ${head.adopt_pid}, ${this.marked.size} files marked${wanted.length ? `; ${taken.length} fd numbers of a dead holder's events held for the daemon, ${refused.length} denied` : ''})`,
+          );
+          reply({ op: 'group', pid: process.pid, fd: this.groupFd, fresh: false, adopted: true, reserved: taken, refused });
         } else reply({ op: 'group', pid: process.pid, fd: this.group, fresh });
       } catch (err) {
         reply({ op: 'error', error: (err as Error).message });
@@ -281,6 +313,39 @@ export class OndemandHolder {
         closeFd(p.fd);
       }
     }
+  }
+
+  /** Takes each free fd number of `fds` with a placeholder (/dev/null); returns those taken. */
+  private reserve(fds: number[]): number[] {
+    if (fds.length === 0) return [];
+    const taken: number[] = [];
+    let placeholder = fs.openSync('/dev/null', fs.constants.O_RDONLY);
+    // The placeholder itself may have got a wanted number: it holds that one.
+    while (fds.includes(placeholder) && !this.reserved.has(placeholder)) {
+      this.reserved.add(placeholder);
+      taken.push(placeholder);
+      placeholder = fs.openSync('/dev/null', fs.constants.O_RDONLY);
+    }
+    try {
+      for (const n of fds) {
+        if (this.reserved.has(n)) {
+          if (!taken.includes(n)) taken.push(n);
+          continue;
+        }
+        // F_GETFD fails (EBADF) only for a number nothing holds.
+        if (fcntl(n, 1, 0) >= 0) continue;
+        try {
+          dupTo(placeholder, n);
+        } catch {
+          continue; // beyond this process's fd limit: not taken (denied)
+        }
+        this.reserved.add(n);
+        taken.push(n);
+      }
+    } finally {
+      fs.closeSync(placeholder);
+    }
+    return taken;
   }
 
   /** /dev/cachefiles: a copy of a daemon's fd (adopt), or opened and bound in on-demand mode. */

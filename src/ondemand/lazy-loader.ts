@@ -4,6 +4,7 @@ import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { fdOfProcess } from '../../native/cachefiles';
+import { FAN_PRE_ACCESS, kernelDev } from '../../native/fanotify';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -14,8 +15,10 @@ import { sleep } from '../remote/transport';
 import { readdirOrEmpty, regularFileUnder } from '../snapshot/fsutil';
 import { type ChunkStore, readAt, writeAllAt } from '../store/chunkstore';
 import { type BlobSource, CachefilesServer } from './cachefiles';
+import type { GroupFdStore } from './fdstore';
 import { encodeFrame, readFrames } from './frames';
 import { EventFile, SharedGroup } from './group';
+import { type RelayedEntry, RelayedRecord } from './relayed-record';
 
 /**
  * On-demand loading of lazy layers, with one of two kernel mechanisms.
@@ -36,10 +39,16 @@ import { EventFile, SharedGroup } from './group';
  * restart leaves reads waiting for the next daemon, and a holder's death
  * leaves them waiting for the next holder, which this daemon starts with a
  * copy of its group (marks and queued events kept); what the dead holder
- * had relayed is still served here. Only when both die does the kernel let
- * reads through (holes read as zeros, which then sit in the layer's page
- * cache); a daemon that then finds a mounted, incomplete layer unmarked has
- * it mounted again over a clean page cache (onGroupLost) and logs an error.
+ * had relayed is still served here. systemd's fd store may keep a third
+ * copy (fdstore.ts): when holder and daemon die together, reads still wait,
+ * and the next daemon takes the group back at start, learns its marks from
+ * the kernel, answers the events the dead holder had read (their ranges
+ * written down: relayed-record.ts; the others denied with EIO) and hands
+ * the group to a new holder. Only when every holder is gone does the kernel
+ * let reads through (holes read as zeros, which then sit in the layer's
+ * page cache); a daemon that then finds a mounted, incomplete layer
+ * unmarked has it mounted again over a clean page cache (onGroupLost) and
+ * logs an error.
  *
  * EROFS over fscache (cachefiles on-demand mode): the layer is mounted with
  * `fsid=` (its metadata image, blob m-<id>-<digest>) and `device=` (its chunk
@@ -124,6 +133,10 @@ export interface LazyLoaderOptions {
    * fetched). Without it, they are filled in the background (fillAllUnsafe).
    */
   onGroupLost?: (ids: string[]) => void;
+  /** fanotify: systemd's fd store (NOTIFY_SOCKET set), to keep a third copy of the group in; null: none. */
+  fdStore?: GroupFdStore | null;
+  /** fanotify: the group systemd's fd store handed back at start (an fd of this process, taken over here), or -1. */
+  storedGroup?: number;
 }
 
 /** An event the holder relayed: answered on this daemon's copy of the group, by the holder's fd number. */
@@ -139,6 +152,12 @@ interface Relayed {
   count: number;
   done: Promise<void>;
   /** Denied already (its holder died and it took too long): never answered again, its number may be another event's now. */
+  cancelled: boolean;
+}
+
+/** An event a holder that died with its daemon had read (relayed-record.ts): answered once its range is filled. */
+interface InheritedEvent extends RelayedEntry {
+  /** Denied by someone else meanwhile (its number then may be another event's): never answered again. */
   cancelled: boolean;
 }
 
@@ -173,6 +192,12 @@ export class LazyLoader {
   private readonly group = new SharedGroup();
   /** Events relayed by the holder and not answered yet. */
   private readonly relayed = new Set<Relayed>();
+  /** Events a dead holder read while its daemon died too (the group kept by systemd's fd store), answered here; by fd number. */
+  private readonly inherited = new Map<number, InheritedEvent>();
+  /** fanotify with an fd store: the relayed events that wait, written down (null: not kept). */
+  private readonly record: RelayedRecord | null = null;
+  /** The group came from systemd's fd store and no holder read it yet. */
+  private fromStore = false;
   private pendingEvents = 0;
   private closed = false;
   private connecting: Promise<void> | null = null;
@@ -196,6 +221,15 @@ export class LazyLoader {
     this.log = o.logger ?? silentLogger();
     fs.mkdirSync(o.dir, { recursive: true, mode: 0o700 });
     fs.mkdirSync(path.dirname(o.socket), { recursive: true, mode: 0o700 });
+    const recordFile = path.join(path.dirname(o.socket), 'relayed.json');
+    const stored = o.storedGroup ?? -1;
+    if (o.backend === 'fanotify' && (o.fdStore?.enabled || stored >= 0)) this.record = new RelayedRecord(recordFile);
+    // Not kept: an old record would not match the events of a later group.
+    else fs.rmSync(recordFile, { force: true });
+    if (o.backend === 'fanotify' && stored >= 0) {
+      this.group.adopt(stored);
+      this.fromStore = true;
+    }
   }
 
   fileOf(id: string): string {
@@ -245,7 +279,14 @@ export class LazyLoader {
       }
       this.register(l);
     }
-    if (layers.length > 0) await this.ensureConnected();
+    if (this.fromStore && layers.length === 0 && this.group.marks().length === 0) {
+      // Nothing lazy and nothing marked: the group guards nothing any more; let it go (a holder, if one lives, keeps its own).
+      this.group.close();
+      this.fromStore = false;
+      this.o.fdStore?.forget('no lazy layer is left and the group marks no file');
+    }
+    // A group taken back from systemd's fd store may have reads waiting: answered from now on.
+    if (layers.length > 0 || this.fromStore) await this.ensureConnected();
     // fscache: requests a previous daemon left (mounted layers' reads) are answered from now on.
     if (layers.length > 0 && this.o.backend === 'fscache') await this.ensureCachefiles();
   }
@@ -609,18 +650,143 @@ export class LazyLoader {
     const hello = await this.request({ op: 'hello' }, 'hello');
     this.holderPid = Number(hello.pid);
     let adopted = false;
-    if (this.o.backend === 'fanotify') {
-      // This daemon's copy of the group goes to a holder that has none (one started after the last died), or is taken from it.
-      const ask: Record<string, unknown> = { op: 'group' };
-      if (this.group.held) Object.assign(ask, { adopt_pid: process.pid, adopt_fd: this.group.fdNumber, marked: [...this.holderMarked] });
-      const g = await this.request(ask, 'group');
-      if (g.op === 'error') throw new Error(`the on-demand holder has no fanotify group: ${String(g.error)}`);
-      adopted = g.adopted === true;
-      if (!this.group.held) this.group.copyFrom(this.holderPid, Number(g.fd));
-    }
+    if (this.o.backend === 'fanotify') adopted = await this.shareGroup(hello);
     // Adopted: the marks are this daemon's record of the group's; else the holder's (a fresh group marks nothing).
     if (!adopted) this.holderMarked = new Set(Array.isArray(hello.marked) ? hello.marked.filter((p): p is string => typeof p === 'string') : []);
     this.log.info({ op: 'ondemand', holder_pid: this.holderPid, socket: this.o.socket, marked: this.holderMarked.size, adopted }, `on-demand holder (pid ${this.holderPid}) connected${adopted ? ", reading this daemon's copy of the fanotify group" : ''}`);
+  }
+
+  /**
+   * fanotify, right after the hello: this daemon's copy of the group goes
+   * to a holder that has none (one started after the last died), or one is
+   * taken of the holder's. A group systemd's fd store handed back, with no
+   * holder reading it: its marks are learnt from the kernel, the events a
+   * dead holder had read are answered (those written down, once filled) or
+   * denied, before the new holder reads. Returns whether the holder adopted
+   * this daemon's copy.
+   */
+  private async shareGroup(hello: Record<string, unknown>): Promise<boolean> {
+    const holderHasGroup = hello.group === true || (hello.group === undefined && Array.isArray(hello.marked) && hello.marked.length > 0);
+    const ask: Record<string, unknown> = { op: 'group' };
+    let waiting: InheritedEvent[] = [];
+    if (this.fromStore && this.group.held && !holderHasGroup) {
+      // No process read this group since the last holder died: what it marks is what the kernel says.
+      this.holderMarked = this.markedInGroup();
+      waiting = (this.record?.list() ?? []).map((e) => ({ ...e, cancelled: false }));
+      const denied = this.group.denyUnknown(4096, new Set(waiting.map((e) => e.fd)));
+      if (denied > 0) this.log.warn({ op: 'ondemand', denied }, `denied ${denied} reads (EIO) that the on-demand holder, dead with the daemon, had taken from the group without their ranges being written down`);
+      ask.reserve = waiting.map((e) => e.fd);
+    }
+    if (this.group.held) Object.assign(ask, { adopt_pid: process.pid, adopt_fd: this.group.fdNumber, marked: [...this.holderMarked] });
+    const g = await this.request(ask, 'group');
+    if (g.op === 'error') throw new Error(`the on-demand holder has no fanotify group: ${String(g.error)}`);
+    const adopted = g.adopted === true;
+    const fromStore = this.fromStore;
+    this.fromStore = false;
+    if (!this.group.held) {
+      this.group.copyFrom(this.holderPid, Number(g.fd));
+      this.o.fdStore?.keep(this.group.fdNumber, `a copy of the holder's group, pid ${this.holderPid}`);
+    } else if (!adopted && this.group.sameAs(this.holderPid, Number(g.fd)) !== true) {
+      // The holder reads a group of its own, not the one this daemon holds: the holder's is the live one.
+      this.log.warn(
+        { op: 'ondemand', holder_pid: this.holderPid },
+        `the on-demand holder (pid ${this.holderPid}) reads another fanotify group than the one ${fromStore ? "systemd's fd store handed back" : 'this daemon holds'}: using the holder's`,
+      );
+      this.group.replaceFrom(this.holderPid, Number(g.fd));
+      this.o.fdStore?.keep(this.group.fdNumber, `the holder's group, pid ${this.holderPid}, instead of another`, true);
+    } else this.o.fdStore?.keep(this.group.fdNumber, 'the group in use');
+    // What was written down is what still waits: the events this holder relays (resent on connect) and those answered here.
+    const held = new Set<number>(adopted ? (Array.isArray(g.reserved) ? g.reserved : []) : Array.isArray(hello.reserved) ? hello.reserved : []);
+    if (!adopted && held.size > 0) {
+      // A daemon before this one was answering these for this holder when it died.
+      waiting = (this.record?.list() ?? []).filter((e) => held.has(e.fd) && !this.inherited.has(e.fd)).map((e) => ({ ...e, cancelled: false }));
+      for (const n of held) {
+        if (this.inherited.has(n) || waiting.some((e) => e.fd === n)) continue;
+        this.group.answer(n, false);
+        this.send({ op: 'release', fd: n });
+      }
+    }
+    waiting = waiting.filter((e) => held.has(e.fd));
+    const live = new Set([...this.relayed].map((r) => r.fd));
+    this.record?.retain((e) => live.has(e.fd) || held.has(e.fd) || this.inherited.has(e.fd));
+    for (const e of waiting) void this.answerInherited(e);
+    return adopted;
+  }
+
+  /** The lazy files this daemon knows that the group marks for pre-content events (the kernel's list: /proc/self/fdinfo). */
+  private markedInGroup(): Set<string> {
+    const marks = new Set(this.group.marks().filter((m) => (m.mask & BigInt(FAN_PRE_ACCESS)) !== 0n).map((m) => `${m.ino}:${m.sdev}`));
+    const files = new Set<string>();
+    for (const st of this.byId.values()) {
+      try {
+        const s = fs.statSync(st.file, { bigint: true });
+        if (marks.has(`${s.ino}:${kernelDev(s.dev)}`)) files.add(st.file);
+      } catch {
+        // gone: not marked
+      }
+    }
+    return files;
+  }
+
+  /**
+   * An event a holder that died with its daemon had read (its number is
+   * held by a placeholder in the new holder): its range is read through
+   * the marked file (the reads raise events the new holder relays, so the
+   * data arrives as for any read), then it is allowed, or denied with EIO
+   * when the range could not be filled.
+   */
+  private async answerInherited(e: InheritedEvent): Promise<void> {
+    this.inherited.set(e.fd, e);
+    const st = this.byFile.get(e.file);
+    let err: Error | null = null;
+    try {
+      if (!st) throw new Error(`${e.file} is not a lazy layer file this daemon knows`);
+      const count = e.count > 0 ? e.count : st.size;
+      if (!this.rangeFilled(st, e.offset, count)) await this.readThrough(st, e.offset, count);
+      if (!this.rangeFilled(st, e.offset, count)) throw new Error('its range still lacks data');
+    } catch (x) {
+      err = x as Error;
+    }
+    this.inherited.delete(e.fd);
+    if (e.cancelled) return;
+    this.record?.remove(e.fd, e.file);
+    this.group.answer(e.fd, err === null);
+    this.send({ op: 'release', fd: e.fd });
+    const what = `a read of ${st ? `layer ${st.id}` : e.file} at ${e.offset} (+${e.count})`;
+    if (err) {
+      this.counters.errors++;
+      this.log.error({ op: 'ondemand', layer: st?.id, offset: e.offset, count: e.count, err: err.message }, `${what} that waited while the on-demand holder and the daemon were both dead failed, the reader gets EIO: ${err.message}`);
+    } else this.log.info({ op: 'ondemand', layer: st?.id, offset: e.offset, count: e.count }, `${what} that waited while the on-demand holder and the daemon were both dead is served`);
+  }
+
+  /** Gives up answering `e` (denied by someone else): its number may be another event's from now on. */
+  private cancelInherited(e: InheritedEvent): void {
+    e.cancelled = true;
+    this.inherited.delete(e.fd);
+    this.record?.remove(e.fd, e.file);
+  }
+
+  /** Whether every extent [offset, offset+count) of `st` overlaps is filled. */
+  private rangeFilled(st: LazyFile, offset: number, count: number): boolean {
+    const end = Math.min(offset + count, st.size);
+    for (let i = firstEntryAtOrAfter(st.entries, offset); i < st.entries.length && st.entries[i][0] * BLOCK < end; i++) if (!st.filled[i]) return false;
+    return true;
+  }
+
+  /** Reads [offset, offset+count) of `st`'s marked file (8 MiB at a time): each read waits for its data like a container's. */
+  private async readThrough(st: LazyFile, offset: number, count: number): Promise<void> {
+    const end = Math.min(offset + count, st.size);
+    const buf = Buffer.alloc(Math.min(8 << 20, Math.max(1, end - offset)));
+    const fh = await fsp.open(st.file, 'r');
+    try {
+      for (let at = offset; at < end && !st.dropped && !this.closed; ) {
+        const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, end - at), at);
+        if (bytesRead === 0) break;
+        at += bytesRead;
+      }
+    } finally {
+      await fh.close();
+    }
   }
 
   private startHolder(): void {
@@ -812,11 +978,15 @@ export class LazyLoader {
         for (const r of orphans) {
           if (!this.relayed.has(r)) continue;
           r.cancelled = true;
+          this.record?.remove(r.fd, r.file);
           this.group.answer(r.fd, false);
           this.log.warn({ op: 'ondemand', layer: r.layer, offset: r.offset, count: r.count }, `a read of ${r.layer ? `layer ${r.layer}` : r.file} at ${r.offset} (+${r.count}) the dead holder had relayed was not served in ${ORPHAN_WAIT_MS / 1000} s: denied (EIO)`);
         }
         // Only once it is gone for good (a dropped connection to a live holder: it relays its events again).
-        const denied = processGone(this.holderPid) ? this.group.denyUnknown() : 0;
+        const gone = processGone(this.holderPid);
+        // Reads a holder before it had read, served here: denied with the rest (their numbers may be a new holder's next).
+        if (gone) for (const e of this.inherited.values()) this.cancelInherited(e);
+        const denied = gone ? this.group.denyUnknown() : 0;
         if (denied > 0) this.log.warn({ op: 'ondemand', denied }, `denied ${denied} reads (EIO) the dead on-demand holder had taken from the group but not relayed`);
       }
       for (let attempt = 0; !this.closed; attempt++) {
@@ -891,6 +1061,8 @@ export class LazyLoader {
           `on-demand read of ${st ? `layer ${st.id}` : file} at ${offset} (+${count}) failed, the reader gets EIO: ${err?.message ?? 'unknown file'}`,
         );
       }
+      // Written down no more before it is answered: its number is free for the holder's next event after that.
+      if (!r.cancelled) this.record?.remove(holderFd, file);
       // Answered here (false from answer: answered already, by a daemon that died before telling the holder).
       let viaGroup = false;
       try {
@@ -918,6 +1090,8 @@ export class LazyLoader {
       return finish(true);
     }
     this.counters.misses++;
+    // It waits for a fetch: written down, to be answered even if holder and daemon die meanwhile (systemd's fd store keeping the group).
+    if (ev) this.record?.add({ fd: holderFd, file, offset, count });
     wait.then(
       () => finish(true),
       (err: Error) => finish(false, err),

@@ -9,6 +9,7 @@ import { ErrnoError } from '../../native/libc';
 import { openElsewhere } from '../../native/lease';
 import { ErofsMounter, type MountMode, unmountErofs, unmountIfIdle } from '../mount/erofs';
 import { mountPoints } from '../mount/mountinfo';
+import type { GroupFdStore } from '../ondemand/fdstore';
 import { type LazyBackend, LazyLoader, type LazyLayerInput } from '../ondemand/lazy-loader';
 import { dropPageCacheUnder } from '../ondemand/stale-pages';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
@@ -66,6 +67,10 @@ export interface SnapshotterOptions {
     fscache?: { dir: string; tag: string; domain: string };
     /** fanotify: move fully loaded lazy layers nothing uses into the chunk store (default true; see settleLayer). */
     settle?: boolean;
+    /** fanotify: systemd's fd store, a third holder of the group (see ondemand/fdstore.ts). */
+    fdStore?: GroupFdStore | null;
+    /** fanotify: the group the fd store handed back at start (an fd taken over by the loader), or -1. */
+    storedGroup?: number;
   } | null;
   /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
   erofs?: {
@@ -256,6 +261,8 @@ export class Snapshotter {
           remote: this.remote,
           store: this.store,
           logger: this.log,
+          fdStore: opts.ondemand.fdStore,
+          storedGroup: opts.ondemand.storedGroup,
         });
       }
       if (this.loader) this.migrateLazyImages();

@@ -172,6 +172,12 @@ export async function startDaemon(
     config?: Record<string, unknown>;
     /** The HTTP API's address; default a unix socket in `dir` (tests run several daemons at once). */
     apiAddress?: string;
+    /**
+     * Fds passed as systemd passes its fd store back (sd_listen_fds): at
+     * 3, 4, ... in the daemon, with LISTEN_FDS, LISTEN_FDNAMES and
+     * LISTEN_PID (the daemon's own pid: set by a shell that then execs it).
+     */
+    listenFds?: { fd: number; name: string }[];
   } = {},
 ): Promise<DaemonProcess> {
   const dir = opts.dir ?? tempDir('daemon');
@@ -186,10 +192,14 @@ export async function startDaemon(
   roots.add(root);
   const address = opts.address ?? path.join(dir, 'dedup.sock');
   let out = '';
-  const proc = spawn(process.execPath, [DAEMON_BIN], {
-    env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', ROOT: root, ADDRESS: address, CONFIG: config, LOG_LEVEL: 'debug', ...opts.env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const env: Record<string, string> = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', ROOT: root, ADDRESS: address, CONFIG: config, LOG_LEVEL: 'debug', ...opts.env };
+  const passed = opts.listenFds ?? [];
+  if (passed.length > 0) Object.assign(env, { LISTEN_FDS: String(passed.length), LISTEN_FDNAMES: passed.map((f) => f.name).join(':') });
+  // LISTEN_PID must be the daemon's pid, unknown before it starts: the shell sets it to its own, then execs the daemon (same pid).
+  const proc =
+    passed.length > 0
+      ? spawn('/bin/sh', ['-c', 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', 'sh', process.execPath, DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe', ...passed.map((f) => f.fd)] })
+      : spawn(process.execPath, [DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   proc.stdout?.on('data', (d) => (out += d));
   proc.stderr?.on('data', (d) => (out += d));
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
