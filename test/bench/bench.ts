@@ -308,7 +308,9 @@ async function main(): Promise<void> {
   const floor = floorOf(built);
 
   log('starting registry, containerd and the dedup daemon');
-  const stack = await Stack.start({ daemonEnv: { LOG_LEVEL: 'info' } });
+  // BENCH_STORE_LAYOUT=segments|single: the daemon's integrity.store_layout (default: its own default, "auto").
+  const layout = process.env.BENCH_STORE_LAYOUT;
+  const stack = await Stack.start({ daemonEnv: { LOG_LEVEL: 'info' }, daemonConfig: layout ? { integrity: { store_layout: layout } } : undefined });
   onCleanup('stop the stack', () => stack.stop());
   const memoryNote = holdFreePageReporting();
   log(memoryNote);

@@ -367,11 +367,15 @@ export class Stack {
     const images = readdirOrEmpty(path.join(root, 'images'));
     const mnts = readdirOrEmpty(path.join(root, 'mnt'));
     const points = new Set(mountPoints());
+    // The chunk store: chunks.blob and any segment files (store/segments/<id>.blob).
     let storeBytes = 0;
-    try {
-      storeBytes = fs.statSync(path.join(root, 'store', 'chunks.blob')).blocks * 512;
-    } catch {
-      /* no store yet */
+    const segs = path.join(root, 'store', 'segments');
+    for (const f of [path.join(root, 'store', 'chunks.blob'), ...readdirOrEmpty(segs).filter((n) => n.endsWith('.blob')).map((n) => path.join(segs, n))]) {
+      try {
+        storeBytes += fs.statSync(f).blocks * 512;
+      } catch {
+        /* no store yet */
+      }
     }
     return {
       dirs: this.daemonSnapshotDirs(),
