@@ -166,6 +166,8 @@ export class Snapshotter {
   /** Settling of fully loaded lazy layers into the chunk store (see settleIdle). */
   private settleOn = false;
   private settleTimer: NodeJS.Timeout | null = null;
+  /** Lazy layers whose lost mount is being made again (ensureLayerMounted). */
+  private readonly remounting = new Set<string>();
   private settleAt = 0;
   private settleRunning: Promise<number> | null = null;
   /** Lazy layers settled into the chunk store since start. */
@@ -316,8 +318,14 @@ export class Snapshotter {
     }
     // Its mount was lost (unmounted by hand): making it again waits for the
     // holder (fanotify: mark before the mount opens the file) or for this
-    // daemon's answers (fscache), so it happens in the background.
-    this.mountLazyLayer(layer).catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`));
+    // daemon's answers (fscache), so it happens in the background, once
+    // (a second mount of the same fscache blob would fail with EEXIST).
+    if (!this.remounting.has(id)) {
+      this.remounting.add(id);
+      this.mountLazyLayer(layer)
+        .catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`))
+        .finally(() => this.remounting.delete(id));
+    }
     throw unavailable(`layer ${id}: its on-demand mount is being made again; retry`);
   }
 
