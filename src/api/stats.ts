@@ -114,8 +114,8 @@ export interface Stats {
   prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number; queued_entries: number; queued_bytes: number };
   ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
   audit: { recorded: number; written: number; dropped: number } | null;
-  /** ROOT/reserve (store/reserve.ts): "held", "released" (a full disk took it; made again once there is room) or "off". */
-  disk_reserve: { state: string; bytes: number; released_at: string | null; reason: string | null };
+  /** ROOT/reserve (store/reserve.ts): "held" (whole), "partial" or "released" (Removes on a full disk took slices of it, or none: made whole again once there is room) or "off"; held_bytes: what it holds now. */
+  disk_reserve: { state: string; bytes: number; held_bytes: number; released_at: string | null; reason: string | null };
 }
 
 function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
@@ -296,7 +296,8 @@ export function toPrometheus(s: Stats): string {
     g('dedup_remote_saved_bytes_total', 'Chunk bytes of remote layers the node already had (not fetched).', s.remote.bytes_saved, 'counter'),
     g('dedup_remote_fetch_errors_total', 'Chunk fetches that failed.', s.remote.fetch_errors, 'counter'),
     g('dedup_remote_converted_layers_total', 'Layers of plain images made from a converted layer another node shared.', s.remote.converted_layers, 'counter'),
-    g('dedup_disk_reserve_held', 'Whether the disk reserve (ROOT/reserve) is held: 0 while a full disk has taken it.', s.disk_reserve.state === 'held' ? 1 : 0),
+    g('dedup_disk_reserve_held', 'Whether the disk reserve (ROOT/reserve) is whole: 0 while Removes on a full disk have taken slices of it.', s.disk_reserve.state === 'held' ? 1 : 0),
+    g('dedup_disk_reserve_bytes', 'Bytes the disk reserve (ROOT/reserve) holds now.', s.disk_reserve.held_bytes),
     g('dedup_prefetch_requests_total', 'Prefetch requests received.', s.prefetch.requests, 'counter'),
     g('dedup_prefetch_rejected_total', 'Prefetch requests refused (4xx).', s.prefetch.rejected, 'counter'),
     {

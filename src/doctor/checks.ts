@@ -26,7 +26,7 @@ import { MNT_DETACH, MS_RDONLY, mount, umount2 } from '../../native/mount';
 import { type Config, ConfigError, DEFAULT_CONFIG_PATH, defaultConfig, loadConfig } from '../config/config';
 import { type MkfsFeatures, buildChunkedImage, probeMkfs } from '../convert/mkfs';
 import { snapshotsService } from '../grpc/proto';
-import { RESERVE_FILE, reserveOnDisk } from '../store/reserve';
+import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { isMountPoint, listMounts } from '../mount/mountinfo';
 import { proxyPluginSnippet, readContainerdToml } from './containerd-toml';
 import { KERNEL_NEEDS, type KernelVersion, atLeast, kernelSymbols, moduleFileExists, needs, parseRelease, procFilesystems, readKernelConfig } from './kernel';
@@ -736,10 +736,11 @@ export function checkReserve(root: string, bytes: number): CheckResult {
   }
   const on = reserveOnDisk(root, bytes);
   if (on === 'held') return { name, status: 'ok', detail: `${file}: ${formatBytes(bytes)} held back so snapshots can be removed on a full disk` };
+  const held = heldBytes(file);
   return {
     name,
     status: 'warn',
-    detail: `${file} is ${on === 'missing' ? 'missing' : 'shorter than ' + formatBytes(bytes)}: it was released because the disk filled up (or could not be made); the next Remove on a full disk may fail`,
-    fix: `free space on ROOT's filesystem (remove unused images: ctr images rm …); the daemon makes the reserve again by itself once ${formatBytes(3 * bytes)} are free`,
+    detail: `${file} is ${on === 'missing' ? 'missing' : `${formatBytes(held)} of ${formatBytes(bytes)}`}: Removes on a full disk took ${on === 'missing' ? 'it' : 'slices of it'} (or it could not be made); ${on === 'missing' ? 'the next Remove on a full disk may fail' : 'a few more Removes on a full disk can go through'}`,
+    fix: `free space on ROOT's filesystem (remove unused images: ctr images rm …); the daemon makes the reserve whole again by itself, a slice at a time, while ${formatBytes(2 * bytes)} stay free`,
   };
 }

@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
@@ -642,9 +642,10 @@ export class LazyLoader {
       sock = await dial(this.o.socket);
     } catch (err) {
       if (!this.o.holderCommand) throw new Error(`no on-demand holder answers on ${this.o.socket}: ${(err as Error).message}`);
-      this.startHolder();
-      // A minute: a loaded (or emulated) machine starts a Node process slowly.
-      sock = await retryDial(this.o.socket, 60_000);
+      const child = this.startHolder();
+      // As long as it runs, up to 5 minutes: a loaded (or emulated) machine
+      // starts a Node process slowly (over 30 s measured in the test VM).
+      sock = await retryDial(this.o.socket, 300_000, () => child.exitCode !== null || child.signalCode !== null);
     }
     this.attach(sock);
     const hello = await this.request({ op: 'hello' }, 'hello');
@@ -789,7 +790,7 @@ export class LazyLoader {
     }
   }
 
-  private startHolder(): void {
+  private startHolder(): ChildProcess {
     const [cmd, ...args] = this.o.holderCommand as string[];
     const logFd = this.o.holderLog ? fs.openSync(this.o.holderLog, 'a', 0o600) : 'ignore';
     // Detached, its own session: it outlives this daemon (systemd: KillMode=process).
@@ -798,6 +799,7 @@ export class LazyLoader {
     child.unref();
     fs.writeFileSync(path.join(path.dirname(this.o.socket), 'holder.pid'), `${child.pid}\n`, { mode: 0o600 });
     this.log.info({ op: 'ondemand', holder_pid: child.pid, socket: this.o.socket }, `started the on-demand holder (pid ${child.pid})`);
+    return child;
   }
 
   private attach(sock: net.Socket): void {
@@ -1301,12 +1303,14 @@ function dial(socket: string): Promise<net.Socket> {
   });
 }
 
-async function retryDial(socket: string, ms: number): Promise<net.Socket> {
+/** Dials until it answers, `ms` pass, or `exited()` says the holder is gone. */
+async function retryDial(socket: string, ms: number, exited: () => boolean): Promise<net.Socket> {
   const until = Date.now() + ms;
   for (;;) {
     try {
       return await dial(socket);
     } catch (err) {
+      if (exited()) throw new Error(`the on-demand holder exited before it answered on ${socket} (see its log, holder.log)`);
       if (Date.now() > until) throw new Error(`the on-demand holder did not come up on ${socket}: ${(err as Error).message}`);
       await sleep(50);
     }

@@ -17,7 +17,7 @@ import { LABEL_SNAPSHOT_REF, type RemoteLayer, type RemoteLayers, criLayerOf, ru
 import { formatReference, parseReference } from '../remote/reference';
 import { ChunkStore, type Extent, STORE_BLOCK, type StoreLayout, readAt } from '../store/chunkstore';
 import { ImageSealer } from '../store/seal';
-import { DEFAULT_RESERVE_BYTES, SpaceReserve } from '../store/reserve';
+import { DEFAULT_RESERVE_BYTES, SpaceReserve, isDiskFull } from '../store/reserve';
 import { extentKey, scanDataChunks } from '../convert/chunks';
 import { readImageDeviceTags } from '../convert/erofs-format';
 import type { Logger } from '../log/logger';
@@ -176,6 +176,8 @@ export class Snapshotter {
   /** Settling of fully loaded lazy layers into the chunk store (see settleIdle). */
   private settleOn = false;
   private settleTimer: NodeJS.Timeout | null = null;
+  /** Lazy layers whose lost mount is being made again (ensureLayerMounted). */
+  private readonly remounting = new Set<string>();
   private settleAt = 0;
   private settleRunning: Promise<number> | null = null;
   /** Lazy layers settled into the chunk store since start. */
@@ -197,8 +199,11 @@ export class Snapshotter {
     fs.mkdirSync(this.root, { recursive: true, mode: 0o700 });
     this.snapshotsDir = path.join(this.root, 'snapshots');
     fs.mkdirSync(this.snapshotsDir, { recursive: true, mode: 0o700 });
-    this.ms = new MetaStore(path.join(this.root, 'metadata.db'));
     this.reserve = new SpaceReserve({ root: this.root, bytes: opts.reserveBytes ?? DEFAULT_RESERVE_BYTES, logger: this.log });
+    // A start on a full disk: opening the database makes its WAL's
+    // shared-memory file (SQLite deletes it at every clean close), which
+    // needs blocks; a slice of the reserve gives them.
+    this.ms = this.reserve.whenFull('opening metadata.db', () => new MetaStore(path.join(this.root, 'metadata.db')));
     this.reserve.restore();
     // As containerd's overlayfs snapshotter: with index=on, overlayfs refuses
     // to reuse a lower layer mounted under another upper.
@@ -322,8 +327,14 @@ export class Snapshotter {
     }
     // Its mount was lost (unmounted by hand): making it again waits for the
     // holder (fanotify: mark before the mount opens the file) or for this
-    // daemon's answers (fscache), so it happens in the background.
-    this.mountLazyLayer(layer).catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`));
+    // daemon's answers (fscache), so it happens in the background, once
+    // (a second mount of the same fscache blob would fail with EEXIST).
+    if (!this.remounting.has(id)) {
+      this.remounting.add(id);
+      this.mountLazyLayer(layer)
+        .catch((err: Error) => this.log.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`))
+        .finally(() => this.remounting.delete(id));
+    }
     throw unavailable(`layer ${id}: its on-demand mount is being made again; retry`);
   }
 
@@ -397,6 +408,8 @@ export class Snapshotter {
    */
   async recover(): Promise<void> {
     this.checkOpen();
+    // A start on a full disk: recovery's metadata writes get a slice of the reserve.
+    this.reserve.makeRoom('start-up recovery');
     const layers = this.ms.layers();
     if (layers.length > 0 && !this.converter) {
       throw new Error(`${layers.length} layers are EROFS images but use_erofs is false; set use_erofs to true`);
@@ -473,7 +486,12 @@ export class Snapshotter {
     }
     if (this.store) {
       const r = this.store.fsck(new Set([...live].map(Number)));
-      this.store.saveStamp();
+      try {
+        this.reserve.whenFull('recording the chunk store\'s stamp', () => (this.store as ChunkStore).saveStamp());
+      } catch (err) {
+        if (!isDiskFull(err)) throw err;
+        this.log.warn({ op: 'recover', err: (err as Error).message }, `the chunk store's stamp was not recorded (the disk is full): the next start verifies every chunk`);
+      }
       const st = this.store.stats();
       const quarantined = this.ms.quarantined().length;
       this.log.info(
@@ -1355,13 +1373,17 @@ export class Snapshotter {
   async remove(key: string): Promise<void> {
     this.checkOpen();
     let dead: Extent[] = [];
-    // On a full disk the DELETE's WAL frames get the reserve's space.
-    const { id, kind, layer } = this.reserve.whenFull(`remove of ${JSON.stringify(key)}`, () =>
-      this.ms.transaction(() => {
-        const r = this.ms.remove(key);
-        if (r.layer && this.store) dead = this.store.dropLayerRefs(Number(r.id));
-        return r;
-      }),
+    // On a full disk the DELETE's WAL frames go where the WAL was before
+    // (a checkpoint), else into a slice of the reserve.
+    const { id, kind, layer } = this.reserve.whenFull(
+      `remove of ${JSON.stringify(key)}`,
+      () =>
+        this.ms.transaction(() => {
+          const r = this.ms.remove(key);
+          if (r.layer && this.store) dead = this.store.dropLayerRefs(Number(r.id));
+          return r;
+        }),
+      { reuse: () => this.ms.checkpoint() },
     );
     // The rows are gone; now the files. If this fails or the process dies
     // here, they are unnamed and Cleanup (or start-up) removes them.
@@ -1379,7 +1401,15 @@ export class Snapshotter {
     const dir = path.join(this.snapshotsDir, id);
     const doomed = path.join(this.snapshotsDir, `${REMOVED_PREFIX}${id}`);
     try {
-      fs.renameSync(dir, doomed);
+      try {
+        fs.renameSync(dir, doomed);
+      } catch (err) {
+        // A full disk may have no room for the longer name: the row is gone
+        // and its id is never used again (AUTOINCREMENT), so the directory
+        // is deleted where it is.
+        if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+        await removeAll(dir);
+      }
       await removeAll(doomed);
     } catch (err) {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');

@@ -67,13 +67,19 @@ export class MetaStore {
 
   constructor(readonly file: string) {
     this.db = new Database(file);
-    this.db.pragma('journal_mode = WAL');
-    // FULL: a commit containerd has seen acknowledged survives power loss, not
-    // only a killed process.
-    this.db.pragma('synchronous = FULL');
-    this.db.pragma('foreign_keys = ON');
-    this.db.pragma('busy_timeout = 5000');
-    this.migrate();
+    try {
+      this.db.pragma('journal_mode = WAL');
+      // FULL: a commit containerd has seen acknowledged survives power loss, not
+      // only a killed process.
+      this.db.pragma('synchronous = FULL');
+      this.db.pragma('foreign_keys = ON');
+      this.db.pragma('busy_timeout = 5000');
+      this.migrate();
+    } catch (err) {
+      // E.g. a full disk (no room for the WAL's shared-memory file): the caller may try again.
+      this.db.close();
+      throw err;
+    }
   }
 
   private migrate(): void {
@@ -289,6 +295,22 @@ export class MetaStore {
       )
       .run(name, Kind.Committed, parentId, JSON.stringify(checked), now, now, usage.size, usage.inodes, row.id);
     return String(row.id);
+  }
+
+  /**
+   * Copies the WAL into the database file (a passive checkpoint). Returns
+   * true when all of a non-empty WAL was copied: the next write transaction
+   * then starts the WAL over, in the space it already takes, instead of
+   * growing it (what a delete on a full disk needs). Never throws: on a full
+   * disk the checkpoint itself may fail (the database file would grow).
+   */
+  checkpoint(): boolean {
+    try {
+      const [r] = this.db.pragma('wal_checkpoint(PASSIVE)') as { busy: number; log: number; checkpointed: number }[];
+      return r.busy === 0 && r.log > 0 && r.checkpointed === r.log;
+    } catch {
+      return false;
+    }
   }
 
   /** Deletes the row of `key`; FailedPrecondition while it has children. */

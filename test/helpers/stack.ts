@@ -144,6 +144,8 @@ export interface StackOptions {
   daemonConfig?: Record<string, unknown>;
   /** `host:port` of another stack's registry to use instead of starting one (a second node). */
   registry?: string;
+  /** The daemon's ROOT (default: `root` in the stack's dir), e.g. on a small filesystem the test made; mounts under it are the test's to undo. */
+  daemonRoot?: string;
 }
 
 export interface CtrOptions {
@@ -179,7 +181,7 @@ export class Stack {
     this.containerdAddress = path.join(dir, 'ctrd.sock');
     this.containerdRoot = path.join(dir, 'c', 'root');
     this.containerdState = path.join(dir, 'c', 'state');
-    this.daemonRoot = path.join(dir, 'root');
+    this.daemonRoot = opts.daemonRoot ?? path.join(dir, 'root');
     this.daemonAddress = path.join(dir, 'dedup.sock');
     for (const sock of [`${this.containerdAddress}.ttrpc`, this.daemonAddress]) {
       if (Buffer.byteLength(sock) >= 100) throw new Error(`unix socket path too long (${Buffer.byteLength(sock)} bytes): ${sock}`);
