@@ -239,6 +239,38 @@ describe('segmented chunk store', () => {
   });
 });
 
+describe('segment files', () => {
+  test('an fd in use is never closed under its reader, however many segments are opened meanwhile', async () => {
+    const root = path.join(dir, 'fds');
+    fs.mkdirSync(root, { recursive: true });
+    const db = new Database(path.join(root, 'm.db'));
+    const store = new ChunkStore({ root, db, layout: 'segments' });
+    try {
+      const segs = store.segments;
+      const ids: number[] = [];
+      for (let i = 0; i < 140; i++) {
+        const w = segs.create();
+        fs.writeSync(w.fd, Buffer.alloc(4096, i));
+        w.blocks = 1;
+        segs.finish(w);
+        ids.push(w.id);
+      }
+      const first = await segs.withFd(ids[0], async (fd) => {
+        // 139 other segments opened (past the cache's limit) while this read waits.
+        for (const id of ids.slice(1)) await segs.withFd(id, async () => undefined);
+        const buf = Buffer.alloc(4096);
+        fs.readSync(fd, buf, 0, 4096, 0);
+        return buf;
+      });
+      assert.ok(first.equals(Buffer.alloc(4096, 0)), 'the first segment read through its own fd');
+      for (const id of ids) segs.abandon({ id, blocks: 1, fd: -1 });
+    } finally {
+      store.close();
+      db.close();
+    }
+  });
+});
+
 describe('chunk placement', () => {
   const row = (id: number, digest: string, segment: number, o: Partial<StoredChunk> = {}): StoredChunk => ({ id, digest, segment, blkaddr: id, nblocks: 1, refs: 1, bad: false, ...o });
   test('the segments holding most of the layer are chosen; the rest is stored anew in its own', () => {

@@ -565,7 +565,8 @@ export class ChunkStore {
   async read(e: Extent): Promise<Buffer> {
     const buf = Buffer.alloc(e.nblocks * STORE_BLOCK);
     const seg = e.segment ?? 0;
-    await readAt(seg === 0 ? this.fd : this.segments.fd(seg), buf, e.blkaddr * STORE_BLOCK);
+    if (seg === 0) await readAt(this.fd, buf, e.blkaddr * STORE_BLOCK);
+    else await this.segments.withFd(seg, (fd) => readAt(fd, buf, e.blkaddr * STORE_BLOCK));
     return buf;
   }
 

@@ -62,6 +62,9 @@ export class Segments {
   private sealing: boolean | null = null;
   /** Read-only fds of segment files, most recently used last. */
   private readonly open = new Map<number, number>();
+  /** fds handed to withFd calls still running (fd → how many), and those to close once they are done. */
+  private readonly busy = new Map<number, number>();
+  private readonly closing = new Set<number>();
   /** Segments written but not yet named by a committed row. */
   private readonly pending = new Map<number, SegmentRow>();
   private nextId: number;
@@ -190,22 +193,44 @@ export class Segments {
     if (this.db.prepare('SELECT 1 FROM segments WHERE id = ?').get(id)) this.pending.delete(id);
   }
 
-  /** A read-only fd of segment `id` (cached). */
-  fd(id: number): number {
-    const have = this.open.get(id);
-    if (have !== undefined) {
+  /**
+   * Runs `fn` with a read-only fd of segment `id` (cached, at most MAX_OPEN;
+   * an fd in use by another call is never closed under it, so its number
+   * cannot be reused for another file meanwhile).
+   */
+  async withFd<T>(id: number, fn: (fd: number) => Promise<T>): Promise<T> {
+    let fd = this.open.get(id);
+    if (fd !== undefined) {
       this.open.delete(id);
-      this.open.set(id, have);
-      return have;
+      this.open.set(id, fd);
+    } else {
+      fd = fs.openSync(this.pathOf(id), fs.constants.O_RDONLY);
+      this.open.set(id, fd);
+      this.evict();
     }
-    const fd = fs.openSync(this.pathOf(id), fs.constants.O_RDONLY);
-    this.open.set(id, fd);
-    if (this.open.size > MAX_OPEN) {
-      const [oldId, oldFd] = this.open.entries().next().value as [number, number];
-      this.open.delete(oldId);
-      fs.closeSync(oldFd);
+    this.busy.set(fd, (this.busy.get(fd) ?? 0) + 1);
+    try {
+      return await fn(fd);
+    } finally {
+      const n = (this.busy.get(fd) ?? 1) - 1;
+      if (n > 0) this.busy.set(fd, n);
+      else this.busy.delete(fd);
+      if (this.closing.delete(fd)) fs.closeSync(fd);
     }
-    return fd;
+  }
+
+  /** Closes the least recently used fds beyond MAX_OPEN (one in use is closed when its last user is done). */
+  private evict(): void {
+    for (const [id, fd] of this.open) {
+      if (this.open.size <= MAX_OPEN) break;
+      this.open.delete(id);
+      this.release(fd);
+    }
+  }
+
+  private release(fd: number): void {
+    if (this.busy.has(fd)) this.closing.add(fd);
+    else fs.closeSync(fd);
   }
 
   /** Whether segment `id` is sealed (its file cannot be written). */
@@ -237,20 +262,21 @@ export class Segments {
     const out = fs.openSync(tmp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
     try {
       fs.ftruncateSync(out, row.blocks * 4096);
-      const old = this.fd(id);
-      for (const c of chunks) {
-        let buf = patches.get(c.blkaddr) ?? null;
-        if (!buf) {
-          buf = Buffer.alloc(c.nblocks * 4096);
-          try {
-            if (fs.readSync(old, buf, 0, buf.length, c.blkaddr * 4096) !== buf.length) throw new Error('short read');
-          } catch {
-            unreadable.push(c.id);
-            continue;
+      await this.withFd(id, async (old) => {
+        for (const c of chunks) {
+          let buf = patches.get(c.blkaddr) ?? null;
+          if (!buf) {
+            buf = Buffer.alloc(c.nblocks * 4096);
+            try {
+              if (fs.readSync(old, buf, 0, buf.length, c.blkaddr * 4096) !== buf.length) throw new Error('short read');
+            } catch {
+              unreadable.push(c.id);
+              continue;
+            }
           }
+          fs.writeSync(out, buf, 0, buf.length, c.blkaddr * 4096);
         }
-        fs.writeSync(out, buf, 0, buf.length, c.blkaddr * 4096);
-      }
+      });
       fs.fsyncSync(out);
     } catch (err) {
       fs.closeSync(out);
@@ -276,7 +302,7 @@ export class Segments {
     const cached = this.open.get(id);
     if (cached !== undefined) {
       this.open.delete(id);
-      fs.closeSync(cached);
+      this.release(cached);
     }
     this.db.prepare('UPDATE segments SET verity = ?, stamp = ? WHERE id = ?').run(verity, stampOf(file), id);
     this.log.info({ op: 'integrity', segment: id, healed: patches.size, unreadable: unreadable.length }, `store segment ${id} written again with ${patches.size} healed chunks and sealed`);
@@ -303,7 +329,7 @@ export class Segments {
     const fd = this.open.get(id);
     if (fd !== undefined) {
       this.open.delete(id);
-      fs.closeSync(fd);
+      this.release(fd);
     }
     fs.rmSync(this.pathOf(id), { force: true });
   }
@@ -362,7 +388,7 @@ export class Segments {
   }
 
   close(): void {
-    for (const fd of this.open.values()) fs.closeSync(fd);
+    for (const fd of this.open.values()) this.release(fd);
     this.open.clear();
   }
 }
