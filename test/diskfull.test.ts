@@ -343,7 +343,14 @@ describe('a full disk through containerd: partial snapshots removed one after an
 
   /** Waits until the daemon no longer has a snapshot named (by containerd) `*\/key`. */
   async function goneFromDaemon(key: string): Promise<void> {
-    await waitFor(async () => !(await daemonSnapshotNames(stack)).some((n) => n.endsWith(`/${key}`)), 60_000, `containerd's garbage collector to remove ${key} from the daemon`);
+    try {
+      // containerd 1.6 spaces its collections by pause_threshold (0.02): after one that took 2 s the next waits 100 s.
+      await waitFor(async () => !(await daemonSnapshotNames(stack)).some((n) => n.endsWith(`/${key}`)), 240_000, `containerd's garbage collector to remove ${key} from the daemon`);
+    } catch (err) {
+      const daemon = stack.daemon.logs().filter((l) => l.op === 'remove' || l.op === 'reserve' || l.level === 'error' || l.level === 'warn').slice(-15).map((l) => JSON.stringify(l));
+      const ctrd = stack.containerdLog().split('\n').filter((l) => /gc|garbage|remove|snapshot/i.test(l)).slice(-15);
+      throw new Error(`${(err as Error).message}\ndaemon:\n${daemon.join('\n')}\ncontainerd:\n${ctrd.join('\n')}`);
+    }
   }
 
   const removeFailures = () => stack.daemon.logs().filter((l) => l.op === 'remove' && l.msg === 'remove failed');

@@ -303,6 +303,21 @@ export class Snapshotter {
     return path.join(this.mntDir, id);
   }
 
+  /**
+   * lstat of a committed layer's root (its EROFS mount point, or its
+   * directory); a layer whose mount point is gone (released from
+   * quarantine after it was unmounted) is mounted again first.
+   */
+  private lstatLayerRoot(id: string): fs.Stats {
+    const root = this.ms.getLayer(id) ? this.mntPath(id) : this.upperPath(id);
+    try {
+      return fs.lstatSync(root);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      return fs.lstatSync(this.layerRootsOf([id])[0]);
+    }
+  }
+
   /** Throws FailedPrecondition, naming what to do, if layer `id` is quarantined (see integrity.ts). */
   private assertServed(id: string): void {
     const quarantined = this.integrity?.isQuarantined(id);
@@ -982,8 +997,7 @@ export class Snapshotter {
         for (const id of s.parentIds) this.assertServed(id);
         if (s.parentIds.length > 0) {
           // The new layer's root starts owned like its parent's (containerd does the same).
-          // (Mounted again first if its mount is gone: released from quarantine, unmounted by hand.)
-          const st = fs.lstatSync(this.layerRootsOf([s.parentIds[0]])[0]);
+          const st = this.lstatLayerRoot(s.parentIds[0]);
           fs.lchownSync(path.join(tmp, 'fs'), st.uid, st.gid);
         }
         const dest = path.join(this.snapshotsDir, s.id);
