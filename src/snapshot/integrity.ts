@@ -6,6 +6,7 @@ import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_CRI_IMAGE_REF, type RemoteLayers } from '../remote/lazy';
 import { parseReference } from '../remote/reference';
 import type { ChunkRow, ChunkStore } from '../store/chunkstore';
+import { fileStamp } from '../store/segments';
 import { type VerifyProgress, type VerifyResult, verifyChunks } from '../store/verify';
 import type { MetaStore } from './storage';
 import { Kind } from './types';
@@ -244,7 +245,7 @@ export class LayerIntegrity {
     let stamp: string;
     try {
       const st = fs.statSync(file, { bigint: true });
-      stamp = `${st.ino}:${st.size}:${st.ctimeNs}`;
+      stamp = fileStamp(st);
       if (which === 'changed' && want?.stamp === stamp) return;
       got = crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
     } catch (err) {

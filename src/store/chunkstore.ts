@@ -6,7 +6,7 @@ import { punchHole } from '../../native/fallocate';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
-import { type SegmentCheck, type SegmentWriter, Segments } from './segments';
+import { type SegmentCheck, type SegmentWriter, Segments, fsyncDir } from './segments';
 
 /**
  * The node-wide content-addressed chunk store: one sparse file
@@ -55,6 +55,16 @@ export interface Extent {
 
 /** Where new chunks go: one writable file, or a sealed segment per import (auto: segments where fs-verity works). */
 export type StoreLayout = 'auto' | 'single' | 'segments';
+
+/** Columns of the chunk index: one row per digest and segment (a digest may be stored again in another segment). */
+const CHUNKS_COLUMNS = `
+  id       INTEGER PRIMARY KEY,
+  digest   TEXT    NOT NULL,
+  segment  INTEGER NOT NULL DEFAULT 0,
+  blkaddr  INTEGER NOT NULL,
+  nblocks  INTEGER NOT NULL,
+  refs     INTEGER NOT NULL DEFAULT 0,
+  UNIQUE (digest, segment)`;
 
 /** The tag of segment `id` in a layer image's device table. */
 export function segmentTag(id: number): string {
@@ -205,15 +215,7 @@ export class ChunkStore {
 
   private migrate(): void {
     this.db.exec(`
-      CREATE TABLE IF NOT EXISTS chunks (
-        id       INTEGER PRIMARY KEY,
-        digest   TEXT    NOT NULL,
-        segment  INTEGER NOT NULL DEFAULT 0,
-        blkaddr  INTEGER NOT NULL,
-        nblocks  INTEGER NOT NULL,
-        refs     INTEGER NOT NULL DEFAULT 0,
-        UNIQUE (digest, segment)
-      );
+      CREATE TABLE IF NOT EXISTS chunks (${CHUNKS_COLUMNS});
       CREATE TABLE IF NOT EXISTS layer_chunks (
         snapshot_id INTEGER NOT NULL,
         chunk_id    INTEGER NOT NULL REFERENCES chunks(id),
@@ -247,15 +249,7 @@ export class ChunkStore {
     try {
       this.db.transaction(() => {
         this.db.exec(`
-          CREATE TABLE chunks_v2 (
-            id       INTEGER PRIMARY KEY,
-            digest   TEXT    NOT NULL,
-            segment  INTEGER NOT NULL DEFAULT 0,
-            blkaddr  INTEGER NOT NULL,
-            nblocks  INTEGER NOT NULL,
-            refs     INTEGER NOT NULL DEFAULT 0,
-            UNIQUE (digest, segment)
-          );
+          CREATE TABLE chunks_v2 (${CHUNKS_COLUMNS});
           INSERT INTO chunks_v2 (id, digest, segment, blkaddr, nblocks, refs) SELECT id, digest, 0, blkaddr, nblocks, refs FROM chunks;
           DROP TABLE chunks;
           ALTER TABLE chunks_v2 RENAME TO chunks;
@@ -527,8 +521,7 @@ export class ChunkStore {
    * throws). New chunks of a segment are written through its SegmentWriter.
    */
   async write(e: Extent, data: Buffer): Promise<void> {
-    const len = e.nblocks * STORE_BLOCK;
-    const padded = data.length === len ? data : Buffer.concat([data, Buffer.alloc(len - data.length)]);
+    const padded = padToBlocks(data, e.nblocks);
     const seg = e.segment ?? 0;
     if (seg === 0) {
       const problem = this.fileProblem();
@@ -556,8 +549,7 @@ export class ChunkStore {
   async append(w: SegmentWriter, data: Buffer): Promise<Extent> {
     const nblocks = Math.ceil(data.length / STORE_BLOCK);
     const e = { segment: w.id, blkaddr: w.blocks, nblocks };
-    const padded = data.length === nblocks * STORE_BLOCK ? data : Buffer.concat([data, Buffer.alloc(nblocks * STORE_BLOCK - data.length)]);
-    await writeAllAt(w.fd, padded, e.blkaddr * STORE_BLOCK);
+    await writeAllAt(w.fd, padToBlocks(data, nblocks), e.blkaddr * STORE_BLOCK);
     w.blocks += nblocks;
     return e;
   }
@@ -724,12 +716,13 @@ export class ChunkStore {
 }
 
 function fsyncDirOf(file: string): void {
-  const fd = fs.openSync(path.dirname(file), 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
+  fsyncDir(path.dirname(file));
+}
+
+/** `data` followed by zeros up to `nblocks` whole blocks. */
+function padToBlocks(data: Buffer, nblocks: number): Buffer {
+  const len = nblocks * STORE_BLOCK;
+  return data.length === len ? data : Buffer.concat([data, Buffer.alloc(len - data.length)]);
 }
 
 /**

@@ -367,7 +367,7 @@ export class Segments {
       if (r.verity) {
         const why = verityProblem(file, r.verity);
         if (why) out.push({ id: r.id, changed: why });
-      } else if (`${st.ino}:${st.size}:${st.ctimeNs}` !== r.stamp) {
+      } else if (fileStamp(st) !== r.stamp) {
         out.push({ id: r.id, changed: `${file} changed since this daemon wrote it` });
       }
     }
@@ -407,12 +407,20 @@ function verityProblem(file: string, want: string): string | null {
   }
 }
 
-function stampOf(file: string): string {
-  const st = fs.statSync(file, { bigint: true });
+/**
+ * `ino:size:ctimeNs` of a file: changes with any write, truncate or
+ * replacement (ctime cannot be set from user space). For files the daemon
+ * writes once and checks later (segments, layer images).
+ */
+export function fileStamp(st: fs.BigIntStats): string {
   return `${st.ino}:${st.size}:${st.ctimeNs}`;
 }
 
-function fsyncDir(dir: string): void {
+function stampOf(file: string): string {
+  return fileStamp(fs.statSync(file, { bigint: true }));
+}
+
+export function fsyncDir(dir: string): void {
   const fd = fs.openSync(dir, 'r');
   try {
     fs.fsyncSync(fd);
