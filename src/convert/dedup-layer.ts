@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { type ChunkEntry, type LayerHeader, encodeLayerBlob } from '../remote/dedup-image';
-import { regularFileUnder } from '../snapshot/fsutil';
+import { regularFileUnder } from '../util/fs';
 import { STORE_BLOCK, readAt } from '../store/chunkstore';
 import { hashImageChunks } from './chunks';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';

@@ -24,7 +24,7 @@ import zlib from 'node:zlib';
 import { S_IFBLK, S_IFCHR, S_IFIFO, mknod } from '../../native/mknod';
 import { XATTR_CREATE, XattrError, getXattr, listXattrs, setXattr } from '../../native/xattr';
 import { type ErrorKind, SnapshotterError, messageOf } from '../errdefs/errors';
-import { lstatOrNull } from '../snapshot/fsutil';
+import { lstatOrNull } from '../util/fs';
 import { type TarHeader, TarFormatError, TarReader, TYPE } from './tar-reader';
 
 export interface ApplyLayerOptions {

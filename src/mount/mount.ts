@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import type { Mount } from '../snapshot/types';
+import type { Mount } from './types';
 
 const run = promisify(execFile);
 

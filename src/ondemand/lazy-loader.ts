@@ -12,7 +12,7 @@ import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { type RemoteLayer, type RemoteLayers, runsOf } from '../remote/lazy';
 import { formatReference } from '../remote/reference';
 import { sleep } from '../remote/transport';
-import { readdirOrEmpty, regularFileUnder } from '../snapshot/fsutil';
+import { readdirOrEmpty, regularFileUnder } from '../util/fs';
 import { type ChunkStore, readAt, writeAllAt } from '../store/chunkstore';
 import { type BlobSource, CachefilesServer } from './cachefiles';
 import type { GroupFdStore } from './fdstore';

@@ -25,7 +25,7 @@ import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
 import { type IntegrityReport, LayerIntegrity } from './integrity';
 import type { VerifyProgress } from '../store/verify';
-import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from './fsutil';
+import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from '../util/fs';
 import { type LayerRow, MetaStore, checkKey } from './storage';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from './types';
 

@@ -32,11 +32,7 @@ export interface Info {
   updated: number;
 }
 
-export interface Usage {
-  /** Bytes on disk. */
-  size: number;
-  inodes: number;
-}
+export type { Usage } from '../util/fs';
 
 /** The storage-level view of an active or view snapshot. */
 export interface Snapshot {
@@ -47,10 +43,4 @@ export interface Snapshot {
   parentIds: string[];
 }
 
-/** A mount for containerd to perform (containerd.types.Mount). */
-export interface Mount {
-  type: string;
-  source: string;
-  target?: string;
-  options: string[];
-}
+export type { Mount } from '../mount/types';

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { readXattrs, setXattr } from '../../native/xattr';
-import { lstatOrNull } from '../../src/snapshot/fsutil';
+import { lstatOrNull } from '../../src/util/fs';
 
 /** Applies one change (or a sequence of changes) to the tree at root. */
 export interface Applier {

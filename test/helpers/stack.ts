@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { readdirOrEmpty } from '../../src/snapshot/fsutil';
+import { readdirOrEmpty } from '../../src/util/fs';
 import { type DaemonProcess, SLOW, freePort, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
 import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
 import { mountPoints, mountsUnder, unmountUnder } from './mounts';

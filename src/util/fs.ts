@@ -1,7 +1,13 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import type { Usage } from './types';
+
+/** Disk usage of a snapshot (containerd's snapshots.Usage). */
+export interface Usage {
+  /** Bytes on disk. */
+  size: number;
+  inodes: number;
+}
 
 /**
  * Disk usage of a tree the way containerd's continuity fs.DiskUsage counts it:
