@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import { isInvalidArgument } from '../src/errdefs/errors';
 import { mountAll } from '../src/mount/mount';
 import { Snapshotter } from '../src/snapshot/snapshotter';
-import { type Info, Kind, type Labels, type Mount } from '../src/snapshot/types';
+import { type Info, Kind, type Labels, type Mount } from '../src/store/types';
 import {
   type Applier,
   apply,

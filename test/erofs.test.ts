@@ -16,7 +16,7 @@ import { mountAll } from '../src/mount/mount';
 import { listMounts } from '../src/mount/mountinfo';
 import { bdiReadAheadKb, deviceReadAheadKb, erofsBdis } from '../src/mount/readahead';
 import { Snapshotter } from '../src/snapshot/snapshotter';
-import { Kind } from '../src/snapshot/types';
+import { Kind } from '../src/store/types';
 import { scratchDirs, waitFor } from './helpers/daemon';
 import { pseudoRandom } from './helpers/images';
 import { unmountUnder } from './helpers/mounts';

@@ -19,7 +19,7 @@ import type { ChunkEntry } from '../src/remote/dedup-image';
 import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF, RemoteLayers, runsOf } from '../src/remote/lazy';
 import { RegistryClient } from '../src/remote/registry';
 import { Snapshotter } from '../src/snapshot/snapshotter';
-import { Kind } from '../src/snapshot/types';
+import { Kind } from '../src/store/types';
 import { tempDir } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { checkDirectoryEqual } from './helpers/fstest';

@@ -9,8 +9,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { isAlreadyExists, isFailedPrecondition, isInvalidArgument, isNotFound } from '../src/errdefs/errors';
-import { MetaStore } from '../src/snapshot/storage';
-import { type Info, Kind, type Snapshot } from '../src/snapshot/types';
+import { MetaStore } from '../src/store/metastore';
+import { type Info, Kind, type Snapshot } from '../src/store/types';
 
 type TestFn = (ms: MetaStore) => void;
 type PopulateFn = (ms: MetaStore) => void;

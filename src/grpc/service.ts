@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { invalidArgument } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
 import type { Snapshotter } from '../snapshot/snapshotter';
-import { type Info, Kind, type Labels, type Mount } from '../snapshot/types';
+import { type Info, Kind, type Labels, type Mount } from '../store/types';
 import { classify, toGrpcError } from './status';
 
 /**

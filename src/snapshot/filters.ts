@@ -1,6 +1,6 @@
 import { invalidArgument } from '../errdefs/errors';
-import type { Info } from './types';
-import { kindName } from './types';
+import type { Info } from '../store/types';
+import { kindName } from '../store/types';
 
 /**
  * containerd's filter syntax, as sent by its List calls:

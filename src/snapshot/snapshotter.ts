@@ -23,11 +23,11 @@ import { readImageDeviceTags } from '../convert/erofs-format';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { compileFilters } from './filters';
-import { type IntegrityReport, LayerIntegrity } from './integrity';
+import { type IntegrityReport, LayerIntegrity } from '../layers/integrity';
 import type { VerifyProgress } from '../store/verify';
 import { diskUsage, fsyncDir, readdirOrEmpty, removeAll } from '../util/fs';
-import { type LayerRow, MetaStore, checkKey } from './storage';
-import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from './types';
+import { type LayerRow, MetaStore, checkKey } from '../store/metastore';
+import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from '../store/types';
 
 /** A layer conversion finished (ok) or failed, for the audit log and /stats. */
 export interface ConvertEvent {

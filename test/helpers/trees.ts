@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
 import { mountAll, unmount } from '../../src/mount/mount';
-import type { Mount } from '../../src/snapshot/types';
+import type { Mount } from '../../src/store/types';
 import { deviceNumbers } from './fstest';
 import type { Expect } from './images';
 import type { Stack } from './stack';

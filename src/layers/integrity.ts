@@ -8,8 +8,8 @@ import { parseReference } from '../remote/reference';
 import type { ChunkRow, ChunkStore } from '../store/chunkstore';
 import { fileStamp } from '../store/segments';
 import { type VerifyProgress, type VerifyResult, verifyChunks } from '../store/verify';
-import type { MetaStore } from './storage';
-import { Kind } from './types';
+import type { MetaStore } from '../store/metastore';
+import { Kind } from '../store/types';
 
 /**
  * Which layers may be served: a layer whose image file does not hash to
