@@ -130,7 +130,7 @@ export class MetaStore {
       );
       -- v4: what each layer image should hash to (checked before it is
       -- mounted at start), and layers not served because their image or
-      -- their chunks are damaged (see snapshot/integrity.ts).
+      -- their chunks are damaged (see layers/integrity.ts).
       CREATE TABLE IF NOT EXISTS layer_images (
         snapshot_id  INTEGER PRIMARY KEY REFERENCES snapshots(id),
         sha256       TEXT    NOT NULL,

@@ -8,7 +8,7 @@ import { silentLogger } from '../log/logger';
  * Seals layer images (written once, never changed) with fs-verity where
  * ROOT's filesystem has it, so the kernel itself fails every read of a
  * damaged image with EIO; elsewhere images are checked against their
- * recorded SHA-256 at start (see snapshot/integrity.ts). The first image
+ * recorded SHA-256 at start (see layers/integrity.ts). The first image
  * decides, and the choice is logged once.
  */
 export class ImageSealer {
