@@ -3,7 +3,8 @@ import type { AuditLog } from '../audit/audit';
 import type { Ksm, KsmCounters } from '../ksm/ksm';
 import { listMounts } from '../mount/mountinfo';
 import type { Prefetcher } from '../ondemand/prefetch';
-import type { ConvertEvent, Snapshotter } from '../snapshot/snapshotter';
+import type { ConvertEvent } from '../layers/events';
+import type { Snapshotter } from '../snapshot/snapshotter';
 
 /** Conversion figures since the daemon started (durations of the last 1000). */
 export class ConversionMetrics {

@@ -1,6 +1,5 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { unmountErofs } from '../mount/erofs';
 import type { Logger } from '../log/logger';
 import type { ChunkEntry, LayerHeader } from '../remote/dedup-image';
 import { LABEL_CRI_IMAGE_REF, type RemoteLayers } from '../remote/lazy';
@@ -60,8 +59,8 @@ export interface IntegrityOptions {
   remote?: RemoteLayers | null;
   /** Path of layer `id`'s image file (store image or lazy image). */
   imagePath: (id: string) => string;
-  /** Where layer `id` is mounted. */
-  mountPath: (id: string) => string;
+  /** Detaches layer `id`'s mount and removes its mount point (the kernel seam). */
+  unmountLayer: (id: string) => void;
   /** Every EROFS layer now (for the scrub). */
   layerIds: () => string[];
   logger: Logger;
@@ -90,7 +89,7 @@ export class LayerIntegrity {
     if (this.o.ms.keyOf(id) === undefined) return false;
     const fresh = this.o.ms.quarantine(id, reason);
     try {
-      unmountErofs(this.o.mountPath(id));
+      this.o.unmountLayer(id);
     } catch (err) {
       this.o.logger.warn({ op: 'integrity', layer: id, snapshot: id, err: (err as Error).message }, `cannot unmount quarantined layer ${id}: ${(err as Error).message}`);
     }

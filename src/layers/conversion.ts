@@ -1,0 +1,216 @@
+import type { ConvertStats, ConvertedLayer, Converter } from '../convert/converter';
+import type { ConvertedLayerPusher } from '../convert/share';
+import { alreadyExists, notFound } from '../errdefs/errors';
+import type { Logger } from '../log/logger';
+import { criLayerOf } from '../remote/lazy';
+import type { ChunkStore } from '../store/chunkstore';
+import type { MetaStore } from '../store/metastore';
+import type { RootLayout } from '../store/root-layout';
+import type { Labels, Usage } from '../store/types';
+import { removeAll } from '../util/fs';
+import type { ConvertEvents } from './events';
+import type { LayerMounts } from './layer-mounts';
+import { recordLayer } from './record';
+import type { Sweeper } from './sweep';
+
+export interface ConversionOptions {
+  layout: RootLayout;
+  ms: MetaStore;
+  store: ChunkStore;
+  converter: Converter;
+  mounts: LayerMounts;
+  sweeper: Sweeper;
+  events: ConvertEvents;
+  /** registry.push_converted: pushes converted layers a CRI pull named. */
+  share: ConvertedLayerPusher | null;
+  logger: Logger;
+}
+
+/**
+ * Committed layer directories become EROFS images over the chunk store:
+ * in the background, one at a time in commit order (Commit returns at
+ * once; until converted the layer is served from its directory), or
+ * within Commit (convert_mode "sync"), which fails if the conversion does.
+ */
+export class ConversionQueue {
+  /** Background conversions waiting, in commit order. */
+  private readonly queue: string[] = [];
+  private running = false;
+  private closed = false;
+
+  constructor(private readonly o: ConversionOptions) {}
+
+  /** Number of layers waiting for or under conversion (or another job on a layer). */
+  get pending(): number {
+    return this.queue.length + this.o.mounts.busyCount;
+  }
+
+  enqueue(id: string): void {
+    if (this.queue.includes(id) || this.o.mounts.isBusy(id)) return;
+    this.queue.push(id);
+    void this.run();
+  }
+
+  close(): void {
+    this.closed = true;
+  }
+
+  /** One background conversion at a time: containerd's unpacking needs the other core. */
+  private async run(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    try {
+      while (this.queue.length > 0 && !this.closed) {
+        const id = this.queue.shift() as string;
+        await this.o.mounts.track(id, this.convertCommitted(id));
+      }
+    } finally {
+      this.running = false;
+    }
+  }
+
+  /**
+   * Converts committed snapshot `id` in the background. Until it is done the
+   * layer is served from its directory; a failure leaves it that way (and is
+   * retried at the next start), so nothing containerd sees breaks.
+   */
+  private async convertCommitted(id: string): Promise<void> {
+    const { ms, logger: log } = this.o;
+    const started = Date.now();
+    const key = ms.keyOf(id);
+    if (key === undefined || ms.getLayer(id) || this.closed) return;
+    log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
+    try {
+      const stats = await this.convert(id, started, () => {
+        if (ms.keyOf(id) === undefined) throw notFound(`snapshot ${id} was removed while it was being converted`);
+      });
+      this.logConverted(id, ms.keyOf(id) ?? key, stats, started);
+      this.o.events.emit({ key: ms.keyOf(id) ?? key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'background' });
+      this.o.sweeper.retire(id);
+      const now = ms.keyOf(id);
+      if (now !== undefined) this.offerShare(id, ms.getInfo(now).info.labels);
+    } catch (err) {
+      if (ms.keyOf(id) === undefined || this.closed) {
+        log.info({ op: 'convert', key, snapshot: id, layer: id }, 'layer removed before its conversion finished');
+        return;
+      }
+      this.o.events.emit({ key, layer: id, ok: false, error: (err as Error).message, durationMs: Date.now() - started, mode: 'background' });
+      log.error({ op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message }, `auto-convert of layer ${id} to EROFS failed; it stays a directory until the next start`);
+    }
+  }
+
+  /**
+   * Commit with conversion: the layer directory becomes images/<id>.erofs
+   * over the chunk store, mounted at mnt/<id>, and the row, the layer and its
+   * chunk references are recorded in one transaction (`commitRow`). On
+   * failure the active snapshot is untouched (containerd can retry) and no
+   * image remains. `again`: the whole Commit, when another one of the same
+   * snapshot was under way (answered as if the two ran one after the other).
+   */
+  async commitConverted(id: string, name: string, key: string, labels: Labels | undefined, started: number, usage: () => Promise<Usage>, again: () => Promise<void>): Promise<void> {
+    const { ms, mounts } = this.o;
+    // Fail fast, before minutes of work, on what the transaction would refuse.
+    if (ms.has(name)) throw alreadyExists(`snapshot ${JSON.stringify(name)} already exists`);
+    const inflight = mounts.jobOf(id);
+    if (inflight) {
+      await inflight.catch(() => undefined);
+      return again();
+    }
+    await mounts.track(id, this.convertAndCommit(id, name, key, labels, usage, started));
+  }
+
+  private async convertAndCommit(id: string, name: string, key: string, labels: Labels | undefined, measure: () => Promise<Usage>, started: number): Promise<void> {
+    const { ms, logger: log } = this.o;
+    // Usage as containerd's snapshotters report it: the layer's files as
+    // unpacked (what is stored is in the layer's row and in /stats).
+    const usage = await measure();
+    log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
+    try {
+      const stats = await this.convert(id, started, () => {
+        ms.commitActive(key, name, usage, labels);
+      });
+      // Recorded, and nothing ever mounted the directory as a layer: it goes
+      // now, or once a push of the layer read it.
+      if (this.offerShare(id, labels)) this.o.sweeper.retire(id, 0);
+      else await removeAll(this.o.layout.snapshotDir(id));
+      this.logConverted(id, name, stats, started);
+      this.o.events.emit({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'sync' });
+      log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
+    } catch (err) {
+      // Removed while it was being converted: as if the Remove ran first.
+      if (!ms.has(key) || ms.getInfo(key).id !== id) {
+        throw notFound(`snapshot ${JSON.stringify(key)} was removed while it was being committed`);
+      }
+      this.o.events.emit({ key, layer: id, ok: false, error: (err as Error).message, durationMs: Date.now() - started, mode: 'sync' });
+      log.error({ op: 'convert', key, snapshot: id, layer: id, err: (err as Error).message }, `auto-convert of layer ${id} to EROFS failed`);
+      throw err;
+    }
+  }
+
+  /** Converts layer `id`'s directory and records it (see mountAndRecord). */
+  private convert(id: string, started: number, alsoInTx: () => void): Promise<ConvertStats> {
+    return this.o.converter.convert(id, this.o.layout.upper(id), this.mountAndRecord(id, started, alsoInTx));
+  }
+
+  /**
+   * The converter's `finish` for layer `id`: mounts the image at mnt/<id>
+   * and, in one transaction, runs `alsoInTx` and records chunks, references
+   * and the layer row; on failure the mount goes again (the converter
+   * removes the rest). Also used for remote layers.
+   */
+  mountAndRecord(id: string, started: number, alsoInTx: () => void): (layer: ConvertedLayer) => ConvertStats {
+    const { ms, store, mounts } = this.o;
+    return (layer) => {
+      mounts.mountImage(id, layer.hasBlob, layer.image);
+      try {
+        ms.transaction(() => {
+          alsoInTx();
+          recordLayer(ms, store, id, layer, 'new', started);
+        });
+      } catch (err) {
+        mounts.unmount(id);
+        throw err;
+      }
+      return layer.stats;
+    };
+  }
+
+  private logConverted(id: string, key: string, stats: ConvertStats, started: number): void {
+    this.o.logger.info(
+      {
+        op: 'convert',
+        key,
+        snapshot: id,
+        layer: id,
+        logical_bytes: stats.logicalBytes,
+        stored_bytes: stats.newBytes,
+        image_bytes: stats.imageBytes,
+        chunks: stats.chunks,
+        new_chunks: stats.newChunks,
+        dedup_chunks: stats.dedupChunks,
+        mkfs_ms: stats.mkfsMs,
+        import_ms: stats.importMs,
+        duration_ms: Date.now() - started,
+      },
+      `converted layer ${id} to EROFS: ${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`,
+    );
+  }
+
+  /**
+   * registry.push_converted: offers converted layer `id` to the pusher, which
+   * reads its directory (kept meanwhile: the sweep skips it). False when
+   * nothing is pushed (off, or the labels name no image layer).
+   */
+  private offerShare(id: string, labels: Labels | undefined): boolean {
+    const { share, mounts, ms, layout } = this.o;
+    if (!share || !criLayerOf(labels)) return false;
+    mounts.sharing.add(id);
+    return share.offer({
+      id,
+      dir: layout.upper(id),
+      labels: labels as Labels,
+      alive: () => ms.keyOf(id) !== undefined,
+      release: () => mounts.sharing.delete(id),
+    });
+  }
+}

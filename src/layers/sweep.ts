@@ -1,0 +1,116 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from '../log/logger';
+import type { LazyLoader } from '../ondemand/lazy-loader';
+import type { MetaStore } from '../store/metastore';
+import type { RootLayout } from '../store/root-layout';
+import { readdirOrEmpty, removeAll } from '../util/fs';
+import type { LayerMounts } from './layer-mounts';
+
+export interface SweeperOptions {
+  layout: RootLayout;
+  ms: MetaStore;
+  mounts: LayerMounts;
+  loader: LazyLoader | null;
+  logger: Logger;
+}
+
+/**
+ * Deletes what no row needs any more: the old directories of converted
+ * layers once no mount uses them (retired), and mounts, images and lazy
+ * files of layers no row names.
+ */
+export class Sweeper {
+  private timer: NodeJS.Timeout | null = null;
+  private closed = false;
+
+  constructor(private readonly o: SweeperOptions) {}
+
+  /** The directory of converted layer `id` goes once no mount uses it (`at`: when it was retired; 0: no grace). */
+  retire(id: string, at = Date.now()): void {
+    this.o.mounts.retired.set(id, at);
+    if (!this.timer) {
+      this.timer = setInterval(() => void this.sweepRetired(), Math.max(250, Math.min(5000, this.o.mounts.graceMs / 2)));
+      this.timer.unref();
+    }
+  }
+
+  /**
+   * Deletes the old directories of converted layers that no mount in the
+   * mount table names (as a bind root or an overlay lowerdir, also the
+   * relative form containerd uses for long option strings) and that were
+   * not handed out in a mount for the grace time (containerd mounts what
+   * Prepare returns a moment later).
+   */
+  async sweepRetired(): Promise<number> {
+    const { mounts, ms, layout } = this.o;
+    const retired = mounts.retired;
+    if (this.closed || retired.size === 0) return 0;
+    const table = mounts.kernel.mountTable();
+    const now = Date.now();
+    let removed = 0;
+    for (const [id, at] of [...retired]) {
+      if (ms.keyOf(id) === undefined) {
+        retired.delete(id);
+        continue;
+      }
+      const last = Math.max(at, mounts.lastHandedOut(id));
+      if (now - last < mounts.graceMs || mounts.sharing.has(id)) continue;
+      if (new RegExp(`(^|[\\s=:,/])${id}/fs([\\s:,/]|$)`, 'm').test(table)) continue;
+      retired.delete(id);
+      mounts.forget(id);
+      const doomed = layout.removedDir(id);
+      try {
+        fs.renameSync(layout.snapshotDir(id), doomed);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      await removeAll(doomed);
+      removed++;
+      this.o.logger.debug({ op: 'convert', snapshot: id, layer: id }, 'directory of converted layer removed');
+    }
+    if (retired.size === 0 && this.timer) {
+      clearInterval(this.timer);
+      this.timer = null;
+    }
+    return removed;
+  }
+
+  /**
+   * Unmounts and deletes mounts/images of layers no row names (and nothing
+   * is working on); lazy files of layers that are not lazy (any more);
+   * images/<id>.erofs of lazy layers (a settle the daemon died in).
+   */
+  async sweepLayerOrphans(live: Set<string>): Promise<number> {
+    const { mounts, ms, layout, loader } = this.o;
+    const kernel = mounts.kernel;
+    let n = 0;
+    const keep = (id: string) => live.has(id) || mounts.isBusy(id);
+    for (const name of readdirOrEmpty(layout.mntDir)) {
+      if (keep(name)) continue;
+      kernel.unmount(path.join(layout.mntDir, name));
+      n++;
+    }
+    const lazy = new Set(ms.lazyLayers().map((r) => String(r.snapshot_id)));
+    for (const id of loader?.orphans((id) => lazy.has(id) || mounts.isBusy(id)) ?? []) {
+      loader?.drop(id);
+      n++;
+    }
+    const busy = mounts.busyIds();
+    for (const name of readdirOrEmpty(layout.imagesDir)) {
+      const id = /^(\d+)\.erofs$/.exec(name)?.[1];
+      if (id !== undefined && keep(id) && (!lazy.has(id) || mounts.isBusy(id))) continue;
+      if (id === undefined && busy.some((c) => name.startsWith(`${c}.erofs.tmp`))) continue;
+      fs.rmSync(path.join(layout.imagesDir, name), { force: true });
+      n++;
+    }
+    return n;
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+  }
+}

@@ -1,0 +1,251 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { Converter } from '../convert/converter';
+import { readImageDeviceTags } from '../convert/erofs-format';
+import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
+import { ConvertedLayerPusher } from '../convert/share';
+import { ConversionQueue } from '../layers/conversion';
+import { type ConvertEvent, ConvertEvents } from '../layers/events';
+import { LayerIntegrity } from '../layers/integrity';
+import { LayerMounts } from '../layers/layer-mounts';
+import { type ImportSnapshots, RemoteImporter } from '../layers/remote-import';
+import { Settler } from '../layers/settle';
+import { Sweeper } from '../layers/sweep';
+import type { Logger } from '../log/logger';
+import { silentLogger } from '../log/logger';
+import type { MountMode } from '../mount/erofs';
+import { type LayerKernel, SystemKernel } from '../mount/kernel';
+import type { GroupFdStore } from '../ondemand/fdstore';
+import { type LazyBackend, LazyLoader } from '../ondemand/lazy-loader';
+import type { RemoteLayers } from '../remote/lazy';
+import { ChunkStore, type StoreLayout } from '../store/chunkstore';
+import { MetaStore } from '../store/metastore';
+import { DEFAULT_RESERVE_BYTES, SpaceReserve } from '../store/reserve';
+import { RootLayout } from '../store/root-layout';
+import { ImageSealer } from '../store/seal';
+import type { VerifyProgress } from '../store/verify';
+import { fsyncDir } from '../util/fs';
+
+export interface SnapshotterOptions {
+  root: string;
+  logger?: Logger;
+  /** Bytes of ROOT/reserve, released so a Remove goes through on a full disk (0: none; default DEFAULT_RESERVE_BYTES). */
+  reserveBytes?: number;
+  /** Called after each conversion; must not throw or block. */
+  onConvert?: (e: ConvertEvent) => void;
+  /**
+   * What the layers ask of the kernel (mounts, unmounts, the mount table,
+   * leases); default: the real kernel. Tests pass a fake.
+   */
+  kernel?: (storeFile: string, devicesOf: ((image: string) => string[]) | undefined, logger: Logger) => LayerKernel;
+  /** Dedup images in registries: layers made from metadata and the chunks the node lacks (lazy pull). */
+  remote?: RemoteLayers | null;
+  /**
+   * Remote layers load their data on demand, through fanotify or EROFS over
+   * fscache (the holder on `socket`, started with `holderCommand` when none
+   * answers, keeps the fanotify group or /dev/cachefiles); null: their
+   * missing chunks are fetched before Prepare returns.
+   */
+  ondemand?: {
+    backend: LazyBackend;
+    socket: string;
+    holderCommand: string[] | null;
+    attempts?: number;
+    prefetch?: 'none' | 'list' | 'all';
+    prefetchMbps?: number;
+    prefetchConcurrency?: number;
+    /** fscache: cache directory (a disk filesystem), cachefiles tag, EROFS domain_id. */
+    fscache?: { dir: string; tag: string; domain: string };
+    /** fanotify: move fully loaded lazy layers nothing uses into the chunk store (default true; see layers/settle.ts). */
+    settle?: boolean;
+    /** fanotify: systemd's fd store, a third holder of the group (see ondemand/fdstore.ts). */
+    fdStore?: GroupFdStore | null;
+    /** fanotify: the group the fd store handed back at start (an fd taken over by the loader), or -1. */
+    storedGroup?: number;
+  } | null;
+  /** Convert committed layers to EROFS images over the chunk store (use_erofs). */
+  erofs?: {
+    chunkSize: number;
+    mkfs: string;
+    mountMode?: MountMode;
+    /** File-backed mounts: read the store with direct I/O ('auto': when the kernel has it). */
+    directIo?: 'auto' | boolean;
+    /** File-backed mounts: read-ahead in KiB ('auto': the store device's, at least one chunk). */
+    readAheadKb?: 'auto' | number;
+    /**
+     * 'background': Commit records the layer as a directory and returns; the
+     * layer is converted afterwards (pulls do not wait for mkfs.erofs).
+     * 'sync': Commit converts before it returns, and fails if that fails.
+     */
+    convertMode?: 'background' | 'sync';
+    /** Background mode: how long a replaced directory is kept after it was last handed out in a mount. */
+    retireGraceMs?: number;
+    /** Where new chunks go: chunks.blob, or a sealed segment per import ('auto': segments where fs-verity works). */
+    storeLayout?: StoreLayout;
+    /** The most store segments one layer image reads from. */
+    storeMaxDevices?: number;
+  } | null;
+  /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
+  integrity?: { scrubMbps: number; scrubIntervalMs: number; onStartProgress?: (p: VerifyProgress) => void };
+  /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
+  pushConverted?: boolean;
+}
+
+/** The parts that exist only with use_erofs: each non-null inside. */
+export interface ErofsParts {
+  store: ChunkStore;
+  converter: Converter;
+  sealer: ImageSealer;
+  integrity: LayerIntegrity;
+  conversion: ConversionQueue;
+  /** 'background': Commit returns before the conversion; 'sync': Commit converts. */
+  background: boolean;
+  share: ConvertedLayerPusher | null;
+  /** With a remote (lazy pull) configured. */
+  importer: RemoteImporter | null;
+  /** With on-demand loading configured. */
+  loader: LazyLoader | null;
+  settler: Settler | null;
+}
+
+/** Everything the snapshotter is made of, built once from its options. */
+export interface LayerParts {
+  layout: RootLayout;
+  logger: Logger;
+  ms: MetaStore;
+  /** Space held back so Remove works on a full disk (store/reserve.ts). */
+  reserve: SpaceReserve;
+  kernel: LayerKernel;
+  mounts: LayerMounts;
+  sweeper: Sweeper;
+  events: ConvertEvents;
+  remote: RemoteLayers | null;
+  erofs: ErofsParts | null;
+  scrub: SnapshotterOptions['integrity'] | null;
+}
+
+/**
+ * Builds the snapshotter's parts under `opts.root`, in dependency order:
+ * the reserve and metadata first (a start on a full disk gets a slice of
+ * the reserve), then the chunk store, the kernel seam, the converter, the
+ * on-demand loader and the layer services over them. `snapshots` is what a
+ * remote import needs of the snapshot lifecycle (the snapshotter itself).
+ */
+export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapshots): LayerParts {
+  const logger = opts.logger ?? silentLogger();
+  const layout = new RootLayout(opts.root);
+  fs.mkdirSync(layout.root, { recursive: true, mode: 0o700 });
+  fs.mkdirSync(layout.snapshots, { recursive: true, mode: 0o700 });
+  const reserve = new SpaceReserve({ root: layout.root, bytes: opts.reserveBytes ?? DEFAULT_RESERVE_BYTES, logger });
+  // A start on a full disk: opening the database makes its WAL's
+  // shared-memory file (SQLite deletes it at every clean close), which
+  // needs blocks; a slice of the reserve gives them.
+  const ms = reserve.whenFull('opening metadata.db', () => new MetaStore(layout.metadataDb));
+  reserve.restore();
+  const remote = opts.remote ?? null;
+  const events = new ConvertEvents(logger);
+  events.listener = opts.onConvert;
+  const makeKernel = opts.kernel ?? ((storeFile, devicesOf, log) => new SystemKernel(storeFile, { devicesOf, mode: opts.erofs?.mountMode ?? 'auto', directIo: opts.erofs?.directIo ?? 'auto', readAheadKb: opts.erofs?.readAheadKb ?? 'auto', chunkSize: opts.erofs?.chunkSize, logger: log }));
+  const e = opts.erofs;
+  if (!e) {
+    const kernel = makeKernel('', undefined, logger);
+    const mounts = new LayerMounts({ layout, ms, kernel, images: false, loader: null, integrity: null, logger, retireGraceMs: 5_000 });
+    const sweeper = new Sweeper({ layout, ms, mounts, loader: null, logger });
+    return { layout, logger, ms, reserve, kernel, mounts, sweeper, events, remote, erofs: null, scrub: opts.integrity ?? null };
+  }
+  // Probed once, on first use; a failed probe is retried on the next use.
+  let probe: Promise<MkfsFeatures> | null = null;
+  const mkfsFeatures = () => {
+    if (!probe) {
+      probe = probeMkfs(e.mkfs);
+      probe.catch(() => (probe = null));
+    }
+    return probe;
+  };
+  const store = new ChunkStore({ root: layout.root, db: ms.db, logger, layout: e.storeLayout, maxDevices: e.storeMaxDevices });
+  const kernel = makeKernel(store.blobPath, (image) => store.devicePaths(readImageDeviceTags(image)), logger);
+  const sealer = new ImageSealer({ logger });
+  const converter = new Converter({ seal: (file) => sealer.seal(file), store, mkfs: mkfsFeatures, imagesDir: layout.imagesDir, tmpDir: layout.tmpDir, chunkSize: e.chunkSize });
+  const retireGraceMs = e.retireGraceMs ?? 5_000;
+  const od = opts.ondemand && remote ? opts.ondemand : null;
+  // Late-bound: the loader calls back into parts built after it.
+  let mountsRef: LayerMounts | null = null;
+  let settlerRef: Settler | null = null;
+  const loader = od
+    ? new LazyLoader({
+        backend: od.backend,
+        fscache: od.fscache,
+        onComplete: () => settlerRef?.schedule(retireGraceMs),
+        onGroupLost: (ids) => {
+          for (const id of ids) (mountsRef as LayerMounts).remountStale(id).catch((err: Error) => logger.error({ op: 'ondemand', layer: id, err: err.message }, `cannot mount lazy layer ${id} again: ${err.message}`));
+        },
+        mountPath: (id) => layout.mnt(id),
+        dir: layout.lazyDir,
+        socket: od.socket,
+        holderCommand: od.holderCommand,
+        holderLog: path.join(path.dirname(od.socket), 'holder.log'),
+        attempts: od.attempts,
+        prefetch: od.prefetch,
+        prefetchMbps: od.prefetchMbps,
+        prefetchConcurrency: od.prefetchConcurrency,
+        remote: remote as RemoteLayers,
+        store,
+        logger,
+        fdStore: od.fdStore,
+        storedGroup: od.storedGroup,
+      })
+    : null;
+  if (loader) migrateLazyImages(ms, layout, loader);
+  const integrity = new LayerIntegrity({
+    ms,
+    store,
+    remote,
+    imagePath: (id) => (loader && ms.isLazy(id) ? loader.imageOf(id) : layout.image(id)),
+    unmountLayer: (id) => kernel.unmount(layout.mnt(id)),
+    layerIds: () => ms.layers().map((l) => String(l.snapshot_id)),
+    logger,
+    onStartProgress: opts.integrity?.onStartProgress,
+  });
+  const mounts = new LayerMounts({ layout, ms, kernel, images: true, loader, integrity, logger, retireGraceMs });
+  mountsRef = mounts;
+  const sweeper = new Sweeper({ layout, ms, mounts, loader, logger });
+  const share = opts.pushConverted && remote ? new ConvertedLayerPusher({ client: remote.client, mkfs: mkfsFeatures, chunkSize: e.chunkSize, workDir: layout.tmpDir, logger }) : null;
+  const conversion = new ConversionQueue({ layout, ms, store, converter, mounts, sweeper, events, share, logger });
+  // fscache: while an overlay uses a clone of the layer's mount, its reads
+  // keep coming to this process as READs of the layer's blobs, which only
+  // the lazy files answer; serving them from the store is not built, so
+  // such layers stay lazy (docs/lazy-pull.md, "Settling").
+  const settler = loader && od ? new Settler({ ms, store, converter, loader, mounts, logger, enabled: (od.settle ?? true) && od.backend === 'fanotify' }) : null;
+  settlerRef = settler;
+  const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, logger }) : null;
+  return {
+    layout,
+    logger,
+    ms,
+    reserve,
+    kernel,
+    mounts,
+    sweeper,
+    events,
+    remote,
+    erofs: { store, converter, sealer, integrity, conversion, background: (e.convertMode ?? 'background') === 'background', share, importer, loader, settler },
+    scrub: opts.integrity ?? null,
+  };
+}
+
+/**
+ * Lazy layers made before their image moved to lazy/<id>.erofs kept it at
+ * images/<id>.erofs: moved now, before anything reads either (a mount
+ * keeps the file it opened).
+ */
+function migrateLazyImages(ms: MetaStore, layout: RootLayout, loader: LazyLoader): void {
+  for (const r of ms.lazyLayers()) {
+    const id = String(r.snapshot_id);
+    const old = layout.image(id);
+    if (!fs.existsSync(loader.imageOf(id)) && fs.existsSync(old)) {
+      fs.renameSync(old, loader.imageOf(id));
+      fsyncDir(path.dirname(old));
+      fsyncDir(path.dirname(loader.imageOf(id)));
+    }
+  }
+}
