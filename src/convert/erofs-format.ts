@@ -110,9 +110,9 @@ function dirData(img: Buffer, sb: Superblock, ino: Inode): Buffer[] {
   return blocks;
 }
 
-/** nids of a directory's entries, without "." and "..". */
-function childNids(img: Buffer, sb: Superblock, dir: Inode): number[] {
-  const out: number[] = [];
+/** A directory's entries (name as raw bytes, nid), without "." and "..". */
+function childEntries(img: Buffer, sb: Superblock, dir: Inode): { name: Buffer; nid: number }[] {
+  const out: { name: Buffer; nid: number }[] = [];
   for (const block of dirData(img, sb, dir)) {
     if (block.length < 12) continue;
     const count = Math.floor(block.readUInt16LE(8) / 12);
@@ -126,9 +126,35 @@ function childNids(img: Buffer, sb: Superblock, dir: Inode): number[] {
       if (nul >= 0) name = name.subarray(0, nul);
       const s = name.toString('latin1');
       if (s === '.' || s === '..') continue;
-      out.push(nid);
+      out.push({ name, nid });
     }
   }
+  return out;
+}
+
+/** nids of a directory's entries, without "." and "..". */
+function childNids(img: Buffer, sb: Superblock, dir: Inode): number[] {
+  return childEntries(img, sb, dir).map((e) => e.nid);
+}
+
+/**
+ * Every path of an image's tree below its root ("/a/b", names decoded as
+ * UTF-8) with its inode number (nid) and mode: paths sharing a nid are
+ * hardlinks. Directories before their entries.
+ */
+export function listImageTree(img: Buffer): { path: string; nid: number; mode: number }[] {
+  const sb = readSuperblock(img);
+  const out: { path: string; nid: number; mode: number }[] = [];
+  const visit = (dir: Inode, prefix: string, depth: number): void => {
+    if (depth > 4096) throw new ErofsFormatError('directory tree deeper than 4096 levels');
+    for (const e of childEntries(img, sb, dir)) {
+      const ino = readInode(img, sb, e.nid);
+      const p = `${prefix}/${e.name.toString('utf8')}`;
+      out.push({ path: p, nid: e.nid, mode: ino.mode });
+      if ((ino.mode & S_IFMT) === S_IFDIR) visit(ino, p, depth + 1);
+    }
+  };
+  visit(readInode(img, sb, sb.rootNid), '', 0);
   return out;
 }
 
