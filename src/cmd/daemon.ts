@@ -5,7 +5,7 @@ import { type ApiHandle, startApiServer } from '../api/server';
 import { ConversionMetrics } from '../api/stats';
 import { AuditLog } from '../audit/audit';
 import { type Config, ConfigError, loadConfig } from '../config/config';
-import { prepareSocketPath, startGrpcServer } from '../grpc/server';
+import { startGrpcServer } from '../grpc/server';
 import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
 import { erofsSupported } from '../mount/erofs';
@@ -17,6 +17,7 @@ import { RemoteLayers } from '../remote/lazy';
 import { RegistryClient } from '../remote/registry';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { sdListenFds, sdNotify } from '../systemd/notify';
+import { prepareSocketPath } from '../util/socket';
 
 const VERSION: string = (() => {
   try {
