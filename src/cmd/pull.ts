@@ -1,5 +1,5 @@
 import { ConfigError, loadConfig } from '../config/config';
-import { ContainerdClient } from '../grpc/containerd-client';
+import { ContainerdClient } from '../containerd/client';
 import { defaultDockerConfigPath } from '../remote/auth';
 import { pullDedupImage } from '../remote/pull';
 import { parseReference } from '../remote/reference';

@@ -24,8 +24,8 @@ import {
 } from '../../native/fanotify';
 import { MNT_DETACH, MS_RDONLY, mount, umount2 } from '../../native/mount';
 import { type Config, ConfigError, DEFAULT_CONFIG_PATH, defaultConfig, loadConfig } from '../config/config';
+import { snapshotsService } from '../containerd/proto';
 import { type MkfsFeatures, buildChunkedImage, probeMkfs } from '../convert/mkfs';
-import { snapshotsService } from '../grpc/proto';
 import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { isMountPoint, listMounts } from '../mount/mountinfo';
 import { proxyPluginSnippet, readContainerdToml } from './containerd-toml';

@@ -1,9 +1,9 @@
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
+import { snapshotsService } from '../containerd/proto';
 import type { Logger } from '../log/logger';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import { prepareSocketPath } from '../util/socket';
-import { snapshotsService } from './proto';
 import { type MutationEvent, createSnapshotsHandlers } from './service';
 
 export interface GrpcServerHandle {

@@ -1,6 +1,6 @@
 import crypto from 'node:crypto';
 import { failedPrecondition, invalidArgument } from '../errdefs/errors';
-import type { ContainerdClient } from '../grpc/containerd-client';
+import type { ContainerdClient } from '../containerd/client';
 import { type Platform, hostPlatform } from '../convert/image-convert';
 import { MEDIA_TYPE_LAYER, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST } from './dedup-image';
 import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from './lazy';
