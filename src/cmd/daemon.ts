@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { healthProblem } from '../api/health';
+import type { ServedParts } from '../api/parts';
 import { type ApiHandle, startApiServer } from '../api/server';
 import { ConversionMetrics } from '../api/stats';
 import { AuditLog } from '../audit/audit';
@@ -26,6 +27,28 @@ const VERSION: string = (() => {
     return 'unknown';
   }
 })();
+
+/**
+ * What the HTTP API reads (health, stats, metrics): the snapshotter's parts,
+ * for now. The one place they are wired; parts built outside the
+ * snapshotter are passed here instead.
+ */
+function servedParts(sn: Snapshotter): ServedParts {
+  return {
+    root: sn.root,
+    metastore: sn.ms,
+    store: sn.store,
+    mounter: sn.mounter,
+    loader: sn.loader,
+    remote: sn.remote,
+    share: sn.share,
+    sealer: sn.sealer,
+    integrity: sn.integrity,
+    reserve: sn.reserve,
+    pendingConversions: () => sn.pendingConversions,
+    settledLayers: () => sn.settledLayers,
+  };
+}
 
 /** Runs the daemon until SIGTERM/SIGINT. Wiring only. */
 export async function runDaemon(): Promise<void> {
@@ -199,6 +222,7 @@ export async function runDaemon(): Promise<void> {
 
   let stopping = false;
   const startedAt = Date.now();
+  const parts = servedParts(snapshotter);
   const prefetch = new Prefetcher({
     resolve: (imageId) => snapshotter.layerRoots(imageId),
     traceDir: cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'),
@@ -279,8 +303,8 @@ export async function runDaemon(): Promise<void> {
       address: cfg.api.address,
       logger: log,
       prefetch,
-      stats: { sn: snapshotter, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
-      health: () => healthProblem({ stopping, grpcAddress: cfg.address, sn: snapshotter }),
+      stats: { parts, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
+      health: () => healthProblem({ stopping, grpcAddress: cfg.address, parts }),
       fsck: snapshotter.integrity
         ? async (onProgress) => {
             const started = Date.now();
