@@ -4,8 +4,8 @@
  * to do about it: the daemon chooses its on-demand backend from them
  * (ondemand/backend.ts) and the doctor prints them as its checks. Each
  * tests for real where that takes nothing from the host (a fanotify mark on
- * a scratch file), and only looks where it would (/dev/cachefiles has one
- * opener per host).
+ * a scratch file), and only looks where a test would (opening
+ * /dev/cachefiles takes the host's one opener slot).
  */
 import fs from 'node:fs';
 import os from 'node:os';
