@@ -2,9 +2,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import Fastify, { type FastifyInstance } from 'fastify';
-import { prepareSocketPath } from '../grpc/server';
 import type { Logger } from '../log/logger';
 import { PrefetchError, type Prefetcher } from '../ondemand/prefetch';
+import { prepareSocketPath } from '../util/socket';
 import { type StatsSources, collectStats, toPrometheus } from './stats';
 
 /**

@@ -3,8 +3,14 @@ import type { AuditLog } from '../audit/audit';
 import type { Ksm, KsmCounters } from '../ksm/ksm';
 import { listMounts } from '../mount/mountinfo';
 import type { Prefetcher } from '../ondemand/prefetch';
-import type { ConvertEvent } from '../layers/events';
-import type { Snapshotter } from '../snapshot/snapshotter';
+import type { ServedParts } from './parts';
+
+/** What a finished or failed layer conversion reports (the snapshotter's ConvertEvent). */
+export interface ConversionResult {
+  ok: boolean;
+  durationMs: number;
+  stats?: { logicalBytes: number };
+}
 
 /** Conversion figures since the daemon started (durations of the last 1000). */
 export class ConversionMetrics {
@@ -14,7 +20,7 @@ export class ConversionMetrics {
   lastMs: number | null = null;
   private durations: number[] = [];
 
-  record(e: ConvertEvent): void {
+  record(e: ConversionResult): void {
     if (!e.ok) {
       this.failures++;
       return;
@@ -34,7 +40,7 @@ export class ConversionMetrics {
 }
 
 export interface StatsSources {
-  sn: Snapshotter;
+  parts: ServedParts;
   conversions: ConversionMetrics;
   prefetch: Prefetcher | null;
   ksm: Ksm;
@@ -119,9 +125,9 @@ export interface Stats {
   disk_reserve: { state: string; bytes: number; held_bytes: number; released_at: string | null; reason: string | null };
 }
 
-function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
-  const r = sn.remote?.counters;
-  const l = sn.loader;
+function ondemandStats(parts: ServedParts): Stats['ondemand'] {
+  const r = parts.remote?.counters;
+  const l = parts.loader;
   const lc = l?.counters;
   const sum = l?.summary() ?? { layers: 0, incomplete: 0, missing_chunks: 0 };
   // At Prepare, each chunk of a remote layer is a hit (on the node) or a
@@ -131,7 +137,7 @@ function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
   const hits = atPrepare.hits + (lc?.hits ?? 0);
   const misses = atPrepare.misses + (lc?.misses ?? 0);
   return {
-    backend: sn.remote ? (l?.backend ?? 'fetch') : null,
+    backend: parts.remote ? (l?.backend ?? 'fetch') : null,
     requests: atPrepare.hits + atPrepare.misses + (lc?.requests ?? 0),
     bytes: r?.bytes_fetched ?? 0,
     hits,
@@ -142,31 +148,31 @@ function ondemandStats(sn: Snapshotter): Stats['ondemand'] {
     incomplete_layers: sum.incomplete,
     missing_chunks: sum.missing_chunks,
     prefetch_bytes: lc?.prefetch_bytes ?? 0,
-    settled_layers: sn.settledLayers,
+    settled_layers: parts.settledLayers(),
   };
 }
 
 export function collectStats(src: StatsSources): Stats {
-  const { sn } = src;
-  const counts = sn.ms.counts();
-  const layers = sn.layerRows();
+  const { parts } = src;
+  const counts = parts.metastore.counts();
+  const layers = parts.metastore.layers();
   const logical = layers.reduce((a, l) => a + l.logical_bytes, 0);
   const images = layers.reduce((a, l) => a + l.image_bytes, 0);
   const chunkRefs = layers.reduce((a, l) => a + l.chunks, 0);
-  const store = sn.store?.stats() ?? { chunks: 0, badChunks: 0, storedBytes: 0, referencedBytes: 0, diskBytes: 0 };
-  const segRows = sn.store?.segments.rows() ?? [];
-  const mntDir = path.join(sn.root, 'mnt') + path.sep;
+  const store = parts.store?.stats() ?? { chunks: 0, badChunks: 0, storedBytes: 0, referencedBytes: 0, diskBytes: 0 };
+  const segRows = parts.store?.segments.rows() ?? [];
+  const mntDir = path.join(parts.root, 'mnt') + path.sep;
   const erofsMounts = listMounts().filter((m) => m.fstype === 'erofs' && m.target.startsWith(mntDir)).length;
   const mem = process.memoryUsage();
   const c = src.conversions;
   const p = src.prefetch?.counters;
-  const r = sn.remote?.counters;
+  const r = parts.remote?.counters;
   return {
     version: src.version,
     uptime_seconds: Math.round((Date.now() - src.startedAt) / 100) / 10,
     process: { pid: process.pid, rss_bytes: mem.rss, heap_used_bytes: mem.heapUsed },
     snapshots: { ...counts, total: counts.active + counts.view + counts.committed },
-    layers: { total: counts.committed, erofs: layers.length, directory: counts.committed - layers.length, converting: sn.pendingConversions },
+    layers: { total: counts.committed, erofs: layers.length, directory: counts.committed - layers.length, converting: parts.pendingConversions() },
     bytes: {
       logical,
       stored: store.storedBytes,
@@ -178,25 +184,25 @@ export function collectStats(src: StatsSources): Stats {
     dedup_ratio: store.storedBytes > 0 ? Math.round((logical / store.storedBytes) * 1000) / 1000 : null,
     chunks: { total: chunkRefs, unique: store.chunks, bad: store.badChunks },
     integrity: {
-      store_file: sn.store?.blobPath ?? null,
-      store_problem: sn.store?.fileProblem() ?? null,
-      store_restored: sn.store?.restoredFiles ?? 0,
-      verity_images: sn.sealer?.inUse ?? null,
-      store_layout: sn.store?.layout ?? null,
+      store_file: parts.store?.blobPath ?? null,
+      store_problem: parts.store?.fileProblem() ?? null,
+      store_restored: parts.store?.restoredFiles ?? 0,
+      verity_images: parts.sealer?.inUse ?? null,
+      store_layout: parts.store?.layout ?? null,
       store_segments: segRows.length,
       sealed_segments: segRows.filter((r) => r.verity !== null).length,
-      quarantined_layers: sn.integrity?.problems() ?? [],
-      last_scrub_ms: sn.integrity?.lastScrubMs ?? null,
-      scrubbed_bytes: sn.integrity?.scrubbedBytes ?? 0,
+      quarantined_layers: parts.integrity?.problems() ?? [],
+      last_scrub_ms: parts.integrity?.lastScrubMs ?? null,
+      scrubbed_bytes: parts.integrity?.scrubbedBytes ?? 0,
     },
     conversions: { count: c.count, failures: c.failures, bytes: c.bytes, last_ms: c.lastMs, p50_ms: c.percentile(50), p99_ms: c.percentile(99) },
     mounts: {
-      backend: sn.mounter?.current ?? null,
+      backend: parts.mounter?.current ?? null,
       erofs_layers: erofsMounts,
-      direct_io: sn.mounter ? sn.mounter.directIoInUse : null,
-      read_ahead_kb: sn.mounter?.readAheadInUse ?? null,
+      direct_io: parts.mounter ? parts.mounter.directIoInUse : null,
+      read_ahead_kb: parts.mounter?.readAheadInUse ?? null,
     },
-    ondemand: ondemandStats(sn),
+    ondemand: ondemandStats(parts),
     remote: {
       layers: r?.layers ?? 0,
       metadata_bytes: r?.metadata_bytes ?? 0,
@@ -204,7 +210,7 @@ export function collectStats(src: StatsSources): Stats {
       bytes_saved: r?.bytes_local ?? 0,
       fetch_errors: r?.fetch_errors ?? 0,
       converted_layers: r?.converted_layers ?? 0,
-      shared: sn.share ? { ...sn.share.counters, pending: sn.share.pending } : null,
+      shared: parts.share ? { ...parts.share.counters, pending: parts.share.pending } : null,
     },
     prefetch: {
       requests: p?.requests ?? 0,
@@ -221,7 +227,7 @@ export function collectStats(src: StatsSources): Stats {
     },
     ksm: { enabled: src.ksmEnabled, state: src.ksm.state, reason: src.ksm.reason, counters: src.ksm.counters() },
     audit: src.audit ? { ...src.audit.counters } : null,
-    disk_reserve: (({ path: _p, ...r }) => r)(sn.reserve.status),
+    disk_reserve: (({ path: _p, ...r }) => r)(parts.reserve.status),
   };
 }
 

@@ -1,22 +1,25 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { healthProblem } from '../api/health';
+import type { ServedParts } from '../api/parts';
 import { type ApiHandle, startApiServer } from '../api/server';
 import { ConversionMetrics } from '../api/stats';
 import { AuditLog } from '../audit/audit';
 import { type Config, ConfigError, loadConfig } from '../config/config';
-import { prepareSocketPath, startGrpcServer } from '../grpc/server';
+import { startGrpcServer } from '../grpc/server';
+import { erofsSupported } from '../kernel/probes';
 import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
-import { erofsSupported } from '../mount/erofs';
 import { type OndemandChoice, chooseOndemandBackend } from '../ondemand/backend';
 import { GroupFdStore, takeStoredGroup } from '../ondemand/fdstore';
 import { Prefetcher } from '../ondemand/prefetch';
 import { defaultDockerConfigPath } from '../remote/auth';
 import { RemoteLayers } from '../remote/lazy';
 import { RegistryClient } from '../remote/registry';
+import type { LayerParts } from '../snapshot/compose';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { sdListenFds, sdNotify } from '../systemd/notify';
+import { prepareSocketPath } from '../util/socket';
 
 const VERSION: string = (() => {
   try {
@@ -25,6 +28,29 @@ const VERSION: string = (() => {
     return 'unknown';
   }
 })();
+
+/**
+ * What the HTTP API reads (health, stats, metrics): the snapshotter's parts,
+ * for now. The one place they are wired; parts built outside the
+ * snapshotter are passed here instead.
+ */
+function servedParts(parts: LayerParts): ServedParts {
+  const e = parts.erofs;
+  return {
+    root: parts.layout.root,
+    metastore: parts.ms,
+    store: e?.store ?? null,
+    mounter: e ? parts.kernel : null,
+    loader: e?.loader ?? null,
+    remote: parts.remote,
+    share: e?.share ?? null,
+    sealer: e?.sealer ?? null,
+    integrity: e?.integrity ?? null,
+    reserve: parts.reserve,
+    pendingConversions: () => e?.conversion.pending ?? 0,
+    settledLayers: () => e?.settler?.settled ?? 0,
+  };
+}
 
 /** Runs the daemon until SIGTERM/SIGINT. Wiring only. */
 export async function runDaemon(): Promise<void> {
@@ -198,6 +224,7 @@ export async function runDaemon(): Promise<void> {
 
   let stopping = false;
   const startedAt = Date.now();
+  const parts = servedParts(snapshotter.parts);
   const prefetch = new Prefetcher({
     resolve: (imageId) => snapshotter.layerRoots(imageId),
     traceDir: cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'),
@@ -278,8 +305,8 @@ export async function runDaemon(): Promise<void> {
       address: cfg.api.address,
       logger: log,
       prefetch,
-      stats: { sn: snapshotter, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
-      health: () => healthProblem({ stopping, grpcAddress: cfg.address, sn: snapshotter }),
+      stats: { parts, conversions, prefetch, get ksm() { return ksm; }, get ksmEnabled() { return ksmSettings.enabled; }, audit, version: VERSION, startedAt },
+      health: () => healthProblem({ stopping, grpcAddress: cfg.address, parts }),
       fsck: snapshotter.integrity
         ? async (onProgress) => {
             const started = Date.now();

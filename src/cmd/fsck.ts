@@ -1,6 +1,6 @@
 import http from 'node:http';
 import { apiTarget, configuredApiAddress } from './api-address';
-import { ContainerdClient } from '../grpc/containerd-client';
+import { ContainerdClient } from '../containerd/client';
 import type { IntegrityReport, LayerProblem } from '../layers/integrity';
 
 const USAGE = `usage: dedup-snapshotter fsck [--json] [--drop-broken] [--address HOST:PORT|SOCKET] [--containerd SOCK]

@@ -1,9 +1,9 @@
 import { ConfigError, loadConfig } from '../config/config';
-import { ContainerdClient } from '../grpc/containerd-client';
+import { ContainerdClient } from '../containerd/client';
 import { defaultDockerConfigPath } from '../remote/auth';
-import { pullDedupImage } from '../remote/pull';
 import { parseReference } from '../remote/reference';
 import { RegistryClient } from '../remote/registry';
+import { pullDedupImage } from './pull-image';
 
 const USAGE = `usage: dedup-snapshotter pull [--plain-http] [--address SOCK] [--namespace NS] [--snapshotter NAME] REF
 

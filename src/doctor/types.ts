@@ -1,15 +1,9 @@
-/** What one doctor check found. */
-export type CheckStatus = 'ok' | 'warn' | 'fail' | 'skip';
+import type { ProbeResult, ProbeStatus } from '../kernel/probes';
 
-export interface CheckResult {
-  /** Short name, printed in the second column (e.g. "kernel", "mkfs.erofs"). */
-  name: string;
-  status: CheckStatus;
-  /** What was tested and what came out, in one sentence or two. */
-  detail: string;
-  /** What to do about a non-ok result: commands or settings. May span lines (a TOML snippet). */
-  fix?: string;
-}
+/** What one doctor check found: the same shape as a kernel probe's result, which the doctor prints as its own. */
+export type CheckStatus = ProbeStatus;
+
+export type CheckResult = ProbeResult;
 
 /** Reports what a slow check is doing; the runner prints it only once the check has taken over a second. */
 export type Progress = (what: string) => void;

@@ -1,55 +1,6 @@
 /** Small helpers shared by the doctor's checks. */
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { listMounts } from '../mount/mountinfo';
-
-/**
- * A fresh directory for a check's test files, on the filesystem of ROOT when
- * ROOT exists (that is where the daemon mounts images and keeps the chunk
- * store, and filesystems differ: tmpfs, for one, has no fanotify pre-content
- * events), else in the system temp dir. The daemon never touches dot-names at
- * the top of ROOT.
- */
-export function scratchDir(root: string): { dir: string; where: string } {
-  try {
-    if (fs.statSync(root).isDirectory()) {
-      return { dir: fs.mkdtempSync(path.join(root, '.doctor-')), where: `under ROOT (${fsTypeOf(root) ?? 'unknown filesystem'})` };
-    }
-  } catch {
-    /* ROOT missing or unusable: fall back */
-  }
-  const tmp = os.tmpdir();
-  return { dir: fs.mkdtempSync(path.join(tmp, 'dedup-doctor-')), where: `in ${tmp} (${fsTypeOf(tmp) ?? 'unknown filesystem'}; ROOT does not exist yet)` };
-}
-
-/** The filesystem type holding `p` (the longest mount point that contains it), or null. */
-export function fsTypeOf(p: string): string | null {
-  let real: string;
-  try {
-    real = fs.realpathSync(p);
-  } catch {
-    return null;
-  }
-  let best: { target: string; fstype: string } | null = null;
-  try {
-    for (const m of listMounts()) {
-      const inside = real === m.target || m.target === '/' || real.startsWith(`${m.target}/`);
-      // Later entries shadow earlier ones on the same mount point.
-      if (inside && (!best || m.target.length >= best.target.length)) best = m;
-    }
-  } catch {
-    return null;
-  }
-  return best?.fstype ?? null;
-}
-
-/** The nearest existing ancestor of `p` (p itself if it exists). */
-export function existingAncestor(p: string): string {
-  let d = path.resolve(p);
-  while (!fs.existsSync(d) && path.dirname(d) !== d) d = path.dirname(d);
-  return d;
-}
 
 /** Where `bin` resolves: a path as given, or the first executable of that name in PATH. */
 export function whichBin(bin: string, envPath: string | undefined): string | null {

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import { failedPrecondition, internal, unavailable } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
-import type { LayerKernel } from '../mount/kernel';
+import type { LayerKernel } from '../mount/layer-kernel';
 import type { LazyLoader } from '../ondemand/lazy-loader';
 import type { LayerRow, MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';

@@ -53,14 +53,6 @@ export class ErofsMountError extends Error {
   }
 }
 
-export function erofsSupported(): boolean {
-  try {
-    return /\berofs\b/.test(fs.readFileSync('/proc/filesystems', 'utf8'));
-  } catch {
-    return false;
-  }
-}
-
 function errCode(err: unknown): string | undefined {
   return (err as { code?: string }).code;
 }

@@ -43,3 +43,24 @@ export function mountPoints(): string[] {
 export function isMountPoint(p: string): boolean {
   return mountPoints().includes(path.resolve(p));
 }
+
+/** The filesystem type holding `p` (the longest mount point that contains it), or null. */
+export function fsTypeOf(p: string): string | null {
+  let real: string;
+  try {
+    real = fs.realpathSync(p);
+  } catch {
+    return null;
+  }
+  let best: { target: string; fstype: string } | null = null;
+  try {
+    for (const m of listMounts()) {
+      const inside = real === m.target || m.target === '/' || real.startsWith(`${m.target}/`);
+      // Later entries shadow earlier ones on the same mount point.
+      if (inside && (!best || m.target.length >= best.target.length)) best = m;
+    }
+  } catch {
+    return null;
+  }
+  return best?.fstype ?? null;
+}

@@ -1,6 +1,5 @@
 import type { Config } from '../config/config';
-import { checkFanotify, checkFscache } from '../doctor/checks';
-import type { CheckResult } from '../doctor/types';
+import { type ProbeResult, probeFanotify, probeFscache } from '../kernel/probes';
 
 /** How remote layers get their data: loaded while read (fscache, fanotify) or fetched before Prepare returns. */
 export interface OndemandChoice {
@@ -9,20 +8,20 @@ export interface OndemandChoice {
 }
 
 export interface OndemandProbes {
-  fanotify: () => CheckResult;
-  fscache: (fanotify: CheckResult) => CheckResult;
+  fanotify: () => ProbeResult;
+  fscache: (fanotify: ProbeResult) => ProbeResult;
 }
 
 /**
  * Chooses the on-demand backend from the config and what this kernel and
- * ROOT's filesystem can do (the probes `doctor` runs): "auto" takes EROFS
- * over fscache when use_fscache is on and the kernel has it, else fanotify
- * pre-content events, else "fetch", and says why. A backend asked for by
- * name but impossible is an error naming why.
+ * ROOT's filesystem can do (the probes of kernel/probes.ts, which `doctor`
+ * runs too): "auto" takes EROFS over fscache when use_fscache is on and the
+ * kernel has it, else fanotify pre-content events, else "fetch", and says
+ * why. A backend asked for by name but impossible is an error naming why.
  */
 export function chooseOndemandBackend(
   cfg: Pick<Config, 'ondemand' | 'mount_backend' | 'root' | 'use_fscache'>,
-  probes: OndemandProbes = { fanotify: () => checkFanotify(cfg.root), fscache: (fanotify) => checkFscache({ fanotify, useFscache: cfg.use_fscache, root: cfg.root }) },
+  probes: OndemandProbes = { fanotify: () => probeFanotify(cfg.root), fscache: (fanotify) => probeFscache({ fanotify, useFscache: cfg.use_fscache, root: cfg.root }) },
 ): OndemandChoice {
   const wanted = cfg.ondemand.backend;
   if (wanted === 'fetch') return { backend: 'fetch', reason: 'ondemand.backend is "fetch"' };

@@ -14,7 +14,7 @@ import { Sweeper } from '../layers/sweep';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import type { MountMode } from '../mount/erofs';
-import { type LayerKernel, SystemKernel } from '../mount/kernel';
+import { type LayerKernel, SystemKernel } from '../mount/layer-kernel';
 import type { GroupFdStore } from '../ondemand/fdstore';
 import { type LazyBackend, LazyLoader } from '../ondemand/lazy-loader';
 import type { RemoteLayers } from '../remote/lazy';

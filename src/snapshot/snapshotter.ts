@@ -5,7 +5,7 @@ import { alreadyExists, failedPrecondition, internal, notFound } from '../errdef
 import type { ConvertEvent } from '../layers/events';
 import type { IntegrityReport, LayerIntegrity } from '../layers/integrity';
 import type { Logger } from '../log/logger';
-import type { LayerKernel } from '../mount/kernel';
+import type { LayerKernel } from '../mount/layer-kernel';
 import type { LazyLoader } from '../ondemand/lazy-loader';
 import { LABEL_SNAPSHOT_REF, type RemoteLayers } from '../remote/lazy';
 import type { ChunkStore, Extent } from '../store/chunkstore';

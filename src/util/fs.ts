@@ -93,3 +93,10 @@ export function regularFileUnder(root: string, rel: string): string | null {
   }
   return at;
 }
+
+/** The nearest existing ancestor of `p` (p itself if it exists). */
+export function existingAncestor(p: string): string {
+  let d = path.resolve(p);
+  while (!fs.existsSync(d) && path.dirname(d) !== d) d = path.dirname(d);
+  return d;
+}

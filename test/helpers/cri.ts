@@ -1,7 +1,7 @@
 /** A client of containerd's CRI ImageService (runtime.v1) on containerd's own socket. */
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { LOADER_OPTIONS, protoRoot } from '../../src/grpc/proto';
+import { LOADER_OPTIONS, protoRoot } from '../../src/containerd/proto';
 
 type Unary = (req: unknown, md: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: any) => void) => void;
 

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { snapshotsService } from '../../src/grpc/proto';
+import { snapshotsService } from '../../src/containerd/proto';
 import { mountPoints } from '../../src/mount/mountinfo';
 import { unmountUnder } from './mounts';
 

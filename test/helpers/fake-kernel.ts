@@ -28,7 +28,7 @@ import path from 'node:path';
 import { mknod } from '../../native/mknod';
 import { readXattrs } from '../../native/xattr';
 import { listImageTree } from '../../src/convert/erofs-format';
-import type { FscacheSource, LayerKernel } from '../../src/mount/kernel';
+import type { FscacheSource, LayerKernel } from '../../src/mount/layer-kernel';
 import type { Mount } from '../../src/mount/types';
 import { deviceNumbers } from './fstest';
 

@@ -4,8 +4,8 @@ import { LOADER_OPTIONS, protoRoot } from './proto';
 
 /**
  * A small client of containerd's own API (content, images, leases,
- * snapshots) on its socket, for `dedup-snapshotter pull`. Every call carries
- * the namespace, and the lease once one is set.
+ * snapshots) on its socket, for `dedup-snapshotter pull` and `fsck`. Every
+ * call carries the namespace, and the lease once one is set.
  */
 type Unary = (req: unknown, md: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: any) => void) => void;
 type Client = grpc.Client & Record<string, Unary> & { Write?: (md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientDuplexStream<any, any> };

@@ -1,11 +1,11 @@
 import crypto from 'node:crypto';
-import { failedPrecondition, invalidArgument } from '../errdefs/errors';
-import type { ContainerdClient } from '../grpc/containerd-client';
+import type { ContainerdClient } from '../containerd/client';
 import { type Platform, hostPlatform } from '../convert/image-convert';
-import { MEDIA_TYPE_LAYER, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST } from './dedup-image';
-import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from './lazy';
-import { type Reference, formatReference, parseReference } from './reference';
-import type { RegistryClient } from './registry';
+import { failedPrecondition, invalidArgument } from '../errdefs/errors';
+import { MEDIA_TYPE_LAYER, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST } from '../remote/dedup-image';
+import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF } from '../remote/lazy';
+import { type Reference, formatReference, parseReference } from '../remote/reference';
+import type { RegistryClient } from '../remote/registry';
 
 /**
  * `dedup-snapshotter pull REF`: what containerd's CRI pull does for a dedup
@@ -16,7 +16,9 @@ import type { RegistryClient } from './registry';
  * containerd with the labels a remote snapshotter needs, so the snapshotter
  * makes it from metadata and chunks and containerd records it; then the
  * image is created. No layer blob is downloaded; `ctr images ls` shows the
- * image and `ctr run --snapshotter=dedup` runs it.
+ * image and `ctr run --snapshotter=dedup` runs it. A client of containerd
+ * and of the registry, like ctr: the command's workflow, beside its argument
+ * parsing (pull.ts).
  */
 
 export interface PullOptions {

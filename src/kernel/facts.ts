@@ -1,7 +1,9 @@
 /**
- * Kernel facts the checks need: the release as numbers, the build
- * configuration where the kernel exposes it, and the minimum versions of the
- * features the snapshotter uses.
+ * Kernel facts the probes (probes.ts) and the doctor's checks need: the
+ * release as numbers, the build configuration where the kernel exposes it,
+ * its symbols, its registered filesystems (/proc/filesystems is read here
+ * only), module files, and the minimum versions of the features the
+ * snapshotter uses.
  */
 import fs from 'node:fs';
 import zlib from 'node:zlib';

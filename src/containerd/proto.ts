@@ -1,9 +1,14 @@
+/**
+ * containerd's API as .proto files (proto/, written from the wire contract),
+ * loaded for both sides: clients of containerd (client.ts, the doctor's
+ * socket check) and the Snapshots service grpc/ serves.
+ */
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 
-/** proto/ at the package root, from src/grpc or dist/src/grpc. */
+/** proto/ at the package root, from src/containerd or dist/src/containerd. */
 export function protoRoot(): string {
   const candidates = [path.resolve(__dirname, '../../proto'), path.resolve(__dirname, '../../../proto')];
   for (const c of candidates) {
