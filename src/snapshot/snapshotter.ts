@@ -245,7 +245,7 @@ export class Snapshotter {
         // fscache: while an overlay uses a clone of the layer's mount, its
         // reads keep coming to this process as READs of the layer's blobs,
         // which only the lazy files answer; serving them from the store is
-        // not built, so such layers stay lazy (README, "Settling").
+        // not built, so such layers stay lazy (docs/lazy-pull.md, "Settling").
         this.settleOn = (opts.ondemand.settle ?? true) && opts.ondemand.backend === 'fanotify';
         this.loader = new LazyLoader({
           backend: opts.ondemand.backend,
