@@ -41,7 +41,7 @@ test('pull REF: the image is in ctr images ls, no layer blob downloaded, ctr run
     const out = await stack.ctr(['run', '--snapshotter', 'dedup', '--rm', dst, 'pull-t1', 'cat', '/etc/passwd'], { timeoutMs: 60_000 });
     assert.equal(out.stdout, img.def.passwd);
 
-    // The image's rootfs mounted without a container, as the README shows
+    // The image's rootfs mounted without a container, as docs/lazy-pull.md shows
     // (containerd 1.6's `ctr images mount` ignores --snapshotter); the view
     // labeled gc.root, or a GC the `run --rm` scheduled may take it.
     const top = chainIds(converted.layers.map((l) => l.digest)).pop() as string;

@@ -241,7 +241,7 @@ interface Family {
 
 /**
  * Prometheus text exposition (version 0.0.4) of the same figures. The names
- * are stable (README, "Metrics"); a figure that is unknown is left out.
+ * are stable (docs/http-api.md, "GET /metrics"); a figure that is unknown is left out.
  */
 export function toPrometheus(s: Stats): string {
   const g = (name: string, help: string, value: number | null, type: 'gauge' | 'counter' = 'gauge'): Family => ({ name, type, help, samples: [{ value }] });

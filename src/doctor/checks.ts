@@ -64,7 +64,7 @@ export function checkConfig(env: NodeJS.ProcessEnv): { result: CheckResult; conf
         name: 'config',
         status: 'fail',
         detail: `${errMessage(err)}; the daemon will not start. Checking with the defaults: ROOT ${config.root}, ADDRESS ${config.address}`,
-        fix: err instanceof ConfigError ? `correct ${file} (every key is listed in the README, "Configuration file")` : `make ${file} readable`,
+        fix: err instanceof ConfigError ? `correct ${file} (every key is listed in docs/configuration.md)` : `make ${file} readable`,
       },
     };
   }

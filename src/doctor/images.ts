@@ -50,7 +50,7 @@ export function checkLayerImages(root: string): CheckResult {
       name,
       status: 'fail',
       detail: `${bad.length} of ${files.length} layer images in ${dir} are not valid EROFS: ${bad.slice(0, 10).join(', ')}${bad.length > 10 ? ', …' : ''}`,
-      fix: 'containers on these layers cannot start: remove the images that use them (ctr images rm …) and pull again; README "Mounting a layer image by hand" shows how to inspect one',
+      fix: 'containers on these layers cannot start: remove the images that use them (ctr images rm …) and pull again; docs/operations.md, "Mounting a layer image by hand", shows how to inspect one',
     };
   }
   if (unmounted.length > 0) {
