@@ -57,6 +57,8 @@ export interface ImageConvertOptions {
   progress?: (line: string) => void;
   /** Bytes of layer `index` (1-based) read so far, of `total`; for a progress bar. */
   onBytes?: (index: number, count: number, done: number, total: number) => void;
+  /** false: layers are unpacked with the converting user as every file's owner (unprivileged runs; see untar's sameOwner). */
+  sameOwner?: boolean;
 }
 
 export interface ImageConvertResult {
@@ -177,7 +179,7 @@ export async function convertImage(o: ImageConvertOptions): Promise<ImageConvert
     blob.stream.on('error', (err) => counted.destroy(err));
     // As containerd: directories the tar does not list take their owner,
     // mode and xattrs from the layers below (kept until the end for that).
-    await applyLayerTar(counted, dir, { parents: [...unpacked].reverse() });
+    await applyLayerTar(counted, dir, { parents: [...unpacked].reverse(), sameOwner: o.sameOwner });
     blob.verify();
     unpacked.push(dir);
     const built = await builder.addLayer(dir, diffIds[i], o.prefetchFiles);

@@ -39,6 +39,12 @@ export interface ApplyLayerOptions {
    */
   parents?: string[];
   /**
+   * false: files keep the unpacking user as owner (containerd's
+   * archive.WithNoSameOwner, for unprivileged unpacking); default true:
+   * the archive's owners.
+   */
+  sameOwner?: boolean;
+  /**
    * What containerd logs as a warning and skips: an xattr it will not set
    * (`trusted.*` from the archive) or the file system refuses (ENOTSUP,
    * `user.*` on a symlink or device).
@@ -362,6 +368,10 @@ class Applier {
     return 'ok';
   }
 
+  private chown(p: string, uid: number, gid: number): void {
+    if (this.opts.sameOwner !== false) fs.lchownSync(p, uid, gid);
+  }
+
   private mkparent(parent: string[]): void {
     const p = this.abs(parent);
     fs.mkdirSync(p, 0o755);
@@ -372,7 +382,7 @@ class Applier {
       if (!st) continue;
       // A lower layer replaced the directory: keep the defaults.
       if (!st.isDirectory()) return;
-      fs.lchownSync(p, st.uid, st.gid);
+      this.chown(p, st.uid, st.gid);
       fs.chmodSync(p, st.mode & 0o7777);
       fs.lutimesSync(p, st.atime, st.mtime);
       this.copyUpXattrs(p, lp);
@@ -427,7 +437,7 @@ class Applier {
       const st = lstatOrNull(this.abs(target));
       if (st) this.remove(target, st);
       mknod(this.abs(target), S_IFCHR, 0, 0);
-      fs.lchownSync(this.abs(target), h.uid, h.gid);
+      this.chown(this.abs(target), h.uid, h.gid);
       this.files++;
       return;
     }
@@ -468,7 +478,7 @@ class Applier {
     }
 
     // chown clears set-id bits and file capabilities: xattrs and mode come after it.
-    fs.lchownSync(p, h.uid, h.gid);
+    this.chown(p, h.uid, h.gid);
     this.setXattrs(h, p);
     // containerd's lchmod: no chmod of a symlink (a hardlink to one is one).
     if (t !== TYPE.symlink && !(t === TYPE.link && fs.lstatSync(p).isSymbolicLink())) fs.chmodSync(p, perm);

@@ -75,7 +75,7 @@ export class FakeKernel implements LayerKernel, TestMounter {
     if (this.table.has(target)) return;
     const devices = device ? [device] : hasBlob ? (this.devicesOf?.(image) ?? [this.storeFile]) : [];
     if (devices.length > 1) throw new Error(`fake kernel: image ${image} reads ${devices.length} devices; fsck.erofs 1.5 extracts with one (use store layout "single")`);
-    const args = [`--extract=${target}`, '--overwrite', ...(isRoot ? ['--preserve'] : ['--no-preserve']), ...devices.map((d) => `--device=${d}`), image];
+    const args = [`--extract=${target}`, '--overwrite', ...(isRoot ? ['--preserve'] : ['--preserve-perms', '--no-preserve-owner']), ...devices.map((d) => `--device=${d}`), image];
     try {
       execFileSync('fsck.erofs', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     } catch (err) {

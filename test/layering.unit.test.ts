@@ -199,7 +199,7 @@ test('every folder of src/ has a rank in LAYERS', () => {
   const { files } = sources();
   assert.ok(files.length > 50, `found only ${files.length} source files under ${REPO}`);
   const unranked = [...new Set(files.map(folderOf))].filter((f) => !RANK.has(f));
-  assert.deepEqual(unranked, [], `folders without a rank: add each to LAYERS in test/layering.test.ts (${unranked.join(', ')})`);
+  assert.deepEqual(unranked, [], `folders without a rank: add each to LAYERS in test/layering.unit.test.ts (${unranked.join(', ')})`);
 });
 
 test('imports go only to the same folder or a lower rank', () => {
