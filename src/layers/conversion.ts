@@ -204,13 +204,13 @@ export class ConversionQueue {
   private offerShare(id: string, labels: Labels | undefined): boolean {
     const { share, mounts, ms, layout } = this.o;
     if (!share || !criLayerOf(labels)) return false;
-    mounts.sharing.add(id);
+    const release = mounts.holdForShare(id);
     return share.offer({
       id,
       dir: layout.upper(id),
       labels: labels as Labels,
       alive: () => ms.keyOf(id) !== undefined,
-      release: () => mounts.sharing.delete(id),
+      release,
     });
   }
 }

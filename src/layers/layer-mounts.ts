@@ -34,9 +34,9 @@ export class LayerMounts {
   /** When a layer's root was last handed out in a mount. */
   private readonly handedOut = new Map<string, number>();
   /** Converted layers whose old directory may still be in use: id → when it was retired. */
-  readonly retired = new Map<string, number>();
+  private readonly retired = new Map<string, number>();
   /** Converted layers whose directory a push is reading. */
-  readonly sharing = new Set<string>();
+  private readonly sharing = new Set<string>();
   /** Lazy layers whose lost mount is being made again. */
   private readonly remounting = new Set<string>();
 
@@ -50,6 +50,12 @@ export class LayerMounts {
 
   path(id: string): string {
     return this.o.layout.mnt(id);
+  }
+
+  /** The on-demand loader, for lazy layer `id` (Internal when on-demand loading is off). */
+  private loaderFor(id: string): LazyLoader {
+    if (!this.o.loader) throw internal(`layer ${id} loads its data on demand but on-demand loading is off`);
+    return this.o.loader;
   }
 
   /** Layer `id` is being worked on until `job` settles (see isBusy). */
@@ -84,6 +90,36 @@ export class LayerMounts {
 
   get busyCount(): number {
     return this.busy.size;
+  }
+
+  /** Converted layer `id`'s old directory is to be deleted once unused (`at`: when it was retired; 0: no grace). */
+  retire(id: string, at: number): void {
+    this.retired.set(id, at);
+  }
+
+  /** Retired layers and when each may go at the earliest (retired or last handed out, whichever is later). */
+  retiredSince(): [id: string, since: number][] {
+    return [...this.retired].map(([id, at]) => [id, Math.max(at, this.lastHandedOut(id))]);
+  }
+
+  /** `id`'s old directory is gone (or its layer is): no longer retired, nor remembered as handed out. */
+  unretire(id: string): void {
+    this.retired.delete(id);
+    this.handedOut.delete(id);
+  }
+
+  get retiredCount(): number {
+    return this.retired.size;
+  }
+
+  /** A push reads converted layer `id`'s directory until `release` (kept from the sweep meanwhile). */
+  holdForShare(id: string): () => void {
+    this.sharing.add(id);
+    return () => this.sharing.delete(id);
+  }
+
+  isShared(id: string): boolean {
+    return this.sharing.has(id);
   }
 
   /** Milliseconds since `id` was last handed out in a mount (Infinity: never). */
@@ -152,8 +188,7 @@ export class LayerMounts {
     const target = this.path(id);
     if (mounted.has(target)) return;
     if (!this.o.ms.isLazy(id)) return kernel.mountImage(this.o.layout.image(id), target, layer.has_blob === 1);
-    const loader = this.o.loader;
-    if (!loader) throw internal(`layer ${id} loads its data on demand but on-demand loading is off`);
+    const loader = this.loaderFor(id);
     if (loader.backend === 'fanotify' && (!loader.incomplete(id) || loader.isMarked(id))) {
       return this.mountLazyFile(id, layer.has_blob === 1);
     }
@@ -186,7 +221,7 @@ export class LayerMounts {
    */
   async mountLazy(layer: Pick<LayerRow, 'snapshot_id' | 'has_blob'>): Promise<void> {
     const id = String(layer.snapshot_id);
-    const loader = this.o.loader as LazyLoader;
+    const loader = this.loaderFor(id);
     const kernel = this.o.kernel;
     const src = await loader.mountSource(id);
     if ('fscache' in src) await kernel.mountFscache(this.path(id), src.fscache);
@@ -195,7 +230,7 @@ export class LayerMounts {
 
   /** fanotify: lazy layer `id` mounted file-backed over its lazy files (marked already, or with nothing missing). */
   mountLazyFile(id: string, hasBlob: boolean): void {
-    const loader = this.o.loader as LazyLoader;
+    const loader = this.loaderFor(id);
     this.o.kernel.mountImage(loader.imageOf(id), this.path(id), hasBlob, loader.fileOf(id));
   }
 
@@ -210,7 +245,7 @@ export class LayerMounts {
    * `keepOff`; synchronous, so no request sees the mount missing.
    */
   lazyIdle(id: string, hasBlob: boolean, keepOff: boolean): boolean {
-    const loader = this.o.loader as LazyLoader;
+    const loader = this.loaderFor(id);
     const kernel = this.o.kernel;
     if (!kernel.unmountIfIdle(this.path(id))) return false;
     let used = true;
@@ -236,7 +271,7 @@ export class LayerMounts {
    * (except pages a process keeps mapped).
    */
   async remountStale(id: string): Promise<void> {
-    const loader = this.o.loader as LazyLoader;
+    const loader = this.loaderFor(id);
     const kernel = this.o.kernel;
     const log = this.o.logger;
     const layer = this.o.ms.getLayer(id);

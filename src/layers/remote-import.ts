@@ -179,8 +179,8 @@ export class RemoteImporter {
    * fscache; see LazyLoader).
    */
   private async makeLazy(rl: RemoteLayer, name: string, parent: string, labels: Labels, header: LayerHeader, img: Buffer, started: number): Promise<void> {
-    const { ms, mounts, remote } = this.o;
-    const loader = this.o.loader as LazyLoader;
+    const { ms, mounts, remote, loader } = this.o;
+    if (!loader) throw internal(`remote layer ${rl.layerDigest}: on-demand loading is off`);
     const tmpKey = `${REMOTE_IMPORT_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
     await this.o.snapshots.createActive(tmpKey, parent);
     const id = ms.getInfo(tmpKey).id;

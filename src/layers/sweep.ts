@@ -28,7 +28,7 @@ export class Sweeper {
 
   /** The directory of converted layer `id` goes once no mount uses it (`at`: when it was retired; 0: no grace). */
   retire(id: string, at = Date.now()): void {
-    this.o.mounts.retired.set(id, at);
+    this.o.mounts.retire(id, at);
     if (!this.timer) {
       this.timer = setInterval(() => void this.sweepRetired(), Math.max(250, Math.min(5000, this.o.mounts.graceMs / 2)));
       this.timer.unref();
@@ -44,21 +44,18 @@ export class Sweeper {
    */
   async sweepRetired(): Promise<number> {
     const { mounts, ms, layout } = this.o;
-    const retired = mounts.retired;
-    if (this.closed || retired.size === 0) return 0;
+    if (this.closed || mounts.retiredCount === 0) return 0;
     const table = mounts.kernel.mountTable();
     const now = Date.now();
     let removed = 0;
-    for (const [id, at] of [...retired]) {
+    for (const [id, since] of mounts.retiredSince()) {
       if (ms.keyOf(id) === undefined) {
-        retired.delete(id);
+        mounts.unretire(id);
         continue;
       }
-      const last = Math.max(at, mounts.lastHandedOut(id));
-      if (now - last < mounts.graceMs || mounts.sharing.has(id)) continue;
+      if (now - since < mounts.graceMs || mounts.isShared(id)) continue;
       if (new RegExp(`(^|[\\s=:,/])${id}/fs([\\s:,/]|$)`, 'm').test(table)) continue;
-      retired.delete(id);
-      mounts.forget(id);
+      mounts.unretire(id);
       const doomed = layout.removedDir(id);
       try {
         fs.renameSync(layout.snapshotDir(id), doomed);
@@ -70,7 +67,7 @@ export class Sweeper {
       removed++;
       this.o.logger.debug({ op: 'convert', snapshot: id, layer: id }, 'directory of converted layer removed');
     }
-    if (retired.size === 0 && this.timer) {
+    if (mounts.retiredCount === 0 && this.timer) {
       clearInterval(this.timer);
       this.timer = null;
     }

@@ -167,7 +167,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   const sealer = new ImageSealer({ logger });
   const converter = new Converter({ seal: (file) => sealer.seal(file), store, mkfs: mkfsFeatures, imagesDir: layout.imagesDir, tmpDir: layout.tmpDir, chunkSize: e.chunkSize });
   const retireGraceMs = e.retireGraceMs ?? 5_000;
-  const od = opts.ondemand && remote ? opts.ondemand : null;
+  const od = opts.ondemand && remote ? { ...opts.ondemand, remote } : null;
   // Late-bound: the loader calls back into parts built after it.
   let mountsRef: LayerMounts | null = null;
   let settlerRef: Settler | null = null;
@@ -188,7 +188,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
         prefetch: od.prefetch,
         prefetchMbps: od.prefetchMbps,
         prefetchConcurrency: od.prefetchConcurrency,
-        remote: remote as RemoteLayers,
+        remote: od.remote,
         store,
         logger,
         fdStore: od.fdStore,
