@@ -52,7 +52,7 @@ say "installing to $PREFIX"
 rm -rf "$PREFIX.new"
 mkdir -p "$PREFIX.new"
 cp -a "$SRC/package.json" "$SRC/package-lock.json" "$SRC/bin" "$SRC/dist" "$SRC/proto" "$SRC/node_modules" \
-  "$SRC/README.md" "$SRC/config" "$SRC/systemd" "$PREFIX.new/"
+  "$SRC/README.md" "$SRC/docs" "$SRC/config" "$SRC/systemd" "$PREFIX.new/"
 rm -rf "$PREFIX.old"
 if [ -e "$PREFIX" ]; then mv "$PREFIX" "$PREFIX.old"; fi
 mv "$PREFIX.new" "$PREFIX"
