@@ -12,8 +12,10 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { FrameReader, encodeFrame } from '../src/ondemand/frames';
+import { silentLogger } from '../src/log/logger';
+import { FrameReader, encodeFrame, readFrames } from '../src/ondemand/frames';
 import { OndemandHolder } from '../src/ondemand/holder';
+import { HolderClient } from '../src/ondemand/holder-client';
 import {
   type HolderReply,
   MalformedFrame,
@@ -121,6 +123,55 @@ test('a malformed reply fails the request it was meant for, by id or else the ol
   await assert.rejects(a.reply, /request 1 \(hello\) is malformed/);
   assert.equal(p.settle({ op: 'marked', req: 3, path: '/f' }), true);
   assert.equal((await c.reply).op, 'marked');
+});
+
+/** A holder of an earlier version: answers hello and mark in order, without request ids. */
+async function oldHolder(socket: string): Promise<net.Server> {
+  const server = net.createServer((s) => {
+    readFrames(
+      s,
+      (f) => {
+        const h = f.head;
+        if (h.op === 'hello') s.write(encodeFrame({ op: 'hello', pid: 4242, marked: [], group: false, reserved: [] }));
+        // Slow marks: the requests pile up, the replies still come in order.
+        else if (h.op === 'mark') setTimeout(() => s.write(encodeFrame({ op: 'marked', path: h.path })), 20);
+      },
+      () => s.destroy(),
+    );
+  });
+  await new Promise<void>((r) => server.listen(socket, r));
+  return server;
+}
+
+test('the client meets a holder of an earlier version (no ids): its replies answer the requests in order', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'holder-protocol-'));
+  const socket = path.join(dir, 'holder.sock');
+  const server = await oldHolder(socket);
+  const client = new HolderClient({ socket, holderCommand: null, log: silentLogger() });
+  const hellos: number[] = [];
+  client.use({
+    connected: async (hello) => {
+      hellos.push(hello.pid);
+      return { adopted: false, marked: 0 };
+    },
+    event: () => undefined,
+    keepsReadsWaiting: () => false,
+    lost: async () => undefined,
+    reconnected: async () => undefined,
+  });
+  try {
+    await client.ensureConnected();
+    assert.deepEqual(hellos, [4242]);
+    const replies = await Promise.all(['/a', '/b', '/c'].map((p) => client.request({ op: 'mark', path: p })));
+    assert.deepEqual(
+      replies.map((r) => (r.op === 'marked' ? r.path : r.op)),
+      ['/a', '/b', '/c'],
+    );
+  } finally {
+    client.close();
+    await new Promise((r) => server.close(r));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('the holder echoes each request id, and replies without one to a request without one (an earlier daemon)', async () => {
