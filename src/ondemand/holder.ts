@@ -20,7 +20,8 @@ import {
   parseFanotifyEvents,
 } from '../../native/fanotify';
 import { dupTo, eventFd, fcntl } from '../../native/libc';
-import { encodeFrame, readFrames } from './frames';
+import { type Frame, readFrames } from './frames';
+import { type DaemonMessage, type GroupReply, type HolderNotice, type HolderReply, type HolderRequest, MalformedFrame, decodeDaemonMessage, encodeMessage } from './holder-protocol';
 
 /**
  * The on-demand holder: a minimal process that reads the fanotify
@@ -71,6 +72,11 @@ import { encodeFrame, readFrames } from './frames';
  * previous one died); → {op:"cachefiles", pid, fd, fresh}. The daemon
  * copies that fd (pidfd_getfd) and serves the requests itself; the holder
  * only keeps the cache bound, so requests wait across daemon restarts.
+ *
+ * The messages are typed and checked in holder-protocol.ts: a request's
+ * `req` is echoed in its reply (a request without one, from a daemon of an
+ * earlier version, gets a reply without one); a malformed frame is logged
+ * and, when it names its request, answered with {op:"error", req}.
  */
 
 interface Pending {
@@ -202,7 +208,7 @@ export class OndemandHolder {
   private send(p: Pending): void {
     if (!this.client || p.sentTo === this.client) return;
     p.sentTo = this.client;
-    this.client.write(encodeFrame({ op: 'event', id: p.id, pid: process.pid, fd: p.fd, path: p.path, offset: p.offset, count: p.count }));
+    this.client.write(encodeMessage({ op: 'event', id: p.id, pid: process.pid, fd: p.fd, path: p.path, offset: p.offset, count: p.count }));
   }
 
   private accept(s: net.Socket): void {
@@ -211,7 +217,7 @@ export class OndemandHolder {
     this.log('daemon connected');
     readFrames(
       s,
-      (f) => this.handle(s, f.head, f.data),
+      (f) => this.handle(s, f),
       (err) => this.log(`dropping the daemon's connection: ${err.message}`),
     );
     s.on('close', () => {
@@ -226,92 +232,111 @@ export class OndemandHolder {
     for (const p of this.pending.values()) this.send(p);
   }
 
-  private handle(s: net.Socket, head: Record<string, unknown>, data: Buffer): void {
-    const reply = (h: Record<string, unknown>) => s.write(encodeFrame(h));
-    if (head.op === 'hello') {
-      // Which files this group marks: a daemon that finds a lazy file of a
-      // mounted layer missing here knows the group was lost (fail-open).
-      reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)), group: this.groupFd >= 0, reserved: [...this.reserved] });
+  private handle(s: net.Socket, frame: Frame): void {
+    let m: DaemonMessage;
+    try {
+      m = decodeDaemonMessage(frame);
+    } catch (err) {
+      // Said back when it names its request (the daemon waits for a reply), else only logged.
+      this.log(`ignoring a malformed frame from the daemon: ${(err as Error).message}`);
+      if (err instanceof MalformedFrame && err.req !== undefined) s.write(encodeMessage({ op: 'error', req: err.req, error: err.message }));
       return;
     }
-    if (head.op === 'release' && typeof head.fd === 'number') {
-      if (this.reserved.delete(head.fd)) closeFd(head.fd);
-      return;
-    }
-    if (head.op === 'cachefiles') {
-      const fresh = this.cachefiles < 0;
-      try {
-        if (fresh) this.cachefiles = this.openCachefiles(head);
-        reply({ op: 'cachefiles', pid: process.pid, fd: this.cachefiles, fresh });
-      } catch (err) {
-        reply({ op: 'error', error: (err as Error).message });
-      }
-      return;
-    }
-    if (head.op === 'group') {
-      try {
-        const fresh = this.groupFd < 0;
-        if (fresh && typeof head.adopt_pid === 'number' && typeof head.adopt_fd === 'number') {
-          // The daemon's copy of a group a previous holder made: its marks and unread events are there.
-          // Numbers of events a dead holder read are taken first: no event read here may get one.
-          const wanted = Array.isArray(head.reserve) ? head.reserve.filter((n): n is number => Number.isInteger(n) && n > 2 && n < 1 << 20) : [];
-          const taken = this.reserve(wanted);
-          const fd = fdOfProcess(head.adopt_pid, head.adopt_fd);
-          const refused = wanted.filter((n) => !taken.includes(n));
-          // Before this holder reads: an answer by number must meet the old event, not a new one.
-          for (const n of refused) {
-            try {
-              fs.writeSync(fd, fanotifyResponse(n, fanDenyErrno(os.constants.errno.EIO)));
-            } catch {
-              // answered already
-            }
-          }
-          this.useGroup(fd);
-          if (Array.isArray(head.marked)) for (const p of head.marked) if (typeof p === 'string') this.marked.add(p);
-          this.log(
-            `reading the fanotify group again (a copy of fd ${head.adopt_fd} of pid ${head.adopt_pid}, ${this.marked.size} files marked${wanted.length ? `; ${taken.length} fd numbers of a dead holder's events held for the daemon, ${refused.length} denied` : ''})`,
-          );
-          reply({ op: 'group', pid: process.pid, fd: this.groupFd, fresh: false, adopted: true, reserved: taken, refused });
-        } else reply({ op: 'group', pid: process.pid, fd: this.group, fresh });
-      } catch (err) {
-        reply({ op: 'error', error: (err as Error).message });
-      }
-      return;
-    }
-    if (head.op === 'mark' && typeof head.path === 'string') {
-      try {
-        fanotifyMark(this.group, FAN_MARK_ADD, FAN_PRE_ACCESS, head.path);
-        this.marked.add(head.path);
-        reply({ op: 'marked', path: head.path });
-      } catch (err) {
-        reply({ op: 'error', path: head.path, error: (err as Error).message });
-      }
-      return;
-    }
-    const p = typeof head.id === 'number' ? this.pending.get(head.id) : undefined;
-    if (!p) return;
-    if (head.op === 'fill' && typeof head.offset === 'number') {
-      try {
-        let off = 0;
-        while (off < data.length) off += fs.writeSync(p.fd, data, off, data.length - off, head.offset + off);
-        reply({ op: 'filled', id: p.id, offset: head.offset });
-      } catch (err) {
-        p.failed = true;
-        reply({ op: 'error', id: p.id, offset: head.offset, error: (err as Error).message });
-      }
-    } else if (head.op === 'done') {
-      this.pending.delete(p.id);
-      if (head.answered === true) {
-        // The daemon answered it on its copy of the group: the fd number may go.
-        closeFd(p.fd);
+    if (m.op === 'done' || m.op === 'release') return this.notice(m);
+    // Every reply echoes the request's id (none for a daemon of an earlier version: it matches replies in order).
+    const reply = (r: HolderReply): void => void s.write(encodeMessage(m.req === undefined ? r : { ...r, req: m.req }));
+    switch (m.op) {
+      case 'hello':
+        // Which files this group marks: a daemon that finds a lazy file of a
+        // mounted layer missing here knows the group was lost (fail-open).
+        return reply({ op: 'hello', pid: process.pid, marked: [...this.marked].filter((p) => fs.existsSync(p)), group: this.groupFd >= 0, reserved: [...this.reserved] });
+      case 'cachefiles': {
+        const fresh = this.cachefiles < 0;
+        try {
+          if (fresh) this.cachefiles = this.openCachefiles(m);
+          reply({ op: 'cachefiles', pid: process.pid, fd: this.cachefiles, fresh });
+        } catch (err) {
+          reply({ op: 'error', error: (err as Error).message });
+        }
         return;
       }
-      const response = head.ok === true && !p.failed ? FAN_ALLOW : fanDenyErrno(os.constants.errno.EIO);
-      try {
-        fs.writeSync(this.group, fanotifyResponse(p.fd, response));
-      } finally {
-        closeFd(p.fd);
+      case 'group':
+        try {
+          reply(this.shareGroup(m));
+        } catch (err) {
+          reply({ op: 'error', error: (err as Error).message });
+        }
+        return;
+      case 'mark':
+        try {
+          fanotifyMark(this.group, FAN_MARK_ADD, FAN_PRE_ACCESS, m.path);
+          this.marked.add(m.path);
+          reply({ op: 'marked', path: m.path });
+        } catch (err) {
+          reply({ op: 'error', path: m.path, error: (err as Error).message });
+        }
+        return;
+      case 'fill': {
+        const p = this.pending.get(m.id);
+        if (!p) return;
+        try {
+          let off = 0;
+          while (off < frame.data.length) off += fs.writeSync(p.fd, frame.data, off, frame.data.length - off, m.offset + off);
+          reply({ op: 'filled', id: p.id, offset: m.offset });
+        } catch (err) {
+          p.failed = true;
+          reply({ op: 'error', id: p.id, offset: m.offset, error: (err as Error).message });
+        }
+        return;
       }
+    }
+  }
+
+  /** The group for {op:"group"}: this holder's (made now if none), or a copy of the daemon's it adopts. */
+  private shareGroup(m: Extract<HolderRequest, { op: 'group' }>): GroupReply {
+    const fresh = this.groupFd < 0;
+    if (!fresh || m.adopt_pid === undefined || m.adopt_fd === undefined) return { op: 'group', pid: process.pid, fd: this.group, fresh };
+    // The daemon's copy of a group a previous holder made: its marks and unread events are there.
+    // Numbers of events a dead holder read are taken first: no event read here may get one.
+    const wanted = (m.reserve ?? []).filter((n) => n > 2 && n < 1 << 20);
+    const taken = this.reserve(wanted);
+    const fd = fdOfProcess(m.adopt_pid, m.adopt_fd);
+    const refused = wanted.filter((n) => !taken.includes(n));
+    // Before this holder reads: an answer by number must meet the old event, not a new one.
+    for (const n of refused) {
+      try {
+        fs.writeSync(fd, fanotifyResponse(n, fanDenyErrno(os.constants.errno.EIO)));
+      } catch {
+        // answered already
+      }
+    }
+    this.useGroup(fd);
+    for (const p of m.marked ?? []) this.marked.add(p);
+    this.log(
+      `reading the fanotify group again (a copy of fd ${m.adopt_fd} of pid ${m.adopt_pid}, ${this.marked.size} files marked${wanted.length ? `; ${taken.length} fd numbers of a dead holder's events held for the daemon, ${refused.length} denied` : ''})`,
+    );
+    return { op: 'group', pid: process.pid, fd: this.groupFd, fresh: false, adopted: true, reserved: taken, refused };
+  }
+
+  /** done (an event is over) and release (a placeholder may go): no reply. */
+  private notice(m: HolderNotice): void {
+    if (m.op === 'release') {
+      if (this.reserved.delete(m.fd)) closeFd(m.fd);
+      return;
+    }
+    const p = this.pending.get(m.id);
+    if (!p) return;
+    this.pending.delete(p.id);
+    if (m.answered === true) {
+      // The daemon answered it on its copy of the group: the fd number may go.
+      closeFd(p.fd);
+      return;
+    }
+    const response = m.ok === true && !p.failed ? FAN_ALLOW : fanDenyErrno(os.constants.errno.EIO);
+    try {
+      fs.writeSync(this.group, fanotifyResponse(p.fd, response));
+    } finally {
+      closeFd(p.fd);
     }
   }
 
@@ -349,13 +374,13 @@ export class OndemandHolder {
   }
 
   /** /dev/cachefiles: a copy of a daemon's fd (adopt), or opened and bound in on-demand mode. */
-  private openCachefiles(head: Record<string, unknown>): number {
-    if (typeof head.adopt_pid === 'number' && typeof head.adopt_fd === 'number') {
+  private openCachefiles(head: Extract<HolderRequest, { op: 'cachefiles' }>): number {
+    if (head.adopt_pid !== undefined && head.adopt_fd !== undefined) {
       const fd = fdOfProcess(head.adopt_pid, head.adopt_fd);
       this.log(`holding /dev/cachefiles (a copy of fd ${head.adopt_fd} of pid ${head.adopt_pid})`);
       return fd;
     }
-    if (typeof head.dir !== 'string' || typeof head.tag !== 'string') throw new Error('cachefiles needs dir and tag');
+    if (head.dir === undefined || head.tag === undefined) throw new Error('cachefiles needs dir and tag');
     fs.mkdirSync(head.dir, { recursive: true, mode: 0o700 });
     const fd = openCachefiles();
     try {
