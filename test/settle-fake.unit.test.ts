@@ -56,11 +56,8 @@ class CompleteLoader {
   incomplete(): boolean {
     return false;
   }
-  isMarked(): boolean {
+  canMountAtOnce(): boolean {
     return true;
-  }
-  get backend(): 'fanotify' {
-    return 'fanotify';
   }
   drop(id: string): void {
     this.dropped.push(id);

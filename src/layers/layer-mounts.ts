@@ -189,7 +189,7 @@ export class LayerMounts {
     if (mounted.has(target)) return;
     if (!this.o.ms.isLazy(id)) return kernel.mountImage(this.o.layout.image(id), target, layer.has_blob === 1);
     const loader = this.loaderFor(id);
-    if (loader.backend === 'fanotify' && (!loader.incomplete(id) || loader.isMarked(id))) {
+    if (loader.canMountAtOnce(id)) {
       return this.mountLazyFile(id, layer.has_blob === 1);
     }
     // Its mount was lost (unmounted by hand): making it again waits for the

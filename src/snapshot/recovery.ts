@@ -62,13 +62,13 @@ export async function recoverLayers(parts: LayerParts, remove: (key: string) => 
       }
       remounted++;
       if (isLazy) loader.prefetchInBackground(id);
-    } else if (isLazy && loader.backend === 'fscache' && loader.cachefilesRebound) {
+    } else if (isLazy && loader.mountReadsFailSinceRebind(id)) {
       // Mounted through a cache binding that died with the holder: its reads fail (EIO, never zeros).
       log.error({ op: 'ondemand', layer: id, snapshot: id }, `layer ${id} was mounted through an fscache binding that is gone (the on-demand holder died): its reads fail with EIO; mounting it again for new containers`);
       mounts.unmount(id);
       await mounts.mountLazy(layer);
       remounted++;
-    } else if (isLazy && loader.backend === 'fanotify' && loader.incomplete(id) && !loader.isMarked(id)) {
+    } else if (isLazy && loader.mountMayHoldZeros(id)) {
       // Mounted while no group marks its file: holder and daemon both died, the group with them.
       await mounts.remountStale(id);
       remounted++;
