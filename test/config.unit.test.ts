@@ -335,7 +335,12 @@ describe('bad files and values', () => {
     const file = configFile('{"root": "/x",}');
     const e = assertConfigError(() => loadConfig({ env: { CONFIG: file } }), '(file)', /is not valid JSON/);
     assert.ok(e.message.includes(file), e.message);
-    assertConfigError(() => loadFile(''), '(file)', /not valid JSON/);
+    assertConfigError(() => loadFile(''), '(file)', /not valid JSON: line 1, column 1: Unexpected end of JSON input/);
+    // Line and column, the line itself and a caret, not a byte position.
+    const trailing = assertConfigError(() => loadFile('{\n  "root": "/x",\n  "log_level": "info",\n}\n'), '(file)', /not valid JSON: line 4, column 1: /);
+    assert.ok(!/position/.test(trailing.message), trailing.message);
+    assert.match(trailing.message, /\n  \}\n  \^$/);
+    assertConfigError(() => loadFile('{\n  "root": "/x"\n  "use_erofs": true\n}'), '(file)', /line 3, column 3: Expected ',' or '\}' after property value\n {4}"use_erofs": true\n {4}\^/);
     assertConfigError(() => loadFile('[]'), '(file)', /expected a JSON object/);
     assertConfigError(() => loadFile('null'), '(file)', /expected a JSON object/);
     assertConfigError(() => loadFile('"root"'), '(file)', /expected a JSON object/);

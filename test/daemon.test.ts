@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test, after } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import {
   type DaemonProcess,
+  DAEMON_BIN,
   type SnapshotsClient,
   call,
   list,
@@ -386,6 +387,25 @@ test('a malformed docker config.json: the default one is ignored with a warning,
   const d2 = await startDaemon({ dir: tempDir('daemon-dockercfg2'), convertMode: 'sync', config: { registry: { docker_config: bad } }, waitReady: false });
   assert.notEqual(await d2.exited, 0);
   assert.match(d2.output(), /"err":"docker config [^"]*config\.json: not valid JSON","msg":"cannot start snapshotter"/);
+});
+
+test('a ROOT on a read-only filesystem stops the start saying so (not ENOENT); doctor says it too', async () => {
+  const dir = tempDir('daemon-rofs');
+  const ro = path.join(dir, 'ro');
+  fs.mkdirSync(ro);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
+  try {
+    const root = path.join(ro, 'dedup');
+    const d = await startDaemon({ dir, root, convertMode: 'sync', waitReady: false });
+    assert.notEqual(await d.exited, 0);
+    assert.match(d.output(), new RegExp(`ROOT ${root} is on a read-only filesystem \\(${ro} is not writable: EROFS\\)`), d.output());
+    assert.doesNotMatch(d.output(), /ENOENT/);
+    const doc = spawnSync(process.execPath, [DAEMON_BIN, 'doctor'], { env: { ...process.env, ROOT: root, ADDRESS: path.join(dir, 'none.sock'), CONFIG: path.join(dir, 'none.json') }, encoding: 'utf8' });
+    assert.match(doc.stdout, /permissions .*ROOT .* is on a read-only filesystem/, doc.stdout);
+    assert.doesNotMatch(doc.stdout, /does not exist yet; the daemon creates it/);
+  } finally {
+    execFileSync('umount', [ro]);
+  }
 });
 
 test('logs carry op, key and snapshot on Prepare, Commit and Remove', async () => {

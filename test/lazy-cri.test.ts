@@ -39,6 +39,10 @@ test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers 
 
     const remote = stack.daemon.logs().filter((l) => l.op === 'remote' && typeof l.fetched_chunks === 'number');
     assert.equal(remote.length, converted.layers.length, 'every layer was made remotely');
+    // containerd's contract answers those Prepares with AlreadyExists: a success, not a failure line.
+    const failed = stack.daemon.logs().filter((l) => l.msg === 'prepare failed');
+    assert.deepEqual(failed, [], 'no "prepare failed" line for a remote layer');
+    assert.equal(stack.daemon.logs().filter((l) => l.op === 'prepare' && l.code === 'AlreadyExists' && l.ns === 'k8s.io').length, converted.layers.length);
     const snaps = await stack.snapshots('dedup', 'k8s.io');
     assert.equal(snaps.filter((s) => s.kind === 'Committed').length, converted.layers.length);
 

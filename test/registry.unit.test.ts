@@ -493,7 +493,7 @@ describe('against a real docker-registry', () => {
       const e = await registryError(strict.getManifest(`${repo}:v1`));
       assert.equal(e.code, 'TLS');
       assert.equal(e.status, 0);
-      assert.match(e.message, new RegExp(`if ${reg.host} serves plain HTTP, add it to plainHttpHosts`));
+      assert.match(e.message, new RegExp(`if ${reg.host} serves plain HTTP, add it to registry\\.plain_http_hosts`));
       assert.doesNotMatch(e.message, /attempts/);
     } finally {
       strict.close();
@@ -618,7 +618,7 @@ describe('against a fake registry', () => {
     try {
       const e = await registryError(client.getManifest(`${fake.host}/r/x:t`));
       assert.equal(e.code, 'PLAIN_HTTP_REFUSED');
-      assert.match(e.message, new RegExp(`token realm http://localhost:${realm.port}/token is plain HTTP and localhost:${realm.port} is not in plainHttpHosts; nothing was sent`));
+      assert.match(e.message, new RegExp(`token realm http://localhost:${realm.port}/token is plain HTTP and localhost:${realm.port} is not in registry\\.plain_http_hosts; nothing was sent`));
       assert.equal(realm.seen.length, 0);
       assert.equal(realm.connections, 0);
     } finally {
@@ -992,7 +992,7 @@ describe('against a fake registry', () => {
     try {
       const e = await registryError(client.getManifest(`${fake.host}/r/x:t`));
       assert.equal(e.code, 'TLS');
-      assert.match(e.message, /add it to plainHttpHosts/);
+      assert.match(e.message, /add it to registry\.plain_http_hosts \(the daemon's config; dedup-snapshotter pull: --plain-http\)/);
       assert.equal(fake.seen.length, 0);
       assert.equal(fake.connections - before, 1);
     } finally {

@@ -5,6 +5,7 @@ import Fastify, { type FastifyInstance } from 'fastify';
 import type { Logger } from '../log/logger';
 import { PrefetchError, type Prefetcher } from '../ondemand/prefetch';
 import { prepareSocketPath } from '../util/socket';
+import { NAMESPACE_RE } from './prefetch-target';
 import { type StatsSources, collectStats, toPrometheus } from './stats';
 
 /**
@@ -57,22 +58,25 @@ function isObject(v: unknown): v is Record<string, unknown> {
 }
 
 /** The body of POST /prefetch, checked; throws HttpError(400) naming what is wrong. */
-function prefetchRequest(body: unknown): { imageId: string; traceFile?: string; files?: string[] } {
-  if (!isObject(body)) throw new HttpError(400, 'expected a JSON object like {"image_id": "<layer-id>", "trace_file": "<path>"}');
-  const known = ['image_id', 'trace_file', 'files'];
+function prefetchRequest(body: unknown): { imageId: string; namespace: string; traceFile?: string; files?: string[] } {
+  if (!isObject(body)) throw new HttpError(400, 'expected a JSON object like {"image_id": "<image reference, chain id or layer id>", "trace_file": "<path>"}');
+  const known = ['image_id', 'namespace', 'trace_file', 'files'];
   for (const k of Object.keys(body)) if (!known.includes(k)) throw new HttpError(400, `unknown field ${JSON.stringify(k)}; expected ${known.join(', ')}`);
-  const { image_id: imageId, trace_file: traceFile, files } = body;
-  if (typeof imageId !== 'string' || imageId === '' || imageId.length > 4096) throw new HttpError(400, 'image_id must be a non-empty string (a layer id or a chain id)');
+  const { image_id: imageId, namespace = 'default', trace_file: traceFile, files } = body;
+  if (typeof imageId !== 'string' || imageId === '' || imageId.length > 4096) throw new HttpError(400, 'image_id must be a non-empty string (an image reference, a chain id or a layer id)');
+  if (typeof namespace !== 'string' || namespace.length > 76 || !NAMESPACE_RE.test(namespace)) {
+    throw new HttpError(400, 'namespace must be a containerd namespace such as "default" or "k8s.io"');
+  }
   if (traceFile !== undefined && files !== undefined) throw new HttpError(400, 'give either trace_file or files, not both');
   if (traceFile === undefined && files === undefined) throw new HttpError(400, 'trace_file or files is required');
   if (traceFile !== undefined) {
     if (typeof traceFile !== 'string') throw new HttpError(400, 'trace_file must be a string');
-    return { imageId, traceFile };
+    return { imageId, namespace, traceFile };
   }
   if (!Array.isArray(files) || files.length === 0 || files.length > 100_000 || !files.every((f) => typeof f === 'string')) {
     throw new HttpError(400, 'files must be a non-empty array of up to 100000 path strings');
   }
-  return { imageId, files: files as string[] };
+  return { imageId, namespace, files: files as string[] };
 }
 
 export async function startApiServer(opts: ApiOptions): Promise<ApiHandle> {

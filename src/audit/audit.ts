@@ -51,7 +51,7 @@ export class AuditLog {
   private readonly log: Logger;
   private lastDropWarn = 0;
   /** Counters for /stats. */
-  readonly counters = { recorded: 0, written: 0, dropped: 0, writeErrors: 0 };
+  readonly counters = { recorded: 0, written: 0, dropped: 0, write_errors: 0 };
   private ready: Promise<void>;
 
   constructor(private readonly opts: AuditOptions) {
@@ -137,7 +137,7 @@ export class AuditLog {
       this.pendingBatches--;
       this.counters.written += m.count;
       if (m.error) {
-        this.counters.writeErrors++;
+        this.counters.write_errors++;
         this.counters.dropped += m.failed;
         this.log.error({ op: 'audit', err: m.error, rows: m.failed }, 'cannot write audit rows');
       }

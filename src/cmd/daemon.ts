@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { healthProblem } from '../api/health';
 import type { ServedParts } from '../api/parts';
+import { prefetchTargets } from '../api/prefetch-target';
 import { type ApiHandle, startApiServer } from '../api/server';
 import { ConversionMetrics } from '../api/stats';
 import { AuditLog } from '../audit/audit';
@@ -226,7 +227,8 @@ export async function runDaemon(): Promise<void> {
   const startedAt = Date.now();
   const parts = servedParts(snapshotter.parts);
   const prefetch = new Prefetcher({
-    resolve: (imageId) => snapshotter.layerRoots(imageId),
+    // An image reference is looked up in containerd's images (ctr's CONTAINERD_ADDRESS, or its default socket).
+    resolve: prefetchTargets({ layerRoots: (ref, ns) => snapshotter.layerRoots(ref, ns), containerdAddress: process.env.CONTAINERD_ADDRESS || '/run/containerd/containerd.sock' }),
     traceDir: cfg.prefetch.trace_dir ?? path.join(cfg.root, 'traces'),
     concurrency: cfg.prefetch.concurrency,
     limits: { maxJobs: cfg.prefetch.max_queued_jobs, maxEntries: cfg.prefetch.max_queued_entries, maxBytes: cfg.prefetch.max_queued_bytes, keepFinished: cfg.prefetch.keep_finished },

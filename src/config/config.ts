@@ -361,7 +361,7 @@ export function loadConfig(opts: LoadOptions = {}): Config {
     try {
       doc = JSON.parse(text);
     } catch (err) {
-      throw new ConfigError('(file)', `${file} is not valid JSON: ${(err as Error).message}`);
+      throw new ConfigError('(file)', `${file} is not valid JSON: ${describeJsonError(text, (err as Error).message)}`);
     }
     cfg = { ...applyConfigObject(cfg, doc), source: file };
   }
@@ -377,4 +377,22 @@ function deepFreeze<T>(o: T): T {
     Object.freeze(o);
   }
   return o;
+}
+
+/**
+ * A JSON.parse error as an operator reads it: line and column (1-based)
+ * and the line itself with a caret, instead of a byte position.
+ */
+export function describeJsonError(text: string, message: string): string {
+  const m = /at position (\d+)/.exec(message);
+  const pos = m ? Number(m[1]) : /Unexpected end of JSON input/.test(message) ? text.length : -1;
+  if (pos < 0) return message;
+  const before = text.slice(0, pos);
+  const line = before.split('\n').length;
+  const lineStart = before.lastIndexOf('\n') + 1;
+  const column = pos - lineStart + 1;
+  const end = text.indexOf('\n', lineStart);
+  const shown = text.slice(lineStart, end < 0 ? text.length : end).replace(/\t/g, ' ').slice(0, 200);
+  const what = message.replace(/ in JSON at position \d+.*$/, '').replace(/ at position \d+.*$/, '');
+  return `line ${line}, column ${column}: ${what}\n  ${shown}\n  ${' '.repeat(Math.max(0, Math.min(column - 1, 200)))}^`;
 }

@@ -4,11 +4,16 @@ import { LOADER_OPTIONS, protoRoot } from './proto';
 
 /**
  * A small client of containerd's own API (content, images, leases,
- * snapshots) on its socket, for `dedup-snapshotter pull` and `fsck`. Every
+ * snapshots) on its socket, for `dedup-snapshotter pull` and `fsck`, and
+ * for the daemon's POST /prefetch naming an image (containerd/image-layers.ts). Every
  * call carries the namespace, and the lease once one is set.
  */
 type Unary = (req: unknown, md: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: any) => void) => void;
-type Client = grpc.Client & Record<string, Unary> & { Write?: (md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientDuplexStream<any, any> };
+type Client = grpc.Client &
+  Record<string, Unary> & {
+    Write?: (md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientDuplexStream<any, any>;
+    Read?: (req: unknown, md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientReadableStream<any>;
+  };
 
 export interface Descriptor {
   media_type: string;
@@ -108,6 +113,43 @@ export class ContainerdClient {
 
   async removeSnapshot(snapshotter: string, key: string): Promise<void> {
     await this.call(this.snapshots, 'Remove', { snapshotter, key });
+  }
+
+  /** Image `name`'s target (its index or manifest); NotFound (gRPC 5) when containerd has no such image. */
+  async getImage(name: string): Promise<Descriptor> {
+    const res = await this.call(this.images, 'Get', { name });
+    return res.image.target as Descriptor;
+  }
+
+  /** Content `digest`, whole; refused when it is over `maxBytes` (manifests and configs are small). */
+  async readContent(digest: string, maxBytes: number): Promise<Buffer> {
+    const info = await this.call(this.content, 'Info', { digest });
+    const size = Number(info.info.size);
+    if (size > maxBytes) throw new Error(`content ${digest} is ${size} bytes, over the ${maxBytes} read here`);
+    return new Promise<Buffer>((resolve, reject) => {
+      const parts: Buffer[] = [];
+      let got = 0;
+      const s = (this.content.Read as NonNullable<Client['Read']>)({ digest, offset: 0, size: 0 }, this.md(), { deadline: Date.now() + this.timeoutMs });
+      s.on('data', (res: { data: Buffer }) => {
+        got += res.data.length;
+        if (got > maxBytes) {
+          s.cancel();
+          reject(new Error(`content ${digest} is over the ${maxBytes} bytes read here`));
+          return;
+        }
+        parts.push(res.data);
+      });
+      s.on('error', (err: grpc.ServiceError) => {
+        if (err.code !== grpc.status.CANCELLED) reject(err);
+      });
+      s.on('end', () => resolve(Buffer.concat(parts)));
+    });
+  }
+
+  /** The labels containerd keeps on content `digest` (e.g. containerd.io/gc.ref.snapshot.<snapshotter> on an unpacked image's config). */
+  async contentLabels(digest: string): Promise<Record<string, string>> {
+    const info = await this.call(this.content, 'Info', { digest });
+    return (info.info.labels ?? {}) as Record<string, string>;
   }
 
   /** Creates image `name` pointing at `target`, or points an existing one there. */

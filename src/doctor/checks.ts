@@ -19,7 +19,7 @@ import { KERNEL_NEEDS, atLeast, moduleFileExists, needs, parseRelease, procFiles
 import { scratchDir } from '../kernel/probes';
 import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { fsTypeOf, isMountPoint, listMounts } from '../mount/mountinfo';
-import { existingAncestor } from '../util/fs';
+import { existingAncestor, readOnlyAncestor } from '../util/fs';
 import { proxyPluginSnippet, readContainerdToml } from './containerd-toml';
 import { type CheckResult, type Progress, noProgress } from './types';
 import { compareVersions, errCode, errMessage, formatBytes, hasSystemd, shq, whichBin } from './util';
@@ -460,14 +460,22 @@ export function checkPermissions(root: string, euid: number): CheckResult {
     worse('fail');
     fixes.push('run as root: sudo dedup-snapshotter doctor (and run the daemon as root)');
   }
+  const ro = readOnlyAncestor(root);
+  if (ro !== null) {
+    facts.push(`ROOT ${root} is on a read-only filesystem (${ro} is not writable: EROFS)`);
+    worse('fail');
+    fixes.push(`remount that filesystem read-write (mount -o remount,rw MOUNTPOINT) or set ROOT to a directory on a writable one`);
+  }
   let st: fs.Stats | null = null;
   try {
     st = fs.statSync(root);
   } catch (err) {
     if (errCode(err) === 'ENOENT') {
-      facts.push(`ROOT ${root} does not exist yet; the daemon creates it with mode 0700 at start`);
-      worse('warn');
-      fixes.push(`start the daemon once, or: mkdir -p -m 700 ${shq(root)}`);
+      if (ro === null) {
+        facts.push(`ROOT ${root} does not exist yet; the daemon creates it with mode 0700 at start`);
+        worse('warn');
+        fixes.push(`start the daemon once, or: mkdir -p -m 700 ${shq(root)}`);
+      }
     } else {
       facts.push(`cannot stat ROOT ${root}: ${errCode(err) ?? errMessage(err)}`);
       worse('fail');

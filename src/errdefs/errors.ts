@@ -16,10 +16,17 @@ export type ErrorKind =
 
 export class SnapshotterError extends Error {
   readonly kind: ErrorKind;
-  constructor(kind: ErrorKind, message: string, options?: { cause?: unknown }) {
+  /**
+   * An answer the protocol expects, not a failure: containerd's remote
+   * snapshot contract answers a Prepare whose target layer was made here
+   * with AlreadyExists. Logged and audited as a success.
+   */
+  readonly expected: boolean;
+  constructor(kind: ErrorKind, message: string, options?: { cause?: unknown; expected?: boolean }) {
     super(message, options);
     this.kind = kind;
     this.name = `${kind}Error`;
+    this.expected = options?.expected ?? false;
   }
 }
 
@@ -28,6 +35,8 @@ export const invalidArgument = (msg: string, cause?: unknown) =>
 export const notFound = (msg: string, cause?: unknown) => new SnapshotterError('NotFound', msg, { cause });
 export const alreadyExists = (msg: string, cause?: unknown) =>
   new SnapshotterError('AlreadyExists', msg, { cause });
+/** containerd's remote snapshot contract: the target layer of a Prepare exists now (made here, without its tar). */
+export const remoteLayerExists = (msg: string) => new SnapshotterError('AlreadyExists', msg, { expected: true });
 export const failedPrecondition = (msg: string, cause?: unknown) =>
   new SnapshotterError('FailedPrecondition', msg, { cause });
 export const unavailable = (msg: string, cause?: unknown) => new SnapshotterError('Unavailable', msg, { cause });

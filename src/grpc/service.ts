@@ -57,9 +57,19 @@ function labelsOf(v: unknown): Labels {
   return v as Labels;
 }
 
-function namespaceOf(call: grpc.ServerUnaryCall<any, any> | grpc.ServerWritableStream<any, any>): string | undefined {
+/** A containerd namespace (its own rule: labels joined by '.', '_' or '-'). */
+const NAMESPACE_RE = /^([A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*)\/[0-9]+\//;
+
+/**
+ * The containerd namespace of a call: the `containerd-namespace` header
+ * when the caller sends one, else the first part of the key, which
+ * containerd's metadata layer writes as `<namespace>/<txid>/<name>` for
+ * a proxy snapshotter (it sends no header).
+ */
+export function namespaceOf(call: { metadata: grpc.Metadata }, key?: unknown): string | undefined {
   const v = call.metadata.get('containerd-namespace')[0];
-  return typeof v === 'string' ? v : undefined;
+  if (typeof v === 'string' && v !== '') return v;
+  return typeof key === 'string' ? NAMESPACE_RE.exec(key)?.[1] : undefined;
 }
 
 export interface ServiceOptions {
@@ -121,7 +131,9 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
       const report = (ok: boolean, err: { kind: string; message: string } | null) => {
         if (!audited || !opts.onMutation) return;
         const id = idBefore ?? (ok && key !== null ? sn.idOf(key) : undefined) ?? null;
-        const details: Record<string, unknown> = { ns: namespaceOf(call) ?? null, ...(audited.details ? audited.details(req) : {}) };
+        const details: Record<string, unknown> = { ns: namespaceOf(call, key) ?? null, ...(audited.details ? audited.details(req) : {}) };
+        // An expected answer (a remote layer made: AlreadyExists) is a success that says what containerd was told.
+        if (ok && err) details.answer = err.kind;
         try {
           opts.onMutation({
             op,
@@ -129,7 +141,7 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
             snapshotId: id,
             layerId: audited.layer || layerBefore ? id : null,
             ok,
-            error: err?.message ?? null,
+            error: ok ? null : (err?.message ?? null),
             code: err?.kind ?? null,
             durationMs: Date.now() - started,
             details,
@@ -141,16 +153,23 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
       track(
         (async () => fn(req))().then(
           (res) => {
-            logger.debug({ op, key: req?.key, ns: namespaceOf(call), duration_ms: Date.now() - started }, 'rpc done');
+            logger.debug({ op, key: req?.key, ns: namespaceOf(call, req?.key), duration_ms: Date.now() - started }, 'rpc done');
             report(true, null);
             callback(null, res);
           },
           (err) => {
             const e = classify(err);
+            if (e.expected) {
+              // containerd's contract (a remote layer made): the layer's own line says so.
+              logger.debug({ op, key: req?.key, ns: namespaceOf(call, req?.key), code: e.kind, duration_ms: Date.now() - started }, `${op} answered ${e.kind}: ${e.message}`);
+              report(true, e);
+              callback(toGrpcError(e), null);
+              return;
+            }
             report(false, e);
             const level = e.kind === 'Internal' || e.kind === 'Unavailable' ? 'error' : 'info';
             logger[level](
-              { op, key: req?.key, ns: namespaceOf(call), code: e.kind, err: e.message, duration_ms: Date.now() - started },
+              { op, key: req?.key, ns: namespaceOf(call, req?.key), code: e.kind, err: e.message, duration_ms: Date.now() - started },
               `${op} failed`,
             );
             callback(toGrpcError(e), null);

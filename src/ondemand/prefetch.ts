@@ -91,8 +91,8 @@ export function entryBytes(e: TraceEntry): number {
 const ENTRY_OVERHEAD = 96;
 
 export interface PrefetchOptions {
-  /** Resolves an image id to its layer roots, nearest first; throws for an unknown one. */
-  resolve: (imageId: string) => LayerRoot[];
+  /** Resolves an image id (in a containerd namespace) to its layer roots, nearest first; throws for an unknown one. */
+  resolve: (imageId: string, namespace: string) => LayerRoot[] | Promise<LayerRoot[]>;
   /** The only directory trace files are read from. */
   traceDir: string;
   concurrency: number;
@@ -238,13 +238,13 @@ export class Prefetcher {
    * status (400 bad input, 403 a trace outside the trace directory, 404 an
    * unknown image or trace file) and changes nothing then.
    */
-  async submit(req: { imageId: string; traceFile?: string; files?: string[] }): Promise<PrefetchJobView> {
+  async submit(req: { imageId: string; namespace?: string; traceFile?: string; files?: string[] }): Promise<PrefetchJobView> {
     {
       this.checkRoom();
       if (req.files !== undefined) this.checkFits(req.files.length, 0);
       let roots: LayerRoot[];
       try {
-        roots = this.opts.resolve(req.imageId);
+        roots = await this.opts.resolve(req.imageId, req.namespace ?? 'default');
       } catch (err) {
         throw new PrefetchError(404, (err as Error).message);
       }

@@ -105,7 +105,7 @@ function basicChecks(input: unknown): asserts input is string {
   if (input === '') throw new InvalidReferenceError(input, 'reference is empty');
   if (/\s/.test(input)) throw new InvalidReferenceError(input, 'reference contains whitespace');
   if (/^[a-zA-Z][a-zA-Z0-9+.-]*:\/\//.test(input)) {
-    throw new InvalidReferenceError(input, 'a reference has no scheme (drop "https://"; plain-HTTP registries are listed in plainHttpHosts)');
+    throw new InvalidReferenceError(input, 'a reference has no scheme (drop "https://"; plain-HTTP registries are listed in registry.plain_http_hosts)');
   }
 }
 

@@ -548,7 +548,7 @@ export class RegistryClient {
     if (url.protocol === 'http:' && this.isPlain(url.host)) return;
     const where = `${url.protocol}//${url.host}${url.pathname}`;
     if (url.protocol === 'http:') {
-      throw this.clientError(op, 0, 'PLAIN_HTTP_REFUSED', `${what} ${where} is plain HTTP and ${url.host} is not in plainHttpHosts; nothing was sent`);
+      throw this.clientError(op, 0, 'PLAIN_HTTP_REFUSED', `${what} ${where} is plain HTTP and ${url.host} is not in registry.plain_http_hosts; nothing was sent`);
     }
     throw this.clientError(op, 0, 'BAD_RESPONSE', `${what} ${where} is neither https nor http`);
   }
@@ -756,7 +756,7 @@ export class RegistryClient {
     else if (err instanceof BodyTooLargeError) code = 'SIZE_MISMATCH';
     else if (isTlsError(err)) code = 'TLS';
     let msg = `${CLIENT_ERROR_CODES[code]}: ${e?.message ?? String(err)}`;
-    if (code === 'TLS' && op.url.protocol === 'https:') msg += `; if ${op.url.host} serves plain HTTP, add it to plainHttpHosts`;
+    if (code === 'TLS' && op.url.protocol === 'https:') msg += `; if ${op.url.host} serves plain HTTP, add it to registry.plain_http_hosts (the daemon's config; dedup-snapshotter pull: --plain-http)`;
     if (attempts > 1) msg += ` (after ${attempts} attempts)`;
     return this.make(op, 0, code, msg, err);
   }

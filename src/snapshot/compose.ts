@@ -24,7 +24,7 @@ import { DEFAULT_RESERVE_BYTES, SpaceReserve } from '../store/reserve';
 import { RootLayout } from '../store/root-layout';
 import { ImageSealer } from '../store/seal';
 import type { VerifyProgress } from '../store/verify';
-import { fsyncDir } from '../util/fs';
+import { fsyncDir, readOnlyAncestor } from '../util/fs';
 
 export interface SnapshotterOptions {
   root: string;
@@ -134,6 +134,8 @@ export interface LayerParts {
 export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapshots): LayerParts {
   const logger = opts.logger ?? silentLogger();
   const layout = new RootLayout(opts.root);
+  const ro = readOnlyAncestor(layout.root);
+  if (ro !== null) throw new Error(`ROOT ${layout.root} is on a read-only filesystem (${ro} is not writable: EROFS); remount that filesystem read-write or set ROOT to a directory on a writable one`);
   fs.mkdirSync(layout.root, { recursive: true, mode: 0o700 });
   fs.mkdirSync(layout.snapshots, { recursive: true, mode: 0o700 });
   const reserve = new SpaceReserve({ root: layout.root, bytes: opts.reserveBytes ?? DEFAULT_RESERVE_BYTES, logger });

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { ConvertedLayerPusher } from '../convert/share';
-import { alreadyExists, failedPrecondition, internal, notFound } from '../errdefs/errors';
+import { failedPrecondition, internal, notFound, remoteLayerExists } from '../errdefs/errors';
 import type { ConvertEvent } from '../layers/events';
 import type { IntegrityReport, LayerIntegrity } from '../layers/integrity';
 import type { Logger } from '../log/logger';
@@ -188,7 +188,7 @@ export class Snapshotter {
       if (await importer.importFor(labels, parent)) {
         // containerd's contract for remote snapshots: the layer exists now
         // under the target key; it lists it by label and skips download and unpack.
-        throw alreadyExists(`target snapshot ${JSON.stringify(labels?.[LABEL_SNAPSHOT_REF])} is a remote layer, made without its tar`);
+        throw remoteLayerExists(`target snapshot ${JSON.stringify(labels?.[LABEL_SNAPSHOT_REF])} is a remote layer, made without its tar`);
       }
     }
     return this.createSnapshot(Kind.Active, key, parent, labels);
@@ -391,20 +391,45 @@ export class Snapshotter {
   }
 
   /**
-   * The read-only roots of committed snapshot `ref` (its numeric id, or its
-   * key: containerd's chain id for an unpacked layer) and of its parents,
+   * The read-only roots of committed snapshot `ref` and of its parents,
    * nearest first: the layer's EROFS mount, or its directory until it is
-   * converted. For prefetch. NotFound for an unknown or uncommitted snapshot.
+   * converted. For prefetch. `ref` is a layer id (as in images/<id>.erofs),
+   * containerd's key of the snapshot (`<namespace>/<txid>/<chain id>`), or
+   * a chain id as `ctr snapshots --snapshotter dedup ls` shows it, looked
+   * up in `namespace` first, then in any (a chain id names the same layers
+   * everywhere). NotFound for an unknown or uncommitted snapshot.
    */
-  layerRoots(ref: string): { id: string; key: string; root: string }[] {
+  layerRoots(ref: string, namespace = 'default'): { id: string; key: string; root: string }[] {
     this.checkOpen();
-    const key = /^[1-9][0-9]{0,15}$/.test(ref) ? this.ms.keyOf(ref) : ref;
-    if (key === undefined || !this.ms.has(key)) throw notFound(`no layer ${JSON.stringify(ref)} (expected a layer id as in images/<id>.erofs, or a committed snapshot key)`);
+    let key: string | undefined;
+    if (/^[1-9][0-9]{0,15}$/.test(ref)) key = this.ms.keyOf(ref);
+    else if (/^sha256:[0-9a-f]{64}$/.test(ref)) key = this.committedKeyOfChain(ref, namespace);
+    else key = this.idOf(ref) !== undefined ? ref : undefined;
+    if (key === undefined) {
+      throw notFound(
+        `no layer ${JSON.stringify(ref)} (expected an image reference as in ctr images ls, a chain id as in ctr snapshots --snapshotter dedup ls, a layer id as in images/<id>.erofs, or containerd's snapshot key)`,
+      );
+    }
     const s = this.ms.getAny(key);
     if (s.kind !== Kind.Committed) throw notFound(`snapshot ${JSON.stringify(ref)} is not a committed layer`);
     const ids = [s.id, ...s.parentIds];
     const roots = this.parts.mounts.rootsOf(ids);
     return ids.map((id, i) => ({ id, key: this.ms.keyOf(id) ?? '', root: roots[i] }));
+  }
+
+  /** containerd's key of the committed snapshot of chain id `chain`: in `namespace` if it has one, else in any. */
+  private committedKeyOfChain(chain: string, namespace: string): string | undefined {
+    let any: string | undefined;
+    let mine: string | undefined;
+    const suffix = `/${chain}`;
+    this.ms.walkInfo((info) => {
+      if (info.kind !== Kind.Committed || !info.name.endsWith(suffix)) return;
+      const m = /^([^/]+)\/[0-9]+\//.exec(info.name);
+      if (!m || info.name.length !== m[0].length + chain.length) return;
+      any ??= info.name;
+      if (m[1] === namespace) mine ??= info.name;
+    });
+    return mine ?? any;
   }
 
   /**

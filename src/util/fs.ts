@@ -100,3 +100,18 @@ export function existingAncestor(p: string): string {
   while (!fs.existsSync(d) && path.dirname(d) !== d) d = path.dirname(d);
   return d;
 }
+
+/**
+ * When the filesystem holding `p` (or its nearest existing ancestor) is
+ * mounted read-only: that ancestor; otherwise null. (Node's recursive
+ * mkdir reports ENOENT on a read-only filesystem, which names the wrong cause.)
+ */
+export function readOnlyAncestor(p: string): string | null {
+  const at = existingAncestor(p);
+  try {
+    fs.accessSync(at, fs.constants.W_OK);
+    return null;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EROFS' ? at : null;
+  }
+}

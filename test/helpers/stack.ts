@@ -215,7 +215,8 @@ export class Stack {
       dir: this.dir,
       root: this.daemonRoot,
       address: this.daemonAddress,
-      env: { LOG_LEVEL: 'debug', ...this.opts.daemonEnv },
+      // containerd's socket, for POST /prefetch naming an image.
+      env: { LOG_LEVEL: 'debug', CONTAINERD_ADDRESS: this.containerdAddress, ...this.opts.daemonEnv },
       config: { ...this.opts.daemonConfig, registry: { plain_http_hosts: [this.registry], ...(this.opts.daemonConfig?.registry as object | undefined) } },
     });
     const p = this.daemon.proc;
