@@ -29,3 +29,14 @@ export function openElsewhere(file: string): boolean {
     fs.closeSync(fd);
   }
 }
+
+/** Whether the file open as `fd` here (read-only, this process's only open of it) is open anywhere else too. */
+export function openElsewhereFd(fd: number, what: string): boolean {
+  if (fcntl(fd, F_SETLEASE, F_WRLCK) < 0) {
+    const errno = koffi.errno();
+    if (errno === EAGAIN) return true;
+    throw new ErrnoError('fcntl', errno, `F_SETLEASE F_WRLCK ${what}`);
+  }
+  fcntl(fd, F_SETLEASE, F_UNLCK);
+  return false;
+}

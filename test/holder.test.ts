@@ -164,6 +164,47 @@ test('the group outlives the holder: a copy answers a relayed event by its fd nu
   }
 });
 
+test('after a clean stop (bye) the holder exits once no marked file is open anywhere else; a daemon that connects again keeps it', { skip }, async () => {
+  const { dir, socket, file, holder } = startHolder('holder-bye');
+  let stderr = '';
+  holder.stderr?.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((r) => holder.once('exit', (code) => r(code)));
+  const running = () => holder.exitCode === null && holder.signalCode === null;
+  // Stands in for a lazy layer's mount (a file-backed superblock keeps its file open).
+  let mountFd: number | null = null;
+  try {
+    await waitFor(() => fs.existsSync(socket), 10_000, 'the holder socket');
+    let d = await connect(socket);
+    d.s.write(encodeFrame({ op: 'mark', path: file }));
+    await waitFor(() => d.frames.some((f) => f.head.op === 'marked'), 5_000, 'marked');
+    mountFd = fs.openSync(file, 'r');
+    d.s.write(encodeFrame({ op: 'bye' }));
+    d.s.end();
+    await new Promise((r) => setTimeout(r, 4500));
+    assert.ok(running(), `a marked file is in use: the holder stays\n${stderr}`);
+
+    // A daemon is back: the bye no longer counts, even once nothing uses the file.
+    d = await connect(socket);
+    d.s.write(encodeFrame({ op: 'hello', req: 1 }));
+    await waitFor(() => d.frames.some((f) => f.head.op === 'hello'), 5_000, 'hello');
+    fs.closeSync(mountFd);
+    mountFd = null;
+    await new Promise((r) => setTimeout(r, 4500));
+    assert.ok(running(), 'a connected daemon keeps the holder');
+
+    d.s.write(encodeFrame({ op: 'bye' }));
+    d.s.end();
+    const code = await Promise.race([exited, new Promise((r) => setTimeout(() => r('timeout'), 10_000))]);
+    assert.equal(code, 0, stderr);
+    assert.match(stderr, /no lazy layer is in use and the daemon stopped cleanly: exiting/);
+  } finally {
+    if (mountFd !== null) fs.closeSync(mountFd);
+    if (running()) holder.kill('SIGTERM');
+    await exited;
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('frames: split anywhere, read back whole; an oversized header is refused', () => {
   const a = encodeFrame({ op: 'fill', id: 1, offset: 4096 }, Buffer.alloc(10_000, 1));
   const b = encodeFrame({ op: 'done', id: 1, ok: true });

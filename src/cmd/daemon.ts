@@ -20,6 +20,7 @@ import { RegistryClient } from '../remote/registry';
 import type { LayerParts } from '../snapshot/compose';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { sdListenFds, sdNotify } from '../systemd/notify';
+import { removePidFile, writePidFile } from '../util/pidfile';
 import { prepareSocketPath } from '../util/socket';
 
 const VERSION: string = (() => {
@@ -81,6 +82,12 @@ export async function runDaemon(): Promise<void> {
   } catch (err) {
     log.fatal({ op: 'start', address: cfg.address, err: (err as Error).message }, 'cannot serve gRPC');
     process.exit(1);
+  }
+  // Without systemd (`dedup-snapshotter start` sets it): where stop, reload and status find this process.
+  const pidFile = process.env.PID_FILE;
+  if (pidFile) {
+    writePidFile(pidFile);
+    process.on('exit', () => removePidFile(pidFile));
   }
 
   let snapshotter: Snapshotter;
@@ -252,6 +259,8 @@ export async function runDaemon(): Promise<void> {
     }
     stopping = true;
     log.info({ op: 'stop', signal }, 'shutting down');
+    // From here no on-demand holder is started; the running one is told at the end.
+    snapshotter.loader?.beginStop();
     try {
       sdNotify({ STOPPING: 1 });
     } catch {
@@ -264,6 +273,7 @@ export async function runDaemon(): Promise<void> {
     audit.record({ operation: 'stop', result: 'ok', details: { signal } });
     await audit.close();
     remoteClient?.close();
+    await snapshotter.loader?.farewell();
     snapshotter.close();
     log.info({ op: 'stop' }, 'stopped');
     process.exit(0);

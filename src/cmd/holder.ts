@@ -36,6 +36,8 @@ export async function runHolder(argv: string[]): Promise<number> {
       log(`socket ${socket} is gone: no daemon can reach this holder; exiting`);
       orphaned();
     },
+    // The daemon stopped cleanly and no lazy layer is in use any more.
+    onIdle: () => orphaned(),
   });
   await holder.listen();
   log(`on-demand holder ready on ${socket} (it keeps the fanotify group or /dev/cachefiles for the daemon)`);

@@ -1,3 +1,4 @@
+import { ConfigError } from '../config/config';
 import { runDaemon } from './daemon';
 
 const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy snapshotter (the default)
@@ -9,6 +10,12 @@ const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy
                                           convert a registry image into a dedup image (lazy pull)
        dedup-snapshotter pull [--plain-http] [--address SOCK] [--namespace NS] REF
                                           pull a dedup image into containerd for ctr (no layer download)
+       dedup-snapshotter mount LAYER DIR  mount ROOT/images/<id>.erofs read-only with its chunk store (umount DIR)
+       dedup-snapshotter images [--json]  containerd's images whose layers this snapshotter holds
+       dedup-snapshotter containerd-config add|remove FILE
+                                          add or take out the proxy plugin in containerd's config.toml
+       dedup-snapshotter start|stop|restart|reload|status
+                                          run the daemon without systemd (pid file, log file)
        dedup-snapshotter --version | --help
 
 Environment: ROOT, ADDRESS, CONFIG, LOG_LEVEL (see README).
@@ -49,6 +56,26 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runPull(rest);
     return;
   }
+  if (cmd === 'mount') {
+    const { runMountLayer } = await import('./mount-layer');
+    process.exitCode = await runMountLayer(rest);
+    return;
+  }
+  if (cmd === 'start' || cmd === 'stop' || cmd === 'restart' || cmd === 'reload' || cmd === 'status') {
+    const { runControl } = await import('./control');
+    process.exitCode = await runControl(cmd, rest);
+    return;
+  }
+  if (cmd === 'images') {
+    const { runImages } = await import('./images');
+    process.exitCode = await runImages(rest);
+    return;
+  }
+  if (cmd === 'containerd-config') {
+    const { runContainerdConfig } = await import('./containerd-config');
+    process.exitCode = await runContainerdConfig(rest);
+    return;
+  }
   if (cmd === 'ondemand-holder') {
     const { runHolder } = await import('./holder');
     process.exitCode = await runHolder(rest);
@@ -62,6 +89,11 @@ async function main(argv: string[]): Promise<void> {
 }
 
 main(process.argv.slice(2)).catch((err) => {
+  // A bad config (CONFIG, ROOT, ADDRESS) in any command: its message names the key.
+  if (err instanceof ConfigError) {
+    process.stderr.write(`dedup-snapshotter: ${err.message}\n`);
+    process.exit(2);
+  }
   process.stderr.write(`dedup-snapshotter: ${err instanceof Error ? err.stack : String(err)}\n`);
   process.exit(1);
 });

@@ -121,6 +121,12 @@ export class ContainerdClient {
     return res.image.target as Descriptor;
   }
 
+  /** The names of every image in this namespace. */
+  async listImages(): Promise<string[]> {
+    const res = await this.call(this.images, 'List', { filters: [] });
+    return ((res.images ?? []) as { name: string }[]).map((i) => i.name);
+  }
+
   /** Content `digest`, whole; refused when it is over `maxBytes` (manifests and configs are small). */
   async readContent(digest: string, maxBytes: number): Promise<Buffer> {
     const info = await this.call(this.content, 'Info', { digest });

@@ -58,6 +58,8 @@ export class HolderClient {
   private connecting: Promise<void> | null = null;
   private reconnecting: Promise<void> | null = null;
   private closed = false;
+  /** The daemon is stopping: no holder is started, a lost one is not replaced. */
+  private stopping = false;
   private hooks: HolderHooks | null = null;
   /** The connected (or last) holder's pid. */
   pid = 0;
@@ -95,6 +97,27 @@ export class HolderClient {
     this.sock?.write(encodeMessage(m));
   }
 
+  /** The daemon is stopping: from now on no holder is started (a lost one is not replaced). */
+  beginStop(): void {
+    this.stopping = true;
+  }
+
+  /**
+   * A clean stop: tells the holder ({op:"bye"}) that it may exit once
+   * nothing uses a lazy layer any more; resolves once sent (or after 1 s).
+   */
+  sayBye(): Promise<void> {
+    const sock = this.sock;
+    if (!sock) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, 1000);
+      sock.write(encodeMessage({ op: 'bye' }), () => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+  }
+
   close(): void {
     this.closed = true;
     this.sock?.destroy();
@@ -113,6 +136,7 @@ export class HolderClient {
       sock = await dial(this.o.socket);
     } catch (err) {
       if (!this.o.holderCommand) throw new Error(`no on-demand holder answers on ${this.o.socket}: ${(err as Error).message}`);
+      if (this.stopping) throw new Error(`no on-demand holder answers on ${this.o.socket} and the daemon is stopping: none is started`);
       const child = this.startHolder(this.o.holderCommand);
       // As long as it runs, up to 5 minutes: a loaded (or emulated) machine
       // starts a Node process slowly (over 30 s measured in the test VM).
@@ -181,6 +205,15 @@ export class HolderClient {
   private async lost(dead: net.Socket): Promise<void> {
     if (this.reconnecting) return;
     const kept = this.h.keepsReadsWaiting();
+    if (this.stopping) {
+      // Never a new holder on the way out: the next daemon starts one.
+      this.o.log.warn(
+        { op: 'ondemand', holder_pid: this.pid },
+        `the on-demand holder (pid ${this.pid}) is gone while the daemon stops; no new one is started (the next daemon starts one)`,
+      );
+      await this.h.lost(dead);
+      return;
+    }
     this.o.log.error(
       { op: 'ondemand', holder_pid: this.pid, group_kept: kept },
       `the on-demand holder (pid ${this.pid}) is gone; ${kept ? 'this daemon holds the fanotify group: reads wait for a new holder' : 'reconnecting'}`,

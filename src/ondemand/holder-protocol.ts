@@ -42,7 +42,14 @@ export type HolderNotice =
   /** Event `id` is over: answered by the daemon on its copy of the group (`answered`), or to be answered here (`ok`: allowed, else EIO). */
   | { op: 'done'; id: number; ok?: boolean; answered?: boolean }
   /** The placeholder holding fd number `fd` may go (the daemon answered the old event under it). */
-  | { op: 'release'; fd: number };
+  | { op: 'release'; fd: number }
+  /**
+   * The daemon stops cleanly: once no daemon is connected, no event waits
+   * and no marked file is open anywhere (no lazy layer mounted, not even
+   * under a container's overlay), the holder exits. A holder of
+   * /dev/cachefiles stays (whether a cache's objects are in use cannot be told).
+   */
+  | { op: 'bye' };
 
 export type DaemonMessage = HolderRequest | HolderNotice;
 
@@ -176,6 +183,8 @@ export function decodeDaemonMessage(f: Frame): DaemonMessage {
       return defined({ op, id: x.int('id'), ok: x.optBool('ok'), answered: x.optBool('answered') });
     case 'release':
       return { op, fd: x.int('fd') };
+    case 'bye':
+      return { op };
     default:
       throw new MalformedFrame(`the daemon sent an unknown op ${JSON.stringify(op)}`, h);
   }

@@ -19,6 +19,7 @@ import {
   fanotifyResponse,
   parseFanotifyEvents,
 } from '../../native/fanotify';
+import { openElsewhereFd } from '../../native/lease';
 import { dupTo, eventFd, fcntl } from '../../native/libc';
 import { type Frame, readFrames } from './frames';
 import { type DaemonMessage, type GroupReply, type HolderNotice, type HolderReply, type HolderRequest, MalformedFrame, decodeDaemonMessage, encodeMessage } from './holder-protocol';
@@ -96,6 +97,10 @@ export interface HolderOptions {
   log?: (msg: string) => void;
   /** Called once the socket file is gone or replaced (its directory removed): nothing can reach this holder any more. */
   onOrphaned?: () => void;
+  /** Called once the daemon stopped cleanly ({op:"bye"}) and nothing needs this holder any more (see idleCheck). */
+  onIdle?: () => void;
+  /** How often that is checked after a bye (ms; default 2000). */
+  idleCheckMs?: number;
 }
 
 export class OndemandHolder {
@@ -118,6 +123,9 @@ export class OndemandHolder {
   private readonly marked = new Set<string>();
   /** Fd numbers held by placeholders while the daemon answers the events a dead holder read under them. */
   private readonly reserved = new Set<number>();
+  /** After a bye: the marked files, open read-only here, whose other opens say whether a lazy layer is still in use. */
+  private byeFiles: { fd: number; path: string }[] | null = null;
+  private idleTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly o: HolderOptions) {
     this.server = net.createServer((s) => this.accept(s));
@@ -213,6 +221,8 @@ export class OndemandHolder {
 
   private accept(s: net.Socket): void {
     if (this.client) this.client.destroy();
+    // A daemon is back: a bye's watch ends.
+    this.endByeWatch();
     this.client = s;
     this.log('daemon connected');
     readFrames(
@@ -242,6 +252,7 @@ export class OndemandHolder {
       if (err instanceof MalformedFrame && err.req !== undefined) s.write(encodeMessage({ op: 'error', req: err.req, error: err.message }));
       return;
     }
+    if (m.op === 'bye') return this.startByeWatch();
     if (m.op === 'done' || m.op === 'release') return this.notice(m);
     // Every reply echoes the request's id (none for a daemon of an earlier version: it matches replies in order).
     const reply = (r: HolderReply): void => void s.write(encodeMessage(m.req === undefined ? r : { ...r, req: m.req }));
@@ -318,8 +329,61 @@ export class OndemandHolder {
     return { op: 'group', pid: process.pid, fd: this.groupFd, fresh: false, adopted: true, reserved: taken, refused };
   }
 
+  /**
+   * {op:"bye"}: the daemon stops cleanly. Every marked file is opened here
+   * now (while its path exists) and checked every idleCheckMs: once no
+   * daemon is connected, no event waits, no placeholder is held and no
+   * marked file is open anywhere else (a lazy layer's mount, or a
+   * container's overlay over it, keeps its files open), nothing can read
+   * unfetched data any more and the holder is not needed: onIdle. A holder
+   * of /dev/cachefiles stays: the kernel's use of a cache cannot be told.
+   */
+  private startByeWatch(): void {
+    if (this.cachefiles >= 0) {
+      this.log('the daemon stopped cleanly; this holder keeps /dev/cachefiles bound for its layers (stop it by its pid once no layer is mounted)');
+      return;
+    }
+    this.endByeWatch();
+    const files: { fd: number; path: string }[] = [];
+    for (const p of this.marked) {
+      try {
+        files.push({ fd: fs.openSync(p, fs.constants.O_RDONLY), path: p });
+      } catch {
+        // gone: nothing can open it again
+      }
+    }
+    this.byeFiles = files;
+    this.log(`the daemon stopped cleanly; exiting once none of the ${files.length} marked files is in use`);
+    this.idleTimer = setInterval(() => this.idleCheck(), this.o.idleCheckMs ?? 2000);
+    this.idleCheck();
+  }
+
+  private idleCheck(): void {
+    const files = this.byeFiles;
+    if (!files || this.client || this.pending.size > 0 || this.reserved.size > 0) return;
+    for (const f of files) {
+      try {
+        if (openElsewhereFd(f.fd, f.path)) return;
+      } catch (err) {
+        this.log(`cannot tell whether ${f.path} is in use (${(err as Error).message}); staying`);
+        this.endByeWatch();
+        return;
+      }
+    }
+    this.log('no lazy layer is in use and the daemon stopped cleanly: exiting');
+    this.endByeWatch();
+    this.o.onIdle?.();
+  }
+
+  private endByeWatch(): void {
+    if (this.idleTimer) clearInterval(this.idleTimer);
+    this.idleTimer = null;
+    for (const f of this.byeFiles ?? []) fs.closeSync(f.fd);
+    this.byeFiles = null;
+  }
+
   /** done (an event is over) and release (a placeholder may go): no reply. */
-  private notice(m: HolderNotice): void {
+  private notice(m: Exclude<HolderNotice, { op: 'bye' }>): void {
     if (m.op === 'release') {
       if (this.reserved.delete(m.fd)) closeFd(m.fd);
       return;
@@ -397,6 +461,7 @@ export class OndemandHolder {
   /** Stops relaying: what is pending is denied with EIO (never allowed unfilled). */
   async close(): Promise<void> {
     this.closed = true;
+    this.endByeWatch();
     this.watch?.close();
     // The wait on the group ends once woken; the fds are closed only after it.
     if (this.wake >= 0) fs.writeSync(this.wake, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));

@@ -310,6 +310,16 @@ export class LazyLoader {
     this.prefetch.request(id);
   }
 
+  /** The daemon is stopping: no on-demand holder is started from now on. */
+  beginStop(): void {
+    this.holder.beginStop();
+  }
+
+  /** A clean stop: the holder may exit once no lazy layer is in use (holder.ts, bye). Before close(). */
+  farewell(): Promise<void> {
+    return this.holder.sayBye();
+  }
+
   close(): void {
     this.closed = true;
     this.mechanism.close();
