@@ -2,42 +2,57 @@
 # Installs and starts dedup-snapshotter on a Debian 12 host, and points
 # containerd at it. Safe to run again (upgrades in place).
 #
-#   sudo ./scripts/install.sh            # install deps, build, install, start
-#   sudo ./scripts/install.sh --no-apt   # skip apt-get (deps already there)
+#   sudo ./scripts/install.sh              # install deps, build, install, start
+#   sudo ./scripts/install.sh --no-apt     # skip apt-get (deps already there)
+#   sudo ./scripts/install.sh --no-build   # install the tree as built (npm ci && npm run build done)
 #
-# It never overwrites an existing /etc/dedup-snapshotter/config.json, and it
-# adds the proxy plugin to /etc/containerd/config.toml only when missing
-# (after a dated backup), leaving the rest of that file alone.
+# It touches only what it owns: /opt/dedup-snapshotter, the link
+# /usr/local/bin/dedup-snapshotter, /etc/dedup-snapshotter (an existing
+# config.json is kept), the proxy plugin's table in containerd's config
+# (added when missing, after a backup, the rest of that file left alone),
+# and its unit (systemd) or its init script. It restarts containerd through
+# systemd where systemd runs; otherwise only the containerd serving
+# $CONTAINERD_SOCKET (found by the socket it listens on, never by name), or
+# the one it started itself, and it says what it did.
+#
+# Every path can be set from the environment (the tests install into a
+# temp dir): PREFIX BIN_LINK CONFIG_DIR CONTAINERD_CONFIG CONTAINERD_SOCKET
+# SOCKET ROOT PID_FILE LOG_FILE CONTAINERD_PID_FILE CONTAINERD_LOG INIT_DIR;
+# INSTALL_INIT=auto|yes|no (an init script for boot), USE_SYSTEMD=auto|no.
 set -euo pipefail
 
 PREFIX=${PREFIX:-/opt/dedup-snapshotter}
-BIN_LINK=/usr/local/bin/dedup-snapshotter
-CONFIG_DIR=/etc/dedup-snapshotter
+BIN_LINK=${BIN_LINK:-/usr/local/bin/dedup-snapshotter}
+CONFIG_DIR=${CONFIG_DIR:-/etc/dedup-snapshotter}
 CONTAINERD_CONFIG=${CONTAINERD_CONFIG:-/etc/containerd/config.toml}
-SOCKET=/run/containerd/dedup-snapshotter.sock
-LOG_FILE=/var/log/dedup-snapshotter.log
+CONTAINERD_SOCKET=${CONTAINERD_SOCKET:-/run/containerd/containerd.sock}
+SOCKET=${SOCKET:-/run/containerd/dedup-snapshotter.sock}
+ROOT=${ROOT:-/var/lib/containerd/io.containerd.snapshotter.v1.dedup}
+PID_FILE=${PID_FILE:-/run/dedup-snapshotter.pid}
+LOG_FILE=${LOG_FILE:-/var/log/dedup-snapshotter.log}
+CONTAINERD_PID_FILE=${CONTAINERD_PID_FILE:-/run/dedup-snapshotter-containerd.pid}
+CONTAINERD_LOG=${CONTAINERD_LOG:-/var/log/containerd.log}
+INIT_DIR=${INIT_DIR:-/etc/init.d}
+INSTALL_INIT=${INSTALL_INIT:-auto}
+USE_SYSTEMD=${USE_SYSTEMD:-auto}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$SRC/scripts/lib.sh"
 
-say() { printf '==> %s\n' "$*"; }
-die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+APT=1
+BUILD=1
+for a in "$@"; do
+  case "$a" in
+    --no-apt) APT=0 ;;
+    --no-build) BUILD=0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) die "unknown argument $a (see --help)" ;;
+  esac
+done
 
-# The pid of the containerd process listening on unix socket $1 (the
-# socket's inode in /proc/net/unix, then the containerd holding it); fails
-# when there is none.
-containerd_on_socket() {
-  local inode p
-  inode=$(awk -v s="$1" '$8 == s && $6 == "01" { print $7; exit }' /proc/net/unix 2>/dev/null)
-  [ -n "$inode" ] || return 1
-  for p in /proc/[0-9]*; do
-    [ "$(cat "$p/comm" 2>/dev/null)" = containerd ] || continue
-    if ls -l "$p/fd" 2>/dev/null | grep -q "socket:\[$inode\]"; then echo "${p#/proc/}"; return 0; fi
-  done
-  return 1
-}
+[ "$(id -u)" = 0 ] || die "run as root (sudo $0, or as root without sudo)"
 
-[ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
-
-if [ "${1:-}" != "--no-apt" ]; then
+if [ "$APT" = 1 ]; then
   say "installing Debian packages (containerd runc erofs-utils)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -45,19 +60,24 @@ if [ "${1:-}" != "--no-apt" ]; then
 fi
 command -v node >/dev/null || die "Node.js 20 is required (node not found)"
 
-say "building in $SRC"
-(cd "$SRC" && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+if [ "$BUILD" = 1 ]; then
+  say "building in $SRC (npm ci && npm run build)"
+  (cd "$SRC" && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+fi
+[ -f "$SRC/dist/src/cmd/main.js" ] || die "$SRC is not built: run npm ci && npm run build, or drop --no-build"
 
 say "installing to $PREFIX"
 rm -rf "$PREFIX.new"
 mkdir -p "$PREFIX.new"
 cp -a "$SRC/package.json" "$SRC/package-lock.json" "$SRC/bin" "$SRC/dist" "$SRC/proto" "$SRC/node_modules" \
-  "$SRC/README.md" "$SRC/docs" "$SRC/config" "$SRC/systemd" "$PREFIX.new/"
+  "$SRC/README.md" "$SRC/docs" "$SRC/config" "$SRC/systemd" "$SRC/scripts" "$PREFIX.new/"
 rm -rf "$PREFIX.old"
 if [ -e "$PREFIX" ]; then mv "$PREFIX" "$PREFIX.old"; fi
 mv "$PREFIX.new" "$PREFIX"
 rm -rf "$PREFIX.old"
+mkdir -p "$(dirname "$BIN_LINK")"
 ln -sfn "$PREFIX/bin/dedup-snapshotter" "$BIN_LINK"
+DS=$BIN_LINK
 
 mkdir -p "$CONFIG_DIR"
 if [ -e "$CONFIG_DIR/config.json" ]; then
@@ -67,63 +87,33 @@ else
   say "wrote $CONFIG_DIR/config.json"
 fi
 
-mkdir -p "$(dirname "$CONTAINERD_CONFIG")"
-if [ ! -e "$CONTAINERD_CONFIG" ]; then
-  { echo 'version = 2'; echo; cat "$SRC/config/containerd-proxy-plugin.toml"; } > "$CONTAINERD_CONFIG"
-  say "wrote $CONTAINERD_CONFIG"
-elif grep -q 'proxy_plugins\.dedup' "$CONTAINERD_CONFIG"; then
-  say "$CONTAINERD_CONFIG already has [proxy_plugins.dedup]"
-else
-  cp -a "$CONTAINERD_CONFIG" "$CONTAINERD_CONFIG.bak-$(date +%Y%m%d%H%M%S)"
-  # A dotted table header is valid TOML whether or not [proxy_plugins] exists.
-  printf '\n# added by dedup-snapshotter install.sh\n[proxy_plugins.dedup]\n  type = "snapshot"\n  address = "%s"\n' \
-    "$SOCKET" >> "$CONTAINERD_CONFIG"
-  say "added [proxy_plugins.dedup] to $CONTAINERD_CONFIG (backup beside it)"
-fi
+# The proxy plugin's table, added by line (containerd-config: a backup first, the rest of the file unchanged).
+"$DS" containerd-config add "$CONTAINERD_CONFIG" --address "$SOCKET" | sed 's/^/==> /'
 
-wait_socket() {
-  for _ in $(seq 1 100); do
-    [ -S "$SOCKET" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
+# The daemon's environment, as the unit sets it.
+export ROOT ADDRESS="$SOCKET" CONFIG="$CONFIG_DIR/config.json" PID_FILE LOG_FILE CONTAINERD_ADDRESS="$CONTAINERD_SOCKET"
 
-if [ -d /run/systemd/system ]; then
+if use_systemd; then
   install -m 0644 "$SRC/systemd/dedup-snapshotter.service" /etc/systemd/system/dedup-snapshotter.service
   systemctl daemon-reload
   systemctl enable dedup-snapshotter.service >/dev/null
   systemctl restart dedup-snapshotter.service
-  wait_socket || die "dedup-snapshotter did not create $SOCKET; see: journalctl -u dedup-snapshotter -n 50"
+  wait_socket "$SOCKET" || die "dedup-snapshotter did not create $SOCKET; see: journalctl -u dedup-snapshotter -n 50"
+  say "restarting containerd (systemctl restart containerd) so it loads the proxy plugin"
   systemctl restart containerd.service
-  say "started: systemctl status dedup-snapshotter"
+  say "started: systemctl status dedup-snapshotter; logs: journalctl -u dedup-snapshotter"
 else
-  # No systemd (a container or a minimal VM): run both in the background.
-  say "systemd is not running; starting the daemon in the background (log: $LOG_FILE)"
-  if [ -f /run/dedup-snapshotter.pid ] && kill -0 "$(cat /run/dedup-snapshotter.pid)" 2>/dev/null; then
-    kill -TERM "$(cat /run/dedup-snapshotter.pid)"
-    for _ in $(seq 1 100); do kill -0 "$(cat /run/dedup-snapshotter.pid)" 2>/dev/null || break; sleep 0.1; done
-  fi
-  ROOT=/var/lib/containerd/io.containerd.snapshotter.v1.dedup ADDRESS=$SOCKET CONFIG=$CONFIG_DIR/config.json \
-    nohup "$BIN_LINK" >>"$LOG_FILE" 2>&1 </dev/null &
-  echo $! > /run/dedup-snapshotter.pid
-  wait_socket || die "dedup-snapshotter did not create $SOCKET; see $LOG_FILE"
-  # Only the containerd serving /run/containerd/containerd.sock is restarted
-  # (found by the socket it listens on, never by name: Docker's or k3s's
-  # containerd, or a second instance with its own socket, are not touched).
-  if pid=$(containerd_on_socket /run/containerd/containerd.sock); then
-    say "restarting the containerd serving /run/containerd/containerd.sock (pid $pid) so it loads the proxy plugin"
-    kill -TERM "$pid"
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  fi
-  nohup containerd --config "$CONTAINERD_CONFIG" >>/var/log/containerd.log 2>&1 </dev/null &
-  echo $! > /run/dedup-snapshotter-containerd.pid
-  for _ in $(seq 1 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
-  say "started dedup-snapshotter (pid $(cat /run/dedup-snapshotter.pid)) and containerd"
+  say "systemd is not running here: the daemon runs in the background (dedup-snapshotter start|stop|restart|reload|status; pid $PID_FILE, log $LOG_FILE)"
+  "$DS" restart | sed 's/^/==> /'
+  install_init_script
+  # containerd: only the one serving $CONTAINERD_SOCKET (by the socket, not
+  # by name: Docker's or k3s's containerd, or another instance with its own
+  # socket, are not touched), or the one this script started before.
+  restart_containerd "so it loads the proxy plugin" yes yes
 fi
 
-if ctr plugins ls 2>/dev/null | grep -E '^io\.containerd\.snapshotter\.v1 +dedup +.* ok' >/dev/null; then
+if ctr --address "$CONTAINERD_SOCKET" plugins ls 2>/dev/null | grep -E '^io\.containerd\.snapshotter\.v1 +dedup +.* ok' >/dev/null; then
   say "containerd sees the dedup snapshotter: ctr image pull --snapshotter=dedup IMAGE"
 else
-  die "containerd does not list the dedup snapshotter as ok; check: ctr plugins ls | grep dedup"
+  die "containerd does not list the dedup snapshotter as ok; check: ctr --address $CONTAINERD_SOCKET plugins ls | grep dedup"
 fi

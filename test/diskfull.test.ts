@@ -343,6 +343,10 @@ describe('a full disk through containerd: partial snapshots removed one after an
 
   /** Waits until the daemon no longer has a snapshot named (by containerd) `*\/key`. */
   async function goneFromDaemon(key: string): Promise<void> {
+    // containerd collects on its own schedule, which a loaded machine stretches to minutes:
+    // deleting a lease with --sync runs a collection now (and removes the snapshot through the daemon).
+    const lease = (await stack.ctr(['leases', 'create'])).stdout.trim().split(/\s+/)[0];
+    await stack.ctr(['leases', 'delete', '--sync', lease]);
     try {
       // containerd 1.6 spaces its collections by pause_threshold (0.02): after one that took 2 s the next waits 100 s.
       await waitFor(async () => !(await daemonSnapshotNames(stack)).some((n) => n.endsWith(`/${key}`)), 240_000, `containerd's garbage collector to remove ${key} from the daemon`);
