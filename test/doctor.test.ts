@@ -26,7 +26,7 @@ import { isMountPoint } from './helpers/mounts';
 
 const DOCTOR_MODULE = path.join(__dirname, '..', 'src', 'cmd', 'doctor.js');
 const SCRIPT = 'const [m, ...a] = process.argv.slice(1); require(m).runDoctor(a).then((c) => { process.exitCode = c; });';
-const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'images', 'integrity', 'permissions', 'disk', 'reserve'];
+const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'logs', 'images', 'integrity', 'permissions', 'disk', 'reserve'];
 const PATH_ENV = process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin';
 
 interface Run {
@@ -201,6 +201,10 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.match(socket.detail, /NOT_FOUND/);
     // The daemon saw the probe.
     assert.ok(daemon.logs().some((l) => l.key === 'dedup-doctor-probe'), 'the daemon did not log the Stat probe');
+    // Where its log lines go: this test's pipe (a socketpair; no systemd here, so no journal).
+    const logs = get(by, 'logs');
+    assert.equal(logs.status, 'ok');
+    assert.match(logs.detail, new RegExp(`the daemon \\(pid ${daemon.proc.pid}\\) writes its log to (pipe|socket):`));
 
     const perms = get(by, 'permissions');
     assert.equal(perms.status, 'ok', perms.detail);

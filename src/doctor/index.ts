@@ -24,6 +24,7 @@ import {
 } from './checks';
 import { checkLayerImages } from './images';
 import { checkIntegrity } from './integrity';
+import { checkLogs } from './logs';
 import type { CheckResult, Progress } from './types';
 
 /** Whether file leases are switched off (settling tells a layer in use with one). */
@@ -130,6 +131,7 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   );
   add(await guarded('containerd', opts, () => checkContainerdConfig(opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, config.address)));
   add(await guarded('socket', opts, (progress) => checkSocket(config, progress)));
+  add(checkLogs(config.address));
   add(await guarded('images', opts, () => checkLayerImages(config.root)));
   add(await guarded('integrity', opts, () => checkIntegrity(config.root)));
   add(await guarded('permissions', opts, () => checkPermissions(config.root, euid)));
