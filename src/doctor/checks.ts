@@ -404,7 +404,7 @@ export async function checkSocket(config: Config, progress: Progress = noProgres
     ...(config.root !== defaultConfig().root ? [`ROOT=${shq(config.root)}`] : []),
     ...(address !== defaultConfig().address ? [`ADDRESS=${shq(address)}`] : []),
   ].join(' ');
-  const start = `systemctl start dedup-snapshotter, or without systemd start it: ${env ? `${env} ` : ''}bin/dedup-snapshotter (installed as /usr/local/bin/dedup-snapshotter)`;
+  const start = `systemctl start dedup-snapshotter, or without systemd: ${env ? `${env} ` : ''}dedup-snapshotter start (it runs in the background, log in /var/log/dedup-snapshotter.log)`;
   const logs = hasSystemd() ? 'journalctl -u dedup-snapshotter -n 100' : 'the daemon\'s log (/var/log/dedup-snapshotter.log when install.sh started it)';
   let st: fs.Stats;
   try {
