@@ -18,13 +18,7 @@ const EAGAIN = 11;
 export function openElsewhere(file: string): boolean {
   const fd = fs.openSync(file, 'r');
   try {
-    if (fcntl(fd, F_SETLEASE, F_WRLCK) < 0) {
-      const errno = koffi.errno();
-      if (errno === EAGAIN) return true;
-      throw new ErrnoError('fcntl', errno, `F_SETLEASE F_WRLCK ${file}`);
-    }
-    fcntl(fd, F_SETLEASE, F_UNLCK);
-    return false;
+    return openElsewhereFd(fd, file);
   } finally {
     fs.closeSync(fd);
   }

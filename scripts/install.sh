@@ -21,20 +21,6 @@
 # INSTALL_INIT=auto|yes|no (an init script for boot), USE_SYSTEMD=auto|no.
 set -euo pipefail
 
-PREFIX=${PREFIX:-/opt/dedup-snapshotter}
-BIN_LINK=${BIN_LINK:-/usr/local/bin/dedup-snapshotter}
-CONFIG_DIR=${CONFIG_DIR:-/etc/dedup-snapshotter}
-CONTAINERD_CONFIG=${CONTAINERD_CONFIG:-/etc/containerd/config.toml}
-CONTAINERD_SOCKET=${CONTAINERD_SOCKET:-/run/containerd/containerd.sock}
-SOCKET=${SOCKET:-/run/containerd/dedup-snapshotter.sock}
-ROOT=${ROOT:-/var/lib/containerd/io.containerd.snapshotter.v1.dedup}
-PID_FILE=${PID_FILE:-/run/dedup-snapshotter.pid}
-LOG_FILE=${LOG_FILE:-/var/log/dedup-snapshotter.log}
-CONTAINERD_PID_FILE=${CONTAINERD_PID_FILE:-/run/dedup-snapshotter-containerd.pid}
-CONTAINERD_LOG=${CONTAINERD_LOG:-/var/log/containerd.log}
-INIT_DIR=${INIT_DIR:-/etc/init.d}
-INSTALL_INIT=${INSTALL_INIT:-auto}
-USE_SYSTEMD=${USE_SYSTEMD:-auto}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/lib.sh
 . "$SRC/scripts/lib.sh"

@@ -1,4 +1,20 @@
-# Shared by install.sh and uninstall.sh (sourced; they set the path variables first).
+# Shared by install.sh and uninstall.sh (sourced).
+
+# Where everything goes; each can be set from the environment (the tests move them all).
+PREFIX=${PREFIX:-/opt/dedup-snapshotter}
+BIN_LINK=${BIN_LINK:-/usr/local/bin/dedup-snapshotter}
+CONFIG_DIR=${CONFIG_DIR:-/etc/dedup-snapshotter}
+CONTAINERD_CONFIG=${CONTAINERD_CONFIG:-/etc/containerd/config.toml}
+CONTAINERD_SOCKET=${CONTAINERD_SOCKET:-/run/containerd/containerd.sock}
+SOCKET=${SOCKET:-/run/containerd/dedup-snapshotter.sock}
+ROOT=${ROOT:-/var/lib/containerd/io.containerd.snapshotter.v1.dedup}
+PID_FILE=${PID_FILE:-/run/dedup-snapshotter.pid}
+LOG_FILE=${LOG_FILE:-/var/log/dedup-snapshotter.log}
+CONTAINERD_PID_FILE=${CONTAINERD_PID_FILE:-/run/dedup-snapshotter-containerd.pid}
+CONTAINERD_LOG=${CONTAINERD_LOG:-/var/log/containerd.log}
+INIT_DIR=${INIT_DIR:-/etc/init.d}
+INSTALL_INIT=${INSTALL_INIT:-auto}
+USE_SYSTEMD=${USE_SYSTEMD:-auto}
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }

@@ -19,19 +19,6 @@
 # The same environment variables as install.sh set the paths.
 set -euo pipefail
 
-PREFIX=${PREFIX:-/opt/dedup-snapshotter}
-BIN_LINK=${BIN_LINK:-/usr/local/bin/dedup-snapshotter}
-CONFIG_DIR=${CONFIG_DIR:-/etc/dedup-snapshotter}
-CONTAINERD_CONFIG=${CONTAINERD_CONFIG:-/etc/containerd/config.toml}
-CONTAINERD_SOCKET=${CONTAINERD_SOCKET:-/run/containerd/containerd.sock}
-SOCKET=${SOCKET:-/run/containerd/dedup-snapshotter.sock}
-ROOT=${ROOT:-/var/lib/containerd/io.containerd.snapshotter.v1.dedup}
-PID_FILE=${PID_FILE:-/run/dedup-snapshotter.pid}
-LOG_FILE=${LOG_FILE:-/var/log/dedup-snapshotter.log}
-CONTAINERD_PID_FILE=${CONTAINERD_PID_FILE:-/run/dedup-snapshotter-containerd.pid}
-CONTAINERD_LOG=${CONTAINERD_LOG:-/var/log/containerd.log}
-INIT_DIR=${INIT_DIR:-/etc/init.d}
-USE_SYSTEMD=${USE_SYSTEMD:-auto}
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=scripts/lib.sh
 . "$HERE/lib.sh"

@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { runCmd } from './helpers/stack';
-import { DAEMON_BIN, call, cleanupDaemons, snapshotsClient, startDaemon, tempDir, waitFor } from './helpers/daemon';
+import { DAEMON_BIN, call, cleanupDaemons, processAlive, snapshotsClient, startDaemon, tempDir, waitFor } from './helpers/daemon';
 
 after(() => cleanupDaemons());
 
@@ -29,14 +29,7 @@ async function ctl(args: string[], env: Record<string, string>): Promise<{ code:
   return { code: r.code, out: `${r.stdout}${r.stderr}` };
 }
 
-const alive = (pid: number) => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
+const alive = processAlive;
 
 describe('start, status, reload, stop, restart without systemd', () => {
   const dir = tempDir('control');

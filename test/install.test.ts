@@ -14,7 +14,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { tempDir, waitFor } from './helpers/daemon';
+import { processAlive, tempDir, waitFor } from './helpers/daemon';
 import { buildImage, busyboxImageDef, pushImage } from './helpers/images';
 import { type RealRegistry, startRegistry } from './helpers/registry';
 import { runCmd } from './helpers/stack';
@@ -60,14 +60,7 @@ function listener(sock: string): number | null {
   return null;
 }
 
-const alive = (pid: number) => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
+const alive = processAlive;
 
 const sha = (f: string) => crypto.createHash('sha256').update(fs.readFileSync(f)).digest('hex');
 

@@ -21,6 +21,20 @@ const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy
 Environment: ROOT, ADDRESS, CONFIG, LOG_LEVEL (see README).
 `;
 
+/** The subcommands, each loaded only when run. */
+const COMMANDS: Record<string, (args: string[]) => Promise<number>> = {
+  doctor: async (a) => (await import('./doctor')).runDoctor(a),
+  stats: async (a) => (await import('./stats')).runStats(a),
+  fsck: async (a) => (await import('./fsck')).runFsck(a),
+  convert: async (a) => (await import('./convert')).runConvert(a),
+  pull: async (a) => (await import('./pull')).runPull(a),
+  mount: async (a) => (await import('./mount-layer')).runMountLayer(a),
+  images: async (a) => (await import('./images')).runImages(a),
+  'containerd-config': async (a) => (await import('./containerd-config')).runContainerdConfig(a),
+  'ondemand-holder': async (a) => (await import('./holder')).runHolder(a),
+  ...Object.fromEntries((['start', 'stop', 'restart', 'reload', 'status'] as const).map((v) => [v, async (a: string[]) => (await import('./control')).runControl(v, a)])),
+};
+
 async function main(argv: string[]): Promise<void> {
   const [cmd, ...rest] = argv;
   if (cmd === '--help' || cmd === '-h' || cmd === 'help') {
@@ -31,54 +45,9 @@ async function main(argv: string[]): Promise<void> {
     process.stdout.write(`${require('../../../package.json').version}\n`);
     return;
   }
-  if (cmd === 'doctor') {
-    const { runDoctor } = await import('./doctor');
-    process.exitCode = await runDoctor(rest);
-    return;
-  }
-  if (cmd === 'stats') {
-    const { runStats } = await import('./stats');
-    process.exitCode = await runStats(rest);
-    return;
-  }
-  if (cmd === 'fsck') {
-    const { runFsck } = await import('./fsck');
-    process.exitCode = await runFsck(rest);
-    return;
-  }
-  if (cmd === 'convert') {
-    const { runConvert } = await import('./convert');
-    process.exitCode = await runConvert(rest);
-    return;
-  }
-  if (cmd === 'pull') {
-    const { runPull } = await import('./pull');
-    process.exitCode = await runPull(rest);
-    return;
-  }
-  if (cmd === 'mount') {
-    const { runMountLayer } = await import('./mount-layer');
-    process.exitCode = await runMountLayer(rest);
-    return;
-  }
-  if (cmd === 'start' || cmd === 'stop' || cmd === 'restart' || cmd === 'reload' || cmd === 'status') {
-    const { runControl } = await import('./control');
-    process.exitCode = await runControl(cmd, rest);
-    return;
-  }
-  if (cmd === 'images') {
-    const { runImages } = await import('./images');
-    process.exitCode = await runImages(rest);
-    return;
-  }
-  if (cmd === 'containerd-config') {
-    const { runContainerdConfig } = await import('./containerd-config');
-    process.exitCode = await runContainerdConfig(rest);
-    return;
-  }
-  if (cmd === 'ondemand-holder') {
-    const { runHolder } = await import('./holder');
-    process.exitCode = await runHolder(rest);
+  const sub = cmd !== undefined && Object.hasOwn(COMMANDS, cmd) ? COMMANDS[cmd] : undefined;
+  if (sub) {
+    process.exitCode = await sub(rest);
     return;
   }
   if (cmd !== undefined && cmd !== 'serve') {

@@ -295,3 +295,13 @@ export function snapshotHomes(root: string): string[] {
   };
   return [...entries('snapshots'), ...entries('images')].sort();
 }
+
+/** Whether process `pid` exists (signal 0). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
