@@ -24,6 +24,7 @@ import {
 } from './checks';
 import { checkLayerImages } from './images';
 import { checkIntegrity } from './integrity';
+import { checkKsm } from './ksm';
 import type { CheckResult, Progress } from './types';
 
 /** Whether file leases are switched off (settling tells a layer in use with one). */
@@ -135,5 +136,6 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   add(await guarded('permissions', opts, () => checkPermissions(config.root, euid)));
   add(await guarded('disk', opts, () => checkDisk(config.root)));
   add(await guarded('reserve', opts, () => checkReserve(config.root, config.disk_reserve_mb * 1024 * 1024)));
+  add(await guarded('ksm', opts, () => checkKsm(config, opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, env)));
   return results;
 }
