@@ -103,13 +103,15 @@ export async function checkKsm(config: Config, containerdConfig: string, env: No
     problems.push(`the wrapper reported: ${noted}`);
     fixes.push(`fix that, then delete ${flag}.error`);
   }
-  const flagState = fs.existsSync(flag) ? `the daemon's flag ${flag} is in place` : `the flag ${flag} is absent (the daemon is not running, or KSM is off): containers started now are not marked`;
+  const marking = fs.existsSync(flag);
   if (problems.length > 0) {
     return { name, status: 'warn', detail: `container memory is not made mergeable: ${problems.join('; ')}`, fix: fixes.join('; ') || 'see docs/configuration.md#ksm' };
   }
   return {
     name,
     status: 'ok',
-    detail: `container memory is made mergeable: containerd runs the wrapper (BinaryName ${ours[0].value}, line ${ours[0].line}), ${probe.detail}; ${flagState}`,
+    detail:
+      `container memory is made mergeable${marking ? '' : ' while the daemon runs'}: containerd runs the wrapper (BinaryName ${ours[0].value}, line ${ours[0].line}), ${probe.detail}; ` +
+      (marking ? `the daemon's flag ${flag} is in place` : `the daemon's flag ${flag} is absent now (the daemon is not running, or KSM could not be turned on): containers started meanwhile are not marked`),
   };
 }

@@ -34,6 +34,7 @@ export class Ksm {
   containerReason = 'ksm.enabled is false';
   private flagWritten = false;
   private wrapperErrorLogged = false;
+  private scanned: { at: number; figures: ContainerFigures } | null = null;
 
   constructor(
     private readonly opts: {
@@ -183,6 +184,11 @@ export class Ksm {
   /** Per-container merging figures from /proc (processes marked mergeable, by cgroup), or null when KSM is not active. */
   containers(): ContainerFigures | null {
     if (this.state !== 'active') return null;
-    return scanContainers({ proc: this.opts.proc, cgroupRoot: this.opts.cgroupRoot, snapshotsDir: this.opts.snapshotsDir, keyOf: this.opts.keyOf });
+    // One pass reads every /proc/<pid>/ksm_stat: /stats and /metrics within a second share it.
+    const now = Date.now();
+    if (!this.scanned || now - this.scanned.at > 1000) {
+      this.scanned = { at: now, figures: scanContainers({ proc: this.opts.proc, cgroupRoot: this.opts.cgroupRoot, snapshotsDir: this.opts.snapshotsDir, keyOf: this.opts.keyOf }) };
+    }
+    return this.scanned.figures;
   }
 }
