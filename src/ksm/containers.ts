@@ -98,14 +98,42 @@ export function parseKsmStat(text: string): KsmStat {
   return out;
 }
 
-/** The cgroup v2 path in /proc/<pid>/cgroup ("0::/default/c1" → "/default/c1"), else the first hierarchy's path. */
-export function parseCgroup(text: string): string | null {
-  const lines = text.split('\n').filter((l) => l !== '');
-  const v2 = lines.find((l) => l.startsWith('0::'));
-  const line = v2 ?? lines[0];
-  if (!line) return null;
-  const parts = line.split(':');
-  return parts.slice(2).join(':') || null;
+/**
+ * A process's cgroup from /proc/<pid>/cgroup: `path` names its container
+ * (the cgroup v2 path, "0::/default/c1" → "/default/c1"; on a cgroup v1
+ * host, where that is "/", the memory controller's path, else any other
+ * that is not "/"); `memoryFiles` are where its memory use may be read,
+ * relative to the cgroup mount root, best first: v2 `memory.current` (at
+ * the root, or under `unified/` on a hybrid host), then v1
+ * `memory/<path>/memory.usage_in_bytes`.
+ */
+export function parseCgroup(text: string): { path: string; memoryFiles: string[] } | null {
+  const entries = text
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => {
+      const [, controllers = '', ...rest] = l.split(':');
+      return { controllers: controllers.split(','), path: rest.join(':') };
+    });
+  if (entries.length === 0) return null;
+  const rel = (...parts: string[]) => path.posix.join(...parts).replace(/^\/+/, '');
+  const isRoot = (p: string | undefined) => p === undefined || p === '/' || p === '';
+  const v2 = entries.find((e) => e.controllers.length === 1 && e.controllers[0] === '')?.path;
+  const mem = entries.find((e) => e.controllers.includes('memory'))?.path;
+  const memoryFiles: string[] = [];
+  if (!isRoot(v2)) memoryFiles.push(rel(v2 as string, 'memory.current'), rel('unified', v2 as string, 'memory.current'));
+  if (!isRoot(mem)) memoryFiles.push(rel('memory', mem as string, 'memory.usage_in_bytes'));
+  const named = !isRoot(v2) ? v2 : !isRoot(mem) ? mem : entries.find((e) => !isRoot(e.path))?.path;
+  return { path: named ?? '/', memoryFiles };
+}
+
+/** The first of `files` (relative to `root`) that holds a number: the cgroup's memory use. */
+export function readCgroupMemory(root: string, files: string[]): number | null {
+  for (const f of files) {
+    const n = Number(readOr(path.join(root, f))?.trim());
+    if (Number.isFinite(n) && n > 0) return n;
+  }
+  return null;
 }
 
 /**
@@ -142,7 +170,7 @@ export interface ContainerKsm {
   merging_pages: number;
   /** Bytes KSM saves this container's processes, less its own cost (the kernel's ksm_process_profit, summed). */
   profit_bytes: number;
-  /** The cgroup's memory.current, or null where it cannot be read. */
+  /** The cgroup's memory use (v2 memory.current, v1 memory.usage_in_bytes), or null where it cannot be read. */
   memory_bytes: number | null;
 }
 
@@ -199,8 +227,9 @@ export function scanContainers(opts: ScanOptions = {}): ContainerFigures {
     out.processes++;
     out.merging_pages += st.merging_pages;
     out.profit_bytes += st.process_profit;
-    const cg = parseCgroup(readOr(path.join(proc, name, 'cgroup')) ?? '');
-    if (!cg || cg === '/') continue;
+    const cgroup = parseCgroup(readOr(path.join(proc, name, 'cgroup')) ?? '');
+    if (!cgroup || cgroup.path === '/') continue;
+    const cg = cgroup.path;
     let g = groups.get(cg);
     if (!g) {
       let snapshot: string | null = null;
@@ -208,8 +237,7 @@ export function scanContainers(opts: ScanOptions = {}): ContainerFigures {
         const id = rootSnapshotId(readOr(path.join(proc, name, 'mountinfo')) ?? '', opts.snapshotsDir);
         if (id !== null) snapshot = opts.keyOf?.(id) ?? `id ${id}`;
       }
-      const mem = Number(readOr(path.join(cgroupRoot, cg, 'memory.current'))?.trim());
-      g = { container: containerName(cg), cgroup: cg, snapshot, pids: [], rmap_items: 0, merging_pages: 0, profit_bytes: 0, memory_bytes: Number.isFinite(mem) && mem > 0 ? mem : null };
+      g = { container: containerName(cg), cgroup: cg, snapshot, pids: [], rmap_items: 0, merging_pages: 0, profit_bytes: 0, memory_bytes: readCgroupMemory(cgroupRoot, cgroup.memoryFiles) };
       groups.set(cg, g);
     }
     g.pids.push(Number(name));
