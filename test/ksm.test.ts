@@ -36,93 +36,113 @@ const mergeAnyShown = (() => {
   }
 })();
 
-/** Runs the wrapper with `prog` in place of runc; returns stdout, status. */
-function runWrapper(flag: string, prog: string, args: string[], wrap: string[] = []): { stdout: string; status: number | null; stderr: string } {
-  const r = spawnSync(wrap.length ? wrap[0] : WRAPPER, [...wrap.slice(1), ...(wrap.length ? [WRAPPER] : []), ...args], {
-    env: { PATH: process.env.PATH, DEDUP_KSM_FLAG: flag, DEDUP_RUNC: prog },
-    encoding: 'utf8',
-  });
-  return { stdout: r.stdout, status: r.status, stderr: r.stderr };
+/** The compiled form (native/dedup-runc.c), built into `dir` when a C compiler is here; else null. */
+function compiledWrapper(dir: string): string | null {
+  if (!has('cc')) return null;
+  const out = path.join(dir, 'dedup-runc');
+  const r = spawnSync('cc', ['-O2', '-Wall', '-Werror', '-o', out, path.join(REPO_ROOT, 'native', 'dedup-runc.c')], { encoding: 'utf8' });
+  assert.equal(r.status, 0, `cc native/dedup-runc.c failed:\n${r.stderr}`);
+  return out;
 }
 
-describe('bin/dedup-runc on its own', { skip: (!has('perl') && 'SKIP: no perl') || (!mergeAnyShown && 'SKIP: /proc/self/ksm_stat has no ksm_merge_any (Linux < 6.8 or no CONFIG_KSM)') }, () => {
-  const dir = tempDir('ksm-wrapper');
-  const flag = path.join(dir, 'flag');
+const wrapperSkip = (!mergeAnyShown && 'SKIP: /proc/self/ksm_stat has no ksm_merge_any (Linux < 6.8 or no CONFIG_KSM)') || false;
+const buildDir = tempDir('ksm-wrapper-c');
+after(() => fs.rmSync(buildDir, { recursive: true, force: true }));
 
-  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+for (const form of ['perl', 'compiled'] as const) {
+  describe(`bin/dedup-runc on its own (${form})`, { skip: wrapperSkip || (form === 'perl' && !has('perl') && 'SKIP: no perl') || (form === 'compiled' && !has('cc') && 'SKIP: no C compiler (cc): the compiled form is optional') }, () => {
+    const dir = tempDir('ksm-wrapper');
+    const flag = path.join(dir, 'flag');
+    let wrapper = WRAPPER;
 
-  test('is the file the daemon and the doctor name', () => {
-    assert.equal(wrapperPath(), WRAPPER);
-    assert.ok(fs.statSync(WRAPPER).mode & 0o111, 'executable');
-  });
+    /** Runs the wrapper with `prog` in place of runc (under `wrap`, e.g. strace); returns stdout, stderr, status. */
+    const runWrapper = (flagFile: string, prog: string, args: string[], wrap: string[] = []): { stdout: string; status: number | null; stderr: string } => {
+      const r = spawnSync(wrap.length ? wrap[0] : wrapper, [...wrap.slice(1), ...(wrap.length ? [wrapper] : []), ...args], {
+        env: { PATH: process.env.PATH, DEDUP_KSM_FLAG: flagFile, DEDUP_RUNC: prog },
+        encoding: 'utf8',
+      });
+      return { stdout: r.stdout, status: r.status, stderr: r.stderr };
+    };
 
-  test('without the flag: execs the program with the same arguments, memory not marked', () => {
-    fs.rmSync(flag, { force: true });
-    const r = runWrapper(flag, '/bin/cat', ['/proc/self/ksm_stat']);
-    assert.equal(r.status, 0, r.stderr);
-    assert.equal(parseKsmStat(r.stdout).merge_any, false, r.stdout);
-  });
+    before(() => {
+      if (form === 'compiled') wrapper = compiledWrapper(buildDir) as string;
+    });
+    after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-  test('with the flag: the program it execs has PR_SET_MEMORY_MERGE, and so do its children after their own execve', () => {
-    fs.writeFileSync(flag, '');
-    const r = runWrapper(flag, '/bin/sh', ['-c', 'cat /proc/self/ksm_stat; echo ---; sh -c "cat /proc/\\$\\$/ksm_stat"']);
-    assert.equal(r.status, 0, r.stderr);
-    const [self, child] = r.stdout.split('---');
-    assert.equal(parseKsmStat(self).merge_any, true, r.stdout);
-    assert.equal(parseKsmStat(child).merge_any, true, r.stdout);
-  });
+    test('is the file the daemon and the doctor name', { skip: form !== 'perl' && 'the perl script is the one shipped' }, () => {
+      assert.equal(wrapperPath(), WRAPPER);
+      assert.ok(fs.statSync(WRAPPER).mode & 0o111, 'executable');
+    });
 
-  test('passes arguments through as words and the exit code back', () => {
-    fs.writeFileSync(flag, '');
-    const r = runWrapper(flag, '/bin/sh', ['-c', 'printf "%s|" "$@"; exit 7', 'x', 'a b', '$(id)', '*']);
-    assert.equal(r.stdout, 'a b|$(id)|*|');
-    assert.equal(r.status, 7);
-  });
-
-  test('a runc that cannot be run: exit 127 and a message naming it', () => {
-    const r = runWrapper(flag, path.join(dir, 'no-such-runc'), ['--version']);
-    assert.equal(r.status, 127);
-    assert.match(r.stderr, /dedup-runc: cannot run .*no-such-runc/);
-  });
-
-  test('a failed prctl never stops runc: it runs anyway and the failure is written once', { skip: !has('strace') && 'SKIP: no strace (fault injection)' }, () => {
-    fs.writeFileSync(flag, '');
-    fs.rmSync(`${flag}.error`, { force: true });
-    const strace = ['strace', '-f', '-o', '/dev/null', '-e', 'inject=prctl:error=EINVAL'];
-    for (const word of ['first', 'second']) {
-      const r = runWrapper(flag, '/bin/echo', [word], strace);
+    test('without the flag: execs the program with the same arguments, memory not marked', () => {
+      fs.rmSync(flag, { force: true });
+      const r = runWrapper(flag, '/bin/cat', ['/proc/self/ksm_stat']);
       assert.equal(r.status, 0, r.stderr);
-      assert.equal(r.stdout, `${word}\n`);
-    }
-    const note = fs.readFileSync(`${flag}.error`, 'utf8');
-    assert.equal(note.split('\n').filter((l) => l !== '').length, 1, `written once:\n${note}`);
-    assert.match(note, /prctl\(PR_SET_MEMORY_MERGE, 1\) failed: Invalid argument \(errno 22\)/);
+      assert.equal(parseKsmStat(r.stdout).merge_any, false, r.stdout);
+    });
+
+    test('with the flag: the program it execs has PR_SET_MEMORY_MERGE, and so do its children after their own execve', () => {
+      fs.writeFileSync(flag, '');
+      const r = runWrapper(flag, '/bin/sh', ['-c', 'cat /proc/self/ksm_stat; echo ---; sh -c "cat /proc/\\$\\$/ksm_stat"']);
+      assert.equal(r.status, 0, r.stderr);
+      const [self, child] = r.stdout.split('---');
+      assert.equal(parseKsmStat(self).merge_any, true, r.stdout);
+      assert.equal(parseKsmStat(child).merge_any, true, r.stdout);
+    });
+
+    test('passes arguments through as words and the exit code back', () => {
+      fs.writeFileSync(flag, '');
+      const r = runWrapper(flag, '/bin/sh', ['-c', 'printf "%s|" "$@"; exit 7', 'x', 'a b', '$(id)', '*']);
+      assert.equal(r.stdout, 'a b|$(id)|*|');
+      assert.equal(r.status, 7);
+    });
+
+    test('a runc that cannot be run: exit 127 and a message naming it', () => {
+      const r = runWrapper(flag, path.join(dir, 'no-such-runc'), ['--version']);
+      assert.equal(r.status, 127);
+      assert.match(r.stderr, /dedup-runc: cannot run .*no-such-runc/);
+    });
+
+    test('a failed prctl never stops runc: it runs anyway and the failure is written once', { skip: !has('strace') && 'SKIP: no strace (fault injection)' }, () => {
+      fs.writeFileSync(flag, '');
+      fs.rmSync(`${flag}.error`, { force: true });
+      const strace = ['strace', '-f', '-o', '/dev/null', '-e', 'inject=prctl:error=EINVAL'];
+      for (const word of ['first', 'second']) {
+        const r = runWrapper(flag, '/bin/echo', [word], strace);
+        assert.equal(r.status, 0, r.stderr);
+        assert.equal(r.stdout, `${word}\n`);
+      }
+      const note = fs.readFileSync(`${flag}.error`, 'utf8');
+      assert.equal(note.split('\n').filter((l) => l !== '').length, 1, `written once:\n${note}`);
+      assert.match(note, /prctl\(PR_SET_MEMORY_MERGE, 1\) failed: Invalid argument \(errno 22\)/);
+    });
+
+    test('the doctor\'s probe reports the kernel keeping the flag across execve', async () => {
+      const p = await probeWrapper(wrapper);
+      assert.equal(p.inherited, true, p.detail);
+    });
+
+    test('the doctor\'s ksm line: ok with BinaryName naming the wrapper, a warning with a fix without', { skip: !fs.existsSync(path.join(SYS, 'run')) && `SKIP: no ${SYS}` }, async () => {
+      const cfg = { ...defaultConfig(), ksm: { enabled: true, scan_interval: 100, containers: true } };
+      const toml = path.join(dir, 'config.toml');
+      const env = { DEDUP_KSM_FLAG: flag };
+      fs.rmSync(`${flag}.error`, { force: true });
+      fs.writeFileSync(toml, `version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n  BinaryName = ${JSON.stringify(wrapper)}\n`);
+      const ok = await checkKsm(cfg, toml, env);
+      assert.equal(ok.status, 'ok', ok.detail);
+      assert.match(ok.detail, /container memory is made mergeable( while the daemon runs)?: containerd runs the wrapper \(BinaryName .*dedup-runc, line 3\)/);
+      fs.writeFileSync(toml, 'version = 2\n');
+      const warn = await checkKsm(cfg, toml, env);
+      assert.equal(warn.status, 'warn');
+      assert.match(warn.detail, /do not run the wrapper/);
+      assert.match(warn.fix ?? '', /BinaryName = ".*dedup-runc"/);
+      assert.match(warn.fix ?? '', /--runc-binary/);
+      const off = await checkKsm({ ...cfg, ksm: { ...cfg.ksm, containers: false } }, toml, env);
+      assert.match(off.detail, /ksm\.containers is false/);
+    });
   });
 
-  test('the doctor\'s probe reports the kernel keeping the flag across execve', async () => {
-    const p = await probeWrapper(WRAPPER);
-    assert.equal(p.inherited, true, p.detail);
-  });
-
-  test('the doctor\'s ksm line: ok with BinaryName naming the wrapper, a warning with a fix without', { skip: !fs.existsSync(path.join(SYS, 'run')) && `SKIP: no ${SYS}` }, async () => {
-    const cfg = { ...defaultConfig(), ksm: { enabled: true, scan_interval: 100, containers: true } };
-    const toml = path.join(dir, 'config.toml');
-    const env = { DEDUP_KSM_FLAG: flag };
-    fs.rmSync(`${flag}.error`, { force: true });
-    fs.writeFileSync(toml, `version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n  BinaryName = ${JSON.stringify(WRAPPER)}\n`);
-    const ok = await checkKsm(cfg, toml, env);
-    assert.equal(ok.status, 'ok', ok.detail);
-    assert.match(ok.detail, /container memory is made mergeable( while the daemon runs)?: containerd runs the wrapper \(BinaryName .*dedup-runc, line 3\)/);
-    fs.writeFileSync(toml, 'version = 2\n');
-    const warn = await checkKsm(cfg, toml, env);
-    assert.equal(warn.status, 'warn');
-    assert.match(warn.detail, /do not run the wrapper/);
-    assert.match(warn.fix ?? '', /BinaryName = ".*dedup-runc"/);
-    assert.match(warn.fix ?? '', /--runc-binary/);
-    const off = await checkKsm({ ...cfg, ksm: { ...cfg.ksm, containers: false } }, toml, env);
-    assert.match(off.detail, /ksm\.containers is false/);
-  });
-});
+}
 
 describe('what /stats and the doctor read', () => {
   test('ksm_stat, cgroup, container names', () => {

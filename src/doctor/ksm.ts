@@ -44,13 +44,14 @@ export async function probeWrapper(wrapper: string): Promise<{ inherited: boolea
   }
 }
 
+/** Whether `file` is bin/dedup-runc: the perl script or its compiled form (native/dedup-runc.c), both carrying the marker. */
 function isWrapper(file: string): boolean {
   try {
     const fd = fs.openSync(file, 'r');
     try {
-      const buf = Buffer.alloc(4096);
+      const buf = Buffer.alloc(4 << 20);
       const n = fs.readSync(fd, buf, 0, buf.length, 0);
-      return buf.subarray(0, n).toString('utf8').includes(WRAPPER_MARKER);
+      return buf.subarray(0, n).includes(WRAPPER_MARKER);
     } finally {
       fs.closeSync(fd);
     }
