@@ -14,6 +14,7 @@ import { after, before, describe, test } from 'node:test';
 import { readContainerdToml } from '../src/doctor/containerd-toml';
 import { defaultConfig } from '../src/config/config';
 import { checkKsm, probeWrapper } from '../src/doctor/ksm';
+import { Ksm } from '../src/ksm/ksm';
 import { containerName, parseCgroup, parseKsmStat, readCgroupMemory, rootSnapshotId, wrapperPath } from '../src/ksm/containers';
 import { REPO_ROOT, tempDir, waitFor } from './helpers/daemon';
 import { daemonStats, request } from './helpers/http';
@@ -197,6 +198,72 @@ describe('what /stats and the doctor read', () => {
         ['/usr/local/bin/other', 5],
       ],
     );
+  });
+});
+
+describe('Ksm keeps the flag file (a sysfs of its own)', () => {
+  const setup = () => {
+    const dir = tempDir('ksm-flag-unit');
+    const sys = path.join(dir, 'ksm');
+    fs.mkdirSync(sys);
+    fs.writeFileSync(path.join(sys, 'run'), '0\n');
+    fs.writeFileSync(path.join(sys, 'sleep_millisecs'), '200\n');
+    const warnings: string[] = [];
+    const logger = { warn: (_o: unknown, m: string) => warnings.push(m), info: () => undefined } as never;
+    return { dir, sys, flag: path.join(dir, 'run', 'ksm-containers'), warnings, logger };
+  };
+
+  test('written at start (its directory made), deleted at stop with run and sleep_millisecs restored', () => {
+    const t = setup();
+    const k = new Ksm({ enabled: true, scanIntervalMs: 50, containers: true, flagFile: t.flag, sysDir: t.sys, logger: t.logger });
+    k.start();
+    assert.equal(k.containerState, 'marking');
+    assert.ok(fs.existsSync(t.flag));
+    k.stop();
+    assert.equal(fs.existsSync(t.flag), false);
+    assert.equal(fs.readFileSync(path.join(t.sys, 'run'), 'utf8'), '0');
+    assert.equal(k.containerState, 'off');
+    fs.rmSync(t.dir, { recursive: true, force: true });
+  });
+
+  test('ksm.containers false, or KSM off: no flag, and one left by a crashed daemon is deleted', () => {
+    const t = setup();
+    for (const opts of [{ enabled: true, containers: false }, { enabled: false, containers: true }]) {
+      fs.mkdirSync(path.dirname(t.flag), { recursive: true });
+      fs.writeFileSync(t.flag, '1\n');
+      const k = new Ksm({ ...opts, scanIntervalMs: 50, flagFile: t.flag, sysDir: t.sys, logger: t.logger });
+      k.start();
+      assert.equal(fs.existsSync(t.flag), false, JSON.stringify(opts));
+      assert.equal(k.containerState, 'off');
+      k.stop();
+    }
+    fs.rmSync(t.dir, { recursive: true, force: true });
+  });
+
+  test('no KSM sysfs: no flag, containers "unavailable" with the reason', () => {
+    const t = setup();
+    const k = new Ksm({ enabled: true, scanIntervalMs: 50, containers: true, flagFile: t.flag, sysDir: path.join(t.dir, 'none'), logger: t.logger });
+    k.start();
+    assert.equal(fs.existsSync(t.flag), false);
+    assert.equal(k.containerState, 'unavailable');
+    assert.match(k.containerReason, /KSM is off: .*does not exist/);
+    fs.rmSync(t.dir, { recursive: true, force: true });
+  });
+
+  test('the wrapper\'s error note is read and logged once', () => {
+    const t = setup();
+    const k = new Ksm({ enabled: true, scanIntervalMs: 50, containers: true, flagFile: t.flag, sysDir: t.sys, logger: t.logger });
+    k.start();
+    try {
+      assert.equal(k.wrapperError(), null);
+      fs.writeFileSync(`${t.flag}.error`, '1796367497 pid 20279: prctl(PR_SET_MEMORY_MERGE, 1) failed: Invalid argument (errno 22); containers run without KSM merging\n');
+      assert.match(k.wrapperError() ?? '', /^pid 20279: prctl\(PR_SET_MEMORY_MERGE, 1\) failed: Invalid argument/);
+      k.wrapperError();
+      assert.equal(t.warnings.filter((w) => /could not mark a container mergeable/.test(w)).length, 1, t.warnings.join('\n'));
+    } finally {
+      k.stop();
+      fs.rmSync(t.dir, { recursive: true, force: true });
+    }
   });
 });
 

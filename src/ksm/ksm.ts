@@ -35,6 +35,8 @@ export class Ksm {
   private flagWritten = false;
   private wrapperErrorLogged = false;
   private scanned: { at: number; figures: ContainerFigures } | null = null;
+  /** Looks for the wrapper's error note now and then, so it is logged even if nobody reads /stats. */
+  private errorTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly opts: {
@@ -112,6 +114,9 @@ export class Ksm {
     try {
       writeFlag(flag, `${process.pid}\n`);
       this.flagWritten = true;
+      this.wrapperError();
+      this.errorTimer = setInterval(() => this.wrapperError(), 60_000);
+      this.errorTimer.unref();
       this.containerState = 'marking';
       this.containerReason = '';
       this.log.info(
@@ -127,6 +132,8 @@ export class Ksm {
 
   /** Puts back what start() changed. */
   stop(): void {
+    if (this.errorTimer) clearInterval(this.errorTimer);
+    this.errorTimer = null;
     if (this.flagWritten && this.opts.flagFile) {
       this.flagWritten = false;
       try {
