@@ -51,7 +51,7 @@ describe('defaults', () => {
     assert.equal(DEFAULT_CONFIG_PATH, '/etc/dedup-snapshotter/config.json');
     assert.equal(d.use_erofs, true);
     assert.equal(d.use_fscache, true);
-    assert.deepEqual(d.ksm, { enabled: false, scan_interval: 100 });
+    assert.deepEqual(d.ksm, { enabled: false, scan_interval: 100, containers: true });
     assert.equal(d.log_level, 'info');
     assert.deepEqual(d.api, { address: '127.0.0.1:8080' });
     assert.equal(d.source, null);
@@ -102,15 +102,16 @@ describe('file keys', () => {
     assert.equal(cfg.address, '/run/dedup/other.sock');
     assert.equal(cfg.use_erofs, false);
     assert.equal(cfg.use_fscache, false);
-    assert.deepEqual(cfg.ksm, { enabled: true, scan_interval: 250 });
+    assert.deepEqual(cfg.ksm, { enabled: true, scan_interval: 250, containers: true });
     assert.equal(cfg.log_level, 'debug');
     assert.deepEqual(cfg.api, { address: '0.0.0.0:9090' });
   });
 
   test('partial nested objects keep the other nested defaults', () => {
-    assert.deepEqual(loadFile({ ksm: { enabled: true } }).ksm, { enabled: true, scan_interval: 100 });
-    assert.deepEqual(loadFile({ ksm: { scan_interval: 5 } }).ksm, { enabled: false, scan_interval: 5 });
-    assert.deepEqual(loadFile({ ksm: {} }).ksm, { enabled: false, scan_interval: 100 });
+    assert.deepEqual(loadFile({ ksm: { enabled: true } }).ksm, { enabled: true, scan_interval: 100, containers: true });
+    assert.deepEqual(loadFile({ ksm: { scan_interval: 5 } }).ksm, { enabled: false, scan_interval: 5, containers: true });
+    assert.deepEqual(loadFile({ ksm: {} }).ksm, { enabled: false, scan_interval: 100, containers: true });
+    assert.deepEqual(loadFile({ ksm: { enabled: true, containers: false } }).ksm, { enabled: true, scan_interval: 100, containers: false });
   });
 
   test('paths are normalised; api.address takes host:port or a unix socket path', () => {
@@ -202,7 +203,7 @@ describe('environment overrides', () => {
 describe('bad files and values', () => {
   test('unknown keys, at the top and nested, name the key and list the known ones', () => {
     assertConfigError(() => loadFile({ roots: '/x' }), 'roots', /unknown key/, /known keys here are version, root, address/);
-    assertConfigError(() => loadFile({ ksm: { enable: true } }), 'ksm.enable', /unknown key/, /ksm\.enabled, ksm\.scan_interval/);
+    assertConfigError(() => loadFile({ ksm: { enable: true } }), 'ksm.enable', /unknown key/, /ksm\.enabled, ksm\.scan_interval, ksm\.containers/);
     assertConfigError(() => loadFile({ api: { addr: ':1' } }), 'api.addr', /unknown key/, /api\.address/);
     assertConfigError(() => loadConfig({ env: { CONFIG: configFile('{"__proto__": {"root": "/x"}}') } }), '__proto__', /unknown key/);
   });
@@ -211,6 +212,7 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ use_erofs: 'yes' }), 'use_erofs', /expected true or false/, /"yes"/);
     assertConfigError(() => loadFile({ use_fscache: 1 }), 'use_fscache', /expected true or false/);
     assertConfigError(() => loadFile({ ksm: { enabled: null } }), 'ksm.enabled', /expected true or false/);
+    assertConfigError(() => loadFile({ ksm: { containers: 'yes' } }), 'ksm.containers', /expected true or false/, /yes/);
     assertConfigError(() => loadFile({ ksm: { scan_interval: '100' } }), 'ksm.scan_interval', /expected an integer from 1 to/);
     assertConfigError(() => loadFile({ ksm: { scan_interval: 1.5 } }), 'ksm.scan_interval', /expected an integer/);
     assertConfigError(() => loadFile({ ksm: { scan_interval: 0 } }), 'ksm.scan_interval', /expected an integer from 1/);

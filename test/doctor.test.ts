@@ -26,7 +26,7 @@ import { isMountPoint } from './helpers/mounts';
 
 const DOCTOR_MODULE = path.join(__dirname, '..', 'src', 'cmd', 'doctor.js');
 const SCRIPT = 'const [m, ...a] = process.argv.slice(1); require(m).runDoctor(a).then((c) => { process.exitCode = c; });';
-const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'logs', 'images', 'integrity', 'permissions', 'disk', 'reserve'];
+const NAMES = ['config', 'kernel', 'erofs', 'mkfs.erofs', 'file-backed', 'fanotify', 'fscache', 'ondemand', 'containerd', 'socket', 'logs', 'images', 'integrity', 'permissions', 'disk', 'reserve', 'ksm'];
 const PATH_ENV = process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin';
 
 interface Run {

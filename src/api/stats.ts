@@ -1,5 +1,6 @@
 import path from 'node:path';
 import type { AuditLog } from '../audit/audit';
+import type { ContainerFigures } from '../ksm/containers';
 import type { Ksm, KsmCounters } from '../ksm/ksm';
 import { listMounts } from '../mount/mountinfo';
 import type { Prefetcher } from '../ondemand/prefetch';
@@ -119,10 +120,30 @@ export interface Stats {
   };
   /** queue: jobs waiting or running; queued_entries, queued_bytes: their entries and the entries' estimated memory (bounded by prefetch.max_queued_*). */
   prefetch: { requests: number; rejected: number; jobs_done: number; jobs_failed: number; files_read: number; bytes_read: number; skipped: number; missing: number; queue: number; queued_entries: number; queued_bytes: number };
-  ksm: { enabled: boolean; state: string; reason: string; counters: KsmCounters | null };
+  /**
+   * containers: whether containers started now are marked mergeable
+   * (`marking`, `off`, `unavailable`) and why not; `wrapper_error` what the
+   * runc wrapper reported once (a failed prctl); the processes marked
+   * mergeable by cgroup (`list`), while KSM is active.
+   */
+  ksm: {
+    enabled: boolean;
+    state: string;
+    reason: string;
+    counters: KsmCounters | null;
+    containers: { state: string; reason: string; wrapper_error: string | null; processes: number; merging_pages: number; profit_bytes: number; list: ContainerFigures['containers'] } | null;
+  };
   audit: { recorded: number; written: number; dropped: number } | null;
   /** ROOT/reserve (store/reserve.ts): "held" (whole), "partial" or "released" (Removes on a full disk took slices of it, or none: made whole again once there is room) or "off"; held_bytes: what it holds now. */
   disk_reserve: { state: string; bytes: number; held_bytes: number; released_at: string | null; reason: string | null };
+}
+
+function ksmContainers(ksm: Ksm): Stats['ksm']['containers'] {
+  const figures = ksm.containers();
+  const base = { state: ksm.containerState, reason: ksm.containerReason, wrapper_error: ksm.wrapperError() };
+  if (!figures) return ksm.containerState === 'off' && ksm.state !== 'active' ? null : { ...base, processes: 0, merging_pages: 0, profit_bytes: 0, list: [] };
+  const { containers: list, ...totals } = figures;
+  return { ...base, ...totals, list };
 }
 
 function ondemandStats(parts: ServedParts): Stats['ondemand'] {
@@ -225,7 +246,7 @@ export function collectStats(src: StatsSources): Stats {
       queued_entries: src.prefetch?.queued.entries ?? 0,
       queued_bytes: src.prefetch?.queued.bytes ?? 0,
     },
-    ksm: { enabled: src.ksmEnabled, state: src.ksm.state, reason: src.ksm.reason, counters: src.ksm.counters() },
+    ksm: { enabled: src.ksmEnabled, state: src.ksm.state, reason: src.ksm.reason, counters: src.ksm.counters(), containers: ksmContainers(src.ksm) },
     audit: src.audit ? { ...src.audit.counters } : null,
     disk_reserve: (({ path: _p, ...r }) => r)(parts.reserve.status),
   };
@@ -341,6 +362,23 @@ export function toPrometheus(s: Stats): string {
       if (k === 'run' || k === 'sleep_millisecs') continue;
       fams.push(g(`dedup_ksm_${k}`, `/sys/kernel/mm/ksm/${k}.`, v ?? null));
     }
+  }
+  const kc = s.ksm.containers;
+  if (kc) {
+    fams.push(g('dedup_ksm_containers_marking', '1 while containers started through bin/dedup-runc are marked mergeable.', kc.state === 'marking' ? 1 : 0));
+    fams.push(g('dedup_ksm_mergeable_processes', 'Processes marked mergeable (ksm_merge_any) or with merged pages.', kc.processes));
+    fams.push({
+      name: 'dedup_ksm_container_merging_pages',
+      type: 'gauge',
+      help: 'Pages of a container\'s processes mapped to KSM pages (/proc/<pid>/ksm_stat ksm_merging_pages, summed by cgroup).',
+      samples: kc.list.map((c) => ({ labels: { container: c.container, cgroup: c.cgroup }, value: c.merging_pages })),
+    });
+    fams.push({
+      name: 'dedup_ksm_container_profit_bytes',
+      type: 'gauge',
+      help: 'KSM\'s saving for a container\'s processes less its cost (ksm_process_profit, summed by cgroup).',
+      samples: kc.list.map((c) => ({ labels: { container: c.container, cgroup: c.cgroup }, value: c.profit_bytes })),
+    });
   }
   if (s.audit) {
     fams.push(g('dedup_audit_rows_written_total', 'Audit rows written.', s.audit.written, 'counter'));

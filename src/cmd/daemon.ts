@@ -9,6 +9,7 @@ import { AuditLog } from '../audit/audit';
 import { type Config, ConfigError, loadConfig } from '../config/config';
 import { startGrpcServer } from '../grpc/server';
 import { erofsSupported } from '../kernel/probes';
+import { ksmFlagFile } from '../ksm/containers';
 import { Ksm } from '../ksm/ksm';
 import { createLogger } from '../log/logger';
 import { type OndemandChoice, chooseOndemandBackend } from '../ondemand/backend';
@@ -192,7 +193,18 @@ export async function runDaemon(): Promise<void> {
   };
 
   let ksmSettings = cfg.ksm;
-  let ksm = new Ksm({ enabled: ksmSettings.enabled, scanIntervalMs: ksmSettings.scan_interval, logger: log });
+  const ksmFlag = ksmFlagFile();
+  const newKsm = (k: Config['ksm']) =>
+    new Ksm({
+      enabled: k.enabled,
+      scanIntervalMs: k.scan_interval,
+      containers: k.containers,
+      flagFile: ksmFlag,
+      snapshotsDir: snapshotter.parts.layout.snapshots,
+      keyOf: (id) => snapshotter.parts.ms.keyOf(id),
+      logger: log,
+    });
+  let ksm = newKsm(ksmSettings);
   ksm.start();
 
   let grpcServer;
@@ -300,7 +312,7 @@ export async function runDaemon(): Promise<void> {
     if (JSON.stringify(next.ksm) !== JSON.stringify(ksmSettings)) {
       ksm.stop();
       ksmSettings = next.ksm;
-      ksm = new Ksm({ enabled: ksmSettings.enabled, scanIntervalMs: ksmSettings.scan_interval, logger: log });
+      ksm = newKsm(ksmSettings);
       ksm.start();
       applied.push('ksm');
     }

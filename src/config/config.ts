@@ -31,7 +31,8 @@ export interface Config {
   readonly direct_io: 'auto' | boolean;
   /** Read-ahead of file-backed layer mounts, KiB: "auto" (the chunk store device's, at least one chunk) or a number. */
   readonly read_ahead_kb: 'auto' | number;
-  readonly ksm: { readonly enabled: boolean; readonly scan_interval: number };
+  /** containers: keep the flag that makes bin/dedup-runc (containerd's runc) mark containers mergeable. */
+  readonly ksm: { readonly enabled: boolean; readonly scan_interval: number; readonly containers: boolean };
   readonly log_level: LevelWithSilent;
   readonly api: { readonly address: string };
   /**
@@ -115,7 +116,7 @@ export function defaultConfig(): Config {
     direct_io: 'auto',
     read_ahead_kb: 'auto',
     convert_mode: 'background',
-    ksm: { enabled: false, scan_interval: 100 },
+    ksm: { enabled: false, scan_interval: 100, containers: true },
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 },
@@ -256,8 +257,9 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('ksm' in doc) {
     const ksm = doc.ksm;
     if (!isObject(ksm)) throw new ConfigError('ksm', `expected an object like {"enabled": true, "scan_interval": 100}, got ${JSON.stringify(ksm)}`);
-    rejectUnknown('ksm', ksm, ['enabled', 'scan_interval']);
+    rejectUnknown('ksm', ksm, ['enabled', 'scan_interval', 'containers']);
     if ('enabled' in ksm) out.ksm = { ...out.ksm, enabled: expectBool('ksm.enabled', ksm.enabled) };
+    if ('containers' in ksm) out.ksm = { ...out.ksm, containers: expectBool('ksm.containers', ksm.containers) };
     if ('scan_interval' in ksm) {
       out.ksm = { ...out.ksm, scan_interval: expectInt('ksm.scan_interval', ksm.scan_interval, 1, 3_600_000) };
     }

@@ -22,6 +22,8 @@ export interface ContainerdTomlFacts {
   hasProxyPluginsHeader: boolean;
   /** The file has a top-level `imports` key: other files may add proxy plugins too. */
   hasImports: boolean;
+  /** Every `BinaryName = "…"` (a runc runtime's binary), with the table it is in. */
+  runcBinaries: { table: string; value: string; line: number }[];
 }
 
 /**
@@ -158,7 +160,7 @@ function bracketBalance(s: string): number {
 }
 
 export function readContainerdToml(text: string): ContainerdTomlFacts {
-  const facts: ContainerdTomlFacts = { plugins: new Map(), hasProxyPluginsHeader: false, hasImports: false };
+  const facts: ContainerdTomlFacts = { plugins: new Map(), hasProxyPluginsHeader: false, hasImports: false, runcBinaries: [] };
   let table: string[] = [];
   let multiline: '"""' | "'''" | null = null;
   let openArrays = 0;
@@ -173,6 +175,12 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     return e;
   };
   const assign = (full: string[], value: Value, line: number): void => {
+    if (value.kind === 'table') {
+      for (const [k, v] of value.entries) if (full[0] !== 'proxy_plugins') assign([...full, ...k], v, line);
+    }
+    if (full[full.length - 1] === 'BinaryName' && value.kind === 'string') {
+      facts.runcBinaries.push({ table: full.slice(0, -1).map((k) => (/^[A-Za-z0-9_-]+$/.test(k) ? k : JSON.stringify(k))).join('.'), value: value.value, line });
+    }
     if (full[0] !== 'proxy_plugins') return;
     if (full.length === 2 && value.kind === 'table') {
       entry(full[1], line);

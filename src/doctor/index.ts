@@ -24,6 +24,7 @@ import {
 } from './checks';
 import { checkLayerImages } from './images';
 import { checkIntegrity } from './integrity';
+import { checkKsm } from './ksm';
 import { checkLogs } from './logs';
 import type { CheckResult, Progress } from './types';
 
@@ -137,5 +138,6 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
   add(await guarded('permissions', opts, () => checkPermissions(config.root, euid)));
   add(await guarded('disk', opts, () => checkDisk(config.root)));
   add(await guarded('reserve', opts, () => checkReserve(config.root, config.disk_reserve_mb * 1024 * 1024)));
+  add(await guarded('ksm', opts, () => checkKsm(config, opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, env)));
   return results;
 }

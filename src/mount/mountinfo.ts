@@ -22,8 +22,12 @@ function unescapeMountinfo(s: string): string {
  * order the mounts were made (parents before children, newest last).
  */
 export function listMounts(): MountEntry[] {
-  return fs
-    .readFileSync('/proc/self/mountinfo', 'utf8')
+  return parseMountinfo(fs.readFileSync('/proc/self/mountinfo', 'utf8'));
+}
+
+/** The mounts a mountinfo file (`/proc/<pid>/mountinfo`) lists, in its order. */
+export function parseMountinfo(text: string): MountEntry[] {
+  return text
     .split('\n')
     .filter((l) => l !== '')
     .map((l) => {

@@ -192,7 +192,16 @@ export async function startDaemon(
   roots.add(root);
   const address = opts.address ?? path.join(dir, 'dedup.sock');
   let out = '';
-  const env: Record<string, string> = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', ROOT: root, ADDRESS: address, CONFIG: config, LOG_LEVEL: 'debug', ...opts.env };
+  // DEDUP_KSM_FLAG: the flag for bin/dedup-runc stays in the test's dir, never the host's /run/dedup-snapshotter.
+  const env: Record<string, string> = {
+    PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
+    ROOT: root,
+    ADDRESS: address,
+    CONFIG: config,
+    LOG_LEVEL: 'debug',
+    DEDUP_KSM_FLAG: path.join(dir, 'ksm-containers'),
+    ...opts.env,
+  };
   const passed = opts.listenFds ?? [];
   if (passed.length > 0) Object.assign(env, { LISTEN_FDS: String(passed.length), LISTEN_FDNAMES: passed.map((f) => f.name).join(':') });
   // LISTEN_PID must be the daemon's pid, unknown before it starts: the shell sets it to its own, then execs the daemon (same pid).

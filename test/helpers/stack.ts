@@ -140,6 +140,8 @@ export interface StackOptions {
   cri?: boolean;
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
+  /** Extra environment for containerd (and so its shims and runc). */
+  containerdEnv?: Record<string, string>;
   /** Extra keys for the daemon's config file (the stack's registry is always a plain-HTTP host; `registry` keys are merged). */
   daemonConfig?: Record<string, unknown>;
   /** `host:port` of another stack's registry to use instead of starting one (a second node). */
@@ -282,7 +284,7 @@ export class Stack {
     // containerd mounts bind snapshots for unpacking under $TMPDIR: keep those inside the stack dir.
     const tmp = path.join(this.dir, 'tmp');
     fs.mkdirSync(tmp, { recursive: true });
-    const p = spawnTracked('containerd', ['--config', cfg], (d) => (this.containerdOut += d), { ...process.env, TMPDIR: tmp });
+    const p = spawnTracked('containerd', ['--config', cfg], (d) => (this.containerdOut += d), { ...process.env, TMPDIR: tmp, ...this.opts.containerdEnv });
     this.containerdProc = p;
     await waitFor(
       async () => {
