@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { hasProxyPlugin, proxyPluginSection, removeProxyPlugin } from '../src/containerd/config-toml';
+import { hasProxyPlugin, proxyPluginSection, removeProxyPlugin, runcWrapperSection } from '../src/containerd/config-toml';
 
 const OTHER = `version = 2
 # the operator's own settings
@@ -74,6 +74,25 @@ describe("containerd's config: the proxy plugin table", () => {
     assert.equal(r.leftovers.length, 2);
     assert.match(r.leftovers[0], /^line 3: snapshotter = "dedup" \(CRI uses the dedup snapshotter/);
     assert.match(r.leftovers[1], /^line 5: dedup = \{.*inline proxy plugin table/);
+  });
+
+  test('the runc runtime through dedup-runc (KSM): added only where no runc table is, taken out again; a BinaryName set by hand is named', () => {
+    const wrapper = '/opt/dedup-snapshotter/bin/dedup-runc';
+    const runc = runcWrapperSection(OTHER, wrapper) as string;
+    assert.match(runc, /\[plugins\."io\.containerd\.grpc\.v1\.cri"\.containerd\.runtimes\.runc\.options\]\n {4}BinaryName = "\/opt\/dedup-snapshotter\/bin\/dedup-runc"/);
+    const added = `${OTHER}${proxyPluginSection('/run/containerd/dedup-snapshotter.sock')}${runc}`;
+    const r = removeProxyPlugin(added);
+    assert.equal(r.text, OTHER);
+    assert.deepEqual(r.leftovers, []);
+    // containerd 2.x's version 3 file: its CRI runtime plugin's name.
+    assert.match(runcWrapperSection('version = 3\n', wrapper) as string, /\[plugins\."io\.containerd\.cri\.v1\.runtime"\.containerd\.runtimes\.runc\]/);
+    // The operator's own runc table: not added to (a second table would be invalid TOML).
+    const own = `${OTHER}[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n  runtime_type = "io.containerd.runc.v2"\n  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n    SystemdCgroup = true\n    BinaryName = "${wrapper}"\n`;
+    assert.equal(runcWrapperSection(own, wrapper), null);
+    const left = removeProxyPlugin(own);
+    assert.equal(left.text, own, 'the operator\'s table stays');
+    assert.equal(left.leftovers.length, 1);
+    assert.match(left.leftovers[0], /^line 11: BinaryName = .*dedup-runc.*containers would fail to start once dedup-runc is gone/);
   });
 
   test('a file without the table is left alone', () => {

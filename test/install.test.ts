@@ -143,7 +143,11 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     const daemon = Number(fs.readFileSync(env.PID_FILE, 'utf8').trim());
     assert.equal(listener(env.SOCKET), daemon);
     assert.ok(fs.readlinkSync(env.BIN_LINK).startsWith(env.PREFIX));
-    assert.match(fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8'), /\[proxy_plugins\.dedup\]/);
+    const ctrdConfig = fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8');
+    assert.match(ctrdConfig, /\[proxy_plugins\.dedup\]/);
+    // KSM for containers: CRI's runc runtime through the wrapper (this file had no runc table).
+    assert.ok(ctrdConfig.includes(`BinaryName = "${env.PREFIX}/bin/dedup-runc"`), ctrdConfig);
+    assert.ok(fs.statSync(path.join(env.PREFIX, 'bin', 'dedup-runc')).mode & 0o111, 'the wrapper is executable');
     assert.ok(fs.readdirSync(c1).some((n) => n.startsWith('config.toml.bak-dedup-')), 'a backup of the config');
     const init = await runCmd(path.join(env.INIT_DIR, 'dedup-snapshotter'), ['status']);
     assert.equal(init.code, 0, init.stdout + init.stderr);
@@ -172,7 +176,7 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     for (const gone of [env.PREFIX, env.BIN_LINK, env.CONFIG_DIR, env.LOG_FILE, env.PID_FILE, env.CONTAINERD_PID_FILE, env.SOCKET, env.ROOT, path.join(env.INIT_DIR, 'dedup-snapshotter')]) {
       assert.ok(!fs.existsSync(gone), `${gone} removed`);
     }
-    assert.doesNotMatch(fs.readFileSync(env.CONTAINERD_CONFIG, "utf8"), /proxy_plugins|"dedup"|dedup-snapshotter\.sock/);
+    assert.doesNotMatch(fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8'), /proxy_plugins|"dedup"|dedup-snapshotter\.sock|dedup-runc/);
     // containerd restarted without the plugin: it answers at once, without a dial timeout.
     const plugins = await ctr1(['plugins', 'ls']);
     assert.doesNotMatch(plugins.stdout, /dedup/);
