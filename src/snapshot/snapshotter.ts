@@ -403,8 +403,8 @@ export class Snapshotter {
     this.checkOpen();
     let key: string | undefined;
     if (/^[1-9][0-9]{0,15}$/.test(ref)) key = this.ms.keyOf(ref);
+    else if (this.idOf(ref) !== undefined) key = ref;
     else if (/^sha256:[0-9a-f]{64}$/.test(ref)) key = this.committedKeyOfChain(ref, namespace);
-    else key = this.idOf(ref) !== undefined ? ref : undefined;
     if (key === undefined) {
       throw notFound(
         `no layer ${JSON.stringify(ref)} (expected an image reference as in ctr images ls, a chain id as in ctr snapshots --snapshotter dedup ls, a layer id as in images/<id>.erofs, or containerd's snapshot key)`,
