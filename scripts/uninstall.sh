@@ -154,6 +154,12 @@ for f in "$LOG_FILE" "$PID_FILE" "$CONTAINERD_PID_FILE"; do
   if [ -e "$f" ]; then rm -f "$f"; say "removed $f"; fi
 done
 if [ -S "$SOCKET" ]; then rm -f "$SOCKET"; say "removed $SOCKET"; fi
+# KSM's flag for dedup-runc (the daemon removes it when it stops; a crash may leave it) and its error note.
+KSM_FLAG=${DEDUP_KSM_FLAG:-/run/dedup-snapshotter/ksm-containers}
+for f in "$KSM_FLAG" "$KSM_FLAG.error"; do
+  if [ -e "$f" ]; then rm -f "$f"; say "removed $f"; fi
+done
+rmdir "$(dirname "$KSM_FLAG")" 2>/dev/null || true
 
 # 7. ROOT.
 if [ -e "$ROOT" ]; then

@@ -204,3 +204,56 @@ test('the holder echoes each request id, and replies without one to a request wi
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a stopping daemon starts no holder: none when it connects, none when its holder goes; a clean stop says bye', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'holder-stop-'));
+  const socket = path.join(dir, 'holder.sock');
+  const marker = path.join(dir, 'started');
+  // Would leave a file behind if it were ever run.
+  const holderCommand = ['/bin/sh', '-c', `: > ${marker}`, 'sh'];
+  const hooks = {
+    connected: async () => ({ adopted: false, marked: 0 }),
+    event: () => undefined,
+    keepsReadsWaiting: () => false,
+    lost: async () => undefined,
+    reconnected: async () => undefined,
+  };
+  const stopping = new HolderClient({ socket, holderCommand, log: silentLogger() });
+  stopping.use(hooks);
+  stopping.beginStop();
+  await assert.rejects(stopping.ensureConnected(), /the daemon is stopping: none is started/);
+  stopping.close();
+
+  // A holder that receives the bye, then goes away while the daemon stops.
+  const got: string[] = [];
+  let conn: net.Socket | null = null;
+  const server = net.createServer((s) => {
+    conn = s;
+    readFrames(
+      s,
+      (f) => {
+        got.push(String(f.head.op));
+        if (f.head.op === 'hello') s.write(encodeFrame({ op: 'hello', req: f.head.req, pid: 4243, marked: [], group: false, reserved: [] }));
+      },
+      () => s.destroy(),
+    );
+  });
+  await new Promise<void>((r) => server.listen(socket, r));
+  const client = new HolderClient({ socket, holderCommand, log: silentLogger() });
+  client.use(hooks);
+  try {
+    await client.ensureConnected();
+    client.beginStop();
+    await client.sayBye();
+    await waitFor(() => got.includes('bye'), 5_000, 'the bye');
+    // The holder dies meanwhile: no new one, no dialing again.
+    (conn as net.Socket | null)?.destroy();
+    await new Promise((r) => server.close(r));
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.ok(!fs.existsSync(marker), 'no holder was started');
+    assert.deepEqual(got, ['hello', 'bye']);
+  } finally {
+    client.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

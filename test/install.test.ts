@@ -82,6 +82,8 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     CONTAINERD_PID_FILE: path.join(t, 'run', 'containerd.pid'),
     CONTAINERD_LOG: path.join(t, 'log', 'containerd.log'),
     INIT_DIR: path.join(t, 'init.d'),
+    // KSM's flag for dedup-runc, here and not in the host's /run.
+    DEDUP_KSM_FLAG: path.join(t, 'run', 'ksm', 'ksm-containers'),
     INSTALL_INIT: 'yes',
     USE_SYSTEMD: 'no',
   };
@@ -106,7 +108,7 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     }
     // The operator's own settings: kept by install (no 127.0.0.1:8080 here).
     fs.mkdirSync(env.CONFIG_DIR, { recursive: true });
-    fs.writeFileSync(path.join(env.CONFIG_DIR, 'config.json'), JSON.stringify({ api: { address: path.join(t, 'api.sock') } }));
+    fs.writeFileSync(path.join(env.CONFIG_DIR, 'config.json'), JSON.stringify({ api: { address: path.join(t, 'api.sock') }, ksm: { enabled: true, containers: true } }));
     await startContainerd(c1);
     other = await startContainerd(c2);
     registry = await startRegistry();
@@ -142,6 +144,8 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     assert.equal(sha(path.join(c2, 'config.toml')), otherConfig, "the unrelated containerd's config is untouched");
     const daemon = Number(fs.readFileSync(env.PID_FILE, 'utf8').trim());
     assert.equal(listener(env.SOCKET), daemon);
+    // ksm.enabled and ksm.containers: the daemon keeps dedup-runc's flag.
+    assert.ok(fs.existsSync(env.DEDUP_KSM_FLAG), "dedup-runc's KSM flag is there while the daemon runs");
     assert.ok(fs.readlinkSync(env.BIN_LINK).startsWith(env.PREFIX));
     const ctrdConfig = fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8');
     assert.match(ctrdConfig, /\[proxy_plugins\.dedup\]/);
@@ -173,7 +177,7 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     assert.ok(!alive(daemon), 'the daemon stopped');
     const mountinfo = fs.readFileSync('/proc/self/mountinfo', 'utf8');
     assert.ok(!mountinfo.includes(env.ROOT), 'nothing mounted under ROOT');
-    for (const gone of [env.PREFIX, env.BIN_LINK, env.CONFIG_DIR, env.LOG_FILE, env.PID_FILE, env.CONTAINERD_PID_FILE, env.SOCKET, env.ROOT, path.join(env.INIT_DIR, 'dedup-snapshotter')]) {
+    for (const gone of [env.PREFIX, env.BIN_LINK, env.CONFIG_DIR, env.LOG_FILE, env.PID_FILE, env.CONTAINERD_PID_FILE, env.SOCKET, env.ROOT, path.join(env.INIT_DIR, 'dedup-snapshotter'), path.dirname(env.DEDUP_KSM_FLAG)]) {
       assert.ok(!fs.existsSync(gone), `${gone} removed`);
     }
     assert.doesNotMatch(fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8'), /proxy_plugins|"dedup"|dedup-snapshotter\.sock|dedup-runc/);
