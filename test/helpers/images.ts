@@ -281,7 +281,7 @@ export interface BuiltImage {
   ref?: string;
 }
 
-function ociArch(): string {
+export function ociArch(): string {
   const m: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ia32: '386', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64' };
   const a = m[process.arch];
   if (!a) throw new Error(`no OCI architecture for node arch ${process.arch}`);

@@ -11,8 +11,9 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readdirOrEmpty } from '../../src/util/fs';
+import { type ContainerdBuild, defaultContainerd, programOf } from './containerd-builds';
 import { type DaemonProcess, SLOW, freePort, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
-import { type BuiltImage, type ImageDef, buildImage, pushImage } from './images';
+import { type BuiltImage, type ImageDef, buildImage, ociArch, pushImage } from './images';
 import { mountPoints, mountsUnder, unmountUnder } from './mounts';
 import { waitRegistryReady, writeRegistryConfig } from './registry';
 
@@ -142,6 +143,8 @@ export interface StackOptions {
   daemonEnv?: Record<string, string>;
   /** Extra environment for containerd (and so its shims and runc). */
   containerdEnv?: Record<string, string>;
+  /** Which containerd (default: DEDUP_CONTAINERD's, else the system's; see containerd-builds.ts). */
+  containerd?: ContainerdBuild;
   /** Extra keys for the daemon's config file (the stack's registry is always a plain-HTTP host; `registry` keys are merged). */
   daemonConfig?: Record<string, unknown>;
   /** `host:port` of another stack's registry to use instead of starting one (a second node). */
@@ -166,6 +169,8 @@ export class Stack {
   readonly daemonRoot: string;
   readonly daemonAddress: string;
   daemon!: DaemonProcess;
+  /** The containerd this stack runs. */
+  readonly build: ContainerdBuild;
   private registryProc: ChildProcess | null = null;
   private containerdProc: ChildProcess | null = null;
   private registryOut = '';
@@ -185,6 +190,7 @@ export class Stack {
     this.containerdState = path.join(dir, 'c', 'state');
     this.daemonRoot = opts.daemonRoot ?? path.join(dir, 'root');
     this.daemonAddress = path.join(dir, 'dedup.sock');
+    this.build = opts.containerd ?? defaultContainerd();
     for (const sock of [`${this.containerdAddress}.ttrpc`, this.daemonAddress]) {
       if (Buffer.byteLength(sock) >= 100) throw new Error(`unix socket path too long (${Buffer.byteLength(sock)} bytes): ${sock}`);
     }
@@ -234,6 +240,50 @@ export class Stack {
   }
 
   private containerdConfig(): string {
+    return this.build.major >= 2 ? this.containerdConfigV3() : this.containerdConfigV2();
+  }
+
+  /**
+   * containerd 2.x's own form (version 3): pulls go through the transfer
+   * service, which unpacks only for the snapshotters its unpack_config
+   * lists, and passes remote-snapshot labels to a proxy snapshotter only
+   * when the plugin exports enable_remote_snapshot_annotations.
+   */
+  private containerdConfigV3(): string {
+    const disabled = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
+    if (!this.opts.cri) disabled.unshift('io.containerd.grpc.v1.cri', 'io.containerd.cri.v1.runtime', 'io.containerd.cri.v1.images', 'io.containerd.podsandbox.controller.v1.podsandbox', 'io.containerd.sandbox.controller.v1.shim');
+    const q = (s: string) => JSON.stringify(s);
+    const platform = `linux/${ociArch()}`;
+    return [
+      'version = 3',
+      `root = ${q(this.containerdRoot)}`,
+      `state = ${q(this.containerdState)}`,
+      `disabled_plugins = [${disabled.map(q).join(', ')}]`,
+      '',
+      '[grpc]',
+      `  address = ${q(this.containerdAddress)}`,
+      '',
+      '[ttrpc]',
+      `  address = ${q(`${this.containerdAddress}.ttrpc`)}`,
+      '',
+      '[debug]',
+      '  level = "info"',
+      '',
+      "[plugins.'io.containerd.internal.v1.opt']",
+      `  path = ${q(path.join(this.dir, 'c', 'opt'))}`,
+      '',
+      ...['dedup', 'overlayfs'].flatMap((sn) => ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]", `  platform = ${q(platform)}`, `  snapshotter = ${q(sn)}`, '']),
+      '[proxy_plugins]',
+      '  [proxy_plugins.dedup]',
+      '    type = "snapshot"',
+      `    address = ${q(this.daemonAddress)}`,
+      '    [proxy_plugins.dedup.exports]',
+      '      enable_remote_snapshot_annotations = "true"',
+      '',
+    ].join('\n');
+  }
+
+  private containerdConfigV2(): string {
     const disabled = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
     if (!this.opts.cri) disabled.unshift('io.containerd.grpc.v1.cri');
     const q = (s: string) => JSON.stringify(s);
@@ -284,13 +334,15 @@ export class Stack {
     // containerd mounts bind snapshots for unpacking under $TMPDIR: keep those inside the stack dir.
     const tmp = path.join(this.dir, 'tmp');
     fs.mkdirSync(tmp, { recursive: true });
-    const p = spawnTracked('containerd', ['--config', cfg], (d) => (this.containerdOut += d), { ...process.env, TMPDIR: tmp, ...this.opts.containerdEnv });
+    // Its shim (containerd-shim-runc-v2) is found in PATH: the build's own first.
+    const envPath = this.build.bin ? `${this.build.bin}:${process.env.PATH ?? ''}` : process.env.PATH;
+    const p = spawnTracked(programOf(this.build, 'containerd'), ['--config', cfg], (d) => (this.containerdOut += d), { ...process.env, PATH: envPath, TMPDIR: tmp, ...this.opts.containerdEnv });
     this.containerdProc = p;
     await waitFor(
       async () => {
         if (p.exitCode !== null) throw new Error(`containerd exited (${p.exitCode}):\n${this.containerdOut.slice(-8000)}`);
         if (!fs.existsSync(this.containerdAddress)) return false;
-        const r = await runCmd('ctr', ['--address', this.containerdAddress, 'version'], { timeoutMs: 10_000 });
+        const r = await runCmd(programOf(this.build, 'ctr'), ['--address', this.containerdAddress, 'version'], { timeoutMs: 10_000 });
         return r.code === 0;
       },
       30_000 * SLOW,
@@ -311,7 +363,7 @@ export class Stack {
 
   /** `ctr --address <sock> -n <ns> args...`; resolves with the outcome, exit code included. */
   ctrTry(args: string[], opts: CtrOptions = {}): Promise<CmdResult> {
-    return runCmd('ctr', ['--address', this.containerdAddress, '-n', opts.ns ?? 'default', ...args], { timeoutMs: opts.timeoutMs ?? 180_000 });
+    return runCmd(programOf(this.build, 'ctr'), ['--address', this.containerdAddress, '-n', opts.ns ?? 'default', ...args], { timeoutMs: opts.timeoutMs ?? 180_000 });
   }
 
   /** As ctrTry, but throws a CommandError with stdout/stderr unless ctr exits 0. */
