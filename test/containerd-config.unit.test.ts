@@ -69,6 +69,7 @@ describe("containerd's config: the proxy plugin table", () => {
 [proxy_plugins]
   dedup = { type = "snapshot", address = "/run/containerd/dedup-snapshotter.sock" }
 `;
+    assert.ok(hasProxyPlugin(text), 'an inline table defines the plugin: add appends no second one');
     const r = removeProxyPlugin(text);
     assert.equal(r.text, text, 'nothing removed');
     assert.equal(r.leftovers.length, 2);

@@ -18,7 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { checkContainerdConfig, checkDisk, checkPermissions } from '../src/doctor/checks';
-import { readContainerdToml } from '../src/doctor/containerd-toml';
+import { readContainerdToml } from '../src/containerd/toml-reader';
 import type { CheckResult } from '../src/doctor/types';
 import { formatResult } from '../src/cmd/doctor';
 import { type DaemonProcess, call, cleanupDaemons, snapshotsClient, startDaemon, tempDir } from './helpers/daemon';

@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { readContainerdToml } from '../src/doctor/containerd-toml';
+import { readContainerdToml } from '../src/containerd/toml-reader';
 import { defaultConfig } from '../src/config/config';
 import { checkKsm, probeWrapper } from '../src/doctor/ksm';
 import { Ksm } from '../src/ksm/ksm';

@@ -1,3 +1,5 @@
+import { readContainerdToml } from './toml-reader';
+
 /**
  * The proxy plugin's section in containerd's config.toml, added and taken
  * out by line, leaving every other line as it was (no TOML rewrite: an
@@ -29,9 +31,9 @@ export interface PluginEdit {
   leftovers: string[];
 }
 
-/** Whether `text` has the proxy plugin's table. */
+/** Whether `text` defines the proxy plugin, in any form (a table, a dotted or inline one): adding another would be invalid TOML. */
 export function hasProxyPlugin(text: string): boolean {
-  return text.split('\n').some((l) => HEADER.test(l));
+  return readContainerdToml(text).plugins.has('dedup');
 }
 
 /** The section to append: a dotted header is valid TOML whether or not [proxy_plugins] exists. */

@@ -20,7 +20,7 @@ import { scratchDir } from '../kernel/probes';
 import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { fsTypeOf, isMountPoint, listMounts } from '../mount/mountinfo';
 import { existingAncestor, readOnlyAncestor } from '../util/fs';
-import { proxyPluginSnippet, readContainerdToml } from './containerd-toml';
+import { proxyPluginSnippet, readContainerdToml } from '../containerd/toml-reader';
 import { type CheckResult, type Progress, noProgress } from './types';
 import { compareVersions, errCode, errMessage, formatBytes, hasSystemd, shq, whichBin } from './util';
 

@@ -14,7 +14,7 @@ import { promisify } from 'node:util';
 import type { Config } from '../config/config';
 import { KSM_SYSFS } from '../ksm/ksm';
 import { WRAPPER_MARKER, ksmFlagFile, parseKsmStat, wrapperError, wrapperPath } from '../ksm/containers';
-import { readContainerdToml } from './containerd-toml';
+import { readContainerdToml } from '../containerd/toml-reader';
 import type { CheckResult } from './types';
 import { hasSystemd } from './util';
 
