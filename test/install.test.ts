@@ -14,6 +14,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { listenerOf } from '../src/util/proc';
 import { processAlive, tempDir, waitFor } from './helpers/daemon';
 import { buildImage, busyboxImageDef, pushImage } from './helpers/images';
 import { type RealRegistry, startRegistry } from './helpers/registry';
@@ -43,22 +44,7 @@ function containerdConfig(dir: string, pluginSection = ''): string {
 }
 
 /** The pid of the process listening on unix socket `sock`, or null. */
-function listener(sock: string): number | null {
-  const line = fs
-    .readFileSync('/proc/net/unix', 'utf8')
-    .split('\n')
-    .find((l) => l.trim().split(/\s+/)[7] === sock && l.trim().split(/\s+/)[5] === '01');
-  if (!line) return null;
-  const want = `socket:[${line.trim().split(/\s+/)[6]}]`;
-  for (const p of fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
-    try {
-      for (const fd of fs.readdirSync(`/proc/${p}/fd`)) if (fs.readlinkSync(`/proc/${p}/fd/${fd}`) === want) return Number(p);
-    } catch {
-      // gone
-    }
-  }
-  return null;
-}
+const listener = listenerOf;
 
 const alive = processAlive;
 

@@ -5,9 +5,6 @@ import { isNotFound, notFound } from '../errdefs/errors';
 import type { LayerRoot } from '../ondemand/prefetch';
 import { formatReference, parseReference } from '../remote/reference';
 
-/** A containerd namespace name (containerd's own rule). */
-export const NAMESPACE_RE = /^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$/;
-
 export interface PrefetchTargetOptions {
   /** Layer roots of a layer id, a chain id (in a namespace first) or containerd's snapshot key (Snapshotter.layerRoots). */
   layerRoots: (ref: string, namespace: string) => LayerRoot[];

@@ -4,8 +4,8 @@ import { PassThrough } from 'node:stream';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { Logger } from '../log/logger';
 import { PrefetchError, type Prefetcher } from '../ondemand/prefetch';
+import { NAMESPACE_RE } from '../store/keys';
 import { prepareSocketPath } from '../util/socket';
-import { NAMESPACE_RE } from './prefetch-target';
 import { type StatsSources, collectStats, toPrometheus } from './stats';
 
 /**

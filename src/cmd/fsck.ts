@@ -2,6 +2,7 @@ import http from 'node:http';
 import { apiTarget, configuredApiAddress } from './api-address';
 import { ContainerdClient } from '../containerd/client';
 import type { IntegrityReport, LayerProblem } from '../layers/integrity';
+import { splitKey } from '../store/keys';
 
 const USAGE = `usage: dedup-snapshotter fsck [--json] [--drop-broken] [--address HOST:PORT|SOCKET] [--containerd SOCK]
 
@@ -53,11 +54,6 @@ function post(address: string, url: string, onLine: (l: Line) => void): Promise<
 const mib = (n: number) => `${(n / 1048576).toFixed(1)} MiB`;
 
 /** containerd's namespace and snapshot name of one of our keys (`<ns>/<seq>/<name>`). */
-function splitKey(key: string): { ns: string; name: string } | null {
-  const m = /^([^/]+)\/\d+\/(.+)$/.exec(key);
-  return m ? { ns: m[1], name: m[2] } : null;
-}
-
 /** What to run for one quarantined layer. */
 export function remedy(p: LayerProblem): string[] {
   const k = splitKey(p.key);

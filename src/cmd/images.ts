@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import { ContainerdClient } from '../containerd/client';
 import { imageChainIds } from '../containerd/image-layers';
 import { loadConfig } from '../config/config';
+import { splitKey } from '../store/keys';
 import { readCommittedKeys } from '../store/readonly';
 import { RootLayout } from '../store/root-layout';
 
@@ -22,12 +23,12 @@ export interface ImageUse {
 /** Images of each namespace that has committed snapshots here whose top layer is one of them. */
 export async function imagesUsing(keys: string[], socket: string): Promise<ImageUse[]> {
   const byNs = new Map<string, Set<string>>();
-  for (const k of keys) {
-    const m = /^([^/]+)\/[0-9]+\/(.+)$/.exec(k);
-    if (!m) continue;
-    let set = byNs.get(m[1]);
-    if (!set) byNs.set(m[1], (set = new Set()));
-    set.add(m[2]);
+  for (const key of keys) {
+    const k = splitKey(key);
+    if (!k) continue;
+    let set = byNs.get(k.ns);
+    if (!set) byNs.set(k.ns, (set = new Set()));
+    set.add(k.name);
   }
   const out: ImageUse[] = [];
   for (const [ns, chains] of [...byNs].sort(([a], [b]) => a.localeCompare(b))) {

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { loadConfig } from '../config/config';
 import { readImageDeviceTags } from '../convert/erofs-format';
 import { SystemKernel } from '../mount/layer-kernel';
+import { storeDevicePath } from '../store/chunkstore';
 import { readLayerFacts } from '../store/readonly';
 import { RootLayout } from '../store/root-layout';
 
@@ -17,13 +18,8 @@ ROOT comes from the environment or CONFIG, as for the daemon.
 `;
 
 /** The store files a layer image names as its devices (store/chunks.blob, store/segments/<id>.blob), in its device table's order. */
-export function storeDevices(root: string, image: string): string[] {
-  return readImageDeviceTags(image).map((t) => {
-    if (t === '') return path.join(root, 'store', 'chunks.blob');
-    const m = /^dedup:seg:(0|[1-9][0-9]{0,14})$/.exec(t);
-    if (!m) throw new Error(`${image} names device ${JSON.stringify(t)}, not a segment of this store`);
-    return m[1] === '0' ? path.join(root, 'store', 'chunks.blob') : path.join(root, 'store', 'segments', `${m[1]}.blob`);
-  });
+function storeDevices(root: string, image: string): string[] {
+  return readImageDeviceTags(image).map((t) => storeDevicePath(path.join(root, 'store'), t));
 }
 
 export async function runMountLayer(args: string[]): Promise<number> {

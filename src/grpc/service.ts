@@ -3,6 +3,7 @@ import { invalidArgument } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import { type Info, Kind, type Labels, type Mount } from '../store/types';
+import { NAMESPACE_RE, splitKey } from '../store/keys';
 import { classify, toGrpcError } from './status';
 
 /**
@@ -57,9 +58,6 @@ function labelsOf(v: unknown): Labels {
   return v as Labels;
 }
 
-/** A containerd namespace (its own rule: labels joined by '.', '_' or '-'). */
-const NAMESPACE_RE = /^([A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*)\/[0-9]+\//;
-
 /**
  * The containerd namespace of a call: the `containerd-namespace` header
  * when the caller sends one, else the first part of the key, which
@@ -69,7 +67,8 @@ const NAMESPACE_RE = /^([A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*)\/[0-9]+\//;
 export function namespaceOf(call: { metadata: grpc.Metadata }, key?: unknown): string | undefined {
   const v = call.metadata.get('containerd-namespace')[0];
   if (typeof v === 'string' && v !== '') return v;
-  return typeof key === 'string' ? NAMESPACE_RE.exec(key)?.[1] : undefined;
+  const ns = typeof key === 'string' ? splitKey(key)?.ns : undefined;
+  return ns !== undefined && NAMESPACE_RE.test(ns) ? ns : undefined;
 }
 
 export interface ServiceOptions {

@@ -24,6 +24,7 @@ import {
 import { messageOf as errMessage } from '../errdefs/errors';
 import { fsTypeOf } from '../mount/mountinfo';
 import { existingAncestor } from '../util/fs';
+import { pidsHolding } from '../util/proc';
 import { KERNEL_NEEDS, type KernelVersion, atLeast, kernelSymbols, moduleFileExists, needs, parseRelease, procFilesystems, readKernelConfig } from './facts';
 
 export type ProbeStatus = 'ok' | 'warn' | 'fail' | 'skip';
@@ -132,40 +133,17 @@ export function probeFanotify(root: string): ProbeResult {
  * daemon or on-demand holder, which keep the device on purpose).
  */
 function cachefilesHolders(): { who: string; ours: boolean }[] {
-  const out: { who: string; ours: boolean }[] = [];
-  let pids: string[] = [];
-  try {
-    pids = fs.readdirSync('/proc').filter((n) => /^\d+$/.test(n));
-  } catch {
-    return out;
-  }
-  for (const pid of pids) {
-    let fds: string[];
+  return pidsHolding('/dev/cachefiles').map((pid) => {
+    let comm = '?';
+    let cmdline = '';
     try {
-      fds = fs.readdirSync(`/proc/${pid}/fd`);
+      comm = fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+      cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
     } catch {
-      continue;
+      /* gone */
     }
-    for (const fd of fds) {
-      try {
-        if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`) === '/dev/cachefiles') {
-          let comm = '?';
-          let cmdline = '';
-          try {
-            comm = fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
-            cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-          } catch {
-            /* gone */
-          }
-          out.push({ who: `${pid} (${comm})`, ours: /dedup-snapshotter|\/cmd\/main\.js|ondemand-holder/.test(cmdline) });
-          break;
-        }
-      } catch {
-        /* fd closed meanwhile */
-      }
-    }
-  }
-  return out;
+    return { who: `${pid} (${comm})`, ours: /dedup-snapshotter|\/cmd\/main\.js|ondemand-holder/.test(cmdline) };
+  });
 }
 
 /**

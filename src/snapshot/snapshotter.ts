@@ -11,6 +11,7 @@ import { LABEL_SNAPSHOT_REF, type RemoteLayers } from '../remote/lazy';
 import type { ChunkStore, Extent } from '../store/chunkstore';
 import { type LayerRow, type MetaStore, checkKey } from '../store/metastore';
 import type { SpaceReserve } from '../store/reserve';
+import { splitKey } from '../store/keys';
 import { RootLayout } from '../store/root-layout';
 import type { ImageSealer } from '../store/seal';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from '../store/types';
@@ -421,13 +422,12 @@ export class Snapshotter {
   private committedKeyOfChain(chain: string, namespace: string): string | undefined {
     let any: string | undefined;
     let mine: string | undefined;
-    const suffix = `/${chain}`;
     this.ms.walkInfo((info) => {
-      if (info.kind !== Kind.Committed || !info.name.endsWith(suffix)) return;
-      const m = /^([^/]+)\/[0-9]+\//.exec(info.name);
-      if (!m || info.name.length !== m[0].length + chain.length) return;
+      if (info.kind !== Kind.Committed) return;
+      const k = splitKey(info.name);
+      if (k?.name !== chain) return;
       any ??= info.name;
-      if (m[1] === namespace) mine ??= info.name;
+      if (k.ns === namespace) mine ??= info.name;
     });
     return mine ?? any;
   }

@@ -46,6 +46,18 @@ import { type SegmentCheck, type SegmentWriter, Segments, fsyncDir } from './seg
 
 export const STORE_BLOCK = 4096;
 
+/**
+ * The file under `storeDir` (ROOT/store) that a layer image's device tag
+ * names: untagged or `dedup:seg:0` is chunks.blob, `dedup:seg:<id>` is
+ * segments/<id>.blob. For the daemon and for mounts made beside it.
+ */
+export function storeDevicePath(storeDir: string, tag: string): string {
+  if (tag === '') return path.join(storeDir, 'chunks.blob');
+  const m = /^dedup:seg:(0|[1-9][0-9]{0,14})$/.exec(tag);
+  if (!m) throw new Error(`layer image names device ${JSON.stringify(tag)}, not a segment of this store`);
+  return m[1] === '0' ? path.join(storeDir, 'chunks.blob') : path.join(storeDir, 'segments', `${m[1]}.blob`);
+}
+
 export interface Extent {
   blkaddr: number;
   nblocks: number;
@@ -397,13 +409,7 @@ export class ChunkStore {
 
   /** The files behind a layer image's device tags (see segmentTag); an untagged slot is chunks.blob (images made before segments). */
   devicePaths(tags: string[]): string[] {
-    return tags.map((t) => {
-      if (t === '') return this.blobPath;
-      const m = /^dedup:seg:(0|[1-9][0-9]{0,14})$/.exec(t);
-      if (!m) throw new Error(`layer image names device ${JSON.stringify(t)}, not a segment of this store`);
-      const id = Number(m[1]);
-      return id === 0 ? this.blobPath : this.segments.pathOf(id);
-    });
+    return tags.map((t) => storeDevicePath(this.dir, t));
   }
 
   /**

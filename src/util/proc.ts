@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 
 /**
- * Processes seen through /proc: which one listens on a unix socket, and
+ * Processes seen through /proc: which hold a file or socket, which one listens on a unix socket, and
  * whether a pid is this project's daemon. For the commands that control or
  * inspect a running daemon (start/stop/status, doctor).
  */
@@ -15,9 +15,9 @@ export function isDaemonPid(pid: number): boolean {
   } catch {
     return false;
   }
-  if (!argv.some((a) => /dedup-snapshotter$/.test(a) || /\/cmd\/main\.js$/.test(a))) return false;
-  // `dedup-snapshotter` alone, or `serve`: not a subcommand such as ondemand-holder or this one.
   const i = argv.findIndex((a) => /dedup-snapshotter$/.test(a) || /\/cmd\/main\.js$/.test(a));
+  if (i < 0) return false;
+  // `dedup-snapshotter` alone, or `serve`: not a subcommand such as ondemand-holder or this one.
   const sub = argv[i + 1];
   return sub === undefined || sub === 'serve';
 }
@@ -40,8 +40,19 @@ export function listenerOf(address: string): number | null {
     }
   }
   if (inode === null) return null;
-  const want = `socket:[${inode}]`;
-  for (const e of fs.readdirSync('/proc')) {
+  return pidsHolding(`socket:[${inode}]`)[0] ?? null;
+}
+
+/** The pids of the processes with an fd on `target` (as /proc/<pid>/fd/<n> reads: a path, or socket:[inode]). */
+export function pidsHolding(target: string): number[] {
+  let entries: string[];
+  try {
+    entries = fs.readdirSync('/proc');
+  } catch {
+    return [];
+  }
+  const out: number[] = [];
+  for (const e of entries) {
     if (!/^[0-9]+$/.test(e)) continue;
     let fds: string[];
     try {
@@ -51,11 +62,14 @@ export function listenerOf(address: string): number | null {
     }
     for (const fd of fds) {
       try {
-        if (fs.readlinkSync(`/proc/${e}/fd/${fd}`) === want) return Number(e);
+        if (fs.readlinkSync(`/proc/${e}/fd/${fd}`) === target) {
+          out.push(Number(e));
+          break;
+        }
       } catch {
         // closed meanwhile
       }
     }
   }
-  return null;
+  return out;
 }

@@ -250,28 +250,11 @@ export class Stack {
    * when the plugin exports enable_remote_snapshot_annotations.
    */
   private containerdConfigV3(): string {
-    const disabled = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
-    if (!this.opts.cri) disabled.unshift('io.containerd.grpc.v1.cri', 'io.containerd.cri.v1.runtime', 'io.containerd.cri.v1.images', 'io.containerd.podsandbox.controller.v1.podsandbox', 'io.containerd.sandbox.controller.v1.shim');
+    const cri = ['io.containerd.grpc.v1.cri', 'io.containerd.cri.v1.runtime', 'io.containerd.cri.v1.images', 'io.containerd.podsandbox.controller.v1.podsandbox', 'io.containerd.sandbox.controller.v1.shim'];
     const q = (s: string) => JSON.stringify(s);
     const platform = `linux/${ociArch()}`;
     return [
-      'version = 3',
-      `root = ${q(this.containerdRoot)}`,
-      `state = ${q(this.containerdState)}`,
-      `disabled_plugins = [${disabled.map(q).join(', ')}]`,
-      '',
-      '[grpc]',
-      `  address = ${q(this.containerdAddress)}`,
-      '',
-      '[ttrpc]',
-      `  address = ${q(`${this.containerdAddress}.ttrpc`)}`,
-      '',
-      '[debug]',
-      '  level = "info"',
-      '',
-      "[plugins.'io.containerd.internal.v1.opt']",
-      `  path = ${q(path.join(this.dir, 'c', 'opt'))}`,
-      '',
+      ...this.containerdConfigHead(3, cri, "[plugins.'io.containerd.internal.v1.opt']"),
       ...['dedup', 'overlayfs'].flatMap((sn) => ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]", `  platform = ${q(platform)}`, `  snapshotter = ${q(sn)}`, '']),
       '[proxy_plugins]',
       '  [proxy_plugins.dedup]',
@@ -283,12 +266,16 @@ export class Stack {
     ].join('\n');
   }
 
-  private containerdConfigV2(): string {
-    const disabled = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
-    if (!this.opts.cri) disabled.unshift('io.containerd.grpc.v1.cri');
+  /**
+   * What both config versions start with: paths, sockets, the plugins left
+   * out (`cri`: CRI's plugins, unless the stack runs CRI), the opt plugin's
+   * directory under its own table header.
+   */
+  private containerdConfigHead(version: 2 | 3, cri: string[], optHeader: string): string[] {
+    const disabled = [...(this.opts.cri ? [] : cri), 'io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
     const q = (s: string) => JSON.stringify(s);
     return [
-      'version = 2',
+      `version = ${version}`,
       `root = ${q(this.containerdRoot)}`,
       `state = ${q(this.containerdState)}`,
       `disabled_plugins = [${disabled.map(q).join(', ')}]`,
@@ -302,9 +289,16 @@ export class Stack {
       '[debug]',
       '  level = "info"',
       '',
-      '[plugins."io.containerd.internal.v1.opt"]',
+      optHeader,
       `  path = ${q(path.join(this.dir, 'c', 'opt'))}`,
       '',
+    ];
+  }
+
+  private containerdConfigV2(): string {
+    const q = (s: string) => JSON.stringify(s);
+    return [
+      ...this.containerdConfigHead(2, ['io.containerd.grpc.v1.cri'], '[plugins."io.containerd.internal.v1.opt"]'),
       ...(this.opts.cri
         ? [
             '[plugins."io.containerd.grpc.v1.cri"]',
