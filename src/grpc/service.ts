@@ -107,6 +107,13 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
   const track = opts.track ?? (<T>(p: Promise<T>) => p);
 
   const textOf = (v: unknown): string | null => (typeof v === 'string' && v !== '' ? v.slice(0, 4096) : null);
+  /** The names of the labels a call carried (debug lines: which labels each containerd version passes). */
+  const labelKeysOf = (req: unknown): { label_keys?: string[] } => {
+    const l = (req as { labels?: unknown } | undefined)?.labels;
+    if (!l || typeof l !== 'object') return {};
+    const keys = Object.keys(l).slice(0, 64);
+    return keys.length > 0 ? { label_keys: keys.map((k) => k.slice(0, 256)) } : {};
+  };
 
   function unary<Req, Res>(
     op: string,
@@ -152,7 +159,7 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
       track(
         (async () => fn(req))().then(
           (res) => {
-            logger.debug({ op, key: req?.key, ns: namespaceOf(call, req?.key), duration_ms: Date.now() - started }, 'rpc done');
+            logger.debug({ op, key: req?.key, ns: namespaceOf(call, req?.key), ...labelKeysOf(req), duration_ms: Date.now() - started }, 'rpc done');
             report(true, null);
             callback(null, res);
           },
@@ -160,7 +167,7 @@ export function createSnapshotsHandlers(opts: ServiceOptions): grpc.UntypedServi
             const e = classify(err);
             if (e.expected) {
               // containerd's contract (a remote layer made): the layer's own line says so.
-              logger.debug({ op, key: req?.key, ns: namespaceOf(call, req?.key), code: e.kind, duration_ms: Date.now() - started }, `${op} answered ${e.kind}: ${e.message}`);
+              logger.debug({ op, key: req?.key, ns: namespaceOf(call, req?.key), code: e.kind, ...labelKeysOf(req), duration_ms: Date.now() - started }, `${op} answered ${e.kind}: ${e.message}`);
               report(true, e);
               callback(toGrpcError(e), null);
               return;
