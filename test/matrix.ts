@@ -1,0 +1,84 @@
+/**
+ * The containerd matrix: the end-to-end files that go through containerd,
+ * run again on each newer containerd build found here (1.7 and 2.x, from
+ * ../shared/tools/debian-newer/fetch.sh), one `node --test` per version with
+ * DEDUP_CONTAINERD naming it. The whole suite has already run on the
+ * system's containerd (Debian 12's 1.6) before this.
+ *
+ * A version whose binaries are missing prints SKIP with the reason. In CI
+ * (CI=true) or with DEDUP_MATRIX_REQUIRED=1, no newer version at all is a
+ * failure: then nothing but 1.6 would have been tested.
+ *
+ *   node dist/test/matrix.js [FILE ...]   (default: MATRIX_FILES)
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { containerdBuilds } from './helpers/containerd-builds';
+
+/** Which files run on 1.7 and 2.x (README "Tests" and docs/testing.md list the same). */
+export const MATRIX_FILES = [
+  'containerd-versions', // the guide's commands: lazy ctr pull (2.x), ctr images mount (1.7+), GC
+  'e2e', // ctr pull and run of busybox, torture, 40-layer chain; /prefetch; writes; GC
+  'differential', // the same trees as containerd's overlayfs
+  'erofs-e2e', // dedup across images, restart under a container, parallel pulls, kill -9 mid conversion
+  'pull', // dedup-snapshotter pull
+  'lazy-cri', // CRI pull of a dedup image; converted layers shared between nodes
+  'crash', // kill -9 of the daemon during a pull
+  'integrity', // never other bytes: deleted, truncated, flipped stores
+  'diskfull', // a full disk through containerd
+];
+
+const VERSIONS = ['1.7', '2'];
+
+function runFiles(version: string, files: string[]): Promise<number> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, ['--test', '--test-concurrency=1', '--test-reporter=spec', ...files], {
+      stdio: 'inherit',
+      env: { ...process.env, DEDUP_CONTAINERD: version },
+    });
+    p.on('close', (code, signal) => resolve(code ?? (signal ? 128 : 1)));
+  });
+}
+
+async function main(): Promise<number> {
+  const names = process.argv.slice(2).length > 0 ? process.argv.slice(2) : MATRIX_FILES;
+  const files = names.map((n) => path.join(__dirname, `${n}.test.js`));
+  for (const f of files) {
+    if (!fs.existsSync(f)) {
+      process.stderr.write(`matrix: no test file ${f}\n`);
+      return 2;
+    }
+  }
+  const { builds, missing } = containerdBuilds();
+  const lines: string[] = [];
+  let ran = 0;
+  let failed = 0;
+  for (const v of VERSIONS) {
+    const b = builds.find((x) => x.name === v && x.bin !== null);
+    if (!b) {
+      const why = missing.find((m) => m.name === v)?.reason ?? 'not found';
+      lines.push(`SKIP containerd ${v}: ${why}`);
+      continue;
+    }
+    process.stdout.write(`\n# matrix: containerd ${b.version} (${b.bin}): ${names.join(', ')}\n`);
+    const started = Date.now();
+    const code = await runFiles(v, files);
+    const secs = Math.round((Date.now() - started) / 1000);
+    ran++;
+    if (code !== 0) failed++;
+    lines.push(`${code === 0 ? 'pass' : 'FAIL'} containerd ${b.version}: ${names.length} files in ${secs} s${code === 0 ? '' : ` (exit ${code})`}`);
+  }
+  const required = process.env.CI === 'true' || process.env.DEDUP_MATRIX_REQUIRED === '1';
+  if (ran === 0 && required) lines.push('FAIL: no containerd but the system one ran (run ../shared/tools/debian-newer/fetch.sh; .ci/run does)');
+  process.stdout.write(`\n# containerd matrix\n${lines.map((l) => `# ${l}`).join('\n')}\n`);
+  return failed > 0 || (ran === 0 && required) ? 1 : 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    process.stderr.write(`matrix: ${(err as Error).stack ?? err}\n`);
+    process.exit(2);
+  },
+);
