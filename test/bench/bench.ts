@@ -24,6 +24,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { programOf } from '../helpers/containerd-builds';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
@@ -53,7 +54,7 @@ interface PhaseResult {
 
 /** ctr on the stack's containerd, stdin closed. */
 function ctr(stack: Stack, args: string[], timeoutMs = 300_000): Promise<CmdResult> {
-  return sh('ctr', ['--address', stack.containerdAddress, '-n', 'default', ...args], { timeoutMs });
+  return sh(programOf(stack.build, 'ctr'), ['--address', stack.containerdAddress, '-n', 'default', ...args], { timeoutMs });
 }
 
 async function snapshotKeys(stack: Stack, s: Snapshotter): Promise<string[]> {
@@ -86,8 +87,8 @@ function lines(s: string): string[] {
 /** Removes every image and content blob and waits until neither snapshotter holds a snapshot. */
 async function emptyContainerd(stack: Stack): Promise<void> {
   for (const id of lines((await ctr(stack, ['tasks', 'ls', '-q'])).stdout)) {
-    await runCmd('ctr', ['--address', stack.containerdAddress, '-n', 'default', 'tasks', 'kill', '-s', 'SIGKILL', id]);
-    await runCmd('ctr', ['--address', stack.containerdAddress, '-n', 'default', 'tasks', 'delete', '-f', id]);
+    await runCmd(programOf(stack.build, 'ctr'), ['--address', stack.containerdAddress, '-n', 'default', 'tasks', 'kill', '-s', 'SIGKILL', id]);
+    await runCmd(programOf(stack.build, 'ctr'), ['--address', stack.containerdAddress, '-n', 'default', 'tasks', 'delete', '-f', id]);
   }
   for (const id of lines((await ctr(stack, ['containers', 'ls', '-q'])).stdout)) await ctr(stack, ['containers', 'rm', id]);
   const imgs = lines((await ctr(stack, ['images', 'ls', '-q'])).stdout);
@@ -307,7 +308,7 @@ async function main(): Promise<void> {
   if (process.argv.includes('--build-only')) return;
   const floor = floorOf(built);
 
-  log('starting registry, containerd and the dedup daemon');
+  log('starting registry, containerd and the dedup daemon (containerd: DEDUP_CONTAINERD=1.6|1.7|2 picks the build; default the one in PATH)');
   // BENCH_STORE_LAYOUT=segments|single: the daemon's integrity.store_layout (default: its own default, "auto").
   const layout = process.env.BENCH_STORE_LAYOUT;
   const stack = await Stack.start({ daemonEnv: { LOG_LEVEL: 'info' }, daemonConfig: layout ? { integrity: { store_layout: layout } } : undefined });
@@ -399,6 +400,7 @@ async function main(): Promise<void> {
       overlayfsDiskOverFloor: ratio(o.diskBytes, floor.floorBytes),
     },
     lazy,
+    containerd: stack.build.version,
     totalSeconds: (Date.now() - t0) / 1000,
   };
   const resultFile = path.join(path.dirname(built.dir), 'bench-results.json');
@@ -447,7 +449,7 @@ async function main(): Promise<void> {
   out.push(`per-image pull (s): ${built.images.map((i) => `${i.name} ${(o.pullMs[i.name] / 1000).toFixed(1)}/${(d.pullMs[i.name] / 1000).toFixed(1)}`).join(', ')}  (overlayfs/dedup)`);
   out.push(`after removing all images: overlayfs dir ${mib(o.afterRemove.diskBytes)}, dedup ROOT ${mib(d.afterRemove.diskBytes)} (chunk store ${mib(d.afterRemove.chunkStoreBytes ?? 0)})`);
   if (errors.length > 0) out.push(`WARNING: the dedup daemon logged ${errors.length} errors`);
-  out.push(`results: ${resultFile}; total ${result.totalSeconds.toFixed(0)} s`);
+  out.push(`containerd ${result.containerd}; results: ${resultFile}; total ${result.totalSeconds.toFixed(0)} s`);
   out.push('');
   process.stdout.write(out.join('\n'));
 }
