@@ -256,6 +256,11 @@ export class Stack {
     return [
       ...this.containerdConfigHead(3, cri, "[plugins.'io.containerd.internal.v1.opt']"),
       ...['dedup', 'overlayfs'].flatMap((sn) => ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]", `  platform = ${q(platform)}`, `  snapshotter = ${q(sn)}`, '']),
+      // NRI is on by default in 2.x and would serve /var/run/nri/nri.sock: not the stack's to take.
+      "[plugins.'io.containerd.nri.v1.nri']",
+      '  disable = true',
+      '',
+      ...(this.opts.cri ? this.criConfigV3() : []),
       '[proxy_plugins]',
       '  [proxy_plugins.dedup]',
       '    type = "snapshot"',
@@ -264,6 +269,43 @@ export class Stack {
       '      enable_remote_snapshot_annotations = "true"',
       '',
     ].join('\n');
+  }
+
+  /**
+   * CRI on containerd 2.x: the image service's settings live in their own
+   * plugin (io.containerd.cri.v1.images), the runtime's (CNI) in
+   * io.containerd.cri.v1.runtime. `disable_snapshot_annotations = false`
+   * makes 2.1 fall back to its local (client-side) pull, as 1.x pulls,
+   * with the CRI snapshot labels on each layer's Prepare (its transfer
+   * service would pass them only with the proxy plugin's export); it logs
+   * a warning saying so. The registry is a plain-HTTP host named in a
+   * hosts.toml under registry.config_path (the mirrors table is
+   * deprecated in 2.x; config_path serves both pull paths). The pause
+   * image is pinned under a name never pulled.
+   */
+  private criConfigV3(): string[] {
+    const q = (s: string) => JSON.stringify(s);
+    const certs = path.join(this.dir, 'c', 'certs.d');
+    const hostDir = path.join(certs, this.registry);
+    fs.mkdirSync(hostDir, { recursive: true });
+    fs.writeFileSync(
+      path.join(hostDir, 'hosts.toml'),
+      [`server = ${q(`http://${this.registry}`)}`, '', `[host.${q(`http://${this.registry}`)}]`, '  capabilities = ["pull", "resolve"]', ''].join('\n'),
+    );
+    return [
+      "[plugins.'io.containerd.cri.v1.images']",
+      '  snapshotter = "dedup"',
+      '  disable_snapshot_annotations = false',
+      "  [plugins.'io.containerd.cri.v1.images'.pinned_images]",
+      `    sandbox = ${q(`${this.registry}/pause:none`)}`,
+      "  [plugins.'io.containerd.cri.v1.images'.registry]",
+      `    config_path = ${q(certs)}`,
+      '',
+      "[plugins.'io.containerd.cri.v1.runtime'.cni]",
+      `  bin_dirs = [${q(path.join(this.dir, 'c', 'cni-bin'))}]`,
+      `  conf_dir = ${q(path.join(this.dir, 'c', 'cni-conf'))}`,
+      '',
+    ];
   }
 
   /**
