@@ -139,6 +139,14 @@ export async function waitReconnected(stack: Stack): Promise<void> {
 export interface StackOptions {
   /** Enable containerd's CRI plugin (disabled by default). */
   cri?: boolean;
+  /**
+   * How CRI pulls on containerd 2.x (`cri` only): 'local' (default), the
+   * client-side pull 1.x does, which `disable_snapshot_annotations = false`
+   * selects; 'transfer', through the transfer service (2.1's default), which
+   * passes the snapshot labels because the proxy plugin exports
+   * enable_remote_snapshot_annotations. containerd 1.x has only 'local'.
+   */
+  criPull?: 'local' | 'transfer';
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
   /** Extra environment for containerd (and so its shims and runc). */
@@ -191,6 +199,7 @@ export class Stack {
     this.daemonRoot = opts.daemonRoot ?? path.join(dir, 'root');
     this.daemonAddress = path.join(dir, 'dedup.sock');
     this.build = opts.containerd ?? defaultContainerd();
+    if (opts.criPull === 'transfer' && (this.build.major < 2 || (this.build.major === 2 && this.build.minor < 1))) throw new Error(`containerd ${this.build.version}: CRI has no transfer-service pull before 2.1`);
     for (const sock of [`${this.containerdAddress}.ttrpc`, this.daemonAddress]) {
       if (Buffer.byteLength(sock) >= 100) throw new Error(`unix socket path too long (${Buffer.byteLength(sock)} bytes): ${sock}`);
     }
@@ -276,9 +285,11 @@ export class Stack {
    * plugin (io.containerd.cri.v1.images), the runtime's (CNI) in
    * io.containerd.cri.v1.runtime. `disable_snapshot_annotations = false`
    * makes 2.1 fall back to its local (client-side) pull, as 1.x pulls,
-   * with the CRI snapshot labels on each layer's Prepare (its transfer
-   * service would pass them only with the proxy plugin's export); it logs
-   * a warning saying so. The registry is a plain-HTTP host named in a
+   * with the CRI snapshot labels on each layer's Prepare; without it (criPull
+   * 'transfer') CRI pulls through the transfer service, which passes the
+   * same labels because the proxy plugin exports
+   * enable_remote_snapshot_annotations and unpacks for dedup because its
+   * unpack_config lists it. The registry is a plain-HTTP host named in a
    * hosts.toml under registry.config_path (the mirrors table is
    * deprecated in 2.x; config_path serves both pull paths). The pause
    * image is pinned under a name never pulled.
@@ -295,7 +306,8 @@ export class Stack {
     return [
       "[plugins.'io.containerd.cri.v1.images']",
       '  snapshotter = "dedup"',
-      '  disable_snapshot_annotations = false',
+      // Setting it at all (as 1.x needs) makes 2.1 log "Found 'DisableSnapshotAnnotations' … Falling back to local image pull mode".
+      ...(this.opts.criPull === 'transfer' ? [] : ['  disable_snapshot_annotations = false']),
       "  [plugins.'io.containerd.cri.v1.images'.pinned_images]",
       `    sandbox = ${q(`${this.registry}/pause:none`)}`,
       "  [plugins.'io.containerd.cri.v1.images'.registry]",
