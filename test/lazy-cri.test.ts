@@ -140,6 +140,10 @@ test('shared converted layers: node A pushes the plain layers it converted, node
     b = await Stack.start({ cri: true, registry: a.registry, daemonConfig: { registry: { pull_converted: true } } });
     criB = new CriImages(b.containerdAddress);
     await criB.pull(ref);
+    // A plain image's layers carry the same labels (pull_converted finds the shared layer by cri.layer-digest).
+    const prepB = b.daemon.logs().filter((l) => l.op === 'prepare' && l.ns === 'k8s.io' && (l.msg === 'rpc done' || String(l.msg).startsWith('prepare answered AlreadyExists')));
+    assert.equal(prepB.length, plainLayers.length, 'one Prepare per layer on node B');
+    for (const p of prepB) assert.deepEqual([...((p.label_keys as string[] | undefined) ?? [])].sort(), CRI_LABELS, `labels of node B's Prepare ${String(p.key)}`);
     const content = (await b.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })).stdout.split('\n').map((l) => l.trim());
     for (const d of plainLayers) assert.ok(!content.includes(d), `node B's containerd did not download layer ${d}`);
     const remote = b.daemon.logs().filter((l) => l.op === 'remote' && typeof l.source_layer === 'string');
