@@ -13,6 +13,7 @@ import { after, test } from 'node:test';
 import { convertedLayerTag } from '../src/remote/dedup-image';
 import { RegistryClient } from '../src/remote/registry';
 import { CriImages } from './helpers/cri';
+import { defaultContainerd } from './helpers/containerd-builds';
 import { SLOW, cleanupDaemons, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { daemonStats } from './helpers/http';
@@ -22,8 +23,35 @@ import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from '.
 
 after(() => cleanupDaemons());
 
-test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers made remotely, a container runs', async () => {
-  const stack = await Stack.start({ cri: true });
+/** The labels a CRI pull puts on each layer's Prepare: the remote-snapshot contract the daemon's lazy path reads. */
+const CRI_LABELS = [
+  'containerd.io/snapshot.ref',
+  'containerd.io/snapshot/cri.image-layers',
+  'containerd.io/snapshot/cri.image-ref',
+  'containerd.io/snapshot/cri.layer-digest',
+  'containerd.io/snapshot/cri.manifest-digest',
+];
+
+/** containerd 2.1's line when a CRI image setting (here disable_snapshot_annotations) turns its transfer-service pull off. */
+const LOCAL_PULL_FALLBACK = /Falling back to local image pull mode/;
+
+/**
+ * The pull paths CRI has on the containerd this file runs: 1.6 and 1.7 pull
+ * in the CRI plugin itself (client-side unpack); 2.1 pulls through the
+ * transfer service unless a setting only the local pull knows is present,
+ * so the stack runs it both ways there.
+ */
+const criPulls: ('local' | 'transfer')[] = (() => {
+  const b = defaultContainerd();
+  return b.major > 2 || (b.major === 2 && b.minor >= 1) ? ['local', 'transfer'] : ['local'];
+})();
+
+for (const criPull of criPulls) {
+  test(`CRI pull (${criPull}) of a dedup image: no layer blob downloaded by containerd, layers made remotely, a container runs`, () => lazyCriPull(criPull));
+}
+
+async function lazyCriPull(criPull: 'local' | 'transfer'): Promise<void> {
+  const stack = await Stack.start({ cri: true, criPull });
   const client = new RegistryClient({ plainHttpHosts: [stack.registry] });
   const cri = new CriImages(stack.containerdAddress);
   try {
@@ -31,7 +59,19 @@ test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers 
     const dst = `${stack.registry}/dedup/busybox:v1`;
     const converted = await convertForTest(client, `${stack.registry}/${img.def.name}:${img.def.tag}`, dst, stack.dir);
 
+    const logFrom = stack.daemon.logs().length;
     await cri.pull(dst);
+    if (stack.build.major >= 2) {
+      // 2.1 says when it leaves the transfer service: the stack's 'local' config must make it, 'transfer' must not.
+      assert.equal(LOCAL_PULL_FALLBACK.test(stack.containerdLog()), criPull === 'local', `containerd ${stack.build.version} pulled through ${criPull === 'local' ? 'its local pull' : 'the transfer service'}`);
+    }
+    // Every version and both 2.1 paths label each layer's Prepare alike (LABELS-REPORT.md); without these labels the layer would be unpacked, not made remotely.
+    const prepares = stack.daemon
+      .logs()
+      .slice(logFrom)
+      .filter((l) => l.op === 'prepare' && l.ns === 'k8s.io' && (l.msg === 'rpc done' || String(l.msg).startsWith('prepare answered AlreadyExists')));
+    assert.equal(prepares.length, converted.layers.length, 'one Prepare per layer');
+    for (const p of prepares) assert.deepEqual([...((p.label_keys as string[] | undefined) ?? [])].sort(), CRI_LABELS, `labels of Prepare ${String(p.key)}`);
 
     const content = (await stack.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })).stdout.split('\n').map((l) => l.trim());
     for (const l of converted.layers) assert.ok(!content.includes(l.digest), `containerd did not download layer ${l.digest}`);
@@ -62,7 +102,7 @@ test('CRI pull of a dedup image: no layer blob downloaded by containerd, layers 
     client.close();
     await stack.stop();
   }
-});
+}
 
 test('shared converted layers: node A pushes the plain layers it converted, node B pulls the plain image lazily from them', async () => {
   const a = await Stack.start({ cri: true, daemonConfig: { registry: { push_converted: true } } });
@@ -100,6 +140,10 @@ test('shared converted layers: node A pushes the plain layers it converted, node
     b = await Stack.start({ cri: true, registry: a.registry, daemonConfig: { registry: { pull_converted: true } } });
     criB = new CriImages(b.containerdAddress);
     await criB.pull(ref);
+    // A plain image's layers carry the same labels (pull_converted finds the shared layer by cri.layer-digest).
+    const prepB = b.daemon.logs().filter((l) => l.op === 'prepare' && l.ns === 'k8s.io' && (l.msg === 'rpc done' || String(l.msg).startsWith('prepare answered AlreadyExists')));
+    assert.equal(prepB.length, plainLayers.length, 'one Prepare per layer on node B');
+    for (const p of prepB) assert.deepEqual([...((p.label_keys as string[] | undefined) ?? [])].sort(), CRI_LABELS, `labels of node B's Prepare ${String(p.key)}`);
     const content = (await b.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })).stdout.split('\n').map((l) => l.trim());
     for (const d of plainLayers) assert.ok(!content.includes(d), `node B's containerd did not download layer ${d}`);
     const remote = b.daemon.logs().filter((l) => l.op === 'remote' && typeof l.source_layer === 'string');

@@ -139,6 +139,14 @@ export async function waitReconnected(stack: Stack): Promise<void> {
 export interface StackOptions {
   /** Enable containerd's CRI plugin (disabled by default). */
   cri?: boolean;
+  /**
+   * How CRI pulls on containerd 2.x (`cri` only): 'local' (default), the
+   * client-side pull 1.x does, which `disable_snapshot_annotations = false`
+   * selects; 'transfer', through the transfer service (2.1's default), which
+   * passes the snapshot labels because the proxy plugin exports
+   * enable_remote_snapshot_annotations. containerd 1.x has only 'local'.
+   */
+  criPull?: 'local' | 'transfer';
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
   /** Extra environment for containerd (and so its shims and runc). */
@@ -191,6 +199,7 @@ export class Stack {
     this.daemonRoot = opts.daemonRoot ?? path.join(dir, 'root');
     this.daemonAddress = path.join(dir, 'dedup.sock');
     this.build = opts.containerd ?? defaultContainerd();
+    if (opts.criPull === 'transfer' && (this.build.major < 2 || (this.build.major === 2 && this.build.minor < 1))) throw new Error(`containerd ${this.build.version}: CRI has no transfer-service pull before 2.1`);
     for (const sock of [`${this.containerdAddress}.ttrpc`, this.daemonAddress]) {
       if (Buffer.byteLength(sock) >= 100) throw new Error(`unix socket path too long (${Buffer.byteLength(sock)} bytes): ${sock}`);
     }
@@ -256,6 +265,11 @@ export class Stack {
     return [
       ...this.containerdConfigHead(3, cri, "[plugins.'io.containerd.internal.v1.opt']"),
       ...['dedup', 'overlayfs'].flatMap((sn) => ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]", `  platform = ${q(platform)}`, `  snapshotter = ${q(sn)}`, '']),
+      // NRI is on by default in 2.x and would serve /var/run/nri/nri.sock: not the stack's to take.
+      "[plugins.'io.containerd.nri.v1.nri']",
+      '  disable = true',
+      '',
+      ...(this.opts.cri ? this.criConfigV3() : []),
       '[proxy_plugins]',
       '  [proxy_plugins.dedup]',
       '    type = "snapshot"',
@@ -264,6 +278,46 @@ export class Stack {
       '      enable_remote_snapshot_annotations = "true"',
       '',
     ].join('\n');
+  }
+
+  /**
+   * CRI on containerd 2.x: the image service's settings live in their own
+   * plugin (io.containerd.cri.v1.images), the runtime's (CNI) in
+   * io.containerd.cri.v1.runtime. `disable_snapshot_annotations = false`
+   * makes 2.1 fall back to its local (client-side) pull, as 1.x pulls,
+   * with the CRI snapshot labels on each layer's Prepare; without it (criPull
+   * 'transfer') CRI pulls through the transfer service, which passes the
+   * same labels because the proxy plugin exports
+   * enable_remote_snapshot_annotations and unpacks for dedup because its
+   * unpack_config lists it. The registry is a plain-HTTP host named in a
+   * hosts.toml under registry.config_path (the mirrors table is
+   * deprecated in 2.x; config_path serves both pull paths). The pause
+   * image is pinned under a name never pulled.
+   */
+  private criConfigV3(): string[] {
+    const q = (s: string) => JSON.stringify(s);
+    const certs = path.join(this.dir, 'c', 'certs.d');
+    const hostDir = path.join(certs, this.registry);
+    fs.mkdirSync(hostDir, { recursive: true });
+    fs.writeFileSync(
+      path.join(hostDir, 'hosts.toml'),
+      [`server = ${q(`http://${this.registry}`)}`, '', `[host.${q(`http://${this.registry}`)}]`, '  capabilities = ["pull", "resolve"]', ''].join('\n'),
+    );
+    return [
+      "[plugins.'io.containerd.cri.v1.images']",
+      '  snapshotter = "dedup"',
+      // Setting it at all (as 1.x needs) makes 2.1 log "Found 'DisableSnapshotAnnotations' … Falling back to local image pull mode".
+      ...(this.opts.criPull === 'transfer' ? [] : ['  disable_snapshot_annotations = false']),
+      "  [plugins.'io.containerd.cri.v1.images'.pinned_images]",
+      `    sandbox = ${q(`${this.registry}/pause:none`)}`,
+      "  [plugins.'io.containerd.cri.v1.images'.registry]",
+      `    config_path = ${q(certs)}`,
+      '',
+      "[plugins.'io.containerd.cri.v1.runtime'.cni]",
+      `  bin_dirs = [${q(path.join(this.dir, 'c', 'cni-bin'))}]`,
+      `  conf_dir = ${q(path.join(this.dir, 'c', 'cni-conf'))}`,
+      '',
+    ];
   }
 
   /**
