@@ -1,4 +1,4 @@
-import { type ContainerdTomlFacts, TRANSFER_PLUGIN, readContainerdToml } from './toml-reader';
+import { type ContainerdTomlFacts, TRANSFER_PLUGIN, proxyPluginSnippet, readContainerdToml } from './toml-reader';
 
 /**
  * What the snapshotter needs in containerd's config.toml, added and taken
@@ -92,6 +92,18 @@ export function unpackConfigSection(v3: boolean, platform: string, snapshotters:
   return snapshotters
     .map((sn) => `\n${sn === SNAPSHOTTER ? MARK_UNPACK : MARK_UNPACK_DEFAULT}\n[[${transferTable(v3)}.unpack_config]]\n  platform = ${JSON.stringify(platform)}\n  snapshotter = ${JSON.stringify(sn)}\n`)
     .join('');
+}
+
+/**
+ * What containerd 2.x needs, for the doctor to show: the unpack_config
+ * entries for `unpack` (this machine's platform) and the proxy plugin with
+ * its exports (`full`: with a [proxy_plugins] header, `table`: without, `none`).
+ */
+export function containerd2Snippet(address: string, opts: { v3: boolean; unpack: string[]; plugin: 'full' | 'table' | 'none'; platform?: string }): string {
+  const platform = opts.platform ?? platformOf();
+  const parts = opts.unpack.map((sn) => `[[${transferTable(opts.v3)}.unpack_config]]\n  platform = ${JSON.stringify(platform)}\n  snapshotter = ${JSON.stringify(sn)}`);
+  if (opts.plugin !== 'none') parts.push(proxyPluginSnippet(address, { withHeader: opts.plugin === 'full', exports: true }));
+  return parts.join('\n\n');
 }
 
 /**

@@ -347,9 +347,14 @@ export function tomlString(s: string): string {
   return JSON.stringify(s);
 }
 
-/** The lines to add to containerd's config for the proxy plugin `name` at `address`. */
-export function proxyPluginSnippet(address: string, opts: { withHeader: boolean; name?: string } = { withHeader: true }): string {
+/**
+ * The lines to add to containerd's config for the proxy plugin `name` at
+ * `address`; `exports`: with enable_remote_snapshot_annotations (what
+ * containerd 2.x needs for lazy pulls; 1.x ignores it).
+ */
+export function proxyPluginSnippet(address: string, opts: { withHeader: boolean; name?: string; exports?: boolean } = { withHeader: true }): string {
   const name = opts.name ?? 'dedup';
   const lines = [`  [proxy_plugins.${name}]`, `    type = "snapshot"`, `    address = ${tomlString(address)}`];
+  if (opts.exports) lines.push(`    [proxy_plugins.${name}.exports]`, `      enable_remote_snapshot_annotations = "true"`);
   return (opts.withHeader ? ['[proxy_plugins]', ...lines] : lines).join('\n');
 }
