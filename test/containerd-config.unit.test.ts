@@ -3,6 +3,7 @@
  * by line (install.sh, uninstall.sh): every other line stays as it was.
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -338,6 +339,30 @@ describe('containerd-config add|remove FILE (the command)', () => {
       assert.equal(fs.readFileSync(file, 'utf8'), 'version = 3\n');
       assert.equal(fs.readdirSync(dir).filter((n) => n.startsWith('config.toml.bak-dedup-')).length, 1);
       assert.equal((await out(['add', file, '--containerd-version', 'x.y'])).code, 2);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("install.sh's containerd version (scripts/lib.sh containerd_major)", () => {
+  test("the major version of what $CONTAINERD_BIN --version prints; none when it prints no version or is missing", () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ccver-'));
+    const lib = path.resolve(__dirname, '..', '..', 'scripts', 'lib.sh');
+    try {
+      const major = (printed: string | null) => {
+        const bin = path.join(dir, 'containerd');
+        fs.rmSync(bin, { force: true });
+        if (printed !== null) fs.writeFileSync(bin, `#!/bin/sh\nprintf '%s\\n' ${JSON.stringify(printed)}\n`, { mode: 0o755 });
+        const r = spawnSync('bash', ['-c', '. "$1" && containerd_major', 'lib', lib], { env: { PATH: process.env.PATH, CONTAINERD_BIN: bin }, encoding: 'utf8' });
+        return r.status === 0 ? r.stdout.trim() : null;
+      };
+      assert.equal(major('containerd github.com/containerd/containerd/v2 v2.1.9 d3f1a2b'), '2');
+      assert.equal(major('containerd github.com/containerd/containerd/v2 2.1.9+unknown '), '2');
+      assert.equal(major('containerd containerd.io 1.6.20 2806fc1'), '1');
+      assert.equal(major('containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6'), '1');
+      assert.equal(major('something else'), null);
+      assert.equal(major(null), null);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
