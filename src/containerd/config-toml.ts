@@ -146,8 +146,7 @@ export function wantsTransfer(facts: ContainerdTomlFacts, containerdMajor?: numb
 /** A new config file for containerd `containerdMajor` (version 3 for 2.x, else version 2). */
 export function newConfig(opts: AddOptions): AddResult {
   const v3 = (opts.containerdMajor ?? 0) >= 2;
-  const r = addToConfig(`version = ${v3 ? 3 : 2}\n`, opts);
-  return r;
+  return addToConfig(`version = ${v3 ? 3 : 2}\n`, opts);
 }
 
 /**
