@@ -205,6 +205,10 @@ describe("containerd's config for containerd 2.x", () => {
     const off = addToConfig(own.replace('foo = "bar"', 'enable_remote_snapshot_annotations = "false"'), amd);
     assert.equal(off.text, null);
     assert.match(off.notes.join('\n'), /exports enable_remote_snapshot_annotations = "false": left so/);
+    // Exports as an inline table: a [….exports] header would define them twice (invalid TOML): named, not edited.
+    const inl = addToConfig(`version = 3\n[proxy_plugins.dedup]\n  type = "snapshot"\n  address = "${ADDR}"\n  exports = { foo = "bar" }\n`, amd);
+    assert.ok(!(inl.text ?? '').includes('[proxy_plugins.dedup.exports]'), inl.text ?? '');
+    assert.match(inl.notes.join('\n'), /sets its exports inline, not edited/);
     // remove takes the plugin out with all its tables: no orphan [proxy_plugins.dedup.exports] that would define it again.
     assert.doesNotMatch(removeProxyPlugin(r.text as string).text, /dedup/);
   });

@@ -197,6 +197,8 @@ export function addToConfig(text: string, opts: AddOptions): AddResult {
       notes.push(`[proxy_plugins.dedup] exports ${ENABLE} = ${JSON.stringify(value)}: left so; set it to "true" by hand for lazy pulls on containerd 2.x`);
     } else if (plugin.inline) {
       notes.push(`line ${plugin.line}: [proxy_plugins.dedup] is an inline or dotted table, not edited: add exports = { ${ENABLE} = "true" } to it by hand`);
+    } else if (plugin.exportsInline) {
+      notes.push(`[proxy_plugins.dedup] (line ${plugin.line}) sets its exports inline, not edited: add ${ENABLE} = "true" to them by hand`);
     } else {
       const at = insertExports(lines);
       if (at) added.push(`${ENABLE} to [proxy_plugins.dedup]'s exports (line ${at})`);

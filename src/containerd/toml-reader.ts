@@ -30,6 +30,8 @@ export interface ProxyPluginEntry {
   line: number;
   /** Defined (at least partly) by an inline table or dotted keys: not by a `[proxy_plugins.<name>]` header line an edit can extend. */
   inline: boolean;
+  /** Its exports are set by an inline table or dotted keys (`exports = { … }`): a `[….exports]` header would define them twice. */
+  exportsInline: boolean;
 }
 
 /** One entry of the transfer service's unpack_config list. */
@@ -231,7 +233,7 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
   const entry = (name: string, line: number): ProxyPluginEntry => {
     let e = facts.plugins.get(name);
     if (!e) {
-      e = { name, line, exports: new Map(), inline: false };
+      e = { name, line, exports: new Map(), inline: false, exportsInline: false };
       facts.plugins.set(name, e);
     }
     return e;
@@ -277,6 +279,7 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     if (full[0] !== 'proxy_plugins' || full.length < 3) return;
     const e = entry(full[1], line);
     if (headerLen < 2) e.inline = true;
+    if (full[2] === 'exports' && headerLen < 3) e.exportsInline = true;
     if (value.kind !== 'string') return;
     if (full.length === 3 && full[2] === 'type') e.type = value.value;
     if (full.length === 3 && full[2] === 'address') e.address = value.value;
