@@ -346,7 +346,8 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.match(noOverlay.detail, /unpack_config list has no entry for overlayfs/);
 
     // A version 3 file for containerd 1.x: it cannot read it.
-    assert.match(check(text, { version: '1.7.24', major: 1 }).detail, /^containerd 1\.7\.24 cannot read .*: it is a version 3 file/);
+    assert.match(check(text, { version: '1.7.24', major: 1 }).detail, /^containerd 1\.7\.24 and .* is a version 3 file \(containerd 2\.x's form\): it refuses to start/);
+    assert.match(check(text, { version: '1.6.20', major: 1 }).detail, /^containerd 1\.6\.20 and .* is a version 3 file .*: it reads it as version 2, ignoring 2\.x's plugin names/);
     // No file: the version 3 one to create.
     const missing = checkContainerdConfig(path.join(dir, 'absent.toml'), a, v2);
     assert.ok(missing.fix?.includes(`version = 3\n\n${unpack('dedup')}`), missing.fix);

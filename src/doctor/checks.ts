@@ -379,7 +379,7 @@ export function checkContainerdConfig(file: string, address: string, containerd:
     return {
       name,
       status: 'fail',
-      detail: `containerd ${containerd.version} cannot read ${file}: it is a version 3 file (containerd 2.x's form)`,
+      detail: `containerd ${containerd.version} and ${file} is a version 3 file (containerd 2.x's form): ${versionThreeOn1x(containerd)}`,
       fix: `write ${file} in the version 2 form (docs/configuration.md, containerd 1.6/1.7), or upgrade containerd to 2.x; then ${restart}`,
     };
   }
@@ -456,6 +456,12 @@ export function checkContainerdConfig(file: string, address: string, containerd:
 }
 
 const ENABLE_REMOTE = 'enable_remote_snapshot_annotations';
+
+/** What containerd 1.x does with a version 3 file (seen with `config dump`: 1.7.24 refuses it, 1.6.20 reads it as version 2). */
+function versionThreeOn1x(c: ContainerdVersion): string {
+  const minor = Number(c.version.split('.')[1] ?? 0);
+  return minor >= 7 ? 'it refuses to start ("unsupported config version")' : "it reads it as version 2, ignoring 2.x's plugin names in it (CRI's io.containerd.cri.v1.* tables)";
+}
 
 /** CRI's image settings: dedup without snapshot annotations is not lazy; a version 2 table containerd 2.x does not migrate is not used. */
 function criWarnings(facts: ContainerdTomlFacts, file: string, transfer: boolean, containerd: ContainerdVersion | null, restart: string): { detail: string; fix: string }[] {
