@@ -15,10 +15,16 @@
 # $CONTAINERD_SOCKET (found by the socket it listens on, never by name), or
 # the one it started itself, and it says what it did.
 #
+# containerd's config is written for the containerd it restarts
+# (CONTAINERD_BIN, default containerd in PATH; its --version): for 2.x also
+# the transfer service's unpack_config entries, and a missing file is a
+# version 3 one.
+#
 # Every path can be set from the environment (the tests install into a
 # temp dir): PREFIX BIN_LINK CONFIG_DIR CONTAINERD_CONFIG CONTAINERD_SOCKET
-# SOCKET ROOT PID_FILE LOG_FILE CONTAINERD_PID_FILE CONTAINERD_LOG INIT_DIR;
-# INSTALL_INIT=auto|yes|no (an init script for boot), USE_SYSTEMD=auto|no.
+# CONTAINERD_BIN SOCKET ROOT PID_FILE LOG_FILE CONTAINERD_PID_FILE
+# CONTAINERD_LOG INIT_DIR; INSTALL_INIT=auto|yes|no (an init script for
+# boot), USE_SYSTEMD=auto|no.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,7 +37,7 @@ for a in "$@"; do
   case "$a" in
     --no-apt) APT=0 ;;
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
 done
@@ -83,10 +89,18 @@ else
   rm -f "$PREFIX/bin/dedup-runc.new"
 fi
 
-# The proxy plugin's table, and CRI's runc runtime through the wrapper where
-# the file has no runc table of its own, added by line (containerd-config:
-# a backup first, the rest of the file unchanged).
-"$DS" containerd-config add "$CONTAINERD_CONFIG" --address "$SOCKET" --runc-wrapper "$PREFIX/bin/dedup-runc" | sed 's/^/==> /'
+# The proxy plugin's table (with its exports), for containerd 2.x the
+# transfer service's unpack_config entries, and CRI's runc runtime through
+# the wrapper where the file has no runc table of its own, added by line
+# (containerd-config: a backup first, the rest of the file unchanged).
+version_args=()
+if major=$(containerd_major); then
+  say "containerd $major.x ($CONTAINERD_BIN --version: $("$CONTAINERD_BIN" --version 2>/dev/null | head -n1))"
+  version_args=(--containerd-version "$major")
+else
+  say "cannot tell containerd's version ($CONTAINERD_BIN --version gave none): $CONTAINERD_CONFIG is written by its own version = line (version 2 when new)"
+fi
+"$DS" containerd-config add "$CONTAINERD_CONFIG" --address "$SOCKET" --runc-wrapper "$PREFIX/bin/dedup-runc" "${version_args[@]}" | sed 's/^/==> /'
 
 # The daemon's environment, as the unit sets it.
 export ROOT ADDRESS="$SOCKET" CONFIG="$CONFIG_DIR/config.json" PID_FILE LOG_FILE CONTAINERD_ADDRESS="$CONTAINERD_SOCKET"

@@ -12,6 +12,8 @@ PID_FILE=${PID_FILE:-/run/dedup-snapshotter.pid}
 LOG_FILE=${LOG_FILE:-/var/log/dedup-snapshotter.log}
 CONTAINERD_PID_FILE=${CONTAINERD_PID_FILE:-/run/dedup-snapshotter-containerd.pid}
 CONTAINERD_LOG=${CONTAINERD_LOG:-/var/log/containerd.log}
+# The containerd binary started without systemd, and asked for its version.
+CONTAINERD_BIN=${CONTAINERD_BIN:-containerd}
 INIT_DIR=${INIT_DIR:-/etc/init.d}
 INSTALL_INIT=${INSTALL_INIT:-auto}
 USE_SYSTEMD=${USE_SYSTEMD:-auto}
@@ -30,6 +32,16 @@ wait_socket() {
     sleep 0.1
   done
   return 1
+}
+
+# containerd's major version (1, 2, …) from $CONTAINERD_BIN --version
+# ("containerd github.com/containerd/containerd/v2 v2.1.9 …", "containerd
+# containerd.io 1.6.20 …": the first word after the name that is a version);
+# fails when it cannot tell.
+containerd_major() {
+  local out
+  out=$("$CONTAINERD_BIN" --version 2>/dev/null) || return 1
+  printf '%s\n' "$out" | head -n1 | awk '{ for (i = 2; i <= NF; i++) if ($i ~ /^v?[0-9]+(\.[0-9]+)+/) { v = $i; sub(/^v/, "", v); split(v, p, "."); print p[1]; exit 0 } exit 1 }'
 }
 
 # The pid of the containerd process listening on unix socket $1 (the
@@ -72,7 +84,7 @@ restart_containerd() {
   fi
   mkdir -p "$(dirname "$CONTAINERD_LOG")"
   # nohup execs containerd: $! is containerd's own pid.
-  nohup containerd --config "$CONTAINERD_CONFIG" >>"$CONTAINERD_LOG" 2>&1 </dev/null &
+  nohup "$CONTAINERD_BIN" --config "$CONTAINERD_CONFIG" >>"$CONTAINERD_LOG" 2>&1 </dev/null &
   local started=$!
   if [ "$record" = yes ]; then
     mkdir -p "$(dirname "$CONTAINERD_PID_FILE")"

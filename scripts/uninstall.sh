@@ -7,9 +7,11 @@
 #   sudo ./scripts/uninstall.sh --force    # even while containers run on the snapshotter
 #
 # In order: lists containerd's images on the snapshotter (they need
-# pulling again, or another snapshotter, afterwards); takes the proxy
-# plugin's table out of containerd's config (a backup beside it, the rest
-# of the file unchanged) and restarts containerd (systemd, or only the one
+# pulling again, or another snapshotter, afterwards); takes what install.sh
+# added out of containerd's config (the proxy plugin's tables, the transfer
+# service's unpack_config entry for dedup, and the overlayfs one install.sh
+# wrote when it would be alone; a backup beside it, the rest of the file
+# unchanged) and restarts containerd (systemd, or only the one
 # serving $CONTAINERD_SOCKET) so it no longer dials the snapshotter; stops
 # the daemon (and disables its unit or init script); unmounts everything
 # under ROOT; waits for the on-demand holder to exit (it does once nothing
@@ -87,8 +89,8 @@ fi
 if [ -f "$CONTAINERD_CONFIG" ]; then
   if [ -n "$DS" ]; then
     "$DS" containerd-config remove "$CONTAINERD_CONFIG" | sed 's/^/==> /'
-  elif grep -q 'proxy_plugins\.\(dedup\|"dedup"\)' "$CONTAINERD_CONFIG"; then
-    say "the program is gone: take [proxy_plugins.dedup] out of $CONTAINERD_CONFIG by hand, then restart containerd"
+  elif grep -qE "proxy_plugins\.[\"']?dedup" "$CONTAINERD_CONFIG"; then
+    say "the program is gone: take [proxy_plugins.dedup] (and its exports table, and the unpack_config entry for snapshotter \"dedup\") out of $CONTAINERD_CONFIG by hand, then restart containerd"
   fi
 fi
 if use_systemd; then

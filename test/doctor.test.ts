@@ -295,6 +295,64 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.equal(facts.hasProxyPluginsHeader, true);
   });
 
+  test('containerd 2.x: a missing unpack_config entry or export is named with its snippet; the snippets make it pass; CRI without snapshot annotations warns', () => {
+    const dir = scratch('toml2');
+    const a = daemon.address;
+    const v2 = { version: '2.1.9', major: 2 };
+    const check = (text: string, v: { version: string; major: number } | null = v2) => checkContainerdConfig(writeToml(dir, 'c.toml', text), a, v);
+    const plugin = `[proxy_plugins.dedup]\n  type = "snapshot"\n  address = ${JSON.stringify(a)}\n`;
+    const platform = `linux/${process.arch === 'x64' ? 'amd64' : process.arch}`;
+
+    // The same file is fine for containerd 1.x, in the same words as before.
+    const old = check(`version = 2\n${plugin}`, { version: '1.6.20', major: 1 });
+    assert.equal(old.status, 'ok', old.detail);
+    assert.equal(old.detail, `${dir}/c.toml line 2: [proxy_plugins.dedup] type "snapshot", address ${a}`);
+
+    let text = `version = 3\n${plugin}`;
+    const bare = check(text);
+    assert.equal(bare.status, 'fail');
+    assert.ok(bare.detail.startsWith(`containerd 2.1.9: ${dir}/c.toml has no unpack_config entry for snapshotter "dedup": \`ctr image pull --snapshotter=dedup\` fails with 'no unpack platforms defined'`), bare.detail);
+    assert.match(bare.detail, /\[proxy_plugins\.dedup\] \(.* line 2\) does not export enable_remote_snapshot_annotations: dedup images cannot be pulled lazily by ctr/);
+    const unpack = (sn: string) => `[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "${platform}"\n  snapshotter = "${sn}"`;
+    assert.ok(bare.fix?.includes(`${unpack('dedup')}\n\n${unpack('overlayfs')}`), bare.fix);
+    // No containerd binary known: the file's version 3 says 2.x.
+    assert.match(check(text, null).detail, /is a version 3 file \(containerd 2\.x\): .* has no unpack_config entry for snapshotter "dedup"/);
+
+    // The fix's snippets, added as they are, make it pass.
+    text += `\n${unpack('dedup')}\n\n${unpack('overlayfs')}\n`;
+    const noExports = check(text);
+    assert.equal(noExports.status, 'fail');
+    assert.doesNotMatch(noExports.detail, /unpack_config/);
+    text = text.replace(`  address = ${JSON.stringify(a)}\n`, `  address = ${JSON.stringify(a)}\n    [proxy_plugins.dedup.exports]\n      enable_remote_snapshot_annotations = "true"\n`);
+    const good = check(text);
+    assert.equal(good.status, 'ok', good.detail);
+    assert.match(good.detail, /^containerd 2\.1\.9: .* exports enable_remote_snapshot_annotations; unpack_config entry for dedup at line \d+/);
+
+    // CRI on dedup: lazy only with snapshot annotations.
+    const cri = check(`${text}[plugins.'io.containerd.cri.v1.images']\n  snapshotter = "dedup"\n`);
+    assert.equal(cri.status, 'warn');
+    assert.match(cri.detail, /CRI uses snapshotter dedup \(.* line \d+\) but disable_snapshot_annotations is true \(the default\) → CRI pulls are not lazy/);
+    assert.equal(check(`${text}[plugins.'io.containerd.cri.v1.images']\n  snapshotter = "dedup"\n  disable_snapshot_annotations = false\n`).status, 'ok');
+
+    // A version 2 file read by 2.x: double-quoted names; CRI's table without runtimes is not migrated.
+    const v2file = check(`version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "dedup"\n  disable_snapshot_annotations = false\n${plugin}`);
+    assert.equal(v2file.status, 'fail');
+    assert.ok(v2file.fix?.includes(`[[plugins."io.containerd.transfer.v1.local".unpack_config]]`), v2file.fix);
+    assert.match(v2file.detail, /CRI's snapshotter = "dedup" in \[plugins\."io\.containerd\.grpc\.v1\.cri"\.containerd\], which containerd 2\.1\.9 does not read without a runtimes table/);
+
+    // A list without overlayfs: a warning naming it.
+    const noOverlay = check(text.replace(`\n\n${unpack('overlayfs')}`, ''));
+    assert.equal(noOverlay.status, 'warn');
+    assert.match(noOverlay.detail, /unpack_config list has no entry for overlayfs/);
+
+    // A version 3 file for containerd 1.x: it cannot read it.
+    assert.match(check(text, { version: '1.7.24', major: 1 }).detail, /^containerd 1\.7\.24 and .* is a version 3 file \(containerd 2\.x's form\): it refuses to start/);
+    assert.match(check(text, { version: '1.6.20', major: 1 }).detail, /^containerd 1\.6\.20 and .* is a version 3 file .*: it reads it as version 2, ignoring 2\.x's plugin names/);
+    // No file: the version 3 one to create.
+    const missing = checkContainerdConfig(path.join(dir, 'absent.toml'), a, v2);
+    assert.ok(missing.fix?.includes(`version = 3\n\n${unpack('dedup')}`), missing.fix);
+  });
+
   test('no daemon on ADDRESS: socket fails naming how to start it', async () => {
     const dir = scratch('nosock');
     const address = path.join(dir, 'none.sock');

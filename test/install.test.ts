@@ -6,7 +6,9 @@
  * which then lists the plugin and pulls and runs an image through it;
  * uninstall --purge leaves no process, mount, file or config section of
  * the project, names the images that used it, and a second run finds
- * nothing left to do.
+ * nothing left to do. DEDUP_CONTAINERD=2 runs it all on containerd 2.x
+ * (test/helpers/containerd-builds.ts) with a version 3 config: install.sh
+ * then finds 2.x and adds the transfer service's unpack_config entries.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -16,17 +18,24 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { listenerOf } from '../src/util/proc';
 import { processAlive, tempDir, waitFor } from './helpers/daemon';
+import { defaultContainerd, programOf } from './helpers/containerd-builds';
 import { buildImage, busyboxImageDef, pushImage } from './helpers/images';
 import { type RealRegistry, startRegistry } from './helpers/registry';
 import { runCmd } from './helpers/stack';
 
 const REPO = path.resolve(__dirname, '..', '..');
 
-function containerdConfig(dir: string, pluginSection = ''): string {
+/** The containerd the test runs (the system's unless DEDUP_CONTAINERD names another build). */
+const BUILD = defaultContainerd();
+
+/** A config of the build's own version: 2 for 1.6/1.7, 3 for 2.x (with CRI's 2.x plugins left out too). */
+function containerdConfig(dir: string): string {
   const q = (s: string) => JSON.stringify(s);
-  const disabled = ['io.containerd.grpc.v1.cri', 'io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
+  const v3 = BUILD.major >= 2;
+  const cri = v3 ? ['io.containerd.grpc.v1.cri', 'io.containerd.cri.v1.runtime', 'io.containerd.cri.v1.images', 'io.containerd.podsandbox.controller.v1.podsandbox', 'io.containerd.sandbox.controller.v1.shim'] : ['io.containerd.grpc.v1.cri'];
+  const disabled = [...cri, 'io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs'];
   return [
-    'version = 2',
+    `version = ${v3 ? 3 : 2}`,
     `root = ${q(path.join(dir, 'root'))}`,
     `state = ${q(path.join(dir, 'state'))}`,
     `disabled_plugins = [${disabled.map(q).join(', ')}]`,
@@ -37,9 +46,9 @@ function containerdConfig(dir: string, pluginSection = ''): string {
     '[ttrpc]',
     `  address = ${q(path.join(dir, 'c.sock.ttrpc'))}`,
     '',
-    '[plugins."io.containerd.internal.v1.opt"]',
+    v3 ? "[plugins.'io.containerd.internal.v1.opt']" : '[plugins."io.containerd.internal.v1.opt"]',
     `  path = ${q(path.join(dir, 'opt'))}`,
-    pluginSection,
+    '',
   ].join('\n');
 }
 
@@ -55,7 +64,8 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
   const c1 = path.join(t, 'c1');
   const c2 = path.join(t, 'c2');
   const env: Record<string, string> = {
-    PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
+    // The build's containerd, ctr and shim first: install.sh asks and restarts that containerd.
+    PATH: [...(BUILD.bin ? [BUILD.bin] : []), process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin'].join(':'),
     PREFIX: path.join(t, 'opt', 'dedup-snapshotter'),
     BIN_LINK: path.join(t, 'bin', 'dedup-snapshotter'),
     CONFIG_DIR: path.join(t, 'etc'),
@@ -79,13 +89,13 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
   let other = 0;
 
   const startContainerd = async (dir: string) => {
-    const p = spawn('containerd', ['--config', path.join(dir, 'config.toml')], { stdio: 'ignore' });
+    const p = spawn(programOf(BUILD, 'containerd'), ['--config', path.join(dir, 'config.toml')], { stdio: 'ignore', env: { ...process.env, PATH: env.PATH } });
     procs.push(p);
-    await waitFor(async () => (await runCmd('ctr', ['--address', path.join(dir, 'c.sock'), 'version'])).code === 0, 30_000, `containerd on ${dir}`);
+    await waitFor(async () => (await runCmd(programOf(BUILD, 'ctr'), ['--address', path.join(dir, 'c.sock'), 'version'])).code === 0, 30_000, `containerd on ${dir}`);
     return p.pid as number;
   };
   const script = (name: string, args: string[]) => runCmd('bash', [path.join(REPO, 'scripts', name), ...args], { env, timeoutMs: 300_000 });
-  const ctr1 = (args: string[]) => runCmd('ctr', ['--address', env.CONTAINERD_SOCKET, ...args], { timeoutMs: 120_000 });
+  const ctr1 = (args: string[]) => runCmd(programOf(BUILD, 'ctr'), ['--address', env.CONTAINERD_SOCKET, ...args], { timeoutMs: 120_000 });
 
   before(async () => {
     for (const d of [c1, c2]) {
@@ -134,7 +144,11 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     assert.ok(fs.existsSync(env.DEDUP_KSM_FLAG), "dedup-runc's KSM flag is there while the daemon runs");
     assert.ok(fs.readlinkSync(env.BIN_LINK).startsWith(env.PREFIX));
     const ctrdConfig = fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8');
-    assert.match(ctrdConfig, /\[proxy_plugins\.dedup\]/);
+    assert.match(ctrdConfig, /\[proxy_plugins\.dedup\]\n.*\n.*\n {2}\[proxy_plugins\.dedup\.exports\]\n {4}enable_remote_snapshot_annotations = "true"/);
+    // containerd 2.x: found by its version, the transfer service told to unpack for dedup (and overlayfs, the file listing none).
+    assert.match(r.stdout, new RegExp(`containerd ${BUILD.major}\\.x \\(containerd --version`));
+    const unpack = (sn: string) => `[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "linux/${process.arch === 'x64' ? 'amd64' : process.arch}"\n  snapshotter = "${sn}"`;
+    for (const sn of ['dedup', 'overlayfs']) assert.equal(ctrdConfig.includes(unpack(sn)), BUILD.major >= 2, `${sn}'s unpack_config entry for containerd ${BUILD.version}:\n${ctrdConfig}`);
     // KSM for containers: CRI's runc runtime through the wrapper (this file had no runc table).
     assert.ok(ctrdConfig.includes(`BinaryName = "${env.PREFIX}/bin/dedup-runc"`), ctrdConfig);
     assert.ok(fs.statSync(path.join(env.PREFIX, 'bin', 'dedup-runc')).mode & 0o111, 'the wrapper is executable');
@@ -152,6 +166,7 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     const again = await script('install.sh', ['--no-apt', '--no-build']);
     assert.equal(again.code, 0, `${again.stdout}\n${again.stderr}`);
     assert.match(again.stdout, /already has \[proxy_plugins\.dedup\]/);
+    assert.match(again.stdout, /nothing to add to .*config\.toml: unchanged/);
     assert.ok(alive(other));
   });
 
@@ -166,7 +181,7 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     for (const gone of [env.PREFIX, env.BIN_LINK, env.CONFIG_DIR, env.LOG_FILE, env.PID_FILE, env.CONTAINERD_PID_FILE, env.SOCKET, env.ROOT, path.join(env.INIT_DIR, 'dedup-snapshotter'), path.dirname(env.DEDUP_KSM_FLAG)]) {
       assert.ok(!fs.existsSync(gone), `${gone} removed`);
     }
-    assert.doesNotMatch(fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8'), /proxy_plugins|"dedup"|dedup-snapshotter\.sock|dedup-runc/);
+    assert.doesNotMatch(fs.readFileSync(env.CONTAINERD_CONFIG, 'utf8'), /proxy_plugins|"dedup"|dedup-snapshotter\.sock|dedup-runc|unpack_config/);
     // containerd restarted without the plugin: it answers at once, without a dial timeout.
     const plugins = await ctr1(['plugins', 'ls']);
     assert.doesNotMatch(plugins.stdout, /dedup/);

@@ -1,19 +1,31 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { hasProxyPlugin, proxyPluginSection, removeProxyPlugin, runcWrapperSection } from '../containerd/config-toml';
+import { addToConfig, newConfig, parseContainerdVersion, removeProxyPlugin } from '../containerd/config-toml';
 
-const USAGE = `usage: dedup-snapshotter containerd-config add|remove FILE [--address SOCKET] [--runc-wrapper PATH]
+const USAGE = `usage: dedup-snapshotter containerd-config add|remove FILE [--address SOCKET] [--runc-wrapper PATH] [--containerd-version N]
 
-add     appends containerd's [proxy_plugins.dedup] table to FILE (containerd's
-        config.toml) unless it has one; a missing FILE is created (version = 2)
-        --runc-wrapper: also CRI's runc runtime with BinaryName = PATH (KSM for
-        containers), when FILE has no runc runtime table (else says what to set)
-remove  takes that table out of FILE, and a [proxy_plugins] table left empty,
-        leaving every other line as it was; says what else still names the
-        snapshotter (CRI's snapshotter = "dedup", a BinaryName naming dedup-runc);
-        the runc runtime table add --runc-wrapper put there goes too
+add     adds to FILE (containerd's config.toml) what it lacks of:
+          [proxy_plugins.dedup] (type snapshot, address SOCKET), exporting
+          enable_remote_snapshot_annotations = "true" (an existing table
+          without it gets its exports table added right after it);
+          for containerd 2.x (a version = 3 FILE, or --containerd-version 2
+          or more): the transfer service's unpack_config entry for dedup
+          (linux/<arch>), and one for overlayfs when FILE lists none (a list
+          replaces containerd's default one);
+          --runc-wrapper: CRI's runc runtime with BinaryName = PATH (KSM for
+          containers), when FILE has no runc runtime table (else says what to set)
+        a missing FILE is created: version = 3 for --containerd-version 2
+        or more, else version = 2. A second add changes nothing.
+remove  takes out what add put there: the proxy plugin's tables (and a
+        [proxy_plugins] table left empty), the unpack_config entry for dedup,
+        the overlayfs entry add wrote when no other entry would be left (an
+        overlayfs entry otherwise stays: it is containerd's default), the
+        runc runtime table add --runc-wrapper put there; every other line
+        stays; says what else still names the snapshotter (CRI's snapshotter
+        = "dedup", a BinaryName naming dedup-runc, inline tables)
 Either way FILE is backed up first (FILE.bak-dedup-<time>) and replaced in
 one rename. SOCKET: the daemon's (default /run/containerd/dedup-snapshotter.sock).
+N: containerd's version (2, 2.1.9, or what containerd --version prints).
 For install.sh and uninstall.sh.
 `;
 
@@ -40,10 +52,20 @@ export async function runContainerdConfig(args: string[]): Promise<number> {
   }
   let address = '/run/containerd/dedup-snapshotter.sock';
   let wrapper: string | null = null;
+  let major: number | null = null;
   for (let i = 0; i < rest.length; i++) {
     if (rest[i] === '--address' && rest[i + 1] && path.isAbsolute(rest[i + 1])) address = rest[++i];
     else if (rest[i] === '--runc-wrapper' && rest[i + 1] && path.isAbsolute(rest[i + 1])) wrapper = rest[++i];
-    else {
+    else if (rest[i] === '--containerd-version' && rest[i + 1] !== undefined) {
+      const v = rest[++i];
+      // A bare number or version, or containerd --version's whole line.
+      const parsed = /^v?[0-9]/.test(v) ? parseContainerdVersion(`containerd ${v}`) : parseContainerdVersion(v);
+      if (!parsed) {
+        process.stderr.write(`dedup-snapshotter containerd-config: --containerd-version ${JSON.stringify(v)} is not a version (e.g. 2, 2.1.9, 1.7.24)\n`);
+        return 2;
+      }
+      major = parsed.major;
+    } else {
       process.stderr.write(`dedup-snapshotter containerd-config: unknown argument ${JSON.stringify(rest[i])}\n${USAGE}`);
       return 2;
     }
@@ -53,38 +75,26 @@ export async function runContainerdConfig(args: string[]): Promise<number> {
     return 2;
   }
   const say = (s: string) => process.stdout.write(`${s}\n`);
+  const opts = { address, wrapper, containerdMajor: major };
   if (!fs.existsSync(file)) {
     if (verb === 'remove') {
       say(`${file} does not exist: nothing to remove`);
       return 0;
     }
+    const r = newConfig(opts);
     fs.mkdirSync(path.dirname(file), { recursive: true });
-    const runc = wrapper ? runcWrapperSection('', wrapper) : null;
-    fs.writeFileSync(file, `version = 2\n${proxyPluginSection(address)}${runc ?? ''}`, { mode: 0o644 });
-    say(`wrote ${file} with [proxy_plugins.dedup] (address ${address})${runc ? ` and CRI's runc runtime through ${wrapper}` : ''}`);
+    fs.writeFileSync(file, r.text ?? '', { mode: 0o644 });
+    say(`wrote ${file} (version ${(major ?? 0) >= 2 ? 3 : 2}) with ${r.added.join(' and ')}`);
     return 0;
   }
   const text = fs.readFileSync(file, 'utf8');
   if (verb === 'add') {
-    const added: string[] = [];
-    let next = text.replace(/\n*$/, '\n');
-    if (hasProxyPlugin(text)) say(`${file} already has [proxy_plugins.dedup]`);
+    const r = addToConfig(text, opts);
+    for (const n of r.notes) say(`${file} ${n}`);
+    if (r.text === null) say(`nothing to add to ${file}: unchanged`);
     else {
-      next += proxyPluginSection(address);
-      added.push(`[proxy_plugins.dedup] (address ${address})`);
-    }
-    if (wrapper) {
-      const runc = runcWrapperSection(text, wrapper);
-      if (runc) {
-        next += runc;
-        added.push(`CRI's runc runtime through ${wrapper} (KSM for containers)`);
-      } else if (!text.includes(wrapper)) {
-        say(`${file} has its own runc runtime table: to make containers' memory mergeable, set BinaryName = ${JSON.stringify(wrapper)} in its options (docs/configuration.md, KSM)`);
-      }
-    }
-    if (added.length > 0) {
-      const backup = replaceWithBackup(file, next);
-      say(`added ${added.join(' and ')} to ${file}; the previous file is ${backup}`);
+      const backup = replaceWithBackup(file, r.text);
+      say(`added ${r.added.join(' and ')} to ${file}; the previous file is ${backup}`);
     }
     return 0;
   }
@@ -95,6 +105,7 @@ export async function runContainerdConfig(args: string[]): Promise<number> {
     const backup = replaceWithBackup(file, edit.text);
     say(`removed the snapshotter's tables from ${file} (lines ${edit.removed.join(', ')}); the previous file is ${backup}`);
   }
+  for (const n of edit.notes) say(`kept in ${file}: ${n}`);
   for (const l of edit.leftovers) say(`still in ${file}: ${l}`);
   return 0;
 }

@@ -1,19 +1,60 @@
 /**
- * Just enough TOML to find containerd's `[proxy_plugins.<name>]` entries:
- * table headers (`[a."b"]`, `[[a]]`), `key = value` lines with bare, quoted
- * and dotted keys, basic and literal strings, inline tables
- * (`dedup = { type = "snapshot", address = "…" }`), comments, and skipping
- * multi-line strings and arrays. Anything else is read past, not validated:
- * containerd itself reports a malformed file.
+ * Just enough TOML to find what containerd's config says about this
+ * snapshotter: the `[proxy_plugins.<name>]` entries (and their exports), the
+ * transfer service's unpack_config list (`[[…unpack_config]]` arrays of
+ * tables, or an inline array), CRI's image snapshotter settings in both
+ * layouts (version 2: `plugins."io.containerd.grpc.v1.cri".containerd`,
+ * version 3: `plugins.'io.containerd.cri.v1.images'`) and the file's
+ * `version`. Understood: table headers (`[a."b".'c']`, `[[a]]`), `key =
+ * value` lines with bare, quoted and dotted keys, basic and literal strings,
+ * booleans, integers, inline tables and arrays (also over several lines),
+ * comments, and skipping multi-line strings. Anything else is read past,
+ * not validated: containerd itself reports a malformed file.
  */
+
+/** The transfer service's plugin id (containerd 1.7 and 2.x; the same in config versions 2 and 3). */
+export const TRANSFER_PLUGIN = 'io.containerd.transfer.v1.local';
+/** CRI's plugin in a version 2 file (containerd 1.x; 2.x migrates it). */
+export const CRI_V2_PLUGIN = 'io.containerd.grpc.v1.cri';
+/** CRI's image plugin in a version 3 file (containerd 2.x). */
+export const CRI_V3_IMAGES_PLUGIN = 'io.containerd.cri.v1.images';
 
 export interface ProxyPluginEntry {
   /** The snapshotter name containerd registers (`dedup` in `[proxy_plugins.dedup]`). */
   name: string;
   type?: string;
   address?: string;
+  /** Its `exports` (string values only: containerd's map[string]string). */
+  exports: Map<string, string>;
   /** 1-based line where the entry was first seen. */
   line: number;
+  /** Defined (at least partly) by an inline table or dotted keys: not by a `[proxy_plugins.<name>]` header line an edit can extend. */
+  inline: boolean;
+  /** Its exports are set by an inline table or dotted keys (`exports = { … }`): a `[….exports]` header would define them twice. */
+  exportsInline: boolean;
+}
+
+/** One entry of the transfer service's unpack_config list. */
+export interface UnpackConfigEntry {
+  snapshotter?: string;
+  platform?: string;
+  differ?: string;
+  /** 1-based line of its `[[…]]` header, or of the inline array it is in. */
+  line: number;
+  /** In an inline array (`unpack_config = [{…}]`): not editable by line. */
+  inline: boolean;
+}
+
+/** CRI's image snapshotter settings, in one of the two layouts. */
+export interface CriImageFacts {
+  /** 2: `[plugins."io.containerd.grpc.v1.cri".containerd]`; 3: `[plugins.'io.containerd.cri.v1.images']`. */
+  layout: 2 | 3;
+  snapshotter?: string;
+  /** The line `snapshotter` is set on. */
+  snapshotterLine?: number;
+  disableSnapshotAnnotations?: boolean;
+  /** Version 2 layout only: the containerd table has a `runtimes` table (containerd 2.x migrates its snapshotter settings only then). */
+  hasRuntimes: boolean;
 }
 
 export interface ContainerdTomlFacts {
@@ -24,6 +65,14 @@ export interface ContainerdTomlFacts {
   hasImports: boolean;
   /** Every `BinaryName = "…"` (a runc runtime's binary), with the table it is in. */
   runcBinaries: { table: string; value: string; line: number }[];
+  /** The top-level `version` (2 or 3 for containerd's files), if set. */
+  version?: number;
+  /** The transfer service's unpack_config entries, in file order. */
+  unpackConfig: UnpackConfigEntry[];
+  /** The line of an inline `unpack_config = [ … ]` (even an empty one): `[[…]]` entries cannot be added next to it. */
+  unpackInlineLine?: number;
+  /** CRI's image settings in the version 2 layout and in the version 3 one (only those the file mentions). */
+  cri: { v2?: CriImageFacts; v3?: CriImageFacts };
 }
 
 /**
@@ -129,7 +178,13 @@ function splitTopLevel(s: string): string[] {
   return out.map((x) => x.trim()).filter((x) => x !== '');
 }
 
-type Value = { kind: 'string'; value: string } | { kind: 'table'; entries: [string[], Value][] } | { kind: 'other' };
+type Value =
+  | { kind: 'string'; value: string }
+  | { kind: 'bool'; value: boolean }
+  | { kind: 'int'; value: number }
+  | { kind: 'table'; entries: [string[], Value][] }
+  | { kind: 'array'; items: Value[] }
+  | { kind: 'other' };
 
 function parseValue(s: string): Value {
   const v = s.trim();
@@ -137,6 +192,9 @@ function parseValue(s: string): Value {
     const str = readString(v);
     return str ? { kind: 'string', value: str.value } : { kind: 'other' };
   }
+  if (v === 'true' || v === 'false') return { kind: 'bool', value: v === 'true' };
+  if (/^[+-]?[0-9](?:_?[0-9])*$/.test(v)) return { kind: 'int', value: Number(v.replace(/_/g, '')) };
+  if (v.startsWith('[') && v.endsWith(']')) return { kind: 'array', items: splitTopLevel(v.slice(1, -1)).map(parseValue) };
   if (v.startsWith('{') && v.endsWith('}')) {
     const entries: [string[], Value][] = [];
     for (const pair of splitTopLevel(v.slice(1, -1))) {
@@ -159,39 +217,73 @@ function bracketBalance(s: string): number {
   return n;
 }
 
+const same = (a: string[], b: string[]): boolean => a.length === b.length && a.every((x, i) => x === b[i]);
+const UNPACK_PATH = ['plugins', TRANSFER_PLUGIN, 'unpack_config'];
+
 export function readContainerdToml(text: string): ContainerdTomlFacts {
-  const facts: ContainerdTomlFacts = { plugins: new Map(), hasProxyPluginsHeader: false, hasImports: false, runcBinaries: [] };
+  const facts: ContainerdTomlFacts = { plugins: new Map(), hasProxyPluginsHeader: false, hasImports: false, runcBinaries: [], unpackConfig: [], cri: {} };
   let table: string[] = [];
+  /** The unpack_config element a `[[…unpack_config]]` header opened, while its keys follow. */
+  let unpackEntry: UnpackConfigEntry | null = null;
   let multiline: '"""' | "'''" | null = null;
-  let openArrays = 0;
+  /** An array value spanning lines: its key, what has been read of it, where it began. */
+  let pending: { key: string[] | null; text: string; line: number } | null = null;
   const lines = text.split(/\r?\n/);
 
   const entry = (name: string, line: number): ProxyPluginEntry => {
     let e = facts.plugins.get(name);
     if (!e) {
-      e = { name, line };
+      e = { name, line, exports: new Map(), inline: false, exportsInline: false };
       facts.plugins.set(name, e);
     }
     return e;
   };
-  const assign = (full: string[], value: Value, line: number): void => {
+  const cri = (layout: 2 | 3): CriImageFacts => {
+    const key = layout === 2 ? 'v2' : 'v3';
+    facts.cri[key] ??= { layout, hasRuntimes: false };
+    return facts.cri[key] as CriImageFacts;
+  };
+  /** A table (from a header or a key) at `full`: the ones that matter by their mere presence. */
+  const sawTable = (full: string[]): void => {
+    if (full[0] === 'plugins' && full[1] === CRI_V2_PLUGIN && full[2] === 'containerd' && full[3] === 'runtimes') cri(2).hasRuntimes = true;
+  };
+  const unpackFields = (e: UnpackConfigEntry, key: string, value: Value): void => {
+    if (value.kind !== 'string') return;
+    if (key === 'snapshotter' || key === 'platform' || key === 'differ') e[key] = value.value;
+  };
+  /** `full`: the key's whole path; `headerLen`: how much of it the table header gave (a proxy plugin named by the key itself is inline or dotted). */
+  const assign = (full: string[], value: Value, line: number, headerLen: number): void => {
+    sawTable(full);
     if (value.kind === 'table') {
-      for (const [k, v] of value.entries) if (full[0] !== 'proxy_plugins') assign([...full, ...k], v, line);
+      if (full[0] === 'proxy_plugins' && full.length === 2) entry(full[1], line).inline = true;
+      for (const [k, v] of value.entries) assign([...full, ...k], v, line, headerLen);
+      return;
     }
+    if (same(full, UNPACK_PATH) && value.kind === 'array') {
+      facts.unpackInlineLine ??= line;
+      for (const item of value.items) {
+        if (item.kind !== 'table') continue;
+        const e: UnpackConfigEntry = { line, inline: true };
+        for (const [k, v] of item.entries) if (k.length === 1) unpackFields(e, k[0], v);
+        facts.unpackConfig.push(e);
+      }
+      return;
+    }
+    if (unpackEntry && full.length === 4 && same(full.slice(0, 3), UNPACK_PATH)) unpackFields(unpackEntry, full[3], value);
+    if (full.length === 1 && full[0] === 'version' && value.kind === 'int') facts.version = value.value;
+    if (full[0] === 'plugins' && full[1] === CRI_V2_PLUGIN && full[2] === 'containerd' && full.length === 4) criField(cri(2), full[3], value, line);
+    if (full[0] === 'plugins' && full[1] === CRI_V3_IMAGES_PLUGIN && full.length === 3) criField(cri(3), full[2], value, line);
     if (full[full.length - 1] === 'BinaryName' && value.kind === 'string') {
       facts.runcBinaries.push({ table: full.slice(0, -1).map((k) => (/^[A-Za-z0-9_-]+$/.test(k) ? k : JSON.stringify(k))).join('.'), value: value.value, line });
     }
-    if (full[0] !== 'proxy_plugins') return;
-    if (full.length === 2 && value.kind === 'table') {
-      entry(full[1], line);
-      for (const [k, v] of value.entries) assign([...full, ...k], v, line);
-      return;
-    }
-    if (full.length !== 3) return;
+    if (full[0] !== 'proxy_plugins' || full.length < 3) return;
     const e = entry(full[1], line);
+    if (headerLen < 2) e.inline = true;
+    if (full[2] === 'exports' && headerLen < 3) e.exportsInline = true;
     if (value.kind !== 'string') return;
-    if (full[2] === 'type') e.type = value.value;
-    if (full[2] === 'address') e.address = value.value;
+    if (full.length === 3 && full[2] === 'type') e.type = value.value;
+    if (full.length === 3 && full[2] === 'address') e.address = value.value;
+    if (full.length === 4 && full[2] === 'exports') e.exports.set(full[3], value.value);
   };
 
   for (let i = 0; i < lines.length; i++) {
@@ -200,8 +292,12 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
       if (raw.includes(multiline)) multiline = null;
       continue;
     }
-    if (openArrays > 0) {
-      openArrays += bracketBalance(stripComment(raw));
+    if (pending) {
+      pending.text += ` ${stripComment(raw)}`;
+      if (bracketBalance(pending.text) <= 0) {
+        if (pending.key) assign([...table, ...pending.key], parseValue(pending.text), pending.line, table.length);
+        pending = null;
+      }
       continue;
     }
     const line = stripComment(raw);
@@ -209,7 +305,14 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     const header = /^\[\[(.*)\]\]$/.exec(line) ?? /^\[(.*)\]$/.exec(line);
     if (header) {
       table = parseKey(header[1]) ?? ['(unparsed)'];
-      if (table.length === 1 && table[0] === 'proxy_plugins' && !line.startsWith('[[')) facts.hasProxyPluginsHeader = true;
+      const isArray = line.startsWith('[[');
+      unpackEntry = null;
+      if (isArray && same(table, UNPACK_PATH)) {
+        unpackEntry = { line: i + 1, inline: false };
+        facts.unpackConfig.push(unpackEntry);
+      }
+      sawTable(table);
+      if (table.length === 1 && table[0] === 'proxy_plugins' && !isArray) facts.hasProxyPluginsHeader = true;
       if (table.length === 2 && table[0] === 'proxy_plugins') entry(table[1], i + 1);
       continue;
     }
@@ -222,15 +325,24 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
       if (rhs.startsWith(delim) && !rhs.slice(3).includes(delim)) multiline = delim;
     }
     if (multiline) continue;
-    if (rhs.startsWith('[')) {
-      const open = bracketBalance(rhs);
-      if (open > 0) openArrays = open;
+    if (table.length === 0 && key?.length === 1 && key[0] === 'imports') facts.hasImports = true;
+    if (rhs.startsWith('[') && bracketBalance(rhs) > 0) {
+      // An array over several lines: read on to its end, then take it as one value.
+      pending = { key, text: rhs, line: i + 1 };
+      continue;
     }
     if (!key) continue;
-    if (table.length === 0 && key.length === 1 && key[0] === 'imports') facts.hasImports = true;
-    assign([...table, ...key], parseValue(rhs), i + 1);
+    assign([...table, ...key], parseValue(rhs), i + 1, table.length);
   }
   return facts;
+}
+
+function criField(c: CriImageFacts, key: string, value: Value, line: number): void {
+  if (key === 'snapshotter' && value.kind === 'string') {
+    c.snapshotter = value.value;
+    c.snapshotterLine = line;
+  }
+  if (key === 'disable_snapshot_annotations' && value.kind === 'bool') c.disableSnapshotAnnotations = value.value;
 }
 
 /** A TOML basic string of `s`. */
@@ -238,9 +350,14 @@ export function tomlString(s: string): string {
   return JSON.stringify(s);
 }
 
-/** The lines to add to containerd's config for the proxy plugin `name` at `address`. */
-export function proxyPluginSnippet(address: string, opts: { withHeader: boolean; name?: string } = { withHeader: true }): string {
+/**
+ * The lines to add to containerd's config for the proxy plugin `name` at
+ * `address`; `exports`: with enable_remote_snapshot_annotations (what
+ * containerd 2.x needs for lazy pulls; 1.x ignores it).
+ */
+export function proxyPluginSnippet(address: string, opts: { withHeader: boolean; name?: string; exports?: boolean } = { withHeader: true }): string {
   const name = opts.name ?? 'dedup';
   const lines = [`  [proxy_plugins.${name}]`, `    type = "snapshot"`, `    address = ${tomlString(address)}`];
+  if (opts.exports) lines.push(`    [proxy_plugins.${name}.exports]`, `      enable_remote_snapshot_annotations = "true"`);
   return (opts.withHeader ? ['[proxy_plugins]', ...lines] : lines).join('\n');
 }

@@ -20,7 +20,8 @@ import { scratchDir } from '../kernel/probes';
 import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { fsTypeOf, isMountPoint, listMounts } from '../mount/mountinfo';
 import { existingAncestor, readOnlyAncestor } from '../util/fs';
-import { proxyPluginSnippet, readContainerdToml } from '../containerd/toml-reader';
+import { containerd2Snippet, parseContainerdVersion, platformOf, wantsTransfer } from '../containerd/config-toml';
+import { CRI_V2_PLUGIN, CRI_V3_IMAGES_PLUGIN, type ContainerdTomlFacts, proxyPluginSnippet, readContainerdToml } from '../containerd/toml-reader';
 import { type CheckResult, type Progress, noProgress } from './types';
 import { compareVersions, errCode, errMessage, formatBytes, hasSystemd, shq, whichBin } from './util';
 
@@ -323,19 +324,49 @@ function cleanupScratch(dir: string, target: string | null): void {
 
 // ---------------------------------------------------------------- containerd config
 
-/** containerd's config has `[proxy_plugins.dedup]` of type snapshot at the daemon's address. */
-export function checkContainerdConfig(file: string, address: string): CheckResult {
+/** containerd's version as its binary reports it (`containerd --version`). */
+export interface ContainerdVersion {
+  version: string;
+  major: number;
+}
+
+/**
+ * The version of the containerd the host runs: env CONTAINERD_BIN (as
+ * install.sh takes it), else `containerd` in PATH; null when there is none
+ * or it does not answer (the config check then goes by the file's version).
+ */
+export async function detectContainerdVersion(env: NodeJS.ProcessEnv): Promise<ContainerdVersion | null> {
+  const bin = whichBin(env.CONTAINERD_BIN || 'containerd', env.PATH);
+  if (!bin) return null;
+  try {
+    const { stdout } = await run(bin, ['--version'], { timeout: 5000 });
+    return parseContainerdVersion(stdout);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * containerd's config has `[proxy_plugins.dedup]` of type snapshot at the
+ * daemon's address; for containerd 2.x (`containerd` known to be 2.x, or a
+ * version 3 file) also the transfer service's unpack_config entry for
+ * dedup and the plugin's enable_remote_snapshot_annotations export. CRI
+ * using dedup with snapshot annotations off is a warning (not lazy).
+ */
+export function checkContainerdConfig(file: string, address: string, containerd: ContainerdVersion | null = null): CheckResult {
   const name = 'containerd';
   const restart = hasSystemd() ? 'systemctl restart containerd' : 'restart containerd';
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (err) {
+    const v3 = (containerd?.major ?? 0) >= 2;
+    const body = v3 ? containerd2Snippet(address, { v3: true, unpack: ['dedup', 'overlayfs'], plugin: 'full' }) : proxyPluginSnippet(address);
     return {
       name,
       status: 'fail',
       detail: `cannot read ${file}: ${errCode(err) ?? errMessage(err)}`,
-      fix: `create ${file} with the following, then ${restart}:\nversion = 2\n\n${proxyPluginSnippet(address)}`,
+      fix: `create ${file} with the following, then ${restart}:\nversion = ${v3 ? 3 : 2}\n\n${body}`,
     };
   }
   const facts = readContainerdToml(text);
@@ -343,12 +374,28 @@ export function checkContainerdConfig(file: string, address: string): CheckResul
   const others = [...facts.plugins.values()].filter((p) => p.name !== 'dedup' && p.address && path.normalize(p.address) === address);
   const aside = others.length > 0 ? ` ([proxy_plugins.${others[0].name}] has this address: containerd knows the snapshotter as "${others[0].name}", not "dedup")` : '';
   const imports = facts.hasImports ? ' (files named in its imports were not read)' : '';
+  const v3 = facts.version === 3;
+  if (v3 && containerd && containerd.major < 2) {
+    return {
+      name,
+      status: 'fail',
+      detail: `containerd ${containerd.version} and ${file} is a version 3 file (containerd 2.x's form): ${versionThreeOn1x(containerd)}`,
+      fix: `write ${file} in the version 2 form (docs/configuration.md, containerd 1.6/1.7), or upgrade containerd to 2.x; then ${restart}`,
+    };
+  }
+  const transfer = wantsTransfer(facts, containerd?.major);
+  const who = containerd ? `containerd ${containerd.version}` : `${file} is a version 3 file (containerd 2.x)`;
+  const withUnpack = transfer && !facts.unpackConfig.some((e) => e.snapshotter === 'dedup');
+  const unpackNames = facts.unpackConfig.length === 0 ? ['dedup', 'overlayfs'] : ['dedup'];
   if (!entry) {
+    const snippet = transfer
+      ? containerd2Snippet(address, { v3, unpack: withUnpack && facts.unpackInlineLine === undefined ? unpackNames : [], plugin: facts.hasProxyPluginsHeader ? 'table' : 'full' })
+      : proxyPluginSnippet(address, { withHeader: !facts.hasProxyPluginsHeader });
     return {
       name,
       status: 'fail',
       detail: `${file} has no [proxy_plugins.dedup] section${aside}${imports}`,
-      fix: `add to ${file}, then ${restart}:\n${proxyPluginSnippet(address, { withHeader: !facts.hasProxyPluginsHeader })}`,
+      fix: `add to ${file}, then ${restart}:\n${snippet}`,
     };
   }
   const problems: string[] = [];
@@ -360,10 +407,84 @@ export function checkContainerdConfig(file: string, address: string): CheckResul
       name,
       status: 'fail',
       detail: `${file} line ${entry.line}: [proxy_plugins.dedup] has ${problems.join(', ')}`,
-      fix: `make the section read as follows, then ${restart}:\n${proxyPluginSnippet(address, { withHeader: false })}`,
+      fix: `make the section read as follows, then ${restart}:\n${proxyPluginSnippet(address, { withHeader: false, exports: transfer })}`,
     };
   }
-  return { name, status: 'ok', detail: `${file} line ${entry.line}: [proxy_plugins.dedup] type "snapshot", address ${entry.address}` };
+  const fails: { detail: string; fix: string }[] = [];
+  const warns: { detail: string; fix: string }[] = [];
+  if (transfer) {
+    if (withUnpack) {
+      const inline = facts.unpackInlineLine !== undefined;
+      fails.push({
+        detail: `${who}: ${file} has no unpack_config entry for snapshotter "dedup": \`ctr image pull --snapshotter=dedup\` fails with 'no unpack platforms defined'${imports}`,
+        fix: inline
+          ? `add { platform = ${JSON.stringify(platformOf())}, snapshotter = "dedup" } to the unpack_config list at line ${facts.unpackInlineLine} of ${file}, then ${restart}`
+          : `add to ${file}${unpackNames.length > 1 ? ' (a list replaces containerd\'s default one: overlayfs must be in it too)' : ''}, then ${restart}:\n${containerd2Snippet(address, { v3, unpack: unpackNames, plugin: 'none' })}`,
+      });
+    } else {
+      const ours = facts.unpackConfig.find((e) => e.snapshotter === 'dedup');
+      if (ours?.platform && ours.platform !== platformOf()) {
+        warns.push({
+          detail: `${file} line ${ours.line}: the unpack_config entry for "dedup" is for platform ${ours.platform}, this machine is ${platformOf()}: its images are not unpacked by dedup`,
+          fix: `set platform = ${JSON.stringify(platformOf())} in that entry, then ${restart}`,
+        });
+      }
+      if (facts.unpackConfig.length > 0 && !facts.unpackConfig.some((e) => e.snapshotter === 'overlayfs')) {
+        warns.push({
+          detail: `${file}'s unpack_config list has no entry for overlayfs (it replaces containerd's default list): pulls with the default snapshotter fail with 'no unpack platforms defined'`,
+          fix: `add to ${file}, then ${restart}:\n${containerd2Snippet(address, { v3, unpack: ['overlayfs'], plugin: 'none' })}`,
+        });
+      }
+    }
+    if (entry.exports.get(ENABLE_REMOTE) !== 'true') {
+      const how = entry.exports.has(ENABLE_REMOTE) ? ` (it is ${JSON.stringify(entry.exports.get(ENABLE_REMOTE))})` : '';
+      fails.push({
+        detail: `[proxy_plugins.dedup] (${file} line ${entry.line}) does not export ${ENABLE_REMOTE}${how}: dedup images cannot be pulled lazily by ctr (their pull fails with 'no processor for media-type')`,
+        fix: `add to [proxy_plugins.dedup] in ${file}, then ${restart}:\n    [proxy_plugins.dedup.exports]\n      ${ENABLE_REMOTE} = "true"`,
+      });
+    }
+  }
+  warns.push(...criWarnings(facts, file, transfer, containerd, restart));
+  const okDetail = `${file} line ${entry.line}: [proxy_plugins.dedup] type "snapshot", address ${entry.address}`;
+  const all = [...fails, ...warns];
+  if (all.length === 0) {
+    if (!transfer) return { name, status: 'ok', detail: okDetail };
+    const ours = facts.unpackConfig.find((e) => e.snapshotter === 'dedup');
+    return { name, status: 'ok', detail: `${containerd ? `containerd ${containerd.version}: ` : ''}${okDetail}, exports ${ENABLE_REMOTE}; unpack_config entry for dedup at line ${ours?.line} (${ours?.platform ?? 'no platform'})` };
+  }
+  return { name, status: fails.length > 0 ? 'fail' : 'warn', detail: all.map((x) => x.detail).join('; '), fix: all.map((x) => x.fix).join('\n\n') };
+}
+
+const ENABLE_REMOTE = 'enable_remote_snapshot_annotations';
+
+/** What containerd 1.x does with a version 3 file (seen with `config dump`: 1.7.24 refuses it, 1.6.20 reads it as version 2). */
+function versionThreeOn1x(c: ContainerdVersion): string {
+  const minor = Number(c.version.split('.')[1] ?? 0);
+  return minor >= 7 ? 'it refuses to start ("unsupported config version")' : "it reads it as version 2, ignoring 2.x's plugin names in it (CRI's io.containerd.cri.v1.* tables)";
+}
+
+/** CRI's image settings: dedup without snapshot annotations is not lazy; a version 2 table containerd 2.x does not migrate is not used. */
+function criWarnings(facts: ContainerdTomlFacts, file: string, transfer: boolean, containerd: ContainerdVersion | null, restart: string): { detail: string; fix: string }[] {
+  const out: { detail: string; fix: string }[] = [];
+  const v3 = facts.version === 3;
+  const cri = v3 ? facts.cri.v3 : facts.cri.v2;
+  const table = v3 ? `[plugins.'${CRI_V3_IMAGES_PLUGIN}']` : `[plugins."${CRI_V2_PLUGIN}".containerd]`;
+  if (cri?.snapshotter !== 'dedup') return out;
+  if (!v3 && transfer && !cri.hasRuntimes) {
+    // containerd 2.x migrates the containerd table's snapshotter settings only along with its runtimes.
+    out.push({
+      detail: `${file} line ${cri.snapshotterLine}: CRI's snapshotter = "dedup" in ${table}, which ${containerd ? `containerd ${containerd.version}` : 'containerd 2.x'} does not read without a runtimes table next to it: CRI uses overlayfs`,
+      fix: `write ${file} in the version 3 form, with snapshotter = "dedup" and disable_snapshot_annotations = false in [plugins.'${CRI_V3_IMAGES_PLUGIN}'] (docs/configuration.md), then ${restart}`,
+    });
+    return out;
+  }
+  if (cri.disableSnapshotAnnotations !== false) {
+    out.push({
+      detail: `CRI uses snapshotter dedup (${file} line ${cri.snapshotterLine}) but disable_snapshot_annotations is ${cri.disableSnapshotAnnotations === undefined ? 'true (the default)' : 'true'} → CRI pulls are not lazy`,
+      fix: `set disable_snapshot_annotations = false in ${table} of ${file}, then ${restart}`,
+    });
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------- socket

@@ -11,6 +11,7 @@ import {
   DEFAULT_CONTAINERD_CONFIG,
   checkConfig,
   checkContainerdConfig,
+  detectContainerdVersion,
   checkDisk,
   checkErofsFilesystem,
   checkFanotify,
@@ -130,7 +131,7 @@ export async function runChecks(opts: DoctorOptions = {}): Promise<CheckResult[]
       }
     }),
   );
-  add(await guarded('containerd', opts, () => checkContainerdConfig(opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, config.address)));
+  add(await guarded('containerd', opts, async () => checkContainerdConfig(opts.containerdConfig ?? DEFAULT_CONTAINERD_CONFIG, config.address, await detectContainerdVersion(env))));
   add(await guarded('socket', opts, (progress) => checkSocket(config, progress)));
   add(checkLogs(config.address));
   add(await guarded('images', opts, () => checkLayerImages(config.root)));
