@@ -2,7 +2,7 @@
 # Installs and starts dedup-snapshotter on a Debian 12 host, and points
 # containerd at it. Safe to run again (upgrades in place).
 #
-#   sudo ./scripts/install.sh              # install deps, build, install, start
+#   sudo ./scripts/install.sh              # install missing deps, build, install, start
 #   sudo ./scripts/install.sh --no-apt     # skip apt-get (deps already there)
 #   sudo ./scripts/install.sh --no-build   # install the tree as built (npm ci && npm run build done)
 #
@@ -45,10 +45,21 @@ done
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0, or as root without sudo)"
 
 if [ "$APT" = 1 ]; then
-  say "installing Debian packages (containerd runc erofs-utils)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq containerd runc erofs-utils >/dev/null
+  # Only what is missing: a containerd or runc already here (containerd 2.x
+  # from its release tarball, Docker's containerd.io, which conflicts with
+  # Debian's containerd package) is the one to use, never replaced.
+  pkgs=()
+  command -v "$CONTAINERD_BIN" >/dev/null || pkgs+=(containerd)
+  command -v runc >/dev/null || pkgs+=(runc)
+  command -v mkfs.erofs >/dev/null || pkgs+=(erofs-utils)
+  if [ "${#pkgs[@]}" -gt 0 ]; then
+    say "installing Debian packages (${pkgs[*]})"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  else
+    say "containerd, runc and mkfs.erofs are here: no Debian package to install"
+  fi
 fi
 command -v node >/dev/null || die "Node.js 20 is required (node not found)"
 

@@ -328,11 +328,17 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.equal(good.status, 'ok', good.detail);
     assert.match(good.detail, /^containerd 2\.1\.9: .* exports enable_remote_snapshot_annotations; unpack_config entry for dedup at line \d+/);
 
-    // CRI on dedup: lazy only with snapshot annotations.
-    const cri = check(`${text}[plugins.'io.containerd.cri.v1.images']\n  snapshotter = "dedup"\n`);
-    assert.equal(cri.status, 'warn');
-    assert.match(cri.detail, /CRI uses snapshotter dedup \(.* line \d+\) but disable_snapshot_annotations is true \(the default\) → CRI pulls are not lazy/);
-    assert.equal(check(`${text}[plugins.'io.containerd.cri.v1.images']\n  snapshotter = "dedup"\n  disable_snapshot_annotations = false\n`).status, 'ok');
+    // CRI on dedup. 2.1+: without disable_snapshot_annotations CRI pulls through the transfer
+    // service, which passes the labels given the export: lazy. 2.0 (no CRI transfer pull), an explicit
+    // true, or use_local_image_pull: lazy only with disable_snapshot_annotations = false.
+    const criImages = `${text}[plugins.'io.containerd.cri.v1.images']\n  snapshotter = "dedup"\n`;
+    assert.equal(check(criImages).status, 'ok', check(criImages).detail);
+    const on20 = check(criImages, { version: '2.0.5', major: 2 });
+    assert.equal(on20.status, 'warn');
+    assert.match(on20.detail, /CRI uses snapshotter dedup \(.* line \d+\) but disable_snapshot_annotations is true \(the default\) → CRI pulls are not lazy/);
+    assert.equal(check(`${criImages}  disable_snapshot_annotations = true\n`).status, 'warn');
+    assert.equal(check(`${criImages}  use_local_image_pull = true\n`).status, 'warn');
+    assert.equal(check(`${criImages}  disable_snapshot_annotations = false\n`).status, 'ok');
 
     // A version 2 file read by 2.x: double-quoted names; CRI's table without runtimes is not migrated.
     const v2file = check(`version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "dedup"\n  disable_snapshot_annotations = false\n${plugin}`);

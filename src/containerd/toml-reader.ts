@@ -53,6 +53,8 @@ export interface CriImageFacts {
   /** The line `snapshotter` is set on. */
   snapshotterLine?: number;
   disableSnapshotAnnotations?: boolean;
+  /** Version 3 layout: `use_local_image_pull` (2.1+: CRI pulls without the transfer service). */
+  useLocalImagePull?: boolean;
   /** Version 2 layout only: the containerd table has a `runtimes` table (containerd 2.x migrates its snapshotter settings only then). */
   hasRuntimes: boolean;
 }
@@ -343,6 +345,7 @@ function criField(c: CriImageFacts, key: string, value: Value, line: number): vo
     c.snapshotterLine = line;
   }
   if (key === 'disable_snapshot_annotations' && value.kind === 'bool') c.disableSnapshotAnnotations = value.value;
+  if (key === 'use_local_image_pull' && value.kind === 'bool') c.useLocalImagePull = value.value;
 }
 
 /** A TOML basic string of `s`. */

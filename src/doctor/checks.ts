@@ -478,6 +478,13 @@ function criWarnings(facts: ContainerdTomlFacts, file: string, transfer: boolean
     });
     return out;
   }
+  // containerd 2.1+ pulls for CRI through the transfer service unless disable_snapshot_annotations
+  // is set (either way: it then falls back to the local pull) or use_local_image_pull is true; the
+  // transfer service passes the CRI labels to a proxy plugin exporting enable_remote_snapshot_annotations.
+  const minor = containerd ? Number(containerd.version.replace(/^v/, '').split('.')[1] ?? 0) : null;
+  const criTransfer = v3 && (containerd === null || containerd.major > 2 || (minor ?? 0) >= 1) && cri.disableSnapshotAnnotations === undefined && cri.useLocalImagePull !== true;
+  // Lazy then with the export (a missing one is a failure of its own, above).
+  if (criTransfer) return out;
   if (cri.disableSnapshotAnnotations !== false) {
     out.push({
       detail: `CRI uses snapshotter dedup (${file} line ${cri.snapshotterLine}) but disable_snapshot_annotations is ${cri.disableSnapshotAnnotations === undefined ? 'true (the default)' : 'true'} → CRI pulls are not lazy`,
