@@ -146,7 +146,10 @@ describe('erofs e2e', () => {
     const [img] = await stack.pushImages([imageDef('dedup-test/restart', 'restart-e2e', [[{ type: 'file', path: 'app/data', content: pseudoRandom(3 * MiB, 'restart') }]])]);
     const ref = img.ref as string;
     await stack.pull(ref, 'dedup');
-    // The container should run on the EROFS layers: let the background conversion finish.
+    // The container should run on the EROFS layers: let the background conversion finish. (One
+    // directory per snapshot also holds while the last layer is still a directory: a container
+    // started then keeps that directory mounted, retired, after its conversion.)
+    await waitFor(() => stack.daemonStorage().images.length === img.layers.length, 60_000, 'every layer converted');
     await assertDirsMatchSnapshots(stack);
     await stack.ctr(['run', '-d', '--snapshotter=dedup', ref, 'c1', '/bin/sh', '-c', 'while true; do cat /etc/passwd > /dev/null; sleep 0.2; done'], { timeoutMs: 60_000 });
     try {

@@ -27,6 +27,7 @@ export const MATRIX_FILES = [
   'crash', // kill -9 of the daemon during a pull
   'integrity', // never other bytes: deleted, truncated, flipped stores
   'diskfull', // a full disk through containerd
+  'install', // install.sh finds this containerd, writes its config form; lazy pull of a dedup image; uninstall
 ];
 
 const VERSIONS = ['1.7', '2'];

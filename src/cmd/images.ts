@@ -20,15 +20,34 @@ export interface ImageUse {
   image: string;
 }
 
-/** Images of each namespace that has committed snapshots here whose top layer is one of them. */
+/** A committed snapshot named by a bare chain id: a remote layer, made under the name containerd's `snapshot.ref` label gave, which carries no namespace. */
+const BARE_CHAIN_ID = /^sha256:[0-9a-f]{64}$/;
+
+/**
+ * Images whose top layer is one of the committed snapshots `keys` name:
+ * in the namespace of a `<ns>/<n>/<chain id>` key, and for a remote layer's
+ * bare chain id in whichever namespace has such an image (all are asked).
+ */
 export async function imagesUsing(keys: string[], socket: string): Promise<ImageUse[]> {
   const byNs = new Map<string, Set<string>>();
+  const anyNs = new Set<string>();
   for (const key of keys) {
     const k = splitKey(key);
-    if (!k) continue;
+    if (!k) {
+      if (BARE_CHAIN_ID.test(key)) anyNs.add(key);
+      continue;
+    }
     let set = byNs.get(k.ns);
     if (!set) byNs.set(k.ns, (set = new Set()));
     set.add(k.name);
+  }
+  if (anyNs.size > 0) {
+    const c = new ContainerdClient(socket, 'default', 30_000);
+    try {
+      for (const ns of await c.listNamespaces()) if (!byNs.has(ns)) byNs.set(ns, new Set());
+    } finally {
+      c.close();
+    }
   }
   const out: ImageUse[] = [];
   for (const [ns, chains] of [...byNs].sort(([a], [b]) => a.localeCompare(b))) {
@@ -42,7 +61,7 @@ export async function imagesUsing(keys: string[], socket: string): Promise<Image
           continue; // not for this platform, or its content is gone: not unpacked here
         }
         const top = ids.at(-1);
-        if (top !== undefined && chains.has(top)) out.push({ namespace: ns, image: name });
+        if (top !== undefined && (chains.has(top) || anyNs.has(top))) out.push({ namespace: ns, image: name });
       }
     } finally {
       c.close();

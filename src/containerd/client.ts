@@ -26,6 +26,7 @@ export class ContainerdClient {
   private readonly content: Client;
   private readonly images: Client;
   private readonly leases: Client;
+  private readonly namespaces: Client;
   private readonly snapshots: Client;
   private lease: string | null = null;
 
@@ -39,6 +40,7 @@ export class ContainerdClient {
         'containerd/services/content/v1/content.proto',
         'containerd/services/images/v1/images.proto',
         'containerd/services/leases/v1/leases.proto',
+        'containerd/services/namespaces/v1/namespace.proto',
         'containerd/services/snapshots/v1/snapshots.proto',
       ],
       { ...LOADER_OPTIONS, includeDirs: [protoRoot()] },
@@ -49,6 +51,7 @@ export class ContainerdClient {
     this.content = new pkg.containerd.services.content.v1.Content(target, creds);
     this.images = new pkg.containerd.services.images.v1.Images(target, creds, {}, {});
     this.leases = new pkg.containerd.services.leases.v1.Leases(target, creds);
+    this.namespaces = new pkg.containerd.services.namespaces.v1.Namespaces(target, creds);
     this.snapshots = new pkg.containerd.services.snapshots.v1.Snapshots(target, creds);
   }
 
@@ -121,6 +124,12 @@ export class ContainerdClient {
     return res.image.target as Descriptor;
   }
 
+  /** The names of containerd's namespaces (namespaces are not namespaced: the client's own is not used). */
+  async listNamespaces(): Promise<string[]> {
+    const res = await this.call(this.namespaces, 'List', { filter: '' });
+    return ((res.namespaces ?? []) as { name: string }[]).map((n) => n.name);
+  }
+
   /** The names of every image in this namespace. */
   async listImages(): Promise<string[]> {
     const res = await this.call(this.images, 'List', { filters: [] });
@@ -171,6 +180,6 @@ export class ContainerdClient {
   }
 
   close(): void {
-    for (const c of [this.content, this.images, this.leases, this.snapshots]) c.close();
+    for (const c of [this.content, this.images, this.leases, this.namespaces, this.snapshots]) c.close();
   }
 }

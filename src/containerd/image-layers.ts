@@ -27,13 +27,14 @@ export async function imageChainIds(c: ImageContent, name: string, platform = ho
   let desc: Descriptor = await c.getImage(name);
   if (INDEX_TYPES.has(desc.media_type)) {
     const index = await readJson(c, desc);
-    const manifests = Array.isArray(index.manifests) ? (index.manifests as (Descriptor & { platform?: { os?: string; architecture?: string } })[]) : [];
+    // The index's own JSON (OCI: mediaType, camelCase), not containerd's gRPC descriptor (media_type).
+    const manifests = Array.isArray(index.manifests) ? (index.manifests as { mediaType?: string; digest?: string; size?: number; platform?: { os?: string; architecture?: string } }[]) : [];
     const mine = manifests.find((m) => m.platform?.os === platform.os && m.platform?.architecture === platform.architecture);
-    if (!mine) {
+    if (!mine || typeof mine.digest !== 'string') {
       const have = manifests.map((m) => `${m.platform?.os ?? '?'}/${m.platform?.architecture ?? '?'}`).join(', ');
       throw new Error(`image ${name} has no manifest for ${platform.os}/${platform.architecture} (it has: ${have || 'none'})`);
     }
-    desc = mine;
+    desc = { media_type: mine.mediaType ?? '', digest: mine.digest, size: Number(mine.size ?? 0) };
   }
   if (!MANIFEST_TYPES.has(desc.media_type)) throw new Error(`image ${name}: its target is ${desc.media_type}, not an image manifest or index`);
   const manifest = await readJson(c, desc);
