@@ -182,3 +182,18 @@ export function dupTo(fd: number, target: number): void {
   if (!dup3Fn) dup3Fn = libc().func('int dup3(int oldfd, int newfd, int flags)') as unknown as (oldfd: number, newfd: number, flags: number) => number;
   check('dup3', dup3Fn(fd, target, O_CLOEXEC), `fd ${fd} to ${target}`);
 }
+
+let exitFn: ((status: number) => void) | null = null;
+
+/**
+ * _exit(2): ends the process at once, without atexit handlers. Node's own
+ * exit joins libuv's thread pool first, and a pool thread blocked in the
+ * kernel (a read waiting for an on-demand fill that only a daemon can
+ * answer) would keep a stopped daemon from ever exiting. For the last step
+ * of a shutdown that has closed and flushed everything itself.
+ */
+export function exitImmediately(status: number): never {
+  if (!exitFn) exitFn = libc().func('void _exit(int status)') as unknown as (status: number) => void;
+  exitFn(status);
+  throw new Error('_exit returned');
+}

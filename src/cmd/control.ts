@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { ConfigError, loadConfig } from '../config/config';
-import { isDaemonPid, listenerOf } from '../util/proc';
+import { isDaemonPid, listenerOf, processRunning } from '../util/proc';
 
 const USAGE = `usage: dedup-snapshotter start|stop|restart|reload|status
 
@@ -50,14 +50,7 @@ function findDaemon(w: Where): number | null {
   return pid !== null && isDaemonPid(pid) ? pid : null;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
+const alive = processRunning;
 
 /** The on-demand holder's pid, if one runs for this ROOT. */
 function holderPid(root: string): number | null {

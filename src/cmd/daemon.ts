@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { exitImmediately } from '../../native/libc';
 import { healthProblem } from '../api/health';
 import type { ServedParts } from '../api/parts';
 import { prefetchTargets } from '../api/prefetch-target';
@@ -267,7 +268,9 @@ export async function runDaemon(): Promise<void> {
   const stop = async (signal: string) => {
     if (stopping) {
       log.warn({ op: 'stop', signal }, 'second signal: exiting now');
-      process.exit(1);
+      if (pidFile) removePidFile(pidFile);
+      // As after a crash: what was acknowledged is on disk; start-up recovers the rest.
+      exitImmediately(1);
     }
     stopping = true;
     log.info({ op: 'stop', signal }, 'shutting down');
@@ -287,8 +290,12 @@ export async function runDaemon(): Promise<void> {
     remoteClient?.close();
     await snapshotter.loader?.farewell();
     snapshotter.close();
+    if (pidFile) removePidFile(pidFile);
     log.info({ op: 'stop' }, 'stopped');
-    process.exit(0);
+    // Everything is closed and the log is written synchronously: end here, not through Node's
+    // exit, which first waits for every thread-pool job, and one may be a read blocked until an
+    // on-demand fill no daemon will make now (the holder keeps it for the next daemon).
+    exitImmediately(0);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));

@@ -6,6 +6,26 @@ import fs from 'node:fs';
  * inspect a running daemon (start/stop/status, doctor).
  */
 
+/**
+ * Whether process `pid` exists and has not exited: a zombie (exited, not yet
+ * reaped by its parent, e.g. an init that reaps orphans every few seconds)
+ * has stopped. EPERM: it exists, owned by another user.
+ */
+export function processRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // "pid (comm) S …": the state follows the last ')'.
+    return stat[stat.lastIndexOf(')') + 2] !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
 /** Whether `pid` is a running dedup-snapshotter daemon (not its holder, not another program that got the pid). */
 export function isDaemonPid(pid: number): boolean {
   if (!Number.isSafeInteger(pid) || pid <= 1) return false;

@@ -7,6 +7,7 @@ import { after } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { snapshotsService } from '../../src/containerd/proto';
 import { mountPoints } from '../../src/mount/mountinfo';
+import { processRunning } from '../../src/util/proc';
 import { unmountUnder } from './mounts';
 
 /** Repository root (from dist/test/helpers or test/helpers). */
@@ -306,11 +307,5 @@ export function snapshotHomes(root: string): string[] {
 }
 
 /** Whether process `pid` exists (signal 0). */
-export function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+/** Whether `pid` runs (a zombie, exited but not yet reaped, does not). */
+export const processAlive = processRunning;
