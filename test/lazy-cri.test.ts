@@ -65,7 +65,7 @@ async function lazyCriPull(criPull: 'local' | 'transfer'): Promise<void> {
       // 2.1 says when it leaves the transfer service: the stack's 'local' config must make it, 'transfer' must not.
       assert.equal(LOCAL_PULL_FALLBACK.test(stack.containerdLog()), criPull === 'local', `containerd ${stack.build.version} pulled through ${criPull === 'local' ? 'its local pull' : 'the transfer service'}`);
     }
-    // Every version and both 2.1 paths label each layer's Prepare alike (LABELS-REPORT.md); without these labels the layer would be unpacked, not made remotely.
+    // Every version and both 2.1 paths label each layer's Prepare alike (docs/architecture.md, "What differs between containerd versions"); without these labels the layer would be unpacked, not made remotely.
     const prepares = stack.daemon
       .logs()
       .slice(logFrom)

@@ -1,3 +1,4 @@
+import { goArch } from './image-layers';
 import { type ContainerdTomlFacts, TRANSFER_PLUGIN, proxyPluginSnippet, readContainerdToml } from './toml-reader';
 
 /**
@@ -63,8 +64,7 @@ export function parseContainerdVersion(out: string): { version: string; major: n
 
 /** containerd's platform name for this machine: linux/<GOARCH>. */
 export function platformOf(arch: string = process.arch): string {
-  const goarch: Record<string, string> = { x64: 'amd64', ia32: '386', arm64: 'arm64', arm: 'arm', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64', loong64: 'loong64', mips: 'mips', mipsel: 'mipsle' };
-  return `linux/${goarch[arch] ?? arch}`;
+  return `linux/${goArch(arch)}`;
 }
 
 /** Whether `text` defines the proxy plugin, in any form (a table, a dotted or inline one): adding another would be invalid TOML. */

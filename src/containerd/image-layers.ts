@@ -10,11 +10,16 @@ const MANIFEST_TYPES = new Set(['application/vnd.oci.image.manifest.v1+json', 'a
 /** What reading an image's layers needs of containerd. */
 export type ImageContent = Pick<ContainerdClient, 'getImage' | 'readContent'>;
 
-/** containerd's platform names of Node's process.arch. */
-const ARCH: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ia32: '386', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64' };
+/** containerd's (Go's) architecture names of Node's process.arch values. */
+const ARCH: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ia32: '386', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64', loong64: 'loong64', mips: 'mips', mipsel: 'mipsle' };
+
+/** GOARCH of a Node arch (default: this machine's). */
+export function goArch(arch: string = process.arch): string {
+  return ARCH[arch] ?? arch;
+}
 
 export function hostPlatform(): { os: string; architecture: string } {
-  return { os: 'linux', architecture: ARCH[process.arch] ?? process.arch };
+  return { os: 'linux', architecture: goArch() };
 }
 
 /**
