@@ -18,7 +18,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { listenerOf } from '../src/util/proc';
 import { processAlive, tempDir, waitFor } from './helpers/daemon';
-import { defaultContainerd, programOf } from './helpers/containerd-builds';
+import { atLeast, defaultContainerd, programOf } from './helpers/containerd-builds';
 import { RegistryClient } from '../src/remote/registry';
 import { convertForTest } from './helpers/dedup';
 import { buildImage, busyboxImageDef, pushImage } from './helpers/images';
@@ -177,10 +177,10 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     assert.equal(run.code, 0, run.stderr);
     assert.equal(run.stdout, busyboxImageDef().passwd);
 
-    // A dedup image, lazily: on 2.x with the guide's own `ctr image pull` (the transfer service
-    // passes the labels the install's export asks for), on 1.x through `dedup-snapshotter pull`.
+    // A dedup image, lazily: on 2.1+ with the guide's own `ctr image pull` (the transfer service
+    // passes the labels the install's export asks for), on 1.x and 2.0 through `dedup-snapshotter pull`.
     const lazy =
-      BUILD.major >= 2
+      atLeast(BUILD, 2, 1)
         ? await ctr1(['images', 'pull', '--plain-http', '--snapshotter', 'dedup', dedupRef])
         : await runCmd(env.BIN_LINK, ['pull', '--plain-http', '--address', env.CONTAINERD_SOCKET, dedupRef], { env: { ...process.env, CONFIG: path.join(env.CONFIG_DIR, 'config.json') } });
     assert.equal(lazy.code, 0, `${lazy.stdout}\n${lazy.stderr}`);

@@ -13,7 +13,7 @@ import { after, test } from 'node:test';
 import { convertedLayerTag } from '../src/remote/dedup-image';
 import { RegistryClient } from '../src/remote/registry';
 import { CriImages } from './helpers/cri';
-import { defaultContainerd } from './helpers/containerd-builds';
+import { atLeast, defaultContainerd } from './helpers/containerd-builds';
 import { SLOW, cleanupDaemons, waitFor } from './helpers/daemon';
 import { convertForTest } from './helpers/dedup';
 import { daemonStats } from './helpers/http';
@@ -43,7 +43,7 @@ const LOCAL_PULL_FALLBACK = /Falling back to local image pull mode/;
  */
 const criPulls: ('local' | 'transfer')[] = (() => {
   const b = defaultContainerd();
-  return b.major > 2 || (b.major === 2 && b.minor >= 1) ? ['local', 'transfer'] : ['local'];
+  return atLeast(b, 2, 1) ? ['local', 'transfer'] : ['local'];
 })();
 
 for (const criPull of criPulls) {
@@ -61,7 +61,7 @@ async function lazyCriPull(criPull: 'local' | 'transfer'): Promise<void> {
 
     const logFrom = stack.daemon.logs().length;
     await cri.pull(dst);
-    if (stack.build.major >= 2) {
+    if (atLeast(stack.build, 2, 1)) {
       // 2.1 says when it leaves the transfer service: the stack's 'local' config must make it, 'transfer' must not.
       assert.equal(LOCAL_PULL_FALLBACK.test(stack.containerdLog()), criPull === 'local', `containerd ${stack.build.version} pulled through ${criPull === 'local' ? 'its local pull' : 'the transfer service'}`);
     }

@@ -439,7 +439,7 @@ export function checkContainerdConfig(file: string, address: string, containerd:
     if (entry.exports.get(ENABLE_REMOTE) !== 'true') {
       const how = entry.exports.has(ENABLE_REMOTE) ? ` (it is ${JSON.stringify(entry.exports.get(ENABLE_REMOTE))})` : '';
       fails.push({
-        detail: `[proxy_plugins.dedup] (${file} line ${entry.line}) does not export ${ENABLE_REMOTE}${how}: dedup images cannot be pulled lazily by ctr (their pull fails with 'no processor for media-type')`,
+        detail: `[proxy_plugins.dedup] (${file} line ${entry.line}) does not export ${ENABLE_REMOTE}${how}: dedup images cannot be pulled lazily by ctr or by CRI through containerd 2.1+'s transfer service (their pull fails with 'no processor for media-type')`,
         fix: `add to [proxy_plugins.dedup] in ${file}, then ${restart}:\n    [proxy_plugins.dedup.exports]\n      ${ENABLE_REMOTE} = "true"`,
       });
     }
@@ -470,19 +470,20 @@ function criWarnings(facts: ContainerdTomlFacts, file: string, transfer: boolean
   const cri = v3 ? facts.cri.v3 : facts.cri.v2;
   const table = v3 ? `[plugins.'${CRI_V3_IMAGES_PLUGIN}']` : `[plugins."${CRI_V2_PLUGIN}".containerd]`;
   if (cri?.snapshotter !== 'dedup') return out;
+  // containerd 2.1+ pulls for CRI through the transfer service unless disable_snapshot_annotations
+  // is set (either way: it then falls back to the local pull) or use_local_image_pull is true; the
+  // transfer service passes the CRI labels to a proxy plugin exporting enable_remote_snapshot_annotations.
+  // containerd not known: a version 3 file is taken for 2.1+.
+  const at21 = containerd ? containerd.major > 2 || (containerd.major === 2 && Number(containerd.version.replace(/^v/, '').split('.')[1] ?? 0) >= 1) : v3;
   if (!v3 && transfer && !cri.hasRuntimes) {
     // containerd 2.x migrates the containerd table's snapshotter settings only along with its runtimes.
     out.push({
       detail: `${file} line ${cri.snapshotterLine}: CRI's snapshotter = "dedup" in ${table}, which ${containerd ? `containerd ${containerd.version}` : 'containerd 2.x'} does not read without a runtimes table next to it: CRI uses overlayfs`,
-      fix: `write ${file} in the version 3 form, with snapshotter = "dedup" and disable_snapshot_annotations = false in [plugins.'${CRI_V3_IMAGES_PLUGIN}'] (docs/configuration.md), then ${restart}`,
+      fix: `write ${file} in the version 3 form, with snapshotter = "dedup"${at21 ? '' : ' and disable_snapshot_annotations = false'} in [plugins.'${CRI_V3_IMAGES_PLUGIN}'] (docs/configuration.md), then ${restart}`,
     });
     return out;
   }
-  // containerd 2.1+ pulls for CRI through the transfer service unless disable_snapshot_annotations
-  // is set (either way: it then falls back to the local pull) or use_local_image_pull is true; the
-  // transfer service passes the CRI labels to a proxy plugin exporting enable_remote_snapshot_annotations.
-  const minor = containerd ? Number(containerd.version.replace(/^v/, '').split('.')[1] ?? 0) : null;
-  const criTransfer = v3 && (containerd === null || containerd.major > 2 || (minor ?? 0) >= 1) && cri.disableSnapshotAnnotations === undefined && cri.useLocalImagePull !== true;
+  const criTransfer = at21 && transfer && cri.disableSnapshotAnnotations === undefined && cri.useLocalImagePull !== true;
   // Lazy then with the export (a missing one is a failure of its own, above).
   if (criTransfer) return out;
   if (cri.disableSnapshotAnnotations !== false) {

@@ -48,7 +48,8 @@ export function containerdBuilds(): { builds: ContainerdBuild[]; missing: { name
   if (system) builds.push({ name: `${system.major}.${system.minor}`, bin: null, ...system });
   else missing.push({ name: 'system', reason: 'no containerd in PATH (apt-get install containerd)' });
   for (const c of CANDIDATES) {
-    const dirs = [process.env[c.env], path.join(process.env.DEBIAN_NEWER_CACHE ?? '/var/cache/debian-newer', c.cache), path.join('/var/tmp/debian-newer', c.cache)].filter(
+    const caches = [process.env.DEBIAN_NEWER_CACHE, '/var/cache/debian-newer', '/var/tmp/debian-newer'].filter((d): d is string => typeof d === 'string' && d !== '');
+    const dirs = [process.env[c.env], ...caches.map((d) => path.join(d, c.cache))].filter(
       (d): d is string => typeof d === 'string' && d !== '',
     );
     const dir = dirs.find((d) => fs.existsSync(path.join(d, 'containerd')));
@@ -62,6 +63,7 @@ export function containerdBuilds(): { builds: ContainerdBuild[]; missing: { name
       continue;
     }
     if (!builds.some((b) => b.major === v.major && b.minor === v.minor)) builds.push({ name: c.name, bin: dir, ...v });
+    else missing.push({ name: c.name, reason: `${dir}/containerd is ${v.version}, the same major.minor as a build already listed (the system's)` });
   }
   cached = { builds, missing };
   return cached;
@@ -79,6 +81,11 @@ export function defaultContainerd(): ContainerdBuild {
   const b = builds.find((x) => x.name === want || `${x.major}.${x.minor}` === want || String(x.major) === want);
   if (!b) throw new Error(`DEDUP_CONTAINERD=${want}: ${missing.find((m) => m.name === want)?.reason ?? 'no such build here'}`);
   return b;
+}
+
+/** Whether build `b` is `major.minor` or newer. */
+export function atLeast(b: ContainerdBuild, major: number, minor: number): boolean {
+  return b.major > major || (b.major === major && b.minor >= minor);
 }
 
 /** The path of one of a build's programs (containerd, ctr). */

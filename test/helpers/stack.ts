@@ -11,7 +11,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readdirOrEmpty } from '../../src/util/fs';
-import { type ContainerdBuild, defaultContainerd, programOf } from './containerd-builds';
+import { type ContainerdBuild, atLeast, defaultContainerd, programOf } from './containerd-builds';
 import { type DaemonProcess, SLOW, freePort, list, snapshotsClient, startDaemon, tempDir, waitFor } from './daemon';
 import { type BuiltImage, type ImageDef, buildImage, ociArch, pushImage } from './images';
 import { mountPoints, mountsUnder, unmountUnder } from './mounts';
@@ -199,7 +199,7 @@ export class Stack {
     this.daemonRoot = opts.daemonRoot ?? path.join(dir, 'root');
     this.daemonAddress = path.join(dir, 'dedup.sock');
     this.build = opts.containerd ?? defaultContainerd();
-    if (opts.criPull === 'transfer' && (this.build.major < 2 || (this.build.major === 2 && this.build.minor < 1))) throw new Error(`containerd ${this.build.version}: CRI has no transfer-service pull before 2.1`);
+    if (opts.criPull === 'transfer' && !atLeast(this.build, 2, 1)) throw new Error(`containerd ${this.build.version}: CRI has no transfer-service pull before 2.1`);
     for (const sock of [`${this.containerdAddress}.ttrpc`, this.daemonAddress]) {
       if (Buffer.byteLength(sock) >= 100) throw new Error(`unix socket path too long (${Buffer.byteLength(sock)} bytes): ${sock}`);
     }
