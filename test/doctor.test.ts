@@ -18,6 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { checkContainerdConfig, checkDisk, checkPermissions } from '../src/doctor/checks';
+import { platformOf } from '../src/containerd/config-toml';
 import { readContainerdToml } from '../src/containerd/toml-reader';
 import type { CheckResult } from '../src/doctor/types';
 import { formatResult } from '../src/cmd/doctor';
@@ -301,7 +302,7 @@ describe('doctor on this machine, with a running daemon', () => {
     const v2 = { version: '2.1.9', major: 2 };
     const check = (text: string, v: { version: string; major: number } | null = v2) => checkContainerdConfig(writeToml(dir, 'c.toml', text), a, v);
     const plugin = `[proxy_plugins.dedup]\n  type = "snapshot"\n  address = ${JSON.stringify(a)}\n`;
-    const platform = `linux/${process.arch === 'x64' ? 'amd64' : process.arch}`;
+    const platform = platformOf();
 
     // The same file is fine for containerd 1.x, in the same words as before.
     const old = check(`version = 2\n${plugin}`, { version: '1.6.20', major: 1 });

@@ -16,6 +16,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { platformOf } from '../src/containerd/config-toml';
 import { listenerOf } from '../src/util/proc';
 import { processAlive, tempDir, waitFor } from './helpers/daemon';
 import { atLeast, defaultContainerd, programOf } from './helpers/containerd-builds';
@@ -162,7 +163,7 @@ describe('install.sh and uninstall.sh without systemd, beside an unrelated conta
     assert.match(ctrdConfig, /\[proxy_plugins\.dedup\]\n.*\n.*\n {2}\[proxy_plugins\.dedup\.exports\]\n {4}enable_remote_snapshot_annotations = "true"/);
     // containerd 2.x: found by its version, the transfer service told to unpack for dedup (and overlayfs, the file listing none).
     assert.match(r.stdout, new RegExp(`containerd ${BUILD.major}\\.x \\(containerd --version`));
-    const unpack = (sn: string) => `[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "linux/${process.arch === 'x64' ? 'amd64' : process.arch}"\n  snapshotter = "${sn}"`;
+    const unpack = (sn: string) => `[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "${platformOf()}"\n  snapshotter = "${sn}"`;
     for (const sn of ['dedup', 'overlayfs']) assert.equal(ctrdConfig.includes(unpack(sn)), BUILD.major >= 2, `${sn}'s unpack_config entry for containerd ${BUILD.version}:\n${ctrdConfig}`);
     // KSM for containers: CRI's runc runtime through the wrapper (this file had no runc table).
     assert.ok(ctrdConfig.includes(`BinaryName = "${env.PREFIX}/bin/dedup-runc"`), ctrdConfig);
