@@ -8,6 +8,9 @@ import { extentKey, hashImageChunks } from './chunks';
 import { type ChunkRef, type ChunkScan, EROFS_DEVT_SLOT_SIZE, MAX_IMAGE_BEFORE_DEVT, setChunkAddress, setDeviceTable, updateSuperblockChecksum } from './erofs-format';
 import { NEW_SEGMENT, placeChunks } from './placement';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
+import { StoreChunkSink } from './chunk-sink';
+import { writeErofsImage } from './erofs-writer';
+import { NonUtf8NameError, type TreeNode, treeFromDirectory } from './layer-tree';
 
 /** What a conversion produced, handed to the caller's transaction. */
 export interface ConvertedLayer {
@@ -86,7 +89,29 @@ export class Converter {
     return crypto.createHash('sha256').update(img).digest('hex');
   }
 
+  /**
+   * Converts the layer directory `dir` in one read pass: each file's data is
+   * hashed chunk by chunk and new chunks go straight into the store (see
+   * StoreChunkSink), then the image is written by the project's own EROFS
+   * writer. mkfs.erofs is used only for a tree the writer cannot take (a
+   * file name that is not UTF-8).
+   */
   async convert<T>(id: string, dir: string, finish: (layer: ConvertedLayer) => T): Promise<T> {
+    const t0 = Date.now();
+    const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
+    let root: TreeNode;
+    try {
+      root = await treeFromDirectory(dir, sink);
+    } catch (err) {
+      sink.discard();
+      if (err instanceof NonUtf8NameError) return this.convertWithMkfs(id, dir, finish);
+      throw err;
+    }
+    return this.importTree(id, root, sink, Date.now() - t0, finish);
+  }
+
+  /** The conversion through mkfs.erofs and a temporary blob (names the EROFS writer cannot take). */
+  async convertWithMkfs<T>(id: string, dir: string, finish: (layer: ConvertedLayer) => T): Promise<T> {
     const work = await fsp.mkdtemp(path.join(this.o.tmpDir, `convert-${id}-`));
     try {
       const tmpImage = path.join(work, 'image.erofs');
@@ -110,6 +135,129 @@ export class Converter {
       }
     } finally {
       await fsp.rm(work, { recursive: true, force: true });
+    }
+  }
+
+  /**
+   * Records a layer whose tree was built with `sink` (its new chunks already
+   * in the store, provisionally): under the store's import lock the chunks
+   * are placed (placeChunks: which stored copy each reference reads, a chunk
+   * found only in segments the image cannot also name is copied into the
+   * layer's own place, damaged chunks are healed with the layer's bytes), the
+   * image is written with the final addresses, and `finish` records it. On
+   * failure nothing remains.
+   */
+  async importTree<T>(id: string, root: TreeNode, sink: StoreChunkSink, buildMs: number, finish: (layer: ConvertedLayer) => T): Promise<T> {
+    const store = this.o.store;
+    let keep = new Set<string>();
+    try {
+      return await store.withLock(async () => {
+        await store.restoreFile();
+        if (store.restoredFiles !== sink.restoredAtStart && store.layout !== 'segments' && sink.written.size > 0) {
+          throw new Error('the chunk store file was put back while this layer was being converted: its new chunks went to the old file (the conversion is retried)');
+        }
+        const t1 = Date.now();
+        const segmented = store.layout === 'segments';
+        const plan = placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: store.maxDevices });
+        const pinned: number[] = [];
+        try {
+          for (const row of [...plan.use.values(), ...plan.heal]) {
+            store.pin(row.id);
+            pinned.push(row.id);
+          }
+          /** The layer's bytes of a chunk: its provisional copy, else a good stored copy. */
+          const bytesOf = async (digest: string): Promise<Buffer> => {
+            const mine = sink.written.get(digest);
+            if (mine) return store.read(mine);
+            for (const row of store.lookupAll(digest)) {
+              if (row.bad) continue;
+              const buf = await store.readChecked(row);
+              if (buf) return buf;
+            }
+            throw new Error(`chunk sha256:${digest}: no good copy to read`);
+          };
+          const where = new Map<string, Extent>();
+          for (const [digest, row] of plan.use) where.set(digest, row);
+          const fresh: { digest: string; extent: Extent }[] = [];
+          for (const digest of plan.fresh) {
+            const mine = sink.written.get(digest);
+            let extent: Extent;
+            if (mine && (mine.segment ?? 0) === (segmented ? sink.writer?.id : 0)) {
+              extent = mine;
+            } else if (segmented) {
+              const buf = await bytesOf(digest);
+              sink.writer ??= store.segments.create();
+              extent = await store.append(sink.writer, buf);
+            } else {
+              const buf = await bytesOf(digest);
+              extent = store.allocate(buf.length / STORE_BLOCK);
+              sink.written.set(digest, extent);
+              await store.write(extent, buf);
+            }
+            fresh.push({ digest, extent });
+            where.set(digest, extent);
+          }
+          keep = new Set(plan.fresh);
+          for (const h of plan.heal) {
+            const buf = await bytesOf(h.digest);
+            const got = crypto.createHash('sha256').update(buf).digest('hex');
+            if (got !== h.digest) throw new Error(`chunk ${h.digest}: the bytes read for it hash to ${got}`);
+            await store.write(h, buf);
+          }
+          if (plan.heal.length > 0 || (fresh.length > 0 && !segmented)) await store.sync();
+          const own = sink.writer && fresh.length > 0 ? store.segments.finish(sink.writer) : null;
+          if (plan.heal.length > 0) store.markGood(plan.heal.map((h) => h.id));
+
+          const devices = plan.devices.map((seg) => (seg === NEW_SEGMENT ? (own as SegmentRow).id : seg));
+          const deviceOf = new Map(devices.map((seg, i) => [seg, i + 1]));
+          const { image: img, files, logicalBytes } = writeErofsImage({
+            root,
+            chunkSize: sink.chunkSize,
+            devices: devices.map((seg) => ({ tag: segmentTag(seg), blocks: store.segmentBlocks(seg) })),
+            address: (n) => {
+              const e = where.get(sink.digests[n]) as Extent;
+              return { deviceId: deviceOf.get(e.segment ?? 0) as number, blkaddr: e.blkaddr };
+            },
+          });
+          const image = this.imagePath(id);
+          const imageSha256 = await this.writeImage(image, img);
+          try {
+            const distinct = plan.use.size + fresh.length;
+            const out = finish({
+              image,
+              imageSha256,
+              hasBlob: devices.length > 0,
+              newChunks: fresh,
+              existingChunkIds: [...new Set([...plan.use.values()].map((r) => r.id))],
+              stats: {
+                files,
+                logicalBytes,
+                chunks: distinct,
+                newChunks: fresh.length,
+                dedupChunks: distinct - fresh.length,
+                newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
+                healedChunks: plan.heal.length,
+                imageBytes: img.length,
+                mkfsMs: buildMs,
+                importMs: Date.now() - t1,
+              },
+            });
+            if (own) store.segments.committed(own.id);
+            return out;
+          } catch (err) {
+            fs.rmSync(image, { force: true });
+            throw err;
+          }
+        } finally {
+          for (const pid of pinned) store.unpin(pid);
+        }
+      });
+    } catch (err) {
+      // Nothing kept: provisional extents are freed, the layer's own segment (finished or not) is deleted.
+      keep = new Set();
+      throw err;
+    } finally {
+      sink.discard(keep);
     }
   }
 

@@ -13,6 +13,9 @@ import type { LayerMounts } from './layer-mounts';
 import { recordLayer } from './record';
 import type { Sweeper } from './sweep';
 
+/** Layers converted at once in the background. */
+const BACKGROUND_WORKERS = 2;
+
 export interface ConversionOptions {
   layout: RootLayout;
   ms: MetaStore;
@@ -28,14 +31,14 @@ export interface ConversionOptions {
 
 /**
  * Committed layer directories become EROFS images over the chunk store:
- * in the background, one at a time in commit order (Commit returns at
+ * in the background, two at a time in commit order (Commit returns at
  * once; until converted the layer is served from its directory), or
  * within Commit (convert_mode "sync"), which fails if the conversion does.
  */
 export class ConversionQueue {
   /** Background conversions waiting, in commit order. */
   private readonly queue: string[] = [];
-  private running = false;
+  private workers = 0;
   private closed = false;
 
   constructor(private readonly o: ConversionOptions) {}
@@ -48,24 +51,29 @@ export class ConversionQueue {
   enqueue(id: string): void {
     if (this.queue.includes(id) || this.o.mounts.isBusy(id)) return;
     this.queue.push(id);
-    void this.run();
+    this.run();
   }
 
   close(): void {
     this.closed = true;
   }
 
-  /** One background conversion at a time: containerd's unpacking needs the other core. */
-  private async run(): Promise<void> {
-    if (this.running) return;
-    this.running = true;
-    try {
-      while (this.queue.length > 0 && !this.closed) {
-        const id = this.queue.shift() as string;
-        await this.o.mounts.track(id, this.convertCommitted(id));
-      }
-    } finally {
-      this.running = false;
+  /**
+   * Two background conversions at a time: a conversion reads each file once
+   * and hashes it (one core), and containerd's unpacking of the next layers
+   * needs the other; two overlap a slow layer's read with a small one's.
+   */
+  private run(): void {
+    while (this.workers < BACKGROUND_WORKERS && this.queue.length > 0 && !this.closed) {
+      const id = this.queue.shift() as string;
+      this.workers++;
+      void this.o.mounts
+        .track(id, this.convertCommitted(id))
+        .catch(() => undefined)
+        .finally(() => {
+          this.workers--;
+          this.run();
+        });
     }
   }
 

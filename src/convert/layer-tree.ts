@@ -1,0 +1,175 @@
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { readXattrs } from '../../native/xattr';
+
+/**
+ * A layer's file tree as the EROFS writer takes it: every node with the
+ * metadata EROFS keeps, regular files as lists of chunks already handed to
+ * a ChunkSink (their bytes never stay in memory). Hardlinks are the same
+ * node object under several names. Built from a directory (the snapshot
+ * containerd unpacked into: `treeFromDirectory`) or from a layer's tar
+ * stream (`tar-tree.ts`), so both paths write the same image.
+ */
+export type NodeKind = 'dir' | 'file' | 'symlink' | 'chr' | 'blk' | 'fifo' | 'sock';
+
+export interface TreeNode {
+  kind: NodeKind;
+  /** Permission bits with setuid, setgid and sticky (mode & 0o7777). */
+  perm: number;
+  uid: number;
+  gid: number;
+  mtimeSec: number;
+  mtimeNsec: number;
+  /** Extended attributes by full name ("user.x", "trusted.overlay.opaque", ...). */
+  xattrs: Map<string, Buffer>;
+  /** Directories: entries by name, the name's raw bytes as a latin1 string (see nameKey). */
+  children?: Map<string, TreeNode>;
+  /** Regular files: size in bytes and one layer-local chunk number per chunkSize piece. */
+  size?: number;
+  chunks?: number[];
+  /** Symlinks: the target's raw bytes. */
+  target?: Buffer;
+  /** Character and block devices. */
+  rdevMajor?: number;
+  rdevMinor?: number;
+}
+
+/** The key of a name in `children`: its bytes, one char per byte. */
+export const nameKey = (name: Buffer | string): string => (typeof name === 'string' ? Buffer.from(name, 'utf8') : name).toString('latin1');
+/** The bytes of a `children` key. */
+export const keyBytes = (key: string): Buffer => Buffer.from(key, 'latin1');
+
+/** Where file data goes: each piece (at most chunkSize bytes) gets a layer-local chunk number. */
+export interface ChunkSink {
+  readonly chunkSize: number;
+  add(piece: Buffer): Promise<number>;
+}
+
+export function newNode(kind: NodeKind, attrs: Partial<TreeNode> = {}): TreeNode {
+  const n: TreeNode = { kind, perm: 0o755, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0, xattrs: new Map(), ...attrs };
+  if (kind === 'dir' && !n.children) n.children = new Map();
+  if (kind === 'file') {
+    n.size ??= 0;
+    n.chunks ??= [];
+  }
+  return n;
+}
+
+/**
+ * Cuts a stream of file data into chunkSize pieces and hands each to the
+ * sink, in order; the stream must hold exactly `size` bytes.
+ */
+export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>, size: number, what: string): Promise<number[]> {
+  const out: number[] = [];
+  const cs = sink.chunkSize;
+  let piece = Buffer.allocUnsafe(Math.min(cs, size));
+  let fill = 0;
+  let total = 0;
+  for await (const raw of data) {
+    let buf = raw;
+    while (buf.length > 0) {
+      if (total + buf.length > size) throw new Error(`${what}: more data than its size (${size} bytes)`);
+      const take = Math.min(buf.length, piece.length - fill);
+      buf.copy(piece, fill, 0, take);
+      fill += take;
+      total += take;
+      buf = buf.subarray(take);
+      if (fill === piece.length && piece.length > 0) {
+        out.push(await sink.add(piece));
+        piece = Buffer.allocUnsafe(Math.min(cs, size - total));
+        fill = 0;
+      }
+    }
+  }
+  if (total !== size) throw new Error(`${what}: ${total} bytes of data, its size says ${size}`);
+  return out;
+}
+
+/** Reads a file in chunkSize pieces (one read per piece) into the sink. */
+async function sinkFile(sink: ChunkSink, file: string, size: number): Promise<number[]> {
+  const fh = await fsp.open(file, 'r');
+  try {
+    const out: number[] = [];
+    for (let pos = 0; pos < size; pos += sink.chunkSize) {
+      const want = Math.min(sink.chunkSize, size - pos);
+      const buf = Buffer.allocUnsafe(want);
+      let got = 0;
+      while (got < want) {
+        const { bytesRead } = await fh.read(buf, got, want - got, pos + got);
+        if (bytesRead === 0) throw new Error(`${file} shrank while it was read (${pos + got} of ${size} bytes)`);
+        got += bytesRead;
+      }
+      out.push(await sink.add(buf));
+    }
+    return out;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** A name the walk cannot pass to the xattr calls (they take UTF-8 paths): the caller falls back to mkfs.erofs. */
+export class NonUtf8NameError extends Error {
+  constructor(readonly where: string) {
+    super(`file name is not UTF-8: ${JSON.stringify(where)}`);
+    this.name = 'NonUtf8NameError';
+  }
+}
+
+function kindOf(st: import('node:fs').BigIntStats): NodeKind {
+  if (st.isDirectory()) return 'dir';
+  if (st.isFile()) return 'file';
+  if (st.isSymbolicLink()) return 'symlink';
+  if (st.isCharacterDevice()) return 'chr';
+  if (st.isBlockDevice()) return 'blk';
+  if (st.isFIFO()) return 'fifo';
+  return 'sock';
+}
+
+/**
+ * The tree of `dir` (a layer's unpacked directory), its file data handed to
+ * the sink in walk order (each directory's entries by name, depth first), so
+ * the files of one directory stay together in the store. Hardlinks (same
+ * inode, nlink > 1) become one node. Names are taken as raw bytes.
+ */
+export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<TreeNode> {
+  const byInode = new Map<string, TreeNode>();
+  const visit = async (p: string): Promise<TreeNode> => {
+    const st = await fsp.lstat(p, { bigint: true });
+    const kind = kindOf(st);
+    const inodeKey = `${st.dev}:${st.ino}`;
+    if (kind !== 'dir' && st.nlink > 1n) {
+      const seen = byInode.get(inodeKey);
+      if (seen) return seen;
+    }
+    const node = newNode(kind, {
+      perm: Number(st.mode & 0o7777n),
+      uid: Number(st.uid),
+      gid: Number(st.gid),
+      mtimeSec: Number(st.mtimeNs / 1_000_000_000n),
+      mtimeNsec: Number(st.mtimeNs % 1_000_000_000n),
+      xattrs: readXattrs(p, { unsupportedIsEmpty: true }),
+    });
+    if (kind !== 'dir' && st.nlink > 1n) byInode.set(inodeKey, node);
+    if (kind === 'file') {
+      node.size = Number(st.size);
+      node.chunks = await sinkFile(sink, p, node.size);
+    } else if (kind === 'symlink') {
+      node.target = await fsp.readlink(p, { encoding: 'buffer' });
+    } else if (kind === 'chr' || kind === 'blk') {
+      // glibc's gnu_dev_major / gnu_dev_minor.
+      const d = st.rdev;
+      node.rdevMajor = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n));
+      node.rdevMinor = Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n));
+    } else if (kind === 'dir') {
+      const names = (await fsp.readdir(p, { encoding: 'buffer' })).sort(Buffer.compare);
+      const children = node.children as Map<string, TreeNode>;
+      for (const name of names) {
+        const s = name.toString('utf8');
+        if (!Buffer.from(s, 'utf8').equals(name)) throw new NonUtf8NameError(path.join(p, name.toString('latin1')));
+        children.set(name.toString('latin1'), await visit(path.join(p, s)));
+      }
+    }
+    return node;
+  };
+  return visit(dir);
+}
