@@ -128,6 +128,7 @@ describe("containerd's config for containerd 2.x", () => {
         "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
         '  platform = "linux/amd64"',
         '  snapshotter = "dedup"',
+        '  differ = "dedup-differ"',
         '',
         "# added by dedup-snapshotter install.sh: overlayfs, containerd's default, which a list without it leaves out",
         "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
@@ -141,17 +142,24 @@ describe("containerd's config for containerd 2.x", () => {
         '  [proxy_plugins.dedup.exports]',
         '    enable_remote_snapshot_annotations = "true"',
         '',
+        '# added by dedup-snapshotter install.sh: layers unpack in one pass through the daemon (containerd 2.x)',
+        '[proxy_plugins.dedup-differ]',
+        '  type = "diff"',
+        `  address = "${ADDR}"`,
+        '',
       ].join('\n'),
     );
     const facts = readContainerdToml(text);
     assert.deepEqual(
-      facts.unpackConfig.map((e) => [e.snapshotter, e.platform, e.inline]),
+      facts.unpackConfig.map((e) => [e.snapshotter, e.platform, e.differ, e.inline]),
       [
-        ['dedup', 'linux/amd64', false],
-        ['overlayfs', 'linux/amd64', false],
+        ['dedup', 'linux/amd64', 'dedup-differ', false],
+        ['overlayfs', 'linux/amd64', undefined, false],
       ],
     );
     assert.equal(facts.plugins.get('dedup')?.exports.get('enable_remote_snapshot_annotations'), 'true');
+    assert.equal(facts.plugins.get('dedup-differ')?.type, 'diff');
+    assert.equal(facts.plugins.get('dedup-differ')?.address, ADDR);
     const again = addToConfig(text, amd);
     assert.equal(again.text, null, 'idempotent');
     assert.match(again.notes.join('\n'), /already has an unpack_config entry for "dedup" \(line 7, platform linux\/amd64\)/);
@@ -168,12 +176,30 @@ describe("containerd's config for containerd 2.x", () => {
     const two = addToConfig(before, { ...amd, containerdMajor: 2 }).text as string;
     assert.match(two, /\[\[plugins\."io\.containerd\.transfer\.v1\.local"\.unpack_config\]\]\n {2}platform = "linux\/amd64"\n {2}snapshotter = "dedup"/);
     assert.doesNotMatch(two, /'io\.containerd/);
-    // The 1.x file taken to 2.x later: only the unpack_config entries are added.
+    assert.doesNotMatch(old, /dedup-differ/, 'containerd 1.x has no proxy differs');
+    // The 1.x file taken to 2.x later: only the unpack_config entries and the differ are added.
     const upgraded = addToConfig(old, { ...amd, containerdMajor: 2 });
-    assert.deepEqual(upgraded.added, ['the transfer service\'s unpack_config entries for "dedup" and "overlayfs" (linux/amd64)']);
+    assert.deepEqual(upgraded.added, [
+      'the transfer service\'s unpack_config entries for "dedup" and "overlayfs" (linux/amd64)',
+      `[proxy_plugins.dedup-differ] (type "diff", address ${ADDR})`,
+    ]);
     assert.equal(removeProxyPlugin(upgraded.text as string).text, before);
     assert.equal(newConfig({ ...amd, containerdMajor: 2 }).text?.split('\n')[0], 'version = 3');
     assert.equal(newConfig({ ...amd, containerdMajor: 1 }).text?.split('\n')[0], 'version = 2');
+  });
+
+  test("an existing unpack_config entry for dedup without a differ gets differ = \"dedup-differ\" (and the differ's table); remove takes both out", () => {
+    const before = `version = 3\n[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "linux/amd64"\n  snapshotter = "dedup"\n\n[proxy_plugins.dedup]\n  type = "snapshot"\n  address = "${ADDR}"\n  [proxy_plugins.dedup.exports]\n    enable_remote_snapshot_annotations = "true"\n`;
+    const r = addToConfig(before, amd);
+    assert.deepEqual(r.added, ['differ = "dedup-differ" to that entry (line 4)', `[proxy_plugins.dedup-differ] (type "diff", address ${ADDR})`]);
+    const f = readContainerdToml(r.text as string);
+    assert.equal(f.unpackConfig[0].differ, 'dedup-differ');
+    assert.equal(f.plugins.get('dedup-differ')?.type, 'diff');
+    assert.equal(addToConfig(r.text as string, amd).text, null, 'idempotent');
+    const rm = removeProxyPlugin(r.text as string);
+    assert.doesNotMatch(rm.text, /dedup/);
+    const other = addToConfig(before.replace('snapshotter = "dedup"', 'snapshotter = "dedup"\n  differ = "walking"'), amd);
+    assert.match(other.notes.join('\n'), /names differ = "walking": left so/);
   });
 
   test('an existing [proxy_plugins.dedup] without exports gets its exports table right after it; one with exports is left alone', () => {

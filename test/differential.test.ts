@@ -17,6 +17,20 @@ import { type BuiltImage, busyboxImageDef, chainImageDef, tortureImageDef } from
 import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors } from './helpers/stack';
 import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
 
+/**
+ * On containerd 2.x the stack names dedup-differ in the transfer service's
+ * unpack_config: every layer of the image must have been applied from its
+ * tar in one pass (the daemon's "apply" lines), none unpacked into a
+ * directory and converted afterwards. On 1.x the directory path is the only one.
+ */
+function assertConvertedBy(stack: Stack, img: BuiltImage): void {
+  const logs = stack.daemon.logs();
+  const applied = new Set(logs.filter((l) => l.op === 'apply' && typeof l.diff_id === 'string').map((l) => l.diff_id as string));
+  const viaDiffer = stack.build.major >= 2;
+  const missing = img.diffIds.filter((d) => viaDiffer !== applied.has(d));
+  assert.deepEqual(missing, [], viaDiffer ? 'layers not applied by dedup-differ' : 'layers applied by a differ on containerd 1.x');
+}
+
 describe('differential: containerd overlayfs vs dedup present the same trees', () => {
   let stack: Stack;
   const images: BuiltImage[] = [];
@@ -43,6 +57,7 @@ describe('differential: containerd overlayfs vs dedup present the same trees', (
       }
       // Layers convert in the background: compare once every layer is an EROFS image.
       await assertDirsMatchSnapshots(stack, 120_000);
+      assertConvertedBy(stack, img);
       for (const sn of ['overlayfs', 'dedup']) {
         const key = `diff-view-${sn}-${i}`;
         const mounts = await protectedView(stack, sn, key, top);

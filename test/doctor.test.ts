@@ -314,20 +314,30 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.equal(bare.status, 'fail');
     assert.ok(bare.detail.startsWith(`containerd 2.1.9: ${dir}/c.toml has no unpack_config entry for snapshotter "dedup": \`ctr image pull --snapshotter=dedup\` fails with 'no unpack platforms defined'`), bare.detail);
     assert.match(bare.detail, /\[proxy_plugins\.dedup\] \(.* line 2\) does not export enable_remote_snapshot_annotations: dedup images cannot be pulled lazily by ctr/);
-    const unpack = (sn: string) => `[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "${platform}"\n  snapshotter = "${sn}"`;
+    const unpack = (sn: string) => `[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = "${platform}"\n  snapshotter = "${sn}"${sn === 'dedup' ? '\n  differ = "dedup-differ"' : ''}`;
+    const differTable = `[proxy_plugins.dedup-differ]\n  type = "diff"\n  address = ${JSON.stringify(a)}`;
     assert.ok(bare.fix?.includes(`${unpack('dedup')}\n\n${unpack('overlayfs')}`), bare.fix);
+    assert.ok(bare.fix?.includes(differTable), bare.fix);
     // No containerd binary known: the file's version 3 says 2.x.
     assert.match(check(text, null).detail, /is a version 3 file \(containerd 2\.x\): .* has no unpack_config entry for snapshotter "dedup"/);
 
     // The fix's snippets, added as they are, make it pass.
-    text += `\n${unpack('dedup')}\n\n${unpack('overlayfs')}\n`;
+    text += `\n${unpack('dedup')}\n\n${unpack('overlayfs')}\n\n${differTable}\n`;
     const noExports = check(text);
     assert.equal(noExports.status, 'fail');
     assert.doesNotMatch(noExports.detail, /unpack_config/);
     text = text.replace(`  address = ${JSON.stringify(a)}\n`, `  address = ${JSON.stringify(a)}\n    [proxy_plugins.dedup.exports]\n      enable_remote_snapshot_annotations = "true"\n`);
     const good = check(text);
     assert.equal(good.status, 'ok', good.detail);
-    assert.match(good.detail, /^containerd 2\.1\.9: .* exports enable_remote_snapshot_annotations; unpack_config entry for dedup at line \d+/);
+    assert.match(good.detail, /^containerd 2\.1\.9: .* exports enable_remote_snapshot_annotations; unpack_config entry for dedup at line \d+ \(.*, differ dedup-differ\)/);
+    // Without the differ (its line, or its table): a warning, with what to add.
+    const noDifferLine = check(text.replace('\n  differ = "dedup-differ"', ''));
+    assert.equal(noDifferLine.status, 'warn', noDifferLine.detail);
+    assert.match(noDifferLine.detail, /the unpack_config entry for "dedup" \(line \d+\) names no differ: layers are unpacked into directories/);
+    const noDifferTable = check(text.replace(`${differTable}\n`, ''));
+    assert.equal(noDifferTable.status, 'warn', noDifferTable.detail);
+    assert.match(noDifferTable.detail, /there is no \[proxy_plugins\.dedup-differ\]/);
+    assert.ok(noDifferTable.fix?.includes(differTable), noDifferTable.fix);
 
     // CRI on dedup. 2.1+: without disable_snapshot_annotations CRI pulls through the transfer
     // service, which passes the labels given the export: lazy. 2.0 (no CRI transfer pull), an explicit

@@ -25,6 +25,7 @@ import { checkDirectoryEqual, deviceNumbers } from './helpers/fstest';
 import { CAP_NET_BIND_RAW, type Entry, MEDIA_CONFIG, MEDIA_LAYER_GZIP, MEDIA_MANIFEST, type TarHeader, buildLayer, chainIds, packEntry, packTar, pseudoRandom } from './helpers/images';
 import { mountsUnder, unmountUnder } from './helpers/mounts';
 import { runCmd } from './helpers/stack';
+import { RawTar } from './helpers/raw-tar';
 
 const MEDIA_LAYER_TAR = 'application/vnd.oci.image.layer.v1.tar';
 
@@ -33,110 +34,6 @@ function sha256(b: Buffer | string): string {
 }
 
 // ---------------------------------------------------------------------------
-// Raw tar writing, for headers tar-stream cannot write: GNU long names, binary
-// PAX values, base-256 numbers, V7 headers, global PAX headers.
-
-interface RawHeader {
-  name: string | Buffer;
-  typeflag?: string;
-  mode?: number;
-  uid?: number;
-  gid?: number;
-  mtime?: number;
-  linkname?: string;
-  devmajor?: number;
-  devminor?: number;
-  /** ustar prefix field (the name is then prefix + "/" + name). */
-  prefix?: string;
-  format?: 'ustar' | 'gnu' | 'v7';
-  /** Write uid and gid base-256 (GNU extension). */
-  base256Ids?: boolean;
-  /** The size field, when it should differ from the data written (header-only types). */
-  sizeField?: number;
-}
-
-function octal(b: Buffer, n: number, off: number, len: number): void {
-  b.write(`${n.toString(8).padStart(len - 1, '0')}\0`, off, len, 'latin1');
-}
-
-function base256(b: Buffer, n: number, off: number, len: number): void {
-  let v = BigInt(n);
-  for (let i = len - 1; i > 0; i--) {
-    b[off + i] = Number(v & 0xffn);
-    v >>= 8n;
-  }
-  b[off] = 0x80;
-}
-
-function rawHeaderBlock(h: RawHeader, size: number): Buffer {
-  const b = Buffer.alloc(512);
-  const name = typeof h.name === 'string' ? Buffer.from(h.name) : h.name;
-  assert.ok(name.length <= 100, `raw name too long: ${name.length}`);
-  name.copy(b, 0);
-  octal(b, h.mode ?? 0o644, 100, 8);
-  if (h.base256Ids) {
-    base256(b, h.uid ?? 0, 108, 8);
-    base256(b, h.gid ?? 0, 116, 8);
-  } else {
-    octal(b, h.uid ?? 0, 108, 8);
-    octal(b, h.gid ?? 0, 116, 8);
-  }
-  octal(b, size, 124, 12);
-  octal(b, h.mtime ?? 1704164645, 136, 12);
-  b[156] = (h.typeflag ?? '0').charCodeAt(0);
-  if (h.linkname) Buffer.from(h.linkname).copy(b, 157);
-  const format = h.format ?? 'ustar';
-  if (format === 'ustar') {
-    b.write('ustar\u000000', 257, 'latin1');
-  } else if (format === 'gnu') {
-    b.write('ustar  \u0000', 257, 'latin1');
-  }
-  if (format !== 'v7') {
-    octal(b, h.devmajor ?? 0, 329, 8);
-    octal(b, h.devminor ?? 0, 337, 8);
-  }
-  if (h.prefix) b.write(h.prefix, 345, 'utf8');
-  b.fill(0x20, 148, 156);
-  let sum = 0;
-  for (const c of b) sum += c;
-  b.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 8, 'latin1');
-  return b;
-}
-
-/** PAX extended header data: "<len> key=value\n" records, values as raw bytes. */
-function paxData(records: [string, Buffer | string][]): Buffer {
-  const out: Buffer[] = [];
-  for (const [k, v] of records) {
-    const body = Buffer.concat([Buffer.from(` ${k}=`), typeof v === 'string' ? Buffer.from(v) : v, Buffer.from('\n')]);
-    let len = body.length + 1;
-    while (String(len).length + body.length !== len) len = String(len).length + body.length;
-    out.push(Buffer.from(String(len)), body);
-  }
-  return Buffer.concat(out);
-}
-
-class RawTar {
-  private readonly parts: Buffer[] = [];
-
-  entry(h: RawHeader, data: Buffer | string = Buffer.alloc(0)): this {
-    const d = typeof data === 'string' ? Buffer.from(data) : data;
-    this.parts.push(rawHeaderBlock(h, h.sizeField ?? d.length), d, Buffer.alloc((512 - (d.length % 512)) % 512));
-    return this;
-  }
-
-  pax(records: [string, Buffer | string][], typeflag: 'x' | 'g' = 'x'): this {
-    return this.entry({ name: typeflag === 'g' ? 'pax_global_header' : 'PaxHeaders.0/entry', typeflag }, paxData(records));
-  }
-
-  gnuLong(typeflag: 'L' | 'K', name: string): this {
-    return this.entry({ name: '././@LongLink', typeflag, format: 'gnu' }, Buffer.concat([Buffer.from(name), Buffer.alloc(1)]));
-  }
-
-  finish(): Buffer {
-    return Buffer.concat([...this.parts, Buffer.alloc(1024)]);
-  }
-}
-
 /** A tar of tar-stream headers (for malicious names tar-stream writes as given). */
 async function tarOf(entries: { header: TarHeader; body?: string }[]): Promise<Buffer> {
   return packTar(async (pack) => {

@@ -161,6 +161,26 @@ export class ContainerdClient {
     });
   }
 
+  /**
+   * Content `digest` as a stream (a layer blob, read once front to back).
+   * The stream ends early with an error if containerd's copy is shorter or
+   * longer than `size` (when given).
+   */
+  async *streamContent(digest: string, size?: number): AsyncGenerator<Buffer> {
+    const s = (this.content.Read as NonNullable<Client['Read']>)({ digest, offset: 0, size: 0 }, this.md(), {});
+    let got = 0;
+    try {
+      for await (const res of s as AsyncIterable<{ data: Buffer }>) {
+        got += res.data.length;
+        if (size !== undefined && got > size) throw new Error(`content ${digest} is longer than its descriptor's ${size} bytes`);
+        yield res.data;
+      }
+    } finally {
+      s.cancel();
+    }
+    if (size !== undefined && got !== size) throw new Error(`content ${digest}: ${got} bytes read, its descriptor says ${size}`);
+  }
+
   /** The labels containerd keeps on content `digest` (e.g. containerd.io/gc.ref.snapshot.<snapshotter> on an unpacked image's config). */
   async contentLabels(digest: string): Promise<Record<string, string>> {
     const info = await this.call(this.content, 'Info', { digest });

@@ -20,12 +20,21 @@ import { type ContainerdTomlFacts, TRANSFER_PLUGIN, proxyPluginSnippet, readCont
  *   [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
  *     platform = "linux/amd64"
  *     snapshotter = "dedup"
+ *     differ = "dedup-differ"
+ *
+ *   [proxy_plugins.dedup-differ]
+ *     type = "diff"
+ *     address = "/run/containerd/dedup-snapshotter.sock"
  *
  * (double-quoted in a version 2 file). Inline forms (`dedup = { ... }`,
  * `unpack_config = [ ... ]`) are reported, not edited.
  */
 
 const SNAPSHOTTER = 'dedup';
+/** The proxy differ the daemon serves on the same socket (a proxy plugin's name is unique across types, so not "dedup"). */
+export const DIFFER = 'dedup-differ';
+const DIFFER_HEADER = /^\s*\[\s*proxy_plugins\s*\.\s*(?:dedup-differ|"dedup-differ"|'dedup-differ')\s*(?:\.[^\]]*)?\]\s*(?:#.*)?$/;
+const MARK_DIFFER = '# added by dedup-snapshotter install.sh: layers unpack in one pass through the daemon (containerd 2.x)';
 /** `[proxy_plugins.dedup]` and its sub-tables (`.exports`): all of them are the plugin's. */
 const HEADER = /^\s*\[\s*proxy_plugins\s*\.\s*(?:dedup|"dedup"|'dedup')\s*(?:\.[^\]]*)?\]\s*(?:#.*)?$/;
 const PLUGIN_HEADER = /^\s*\[\s*proxy_plugins\s*\.\s*(?:dedup|"dedup"|'dedup')\s*\]\s*(?:#.*)?$/;
@@ -87,22 +96,33 @@ function transferTable(v3: boolean): string {
   return v3 ? `plugins.'${TRANSFER_PLUGIN}'` : `plugins."${TRANSFER_PLUGIN}"`;
 }
 
+/** One unpack_config entry (dedup's names the daemon's differ). */
+function unpackEntry(v3: boolean, platform: string, sn: string): string {
+  const differ = sn === SNAPSHOTTER ? `\n  differ = ${JSON.stringify(DIFFER)}` : '';
+  return `[[${transferTable(v3)}.unpack_config]]\n  platform = ${JSON.stringify(platform)}\n  snapshotter = ${JSON.stringify(sn)}${differ}`;
+}
+
 /** unpack_config entries to append: one per snapshotter, each after its mark. */
 export function unpackConfigSection(v3: boolean, platform: string, snapshotters: string[]): string {
-  return snapshotters
-    .map((sn) => `\n${sn === SNAPSHOTTER ? MARK_UNPACK : MARK_UNPACK_DEFAULT}\n[[${transferTable(v3)}.unpack_config]]\n  platform = ${JSON.stringify(platform)}\n  snapshotter = ${JSON.stringify(sn)}\n`)
-    .join('');
+  return snapshotters.map((sn) => `\n${sn === SNAPSHOTTER ? MARK_UNPACK : MARK_UNPACK_DEFAULT}\n${unpackEntry(v3, platform, sn)}\n`).join('');
+}
+
+/** The proxy differ's table (containerd 2.x): Apply of dedup's layers goes to the daemon's socket. */
+export function differSection(address: string): string {
+  return `\n${MARK_DIFFER}\n[proxy_plugins.${DIFFER}]\n  type = "diff"\n  address = ${JSON.stringify(address)}\n`;
 }
 
 /**
  * What containerd 2.x needs, for the doctor to show: the unpack_config
- * entries for `unpack` (this machine's platform) and the proxy plugin with
- * its exports (`full`: with a [proxy_plugins] header, `table`: without, `none`).
+ * entries for `unpack` (this machine's platform), the proxy plugin with
+ * its exports (`full`: with a [proxy_plugins] header, `table`: without,
+ * `none`), and the proxy differ's table (`differ`).
  */
-export function containerd2Snippet(address: string, opts: { v3: boolean; unpack: string[]; plugin: 'full' | 'table' | 'none'; platform?: string }): string {
+export function containerd2Snippet(address: string, opts: { v3: boolean; unpack: string[]; plugin: 'full' | 'table' | 'none'; differ?: boolean; platform?: string }): string {
   const platform = opts.platform ?? platformOf();
-  const parts = opts.unpack.map((sn) => `[[${transferTable(opts.v3)}.unpack_config]]\n  platform = ${JSON.stringify(platform)}\n  snapshotter = ${JSON.stringify(sn)}`);
+  const parts = opts.unpack.map((sn) => unpackEntry(opts.v3, platform, sn));
   if (opts.plugin !== 'none') parts.push(proxyPluginSnippet(address, { withHeader: opts.plugin === 'full', exports: true }));
+  if (opts.differ) parts.push(differSection(address).replace(`${MARK_DIFFER}\n`, '').trim());
   return parts.join('\n\n');
 }
 
@@ -169,6 +189,15 @@ export function addToConfig(text: string, opts: AddOptions): AddResult {
     const listed = facts.unpackConfig.map((e) => e.snapshotter ?? '(none)').join(', ');
     if (ours) {
       notes.push(`already has an unpack_config entry for "${SNAPSHOTTER}" (line ${ours.line}, platform ${ours.platform ?? 'unset'})`);
+      if (ours.differ === undefined && !ours.inline) {
+        const indent = `${/^\s*/.exec(lines[ours.line - 1])?.[0] ?? ''}  `;
+        lines.splice(ours.line, 0, `${indent}${MARK_DIFFER}`, `${indent}differ = ${JSON.stringify(DIFFER)}`);
+        added.push(`differ = "${DIFFER}" to that entry (line ${ours.line + 2})`);
+      } else if (ours.differ === undefined) {
+        notes.push(`line ${ours.line}: add differ = "${DIFFER}" to the inline unpack_config entry for "${SNAPSHOTTER}" by hand (layers then unpack in one pass)`);
+      } else if (ours.differ !== DIFFER) {
+        notes.push(`its unpack_config entry for "${SNAPSHOTTER}" names differ = ${JSON.stringify(ours.differ)}: left so (with "${DIFFER}" layers unpack in one pass)`);
+      }
     } else if (facts.unpackInlineLine !== undefined) {
       notes.push(
         `line ${facts.unpackInlineLine}: an inline unpack_config list, not edited: add { platform = ${JSON.stringify(platform)}, snapshotter = "${SNAPSHOTTER}" } to it by hand, or ctr image pull --snapshotter=${SNAPSHOTTER} fails with "no unpack platforms defined"`,
@@ -202,6 +231,18 @@ export function addToConfig(text: string, opts: AddOptions): AddResult {
     } else {
       const at = insertExports(lines);
       if (at) added.push(`${ENABLE} to [proxy_plugins.dedup]'s exports (line ${at})`);
+    }
+  }
+
+  // The differ only where dedup's unpack_config entry names (or will name) it.
+  const dedupEntry = facts.unpackConfig.find((e) => e.snapshotter === SNAPSHOTTER);
+  if (wantsTransfer(facts, opts.containerdMajor) && (dedupEntry !== undefined || facts.unpackInlineLine === undefined)) {
+    const differ = facts.plugins.get(DIFFER);
+    if (!differ) {
+      tail += differSection(opts.address);
+      added.push(`[proxy_plugins.${DIFFER}] (type "diff", address ${opts.address})`);
+    } else {
+      notes.push(`already has [proxy_plugins.${DIFFER}]${differ.type !== 'diff' ? ` of type ${JSON.stringify(differ.type ?? 'unset')}: set type = "diff" by hand` : ''}`);
     }
   }
 
@@ -270,6 +311,7 @@ export function removeProxyPlugin(text: string): PluginEdit {
   const notes: string[] = [];
   for (let i = 0; i < lines.length; i++) {
     if (HEADER.test(lines[i])) dropTable(lines, i, [MARK, MARK_EXPORTS], drop);
+    if (DIFFER_HEADER.test(lines[i])) dropTable(lines, i, [MARK_DIFFER], drop);
   }
   // The unpack_config entries: dedup's (any, by a [[…]] header), overlayfs's when it is install.sh's and would be alone.
   const tables = facts.unpackConfig.filter((e) => !e.inline);

@@ -50,3 +50,14 @@ export function snapshotsService(): grpc.ServiceClientConstructor {
   const pkg = snapshotsPackage() as any;
   return pkg.containerd.services.snapshots.v1.Snapshots as grpc.ServiceClientConstructor;
 }
+
+let diffCached: grpc.GrpcObject | undefined;
+
+/** The client/service constructor for containerd.services.diff.v1.Diff (the proxy differ the daemon serves). */
+export function diffService(): grpc.ServiceClientConstructor {
+  if (!diffCached) {
+    const def = protoLoader.loadSync('containerd/services/diff/v1/diff.proto', { ...LOADER_OPTIONS, includeDirs: [protoRoot()] });
+    diffCached = grpc.loadPackageDefinition(def);
+  }
+  return (diffCached as any).containerd.services.diff.v1.Diff as grpc.ServiceClientConstructor;
+}

@@ -18,6 +18,9 @@ import type { ChunkSink } from './layer-tree';
  * once. The converter resolves races (another import storing the same new
  * chunk meanwhile) under the lock, when it places the layer's chunks.
  */
+/** Chunk writes a sink keeps in flight while it reads and hashes on. */
+const MAX_INFLIGHT = 4;
+
 export class StoreChunkSink implements ChunkSink {
   /** Layer-local chunk number → digest and blocks. */
   readonly digests: string[] = [];
@@ -35,6 +38,8 @@ export class StoreChunkSink implements ChunkSink {
   writtenBytes = 0;
   foundChunks = 0;
   private closed = false;
+  private readonly inflight = new Set<Promise<void>>();
+  private failure: Error | null = null;
 
   constructor(
     private readonly store: ChunkStore,
@@ -66,15 +71,37 @@ export class StoreChunkSink implements ChunkSink {
     }
     if (this.store.layout === 'segments') {
       this.writer ??= this.store.segments.create();
-      this.written.set(digest, await this.store.append(this.writer, padded));
+      // Appends are placed in call order (the extent is taken before the write starts).
+      const writing = this.store.append(this.writer, padded);
+      this.track(writing.then((e) => void this.written.set(digest, e)));
     } else {
       // Recorded before the write, so that a failed write's extent is freed by discard.
       const extent = this.store.allocate(nblocks);
       this.written.set(digest, extent);
-      await this.store.write(extent, padded);
+      this.track(this.store.write(extent, padded));
     }
     this.writtenBytes += padded.length;
+    if (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
+    if (this.failure) throw this.failure;
     return n;
+  }
+
+  /** Keeps a write in flight: reading and hashing the next chunks overlaps it; the first failure is thrown by add or flush. */
+  private track(p: Promise<void>): void {
+    const t: Promise<void> = p.then(
+      () => void this.inflight.delete(t),
+      (err: Error) => {
+        this.inflight.delete(t);
+        this.failure ??= err;
+      },
+    );
+    this.inflight.add(t);
+  }
+
+  /** Waits for every write in flight; throws the first that failed. Call before the chunks are placed. */
+  async flush(): Promise<void> {
+    while (this.inflight.size > 0) await Promise.all([...this.inflight]);
+    if (this.failure) throw this.failure;
   }
 
   /** Distinct chunks in the order first met: digest and blocks. */
@@ -85,11 +112,14 @@ export class StoreChunkSink implements ChunkSink {
   /**
    * Gives back what the sink holds: provisional chunks.blob extents not in
    * `keep` are punched and freed (a segment is the caller's to finish or
-   * abandon), pins are dropped. Call once, on success or failure.
+   * abandon), pins are dropped, once no write is in flight. Call once, on
+   * success or failure.
    */
-  discard(keep: ReadonlySet<string> = new Set()): void {
+  async discard(keep: ReadonlySet<string> = new Set()): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // No write may land after its extent is freed (and perhaps handed to another import).
+    while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
     for (const id of this.pinned) this.store.unpin(id);
     if (this.store.layout !== 'segments') {
       const drop = [...this.written].filter(([d]) => !keep.has(d)).map(([, e]) => e);

@@ -103,7 +103,7 @@ export class Converter {
     try {
       root = await treeFromDirectory(dir, sink);
     } catch (err) {
-      sink.discard();
+      await sink.discard();
       if (err instanceof NonUtf8NameError) return this.convertWithMkfs(id, dir, finish);
       throw err;
     }
@@ -151,6 +151,8 @@ export class Converter {
     const store = this.o.store;
     let keep = new Set<string>();
     try {
+      // Every chunk written before anything is placed (outside the lock: other imports go on meanwhile).
+      await sink.flush();
       return await store.withLock(async () => {
         await store.restoreFile();
         if (store.restoredFiles !== sink.restoredAtStart && store.layout !== 'segments' && sink.written.size > 0) {
@@ -257,7 +259,7 @@ export class Converter {
       keep = new Set();
       throw err;
     } finally {
-      sink.discard(keep);
+      await sink.discard(keep);
     }
   }
 

@@ -23,9 +23,28 @@ import { Readable, pipeline } from 'node:stream';
 import zlib from 'node:zlib';
 import { S_IFBLK, S_IFCHR, S_IFIFO, mknod } from '../../native/mknod';
 import { XATTR_CREATE, XattrError, getXattr, listXattrs, setXattr } from '../../native/xattr';
-import { type ErrorKind, SnapshotterError, messageOf } from '../errdefs/errors';
+import { messageOf } from '../errdefs/errors';
 import { lstatOrNull } from '../util/fs';
-import { type TarHeader, TarFormatError, TarReader, TYPE } from './tar-reader';
+import {
+  LayerTarError,
+  OPAQUE_XATTR,
+  archiveXattrs,
+  checkEntryType,
+  cleanName,
+  dirTimesError,
+  applyEntries,
+  entryTimes,
+  goJoin,
+  invalid,
+  kindLabel,
+  q,
+  resolveInRoot,
+  whiteoutOf,
+  xattrIgnored,
+} from './layer-rules';
+import { type TarHeader, TarReader, TYPE } from './tar-reader';
+
+export { LayerTarError } from './layer-rules';
 
 export interface ApplyLayerOptions {
   /** `auto` (default) reads gzip by its magic bytes and plain tar otherwise. */
@@ -62,94 +81,16 @@ export interface ApplyLayerResult {
   bytes: number;
 }
 
-/**
- * A layer that cannot be applied. `kind` is InvalidArgument for a malformed,
- * unsupported or unsafe archive, FailedPrecondition for a directory that is
- * not empty, Internal for a failing system call; `entry` is the tar entry's
- * name as stored, when the failure is about one entry.
- */
-export class LayerTarError extends SnapshotterError {
-  constructor(
-    kind: ErrorKind,
-    message: string,
-    readonly entry?: string,
-    cause?: unknown,
-  ) {
-    super(kind, message, { cause });
-    this.name = 'LayerTarError';
-  }
-}
-
-const WHITEOUT_PREFIX = '.wh.';
-const WHITEOUT_OPAQUE = '.wh..wh..opq';
-const PAX_XATTR = 'SCHILY.xattr.';
-const OPAQUE_XATTR = 'trusted.overlay.opaque';
-
-/** archive.boundTime: times before the epoch or past 2262 become the epoch. */
-const MAX_TIME_SEC = 9223372036;
-
 const O_NOFOLLOW = fs.constants.O_NOFOLLOW;
 
-function q(s: string): string {
-  return JSON.stringify(s);
-}
-
-
 function kindName(st: fs.Stats): string {
-  if (st.isFile()) return 'regular file';
-  if (st.isDirectory()) return 'directory';
-  if (st.isSymbolicLink()) return 'symlink';
-  if (st.isCharacterDevice()) return st.rdev === 0 ? 'whiteout (char device 0/0)' : 'char device';
-  if (st.isBlockDevice()) return 'block device';
-  if (st.isFIFO()) return 'fifo';
-  return 'socket';
-}
-
-/** A failure of one entry whose kind is known; applyLayerTar adds the entry's name. */
-class EntryError extends Error {
-  constructor(
-    readonly kind: ErrorKind,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
-const invalid = (msg: string) => new EntryError('InvalidArgument', msg);
-
-/**
- * The path components of an entry name, cleaned lexically as Go's
- * filepath.Clean does; [] for the root. Refuses an empty name, an absolute
- * one and one whose `..` climbs above the root.
- */
-function cleanName(raw: string, what: string): string[] {
-  if (raw === '') throw invalid(`${what} is empty`);
-  if (raw.startsWith('/')) throw invalid(`${what} ${q(raw)} is absolute: refusing to write outside the layer directory`);
-  const comps: string[] = [];
-  for (const part of raw.split('/')) {
-    if (part === '' || part === '.') continue;
-    if (part === '..') {
-      if (comps.length === 0) throw invalid(`${what} ${q(raw)} climbs out of the layer directory with "..": refusing`);
-      comps.pop();
-    } else {
-      comps.push(part);
-    }
-  }
-  return comps;
-}
-
-// ---- Go path helpers, for containerd's RootPath in lower layers ----
-
-function goClean(p: string): string {
-  if (p === '') return '.';
-  let c = path.posix.normalize(p);
-  if (c.length > 1 && c.endsWith('/')) c = c.slice(0, -1);
-  return c;
-}
-
-function goJoin(...parts: string[]): string {
-  const nonEmpty = parts.filter((x) => x !== '');
-  return nonEmpty.length === 0 ? '' : goClean(nonEmpty.join('/'));
+  if (st.isFile()) return kindLabel('file', false);
+  if (st.isDirectory()) return kindLabel('dir', false);
+  if (st.isSymbolicLink()) return kindLabel('symlink', false);
+  if (st.isCharacterDevice()) return kindLabel('chr', st.rdev === 0);
+  if (st.isBlockDevice()) return kindLabel('blk', false);
+  if (st.isFIFO()) return kindLabel('fifo', false);
+  return kindLabel('sock', false);
 }
 
 /**
@@ -159,38 +100,12 @@ function goJoin(...parts: string[]): string {
  */
 function rootPath(root: string, p: string): string {
   if (p === '') return root;
-  const walked = { n: 0 };
-  const walkLink = (rel: string): [string, boolean] => {
-    if (walked.n > 255) throw new Error(`too many links resolving ${q(p)} in ${root}`);
-    rel = goJoin('/', rel);
-    if (rel === '/') return [rel, false];
+  const linkAt = (rel: string): string | null => {
     const real = goJoin(root, rel);
     const st = lstatOrNull(real);
-    if (!st || !st.isSymbolicLink()) return [rel, false];
-    walked.n++;
-    return [fs.readlinkSync(real), true];
+    return st?.isSymbolicLink() ? fs.readlinkSync(real) : null;
   };
-  const walkLinks = (rel: string): string => {
-    const i = rel.lastIndexOf('/');
-    const dir = rel.slice(0, i + 1);
-    const file = rel.slice(i + 1);
-    if (dir === '') return walkLink(file)[0];
-    if (file === '') return dir === '/' ? dir : walkLinks(dir.slice(0, -1));
-    const newdir = walkLinks(dir);
-    const [next, isLink] = walkLink(goJoin(newdir, file));
-    if (!isLink || next.startsWith('/')) return next;
-    return goJoin(newdir, next);
-  };
-  for (;;) {
-    const before = walked.n;
-    let next = walkLinks(p);
-    p = next;
-    if (before === walked.n) {
-      next = goJoin('/', next);
-      if (p === next) return goJoin(root, next);
-      p = next;
-    }
-  }
+  return goJoin(root, resolveInRoot(p, linkAt, root));
 }
 
 // ---- decompression ----
@@ -261,29 +176,6 @@ async function openLayer(input: Readable, compression: 'auto' | 'gzip' | 'none')
   return gunzip;
 }
 
-function readError(err: unknown, after: string | undefined): LayerTarError {
-  if (err instanceof LayerTarError) return err;
-  const where = after === undefined ? 'at the start of the archive' : `after entry ${q(after)}`;
-  const code = (err as NodeJS.ErrnoException).code ?? '';
-  if (err instanceof TarFormatError) return new LayerTarError('InvalidArgument', `layer tar ${where} (offset ${err.offset}): ${err.message}`, undefined, err);
-  if (code.startsWith('Z_') || code.startsWith('ERR_ZLIB')) return new LayerTarError('InvalidArgument', `layer blob ${where}: corrupt gzip data: ${messageOf(err)}`, undefined, err);
-  return new LayerTarError('Internal', `reading the layer blob ${where}: ${messageOf(err)}`, undefined, err);
-}
-
-/** A failure while applying entry `name` (reading its data included), as a LayerTarError. */
-function entryError(err: unknown, name: string): LayerTarError {
-  const code = (err as NodeJS.ErrnoException).code ?? '';
-  let kind: ErrorKind = 'Internal';
-  let msg = messageOf(err);
-  if (err instanceof EntryError) kind = err.kind;
-  else if (err instanceof TarFormatError) kind = 'InvalidArgument';
-  else if (code.startsWith('Z_') || code.startsWith('ERR_ZLIB')) {
-    kind = 'InvalidArgument';
-    msg = `corrupt gzip data: ${msg}`;
-  }
-  return new LayerTarError(kind, `layer entry ${q(name)}: ${msg}`, name, err);
-}
-
 // ---- the applier ----
 
 interface DirTimes {
@@ -292,13 +184,6 @@ interface DirTimes {
   rel: string[];
   atime: number;
   mtime: number;
-}
-
-/** containerd's chtimes(boundTime(latestTime(atime, mtime)), boundTime(mtime)). */
-function entryTimes(h: TarHeader): { atime: number; mtime: number } {
-  const bound = (t: number) => (t < 0 || t > MAX_TIME_SEC ? 0 : t);
-  const a = h.atime !== undefined && h.atime > h.mtime ? h.atime : h.mtime;
-  return { atime: bound(a), mtime: bound(h.mtime) };
 }
 
 class Applier {
@@ -417,23 +302,19 @@ class Applier {
     // containerd ignores an entry for the root itself ("./").
     if (comps.length === 0) return;
     const t = h.typeflag;
-    if (t === TYPE.gnuSparse) throw invalid('GNU sparse files are not supported');
-    if (![TYPE.reg, TYPE.link, TYPE.symlink, TYPE.char, TYPE.block, TYPE.dir, TYPE.fifo].includes(t as never)) {
-      throw invalid(`unsupported tar entry type ${q(t)} (0x${t.charCodeAt(0).toString(16)})`);
-    }
+    checkEntryType(t);
     this.ensureParents(comps);
 
     const base = comps[comps.length - 1];
     const parent = comps.slice(0, -1);
-    if (base === WHITEOUT_OPAQUE) {
+    const whiteout = whiteoutOf(base);
+    if (whiteout?.opaque) {
       setXattr(this.abs(parent), OPAQUE_XATTR, 'y');
       this.files++;
       return;
     }
-    if (base.startsWith(WHITEOUT_PREFIX)) {
-      const name = base.slice(WHITEOUT_PREFIX.length);
-      if (name === '' || name === '.' || name === '..') throw invalid(`invalid whiteout name ${q(base)}`);
-      const target = [...parent, name];
+    if (whiteout) {
+      const target = [...parent, whiteout.name];
       const st = lstatOrNull(this.abs(target));
       if (st) this.remove(target, st);
       mknod(this.abs(target), S_IFCHR, 0, 0);
@@ -524,13 +405,7 @@ class Applier {
 
   /** SCHILY.xattr.* records, skipping what containerd 1.6 skips (with a warning). */
   private setXattrs(h: TarHeader, p: string): void {
-    for (const [key, value] of h.pax) {
-      if (!key.startsWith(PAX_XATTR)) continue;
-      const name = key.slice(PAX_XATTR.length);
-      if (name.startsWith('trusted.')) {
-        this.warn(`layer entry ${q(h.name)}: xattr ${name} ignored (trusted.* attributes from an archive are not applied, as containerd does)`);
-        continue;
-      }
+    for (const [name, value] of archiveXattrs(h, (m) => this.warn(m))) {
       try {
         setXattr(p, name, value);
       } catch (err) {
@@ -538,12 +413,12 @@ class Applier {
           if (err.code === 'EPERM' && name.startsWith('user.')) {
             const st = fs.lstatSync(p);
             if (!st.isFile() && !st.isDirectory()) {
-              this.warn(`layer entry ${q(h.name)}: xattr ${name} ignored (user.* attributes only exist on files and directories)`);
+              this.warn(xattrIgnored.userOnSpecial(h.name, name));
               continue;
             }
           }
           if (err.code === 'ENOTSUP' || err.code === 'EOPNOTSUPP') {
-            this.warn(`layer entry ${q(h.name)}: xattr ${name} ignored: ${err.code}`);
+            this.warn(xattrIgnored.unsupported(h.name, name, err.code));
             continue;
           }
         }
@@ -563,16 +438,7 @@ class Applier {
       try {
         fs.lutimesSync(rootPath(this.root, d.rel.join('/')), d.atime, d.mtime);
       } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code === 'ENOENT' || code === 'ENOTDIR') {
-          throw new LayerTarError(
-            'InvalidArgument',
-            `layer entry ${q(d.name)}: the directory no longer exists at the end of the layer (a later entry replaced it or a parent; containerd refuses such a layer too): ${messageOf(err)}`,
-            d.name,
-            err,
-          );
-        }
-        throw new LayerTarError('Internal', `layer entry ${q(d.name)}: setting the directory's times: ${messageOf(err)}`, d.name, err);
+        throw dirTimesError(d.name, (err as NodeJS.ErrnoException).code, err);
       }
     }
   }
@@ -607,30 +473,7 @@ function prepareDir(dir: string): string {
 export async function applyLayerTar(input: Readable, dir: string, opts: ApplyLayerOptions = {}): Promise<ApplyLayerResult> {
   const root = prepareDir(dir);
   const tarStream = await openLayer(input, opts.compression ?? 'auto');
-  const reader = new TarReader(tarStream);
   const applier = new Applier(root, opts);
-  let last: string | undefined;
-  try {
-    for (;;) {
-      let h: TarHeader | null;
-      try {
-        h = await reader.next();
-      } catch (err) {
-        throw readError(err, last);
-      }
-      if (h === null) break;
-      try {
-        await applier.apply(h, reader);
-      } catch (err) {
-        if (err instanceof LayerTarError) throw err;
-        throw entryError(err, h.name);
-      }
-      last = h.name;
-    }
-    applier.finish();
-  } catch (err) {
-    await reader.close().catch(() => undefined);
-    throw err;
-  }
+  await applyEntries(new TarReader(tarStream), applier);
   return { files: applier.files, bytes: applier.bytes };
 }

@@ -20,7 +20,7 @@ import { scratchDir } from '../kernel/probes';
 import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { fsTypeOf, isMountPoint, listMounts } from '../mount/mountinfo';
 import { existingAncestor, readOnlyAncestor } from '../util/fs';
-import { containerd2Snippet, parseContainerdVersion, platformOf, wantsTransfer } from '../containerd/config-toml';
+import { DIFFER, containerd2Snippet, differSection, parseContainerdVersion, platformOf, wantsTransfer } from '../containerd/config-toml';
 import { CRI_V2_PLUGIN, CRI_V3_IMAGES_PLUGIN, type ContainerdTomlFacts, proxyPluginSnippet, readContainerdToml } from '../containerd/toml-reader';
 import { type CheckResult, type Progress, noProgress } from './types';
 import { compareVersions, errCode, errMessage, formatBytes, hasSystemd, shq, whichBin } from './util';
@@ -361,7 +361,7 @@ export function checkContainerdConfig(file: string, address: string, containerd:
     text = fs.readFileSync(file, 'utf8');
   } catch (err) {
     const v3 = (containerd?.major ?? 0) >= 2;
-    const body = v3 ? containerd2Snippet(address, { v3: true, unpack: ['dedup', 'overlayfs'], plugin: 'full' }) : proxyPluginSnippet(address);
+    const body = v3 ? containerd2Snippet(address, { v3: true, unpack: ['dedup', 'overlayfs'], plugin: 'full', differ: true }) : proxyPluginSnippet(address);
     return {
       name,
       status: 'fail',
@@ -389,7 +389,7 @@ export function checkContainerdConfig(file: string, address: string, containerd:
   const unpackNames = facts.unpackConfig.length === 0 ? ['dedup', 'overlayfs'] : ['dedup'];
   if (!entry) {
     const snippet = transfer
-      ? containerd2Snippet(address, { v3, unpack: withUnpack && facts.unpackInlineLine === undefined ? unpackNames : [], plugin: facts.hasProxyPluginsHeader ? 'table' : 'full' })
+      ? containerd2Snippet(address, { v3, unpack: withUnpack && facts.unpackInlineLine === undefined ? unpackNames : [], plugin: facts.hasProxyPluginsHeader ? 'table' : 'full', differ: !facts.plugins.has(DIFFER) })
       : proxyPluginSnippet(address, { withHeader: !facts.hasProxyPluginsHeader });
     return {
       name,
@@ -419,7 +419,7 @@ export function checkContainerdConfig(file: string, address: string, containerd:
         detail: `${who}: ${file} has no unpack_config entry for snapshotter "dedup": \`ctr image pull --snapshotter=dedup\` fails with 'no unpack platforms defined'${imports}`,
         fix: inline
           ? `add { platform = ${JSON.stringify(platformOf())}, snapshotter = "dedup" } to the unpack_config list at line ${facts.unpackInlineLine} of ${file}, then ${restart}`
-          : `add to ${file}${unpackNames.length > 1 ? ' (a list replaces containerd\'s default one: overlayfs must be in it too)' : ''}, then ${restart}:\n${containerd2Snippet(address, { v3, unpack: unpackNames, plugin: 'none' })}`,
+          : `add to ${file}${unpackNames.length > 1 ? ' (a list replaces containerd\'s default one: overlayfs must be in it too)' : ''}, then ${restart}:\n${containerd2Snippet(address, { v3, unpack: unpackNames, plugin: 'none', differ: !facts.plugins.has(DIFFER) })}`,
       });
     } else {
       const ours = facts.unpackConfig.find((e) => e.snapshotter === 'dedup');
@@ -427,6 +427,18 @@ export function checkContainerdConfig(file: string, address: string, containerd:
         warns.push({
           detail: `${file} line ${ours.line}: the unpack_config entry for "dedup" is for platform ${ours.platform}, this machine is ${platformOf()}: its images are not unpacked by dedup`,
           fix: `set platform = ${JSON.stringify(platformOf())} in that entry, then ${restart}`,
+        });
+      }
+      const differ = facts.plugins.get(DIFFER);
+      const differOk = differ && differ.type === 'diff' && differ.address !== undefined && path.normalize(differ.address) === address;
+      if (ours && (ours.differ !== DIFFER || !differOk)) {
+        const what = [
+          ...(ours.differ !== DIFFER ? [`the unpack_config entry for "dedup" (line ${ours.line}) ${ours.differ === undefined ? 'names no differ' : `names differ ${JSON.stringify(ours.differ)}`}`] : []),
+          ...(!differ ? [`there is no [proxy_plugins.${DIFFER}]`] : !differOk ? [`[proxy_plugins.${DIFFER}] (line ${differ.line}) is not type "diff" at ${address}`] : []),
+        ];
+        warns.push({
+          detail: `${who}: ${what.join(' and ')}: layers are unpacked into directories by containerd's walking differ and converted afterwards, instead of in one pass by the daemon`,
+          fix: `${ours.differ !== DIFFER ? `add differ = "${DIFFER}" to that unpack_config entry` : ''}${ours.differ !== DIFFER && !differOk ? ' and ' : ''}${!differOk ? `${differ ? 'make' : 'add'} this table in ${file}` : ''}, then ${restart}:\n${differSection(address).replace(/^\n#[^\n]*\n/, '').trim()}`,
         });
       }
       if (facts.unpackConfig.length > 0 && !facts.unpackConfig.some((e) => e.snapshotter === 'overlayfs')) {
@@ -450,7 +462,7 @@ export function checkContainerdConfig(file: string, address: string, containerd:
   if (all.length === 0) {
     if (!transfer) return { name, status: 'ok', detail: okDetail };
     const ours = facts.unpackConfig.find((e) => e.snapshotter === 'dedup');
-    return { name, status: 'ok', detail: `${containerd ? `containerd ${containerd.version}: ` : ''}${okDetail}, exports ${ENABLE_REMOTE}; unpack_config entry for dedup at line ${ours?.line} (${ours?.platform ?? 'no platform'})` };
+    return { name, status: 'ok', detail: `${containerd ? `containerd ${containerd.version}: ` : ''}${okDetail}, exports ${ENABLE_REMOTE}; unpack_config entry for dedup at line ${ours?.line} (${ours?.platform ?? 'no platform'}, differ ${ours?.differ ?? 'none'})` };
   }
   return { name, status: fails.length > 0 ? 'fail' : 'warn', detail: all.map((x) => x.detail).join('; '), fix: all.map((x) => x.fix).join('\n\n') };
 }

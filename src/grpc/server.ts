@@ -1,9 +1,10 @@
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { snapshotsService } from '../containerd/proto';
+import { diffService, snapshotsService } from '../containerd/proto';
 import type { Logger } from '../log/logger';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import { prepareSocketPath } from '../util/socket';
+import { createDiffHandlers } from './diff-service';
 import { type MutationEvent, createSnapshotsHandlers } from './service';
 
 export interface GrpcServerHandle {
@@ -32,6 +33,9 @@ export async function startGrpcServer(opts: {
     snapshotsService().service,
     createSnapshotsHandlers({ snapshotter: opts.snapshotter, logger: opts.logger, track, onMutation: opts.onMutation }),
   );
+  // The proxy differ "dedup-differ" on the same socket (containerd 2.x's unpack_config selects it).
+  const applier = opts.snapshotter.parts.erofs?.applier;
+  if (applier) server.addService(diffService().service, createDiffHandlers({ applier, logger: opts.logger, track }));
   await prepareSocketPath(opts.address);
   await new Promise<void>((resolve, reject) => {
     server.bindAsync(`unix:${opts.address}`, grpc.ServerCredentials.createInsecure(), (err) =>

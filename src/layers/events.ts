@@ -9,7 +9,7 @@ export interface ConvertEvent {
   error?: string;
   durationMs: number;
   stats?: ConvertStats;
-  mode: 'background' | 'sync' | 'remote';
+  mode: 'background' | 'sync' | 'remote' | 'apply';
 }
 
 /** Tells the listener (set once by the daemon's wiring) of each conversion; a failing listener is logged, never thrown. */

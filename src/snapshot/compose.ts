@@ -3,6 +3,7 @@ import path from 'node:path';
 import { Converter } from '../convert/converter';
 import { readImageDeviceTags } from '../convert/erofs-format';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
+import { LayerApplier } from '../layers/apply';
 import { ConvertedLayerPusher } from '../convert/share';
 import { ConversionQueue } from '../layers/conversion';
 import { type ConvertEvent, ConvertEvents } from '../layers/events';
@@ -89,6 +90,13 @@ export interface SnapshotterOptions {
   integrity?: { scrubMbps: number; scrubIntervalMs: number; onStartProgress?: (p: VerifyProgress) => void };
   /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
   pushConverted?: boolean;
+  /**
+   * containerd's socket, where dedup-differ's Apply reads layer blobs
+   * (default: $CONTAINERD_ADDRESS, else /run/containerd/containerd.sock).
+   */
+  containerdAddress?: string;
+  /** containerd's root, whose content store dedup-differ reads blobs from directly (default: $CONTAINERD_ROOT, else /var/lib/containerd). */
+  containerdRoot?: string;
 }
 
 /** The parts that exist only with use_erofs: each non-null inside. */
@@ -98,6 +106,8 @@ export interface ErofsParts {
   sealer: ImageSealer;
   integrity: LayerIntegrity;
   conversion: ConversionQueue;
+  /** dedup-differ's Apply: layer tars into images without a directory. */
+  applier: LayerApplier;
   /** 'background': Commit returns before the conversion; 'sync': Commit converts. */
   background: boolean;
   share: ConvertedLayerPusher | null;
@@ -219,6 +229,19 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   // such layers stay lazy (docs/lazy-pull.md, "Settling").
   const settler = loader && od ? new Settler({ ms, store, converter, loader, mounts, logger, enabled: (od.settle ?? true) && od.backend === 'fanotify' }) : null;
   settlerRef = settler;
+  const applier = new LayerApplier({
+    ms,
+    layout,
+    store,
+    converter,
+    conversion,
+    mounts,
+    events,
+    chunkSize: e.chunkSize,
+    logger,
+    containerdAddress: opts.containerdAddress ?? (process.env.CONTAINERD_ADDRESS || '/run/containerd/containerd.sock'),
+    containerdRoot: opts.containerdRoot ?? (process.env.CONTAINERD_ROOT || '/var/lib/containerd'),
+  });
   const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, logger }) : null;
   return {
     layout,
@@ -230,7 +253,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     sweeper,
     events,
     remote,
-    erofs: { store, converter, sealer, integrity, conversion, background: (e.convertMode ?? 'background') === 'background', share, importer, loader, settler },
+    erofs: { store, converter, sealer, integrity, conversion, applier, background: (e.convertMode ?? 'background') === 'background', share, importer, loader, settler },
     scrub: opts.integrity ?? null,
   };
 }

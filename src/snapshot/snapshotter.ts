@@ -266,6 +266,15 @@ export class Snapshotter {
     // re-checks everything, so a concurrent Remove or Commit is detected.
     // Any kind: commitActive reports a taken name before a wrong kind, as containerd.
     const s = this.ms.getAny(key);
+    const applied = e && s.kind === Kind.Active ? this.ms.getLayer(s.id) : undefined;
+    if (applied) {
+      // dedup-differ applied its layer: already an image, mounted and recorded; Commit only names it.
+      const usage = { size: applied.logical_bytes, inodes: applied.files };
+      const id = this.ms.transaction(() => this.ms.commitActive(key, name, usage, labels));
+      await removeAll(this.layout.snapshotDir(id)).catch((err: Error) => this.log.warn({ op: 'commit', key, name, snapshot: id, err: err.message }, 'empty directory of an applied layer left for cleanup'));
+      this.log.info({ op: 'commit', key, name, snapshot: id, size: usage.size, inodes: usage.inodes, duration_ms: Date.now() - started }, 'snapshot committed');
+      return;
+    }
     if (e && !e.background && s.kind === Kind.Active) {
       await e.conversion.commitConverted(
         s.id,
@@ -455,6 +464,7 @@ export class Snapshotter {
     const e = this.parts.erofs;
     this.parts.sweeper.close();
     e?.conversion.close();
+    e?.applier.close();
     e?.settler?.close();
     e?.share?.close();
     // The holder keeps the marks: reads wait for the next daemon.

@@ -554,9 +554,10 @@ export class ChunkStore {
   /** Writes a new chunk at the end of segment `w` (an import's own); returns its extent. */
   async append(w: SegmentWriter, data: Buffer): Promise<Extent> {
     const nblocks = Math.ceil(data.length / STORE_BLOCK);
+    // The extent is taken before the write: appends may be in flight together.
     const e = { segment: w.id, blkaddr: w.blocks, nblocks };
-    await writeAllAt(w.fd, padToBlocks(data, nblocks), e.blkaddr * STORE_BLOCK);
     w.blocks += nblocks;
+    await writeAllAt(w.fd, padToBlocks(data, nblocks), e.blkaddr * STORE_BLOCK);
     return e;
   }
 

@@ -43,6 +43,8 @@ interface PhaseResult {
   /** From the first pull's start until every layer is in its final form (dedup: converted to EROFS, old directories gone). */
   settledMs: number;
   diskBytes: number;
+  /** The most the snapshotter's directory took while the images were pulled and settled (du every second). */
+  peakDiskBytes: number;
   diskBreakdown: Record<string, number>;
   contentStoreBytes: number;
   startTrueMs: number[];
@@ -133,9 +135,9 @@ async function waitConverted(stack: Stack, n: number): Promise<void> {
   const deadline = Date.now() + 1_800_000;
   for (;;) {
     const logs = stack.daemon.logs();
-    const failed = logs.filter((l) => l.op === 'convert' && typeof l.level === 'number' && l.level >= 50);
+    const failed = logs.filter((l) => (l.op === 'convert' || l.op === 'apply') && typeof l.level === 'number' && l.level >= 50);
     if (failed.length > 0) throw new Error(`layer conversion failed: ${JSON.stringify(failed)}`);
-    const done = logs.filter((l) => l.op === 'convert' && typeof l.logical_bytes === 'number').length;
+    const done = logs.filter((l) => (l.op === 'convert' || l.op === 'apply') && typeof l.logical_bytes === 'number').length;
     const tmp = readdirOrEmpty(path.join(stack.daemonRoot, 'tmp'));
     const dirs = readdirOrEmpty(path.join(stack.daemonRoot, 'snapshots'));
     if (done >= n && tmp.length === 0 && dirs.length === 0) return;
@@ -161,6 +163,15 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
   }
   await dropCaches();
   const pullMs: Record<string, number> = {};
+  // Peak disk: du of the snapshotter's directory once a second during the pull (the same sampler for both).
+  let peakDiskBytes = 0;
+  let sampling = true;
+  const sampler = (async () => {
+    while (sampling) {
+      peakDiskBytes = Math.max(peakDiskBytes, await duBytes(snapshotterDir(stack, s)).catch(() => 0));
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  })();
   const pullStart = nowMs();
   for (const img of built.images) {
     const t = nowMs();
@@ -176,9 +187,12 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     await waitConverted(stack, distinctLayers(built));
   }
   const settledMs = nowMs() - pullStart;
+  sampling = false;
+  await sampler;
   log(`${s}: settled ${secs(settledMs)} after the first pull started`);
   await sh('sync', []);
   const diskBytes = await duBytes(snapshotterDir(stack, s));
+  peakDiskBytes = Math.max(peakDiskBytes, diskBytes);
   const breakdown = await diskBreakdown(stack, s);
   const contentStoreBytes = await duBytes(path.join(stack.containerdRoot, 'io.containerd.content.v1.content'));
   log(`${s}: pull ${secs(pullTotalMs)}, disk ${mib(diskBytes)} ${JSON.stringify(breakdown)}`);
@@ -189,6 +203,7 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     pullTotalMs,
     settledMs,
     diskBytes,
+    peakDiskBytes,
     diskBreakdown: breakdown,
     contentStoreBytes,
     startTrueMs: [],
@@ -338,7 +353,7 @@ async function main(): Promise<void> {
     ctr: (args, timeoutMs) => ctr(stack, args, timeoutMs),
   });
 
-  const converts = stack.daemon.logs().filter((l) => l.op === 'convert' && typeof l.logical_bytes === 'number');
+  const converts = stack.daemon.logs().filter((l) => (l.op === 'convert' || l.op === 'apply') && typeof l.logical_bytes === 'number');
   const logicalBytes = converts.reduce((a, l) => a + (l.logical_bytes as number), 0);
   const storedBytes = converts.reduce((a, l) => a + (l.stored_bytes as number), 0);
   const imageBytes = converts.reduce((a, l) => a + ((l.image_bytes as number) ?? 0), 0);
@@ -376,6 +391,7 @@ async function main(): Promise<void> {
     },
     ratios: {
       disk: ratio(d.diskBytes, o.diskBytes),
+      peakDisk: ratio(d.peakDiskBytes, o.peakDiskBytes),
       pullTime: ratio(d.pullTotalMs, o.pullTotalMs),
       settled: ratio(d.settledMs, o.settledMs),
       startTrue: ratio(median(d.startTrueMs), median(o.startTrueMs)),
@@ -408,6 +424,7 @@ async function main(): Promise<void> {
 
   const rows: [string, string, string, string][] = [
     ['disk used by the snapshotter', mib(o.diskBytes), mib(d.diskBytes), x(result.ratios.disk)],
+    ['peak disk during the pull', mib(o.peakDiskBytes), mib(d.peakDiskBytes), x(result.ratios.peakDisk)],
     [`pull wall time (${built.images.length} images, ctr)`, secs(o.pullTotalMs), secs(d.pullTotalMs), x(result.ratios.pullTime)],
     ['pull until layers settled', secs(o.settledMs), secs(d.settledMs), x(result.ratios.settled)],
     ['cold start, /bin/true', secs(result.medians.startTrueMs.overlayfs), secs(result.medians.startTrueMs.dedup), x(result.ratios.startTrue)],

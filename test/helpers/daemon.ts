@@ -13,7 +13,10 @@ import { unmountUnder } from './mounts';
 /** Repository root (from dist/test/helpers or test/helpers). */
 export const REPO_ROOT = (() => {
   let d = __dirname;
-  while (!fs.existsSync(path.join(d, 'package.json'))) d = path.dirname(d);
+  while (!fs.existsSync(path.join(d, 'package.json'))) {
+    if (path.dirname(d) === d) throw new Error(`no package.json above ${__dirname}: run the tests from the repository's dist/`);
+    d = path.dirname(d);
+  }
   return d;
 })();
 

@@ -147,6 +147,13 @@ export interface StackOptions {
    * enable_remote_snapshot_annotations. containerd 1.x has only 'local'.
    */
   criPull?: 'local' | 'transfer';
+  /**
+   * containerd 2.x: unpack dedup's layers through the daemon's proxy differ
+   * (`differ = "dedup-differ"` in the transfer service's unpack_config);
+   * default true. false: containerd's walking differ unpacks into the
+   * snapshot's directory, as 1.x does.
+   */
+  dedupDiffer?: boolean;
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
   /** Extra environment for containerd (and so its shims and runc). */
@@ -233,7 +240,7 @@ export class Stack {
       root: this.daemonRoot,
       address: this.daemonAddress,
       // containerd's socket, for POST /prefetch naming an image.
-      env: { LOG_LEVEL: 'debug', CONTAINERD_ADDRESS: this.containerdAddress, ...this.opts.daemonEnv },
+      env: { LOG_LEVEL: 'debug', CONTAINERD_ADDRESS: this.containerdAddress, CONTAINERD_ROOT: this.containerdRoot, ...this.opts.daemonEnv },
       config: { ...this.opts.daemonConfig, registry: { plain_http_hosts: [this.registry], ...(this.opts.daemonConfig?.registry as object | undefined) } },
     });
     const p = this.daemon.proc;
@@ -264,7 +271,13 @@ export class Stack {
     const platform = `linux/${ociArch()}`;
     return [
       ...this.containerdConfigHead(3, cri, "[plugins.'io.containerd.internal.v1.opt']"),
-      ...['dedup', 'overlayfs'].flatMap((sn) => ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]", `  platform = ${q(platform)}`, `  snapshotter = ${q(sn)}`, '']),
+      ...['dedup', 'overlayfs'].flatMap((sn) => [
+        "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
+        `  platform = ${q(platform)}`,
+        `  snapshotter = ${q(sn)}`,
+        ...(sn === 'dedup' && this.opts.dedupDiffer !== false ? ['  differ = "dedup-differ"'] : []),
+        '',
+      ]),
       // NRI is on by default in 2.x and would serve /var/run/nri/nri.sock: not the stack's to take.
       "[plugins.'io.containerd.nri.v1.nri']",
       '  disable = true',
@@ -276,6 +289,7 @@ export class Stack {
       `    address = ${q(this.daemonAddress)}`,
       '    [proxy_plugins.dedup.exports]',
       '      enable_remote_snapshot_annotations = "true"',
+      ...(this.opts.dedupDiffer !== false ? ['  [proxy_plugins.dedup-differ]', '    type = "diff"', `    address = ${q(this.daemonAddress)}`] : []),
       '',
     ].join('\n');
   }
