@@ -52,6 +52,8 @@ if [ "$APT" = 1 ]; then
   command -v "$CONTAINERD_BIN" >/dev/null || pkgs+=(containerd)
   command -v runc >/dev/null || pkgs+=(runc)
   command -v mkfs.erofs >/dev/null || pkgs+=(erofs-utils)
+  # zstd-compressed layers are decompressed by the zstd program (dedup-differ).
+  command -v zstd >/dev/null || pkgs+=(zstd)
   if [ "${#pkgs[@]}" -gt 0 ]; then
     say "installing Debian packages (${pkgs[*]})"
     export DEBIAN_FRONTEND=noninteractive

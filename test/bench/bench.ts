@@ -311,9 +311,29 @@ function lpad(s: string, n: number): string {
 }
 
 const x = (r: number) => `${r.toFixed(2)}×`;
+const ratio = (a: number, b: number) => (b > 0 ? a / b : NaN);
 
 function lazyLine(lazy: LazyResult): string {
   return `lazy pull (dedup-snapshotter convert, then pull; on-demand backend ${lazy.backend}): python-b after python-a (each read whole) fetched ${mib(lazy.second.fetchedBytes)} = ${x(lazy.second.ratio)} its new chunks (${mib(lazy.second.newChunkBytes)}) + metadata (${mib(lazy.second.metadataBytes)}) [target ≤ 1×]; pull-to-first-output reading ${mib(lazy.firstOutput.readBytes)} of ${BIG_FILE_PATH}: overlayfs ${secs(lazy.firstOutput.overlayfsMs)}, dedup ${secs(lazy.firstOutput.dedupMs)} = ${x(lazy.firstOutput.ratio)} [target ≤ 0.25×] (${mib(lazy.firstOutput.dedupFetchedBytes)} fetched); convert ${Object.entries(lazy.convertMs).map(([k, v]) => `${k} ${secs(v)}`).join(', ')}`;
+}
+
+/**
+ * Where dedup's conversion time went, from the daemon's log: per path
+ * (apply: dedup-differ from the tar; convert: from the unpacked
+ * directory), the summed time reading, hashing and storing the files and
+ * the time placing chunks and writing images, against the wall time of
+ * each layer's conversion.
+ */
+function whereTimeGoes(stack: Stack): string {
+  const parts: string[] = [];
+  for (const op of ['apply', 'convert']) {
+    const ls = stack.daemon.logs().filter((l) => l.op === op && typeof l.logical_bytes === 'number');
+    if (ls.length === 0) continue;
+    const sum = (k: string) => ls.reduce((a, l) => a + (typeof l[k] === 'number' ? (l[k] as number) : 0), 0);
+    const read = op === 'apply' ? sum('read_ms') : sum('mkfs_ms');
+    parts.push(`${op}: ${ls.length} layers, ${secs(sum('duration_ms'))} in all: reading/hashing/storing files ${secs(read)}, placing chunks and writing images ${secs(sum('import_ms'))}`);
+  }
+  return `dedup conversion time (summed over layers): ${parts.join('; ') || 'none logged'}`;
 }
 
 async function main(): Promise<void> {
@@ -341,6 +361,15 @@ async function main(): Promise<void> {
 
   const phases: Partial<Record<Snapshotter, PhaseResult>> = {};
   for (const s of SNAPSHOTTERS) phases[s] = await phase(stack, built, s);
+  const timeLine = whereTimeGoes(stack);
+  log(timeLine);
+  if (process.argv.includes('--pull-only')) {
+    // Only the pull figures (for working on conversion).
+    const po = phases.overlayfs as PhaseResult;
+    const pd = phases.dedup as PhaseResult;
+    process.stdout.write(`\npull until settled: overlayfs ${secs(po.settledMs)}, dedup ${secs(pd.settledMs)} = ${x(ratio(pd.settledMs, po.settledMs))}; disk ${x(ratio(pd.diskBytes, po.diskBytes))}, peak ${x(ratio(pd.peakDiskBytes, po.peakDiskBytes))}\n${timeLine}\n`);
+    return;
+  }
   const o = phases.overlayfs as PhaseResult;
   const d = phases.dedup as PhaseResult;
   // Dedup's images are in place; unpack the two timed images for overlayfs again (a pull from the local content store; not timed; ctr 1.6 has no "images unpack").
@@ -374,7 +403,6 @@ async function main(): Promise<void> {
   };
   await runCleanups();
 
-  const ratio = (a: number, b: number) => (b > 0 ? a / b : NaN);
   const result = {
     date: new Date().toISOString(),
     host: { kernel: os.release(), cpus: os.cpus().length, memBytes: os.totalmem(), node: process.version },
