@@ -46,7 +46,8 @@ function convertedLines(stack: Stack): ConvertedLine[] {
 }
 
 function autoConvertLines(stack: Stack): Record<string, unknown>[] {
-  return stack.daemon.logs().filter((l) => typeof l.msg === 'string' && /^detected new layer \S+, auto-converting to EROFS$/.test(l.msg));
+  // Both paths: "… auto-converting to EROFS" (a directory) and "… to EROFS from its tar in one pass (sha256:…)" (dedup-differ).
+  return stack.daemon.logs().filter((l) => typeof l.msg === 'string' && /^detected new layer \S+, auto-converting to EROFS( from its tar|$)/.test(l.msg));
 }
 
 async function runCat(stack: Stack, ref: string, id: string, file = '/etc/passwd'): Promise<string> {

@@ -41,8 +41,10 @@ export function createDiffHandlers(o: { applier: LayerApplier; logger: Logger; t
   return {
     Apply(call: grpc.ServerUnaryCall<{ diff?: WireDescriptor; mounts?: WireMount[] }, unknown>, cb: grpc.sendUnaryData<unknown>) {
       const run = async () => {
-        const ns = call.metadata.get('containerd-namespace')[0];
-        if (typeof ns !== 'string' || !NAMESPACE_RE.test(ns)) throw invalidArgument('Apply carries no valid containerd-namespace header (the layer blob is read in that namespace)');
+        // containerd 2.x sends the namespace; 1.7 does not (the applier then takes the snapshot key's).
+        const header = call.metadata.get('containerd-namespace')[0];
+        if (header !== undefined && (typeof header !== 'string' || !NAMESPACE_RE.test(header))) throw invalidArgument(`Apply's containerd-namespace header ${JSON.stringify(String(header))} is not a namespace`);
+        const ns = header as string | undefined;
         const d = call.request.diff;
         if (!d || typeof d.digest !== 'string' || typeof d.media_type !== 'string') throw invalidArgument('Apply needs the layer descriptor (diff: media type and digest)');
         const size = Number(d.size ?? 0);

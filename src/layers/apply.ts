@@ -14,6 +14,7 @@ import type { Logger } from '../log/logger';
 import type { ChunkStore } from '../store/chunkstore';
 import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
+import { splitKey } from '../store/keys';
 import { Kind } from '../store/types';
 import type { ConversionQueue } from './conversion';
 import type { ConvertEvents } from './events';
@@ -48,8 +49,12 @@ export interface ApplyRequest {
   digest: string;
   size: number;
   mounts: MountSpec[];
-  /** containerd's namespace of the call: the content store is read in it. */
-  namespace: string;
+  /**
+   * containerd's namespace of the call (its `containerd-namespace` header),
+   * in which the Read RPC reads the blob; without one (containerd 1.7 sends
+   * none), the namespace the snapshot's key names.
+   */
+  namespace?: string;
 }
 
 export interface Applied {
@@ -158,7 +163,7 @@ export class LayerApplier {
     if (ms.getLayer(id) || mounts.isBusy(id)) throw failedPrecondition(`snapshot ${JSON.stringify(key)} already has a layer applied (or one is being applied)`);
     if (fs.readdirSync(this.o.layout.upper(id)).length > 0) throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not empty: dedup-differ applies a layer only to an empty snapshot`);
     const started = Date.now();
-    log.info({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, media_type: req.mediaType, size: req.size }, `applying layer ${req.digest} to snapshot ${id} in one pass`);
+    log.info({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, media_type: req.mediaType, size: req.size }, `detected new layer ${id}, auto-converting to EROFS from its tar in one pass (${req.digest})`);
     const job = this.applyTo(id, key, req, started);
     try {
       const { applied, stats } = await mounts.track(id, job);
@@ -186,7 +191,7 @@ export class LayerApplier {
       return applied;
     } catch (err) {
       this.o.events.emit({ key, layer: id, ok: false, error: (err as Error).message, durationMs: Date.now() - started, mode: 'apply' });
-      log.error({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, err: (err as Error).message }, `applying layer ${req.digest} to snapshot ${id} failed: ${(err as Error).message}`);
+      log.error({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, err: (err as Error).message }, `auto-convert of layer ${id} (${req.digest}) to EROFS failed: ${(err as Error).message}`);
       throw err;
     }
   }
@@ -194,7 +199,9 @@ export class LayerApplier {
   private async applyTo(id: string, key: string, req: ApplyRequest, started: number): Promise<{ applied: Applied; stats: ConvertStats }> {
     const { ms, converter, conversion } = this.o;
     const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
-    const { blob, source } = this.content(req.namespace, req.digest, req.size);
+    const namespace = req.namespace ?? splitKey(key)?.ns;
+    if (namespace === undefined) throw invalidArgument(`Apply carries no containerd-namespace header and snapshot ${JSON.stringify(key)} names none`);
+    const { blob, source } = this.content(namespace, req.digest, req.size);
     this.o.logger.debug({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, source }, `reading layer ${req.digest} from ${source}`);
     const tar = new HashedStream(decompress(blob[Symbol.asyncIterator](), req.digest));
     let root: TreeNode;
