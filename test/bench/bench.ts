@@ -20,18 +20,37 @@
  * bench-results.json; BENCH_RUNS (default 5) repetitions of timed runs.
  * `--build-only` builds (or checks) the image cache and stops.
  */
+import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { programOf } from '../helpers/containerd-builds';
+import { defaultContainerd, programOf } from '../helpers/containerd-builds';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
 import { dropCaches, duBytes, holdFreePageReporting, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
 
-const SNAPSHOTTERS = ['overlayfs', 'dedup'] as const;
-type Snapshotter = (typeof SNAPSHOTTERS)[number];
+type Snapshotter = 'overlayfs' | 'dedup' | 'erofs';
+/**
+ * The snapshotters measured: overlayfs and dedup, and containerd's own
+ * EROFS snapshotter with its EROFS differ where containerd is 2.x and an
+ * mkfs.erofs ≥ 1.7 is at hand (erofs-utils 1.8 from fetch.sh); set in main.
+ */
+let SNAPSHOTTERS: Snapshotter[] = ['overlayfs', 'dedup'];
+
+/** The bin directory of an mkfs.erofs ≥ 1.7 (fetch.sh's erofs-utils 1.8, or the system's), or null with why. */
+function newerErofsUtils(): { bin: string | null; why: string } {
+  const dirs = [process.env.EROFS_UTILS_1_8_BIN, ...[process.env.DEBIAN_NEWER_CACHE, '/var/cache/debian-newer', '/var/tmp/debian-newer'].filter(Boolean).map((d) => path.join(d as string, 'erofs-utils-1.8/bin')), '/usr/bin'];
+  for (const d of dirs) {
+    if (!d || !fs.existsSync(path.join(d, 'mkfs.erofs'))) continue;
+    // `-V` prints "mkfs.erofs (erofs-utils) 1.8.6" from 1.6 on; 1.5 refuses it.
+    const r = spawnSync(path.join(d, 'mkfs.erofs'), ['-V'], { encoding: 'utf8' });
+    const m = /mkfs\.erofs \(erofs-utils\) (\d+)\.(\d+)/.exec(`${r.stdout}${r.stderr}`);
+    if (m && (Number(m[1]) > 1 || Number(m[2]) >= 7)) return { bin: d, why: `mkfs.erofs ${m[1]}.${m[2]} in ${d}` };
+  }
+  return { bin: null, why: 'no mkfs.erofs 1.7 or newer (run ../shared/tools/debian-newer/fetch.sh)' };
+}
 const RUNS = Number(process.env.BENCH_RUNS ?? 5);
 const START_IMAGE = 'python-b';
 const READ_IMAGE = 'bigfile';
@@ -109,7 +128,7 @@ async function emptyContainerd(stack: Stack): Promise<void> {
 }
 
 function snapshotterDir(stack: Stack, s: Snapshotter): string {
-  return s === 'overlayfs' ? path.join(stack.containerdRoot, 'io.containerd.snapshotter.v1.overlayfs') : stack.daemonRoot;
+  return s === 'dedup' ? stack.daemonRoot : path.join(stack.containerdRoot, `io.containerd.snapshotter.v1.${s}`);
 }
 
 async function diskBreakdown(stack: Stack, s: Snapshotter): Promise<Record<string, number>> {
@@ -212,8 +231,8 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     readBytes: 0,
     afterRemove: {},
   };
-  if (s === 'overlayfs') {
-    // The dedup pull needs an empty content store: remove the images again.
+  if (s !== 'dedup') {
+    // The next pull needs an empty content store: remove the images again.
     await removeAndMeasure(stack, result);
   }
   return result;
@@ -232,9 +251,9 @@ async function removeAndMeasure(stack: Stack, r: PhaseResult): Promise<void> {
  * alternating per round) so that a change of background load on the host
  * hits both alike. The images are unpacked for both snapshotters by then.
  */
-async function timedRuns(stack: Stack, res: Record<Snapshotter, PhaseResult>): Promise<void> {
+async function timedRuns(stack: Stack, res: Record<'overlayfs' | 'dedup', PhaseResult>): Promise<void> {
   for (let i = 0; i < RUNS; i++) {
-    const order: Snapshotter[] = i % 2 === 0 ? ['overlayfs', 'dedup'] : ['dedup', 'overlayfs'];
+    const order: ('overlayfs' | 'dedup')[] = i % 2 === 0 ? ['overlayfs', 'dedup'] : ['dedup', 'overlayfs'];
     for (const s of order) {
       const r = res[s];
       r.startTrueMs.push((await coldRun(stack, s, START_IMAGE, `bench-${s}-true-${i}`, ['/bin/true'])).ms);
@@ -324,6 +343,12 @@ function lazyLine(lazy: LazyResult): string {
  * the time placing chunks and writing images, against the wall time of
  * each layer's conversion.
  */
+/** containerd's EROFS snapshotter's pull figures against overlayfs's, or why it was not measured. */
+function erofsLine(e: PhaseResult | undefined, o: PhaseResult): string {
+  if (!e) return "containerd's EROFS snapshotter: not measured (see the log's SKIP line)";
+  return `containerd's EROFS snapshotter (erofs differ): pull until settled ${secs(e.settledMs)} = ${x(ratio(e.settledMs, o.settledMs))} of overlayfs; disk ${mib(e.diskBytes)} = ${x(ratio(e.diskBytes, o.diskBytes))}; peak ${x(ratio(e.peakDiskBytes, o.peakDiskBytes))}`;
+}
+
 function whereTimeGoes(stack: Stack): string {
   const parts: string[] = [];
   for (const op of ['apply', 'convert']) {
@@ -346,7 +371,15 @@ async function main(): Promise<void> {
   log('starting registry, containerd and the dedup daemon (containerd: DEDUP_CONTAINERD=1.6|1.7|2 picks the build; default the one in PATH)');
   // BENCH_STORE_LAYOUT=segments|single: the daemon's integrity.store_layout (default: its own default, "auto").
   const layout = process.env.BENCH_STORE_LAYOUT;
-  const stack = await Stack.start({ daemonEnv: { LOG_LEVEL: 'info' }, daemonConfig: layout ? { integrity: { store_layout: layout } } : undefined });
+  const build = defaultContainerd();
+  const erofsUtils = build.major >= 2 ? newerErofsUtils() : { bin: null, why: `containerd ${build.version} has no EROFS snapshotter (2.x has)` };
+  if (erofsUtils.bin) SNAPSHOTTERS = ['overlayfs', 'erofs', 'dedup'];
+  log(`containerd's EROFS snapshotter: ${erofsUtils.bin ? `measured too (${erofsUtils.why})` : `SKIP: ${erofsUtils.why}`}`);
+  const stack = await Stack.start({
+    daemonEnv: { LOG_LEVEL: 'info' },
+    daemonConfig: layout ? { integrity: { store_layout: layout } } : undefined,
+    ...(erofsUtils.bin ? { erofsSnapshotter: true, containerdEnv: { PATH: `${erofsUtils.bin}:${process.env.PATH}` } } : {}),
+  });
   onCleanup('stop the stack', () => stack.stop());
   const memoryNote = holdFreePageReporting();
   log(memoryNote);
@@ -367,7 +400,7 @@ async function main(): Promise<void> {
     // Only the pull figures (for working on conversion).
     const po = phases.overlayfs as PhaseResult;
     const pd = phases.dedup as PhaseResult;
-    process.stdout.write(`\npull until settled: overlayfs ${secs(po.settledMs)}, dedup ${secs(pd.settledMs)} = ${x(ratio(pd.settledMs, po.settledMs))}; disk ${x(ratio(pd.diskBytes, po.diskBytes))}, peak ${x(ratio(pd.peakDiskBytes, po.peakDiskBytes))}\n${timeLine}\n`);
+    process.stdout.write(`\npull until settled: overlayfs ${secs(po.settledMs)}, dedup ${secs(pd.settledMs)} = ${x(ratio(pd.settledMs, po.settledMs))}; disk ${x(ratio(pd.diskBytes, po.diskBytes))}, peak ${x(ratio(pd.peakDiskBytes, po.peakDiskBytes))}\n${erofsLine(phases.erofs, po)}\n${timeLine}\n`);
     return;
   }
   const o = phases.overlayfs as PhaseResult;
@@ -445,6 +478,7 @@ async function main(): Promise<void> {
     },
     lazy,
     containerd: stack.build.version,
+    erofsSnapshotter: phases.erofs ? { settledMs: phases.erofs.settledMs, diskBytes: phases.erofs.diskBytes, peakDiskBytes: phases.erofs.peakDiskBytes } : null,
     totalSeconds: (Date.now() - t0) / 1000,
   };
   const resultFile = path.join(path.dirname(built.dir), 'bench-results.json');
@@ -474,6 +508,8 @@ async function main(): Promise<void> {
   out.push(`${pad('metric', w[0])}  ${lpad('overlayfs', w[1])}  ${lpad('dedup', w[2])}  ${lpad('dedup/overlayfs', w[3])}`);
   out.push(`${'-'.repeat(w[0])}  ${'-'.repeat(w[1])}  ${'-'.repeat(w[2])}  ${'-'.repeat(w[3])}`);
   for (const r of rows) out.push(`${pad(r[0], w[0])}  ${lpad(r[1], w[1])}  ${lpad(r[2], w[2])}  ${lpad(r[3], w[3])}`);
+  out.push(erofsLine(phases.erofs, o));
+  out.push(timeLine);
   out.push('');
   out.push(
     `dedup ratio: ${mib(logicalBytes)} of file data in ${converts.length} converted layers / ${mib(storedBytes)} stored in the chunk store = ${x(result.dedup_stats.dedupRatio)} (chunk store allocated: ${mib(chunkStoreBytes)}, EROFS metadata images: ${mib(imageBytes)})`,

@@ -154,6 +154,12 @@ export interface StackOptions {
    * snapshot's directory, as 1.x does.
    */
   dedupDiffer?: boolean;
+  /**
+   * containerd 2.x: also unpack for containerd's own EROFS snapshotter with
+   * its EROFS differ (the bench compares with it; it needs mkfs.erofs ≥ 1.7
+   * in containerd's PATH: containerdEnv).
+   */
+  erofsSnapshotter?: boolean;
   /** Extra environment for the daemon. */
   daemonEnv?: Record<string, string>;
   /** Extra environment for containerd (and so its shims and runc). */
@@ -271,11 +277,12 @@ export class Stack {
     const platform = `linux/${ociArch()}`;
     return [
       ...this.containerdConfigHead(3, cri, "[plugins.'io.containerd.internal.v1.opt']"),
-      ...['dedup', 'overlayfs'].flatMap((sn) => [
+      ...['dedup', 'overlayfs', ...(this.opts.erofsSnapshotter ? ['erofs'] : [])].flatMap((sn) => [
         "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
         `  platform = ${q(platform)}`,
         `  snapshotter = ${q(sn)}`,
         ...(sn === 'dedup' && this.opts.dedupDiffer !== false ? ['  differ = "dedup-differ"'] : []),
+        ...(sn === 'erofs' ? ['  differ = "erofs"'] : []),
         '',
       ]),
       // NRI is on by default in 2.x and would serve /var/run/nri/nri.sock: not the stack's to take.
