@@ -265,7 +265,13 @@ export class Snapshotter {
     // Slow work (walking the layer) outside the transaction; the transaction
     // re-checks everything, so a concurrent Remove or Commit is detected.
     // Any kind: commitActive reports a taken name before a wrong kind, as containerd.
-    const s = this.ms.getAny(key);
+    let s = this.ms.getAny(key);
+    // A Commit racing an Apply of the same snapshot waits for it (containerd commits after Apply returned).
+    const inflight = e && s.kind === Kind.Active ? this.parts.mounts.jobOf(s.id) : undefined;
+    if (inflight) {
+      await inflight.catch(() => undefined);
+      s = this.ms.getAny(key);
+    }
     const applied = e && s.kind === Kind.Active ? this.ms.getLayer(s.id) : undefined;
     if (applied) {
       // dedup-differ applied its layer: already an image, mounted and recorded; Commit only names it.
