@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
@@ -85,8 +86,26 @@ export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>,
   return out;
 }
 
+/** Files up to this size are read with one synchronous read (page-cached small files: a thread-pool round trip costs more than the read). */
+const SYNC_READ_MAX = 256 * 1024;
+
 /** Reads a file in chunkSize pieces (one read per piece) into the sink. */
 async function sinkFile(sink: ChunkSink, file: string, size: number): Promise<number[]> {
+  if (size <= SYNC_READ_MAX && size <= sink.chunkSize) {
+    const buf = Buffer.allocUnsafe(size);
+    const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    try {
+      let got = 0;
+      while (got < size) {
+        const n = fs.readSync(fd, buf, got, size - got, got);
+        if (n === 0) throw new Error(`${file} shrank while it was read (${got} of ${size} bytes)`);
+        got += n;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    return size === 0 ? [] : [await sink.add(buf)];
+  }
   const fh = await fsp.open(file, 'r');
   try {
     const out: number[] = [];
