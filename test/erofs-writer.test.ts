@@ -21,6 +21,7 @@ import { setXattr } from '../native/xattr';
 import { scanChunks } from '../src/convert/erofs-format';
 import { writeErofsImage } from '../src/convert/erofs-writer';
 import { type ChunkSink, treeFromDirectory } from '../src/convert/layer-tree';
+import { newerErofsUtilsDir } from './helpers/containerd-builds';
 import { scratchDirs } from './helpers/daemon';
 import { pseudoRandom } from './helpers/images';
 import { diffTrees, walkTree } from './helpers/trees';
@@ -112,8 +113,7 @@ function mtimes(root: string): Map<string, string> {
 
 function fsckTools(): string[] {
   const tools = ['fsck.erofs'];
-  const dirs = [process.env.EROFS_UTILS_1_8_BIN, ...[process.env.DEBIAN_NEWER_CACHE, '/var/cache/debian-newer', '/var/tmp/debian-newer'].filter(Boolean).map((d) => path.join(d as string, 'erofs-utils-1.8/bin'))];
-  const newer = dirs.find((d) => d && fs.existsSync(path.join(d, 'fsck.erofs')));
+  const newer = newerErofsUtilsDir('fsck.erofs');
   if (newer) tools.push(path.join(newer, 'fsck.erofs'));
   else console.log('# SKIP fsck.erofs 1.8: not unpacked here (run ../shared/tools/debian-newer/fetch.sh); checked with 1.5 only');
   return tools;

@@ -6,7 +6,7 @@ import { type ChunkStore, type Extent, STORE_BLOCK, readAt, segmentTag } from '.
 import type { SegmentRow, SegmentWriter } from '../store/segments';
 import { extentKey, hashImageChunks } from './chunks';
 import { type ChunkRef, type ChunkScan, EROFS_DEVT_SLOT_SIZE, MAX_IMAGE_BEFORE_DEVT, setChunkAddress, setDeviceTable, updateSuperblockChecksum } from './erofs-format';
-import { NEW_SEGMENT, placeChunks } from './placement';
+import { NEW_SEGMENT, type Placement, placeChunks } from './placement';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 import { StoreChunkSink } from './chunk-sink';
 import { writeErofsImage } from './erofs-writer';
@@ -224,26 +224,7 @@ export class Converter {
           const image = this.imagePath(id);
           const imageSha256 = await this.writeImage(image, img);
           try {
-            const distinct = plan.use.size + fresh.length;
-            const out = finish({
-              image,
-              imageSha256,
-              hasBlob: devices.length > 0,
-              newChunks: fresh,
-              existingChunkIds: [...new Set([...plan.use.values()].map((r) => r.id))],
-              stats: {
-                files,
-                logicalBytes,
-                chunks: distinct,
-                newChunks: fresh.length,
-                dedupChunks: distinct - fresh.length,
-                newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
-                healedChunks: plan.heal.length,
-                imageBytes: img.length,
-                mkfsMs: buildMs,
-                importMs: Date.now() - t1,
-              },
-            });
+            const out = finish(convertedLayer(plan, fresh, { image, imageSha256, hasBlob: devices.length > 0, files, logicalBytes, imageBytes: img.length, mkfsMs: buildMs, importStarted: t1 }));
             if (own) store.segments.committed(own.id);
             return out;
           } catch (err) {
@@ -355,27 +336,18 @@ export class Converter {
         const image = this.imagePath(id);
         const imageSha256 = await this.writeImage(image, img);
         placed.push(image);
-        const distinct = plan.use.size + fresh.length;
-        const converted: ConvertedLayer = {
-          image,
-          imageSha256,
-          hasBlob: layer.scan.sb.extraDevices > 0,
-          newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
-          existingChunkIds: [...new Set([...plan.use.values()].map((r) => r.id))],
-          stats: {
+        const out = finish(
+          convertedLayer(plan, fresh, {
+            image,
+            imageSha256,
+            hasBlob: layer.scan.sb.extraDevices > 0,
             files: layer.scan.files,
             logicalBytes: layer.scan.logicalBytes,
-            chunks: distinct,
-            newChunks: fresh.length,
-            dedupChunks: distinct - fresh.length,
-            newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
-            healedChunks: plan.heal.length,
             imageBytes: img.length,
             mkfsMs: layer.mkfsMs,
-            importMs: Date.now() - t1,
-          },
-        };
-        const out = finish(converted);
+            importStarted: t1,
+          }),
+        );
         if (writer) store.segments.committed(writer.id);
         return out;
       } catch (err) {
@@ -388,6 +360,34 @@ export class Converter {
       }
     });
   }
+}
+
+/** What an import hands to `finish`: the image, the chunks to record (new) and reference (stored), and the layer's figures. */
+function convertedLayer(
+  plan: Placement,
+  fresh: { digest: string; extent: Extent }[],
+  o: { image: string; imageSha256: string; hasBlob: boolean; files: number; logicalBytes: number; imageBytes: number; mkfsMs: number; importStarted: number },
+): ConvertedLayer {
+  const distinct = plan.use.size + fresh.length;
+  return {
+    image: o.image,
+    imageSha256: o.imageSha256,
+    hasBlob: o.hasBlob,
+    newChunks: fresh.map((f) => ({ digest: f.digest, extent: f.extent })),
+    existingChunkIds: [...new Set([...plan.use.values()].map((r) => r.id))],
+    stats: {
+      files: o.files,
+      logicalBytes: o.logicalBytes,
+      chunks: distinct,
+      newChunks: fresh.length,
+      dedupChunks: distinct - fresh.length,
+      newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
+      healedChunks: plan.heal.length,
+      imageBytes: o.imageBytes,
+      mkfsMs: o.mkfsMs,
+      importMs: Date.now() - o.importStarted,
+    },
+  };
 }
 
 /** Writes a file under a temporary name, fsyncs it, renames it into place, fsyncs the directory. */

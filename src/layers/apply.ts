@@ -17,7 +17,7 @@ import type { RootLayout } from '../store/root-layout';
 import { splitKey } from '../store/keys';
 import { Kind } from '../store/types';
 import type { ConversionQueue } from './conversion';
-import type { ConvertEvents } from './events';
+import { type ConvertEvents, convertedFields, convertedSummary } from './events';
 import type { LayerMounts } from './layer-mounts';
 
 /** The media type of what Apply returns: the uncompressed layer (containerd's walking differ says the same). */
@@ -175,17 +175,11 @@ export class LayerApplier {
           layer: id,
           digest: req.digest,
           diff_id: applied.digest,
-          logical_bytes: stats.logicalBytes,
-          stored_bytes: stats.newBytes,
-          image_bytes: stats.imageBytes,
-          chunks: stats.chunks,
-          new_chunks: stats.newChunks,
-          dedup_chunks: stats.dedupChunks,
+          ...convertedFields(stats),
           read_ms: stats.mkfsMs,
-          import_ms: stats.importMs,
           duration_ms: Date.now() - started,
         },
-        `converted layer ${id} to EROFS from its tar: ${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`,
+        `converted layer ${id} to EROFS from its tar: ${convertedSummary(stats)}`,
       );
       this.o.events.emit({ key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'apply' });
       return applied;

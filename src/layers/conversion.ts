@@ -8,7 +8,7 @@ import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
 import type { Labels, Usage } from '../store/types';
 import { removeAll } from '../util/fs';
-import type { ConvertEvents } from './events';
+import { type ConvertEvents, convertedFields, convertedSummary } from './events';
 import type { LayerMounts } from './layer-mounts';
 import { recordLayer } from './record';
 import type { Sweeper } from './sweep';
@@ -190,17 +190,11 @@ export class ConversionQueue {
         key,
         snapshot: id,
         layer: id,
-        logical_bytes: stats.logicalBytes,
-        stored_bytes: stats.newBytes,
-        image_bytes: stats.imageBytes,
-        chunks: stats.chunks,
-        new_chunks: stats.newChunks,
-        dedup_chunks: stats.dedupChunks,
+        ...convertedFields(stats),
         mkfs_ms: stats.mkfsMs,
-        import_ms: stats.importMs,
         duration_ms: Date.now() - started,
       },
-      `converted layer ${id} to EROFS: ${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`,
+      `converted layer ${id} to EROFS: ${convertedSummary(stats)}`,
     );
   }
 

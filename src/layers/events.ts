@@ -26,3 +26,21 @@ export class ConvertEvents {
     }
   }
 }
+
+/** The log fields of a finished conversion (both paths; each adds its own time field and duration). */
+export function convertedFields(stats: ConvertStats): Record<string, number> {
+  return {
+    logical_bytes: stats.logicalBytes,
+    stored_bytes: stats.newBytes,
+    image_bytes: stats.imageBytes,
+    chunks: stats.chunks,
+    new_chunks: stats.newChunks,
+    dedup_chunks: stats.dedupChunks,
+    import_ms: stats.importMs,
+  };
+}
+
+/** The end of a conversion's log message: what the layer holds and what it stored. */
+export function convertedSummary(stats: ConvertStats): string {
+  return `${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`;
+}

@@ -25,7 +25,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { defaultContainerd, programOf } from '../helpers/containerd-builds';
+import { defaultContainerd, newerErofsUtilsDir, programOf } from '../helpers/containerd-builds';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
@@ -41,8 +41,7 @@ let SNAPSHOTTERS: Snapshotter[] = ['overlayfs', 'dedup'];
 
 /** The bin directory of an mkfs.erofs ≥ 1.7 (fetch.sh's erofs-utils 1.8, or the system's), or null with why. */
 function newerErofsUtils(): { bin: string | null; why: string } {
-  const dirs = [process.env.EROFS_UTILS_1_8_BIN, ...[process.env.DEBIAN_NEWER_CACHE, '/var/cache/debian-newer', '/var/tmp/debian-newer'].filter(Boolean).map((d) => path.join(d as string, 'erofs-utils-1.8/bin')), '/usr/bin'];
-  for (const d of dirs) {
+  for (const d of [newerErofsUtilsDir('mkfs.erofs'), '/usr/bin']) {
     if (!d || !fs.existsSync(path.join(d, 'mkfs.erofs'))) continue;
     // `-V` prints "mkfs.erofs (erofs-utils) 1.8.6" from 1.6 on; 1.5 refuses it.
     const r = spawnSync(path.join(d, 'mkfs.erofs'), ['-V'], { encoding: 'utf8' });

@@ -37,6 +37,17 @@ function versionOf(containerd: string): { version: string; major: number; minor:
   }
 }
 
+/** Where fetch.sh unpacks its builds: $DEBIAN_NEWER_CACHE, else its default caches. */
+function debianNewerCaches(): string[] {
+  return [process.env.DEBIAN_NEWER_CACHE, '/var/cache/debian-newer', '/var/tmp/debian-newer'].filter((d): d is string => typeof d === 'string' && d !== '');
+}
+
+/** The bin directory of fetch.sh's erofs-utils 1.8 ($EROFS_UTILS_1_8_BIN, else its cache) when it has `program`, else null. */
+export function newerErofsUtilsDir(program: 'mkfs.erofs' | 'fsck.erofs'): string | null {
+  const dirs = [process.env.EROFS_UTILS_1_8_BIN, ...debianNewerCaches().map((d) => path.join(d, 'erofs-utils-1.8/bin'))];
+  return dirs.find((d): d is string => typeof d === 'string' && d !== '' && fs.existsSync(path.join(d, program))) ?? null;
+}
+
 let cached: { builds: ContainerdBuild[]; missing: { name: string; reason: string }[] } | null = null;
 
 /** Every containerd build found here, the system's first, and why the others are not. */
@@ -48,8 +59,7 @@ export function containerdBuilds(): { builds: ContainerdBuild[]; missing: { name
   if (system) builds.push({ name: `${system.major}.${system.minor}`, bin: null, ...system });
   else missing.push({ name: 'system', reason: 'no containerd in PATH (apt-get install containerd)' });
   for (const c of CANDIDATES) {
-    const caches = [process.env.DEBIAN_NEWER_CACHE, '/var/cache/debian-newer', '/var/tmp/debian-newer'].filter((d): d is string => typeof d === 'string' && d !== '');
-    const dirs = [process.env[c.env], ...caches.map((d) => path.join(d, c.cache))].filter(
+    const dirs = [process.env[c.env], ...debianNewerCaches().map((d) => path.join(d, c.cache))].filter(
       (d): d is string => typeof d === 'string' && d !== '',
     );
     const dir = dirs.find((d) => fs.existsSync(path.join(d, 'containerd')));
