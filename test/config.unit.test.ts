@@ -244,7 +244,7 @@ describe('bad files and values', () => {
   });
 
   test('registry keys: plain_http_hosts, docker_config, push_converted and pull_converted are read and checked', () => {
-    assert.deepEqual(defaultConfig().registry, { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false });
+    assert.deepEqual(defaultConfig().registry, { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false, fetch_layers: true });
     const c = loadFile({ registry: { plain_http_hosts: ['127.0.0.1:5000', 'registry.local', '[::1]:5000'], docker_config: '/etc/dedup-snapshotter/docker.json' } });
     assert.deepEqual(c.registry.plain_http_hosts, ['127.0.0.1:5000', 'registry.local', '[::1]:5000']);
     assert.equal(c.registry.docker_config, '/etc/dedup-snapshotter/docker.json');

@@ -13,31 +13,43 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { defaultContainerd } from './helpers/containerd-builds';
 import { type BuiltImage, busyboxImageDef, chainImageDef, tortureImageDef } from './helpers/images';
 import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors } from './helpers/stack';
 import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
 
 /**
- * On containerd 2.x the stack names dedup-differ in the transfer service's
- * unpack_config: every layer of the image must have been applied from its
- * tar in one pass (the daemon's "apply" lines), none unpacked into a
- * directory and converted afterwards. On 1.x the directory path is the only one.
+ * How dedup gets a layer: on containerd 2.x, whose transfer service passes
+ * the image's labels to Prepare (the plugin's export), the daemon fetches
+ * each layer from the registry and converts it in one pass ("fetch",
+ * registry.fetch_layers, the default); with that off, dedup-differ applies
+ * each layer from containerd's content store ("differ"). On 1.x, ctr's
+ * pull passes no image labels and has no proxy differ: containerd unpacks
+ * into a directory, converted afterwards ("directory").
  */
-function assertConvertedBy(stack: Stack, img: BuiltImage): void {
-  const logs = stack.daemon.logs();
-  const applied = new Set(logs.filter((l) => l.op === 'apply' && typeof l.diff_id === 'string').map((l) => l.diff_id as string));
-  const viaDiffer = stack.build.major >= 2;
-  const missing = img.diffIds.filter((d) => viaDiffer !== applied.has(d));
-  assert.deepEqual(missing, [], viaDiffer ? 'layers not applied by dedup-differ' : 'layers applied by a differ on containerd 1.x');
+type LayerPath = 'fetch' | 'differ' | 'directory';
+
+function layerPaths(): LayerPath[] {
+  return defaultContainerd().major >= 2 ? ['fetch', 'differ'] : ['directory'];
 }
 
-describe('differential: containerd overlayfs vs dedup present the same trees', () => {
+/** Every layer of `img` went the path asked for (the daemon's "fetch" or "apply" lines name each layer's diff id). */
+function assertConvertedBy(stack: Stack, img: BuiltImage, via: LayerPath): void {
+  const logs = stack.daemon.logs();
+  const byOp = (op: string) => new Set(logs.filter((l) => l.op === op && typeof l.diff_id === 'string' && typeof l.logical_bytes === 'number').map((l) => l.diff_id as string));
+  const fetched = byOp('fetch');
+  const applied = byOp('apply');
+  const wrong = img.diffIds.filter((d) => fetched.has(d) !== (via === 'fetch') || applied.has(d) !== (via === 'differ'));
+  assert.deepEqual(wrong, [], `layers that did not go the ${via} path (fetched: ${fetched.size}, applied: ${applied.size})`);
+}
+
+for (const via of layerPaths()) describe(`differential (${via}): containerd overlayfs vs dedup present the same trees`, () => {
   let stack: Stack;
   const images: BuiltImage[] = [];
   const views: { snapshotter: string; key: string }[] = [];
 
   before(async () => {
-    stack = await Stack.start();
+    stack = await Stack.start(via === 'differ' ? { daemonConfig: { registry: { fetch_layers: false } } } : {});
     images.push(...(await stack.pushImages([busyboxImageDef(), tortureImageDef(), chainImageDef()])));
   });
 
@@ -57,7 +69,7 @@ describe('differential: containerd overlayfs vs dedup present the same trees', (
       }
       // Layers convert in the background: compare once every layer is an EROFS image.
       await assertDirsMatchSnapshots(stack, 120_000);
-      assertConvertedBy(stack, img);
+      assertConvertedBy(stack, img, via);
       for (const sn of ['overlayfs', 'dedup']) {
         const key = `diff-view-${sn}-${i}`;
         const mounts = await protectedView(stack, sn, key, top);

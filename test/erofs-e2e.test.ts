@@ -46,8 +46,11 @@ function convertedLines(stack: Stack): ConvertedLine[] {
 }
 
 function autoConvertLines(stack: Stack): Record<string, unknown>[] {
-  // Both paths: "… auto-converting to EROFS" (a directory) and "… to EROFS from its tar in one pass (sha256:…)" (dedup-differ).
-  return stack.daemon.logs().filter((l) => typeof l.msg === 'string' && /^detected new layer \S+, auto-converting to EROFS( from its tar|$)/.test(l.msg));
+  // Every path: "… auto-converting to EROFS" (a directory), "… to EROFS from its tar in one pass (sha256:…)" (dedup-differ),
+  // "fetching layer sha256:… of IMAGE from its registry, auto-converting to EROFS in one pass" (the registry fetch; no snapshot yet).
+  return stack.daemon
+    .logs()
+    .filter((l) => typeof l.msg === 'string' && (/^detected new layer \S+, auto-converting to EROFS( from its tar|$)/.test(l.msg) || /^fetching layer \S+ of \S+ from its registry, auto-converting to EROFS/.test(l.msg)));
 }
 
 async function runCat(stack: Stack, ref: string, id: string, file = '/etc/passwd'): Promise<string> {
@@ -246,9 +249,11 @@ describe('erofs e2e', () => {
     // Layer 0 converts first; the second "auto-converting" line is the big layer.
     await waitFor(() => autoConvertLines(stack).length >= 2, 120_000, 'conversion of the big layer to start');
     await daemon.kill();
-    const bigId = String(autoConvertLines(stack)[1].snapshot);
-    const finished = convertedLines(stack).some((l) => String(l.snapshot) === bigId);
-    t.diagnostic(`killed during conversion of snapshot ${bigId}; conversion finished before the kill: ${finished}`);
+    // A directory or an Apply names the snapshot; a registry fetch, the chain id it becomes (key).
+    const killed = autoConvertLines(stack)[1];
+    const bigId = String(killed.snapshot ?? killed.key);
+    const finished = convertedLines(stack).some((l) => String(killed.snapshot === undefined ? (l as unknown as { key: string }).key : l.snapshot) === bigId);
+    t.diagnostic(`killed during conversion of ${bigId}; conversion finished before the kill: ${finished}`);
     assert.ok(!finished, 'the kill came before the big layer conversion finished');
     // Conversion runs after Commit returns, so the pull may have finished
     // before the kill, or failed on a later call to the dead daemon.

@@ -25,6 +25,7 @@ export const MATRIX_FILES = [
   'erofs-e2e', // dedup across images, restart under a container, parallel pulls, kill -9 mid conversion
   'pull', // dedup-snapshotter pull
   'lazy-cri', // CRI pull of a dedup image; converted layers shared between nodes
+  'plain-fetch', // CRI pull of a plain image: layers fetched and converted by the daemon; fallback on 403
   'crash', // kill -9 of the daemon during a pull
   'integrity', // never other bytes: deleted, truncated, flipped stores
   'diskfull', // a full disk through containerd

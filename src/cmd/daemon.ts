@@ -118,6 +118,7 @@ export async function runDaemon(): Promise<void> {
       reserveBytes: cfg.disk_reserve_mb * 1024 * 1024,
       remote: cfg.use_erofs ? new RemoteLayers({ client: remoteClient, logger: log, pullConverted: cfg.registry.pull_converted }) : null,
       pushConverted: cfg.registry.push_converted,
+      fetchLayers: cfg.registry.fetch_layers,
       ondemand:
         ondemand && ondemand.backend !== 'fetch'
           ? {

@@ -55,9 +55,18 @@ export interface Config {
    * push_converted: each layer of a plain image pulled through CRI that this
    * node converts is pushed to the image's repository, tagged
    * `sha256-<layer hex>.dedup` (needs push access); pull_converted: a CRI
-   * pull of a plain image makes each layer that has such a tag lazily.
+   * pull of a plain image makes each layer that has such a tag lazily;
+   * fetch_layers: a Prepare naming a layer of a plain image (CRI labels)
+   * fetches the image's layers from the registry and converts them in one
+   * pass, in parallel, instead of containerd (layers/plain-fetch.ts).
    */
-  readonly registry: { readonly plain_http_hosts: readonly string[]; readonly docker_config: string | null; readonly push_converted: boolean; readonly pull_converted: boolean };
+  readonly registry: {
+    readonly plain_http_hosts: readonly string[];
+    readonly docker_config: string | null;
+    readonly push_converted: boolean;
+    readonly pull_converted: boolean;
+    readonly fetch_layers: boolean;
+  };
   /**
    * Remote layers: how their data arrives. "auto": fanotify when the kernel
    * delivers pre-content events on ROOT (Linux >= 6.14), else "fetch";
@@ -120,7 +129,7 @@ export function defaultConfig(): Config {
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 },
-    registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false },
+    registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false, fetch_layers: true },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
     integrity: { scrub_mbps: 20, scrub_interval_minutes: 1440, store_layout: 'auto', segments_per_layer: 32 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
@@ -284,7 +293,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('registry' in doc) {
     const rg = doc.registry;
     if (!isObject(rg)) throw new ConfigError('registry', `expected an object like {"plain_http_hosts": ["127.0.0.1:5000"]}, got ${JSON.stringify(rg)}`);
-    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config', 'push_converted', 'pull_converted']);
+    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config', 'push_converted', 'pull_converted', 'fetch_layers']);
     if ('plain_http_hosts' in rg) {
       const v = rg.plain_http_hosts;
       if (!Array.isArray(v) || !v.every((h) => typeof h === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:.]+\](:\d{1,5})?$/.test(h))) {
@@ -295,6 +304,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
     if ('docker_config' in rg) out.registry = { ...out.registry, docker_config: expectAbsPath('registry.docker_config', rg.docker_config) };
     if ('push_converted' in rg) out.registry = { ...out.registry, push_converted: expectBool('registry.push_converted', rg.push_converted) };
     if ('pull_converted' in rg) out.registry = { ...out.registry, pull_converted: expectBool('registry.pull_converted', rg.pull_converted) };
+    if ('fetch_layers' in rg) out.registry = { ...out.registry, fetch_layers: expectBool('registry.fetch_layers', rg.fetch_layers) };
   }
   if ('ondemand' in doc) {
     const od = doc.ondemand;

@@ -20,6 +20,8 @@ import type { ChunkSink } from './layer-tree';
  */
 /** Chunk writes a sink keeps in flight while it reads and hashes on. */
 const MAX_INFLIGHT = 4;
+/** Bytes of back-to-back new chunks gathered into one write. */
+const RUN_BYTES = 4 << 20;
 
 export class StoreChunkSink implements ChunkSink {
   /** Layer-local chunk number → digest and blocks. */
@@ -39,6 +41,8 @@ export class StoreChunkSink implements ChunkSink {
   foundChunks = 0;
   private closed = false;
   private readonly inflight = new Set<Promise<void>>();
+  /** New chunks gathered for one write (chunks.blob). */
+  private run: { extent: Extent; parts: Buffer[]; bytes: number } | null = null;
   private failure: Error | null = null;
 
   constructor(
@@ -69,21 +73,42 @@ export class StoreChunkSink implements ChunkSink {
       this.foundChunks++;
       return n;
     }
+    let extent: Extent;
     if (this.store.layout === 'segments') {
       this.writer ??= this.store.segments.create();
-      // Appends are placed in call order (the extent is taken before the write starts).
-      const writing = this.store.append(this.writer, padded);
-      this.track(writing.then((e) => void this.written.set(digest, e)));
+      // Appended in the order taken (the writes of a run may be in flight together).
+      extent = this.store.takeAppend(this.writer, nblocks);
     } else {
-      // Recorded before the write, so that a failed write's extent is freed by discard.
-      const extent = this.store.allocate(nblocks);
-      this.written.set(digest, extent);
-      this.track(this.store.write(extent, padded));
+      extent = this.store.allocate(nblocks);
     }
+    // Recorded before the write, so that a failed write's extent is freed by discard.
+    this.written.set(digest, extent);
+    this.queueWrite(extent, padded);
     this.writtenBytes += padded.length;
     if (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
     if (this.failure) throw this.failure;
     return n;
+  }
+
+  /** New chunks whose extents follow each other, written with one writev once RUN_BYTES are gathered or the next extent is elsewhere. */
+  private queueWrite(extent: Extent, data: Buffer): void {
+    const r = this.run;
+    if (r && (r.extent.segment ?? 0) === (extent.segment ?? 0) && r.extent.blkaddr + r.extent.nblocks === extent.blkaddr && r.bytes + data.length <= RUN_BYTES) {
+      r.extent = { ...r.extent, nblocks: r.extent.nblocks + extent.nblocks };
+      r.parts.push(data);
+      r.bytes += data.length;
+      return;
+    }
+    this.endRun();
+    this.run = { extent, parts: [data], bytes: data.length };
+    if (data.length >= RUN_BYTES) this.endRun();
+  }
+
+  private endRun(): void {
+    const r = this.run;
+    if (!r) return;
+    this.run = null;
+    this.track(this.store.writeRun(r.extent, r.parts, this.writer));
   }
 
   /** Keeps a write in flight: reading and hashing the next chunks overlaps it; the first failure is thrown by add or flush. */
@@ -100,6 +125,7 @@ export class StoreChunkSink implements ChunkSink {
 
   /** Waits for every write in flight; throws the first that failed. Call before the chunks are placed. */
   async flush(): Promise<void> {
+    this.endRun();
     while (this.inflight.size > 0) await Promise.all([...this.inflight]);
     if (this.failure) throw this.failure;
   }
@@ -118,6 +144,7 @@ export class StoreChunkSink implements ChunkSink {
   async discard(keep: ReadonlySet<string> = new Set()): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.endRun();
     // No write may land after its extent is freed (and perhaps handed to another import).
     while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
     for (const id of this.pinned) this.store.unpin(id);

@@ -1,14 +1,9 @@
-import { spawn } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Readable } from 'node:stream';
-import zlib from 'node:zlib';
 import { ContainerdClient } from '../containerd/client';
 import { StoreChunkSink } from '../convert/chunk-sink';
 import type { ConvertStats, Converter } from '../convert/converter';
-import type { TreeNode } from '../convert/layer-tree';
-import { treeFromTar } from '../convert/tar-tree';
+import { LAYER_MEDIA_TYPES, treeFromLayerBlob } from '../convert/layer-stream';
 import { failedPrecondition, invalidArgument, notFound, notImplemented } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
 import type { ChunkStore } from '../store/chunkstore';
@@ -23,19 +18,6 @@ import type { LayerMounts } from './layer-mounts';
 /** The media type of what Apply returns: the uncompressed layer (containerd's walking differ says the same). */
 export const MEDIA_TYPE_LAYER_TAR = 'application/vnd.oci.image.layer.v1.tar';
 
-/** Layer media types Apply takes: OCI and Docker, plain, gzip or zstd (the compression is read from the bytes, as containerd does). */
-const LAYER_TYPES = new Set([
-  'application/vnd.oci.image.layer.v1.tar',
-  'application/vnd.oci.image.layer.v1.tar+gzip',
-  'application/vnd.oci.image.layer.v1.tar+zstd',
-  'application/vnd.oci.image.layer.nondistributable.v1.tar',
-  'application/vnd.oci.image.layer.nondistributable.v1.tar+gzip',
-  'application/vnd.oci.image.layer.nondistributable.v1.tar+zstd',
-  'application/vnd.docker.image.rootfs.diff.tar',
-  'application/vnd.docker.image.rootfs.diff.tar.gzip',
-  'application/vnd.docker.image.rootfs.foreign.diff.tar.gzip',
-  'application/vnd.docker.image.rootfs.diff.tar.zstd',
-]);
 
 export interface MountSpec {
   type: string;
@@ -154,7 +136,7 @@ export class LayerApplier {
 
   async apply(req: ApplyRequest): Promise<Applied> {
     const { ms, mounts, logger: log } = this.o;
-    if (!LAYER_TYPES.has(req.mediaType)) throw notImplemented(`dedup-differ does not apply layers of media type ${JSON.stringify(req.mediaType)}`);
+    if (!LAYER_MEDIA_TYPES.has(req.mediaType)) throw notImplemented(`dedup-differ does not apply layers of media type ${JSON.stringify(req.mediaType)}`);
     if (!/^sha256:[0-9a-f]{64}$/.test(req.digest)) throw invalidArgument(`layer digest ${JSON.stringify(req.digest)} is not a sha256 digest`);
     const id = this.snapshotOf(req.mounts);
     const key = ms.keyOf(id);
@@ -197,19 +179,8 @@ export class LayerApplier {
     if (namespace === undefined) throw invalidArgument(`Apply carries no containerd-namespace header and snapshot ${JSON.stringify(key)} names none`);
     const { blob, source } = this.content(namespace, req.digest, req.size);
     this.o.logger.debug({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, source }, `reading layer ${req.digest} from ${source}`);
-    const tar = new HashedStream(decompress(blob[Symbol.asyncIterator](), req.digest));
-    let root: TreeNode;
-    try {
-      ({ root } = await treeFromTar(tar, sink, { onWarning: (m: string) => this.o.logger.warn({ op: 'apply', key, snapshot: id, layer: id }, m) }));
-      // containerd's digest covers the whole stream, also past the tar's end-of-archive marker.
-      await tar.drain();
-    } catch (err) {
-      await sink.discard();
-      await tar.close();
-      if (blob instanceof fs.ReadStream) blob.destroy();
-      throw err;
-    }
-    const applied = { mediaType: MEDIA_TYPE_LAYER_TAR, digest: `sha256:${tar.hex()}`, size: tar.bytes };
+    const { root, diffId, size } = await treeFromLayerBlob(blob, req.digest, sink, (m: string) => this.o.logger.warn({ op: 'apply', key, snapshot: id, layer: id }, m));
+    const applied = { mediaType: MEDIA_TYPE_LAYER_TAR, digest: diffId, size };
     const stats = await converter.importTree(
       id,
       root,
@@ -220,109 +191,5 @@ export class LayerApplier {
       }),
     );
     return { applied, stats };
-  }
-}
-
-/**
- * Passes a stream through, hashing and counting it; its iterator's return()
- * (a reader stopping at the end-of-archive marker) does not close the source,
- * so `drain` can read the rest.
- */
-class HashedStream implements AsyncIterable<Buffer> {
-  private readonly hash = crypto.createHash('sha256');
-  bytes = 0;
-  private digest: string | null = null;
-
-  constructor(private readonly src: AsyncIterator<Buffer>) {}
-
-  private async next(): Promise<IteratorResult<Buffer>> {
-    const r = await this.src.next();
-    if (!r.done) {
-      this.hash.update(r.value);
-      this.bytes += r.value.length;
-    }
-    return r;
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<Buffer> {
-    return { next: () => this.next(), return: async () => ({ done: true, value: undefined }) };
-  }
-
-  async drain(): Promise<void> {
-    for (;;) if ((await this.next()).done) return;
-  }
-
-  async close(): Promise<void> {
-    await this.src.return?.().catch(() => undefined);
-  }
-
-  hex(): string {
-    this.digest ??= this.hash.digest('hex');
-    return this.digest;
-  }
-}
-
-const GZIP_MAGIC = Buffer.from([0x1f, 0x8b]);
-const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
-
-/** Decompresses a layer blob by its magic bytes (gzip, zstd through the `zstd` program, else plain tar). */
-async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGenerator<Buffer> {
-  const head: Buffer[] = [];
-  let have = 0;
-  let ended = false;
-  while (have < 4) {
-    const r = await src.next();
-    if (r.done) {
-      ended = true;
-      break;
-    }
-    head.push(r.value);
-    have += r.value.length;
-  }
-  const first = Buffer.concat(head);
-  async function* rest(): AsyncGenerator<Buffer> {
-    if (first.length > 0) yield first;
-    if (ended) return;
-    for (;;) {
-      const r = await src.next();
-      if (r.done) return;
-      yield r.value;
-    }
-  }
-  if (first.subarray(0, 2).equals(GZIP_MAGIC)) {
-    // 1 MiB outputs (the default is 16 KiB): fewer, larger pieces through the tar reader and the hashes.
-    const gunzip = zlib.createGunzip({ chunkSize: 1 << 20 });
-    const input = Readable.from(rest());
-    input.on('error', (err) => gunzip.destroy(err));
-    input.pipe(gunzip);
-    yield* gunzip as AsyncIterable<Buffer>;
-    return;
-  }
-  if (first.subarray(0, 4).equals(ZSTD_MAGIC)) {
-    yield* zstdDecompress(rest(), what);
-    return;
-  }
-  yield* rest();
-}
-
-async function* zstdDecompress(input: AsyncIterable<Buffer>, what: string): AsyncGenerator<Buffer> {
-  const child = spawn('zstd', ['-d', '-c', '-q'], { stdio: ['pipe', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
-  const exited = new Promise<number | null>((resolve, reject) => {
-    child.on('error', (err: NodeJS.ErrnoException) => reject(err.code === 'ENOENT' ? new Error(`layer ${what} is zstd-compressed and the zstd program is not installed (apt install zstd)`) : err));
-    child.on('close', (code) => resolve(code));
-  });
-  exited.catch(() => undefined);
-  const feeding = Readable.from(input);
-  feeding.on('error', (err) => child.stdin.destroy(err));
-  child.stdin.on('error', () => undefined);
-  feeding.pipe(child.stdin);
-  try {
-    yield* child.stdout as AsyncIterable<Buffer>;
-    const code = await exited;
-    if (code !== 0) throw new Error(`zstd could not decompress layer ${what}: ${stderr.trim() || `exit code ${code}`}`);
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
   }
 }

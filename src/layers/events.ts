@@ -9,7 +9,7 @@ export interface ConvertEvent {
   error?: string;
   durationMs: number;
   stats?: ConvertStats;
-  mode: 'background' | 'sync' | 'remote' | 'apply';
+  mode: 'background' | 'sync' | 'remote' | 'apply' | 'fetch';
 }
 
 /** Tells the listener (set once by the daemon's wiring) of each conversion; a failing listener is logged, never thrown. */

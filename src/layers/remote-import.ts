@@ -42,6 +42,8 @@ export interface RemoteImportOptions {
   settler: Settler | null;
   events: ConvertEvents;
   snapshots: ImportSnapshots;
+  /** registry.fetch_layers: layers of plain images fetched and converted here (plain-fetch.ts); null: containerd's. */
+  plain: { importFor(labels: Labels, parent: string, key: string): Promise<boolean> } | null;
   logger: Logger;
 }
 
@@ -60,13 +62,15 @@ export class RemoteImporter {
 
   /**
    * When `labels` name a remote layer: makes it as snapshot `ref` (the
-   * target key in the labels) and returns true; false when they name none.
+   * target key in the labels) and returns true; a layer of a plain image:
+   * the registry fetch (plain-fetch.ts), named in `key`'s namespace; false
+   * when containerd should make the layer.
    */
-  async importFor(labels: Labels | undefined, parent: string): Promise<boolean> {
+  async importFor(labels: Labels | undefined, parent: string, key: string): Promise<boolean> {
     const ref = labels?.[LABEL_SNAPSHOT_REF];
     if (!ref) return false;
     const rl = await this.o.remote.resolve(labels);
-    if (!rl) return false;
+    if (!rl) return this.o.plain ? this.o.plain.importFor(labels as Labels, parent, key) : false;
     let making = this.making.get(ref);
     if (!making) {
       making = this.make(rl, ref, parent, labels as Labels).finally(() => this.making.delete(ref));

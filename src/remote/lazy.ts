@@ -46,14 +46,20 @@ export interface RemoteLayer {
   sourceLayer?: string;
 }
 
+/** A plain (OCI or Docker) image's manifest: its config and layers, in order. */
+export interface PlainImage {
+  config: string;
+  layers: { digest: string; mediaType: string; size: number }[];
+}
+
 const MAX_LAYER_BLOB = 512 << 20;
 const UNREADABLE_TTL_MS = 60_000;
 const MAX_CONVERTED_ANSWERS = 4096;
 
 export class RemoteLayers {
   private readonly log: Logger;
-  /** manifest digest → the layer digests it lists, and which of them are dedup layers (none: a plain image). */
-  private readonly manifests = new Map<string, { dedup: Set<string>; all: Set<string> }>();
+  /** manifest digest → the layer digests it lists, which of them are dedup layers, and (none: a plain image) its config and layers. */
+  private readonly manifests = new Map<string, { dedup: Set<string>; all: Set<string>; plain: PlainImage | null }>();
   /** `repo\0layer digest` → the shared converted dedup layer's digest (null: none), until when that answer holds. */
   private readonly converted = new Map<string, { digest: string | null; until: number }>();
   /** manifest digest → until when its registry is not asked again. */
@@ -86,9 +92,10 @@ export class RemoteLayers {
       if ((this.unreadable.get(manifestDigest) ?? 0) > Date.now()) return null;
       try {
         const m = await this.o.client.getManifest({ ...repo, tag: null, digest: manifestDigest } as Reference);
-        const json = m.json as { layers?: { mediaType?: string; digest?: string }[] };
+        const json = m.json as { config?: { digest?: unknown }; layers?: { mediaType?: string; digest?: string; size?: unknown }[] };
         const listed = (json.layers ?? []).filter((l) => typeof l.digest === 'string');
-        layers = { dedup: new Set(listed.filter((l) => l.mediaType === MEDIA_TYPE_LAYER).map((l) => l.digest as string)), all: new Set(listed.map((l) => l.digest as string)) };
+        const dedup = new Set(listed.filter((l) => l.mediaType === MEDIA_TYPE_LAYER).map((l) => l.digest as string));
+        layers = { dedup, all: new Set(listed.map((l) => l.digest as string)), plain: dedup.size === 0 ? plainImageOf(json) : null };
         this.manifests.set(manifestDigest, layers);
       } catch (err) {
         this.unreadable.set(manifestDigest, Date.now() + UNREADABLE_TTL_MS);
@@ -102,6 +109,18 @@ export class RemoteLayers {
       if (converted) return { repo, manifestDigest, layerDigest: converted, sourceLayer: layerDigest };
     }
     return null;
+  }
+
+  /**
+   * The plain image `labels` name and the layer of it they name, when
+   * resolve found its manifest to be a plain image (call resolve first);
+   * else null.
+   */
+  plainLayer(labels: Record<string, string> | undefined): { repo: Reference; manifestDigest: string; layerDigest: string; image: PlainImage } | null {
+    const cri = labels?.[LABEL_SNAPSHOT_REF] ? criLayerOf(labels) : null;
+    const image = cri ? this.manifests.get(cri.manifestDigest)?.plain : null;
+    if (!cri || !image || !image.layers.some((l) => l.digest === cri.layerDigest)) return null;
+    return { ...cri, image };
   }
 
   /**
@@ -174,6 +193,18 @@ export class RemoteLayers {
       throw err;
     }
   }
+}
+
+/** The config and layers of a plain image's manifest, or null when any of them is malformed. */
+function plainImageOf(json: { config?: { digest?: unknown }; layers?: { mediaType?: string; digest?: string; size?: unknown }[] }): PlainImage | null {
+  const config = json.config?.digest;
+  if (typeof config !== 'string' || !SHA256_DIGEST.test(config) || !Array.isArray(json.layers)) return null;
+  const layers: PlainImage['layers'] = [];
+  for (const l of json.layers) {
+    if (typeof l?.digest !== 'string' || !SHA256_DIGEST.test(l.digest) || typeof l.mediaType !== 'string' || typeof l.size !== 'number' || !Number.isSafeInteger(l.size) || l.size < 0) return null;
+    layers.push({ digest: l.digest, mediaType: l.mediaType, size: l.size });
+  }
+  return { config, layers };
 }
 
 /**

@@ -9,6 +9,7 @@ import { ConversionQueue } from '../layers/conversion';
 import { type ConvertEvent, ConvertEvents } from '../layers/events';
 import { LayerIntegrity } from '../layers/integrity';
 import { LayerMounts } from '../layers/layer-mounts';
+import { PlainLayerFetcher } from '../layers/plain-fetch';
 import { type ImportSnapshots, RemoteImporter } from '../layers/remote-import';
 import { Settler } from '../layers/settle';
 import { Sweeper } from '../layers/sweep';
@@ -91,6 +92,13 @@ export interface SnapshotterOptions {
   /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
   pushConverted?: boolean;
   /**
+   * registry.fetch_layers: a Prepare naming a layer of a plain image (CRI
+   * labels) fetches and converts it here, all layers of the image in
+   * parallel (layers/plain-fetch.ts); default true when `remote` is set
+   * and pushConverted is not (pushing reads the layer's directory).
+   */
+  fetchLayers?: boolean;
+  /**
    * containerd's socket, where dedup-differ's Apply reads layer blobs
    * (default: $CONTAINERD_ADDRESS, else /run/containerd/containerd.sock).
    */
@@ -113,6 +121,8 @@ export interface ErofsParts {
   share: ConvertedLayerPusher | null;
   /** With a remote (lazy pull) configured. */
   importer: RemoteImporter | null;
+  /** With a remote configured and registry.fetch_layers on. */
+  plain: PlainLayerFetcher | null;
   /** With on-demand loading configured. */
   loader: LazyLoader | null;
   settler: Settler | null;
@@ -242,7 +252,9 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     containerdAddress: opts.containerdAddress ?? (process.env.CONTAINERD_ADDRESS || '/run/containerd/containerd.sock'),
     containerdRoot: opts.containerdRoot ?? (process.env.CONTAINERD_ROOT || '/var/lib/containerd'),
   });
-  const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, logger }) : null;
+  // push_converted shares layers converted from their directory (convert/share.ts): with it, containerd unpacks them.
+  const plain = remote && opts.fetchLayers !== false && !opts.pushConverted ? new PlainLayerFetcher({ layout, ms, store, converter, conversion, remote, events, snapshots, chunkSize: e.chunkSize, logger }) : null;
+  const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, plain, logger }) : null;
   return {
     layout,
     logger,
@@ -253,7 +265,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     sweeper,
     events,
     remote,
-    erofs: { store, converter, sealer, integrity, conversion, applier, background: (e.convertMode ?? 'background') === 'background', share, importer, loader, settler },
+    erofs: { store, converter, sealer, integrity, conversion, applier, background: (e.convertMode ?? 'background') === 'background', share, importer, plain, loader, settler },
     scrub: opts.integrity ?? null,
   };
 }

@@ -186,7 +186,7 @@ export class Snapshotter {
     const importer = this.parts.erofs?.importer;
     if (importer) {
       this.checkOpen();
-      if (await importer.importFor(labels, parent)) {
+      if (await importer.importFor(labels, parent, key)) {
         // containerd's contract for remote snapshots: the layer exists now
         // under the target key; it lists it by label and skips download and unpack.
         throw remoteLayerExists(`target snapshot ${JSON.stringify(labels?.[LABEL_SNAPSHOT_REF])} is a remote layer, made without its tar`);
@@ -471,6 +471,7 @@ export class Snapshotter {
     this.parts.sweeper.close();
     e?.conversion.close();
     e?.applier.close();
+    e?.plain?.close();
     e?.settler?.close();
     e?.share?.close();
     // The holder keeps the marks: reads wait for the next daemon.

@@ -143,6 +143,9 @@ export class ChunkStore {
   private readonly sealedPatches = new Map<number, Map<number, Buffer>>();
   /** Read-write fds of unsealed segments being healed. */
   private readonly rwSegments = new Map<number, number>();
+  private lookupStmt: Database.Statement | null = null;
+  /** When writes last found the store file in place (fileProblem is a stat: asked at most every WRITE_CHECK_MS while writes stream). */
+  private fileCheckedAt = 0;
 
   constructor(opts: { root: string; db: Database.Database; logger?: Logger; layout?: StoreLayout; maxDevices?: number }) {
     this.dir = path.join(opts.root, 'store');
@@ -385,9 +388,9 @@ export class ChunkStore {
 
   /** The chunk with `digest` whose bytes are good (a bad one is never handed out). */
   lookup(digest: string): ChunkRow | undefined {
-    return this.db
-      .prepare('SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) ORDER BY c.segment LIMIT 1')
-      .get(digest) as ChunkRow | undefined;
+    // Prepared once: a layer of small files asks this for every file.
+    this.lookupStmt ??= this.db.prepare('SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) ORDER BY c.segment LIMIT 1');
+    return this.lookupStmt.get(digest) as ChunkRow | undefined;
   }
 
   /**
@@ -522,6 +525,37 @@ export class ChunkStore {
   }
 
   /**
+   * Writes new chunks that lie back to back (extent `e` covers them all;
+   * each part whole blocks) with one writev: in chunks.blob, or in the
+   * import's own segment `writer` (extents from takeAppend). A layer of
+   * small files is thousands of chunks.
+   */
+  async writeRun(e: Extent, parts: Buffer[], writer: SegmentWriter | null = null): Promise<void> {
+    const seg = e.segment ?? 0;
+    if (seg !== (writer?.id ?? 0)) throw new Error(`writeRun: extent of segment ${seg}, writer of ${writer?.id ?? 'chunks.blob'}`);
+    if (!writer) this.checkFileForWrites();
+    const fd = writer ? writer.fd : this.fd;
+    let pos = e.blkaddr * STORE_BLOCK;
+    const total = parts.reduce((a, p) => a + p.length, 0);
+    if (total !== e.nblocks * STORE_BLOCK) throw new Error(`writeRun: ${total} bytes for ${e.nblocks} blocks`);
+    const written = await new Promise<number>((resolve, reject) => fs.writev(fd, parts, pos, (err, n) => (err ? reject(err) : resolve(n))));
+    if (written === total) return;
+    // A short write (rare): the rest one piece at a time.
+    pos += written;
+    const rest = Buffer.concat(parts).subarray(written);
+    await writeAllAt(fd, rest, pos);
+  }
+
+  /** Throws when the store file is gone or replaced (see fileProblem); stats it at most every WRITE_CHECK_MS. */
+  private checkFileForWrites(): void {
+    const now = Date.now();
+    if (now - this.fileCheckedAt < WRITE_CHECK_MS) return;
+    const problem = this.fileProblem();
+    if (problem) throw new Error(problem);
+    this.fileCheckedAt = now;
+  }
+
+  /**
    * Writes a chunk's blocks at its extent: in chunks.blob, or over a
    * damaged chunk of an unsealed segment (a sealed one cannot be written:
    * throws). New chunks of a segment are written through its SegmentWriter.
@@ -530,8 +564,7 @@ export class ChunkStore {
     const padded = padToBlocks(data, e.nblocks);
     const seg = e.segment ?? 0;
     if (seg === 0) {
-      const problem = this.fileProblem();
-      if (problem) throw new Error(problem);
+      this.checkFileForWrites();
       await writeAllAt(this.fd, padded, e.blkaddr * STORE_BLOCK);
       return;
     }
@@ -552,6 +585,13 @@ export class ChunkStore {
   }
 
   /** Writes a new chunk at the end of segment `w` (an import's own); returns its extent. */
+  /** The next `nblocks` of segment writer `w`, for writeRun. */
+  takeAppend(w: SegmentWriter, nblocks: number): Extent {
+    const e = { segment: w.id, blkaddr: w.blocks, nblocks };
+    w.blocks += nblocks;
+    return e;
+  }
+
   async append(w: SegmentWriter, data: Buffer): Promise<Extent> {
     const nblocks = Math.ceil(data.length / STORE_BLOCK);
     // The extent is taken before the write: appends may be in flight together.
@@ -754,6 +794,9 @@ function writeAt(fd: number, buf: Buffer, off: number, len: number, pos: number)
 }
 
 /** Writes all of `buf` at `pos` of `fd` (short writes continued). */
+/** How often streaming writes check that the store file is still in place. */
+const WRITE_CHECK_MS = 100;
+
 export async function writeAllAt(fd: number, buf: Buffer, pos: number): Promise<void> {
   let off = 0;
   while (off < buf.length) off += (await writeAt(fd, buf, off, buf.length - off, pos + off)).bytesWritten;

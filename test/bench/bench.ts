@@ -144,6 +144,9 @@ function distinctLayers(built: BuildResult): number {
   return chains.size;
 }
 
+/** The daemon's log ops of a layer made into an image: directory conversion, the differ's Apply, the registry fetch. */
+const CONVERSION_OPS = ['convert', 'apply', 'fetch'];
+
 /**
  * Waits until the daemon logged `n` successful conversions, has no conversion
  * in progress (ROOT/tmp empty) and keeps no plain snapshot directory (no
@@ -153,9 +156,9 @@ async function waitConverted(stack: Stack, n: number): Promise<void> {
   const deadline = Date.now() + 1_800_000;
   for (;;) {
     const logs = stack.daemon.logs();
-    const failed = logs.filter((l) => (l.op === 'convert' || l.op === 'apply') && typeof l.level === 'number' && l.level >= 50);
+    const failed = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.level === 'number' && l.level >= 50);
     if (failed.length > 0) throw new Error(`layer conversion failed: ${JSON.stringify(failed)}`);
-    const done = logs.filter((l) => (l.op === 'convert' || l.op === 'apply') && typeof l.logical_bytes === 'number').length;
+    const done = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number').length;
     const tmp = readdirOrEmpty(path.join(stack.daemonRoot, 'tmp'));
     const dirs = readdirOrEmpty(path.join(stack.daemonRoot, 'snapshots'));
     if (done >= n && tmp.length === 0 && dirs.length === 0) return;
@@ -350,12 +353,12 @@ function erofsLine(e: PhaseResult | undefined, o: PhaseResult): string {
 
 function whereTimeGoes(stack: Stack): string {
   const parts: string[] = [];
-  for (const op of ['apply', 'convert']) {
+  for (const op of CONVERSION_OPS) {
     const ls = stack.daemon.logs().filter((l) => l.op === op && typeof l.logical_bytes === 'number');
     if (ls.length === 0) continue;
     const sum = (k: string) => ls.reduce((a, l) => a + (typeof l[k] === 'number' ? (l[k] as number) : 0), 0);
-    const read = op === 'apply' ? sum('read_ms') : sum('mkfs_ms');
-    parts.push(`${op}: ${ls.length} layers, ${secs(sum('duration_ms'))} in all: reading/hashing/storing files ${secs(read)}, placing chunks and writing images ${secs(sum('import_ms'))}`);
+    const read = sum(op === 'apply' ? 'read_ms' : op === 'fetch' ? 'fetch_ms' : 'mkfs_ms');
+    parts.push(`${op}: ${ls.length} layers, ${secs(sum('duration_ms'))} in all: ${op === 'fetch' ? 'fetching/' : ''}reading/hashing/storing files ${secs(read)}, placing chunks and writing images ${secs(sum('import_ms'))}`);
   }
   return `dedup conversion time (summed over layers): ${parts.join('; ') || 'none logged'}`;
 }
@@ -395,6 +398,8 @@ async function main(): Promise<void> {
   for (const s of SNAPSHOTTERS) phases[s] = await phase(stack, built, s);
   const timeLine = whereTimeGoes(stack);
   log(timeLine);
+  // The daemon's log lines, for a closer look at where time goes (DEDUP_BENCH_DAEMON_LOG=file).
+  if (process.env.DEDUP_BENCH_DAEMON_LOG) fs.writeFileSync(process.env.DEDUP_BENCH_DAEMON_LOG, stack.daemon.logs().map((l) => JSON.stringify(l)).join('\n'));
   if (process.argv.includes('--pull-only')) {
     // Only the pull figures (for working on conversion).
     const po = phases.overlayfs as PhaseResult;
@@ -414,7 +419,7 @@ async function main(): Promise<void> {
     ctr: (args, timeoutMs) => ctr(stack, args, timeoutMs),
   });
 
-  const converts = stack.daemon.logs().filter((l) => (l.op === 'convert' || l.op === 'apply') && typeof l.logical_bytes === 'number');
+  const converts = stack.daemon.logs().filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number');
   const logicalBytes = converts.reduce((a, l) => a + (l.logical_bytes as number), 0);
   const storedBytes = converts.reduce((a, l) => a + (l.stored_bytes as number), 0);
   const imageBytes = converts.reduce((a, l) => a + ((l.image_bytes as number) ?? 0), 0);

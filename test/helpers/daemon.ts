@@ -11,6 +11,9 @@ import { processRunning } from '../../src/util/proc';
 import { unmountUnder } from './mounts';
 
 /** Repository root (from dist/test/helpers or test/helpers). */
+/** Extra node options for the daemon (a profile: DEDUP_TEST_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=DIR"; NODE_OPTIONS refuses those). */
+const NODE_ARGS = (process.env.DEDUP_TEST_DAEMON_NODE_ARGS ?? '').split(' ').filter((a) => a.length > 0);
+
 export const REPO_ROOT = (() => {
   let d = __dirname;
   while (!fs.existsSync(path.join(d, 'package.json'))) {
@@ -211,8 +214,8 @@ export async function startDaemon(
   // LISTEN_PID must be the daemon's pid, unknown before it starts: the shell sets it to its own, then execs the daemon (same pid).
   const proc =
     passed.length > 0
-      ? spawn('/bin/sh', ['-c', 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', 'sh', process.execPath, DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe', ...passed.map((f) => f.fd)] })
-      : spawn(process.execPath, [DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      ? spawn('/bin/sh', ['-c', 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', 'sh', process.execPath, ...NODE_ARGS, DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe', ...passed.map((f) => f.fd)] })
+      : spawn(process.execPath, [...NODE_ARGS, DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   proc.stdout?.on('data', (d) => (out += d));
   proc.stderr?.on('data', (d) => (out += d));
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));

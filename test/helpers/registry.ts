@@ -112,14 +112,20 @@ export interface RegistryProxy {
   mode: ProxyMode;
   /** Range requests received so far, and how many are held now. */
   ranges: number;
+  /** Requests answered by `refuse`. */
+  refused: number;
   held(): number;
   /** Forwards the held requests (mode unchanged). */
   release(): void;
   stop(): Promise<void>;
 }
 
-/** An HTTP proxy in front of `upstream` ("host:port") that can hold, fail or corrupt chunk fetches. */
-export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pass'): Promise<RegistryProxy> {
+/**
+ * An HTTP proxy in front of `upstream` ("host:port") that can hold, fail or
+ * corrupt chunk fetches; `refuse` answers any request it returns a status
+ * for (e.g. 403 to the daemon's layer downloads) with that status.
+ */
+export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pass', refuse?: (req: http.IncomingMessage) => number | null): Promise<RegistryProxy> {
   const [uhost, uport] = upstream.split(':');
   const waiting: (() => void)[] = [];
   const forward = (req: http.IncomingMessage, res: http.ServerResponse, corrupt: boolean) => {
@@ -140,6 +146,12 @@ export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pa
     req.pipe(up);
   };
   const server = http.createServer((req, res) => {
+    const status = refuse?.(req) ?? null;
+    if (status !== null) {
+      proxy.refused++;
+      res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify({ errors: [{ code: 'DENIED', message: 'proxy: refused for the test' }] }));
+      return;
+    }
     if (!req.headers.range) return forward(req, res, false);
     proxy.ranges++;
     if (proxy.mode === 'hold') waiting.push(() => forward(req, res, false));
@@ -151,6 +163,7 @@ export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pa
     host: `127.0.0.1:${(server.address() as { port: number }).port}`,
     mode,
     ranges: 0,
+    refused: 0,
     held: () => waiting.length,
     release: () => {
       for (const f of waiting.splice(0)) f();

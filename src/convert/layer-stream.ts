@@ -1,0 +1,181 @@
+import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import { Readable } from 'node:stream';
+import zlib from 'node:zlib';
+import type { StoreChunkSink } from './chunk-sink';
+import type { TreeNode } from './layer-tree';
+import { treeFromTar } from './tar-tree';
+
+/*
+ * A layer blob on its way to the tar reader: decompressed by its magic
+ * bytes and hashed as it passes (the hash is the layer's diff id). Shared
+ * by the differ's Apply (layers/apply.ts) and the registry fetch of plain
+ * layers (layers/plain-fetch.ts).
+ */
+
+/** Layer media types read here: OCI and Docker, plain, gzip or zstd (the compression is read from the bytes, as containerd does). */
+export const LAYER_MEDIA_TYPES = new Set([
+  'application/vnd.oci.image.layer.v1.tar',
+  'application/vnd.oci.image.layer.v1.tar+gzip',
+  'application/vnd.oci.image.layer.v1.tar+zstd',
+  'application/vnd.oci.image.layer.nondistributable.v1.tar',
+  'application/vnd.oci.image.layer.nondistributable.v1.tar+gzip',
+  'application/vnd.oci.image.layer.nondistributable.v1.tar+zstd',
+  'application/vnd.docker.image.rootfs.diff.tar',
+  'application/vnd.docker.image.rootfs.diff.tar.gzip',
+  'application/vnd.docker.image.rootfs.foreign.diff.tar.gzip',
+  'application/vnd.docker.image.rootfs.diff.tar.zstd',
+]);
+
+/**
+ * Reads layer blob `blob` (gzip, zstd or plain tar; `what` names it in
+ * errors) into a layer tree, its file data into `sink`, and hashes the whole
+ * decompressed stream, also past the tar's end-of-archive marker (as
+ * containerd does): the diff id. On failure the sink's chunks are discarded
+ * and the blob closed.
+ */
+export async function treeFromLayerBlob(
+  blob: AsyncIterable<Buffer>,
+  what: string,
+  sink: StoreChunkSink,
+  onWarning: (msg: string) => void,
+): Promise<{ root: TreeNode; diffId: string; size: number }> {
+  const tar = new HashedStream(decompress(blob[Symbol.asyncIterator](), what));
+  try {
+    const { root } = await treeFromTar(tar, sink, { onWarning });
+    await tar.drain();
+    return { root, diffId: `sha256:${tar.hex()}`, size: tar.bytes };
+  } catch (err) {
+    await sink.discard();
+    await tar.close();
+    (blob as { destroy?: () => void }).destroy?.();
+    throw err;
+  }
+}
+
+/**
+ * Passes a stream through, hashing and counting it; its iterator's return()
+ * (a reader stopping at the end-of-archive marker) does not close the source,
+ * so `drain` can read the rest.
+ */
+export class HashedStream implements AsyncIterable<Buffer> {
+  private readonly hash = crypto.createHash('sha256');
+  bytes = 0;
+  private digest: string | null = null;
+
+  constructor(private readonly src: AsyncIterator<Buffer>) {}
+
+  private async next(): Promise<IteratorResult<Buffer>> {
+    const r = await this.src.next();
+    if (!r.done) {
+      this.hash.update(r.value);
+      this.bytes += r.value.length;
+    }
+    return r;
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<Buffer> {
+    return { next: () => this.next(), return: async () => ({ done: true, value: undefined }) };
+  }
+
+  async drain(): Promise<void> {
+    for (;;) if ((await this.next()).done) return;
+  }
+
+  async close(): Promise<void> {
+    await this.src.return?.().catch(() => undefined);
+  }
+
+  hex(): string {
+    this.digest ??= this.hash.digest('hex');
+    return this.digest;
+  }
+}
+
+/** Decompressed bytes gunzip may hold ahead of the reader. */
+const GUNZIP_AHEAD = 8 << 20;
+
+const GZIP_MAGIC = Buffer.from([0x1f, 0x8b]);
+const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
+
+/** Decompresses a layer blob by its magic bytes (gzip, zstd through the `zstd` program, else plain tar). */
+export async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGenerator<Buffer> {
+  const head: Buffer[] = [];
+  let have = 0;
+  let ended = false;
+  while (have < 4) {
+    const r = await src.next();
+    if (r.done) {
+      ended = true;
+      break;
+    }
+    head.push(r.value);
+    have += r.value.length;
+  }
+  const first = Buffer.concat(head);
+  async function* rest(): AsyncGenerator<Buffer> {
+    if (first.length > 0) yield first;
+    if (ended) return;
+    for (;;) {
+      const r = await src.next();
+      if (r.done) return;
+      yield r.value;
+    }
+  }
+  if (first.subarray(0, 2).equals(GZIP_MAGIC)) {
+    // 1 MiB outputs (the default is 16 KiB): fewer, larger pieces through the tar reader and the hashes. zlib
+    // inflates on the thread pool while its output is below the stream's high-water mark: at 8 MiB it runs
+    // ahead of the tar reader instead of taking turns with it (the options go on to the Transform stream).
+    const gunzip = zlib.createGunzip({ chunkSize: 1 << 20, ...{ readableHighWaterMark: GUNZIP_AHEAD } });
+    const input = Readable.from(rest());
+    input.on('error', (err) => gunzip.destroy(err));
+    input.pipe(gunzip);
+    yield* gunzip as AsyncIterable<Buffer>;
+    return;
+  }
+  if (first.subarray(0, 4).equals(ZSTD_MAGIC)) {
+    yield* programDecompress('zstd', ['-d', '-c', '-q'], rest(), what, 'zstd');
+    return;
+  }
+  yield* rest();
+}
+
+/** Pieces a decompressing program's output is gathered into (a pipe delivers 64 KiB at a time). */
+const OUTPUT_PIECE = 1 << 20;
+
+/** Decompresses `input` through `program` (zstd): its stdout, in pieces of about 1 MiB; an error names the layer when it fails. */
+async function* programDecompress(program: string, args: string[], input: AsyncIterable<Buffer>, what: string, format: string): AsyncGenerator<Buffer> {
+  const child = spawn(program, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
+  const exited = new Promise<number | null>((resolve, reject) => {
+    child.on('error', (err: NodeJS.ErrnoException) =>
+      reject(err.code === 'ENOENT' ? new Error(`layer ${what} is ${format}-compressed and the ${program} program is not installed (apt install ${program})`) : err),
+    );
+    child.on('close', (code) => resolve(code));
+  });
+  exited.catch(() => undefined);
+  const feeding = Readable.from(input);
+  feeding.on('error', (err) => child.stdin.destroy(err));
+  child.stdin.on('error', () => undefined);
+  feeding.pipe(child.stdin);
+  try {
+    let parts: Buffer[] = [];
+    let have = 0;
+    for await (const piece of child.stdout as AsyncIterable<Buffer>) {
+      parts.push(piece);
+      have += piece.length;
+      if (have >= OUTPUT_PIECE) {
+        yield parts.length === 1 ? parts[0] : Buffer.concat(parts, have);
+        parts = [];
+        have = 0;
+      }
+    }
+    if (have > 0) yield Buffer.concat(parts, have);
+    const code = await exited;
+    if (code !== 0) throw new Error(`${program} could not decompress layer ${what}: ${stderr.trim() || `exit code ${code}`}`);
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    feeding.destroy();
+  }
+}

@@ -1,0 +1,271 @@
+import crypto from 'node:crypto';
+import { chainIds } from '../containerd/image-layers';
+import { StoreChunkSink } from '../convert/chunk-sink';
+import type { ConvertStats, Converter } from '../convert/converter';
+import type { TreeNode } from '../convert/layer-tree';
+import { LAYER_MEDIA_TYPES, treeFromLayerBlob } from '../convert/layer-stream';
+import type { Logger } from '../log/logger';
+import { LABEL_SNAPSHOT_REF, type PlainImage, type RemoteLayers } from '../remote/lazy';
+import { type Reference, formatReference } from '../remote/reference';
+import type { ChunkStore } from '../store/chunkstore';
+import type { MetaStore } from '../store/metastore';
+import type { RootLayout } from '../store/root-layout';
+import { splitKey } from '../store/keys';
+import { Kind, type Labels } from '../store/types';
+import { removeAll } from '../util/fs';
+import type { ConversionQueue } from './conversion';
+import { type ConvertEvents, convertedFields, convertedSummary } from './events';
+import { type ImportSnapshots, REMOTE_IMPORT_PREFIX } from './remote-import';
+
+/** Layers fetched and converted at once (the machine's cores: gunzip, tar and hashing are CPU-bound). */
+export const DEFAULT_FETCH_CONCURRENCY = 2;
+/** A layer converted ahead that no Prepare claims within this time (the pull was abandoned) is dropped. */
+const UNCLAIMED_MS = 10 * 60_000;
+const MAX_CONFIG_BYTES = 4 << 20;
+const MAX_CACHED_CONFIGS = 256;
+
+export interface PlainFetchOptions {
+  layout: RootLayout;
+  ms: MetaStore;
+  store: ChunkStore;
+  converter: Converter;
+  conversion: ConversionQueue;
+  remote: RemoteLayers;
+  events: ConvertEvents;
+  snapshots: ImportSnapshots;
+  chunkSize: number;
+  concurrency?: number;
+  logger: Logger;
+}
+
+/** A layer read from its registry into a layer tree, its new chunks written provisionally (chunk-sink.ts). */
+interface Built {
+  root: TreeNode;
+  sink: StoreChunkSink;
+  fetchMs: number;
+}
+
+interface Job {
+  image: string;
+  layerDigest: string;
+  diffId: string;
+  started: number;
+  result: Promise<Built>;
+  timer: NodeJS.Timeout | null;
+  /** The first Prepare that records the layer (its tree and chunks are used once); others wait for it. */
+  recorded: Promise<boolean> | null;
+}
+
+/**
+ * Plain layers fetched by the snapshotter itself (registry.fetch_layers):
+ * when a Prepare carries the CRI labels (CRI pulls; containerd 2.x's
+ * transfer service with the plugin's enable_remote_snapshot_annotations
+ * export) and they name a layer of a plain image, the blob is read from the
+ * registry, decompressed, and its tar goes straight into the EROFS writer,
+ * file data stored once as it streams (as the differ's Apply does). The
+ * first Prepare of an image starts every layer above it that the node
+ * lacks, `concurrency` at a time, so the layers convert in parallel while
+ * containerd asks for them one by one; each Prepare waits for its own layer,
+ * records it as the committed snapshot containerd named and answers
+ * AlreadyExists: containerd neither downloads nor unpacks the layer.
+ *
+ * Anything unexpected (registry unreachable, 401/403 with the node's
+ * credentials, labels that disagree with the image, a media type not read
+ * here) leaves the layer to containerd: importFor returns false and the
+ * Prepare goes on as usual. A layer whose tar does not hash to the diff id
+ * its image config names is refused the same way (containerd's unpacker
+ * makes the same check).
+ */
+export class PlainLayerFetcher {
+  /** Layers being (or done being) converted ahead, by the chain id they become. */
+  private readonly jobs = new Map<string, Job>();
+  /** Diff ids of image configs (by registry, repository and config digest). */
+  private readonly diffIds = new Map<string, Promise<string[]>>();
+  private readonly waiting: (() => void)[] = [];
+  private running = 0;
+  private closed = false;
+  readonly counters = { layers: 0, bytes: 0, failures: 0 };
+
+  constructor(private readonly o: PlainFetchOptions) {}
+
+  /**
+   * When `labels` name a layer of a plain image whose registry serves it:
+   * makes that layer as committed snapshot `labels[snapshot.ref]` on
+   * `parent` and returns true; false when containerd should fetch and
+   * unpack it itself.
+   */
+  async importFor(labels: Labels, parent: string, key: string): Promise<boolean> {
+    const ref = labels[LABEL_SNAPSHOT_REF];
+    const pl = this.o.remote.plainLayer(labels);
+    // The layer is named like containerd's own keys, in the namespace of the pull (fsck and doctor read it there).
+    const ns = splitKey(key)?.ns;
+    if (this.closed || !ref || !pl || ns === undefined) return false;
+    const image = formatReference(pl.repo);
+    let diffIds: string[];
+    try {
+      diffIds = await this.diffIdsOf(pl.repo, pl.image);
+    } catch (err) {
+      this.o.logger.warn({ op: 'fetch', key: ref, image, err: (err as Error).message }, `cannot read the config of ${image}: containerd fetches and unpacks its layers`);
+      return false;
+    }
+    const chains = chainIds(diffIds);
+    const index = pl.image.layers.findIndex((l, i) => l.digest === pl.layerDigest && chains[i] === ref);
+    // Labels that do not match the image's own chain: containerd's path.
+    if (index < 0) return false;
+    const have = this.committedRefs();
+    // Made already (by another pull, in any namespace) on the same parent: containerd finds it by its label and parent.
+    if (have.get(ref)?.has(parent)) return true;
+    for (let i = index; i < chains.length; i++) if (!have.has(chains[i])) this.start(pl.repo, pl.image.layers[i], chains[i], diffIds[i]);
+    if (!this.jobs.has(ref)) return false;
+    const job = this.jobs.get(ref) as Job;
+    if (job.recorded) {
+      // Another pull (another namespace) records this layer: it is used from there if it ends on the same parent.
+      await job.recorded;
+      return this.committedRefs().get(ref)?.has(parent) ?? false;
+    }
+    job.recorded = this.record(job, `${ns}/0/${ref}`, ref, parent, labels);
+    return job.recorded;
+  }
+
+  /** The chain ids (snapshot.ref labels) of committed snapshots, each with the parents it is committed on. */
+  private committedRefs(): Map<string, Set<string>> {
+    const out = new Map<string, Set<string>>();
+    this.o.ms.walkInfo((info) => {
+      const ref = info.labels[LABEL_SNAPSHOT_REF];
+      if (info.kind !== Kind.Committed || !ref) return;
+      const parents = out.get(ref) ?? new Set<string>();
+      parents.add(info.parent);
+      out.set(ref, parents);
+    });
+    return out;
+  }
+
+  /**
+   * Stops: later Prepares take containerd's path. Layers converted ahead are
+   * forgotten; their provisional chunks are no row's, and the next start
+   * punches them out (chunk-sink.ts).
+   */
+  close(): void {
+    this.closed = true;
+    for (const job of this.jobs.values()) if (job.timer) clearTimeout(job.timer);
+    this.jobs.clear();
+  }
+
+  /** The image config's diff ids, one per layer of `image` (fetched once per config). */
+  private diffIdsOf(repo: Reference, image: PlainImage): Promise<string[]> {
+    const key = `${repo.host}\0${repo.repository}\0${image.config}`;
+    let known = this.diffIds.get(key);
+    if (!known) {
+      known = this.o.remote.client.getBlob(repo, image.config, { maxBytes: MAX_CONFIG_BYTES }).then((bytes) => {
+        const doc = JSON.parse(bytes.toString('utf8')) as { rootfs?: { diff_ids?: unknown } };
+        const ids = doc?.rootfs?.diff_ids;
+        if (!Array.isArray(ids) || ids.length !== image.layers.length || !ids.every((d) => typeof d === 'string' && /^sha256:[0-9a-f]{64}$/.test(d))) {
+          throw new Error(`config ${image.config} does not list one sha256 diff id per layer (${image.layers.length})`);
+        }
+        return ids as string[];
+      });
+      known.catch(() => this.diffIds.delete(key));
+      if (this.diffIds.size >= MAX_CACHED_CONFIGS) this.diffIds.delete(this.diffIds.keys().next().value as string);
+      this.diffIds.set(key, known);
+    }
+    return known;
+  }
+
+  /** Starts converting a layer ahead (queued behind `concurrency` others) unless it is being converted or the node has it. */
+  private start(repo: Reference, layer: PlainImage['layers'][number], chainId: string, diffId: string): void {
+    if (this.jobs.has(chainId) || !LAYER_MEDIA_TYPES.has(layer.mediaType)) return;
+    const job: Job = { image: formatReference(repo), layerDigest: layer.digest, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
+    job.result = this.limited(() => this.build(repo, layer.digest, diffId, chainId, job));
+    // Claimed by a Prepare soon, or dropped.
+    const unclaimed = () => {
+      if (this.jobs.get(chainId) === job) job.timer = setTimeout(() => void this.drop(chainId), UNCLAIMED_MS).unref();
+    };
+    job.result.then(unclaimed, unclaimed);
+    this.jobs.set(chainId, job);
+  }
+
+  private async limited<T>(work: () => Promise<T>): Promise<T> {
+    const limit = Math.max(1, this.o.concurrency ?? DEFAULT_FETCH_CONCURRENCY);
+    if (this.running >= limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
+    this.running++;
+    try {
+      return await work();
+    } finally {
+      this.running--;
+      this.waiting.shift()?.();
+    }
+  }
+
+  /** Reads layer `digest` from the registry into a tree, its new chunks into the store (provisionally), and checks its diff id. */
+  private async build(repo: Reference, digest: string, diffId: string, chainId: string, job: Job): Promise<Built> {
+    if (this.closed) throw new Error('the snapshotter is shutting down');
+    job.started = Date.now();
+    this.o.logger.info({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, `fetching layer ${digest} of ${job.image} from its registry, auto-converting to EROFS in one pass`);
+    const blob = await this.o.remote.client.getBlobStream(repo, digest);
+    const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
+    const warn = (m: string) => this.o.logger.warn({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, m);
+    const { root, diffId: got, size } = await treeFromLayerBlob(blob.stream, digest, sink, warn);
+    try {
+      blob.verify();
+      if (got !== diffId) throw new Error(`its tar hashes to ${got}, the image config names ${diffId}`);
+    } catch (err) {
+      await sink.discard();
+      throw err;
+    }
+    this.counters.bytes += size;
+    return { root, sink, fetchMs: Date.now() - job.started };
+  }
+
+  /** Layer `chainId` converted ahead and never claimed: its chunks are discarded. */
+  private async drop(chainId: string): Promise<void> {
+    const job = this.jobs.get(chainId);
+    if (!job) return;
+    this.jobs.delete(chainId);
+    if (job.timer) clearTimeout(job.timer);
+    const built = await job.result.catch(() => null);
+    await built?.sink.discard();
+  }
+
+  /** Waits for layer `ref`'s conversion and records it as committed snapshot `name` on `parent`; false: containerd's path. */
+  private async record(job: Job, name: string, ref: string, parent: string, labels: Labels): Promise<boolean> {
+    const { ms, converter, conversion, logger: log } = this.o;
+    let built: Built;
+    try {
+      built = await job.result;
+    } catch (err) {
+      this.counters.failures++;
+      log.warn({ op: 'fetch', key: ref, image: job.image, layer_digest: job.layerDigest, err: (err as Error).message }, `auto-convert of layer ${job.layerDigest} (${job.image}) from its registry failed: ${(err as Error).message}; containerd fetches and unpacks it`);
+      return false;
+    } finally {
+      if (job.timer) clearTimeout(job.timer);
+      if (this.jobs.get(ref) === job) this.jobs.delete(ref);
+    }
+    const tmpKey = `${REMOTE_IMPORT_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
+    let created = false;
+    try {
+      await this.o.snapshots.createActive(tmpKey, parent);
+      created = true;
+      const id = ms.getInfo(tmpKey).id;
+      const stats: ConvertStats = await converter.importTree(id, built.root, built.sink, built.fetchMs, (layer) =>
+        conversion.mountAndRecord(id, job.started, () => ms.commitActive(tmpKey, name, { size: layer.stats.logicalBytes, inodes: layer.stats.files }, labels))(layer),
+      );
+      created = false;
+      await removeAll(this.o.layout.snapshotDir(id));
+      this.counters.layers++;
+      const durationMs = Date.now() - job.started;
+      log.info(
+        { op: 'fetch', key: ref, snapshot: id, layer: id, image: job.image, layer_digest: job.layerDigest, diff_id: job.diffId, ...convertedFields(stats), fetch_ms: built.fetchMs, duration_ms: durationMs },
+        `converted layer ${id} to EROFS from its registry blob ${job.layerDigest}: ${convertedSummary(stats)}`,
+      );
+      this.o.events.emit({ key: ref, layer: id, ok: true, durationMs, stats, mode: 'fetch' });
+      return true;
+    } catch (err) {
+      await built.sink.discard().catch(() => undefined);
+      this.counters.failures++;
+      log.warn({ op: 'fetch', key: ref, image: job.image, layer_digest: job.layerDigest, err: (err as Error).message }, `auto-convert of layer ${job.layerDigest} (${job.image}) from its registry failed: ${(err as Error).message}; containerd fetches and unpacks it`);
+      return false;
+    } finally {
+      if (created) await this.o.snapshots.remove(tmpKey).catch(() => undefined);
+    }
+  }
+}

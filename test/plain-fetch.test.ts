@@ -1,0 +1,110 @@
+/**
+ * Plain layers fetched by the daemon (registry.fetch_layers, the default):
+ * a CRI pull names the image and the layer on each layer's Prepare; the
+ * daemon reads every layer of the image from the registry, converts it in
+ * one pass, several at once, and answers AlreadyExists, so containerd
+ * downloads and unpacks no layer. When the registry refuses the daemon
+ * (403 from a proxy that refuses the daemon's layer downloads only),
+ * containerd's own path takes each layer and the pull still succeeds.
+ * Both compare the tree with the same image pulled through overlayfs.
+ */
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { after, test } from 'node:test';
+import { CriImages } from './helpers/cri';
+import { cleanupDaemons } from './helpers/daemon';
+import { type BuiltImage, tortureImageDef } from './helpers/images';
+import { startRegistry, startRegistryProxy } from './helpers/registry';
+import { Stack, assertDirsMatchSnapshots, assertNoDaemonErrors } from './helpers/stack';
+import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
+
+after(() => cleanupDaemons());
+
+/** The image's top layer through `snapshotter` in namespace `ns`, walked. */
+async function treeOf(stack: Stack, snapshotter: string, img: BuiltImage, ns: string): Promise<Tree> {
+  const key = `fetch-view-${snapshotter}-${ns}`;
+  const mounts = await protectedView(stack, snapshotter, key, img.chainIds[img.chainIds.length - 1], ns);
+  try {
+    return await walkMounted(mounts, path.join(stack.dir, `mnt-${key}`));
+  } finally {
+    await stack.ctr(['snapshots', '--snapshotter', snapshotter, 'rm', key], { ns });
+  }
+}
+
+/** The tree dedup presents equals overlayfs's and meets the image's own expectations. */
+async function assertSameTree(stack: Stack, img: BuiltImage): Promise<void> {
+  await stack.pull(img.ref as string, 'overlayfs');
+  const want = await treeOf(stack, 'overlayfs', img, 'default');
+  const got = await treeOf(stack, 'dedup', img, 'k8s.io');
+  assert.deepEqual(checkExpect(got, img.def.expect), [], 'the image expectations on the dedup tree');
+  const diffs = diffTrees(want, got, 'overlayfs', 'dedup');
+  assert.deepEqual(diffs, [], 'dedup presents the tree overlayfs does');
+}
+
+/** Layer blobs of `img` in containerd's content store (namespace k8s.io). */
+async function downloadedLayers(stack: Stack, img: BuiltImage): Promise<string[]> {
+  const content = (await stack.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })).stdout.split('\n').map((l) => l.trim());
+  const layers = (JSON.parse(img.manifest.toString('utf8')) as { layers: { digest: string }[] }).layers.map((l) => l.digest);
+  return layers.filter((d) => content.includes(d));
+}
+
+test('CRI pull of a plain image: the daemon fetches and converts every layer, several at once; containerd downloads none', async () => {
+  const stack = await Stack.start({ cri: true });
+  const cri = new CriImages(stack.containerdAddress);
+  try {
+    const [img] = await stack.pushImages([tortureImageDef()]);
+    assert.ok(img.diffIds.length >= 3, 'an image of several layers');
+    await cri.pull(img.ref as string);
+
+    const logs = stack.daemon.logs();
+    const converted = logs.filter((l) => l.op === 'fetch' && typeof l.logical_bytes === 'number');
+    assert.deepEqual(converted.map((l) => l.diff_id), img.diffIds, 'one "converted layer … from its registry blob" line per layer, in order');
+    assert.ok(converted.every((l) => typeof l.msg === 'string' && /^converted layer \d+ to EROFS from its registry blob sha256:[0-9a-f]{64}: /.test(l.msg)), 'the converted lines');
+    // The first Prepare started the layers above it: a second layer began before the first was recorded.
+    const started = logs.findIndex((l, i) => l.op === 'fetch' && typeof l.msg === 'string' && l.msg.startsWith('fetching layer ') && logs.slice(0, i).some((p) => p.op === 'fetch' && String(p.msg).startsWith('fetching layer ')));
+    const firstDone = logs.indexOf(converted[0]);
+    assert.ok(started >= 0 && started < firstDone, 'a second layer was being fetched before the first was recorded');
+    assert.deepEqual(await downloadedLayers(stack, img), [], 'containerd downloaded no layer blob');
+    // Each layer is an image at once: no directory was ever unpacked.
+    assert.equal(logs.filter((l) => l.op === 'convert' || l.op === 'apply').length, 0, 'no directory conversion and no Apply');
+    await assertDirsMatchSnapshots(stack, 60_000);
+
+    await assertSameTree(stack, img);
+    assertNoDaemonErrors(stack);
+  } finally {
+    cri.close();
+    await stack.stop();
+  }
+});
+
+test("the registry refuses the daemon's layer downloads (403): containerd fetches and unpacks them, the pull succeeds", async () => {
+  const registry = await startRegistry();
+  let layerDigests: string[] = [];
+  const proxy = await startRegistryProxy(registry.host, 'pass', (req) =>
+    String(req.headers['user-agent']).startsWith('dedup-snapshotter') && layerDigests.some((d) => req.url?.endsWith(`/blobs/${d}`)) ? 403 : null,
+  );
+  const stack = await Stack.start({ cri: true, registry: proxy.host });
+  const cri = new CriImages(stack.containerdAddress);
+  try {
+    const [img] = await stack.pushImages([tortureImageDef()]);
+    layerDigests = (JSON.parse(img.manifest.toString('utf8')) as { layers: { digest: string }[] }).layers.map((l) => l.digest);
+    await cri.pull(img.ref as string);
+
+    assert.ok(proxy.refused >= 1, 'the proxy refused the daemon');
+    const logs = stack.daemon.logs();
+    const fellBack = logs.filter((l) => l.op === 'fetch' && typeof l.msg === 'string' && /from its registry failed: .*403.*; containerd fetches and unpacks it$/.test(l.msg));
+    assert.equal(fellBack.length, img.diffIds.length, 'one warning per layer, naming the refusal');
+    assert.equal(logs.filter((l) => l.op === 'fetch' && typeof l.logical_bytes === 'number').length, 0, 'no layer made from the registry');
+    assert.deepEqual(await downloadedLayers(stack, img), layerDigests, 'containerd downloaded every layer blob');
+    // containerd unpacked each layer into a directory; the daemon converts it afterwards.
+    await assertDirsMatchSnapshots(stack, 120_000);
+
+    await assertSameTree(stack, img);
+    assertNoDaemonErrors(stack);
+  } finally {
+    cri.close();
+    await stack.stop();
+    await proxy.stop();
+    await registry.stop();
+  }
+});
