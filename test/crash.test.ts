@@ -7,11 +7,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { defaultContainerd } from './helpers/containerd-builds';
 import { waitFor } from './helpers/daemon';
 import { type BuiltImage, CHAIN_LAYERS, chainImageDef } from './helpers/images';
 import { mountsUnder } from './helpers/mounts';
-import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames, waitReconnected } from './helpers/stack';
+import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, daemonSnapshotNames, layerPathOptions, layerPaths, waitReconnected } from './helpers/stack';
 
 /** How many "snapshot committed" log lines the daemon printed. */
 /** Layers committed: by containerd's Commit, or recorded by the daemon's registry fetch (its "converted layer … from its registry blob" lines). */
@@ -32,19 +31,12 @@ function stripSeq(name: string): string {
   return m ? `${m[1]}/${m[2]}` : name;
 }
 
-/**
- * The paths a layer takes on this containerd (differential.test.ts says
- * which is which): on 2.x the daemon's registry fetch and, with that off,
- * dedup-differ; on 1.x containerd's unpack into a directory.
- */
-const paths: ('fetch' | 'differ' | 'directory')[] = defaultContainerd().major >= 2 ? ['fetch', 'differ'] : ['directory'];
-
-for (const via of paths) describe(`crash (${via}): kill -9 of the daemon during a pull`, () => {
+for (const via of layerPaths()) describe(`crash (${via}): kill -9 of the daemon during a pull`, () => {
   let stack: Stack;
   let img: BuiltImage;
 
   before(async () => {
-    stack = await Stack.start(via === 'differ' ? { daemonConfig: { registry: { fetch_layers: false } } } : {});
+    stack = await Stack.start(layerPathOptions(via));
     [img] = await stack.pushImages([chainImageDef()]);
     assert.equal(img.chainIds.length, CHAIN_LAYERS);
   });

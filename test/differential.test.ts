@@ -13,25 +13,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { defaultContainerd } from './helpers/containerd-builds';
 import { type BuiltImage, busyboxImageDef, chainImageDef, tortureImageDef } from './helpers/images';
-import { Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors } from './helpers/stack';
+import { type LayerPath, Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, layerPathOptions, layerPaths } from './helpers/stack';
 import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
-
-/**
- * How dedup gets a layer: on containerd 2.x, whose transfer service passes
- * the image's labels to Prepare (the plugin's export), the daemon fetches
- * each layer from the registry and converts it in one pass ("fetch",
- * registry.fetch_layers, the default); with that off, dedup-differ applies
- * each layer from containerd's content store ("differ"). On 1.x, ctr's
- * pull passes no image labels and has no proxy differ: containerd unpacks
- * into a directory, converted afterwards ("directory").
- */
-type LayerPath = 'fetch' | 'differ' | 'directory';
-
-function layerPaths(): LayerPath[] {
-  return defaultContainerd().major >= 2 ? ['fetch', 'differ'] : ['directory'];
-}
 
 /** Every layer of `img` went the path asked for (the daemon's "fetch" or "apply" lines name each layer's diff id). */
 function assertConvertedBy(stack: Stack, img: BuiltImage, via: LayerPath): void {
@@ -49,7 +33,7 @@ for (const via of layerPaths()) describe(`differential (${via}): containerd over
   const views: { snapshotter: string; key: string }[] = [];
 
   before(async () => {
-    stack = await Stack.start(via === 'differ' ? { daemonConfig: { registry: { fetch_layers: false } } } : {});
+    stack = await Stack.start(layerPathOptions(via));
     images.push(...(await stack.pushImages([busyboxImageDef(), tortureImageDef(), chainImageDef()])));
   });
 

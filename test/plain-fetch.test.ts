@@ -44,8 +44,7 @@ async function assertSameTree(stack: Stack, img: BuiltImage): Promise<void> {
 /** Layer blobs of `img` in containerd's content store (namespace k8s.io). */
 async function downloadedLayers(stack: Stack, img: BuiltImage): Promise<string[]> {
   const content = (await stack.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })).stdout.split('\n').map((l) => l.trim());
-  const layers = (JSON.parse(img.manifest.toString('utf8')) as { layers: { digest: string }[] }).layers.map((l) => l.digest);
-  return layers.filter((d) => content.includes(d));
+  return img.layers.map((l) => l.digest).filter((d) => content.includes(d));
 }
 
 test('CRI pull of a plain image: the daemon fetches and converts every layer, several at once; containerd downloads none', async () => {
@@ -87,7 +86,7 @@ test("the registry refuses the daemon's layer downloads (403): containerd fetche
   const cri = new CriImages(stack.containerdAddress);
   try {
     const [img] = await stack.pushImages([tortureImageDef()]);
-    layerDigests = (JSON.parse(img.manifest.toString('utf8')) as { layers: { digest: string }[] }).layers.map((l) => l.digest);
+    layerDigests = img.layers.map((l) => l.digest);
     await cri.pull(img.ref as string);
 
     assert.ok(proxy.refused >= 1, 'the proxy refused the daemon');

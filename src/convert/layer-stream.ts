@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
-import { Readable } from 'node:stream';
+import { Readable, type TransformOptions } from 'node:stream';
 import zlib from 'node:zlib';
 import type { StoreChunkSink } from './chunk-sink';
 import type { TreeNode } from './layer-tree';
@@ -58,7 +58,7 @@ export async function treeFromLayerBlob(
  * (a reader stopping at the end-of-archive marker) does not close the source,
  * so `drain` can read the rest.
  */
-export class HashedStream implements AsyncIterable<Buffer> {
+class HashedStream implements AsyncIterable<Buffer> {
   private readonly hash = crypto.createHash('sha256');
   bytes = 0;
   private digest: string | null = null;
@@ -99,7 +99,7 @@ const GZIP_MAGIC = Buffer.from([0x1f, 0x8b]);
 const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
 
 /** Decompresses a layer blob by its magic bytes (gzip, zstd through the `zstd` program, else plain tar). */
-export async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGenerator<Buffer> {
+async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGenerator<Buffer> {
   const head: Buffer[] = [];
   let have = 0;
   let ended = false;
@@ -125,8 +125,9 @@ export async function* decompress(src: AsyncIterator<Buffer>, what: string): Asy
   if (first.subarray(0, 2).equals(GZIP_MAGIC)) {
     // 1 MiB outputs (the default is 16 KiB): fewer, larger pieces through the tar reader and the hashes. zlib
     // inflates on the thread pool while its output is below the stream's high-water mark: at 8 MiB it runs
-    // ahead of the tar reader instead of taking turns with it (the options go on to the Transform stream).
-    const gunzip = zlib.createGunzip({ chunkSize: 1 << 20, ...{ readableHighWaterMark: GUNZIP_AHEAD } });
+    // ahead of the tar reader instead of taking turns with it (zlib hands its options on to the Transform stream).
+    const options: zlib.ZlibOptions & TransformOptions = { chunkSize: 1 << 20, readableHighWaterMark: GUNZIP_AHEAD };
+    const gunzip = zlib.createGunzip(options);
     const input = Readable.from(rest());
     input.on('error', (err) => gunzip.destroy(err));
     input.pipe(gunzip);
@@ -134,24 +135,22 @@ export async function* decompress(src: AsyncIterator<Buffer>, what: string): Asy
     return;
   }
   if (first.subarray(0, 4).equals(ZSTD_MAGIC)) {
-    yield* programDecompress('zstd', ['-d', '-c', '-q'], rest(), what, 'zstd');
+    yield* zstdDecompress(rest(), what);
     return;
   }
   yield* rest();
 }
 
-/** Pieces a decompressing program's output is gathered into (a pipe delivers 64 KiB at a time). */
+/** Pieces zstd's output is gathered into (a pipe delivers 64 KiB at a time). */
 const OUTPUT_PIECE = 1 << 20;
 
-/** Decompresses `input` through `program` (zstd): its stdout, in pieces of about 1 MiB; an error names the layer when it fails. */
-async function* programDecompress(program: string, args: string[], input: AsyncIterable<Buffer>, what: string, format: string): AsyncGenerator<Buffer> {
-  const child = spawn(program, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+/** Decompresses `input` through the `zstd` program: its stdout, in pieces of about 1 MiB; an error names the layer when it fails. */
+async function* zstdDecompress(input: AsyncIterable<Buffer>, what: string): AsyncGenerator<Buffer> {
+  const child = spawn('zstd', ['-d', '-c', '-q'], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
   const exited = new Promise<number | null>((resolve, reject) => {
-    child.on('error', (err: NodeJS.ErrnoException) =>
-      reject(err.code === 'ENOENT' ? new Error(`layer ${what} is ${format}-compressed and the ${program} program is not installed (apt install ${program})`) : err),
-    );
+    child.on('error', (err: NodeJS.ErrnoException) => reject(err.code === 'ENOENT' ? new Error(`layer ${what} is zstd-compressed and the zstd program is not installed (apt install zstd)`) : err));
     child.on('close', (code) => resolve(code));
   });
   exited.catch(() => undefined);
@@ -173,7 +172,7 @@ async function* programDecompress(program: string, args: string[], input: AsyncI
     }
     if (have > 0) yield Buffer.concat(parts, have);
     const code = await exited;
-    if (code !== 0) throw new Error(`${program} could not decompress layer ${what}: ${stderr.trim() || `exit code ${code}`}`);
+    if (code !== 0) throw new Error(`zstd could not decompress layer ${what}: ${stderr.trim() || `exit code ${code}`}`);
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
     feeding.destroy();

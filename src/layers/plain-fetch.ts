@@ -5,6 +5,7 @@ import type { ConvertStats, Converter } from '../convert/converter';
 import type { TreeNode } from '../convert/layer-tree';
 import { LAYER_MEDIA_TYPES, treeFromLayerBlob } from '../convert/layer-stream';
 import type { Logger } from '../log/logger';
+import { SHA256_DIGEST } from '../remote/dedup-image';
 import { LABEL_SNAPSHOT_REF, type PlainImage, type RemoteLayers } from '../remote/lazy';
 import { type Reference, formatReference } from '../remote/reference';
 import type { ChunkStore } from '../store/chunkstore';
@@ -84,7 +85,6 @@ export class PlainLayerFetcher {
   private readonly waiting: (() => void)[] = [];
   private running = 0;
   private closed = false;
-  readonly counters = { layers: 0, bytes: 0, failures: 0 };
 
   constructor(private readonly o: PlainFetchOptions) {}
 
@@ -159,7 +159,7 @@ export class PlainLayerFetcher {
       known = this.o.remote.client.getBlob(repo, image.config, { maxBytes: MAX_CONFIG_BYTES }).then((bytes) => {
         const doc = JSON.parse(bytes.toString('utf8')) as { rootfs?: { diff_ids?: unknown } };
         const ids = doc?.rootfs?.diff_ids;
-        if (!Array.isArray(ids) || ids.length !== image.layers.length || !ids.every((d) => typeof d === 'string' && /^sha256:[0-9a-f]{64}$/.test(d))) {
+        if (!Array.isArray(ids) || ids.length !== image.layers.length || !ids.every((d) => typeof d === 'string' && SHA256_DIGEST.test(d))) {
           throw new Error(`config ${image.config} does not list one sha256 diff id per layer (${image.layers.length})`);
         }
         return ids as string[];
@@ -175,7 +175,7 @@ export class PlainLayerFetcher {
   private start(repo: Reference, layer: PlainImage['layers'][number], chainId: string, diffId: string): void {
     if (this.jobs.has(chainId) || !LAYER_MEDIA_TYPES.has(layer.mediaType)) return;
     const job: Job = { image: formatReference(repo), layerDigest: layer.digest, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
-    job.result = this.limited(() => this.build(repo, layer.digest, diffId, chainId, job));
+    job.result = this.limited(() => this.build(repo, chainId, job));
     // Claimed by a Prepare soon, or dropped.
     const unclaimed = () => {
       if (this.jobs.get(chainId) === job) job.timer = setTimeout(() => void this.drop(chainId), UNCLAIMED_MS).unref();
@@ -196,15 +196,16 @@ export class PlainLayerFetcher {
     }
   }
 
-  /** Reads layer `digest` from the registry into a tree, its new chunks into the store (provisionally), and checks its diff id. */
-  private async build(repo: Reference, digest: string, diffId: string, chainId: string, job: Job): Promise<Built> {
+  /** Reads `job`'s layer from the registry into a tree, its new chunks into the store (provisionally), and checks its diff id. */
+  private async build(repo: Reference, chainId: string, job: Job): Promise<Built> {
     if (this.closed) throw new Error('the snapshotter is shutting down');
+    const { layerDigest: digest, diffId } = job;
     job.started = Date.now();
     this.o.logger.info({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, `fetching layer ${digest} of ${job.image} from its registry, auto-converting to EROFS in one pass`);
     const blob = await this.o.remote.client.getBlobStream(repo, digest);
     const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
     const warn = (m: string) => this.o.logger.warn({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, m);
-    const { root, diffId: got, size } = await treeFromLayerBlob(blob.stream, digest, sink, warn);
+    const { root, diffId: got } = await treeFromLayerBlob(blob.stream, digest, sink, warn);
     try {
       blob.verify();
       if (got !== diffId) throw new Error(`its tar hashes to ${got}, the image config names ${diffId}`);
@@ -212,7 +213,6 @@ export class PlainLayerFetcher {
       await sink.discard();
       throw err;
     }
-    this.counters.bytes += size;
     return { root, sink, fetchMs: Date.now() - job.started };
   }
 
@@ -233,9 +233,7 @@ export class PlainLayerFetcher {
     try {
       built = await job.result;
     } catch (err) {
-      this.counters.failures++;
-      log.warn({ op: 'fetch', key: ref, image: job.image, layer_digest: job.layerDigest, err: (err as Error).message }, `auto-convert of layer ${job.layerDigest} (${job.image}) from its registry failed: ${(err as Error).message}; containerd fetches and unpacks it`);
-      return false;
+      return this.fellBack(job, ref, err as Error);
     } finally {
       if (job.timer) clearTimeout(job.timer);
       if (this.jobs.get(ref) === job) this.jobs.delete(ref);
@@ -251,7 +249,6 @@ export class PlainLayerFetcher {
       );
       created = false;
       await removeAll(this.o.layout.snapshotDir(id));
-      this.counters.layers++;
       const durationMs = Date.now() - job.started;
       log.info(
         { op: 'fetch', key: ref, snapshot: id, layer: id, image: job.image, layer_digest: job.layerDigest, diff_id: job.diffId, ...convertedFields(stats), fetch_ms: built.fetchMs, duration_ms: durationMs },
@@ -261,11 +258,18 @@ export class PlainLayerFetcher {
       return true;
     } catch (err) {
       await built.sink.discard().catch(() => undefined);
-      this.counters.failures++;
-      log.warn({ op: 'fetch', key: ref, image: job.image, layer_digest: job.layerDigest, err: (err as Error).message }, `auto-convert of layer ${job.layerDigest} (${job.image}) from its registry failed: ${(err as Error).message}; containerd fetches and unpacks it`);
-      return false;
+      return this.fellBack(job, ref, err as Error);
     } finally {
       if (created) await this.o.snapshots.remove(tmpKey).catch(() => undefined);
     }
+  }
+
+  /** The layer goes to containerd: one WARN line, and false for the Prepare. */
+  private fellBack(job: Job, ref: string, err: Error): false {
+    this.o.logger.warn(
+      { op: 'fetch', key: ref, image: job.image, layer_digest: job.layerDigest, err: err.message },
+      `auto-convert of layer ${job.layerDigest} (${job.image}) from its registry failed: ${err.message}; containerd fetches and unpacks it`,
+    );
+    return false;
   }
 }

@@ -136,6 +136,28 @@ export async function waitReconnected(stack: Stack): Promise<void> {
   );
 }
 
+/**
+ * How dedup gets a plain image's layer on the containerd tests run on: on
+ * 2.x, whose transfer service passes the image's labels to Prepare (the
+ * plugin's export), the daemon fetches each layer from the registry and
+ * converts it in one pass ("fetch", registry.fetch_layers, the default);
+ * with that off, dedup-differ applies each layer from containerd's content
+ * store ("differ"). On 1.x, ctr's pull passes no image labels and has no
+ * proxy differ: containerd unpacks into a directory, converted afterwards
+ * ("directory").
+ */
+export type LayerPath = 'fetch' | 'differ' | 'directory';
+
+/** The layer paths `ctr image pull` can take on the default containerd. */
+export function layerPaths(): LayerPath[] {
+  return defaultContainerd().major >= 2 ? ['fetch', 'differ'] : ['directory'];
+}
+
+/** The Stack options that make ctr's pulls take `via`. */
+export function layerPathOptions(via: LayerPath): StackOptions {
+  return via === 'differ' ? { daemonConfig: { registry: { fetch_layers: false } } } : {};
+}
+
 export interface StackOptions {
   /** Enable containerd's CRI plugin (disabled by default). */
   cri?: boolean;
