@@ -6,10 +6,14 @@
  * downloads and unpacks no layer. When the registry refuses the daemon
  * (403 from a proxy that refuses the daemon's layer downloads only),
  * containerd's own path takes each layer and the pull still succeeds.
- * Both compare the tree with the same image pulled through overlayfs.
+ * When the registry serves other bytes of the right size for a layer
+ * (the layer blob is not hashed as it streams), the diff id check refuses
+ * them and containerd's path takes that layer. Each compares the tree with
+ * the same image pulled through overlayfs.
  */
 import assert from 'node:assert/strict';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import { after, test } from 'node:test';
 import { CriImages } from './helpers/cri';
 import { cleanupDaemons } from './helpers/daemon';
@@ -96,6 +100,49 @@ test("the registry refuses the daemon's layer downloads (403): containerd fetche
     assert.equal(logs.filter((l) => l.op === 'fetch' && typeof l.logical_bytes === 'number').length, 0, 'no layer made from the registry');
     assert.deepEqual(await downloadedLayers(stack, img), layerDigests, 'containerd downloaded every layer blob');
     // containerd unpacked each layer into a directory; the daemon converts it afterwards.
+    await assertDirsMatchSnapshots(stack, 120_000);
+
+    await assertSameTree(stack, img);
+    assertNoDaemonErrors(stack);
+  } finally {
+    cri.close();
+    await stack.stop();
+    await proxy.stop();
+    await registry.stop();
+  }
+});
+
+/** A gzip of an empty tar padded to exactly `size` bytes with a header comment: valid, but not the layer. */
+function impostorOfSize(size: number): Buffer {
+  const gz = zlib.gzipSync(Buffer.alloc(1024));
+  const pad = size - gz.length - 1;
+  assert.ok(pad > 0, `a layer blob of ${size} bytes is big enough to imitate`);
+  const header = Buffer.from(gz.subarray(0, 10));
+  header[3] |= 0x10; // FCOMMENT
+  return Buffer.concat([header, Buffer.alloc(pad, 0x78), Buffer.from([0]), gz.subarray(10)]);
+}
+
+test('the registry serves the daemon other bytes of the right size for a layer: its diff id refuses them, containerd takes that layer', async () => {
+  const registry = await startRegistry();
+  let target: { digest: string; size: number } | null = null;
+  const proxy = await startRegistryProxy(registry.host, 'pass', (req) =>
+    target && String(req.headers['user-agent']).startsWith('dedup-snapshotter') && req.method === 'GET' && req.url?.endsWith(`/blobs/${target.digest}`) ? impostorOfSize(target.size) : null,
+  );
+  const stack = await Stack.start({ cri: true, registry: proxy.host });
+  const cri = new CriImages(stack.containerdAddress);
+  try {
+    const [img] = await stack.pushImages([tortureImageDef()]);
+    const victim = 1;
+    target = { digest: img.layers[victim].digest, size: img.layers[victim].gz.length };
+    await cri.pull(img.ref as string);
+
+    assert.ok(proxy.substituted >= 1, 'the proxy served the impostor');
+    const logs = stack.daemon.logs();
+    const fellBack = logs.filter((l) => l.op === 'fetch' && typeof l.msg === 'string' && l.msg.includes('from its registry failed'));
+    assert.deepEqual(fellBack.map((l) => l.layer_digest), [target.digest], 'one warning, for that layer');
+    assert.match(String(fellBack[0].msg), new RegExp(`its tar hashes to sha256:[0-9a-f]{64}, the image config names ${img.diffIds[victim]}`));
+    assert.deepEqual(logs.filter((l) => l.op === 'fetch' && typeof l.logical_bytes === 'number').map((l) => l.diff_id), img.diffIds.filter((_, i) => i !== victim), 'the other layers came from the registry');
+    assert.ok((await downloadedLayers(stack, img)).includes(target.digest), 'containerd downloaded that layer itself');
     await assertDirsMatchSnapshots(stack, 120_000);
 
     await assertSameTree(stack, img);

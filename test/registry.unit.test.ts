@@ -477,6 +477,24 @@ describe('against a real docker-registry', () => {
     const s = await client.getBlobStream(repo, digest);
     await assert.rejects(collect(s.stream), (err: unknown) => err instanceof RegistryError && err.code === 'DIGEST_MISMATCH');
     assert.throws(() => s.verify(), (err: unknown) => err instanceof RegistryError && err.code === 'DIGEST_MISMATCH');
+
+    // A caller that checks the content itself (a layer's diff id) gets the bytes as served; only their count is checked.
+    const unhashed = await client.getBlobStream(repo, digest, { size: data.length, contentCheckedByCaller: true });
+    assert.deepEqual(await collect(unhashed.stream), stored);
+    unhashed.verify();
+    for (const size of [data.length - 1, data.length + 1]) {
+      const wrong = await client.getBlobStream(repo, digest, { size, contentCheckedByCaller: true }).catch((err: unknown) => err);
+      if (wrong instanceof RegistryError) {
+        // Content-Length already disagrees with the descriptor.
+        assert.equal(wrong.code, 'SIZE_MISMATCH');
+        continue;
+      }
+      const w = wrong as Awaited<ReturnType<RegistryClient['getBlobStream']>>;
+      await assert.rejects(collect(w.stream), (err: unknown) => err instanceof RegistryError && err.code === 'SIZE_MISMATCH');
+      assert.throws(() => w.verify(), (err: unknown) => err instanceof RegistryError && err.code === 'SIZE_MISMATCH' && /descriptor says/.test(err.message));
+    }
+    await assert.rejects(client.getBlobStream(repo, digest, { contentCheckedByCaller: true }), /must give the size/);
+    await assert.rejects(client.getBlobStream(repo, digest, { size: -1 }), /size must be a non-negative integer/);
   });
 
   test('interoperates with skopeo: an image it pushed reads back byte for byte', async () => {

@@ -20,8 +20,12 @@ import type { ChunkSink } from './layer-tree';
  */
 /** Chunk writes a sink keeps in flight while it reads and hashes on. */
 const MAX_INFLIGHT = 4;
-/** Bytes of back-to-back new chunks gathered into one write. */
-const RUN_BYTES = 4 << 20;
+/** Bytes of back-to-back new chunks gathered into one write (at most 1024 parts: the kernel's iovec limit). */
+const RUN_BYTES = 2 << 20;
+/** New bytes after which a sink has them flushed to disk in the background (writeBack), so the final sync is short. */
+const WRITE_BACK_BYTES = 32 << 20;
+/** Zeros a chunk's last block is padded with (never written to). */
+const ZEROS = Buffer.alloc(STORE_BLOCK);
 
 export class StoreChunkSink implements ChunkSink {
   /** Layer-local chunk number → digest and blocks. */
@@ -44,6 +48,9 @@ export class StoreChunkSink implements ChunkSink {
   /** New chunks gathered for one write (chunks.blob). */
   private run: { extent: Extent; parts: Buffer[]; bytes: number } | null = null;
   private failure: Error | null = null;
+  /** Bytes written since the last background flush began, and that flush. */
+  private unflushed = 0;
+  private flushing: Promise<void> | null = null;
 
   constructor(
     private readonly store: ChunkStore,
@@ -56,9 +63,10 @@ export class StoreChunkSink implements ChunkSink {
     if (this.closed) throw new Error('chunk sink already finished');
     if (piece.length === 0 || piece.length > this.chunkSize) throw new Error(`chunk of ${piece.length} bytes (chunk size ${this.chunkSize})`);
     const nblocks = Math.ceil(piece.length / STORE_BLOCK);
-    const padded = piece.length === nblocks * STORE_BLOCK ? piece : Buffer.concat([piece, Buffer.alloc(nblocks * STORE_BLOCK - piece.length)]);
-    const digest = crypto.createHash('sha256').update(padded).digest('hex');
-    this.hashedBytes += padded.length;
+    // The chunk is the piece and zeros to its last block's end (hashed and written as two parts: no copy).
+    const pad = ZEROS.subarray(0, nblocks * STORE_BLOCK - piece.length);
+    const digest = crypto.createHash('sha256').update(piece).update(pad).digest('hex');
+    this.hashedBytes += nblocks * STORE_BLOCK;
     const local = this.byDigest.get(digest);
     if (local !== undefined) return local;
     const n = this.digests.length;
@@ -83,25 +91,27 @@ export class StoreChunkSink implements ChunkSink {
     }
     // Recorded before the write, so that a failed write's extent is freed by discard.
     this.written.set(digest, extent);
-    this.queueWrite(extent, padded);
-    this.writtenBytes += padded.length;
+    this.queueWrite(extent, piece, pad);
+    this.writtenBytes += nblocks * STORE_BLOCK;
     if (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
     if (this.failure) throw this.failure;
     return n;
   }
 
   /** New chunks whose extents follow each other, written with one writev once RUN_BYTES are gathered or the next extent is elsewhere. */
-  private queueWrite(extent: Extent, data: Buffer): void {
-    const r = this.run;
-    if (r && (r.extent.segment ?? 0) === (extent.segment ?? 0) && r.extent.blkaddr + r.extent.nblocks === extent.blkaddr && r.bytes + data.length <= RUN_BYTES) {
+  private queueWrite(extent: Extent, data: Buffer, pad: Buffer): void {
+    const bytes = extent.nblocks * STORE_BLOCK;
+    let r = this.run;
+    if (r && (r.extent.segment ?? 0) === (extent.segment ?? 0) && r.extent.blkaddr + r.extent.nblocks === extent.blkaddr && r.bytes + bytes <= RUN_BYTES) {
       r.extent = { ...r.extent, nblocks: r.extent.nblocks + extent.nblocks };
-      r.parts.push(data);
-      r.bytes += data.length;
-      return;
+    } else {
+      this.endRun();
+      r = this.run = { extent, parts: [], bytes: 0 };
     }
-    this.endRun();
-    this.run = { extent, parts: [data], bytes: data.length };
-    if (data.length >= RUN_BYTES) this.endRun();
+    r.parts.push(data);
+    if (pad.length > 0) r.parts.push(pad);
+    r.bytes += bytes;
+    if (r.bytes >= RUN_BYTES) this.endRun();
   }
 
   private endRun(): void {
@@ -109,6 +119,12 @@ export class StoreChunkSink implements ChunkSink {
     if (!r) return;
     this.run = null;
     this.track(this.store.writeRun(r.extent, r.parts, this.writer));
+    this.unflushed += r.bytes;
+    if (this.unflushed >= WRITE_BACK_BYTES && !this.flushing) {
+      this.unflushed = 0;
+      const writer = this.writer;
+      this.flushing = this.store.writeBack(writer).finally(() => (this.flushing = null));
+    }
   }
 
   /** Keeps a write in flight: reading and hashing the next chunks overlaps it; the first failure is thrown by add or flush. */
@@ -127,6 +143,7 @@ export class StoreChunkSink implements ChunkSink {
   async flush(): Promise<void> {
     this.endRun();
     while (this.inflight.size > 0) await Promise.all([...this.inflight]);
+    await this.flushing;
     if (this.failure) throw this.failure;
   }
 
@@ -147,6 +164,7 @@ export class StoreChunkSink implements ChunkSink {
     this.endRun();
     // No write may land after its extent is freed (and perhaps handed to another import).
     while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
+    await this.flushing;
     for (const id of this.pinned) this.store.unpin(id);
     if (this.store.layout !== 'segments') {
       const drop = [...this.written].filter(([d]) => !keep.has(d)).map(([, e]) => e);

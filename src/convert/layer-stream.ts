@@ -128,7 +128,8 @@ async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGener
     // ahead of the tar reader instead of taking turns with it (zlib hands its options on to the Transform stream).
     const options: zlib.ZlibOptions & TransformOptions = { chunkSize: 1 << 20, readableHighWaterMark: GUNZIP_AHEAD };
     const gunzip = zlib.createGunzip(options);
-    const input = Readable.from(rest());
+    // Its input gathered too: a socket delivers 64 KiB at a time, and each write is one trip to the thread pool.
+    const input = Readable.from(gather(rest(), PIECE));
     input.on('error', (err) => gunzip.destroy(err));
     input.pipe(gunzip);
     yield* gunzip as AsyncIterable<Buffer>;
@@ -141,10 +142,26 @@ async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGener
   yield* rest();
 }
 
-/** Pieces zstd's output is gathered into (a pipe delivers 64 KiB at a time). */
-const OUTPUT_PIECE = 1 << 20;
+/** Pieces a stream is gathered into for zlib and the tar reader (a socket or a pipe delivers 64 KiB at a time). */
+const PIECE = 1 << 20;
 
-/** Decompresses `input` through the `zstd` program: its stdout, in pieces of about 1 MiB; an error names the layer when it fails. */
+/** `src` in pieces of at least `size` bytes (the last may be shorter); a piece that is big enough passes as it is. */
+async function* gather(src: AsyncIterable<Buffer>, size: number): AsyncGenerator<Buffer> {
+  let parts: Buffer[] = [];
+  let have = 0;
+  for await (const piece of src) {
+    parts.push(piece);
+    have += piece.length;
+    if (have >= size) {
+      yield parts.length === 1 ? parts[0] : Buffer.concat(parts, have);
+      parts = [];
+      have = 0;
+    }
+  }
+  if (have > 0) yield parts.length === 1 ? parts[0] : Buffer.concat(parts, have);
+}
+
+/** Decompresses `input` through the `zstd` program: its stdout, in pieces of at least 1 MiB; an error names the layer when it fails. */
 async function* zstdDecompress(input: AsyncIterable<Buffer>, what: string): AsyncGenerator<Buffer> {
   const child = spawn('zstd', ['-d', '-c', '-q'], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
@@ -159,18 +176,7 @@ async function* zstdDecompress(input: AsyncIterable<Buffer>, what: string): Asyn
   child.stdin.on('error', () => undefined);
   feeding.pipe(child.stdin);
   try {
-    let parts: Buffer[] = [];
-    let have = 0;
-    for await (const piece of child.stdout as AsyncIterable<Buffer>) {
-      parts.push(piece);
-      have += piece.length;
-      if (have >= OUTPUT_PIECE) {
-        yield parts.length === 1 ? parts[0] : Buffer.concat(parts, have);
-        parts = [];
-        have = 0;
-      }
-    }
-    if (have > 0) yield Buffer.concat(parts, have);
+    yield* gather(child.stdout as AsyncIterable<Buffer>, PIECE);
     const code = await exited;
     if (code !== 0) throw new Error(`zstd could not decompress layer ${what}: ${stderr.trim() || `exit code ${code}`}`);
   } finally {

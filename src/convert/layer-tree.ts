@@ -63,21 +63,32 @@ export function newNode(kind: NodeKind, attrs: Partial<TreeNode> = {}): TreeNode
 export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>, size: number, what: string): Promise<number[]> {
   const out: number[] = [];
   const cs = sink.chunkSize;
-  let piece = Buffer.allocUnsafe(Math.min(cs, size));
+  // The piece being gathered; allocated only when a piece straddles buffers.
+  let piece: Buffer | undefined;
   let fill = 0;
   let total = 0;
   for await (const raw of data) {
     let buf = raw;
     while (buf.length > 0) {
       if (total + buf.length > size) throw new Error(`${what}: more data than its size (${size} bytes)`);
+      const want = Math.min(cs, size - total + fill);
+      if (fill === 0 && buf.length >= want) {
+        // A whole piece in the buffer: handed on as it is, no copy (the sink
+        // keeps it until written; stream sources never reuse their buffers).
+        total += want;
+        out.push(await sink.add(buf.subarray(0, want)));
+        buf = buf.subarray(want);
+        continue;
+      }
+      piece ??= Buffer.allocUnsafe(want);
       const take = Math.min(buf.length, piece.length - fill);
       buf.copy(piece, fill, 0, take);
       fill += take;
       total += take;
       buf = buf.subarray(take);
-      if (fill === piece.length && piece.length > 0) {
+      if (fill === piece.length) {
         out.push(await sink.add(piece));
-        piece = Buffer.allocUnsafe(Math.min(cs, size - total));
+        piece = undefined;
         fill = 0;
       }
     }

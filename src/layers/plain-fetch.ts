@@ -49,6 +49,7 @@ interface Built {
 interface Job {
   image: string;
   layerDigest: string;
+  layerSize: number;
   diffId: string;
   started: number;
   result: Promise<Built>;
@@ -174,7 +175,7 @@ export class PlainLayerFetcher {
   /** Starts converting a layer ahead (queued behind `concurrency` others) unless it is being converted or the node has it. */
   private start(repo: Reference, layer: PlainImage['layers'][number], chainId: string, diffId: string): void {
     if (this.jobs.has(chainId) || !LAYER_MEDIA_TYPES.has(layer.mediaType)) return;
-    const job: Job = { image: formatReference(repo), layerDigest: layer.digest, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
+    const job: Job = { image: formatReference(repo), layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
     job.result = this.limited(() => this.build(repo, chainId, job));
     // Claimed by a Prepare soon, or dropped.
     const unclaimed = () => {
@@ -202,7 +203,8 @@ export class PlainLayerFetcher {
     const { layerDigest: digest, diffId } = job;
     job.started = Date.now();
     this.o.logger.info({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, `fetching layer ${digest} of ${job.image} from its registry, auto-converting to EROFS in one pass`);
-    const blob = await this.o.remote.client.getBlobStream(repo, digest);
+    // Not hashed as it comes: the diff id check below covers every byte used (the config naming it is digest-checked).
+    const blob = await this.o.remote.client.getBlobStream(repo, digest, { size: job.layerSize, contentCheckedByCaller: true });
     const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
     const warn = (m: string) => this.o.logger.warn({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, m);
     const { root, diffId: got } = await treeFromLayerBlob(blob.stream, digest, sink, warn);

@@ -102,6 +102,17 @@ export interface BlobInfo {
   size: number | null;
 }
 
+export interface BlobStreamOptions {
+  /** The descriptor's size: more or fewer bytes are a SIZE_MISMATCH (as is a Content-Length that differs). */
+  size?: number;
+  /**
+   * The caller checks every byte another way, so the blob is not hashed (a
+   * layer whose decompressed tar must hash to the diff id its image config
+   * names: the config's digest pins it). Needs `size`.
+   */
+  contentCheckedByCaller?: boolean;
+}
+
 export interface BlobStream {
   /**
    * The blob's bytes. At the end it errors with a RegistryError
@@ -302,27 +313,41 @@ export class RegistryClient {
    * until the response headers arrive; a failure while the body flows is an
    * error on the stream.
    */
-  async getBlobStream(repo: RepoArg, digest: string): Promise<BlobStream> {
+  async getBlobStream(repo: RepoArg, digest: string, opts: BlobStreamOptions = {}): Promise<BlobStream> {
     const op = this.blobOp('GET', repo, digest, [200]);
+    const { size } = opts;
+    if (size !== undefined && (!Number.isSafeInteger(size) || size < 0)) throw invalidArgument(`getBlobStream: size must be a non-negative integer, got ${size}`);
+    const hashed = !opts.contentCheckedByCaller;
+    if (!hashed && size === undefined) throw invalidArgument('getBlobStream: a caller that checks the content itself must give the size');
     return this.perform(op, async (res) => {
-      const declared = this.checkDeclaredLength(op, res, Number.MAX_SAFE_INTEGER);
+      const declared = this.checkDeclaredLength(op, res, size ?? Number.MAX_SAFE_INTEGER);
       const hasher = new Digester(digestAlgorithm(digest));
+      let bytes = 0;
       let outcome: RegistryError | 'ok' | null = null;
       const fail = (e: RegistryError) => {
         outcome = e;
         return e;
       };
       const stream = new Transform({
-        transform(chunk: Buffer, _enc, cb: TransformCallback) {
-          hasher.update(chunk);
+        transform: (chunk: Buffer, _enc, cb: TransformCallback) => {
+          bytes += chunk.length;
+          if (size !== undefined && bytes > size) {
+            cb(fail(this.clientError(op, 200, 'SIZE_MISMATCH', `the descriptor says ${size} bytes, got more`)));
+            return;
+          }
+          if (hashed) hasher.update(chunk);
           cb(null, chunk);
         },
         flush: (cb: TransformCallback) => {
-          if (declared !== null && hasher.bytes !== declared) {
-            cb(fail(this.clientError(op, 200, 'SIZE_MISMATCH', `Content-Length was ${declared}, got ${hasher.bytes} bytes`)));
+          if (declared !== null && bytes !== declared) {
+            cb(fail(this.clientError(op, 200, 'SIZE_MISMATCH', `Content-Length was ${declared}, got ${bytes} bytes`)));
             return;
           }
-          const actual = hasher.digest();
+          if (size !== undefined && bytes !== size) {
+            cb(fail(this.clientError(op, 200, 'SIZE_MISMATCH', `the descriptor says ${size} bytes, got ${bytes}`)));
+            return;
+          }
+          const actual = hashed ? hasher.digest() : digest;
           if (actual !== digest) {
             cb(fail(this.mismatchError(op, 200, digest, actual, 'asked for')));
             return;
@@ -346,7 +371,7 @@ export class RegistryClient {
         verify: () => {
           if (outcome === 'ok') return;
           if (outcome) throw outcome;
-          throw this.clientError(op, 200, 'SIZE_MISMATCH', `verify() called before the stream was read to its end (${hasher.bytes} bytes so far)`);
+          throw this.clientError(op, 200, 'SIZE_MISMATCH', `verify() called before the stream was read to its end (${bytes} bytes so far)`);
         },
       };
     });

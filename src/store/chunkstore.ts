@@ -526,7 +526,7 @@ export class ChunkStore {
 
   /**
    * Writes new chunks that lie back to back (extent `e` covers them all;
-   * each part whole blocks) with one writev: in chunks.blob, or in the
+   * the parts adding up to whole blocks) with one writev: in chunks.blob, or in the
    * import's own segment `writer` (extents from takeAppend). A layer of
    * small files is thousands of chunks.
    */
@@ -584,14 +584,14 @@ export class ChunkStore {
     this.dirtySegments.add(seg);
   }
 
-  /** Writes a new chunk at the end of segment `w` (an import's own); returns its extent. */
-  /** The next `nblocks` of segment writer `w`, for writeRun. */
+  /** The next `nblocks` of segment writer `w` (an import's own), for writeRun. */
   takeAppend(w: SegmentWriter, nblocks: number): Extent {
     const e = { segment: w.id, blkaddr: w.blocks, nblocks };
     w.blocks += nblocks;
     return e;
   }
 
+  /** Writes a new chunk at the end of segment `w` (an import's own); returns its extent. */
   async append(w: SegmentWriter, data: Buffer): Promise<Extent> {
     const nblocks = Math.ceil(data.length / STORE_BLOCK);
     // The extent is taken before the write: appends may be in flight together.
@@ -610,6 +610,17 @@ export class ChunkStore {
   }
 
   /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
+  /**
+   * Flushes what was written so far to chunks.blob (or segment `writer`)
+   * to disk, ahead of the sync that makes it durable: a layer's many MiB of
+   * new chunks reach the disk while it still streams, and that sync has
+   * little left to wait for. Failures are left to that sync.
+   */
+  async writeBack(writer: SegmentWriter | null = null): Promise<void> {
+    const fd = writer ? writer.fd : this.fd;
+    await new Promise<void>((resolve) => fs.fdatasync(fd, () => resolve()));
+  }
+
   async sync(): Promise<void> {
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
     for (const [seg, patches] of [...this.sealedPatches]) {

@@ -112,8 +112,9 @@ export interface RegistryProxy {
   mode: ProxyMode;
   /** Range requests received so far, and how many are held now. */
   ranges: number;
-  /** Requests answered by `refuse`. */
+  /** Requests `intercept` answered with a status, and with other bytes. */
   refused: number;
+  substituted: number;
   held(): number;
   /** Forwards the held requests (mode unchanged). */
   release(): void;
@@ -122,10 +123,11 @@ export interface RegistryProxy {
 
 /**
  * An HTTP proxy in front of `upstream` ("host:port") that can hold, fail or
- * corrupt chunk fetches; `refuse` answers any request it returns a status
- * for (e.g. 403 to the daemon's layer downloads) with that status.
+ * corrupt chunk fetches; `intercept` answers any request it returns a
+ * status for (e.g. 403 to the daemon's layer downloads) with that status,
+ * and any it returns bytes for with those bytes (200).
  */
-export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pass', refuse?: (req: http.IncomingMessage) => number | null): Promise<RegistryProxy> {
+export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pass', intercept?: (req: http.IncomingMessage) => number | Buffer | null): Promise<RegistryProxy> {
   const [uhost, uport] = upstream.split(':');
   const waiting: (() => void)[] = [];
   const forward = (req: http.IncomingMessage, res: http.ServerResponse, corrupt: boolean) => {
@@ -146,10 +148,15 @@ export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pa
     req.pipe(up);
   };
   const server = http.createServer((req, res) => {
-    const status = refuse?.(req) ?? null;
-    if (status !== null) {
+    const answer = intercept?.(req) ?? null;
+    if (Buffer.isBuffer(answer)) {
+      proxy.substituted++;
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': answer.length }).end(answer);
+      return;
+    }
+    if (answer !== null) {
       proxy.refused++;
-      res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify({ errors: [{ code: 'DENIED', message: 'proxy: refused for the test' }] }));
+      res.writeHead(answer, { 'content-type': 'application/json' }).end(JSON.stringify({ errors: [{ code: 'DENIED', message: 'proxy: refused for the test' }] }));
       return;
     }
     if (!req.headers.range) return forward(req, res, false);
@@ -164,6 +171,7 @@ export async function startRegistryProxy(upstream: string, mode: ProxyMode = 'pa
     mode,
     ranges: 0,
     refused: 0,
+    substituted: 0,
     held: () => waiting.length,
     release: () => {
       for (const f of waiting.splice(0)) f();
