@@ -243,8 +243,19 @@ describe('bad files and values', () => {
     assertConfigError(() => loadFile({ mount_backend: 'fuse' }), 'mount_backend', /expected one of auto, file-backed, loop/);
   });
 
-  test('registry keys: plain_http_hosts, docker_config, push_converted and pull_converted are read and checked', () => {
-    assert.deepEqual(defaultConfig().registry, { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false, fetch_layers: true });
+  test('registry keys: plain_http_hosts, docker_config, config_path, push_converted and pull_converted are read and checked', () => {
+    assert.deepEqual(defaultConfig().registry, {
+      plain_http_hosts: [],
+      docker_config: null,
+      config_path: ['/etc/containerd/certs.d', '/etc/docker/certs.d'],
+      push_converted: false,
+      pull_converted: false,
+      fetch_layers: true,
+    });
+    assert.deepEqual(loadFile({ registry: { config_path: '/etc/containerd/certs.d:/srv/certs.d' } }).registry.config_path, ['/etc/containerd/certs.d', '/srv/certs.d']);
+    assert.deepEqual(loadFile({ registry: { config_path: '' } }).registry.config_path, [], '"" reads no host directory');
+    assertConfigError(() => loadFile({ registry: { config_path: 'certs.d' } }), 'registry.config_path', /expected absolute directories/);
+    assertConfigError(() => loadFile({ registry: { config_path: ['/etc/containerd/certs.d'] } }), 'registry.config_path', /separated by ":"/);
     const c = loadFile({ registry: { plain_http_hosts: ['127.0.0.1:5000', 'registry.local', '[::1]:5000'], docker_config: '/etc/dedup-snapshotter/docker.json' } });
     assert.deepEqual(c.registry.plain_http_hosts, ['127.0.0.1:5000', 'registry.local', '[::1]:5000']);
     assert.equal(c.registry.docker_config, '/etc/dedup-snapshotter/docker.json');

@@ -154,3 +154,29 @@ test('the registry serves the daemon other bytes of the right size for a layer: 
     await registry.stop();
   }
 });
+
+test('an image named by a registry reached only through a mirror (hosts.toml): the daemon fetches its layers through the mirror too', async () => {
+  const alias = 'mirror-only.invalid:5000';
+  const stack = await Stack.start({ cri: true, registryAlias: alias });
+  const cri = new CriImages(stack.containerdAddress);
+  try {
+    const [pushed] = await stack.pushImages([tortureImageDef()]);
+    const ref = (pushed.ref as string).replace(stack.registry, alias);
+    const img = { ...pushed, ref };
+    await cri.pull(ref);
+
+    const logs = stack.daemon.logs();
+    const converted = logs.filter((l) => l.op === 'fetch' && typeof l.logical_bytes === 'number');
+    assert.deepEqual(converted.map((l) => l.diff_id), img.diffIds, 'every layer came from the registry through the mirror');
+    assert.ok(converted.every((l) => String(l.image).startsWith(`${alias}/`)), 'logged under the name the pull used');
+    assert.equal(logs.filter((l) => l.op === 'fetch' && String(l.msg).includes('failed')).length, 0, 'no fallback');
+    assert.deepEqual(await downloadedLayers(stack, img), [], 'containerd downloaded no layer blob');
+    await assertDirsMatchSnapshots(stack, 60_000);
+    // The same image by the registry's own name through overlayfs is the reference tree.
+    await assertSameTree(stack, pushed);
+    assertNoDaemonErrors(stack);
+  } finally {
+    cri.close();
+    await stack.stop();
+  }
+});

@@ -19,6 +19,7 @@ import { Prefetcher } from '../ondemand/prefetch';
 import { defaultDockerConfigPath } from '../remote/auth';
 import { RemoteLayers } from '../remote/lazy';
 import { RegistryClient } from '../remote/registry';
+import { RegistryHosts } from '../remote/hosts';
 import type { LayerParts } from '../snapshot/compose';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { sdListenFds, sdNotify } from '../systemd/notify';
@@ -99,7 +100,7 @@ export async function runDaemon(): Promise<void> {
     if (cfg.use_erofs && !erofsSupported()) {
       throw new Error('use_erofs is true but the kernel has no erofs filesystem (modprobe erofs), or set "use_erofs": false');
     }
-    const registryOptions = { plainHttpHosts: [...cfg.registry.plain_http_hosts], logger: log };
+    const registryOptions = { plainHttpHosts: [...cfg.registry.plain_http_hosts], hosts: new RegistryHosts(cfg.registry.config_path), logger: log };
     try {
       remoteClient = new RegistryClient({ ...registryOptions, dockerConfig: cfg.registry.docker_config ?? defaultDockerConfigPath() });
     } catch (err) {
@@ -237,7 +238,7 @@ export async function runDaemon(): Promise<void> {
   log.info({ op: 'start', address: cfg.address }, 'serving containerd snapshots API');
   if (snapshotter.remote && ondemand) {
     log.info(
-      { op: 'start', ondemand: ondemand.backend, reason: ondemand.reason, plain_http_hosts: cfg.registry.plain_http_hosts },
+      { op: 'start', ondemand: ondemand.backend, reason: ondemand.reason, plain_http_hosts: cfg.registry.plain_http_hosts, config_path: cfg.registry.config_path },
       ondemand.backend !== 'fetch'
         ? `remote layers of dedup images load their data on demand (${ondemand.backend === 'fanotify' ? 'fanotify pre-content events' : 'EROFS over fscache'}): ${ondemand.reason}`
         : `remote layers of dedup images: missing chunks are fetched before a layer is ready (${ondemand.reason})`,

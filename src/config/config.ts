@@ -63,6 +63,8 @@ export interface Config {
   readonly registry: {
     readonly plain_http_hosts: readonly string[];
     readonly docker_config: string | null;
+    /** containerd's host directories (hosts.toml), tried in order: mirrors, CAs, client certificates, headers. */
+    readonly config_path: readonly string[];
     readonly push_converted: boolean;
     readonly pull_converted: boolean;
     readonly fetch_layers: boolean;
@@ -111,6 +113,8 @@ export const DEFAULT_ADDRESS = '/run/containerd/dedup-snapshotter.sock';
  * 1 MiB; cold sequential reads about 0.65× of ext4 at 4 KiB, 0.95× at 1 MiB).
  */
 export const DEFAULT_CHUNK_SIZE = 1 << 20;
+/** containerd 2.x's default registry.config_path (where hosts.toml directories live). */
+export const DEFAULT_HOSTS_DIRS: readonly string[] = ['/etc/containerd/certs.d', '/etc/docker/certs.d'];
 
 export function defaultConfig(): Config {
   return {
@@ -129,7 +133,7 @@ export function defaultConfig(): Config {
     log_level: 'info',
     api: { address: '127.0.0.1:8080' },
     prefetch: { trace_dir: null, concurrency: 2, max_queued_jobs: 64, max_queued_entries: 1_000_000, max_queued_bytes: 256 << 20, keep_finished: 1000 },
-    registry: { plain_http_hosts: [], docker_config: null, push_converted: false, pull_converted: false, fetch_layers: true },
+    registry: { plain_http_hosts: [], docker_config: null, config_path: DEFAULT_HOSTS_DIRS, push_converted: false, pull_converted: false, fetch_layers: true },
     ondemand: { backend: 'auto', attempts: 2, prefetch: 'none', prefetch_mbps: 0, prefetch_concurrency: 1, settle: true },
     integrity: { scrub_mbps: 20, scrub_interval_minutes: 1440, store_layout: 'auto', segments_per_layer: 32 },
     audit: { retention_days: 30, max_rows: 1_000_000 },
@@ -293,7 +297,7 @@ export function applyConfigObject(base: Config, doc: Json): Config {
   if ('registry' in doc) {
     const rg = doc.registry;
     if (!isObject(rg)) throw new ConfigError('registry', `expected an object like {"plain_http_hosts": ["127.0.0.1:5000"]}, got ${JSON.stringify(rg)}`);
-    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config', 'push_converted', 'pull_converted', 'fetch_layers']);
+    rejectUnknown('registry', rg, ['plain_http_hosts', 'docker_config', 'config_path', 'push_converted', 'pull_converted', 'fetch_layers']);
     if ('plain_http_hosts' in rg) {
       const v = rg.plain_http_hosts;
       if (!Array.isArray(v) || !v.every((h) => typeof h === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:.]+\](:\d{1,5})?$/.test(h))) {
@@ -302,6 +306,14 @@ export function applyConfigObject(base: Config, doc: Json): Config {
       out.registry = { ...out.registry, plain_http_hosts: [...(v as string[])] };
     }
     if ('docker_config' in rg) out.registry = { ...out.registry, docker_config: expectAbsPath('registry.docker_config', rg.docker_config) };
+    if ('config_path' in rg) {
+      // containerd's form: directories separated by ":" (CRI's registry.config_path); "" for none.
+      const v = rg.config_path;
+      if (typeof v !== 'string') throw new ConfigError('registry.config_path', `expected directories separated by ":" like "/etc/containerd/certs.d", got ${JSON.stringify(v)}`);
+      const dirs = v.split(':').filter((d) => d !== '');
+      for (const d of dirs) if (!path.isAbsolute(d)) throw new ConfigError('registry.config_path', `expected absolute directories, got ${JSON.stringify(d)}`);
+      out.registry = { ...out.registry, config_path: dirs };
+    }
     if ('push_converted' in rg) out.registry = { ...out.registry, push_converted: expectBool('registry.push_converted', rg.push_converted) };
     if ('pull_converted' in rg) out.registry = { ...out.registry, pull_converted: expectBool('registry.pull_converted', rg.pull_converted) };
     if ('fetch_layers' in rg) out.registry = { ...out.registry, fetch_layers: expectBool('registry.fetch_layers', rg.fetch_layers) };

@@ -180,15 +180,15 @@ function splitTopLevel(s: string): string[] {
   return out.map((x) => x.trim()).filter((x) => x !== '');
 }
 
-type Value =
+export type TomlValue =
   | { kind: 'string'; value: string }
   | { kind: 'bool'; value: boolean }
   | { kind: 'int'; value: number }
-  | { kind: 'table'; entries: [string[], Value][] }
-  | { kind: 'array'; items: Value[] }
+  | { kind: 'table'; entries: [string[], TomlValue][] }
+  | { kind: 'array'; items: TomlValue[] }
   | { kind: 'other' };
 
-function parseValue(s: string): Value {
+function parseValue(s: string): TomlValue {
   const v = s.trim();
   if (v.startsWith('"') || v.startsWith("'")) {
     const str = readString(v);
@@ -198,7 +198,7 @@ function parseValue(s: string): Value {
   if (/^[+-]?[0-9](?:_?[0-9])*$/.test(v)) return { kind: 'int', value: Number(v.replace(/_/g, '')) };
   if (v.startsWith('[') && v.endsWith(']')) return { kind: 'array', items: splitTopLevel(v.slice(1, -1)).map(parseValue) };
   if (v.startsWith('{') && v.endsWith('}')) {
-    const entries: [string[], Value][] = [];
+    const entries: [string[], TomlValue][] = [];
     for (const pair of splitTopLevel(v.slice(1, -1))) {
       const eq = indexOutsideQuotes(pair, '=');
       const key = eq < 0 ? null : parseKey(pair.slice(0, eq));
@@ -224,13 +224,8 @@ const UNPACK_PATH = ['plugins', TRANSFER_PLUGIN, 'unpack_config'];
 
 export function readContainerdToml(text: string): ContainerdTomlFacts {
   const facts: ContainerdTomlFacts = { plugins: new Map(), hasProxyPluginsHeader: false, hasImports: false, runcBinaries: [], unpackConfig: [], cri: {} };
-  let table: string[] = [];
   /** The unpack_config element a `[[…unpack_config]]` header opened, while its keys follow. */
   let unpackEntry: UnpackConfigEntry | null = null;
-  let multiline: '"""' | "'''" | null = null;
-  /** An array value spanning lines: its key, what has been read of it, where it began. */
-  let pending: { key: string[] | null; text: string; line: number } | null = null;
-  const lines = text.split(/\r?\n/);
 
   const entry = (name: string, line: number): ProxyPluginEntry => {
     let e = facts.plugins.get(name);
@@ -249,12 +244,12 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
   const sawTable = (full: string[]): void => {
     if (full[0] === 'plugins' && full[1] === CRI_V2_PLUGIN && full[2] === 'containerd' && full[3] === 'runtimes') cri(2).hasRuntimes = true;
   };
-  const unpackFields = (e: UnpackConfigEntry, key: string, value: Value): void => {
+  const unpackFields = (e: UnpackConfigEntry, key: string, value: TomlValue): void => {
     if (value.kind !== 'string') return;
     if (key === 'snapshotter' || key === 'platform' || key === 'differ') e[key] = value.value;
   };
   /** `full`: the key's whole path; `headerLen`: how much of it the table header gave (a proxy plugin named by the key itself is inline or dotted). */
-  const assign = (full: string[], value: Value, line: number, headerLen: number): void => {
+  const assign = (full: string[], value: TomlValue, line: number, headerLen: number): void => {
     sawTable(full);
     if (value.kind === 'table') {
       if (full[0] === 'proxy_plugins' && full.length === 2) entry(full[1], line).inline = true;
@@ -288,6 +283,39 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     if (full.length === 4 && full[2] === 'exports') e.exports.set(full[3], value.value);
   };
 
+  scanToml(text, {
+    header: (table, isArray, line) => {
+      unpackEntry = null;
+      if (isArray && same(table, UNPACK_PATH)) {
+        unpackEntry = { line, inline: false };
+        facts.unpackConfig.push(unpackEntry);
+      }
+      sawTable(table);
+      if (table.length === 1 && table[0] === 'proxy_plugins' && !isArray) facts.hasProxyPluginsHeader = true;
+      if (table.length === 2 && table[0] === 'proxy_plugins') entry(table[1], line);
+    },
+    assign: (full, value, line, headerLen) => {
+      if (headerLen === 0 && full.length === 1 && full[0] === 'imports') facts.hasImports = true;
+      assign(full, value, line, headerLen);
+    },
+  });
+  return facts;
+}
+
+export interface TomlVisitor {
+  /** A `[table]` or `[[array of tables]]` header (an unparsable one gives ["(unparsed)"]). */
+  header(table: string[], isArray: boolean, line: number): void;
+  /** A `key = value` line: the key's whole path, its value, the 1-based line, how much of the path the header gave. */
+  assign(full: string[], value: TomlValue, line: number, headerLen: number): void;
+}
+
+/** Reads `text` line by line, handing table headers and assignments to `visit` in file order. */
+export function scanToml(text: string, visit: TomlVisitor): void {
+  let table: string[] = [];
+  let multiline: '"""' | "'''" | null = null;
+  /** An array value spanning lines: its key, what has been read of it, where it began. */
+  let pending: { key: string[] | null; text: string; line: number } | null = null;
+  const lines = text.split(/\r?\n/);
   for (let i = 0; i < lines.length; i++) {
     const raw = lines[i];
     if (multiline) {
@@ -297,7 +325,7 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     if (pending) {
       pending.text += ` ${stripComment(raw)}`;
       if (bracketBalance(pending.text) <= 0) {
-        if (pending.key) assign([...table, ...pending.key], parseValue(pending.text), pending.line, table.length);
+        if (pending.key) visit.assign([...table, ...pending.key], parseValue(pending.text), pending.line, table.length);
         pending = null;
       }
       continue;
@@ -307,15 +335,7 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     const header = /^\[\[(.*)\]\]$/.exec(line) ?? /^\[(.*)\]$/.exec(line);
     if (header) {
       table = parseKey(header[1]) ?? ['(unparsed)'];
-      const isArray = line.startsWith('[[');
-      unpackEntry = null;
-      if (isArray && same(table, UNPACK_PATH)) {
-        unpackEntry = { line: i + 1, inline: false };
-        facts.unpackConfig.push(unpackEntry);
-      }
-      sawTable(table);
-      if (table.length === 1 && table[0] === 'proxy_plugins' && !isArray) facts.hasProxyPluginsHeader = true;
-      if (table.length === 2 && table[0] === 'proxy_plugins') entry(table[1], i + 1);
+      visit.header(table, line.startsWith('[['), i + 1);
       continue;
     }
     const eq = indexOutsideQuotes(line, '=');
@@ -327,19 +347,17 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
       if (rhs.startsWith(delim) && !rhs.slice(3).includes(delim)) multiline = delim;
     }
     if (multiline) continue;
-    if (table.length === 0 && key?.length === 1 && key[0] === 'imports') facts.hasImports = true;
     if (rhs.startsWith('[') && bracketBalance(rhs) > 0) {
       // An array over several lines: read on to its end, then take it as one value.
       pending = { key, text: rhs, line: i + 1 };
       continue;
     }
     if (!key) continue;
-    assign([...table, ...key], parseValue(rhs), i + 1, table.length);
+    visit.assign([...table, ...key], parseValue(rhs), i + 1, table.length);
   }
-  return facts;
 }
 
-function criField(c: CriImageFacts, key: string, value: Value, line: number): void {
+function criField(c: CriImageFacts, key: string, value: TomlValue, line: number): void {
   if (key === 'snapshotter' && value.kind === 'string') {
     c.snapshotter = value.value;
     c.snapshotterLine = line;

@@ -17,6 +17,7 @@ import {
 } from './auth';
 import { Digester, assertDigest, digestAlgorithm, digestOf, digestProblem } from './digest';
 import { CLIENT_ERROR_CODES, type ClientErrorCode, RegistryError, codeForStatus, parseErrorBody } from './errors';
+import { type HostCapability, HostsConfigError, type RegistryEndpoint, type RegistryHosts, defaultEndpoint } from './hosts';
 import { DOCKER_HUB_DOMAIN, DOCKER_HUB_HOST, type Reference, type RepositoryName, InvalidReferenceError, parseReference, parseRepository } from './reference';
 import {
   Agents,
@@ -67,7 +68,13 @@ export interface RegistryClientOptions {
    * not listed is refused before anything is sent.
    */
   plainHttpHosts?: readonly string[];
-  /** Credentials per registry host; asked first. */
+  /**
+   * containerd's host directories (hosts.toml): mirrors tried before the
+   * registry, per-host schemes, CAs, client certificates and headers.
+   * Without them every registry is reached at its own host.
+   */
+  hosts?: RegistryHosts;
+  /** Credentials per registry host (the mirror's for a mirror); asked first. */
   credentials?: CredentialsProvider;
   /** A docker config.json whose `auths` are used for hosts `credentials` has nothing for. */
   dockerConfig?: string;
@@ -142,6 +149,8 @@ type RefArg = string | Reference;
 interface Op {
   method: 'GET' | 'HEAD' | 'PUT' | 'POST';
   repo: RepositoryName;
+  /** The host the request goes to: the registry itself or a mirror (hosts.toml). */
+  endpoint: RegistryEndpoint;
   url: URL;
   /** "manifest latest", "blob sha256:…", "token": for messages and logs. */
   what: string;
@@ -175,6 +184,7 @@ function normalizeHost(h: string): string {
 
 export class RegistryClient {
   private readonly plainHosts: ReadonlySet<string>;
+  private readonly hosts: RegistryHosts | null;
   private readonly credentials: CredentialsProvider;
   private readonly log: Logger;
   private readonly retries: number;
@@ -194,6 +204,7 @@ export class RegistryClient {
       throw invalidArgument('RegistryClient: plainHttpHosts must be an array of "host[:port]" strings');
     }
     this.plainHosts = new Set((opts.plainHttpHosts ?? []).map(normalizeHost));
+    this.hosts = opts.hosts ?? null;
     this.credentials = chainCredentials(opts.credentials, opts.dockerConfig !== undefined ? loadDockerConfigCredentials(opts.dockerConfig) : null);
     this.log = (opts.logger ?? silentLogger()).child({ op: 'registry' });
     this.retries = intOption('retries', opts.retries, 3, 0, 20);
@@ -219,17 +230,20 @@ export class RegistryClient {
   async getManifest(ref: RefArg, accept: readonly string[] = DEFAULT_MANIFEST_ACCEPT): Promise<Manifest> {
     const r = this.toRef(ref);
     const target = r.digest ?? (r.tag as string);
-    const op: Op = {
-      method: 'GET',
-      repo: r,
-      url: this.url(r.host, `/v2/${r.repository}/manifests/${target}`),
-      what: `manifest ${target}`,
-      scopes: [`repository:${r.repository}:pull`],
-      headers: { accept: accept.join(', ') },
-      ok: [200],
-      notFoundCode: 'MANIFEST_UNKNOWN',
-    };
-    return this.perform(op, async (res) => {
+    // A tag is resolved (containerd's "resolve" capability); a digest is pulled.
+    return this.onEndpoints(r, r.digest ? 'pull' : 'resolve', (endpoint) => {
+      const op: Op = {
+        method: 'GET',
+        repo: r,
+        endpoint,
+        url: this.apiUrl(endpoint, r, `manifests/${target}`),
+        what: `manifest ${target}`,
+        scopes: [`repository:${r.repository}:pull`],
+        headers: { accept: accept.join(', ') },
+        ok: [200],
+        notFoundCode: 'MANIFEST_UNKNOWN',
+      };
+      return this.perform(op, async (res) => {
       this.checkDeclaredLength(op, res, MAX_MANIFEST_BYTES);
       const bytes = await readBody(res, MAX_MANIFEST_BYTES);
       const announced = this.announcedDigest(res);
@@ -245,6 +259,7 @@ export class RegistryClient {
       const docType = typeof (json as { mediaType?: unknown })?.mediaType === 'string' ? (json as { mediaType: string }).mediaType : '';
       const generic = headerType === '' || headerType === 'application/json' || headerType === 'text/plain' || headerType === 'application/octet-stream';
       return { mediaType: generic && docType !== '' ? docType : headerType || docType, digest: r.digest ?? digestOf(bytes), bytes, json };
+      });
     });
   }
 
@@ -255,10 +270,12 @@ export class RegistryClient {
   async putManifest(ref: RefArg, mediaType: string, bytes: Buffer): Promise<string> {
     const r = this.toRef(ref);
     const target = r.tag ?? (r.digest as string);
+    const endpoint = this.pushEndpoint(r);
     const op: Op = {
       method: 'PUT',
       repo: r,
-      url: this.url(r.host, `/v2/${r.repository}/manifests/${target}`),
+      endpoint,
+      url: this.apiUrl(endpoint, r, `manifests/${target}`),
       what: `manifest ${target}`,
       scopes: [`repository:${r.repository}:pull,push`],
       headers: { 'content-type': mediaType },
@@ -278,25 +295,37 @@ export class RegistryClient {
 
   // -------------------------------------------------------------------- blobs
 
-  /** HEAD of a blob: its size, or null when the registry does not have it. */
-  async statBlob(repo: RepoArg, digest: string): Promise<BlobInfo | null> {
-    const op = this.blobOp('HEAD', repo, digest, [200, 404]);
-    return this.perform(op, async (res) => {
-      await discard(res);
-      if (res.statusCode === 404) return null;
-      const len = res.headers['content-length'];
-      return { digest, size: len !== undefined && /^\d+$/.test(len) ? Number(len) : null };
-    });
+  /** HEAD of a blob: its size, or null when the registry (and every mirror) does not have it. */
+  async statBlob(repo: RepoArg, digest: string, capability: 'pull' | 'push' = 'pull'): Promise<BlobInfo | null> {
+    const head = (endpoint: RegistryEndpoint) => {
+      const op = this.blobOp('HEAD', repo, digest, [200], endpoint);
+      return this.perform(op, async (res) => {
+        await discard(res);
+        const len = res.headers['content-length'];
+        return { digest, size: len !== undefined && /^\d+$/.test(len) ? Number(len) : null } as BlobInfo;
+      });
+    };
+    const r = this.toRepo(repo);
+    try {
+      return capability === 'push' ? await head(this.pushEndpoint(r)) : await this.onEndpoints(r, 'pull', head);
+    } catch (err) {
+      if (err instanceof RegistryError && err.status === 404) return null;
+      throw err;
+    }
   }
 
-  async blobExists(repo: RepoArg, digest: string): Promise<boolean> {
-    return (await this.statBlob(repo, digest)) !== null;
+  async blobExists(repo: RepoArg, digest: string, capability: 'pull' | 'push' = 'pull'): Promise<boolean> {
+    return (await this.statBlob(repo, digest, capability)) !== null;
   }
 
   /** The whole blob in memory, verified against its digest. */
   async getBlob(repo: RepoArg, digest: string, opts: { maxBytes?: number } = {}): Promise<Buffer> {
-    const op = this.blobOp('GET', repo, digest, [200]);
     const limit = opts.maxBytes ?? bufferConstants.MAX_LENGTH;
+    return this.onEndpoints(this.toRepo(repo), 'pull', (endpoint) => this.getBlobFrom(endpoint, repo, digest, limit));
+  }
+
+  private getBlobFrom(endpoint: RegistryEndpoint, repo: RepoArg, digest: string, limit: number): Promise<Buffer> {
+    const op = this.blobOp('GET', repo, digest, [200], endpoint);
     return this.perform(op, async (res) => {
       const declared = this.checkDeclaredLength(op, res, limit);
       const data = await readBody(res, limit);
@@ -314,11 +343,16 @@ export class RegistryClient {
    * error on the stream.
    */
   async getBlobStream(repo: RepoArg, digest: string, opts: BlobStreamOptions = {}): Promise<BlobStream> {
-    const op = this.blobOp('GET', repo, digest, [200]);
     const { size } = opts;
     if (size !== undefined && (!Number.isSafeInteger(size) || size < 0)) throw invalidArgument(`getBlobStream: size must be a non-negative integer, got ${size}`);
+    if (opts.contentCheckedByCaller && size === undefined) throw invalidArgument('getBlobStream: a caller that checks the content itself must give the size');
+    return this.onEndpoints(this.toRepo(repo), 'pull', (endpoint) => this.getBlobStreamFrom(endpoint, repo, digest, opts));
+  }
+
+  private getBlobStreamFrom(endpoint: RegistryEndpoint, repo: RepoArg, digest: string, opts: BlobStreamOptions): Promise<BlobStream> {
+    const op = this.blobOp('GET', repo, digest, [200], endpoint);
+    const { size } = opts;
     const hashed = !opts.contentCheckedByCaller;
-    if (!hashed && size === undefined) throw invalidArgument('getBlobStream: a caller that checks the content itself must give the size');
     return this.perform(op, async (res) => {
       const declared = this.checkDeclaredLength(op, res, size ?? Number.MAX_SAFE_INTEGER);
       const hasher = new Digester(digestAlgorithm(digest));
@@ -386,8 +420,15 @@ export class RegistryClient {
   async getBlobRange(repo: RepoArg, digest: string, offset: number, length: number): Promise<Buffer> {
     if (!Number.isSafeInteger(offset) || offset < 0) throw invalidArgument(`getBlobRange: offset must be a non-negative integer, got ${offset}`);
     if (!Number.isSafeInteger(length) || length < 0) throw invalidArgument(`getBlobRange: length must be a non-negative integer, got ${length}`);
-    const op = this.blobOp('GET', repo, digest, [200, 206]);
-    if (length === 0) return Buffer.alloc(0);
+    if (length === 0) {
+      this.toDigest(this.toRepo(repo), digest);
+      return Buffer.alloc(0);
+    }
+    return this.onEndpoints(this.toRepo(repo), 'pull', (endpoint) => this.getBlobRangeFrom(endpoint, repo, digest, offset, length));
+  }
+
+  private getBlobRangeFrom(endpoint: RegistryEndpoint, repo: RepoArg, digest: string, offset: number, length: number): Promise<Buffer> {
+    const op = this.blobOp('GET', repo, digest, [200, 206], endpoint);
     const last = offset + length - 1;
     op.what = `blob ${digest} bytes ${offset}-${last}`;
     op.headers = { range: `bytes=${offset}-${last}` };
@@ -445,7 +486,7 @@ export class RegistryClient {
     let body: BodySource;
     if (Buffer.isBuffer(data)) {
       body = { kind: 'buffer', data };
-      const op = this.blobOp('PUT', r, digest, [201]);
+      const op = this.blobOp('PUT', r, digest, [201], this.pushEndpoint(r));
       this.checkDigest(op, 0, data, digest, 'given');
     } else if (typeof data === 'string') {
       let st: fs.Stats;
@@ -459,7 +500,7 @@ export class RegistryClient {
     } else {
       throw invalidArgument('pushBlob: data must be a Buffer or a file path');
     }
-    if (await this.blobExists(r, digest)) return 'exists';
+    if (await this.blobExists(r, digest, 'push')) return 'exists';
     const from = opts.mountFrom !== undefined ? this.toRepo(opts.mountFrom) : null;
     for (let attempt = 0; ; attempt++) {
       try {
@@ -475,7 +516,8 @@ export class RegistryClient {
 
   private async uploadOnce(r: RepositoryName, digest: string, body: BodySource, from: RepositoryName | null): Promise<PushBlobResult> {
     const pushScope = `repository:${r.repository}:pull,push`;
-    const start = this.url(r.host, `/v2/${r.repository}/blobs/uploads/`);
+    const endpoint = this.pushEndpoint(r);
+    const start = this.apiUrl(endpoint, r, 'blobs/uploads/');
     if (from) {
       start.searchParams.set('mount', digest);
       start.searchParams.set('from', from.repository);
@@ -483,6 +525,7 @@ export class RegistryClient {
     const post: Op = {
       method: 'POST',
       repo: r,
+      endpoint,
       url: start,
       what: from ? `blob upload ${digest} (mount from ${from.repository})` : `blob upload ${digest}`,
       scopes: from ? [pushScope, `repository:${from.repository}:pull`] : [pushScope],
@@ -506,6 +549,7 @@ export class RegistryClient {
     const put: Op = {
       method: 'PUT',
       repo: r,
+      endpoint,
       url: loc,
       what: `blob ${digest}`,
       scopes: [pushScope],
@@ -545,13 +589,14 @@ export class RegistryClient {
     }
   }
 
-  private blobOp(method: 'GET' | 'HEAD' | 'PUT', repo: RepoArg, digest: string, ok: number[]): Op {
+  private blobOp(method: 'GET' | 'HEAD' | 'PUT', repo: RepoArg, digest: string, ok: number[], endpoint: RegistryEndpoint): Op {
     const r = this.toRepo(repo);
     this.toDigest(r, digest);
     return {
       method,
       repo: r,
-      url: this.url(r.host, `/v2/${r.repository}/blobs/${digest}`),
+      endpoint,
+      url: this.apiUrl(endpoint, r, `blobs/${digest}`),
       what: `blob ${digest}`,
       scopes: [`repository:${r.repository}:pull`],
       ok,
@@ -563,14 +608,65 @@ export class RegistryClient {
     return this.plainHosts.has(host.toLowerCase());
   }
 
-  private url(host: string, path: string): URL {
-    return new URL(`${this.isPlain(host) ? 'http' : 'https'}://${host}${path}`);
+  /** Where `repo`'s requests go, in order, among the hosts that have `capability` (hosts.toml; else the registry itself). */
+  private endpointsFor(repo: RepositoryName, capability: HostCapability): RegistryEndpoint[] {
+    let all: RegistryEndpoint[];
+    try {
+      all = this.hosts ? this.hosts.endpoints(repo.domain) : [defaultEndpoint(repo.domain)];
+    } catch (err) {
+      if (!(err instanceof HostsConfigError)) throw err;
+      throw new RegistryError({ status: 0, code: 'HOSTS_CONFIG', host: repo.host, repository: repo.repository, kind: 'FailedPrecondition' }, `registry ${repo.host}: ${err.message}`);
+    }
+    const usable = all.filter((e) => e.capabilities.has(capability)).map((e): RegistryEndpoint => (e.implicit && this.isPlain(e.host) ? { ...e, scheme: 'http' } : e));
+    if (usable.length === 0) {
+      throw new RegistryError(
+        { status: 0, code: 'HOSTS_CONFIG', host: repo.host, repository: repo.repository, kind: 'FailedPrecondition' },
+        `registry ${repo.host}: no host in ${this.hosts?.dirFor(repo.domain) ?? 'its host directory'}/hosts.toml has the ${capability} capability`,
+      );
+    }
+    return usable;
   }
 
-  /** Refuses URLs a registry handed out that are not https (or http for a plainHttpHosts host). */
+  /** Where pushes go: the first host that can push. */
+  private pushEndpoint(repo: RepositoryName): RegistryEndpoint {
+    return this.endpointsFor(repo, 'push')[0];
+  }
+
+  /**
+   * Runs `attempt` against each host that can `capability` in turn (mirrors
+   * first) until one succeeds; when all fail, throws the first failure that
+   * was not a 404 (else the last 404), as containerd's resolver does.
+   */
+  private async onEndpoints<T>(repo: RepositoryName, capability: HostCapability, attempt: (e: RegistryEndpoint) => Promise<T>): Promise<T> {
+    const endpoints = this.endpointsFor(repo, capability);
+    let first: RegistryError | null = null;
+    let last: RegistryError | null = null;
+    for (const [i, e] of endpoints.entries()) {
+      try {
+        return await attempt(e);
+      } catch (err) {
+        if (!(err instanceof RegistryError) || endpoints.length === 1) throw err;
+        last = err;
+        if (err.status !== 404) first ??= err;
+        if (i < endpoints.length - 1) {
+          this.log.warn({ host: repo.host, repository: repo.repository, endpoint: e.host, next: endpoints[i + 1].host, err: err.message }, `registry host ${e.host} failed for ${repo.name}, trying ${endpoints[i + 1].host}`);
+        }
+      }
+    }
+    throw first ?? (last as RegistryError);
+  }
+
+  /** `${endpoint}/${repository}/${rest}`, with `ns=<registry>` for a mirror (containerd's query parameter). */
+  private apiUrl(e: RegistryEndpoint, repo: RepositoryName, rest: string): URL {
+    const u = new URL(`${e.scheme}://${e.host}${e.path}/${repo.repository}/${rest}`);
+    if (e.mirror) u.searchParams.set('ns', repo.domain);
+    return u;
+  }
+
+  /** Refuses URLs a registry handed out that are not https (or http for a plainHttpHosts host or an http:// host of hosts.toml). */
   private checkUrl(op: Op, url: URL, what: string): void {
     if (url.protocol === 'https:') return;
-    if (url.protocol === 'http:' && this.isPlain(url.host)) return;
+    if (url.protocol === 'http:' && (this.isPlain(url.host) || (op.endpoint.scheme === 'http' && url.host === op.endpoint.host))) return;
     const where = `${url.protocol}//${url.host}${url.pathname}`;
     if (url.protocol === 'http:') {
       throw this.clientError(op, 0, 'PLAIN_HTTP_REFUSED', `${what} ${where} is plain HTTP and ${url.host} is not in registry.plain_http_hosts; nothing was sent`);
@@ -628,7 +724,8 @@ export class RegistryClient {
   /** One attempt: the request, answering one auth challenge, following redirects of GET/HEAD. */
   private async exchange(op: Op): Promise<http.IncomingMessage> {
     if (op.authorization !== undefined) return this.sendFollowing(op, op.authorization);
-    const host = op.repo.host;
+    // Tokens and credentials are the host's the request goes to (a mirror's own, as containerd's authorizer does).
+    const host = op.endpoint.host;
     let auth = this.cachedAuthorization(host, op.scopes);
     const res = await this.sendFollowing(op, auth);
     if (res.statusCode !== 401) return res;
@@ -665,10 +762,11 @@ export class RegistryClient {
     const origin = op.url.origin;
     let url = op.url;
     for (let hops = 0; ; hops++) {
-      const headers: Record<string, string> = { 'user-agent': this.userAgent, ...op.headers };
+      // hosts.toml's headers; the request's own (accept, range, …) win.
+      const headers: Record<string, string> = { 'user-agent': this.userAgent, ...op.endpoint.headers, ...op.headers };
       // Credentials go to the registry's own origin only, never to a blob store it redirects to.
       if (authorization && url.origin === origin) headers.authorization = authorization;
-      const res = await send(this.agents, { method: op.method, url, headers, body: op.body, timeoutMs: this.timeoutMs });
+      const res = await send(this.agents, { method: op.method, url, headers, body: op.body, timeoutMs: this.timeoutMs, tls: url.host === op.endpoint.host ? op.endpoint : null });
       const status = res.statusCode ?? 0;
       const location = res.headers.location;
       if ((op.method !== 'GET' && op.method !== 'HEAD') || ![301, 302, 303, 307, 308].includes(status) || !location) return res;
@@ -687,7 +785,7 @@ export class RegistryClient {
 
   /** A bearer token for op's scopes: cached, or fetched from the challenge's realm (one fetch at a time per key). */
   private async token(op: Op, challenge: Challenge): Promise<string> {
-    const host = op.repo.host;
+    const host = op.endpoint.host;
     const key = TokenCache.key(host, op.scopes);
     const cached = this.tokens.get(host, op.scopes);
     if (cached) return cached;
@@ -700,7 +798,7 @@ export class RegistryClient {
   }
 
   private async fetchToken(op: Op, challenge: Challenge): Promise<string> {
-    const host = op.repo.host;
+    const host = op.endpoint.host;
     const realm = challenge.params.realm;
     if (!realm) throw this.clientError(op, 401, 'AUTH_FAILED', 'Bearer challenge without a realm');
     let url: URL;
@@ -718,6 +816,7 @@ export class RegistryClient {
     const tokenOp: Op = {
       method: 'GET',
       repo: op.repo,
+      endpoint: op.endpoint,
       url,
       what: `token from ${url.origin}${url.pathname} (for ${op.what}, scope ${[...scopes].join(' ')})`,
       scopes: [],
@@ -744,7 +843,8 @@ export class RegistryClient {
   // ------------------------------------------------------------------ errors
 
   private prefix(op: Op): string {
-    return `registry ${op.repo.host}, repository ${op.repo.repository}: ${op.method} ${op.what}`;
+    const via = op.endpoint.mirror ? ` (host ${op.endpoint.host})` : '';
+    return `registry ${op.repo.host}${via}, repository ${op.repo.repository}: ${op.method} ${op.what}`;
   }
 
   private make(op: Op, status: number, code: string, message: string, cause?: unknown): RegistryError {
@@ -768,7 +868,7 @@ export class RegistryClient {
     const code = parsed?.code ?? codeForStatus(status, op.notFoundCode);
     let msg = `HTTP ${status} ${code}`;
     if (parsed?.message) msg += `: ${parsed.message.slice(0, 300)}`;
-    if (status === 401 && op.authorization === undefined && !this.credentialsFor(op.repo.host)) msg += ` (no credentials configured for ${op.repo.host})`;
+    if (status === 401 && op.authorization === undefined && !this.credentialsFor(op.endpoint.host)) msg += ` (no credentials configured for ${op.endpoint.host})`;
     if (attempts > 1) msg += ` (after ${attempts} attempts)`;
     return this.make(op, status, code, msg);
   }

@@ -1,6 +1,8 @@
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
+import tls from 'node:tls';
 import type { Readable } from 'node:stream';
 
 /**
@@ -19,6 +21,8 @@ export interface SendOptions {
   body?: BodySource;
   /** Inactivity timeout: no byte sent or received for this long aborts the request (and its response body). */
   timeoutMs: number;
+  /** The host's own TLS settings (hosts.toml), if any. */
+  tls?: HostTls | null;
 }
 
 export class TimeoutError extends Error {
@@ -36,16 +40,53 @@ export class BodyTooLargeError extends Error {
   }
 }
 
+/** TLS settings of one registry host (hosts.toml): extra CAs, a client certificate, no verification. */
+export interface HostTls {
+  ca: Buffer[];
+  client: { cert: Buffer; key: Buffer } | null;
+  skipVerify: boolean;
+}
+
 export class Agents {
   readonly http: http.Agent;
   readonly https: https.Agent;
-  constructor(opts: { maxSockets: number; ca?: string | Buffer | (string | Buffer)[] }) {
+  /** HTTPS agents of hosts with their own TLS settings, by those settings. */
+  private readonly custom = new Map<string, https.Agent>();
+  constructor(private readonly opts: { maxSockets: number; ca?: string | Buffer | (string | Buffer)[] }) {
     this.http = new http.Agent({ keepAlive: true, maxSockets: opts.maxSockets, scheduling: 'lifo' });
     this.https = new https.Agent({ keepAlive: true, maxSockets: opts.maxSockets, scheduling: 'lifo', ...(opts.ca ? { ca: opts.ca } : {}) });
   }
+
+  /** The agent for `url` with host TLS settings `t` (null: the client's defaults). */
+  pick(url: URL, t: HostTls | null): http.Agent {
+    if (url.protocol !== 'https:') return this.http;
+    if (!t || (t.ca.length === 0 && !t.client && !t.skipVerify)) return this.https;
+    const hash = crypto.createHash('sha256');
+    for (const c of t.ca) hash.update(c).update('\0');
+    if (t.client) hash.update(t.client.cert).update('\0').update(t.client.key);
+    const key = `${t.skipVerify}:${hash.digest('hex')}`;
+    let agent = this.custom.get(key);
+    if (!agent) {
+      const base = this.opts.ca ? ([] as (string | Buffer)[]).concat(this.opts.ca) : [...tls.rootCertificates];
+      agent = new https.Agent({
+        keepAlive: true,
+        maxSockets: this.opts.maxSockets,
+        scheduling: 'lifo',
+        // The host's CAs are added to the trusted ones, as containerd adds them to the system pool.
+        ...(t.ca.length > 0 ? { ca: [...base, ...t.ca] } : this.opts.ca ? { ca: this.opts.ca } : {}),
+        ...(t.client ? { cert: t.client.cert, key: t.client.key } : {}),
+        rejectUnauthorized: !t.skipVerify,
+      });
+      this.custom.set(key, agent);
+    }
+    return agent;
+  }
+
   destroy(): void {
     this.http.destroy();
     this.https.destroy();
+    for (const a of this.custom.values()) a.destroy();
+    this.custom.clear();
   }
 }
 
@@ -64,7 +105,7 @@ export function send(agents: Agents, opts: SendOptions): Promise<http.IncomingMe
     const req = (isHttps ? https : http).request(opts.url, {
       method: opts.method,
       headers,
-      agent: isHttps ? agents.https : agents.http,
+      agent: agents.pick(opts.url, opts.tls ?? null),
       timeout: opts.timeoutMs,
     });
     let settled = false;

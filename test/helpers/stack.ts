@@ -192,6 +192,13 @@ export interface StackOptions {
   daemonConfig?: Record<string, unknown>;
   /** `host:port` of another stack's registry to use instead of starting one (a second node). */
   registry?: string;
+  /**
+   * A registry name that resolves nowhere, served by the stack's registry as
+   * its mirror: a hosts.toml for containerd 2.x and the daemon, CRI's
+   * mirrors table on 1.x. Images pulled as `<alias>/…` reach the registry
+   * only through the host directories.
+   */
+  registryAlias?: string;
   /** The daemon's ROOT (default: `root` in the stack's dir), e.g. on a small filesystem the test made; mounts under it are the test's to undo. */
   daemonRoot?: string;
 }
@@ -269,7 +276,11 @@ export class Stack {
       address: this.daemonAddress,
       // containerd's socket, for POST /prefetch naming an image.
       env: { LOG_LEVEL: 'debug', CONTAINERD_ADDRESS: this.containerdAddress, CONTAINERD_ROOT: this.containerdRoot, ...this.opts.daemonEnv },
-      config: { ...this.opts.daemonConfig, registry: { plain_http_hosts: [this.registry], ...(this.opts.daemonConfig?.registry as object | undefined) } },
+      config: {
+        ...this.opts.daemonConfig,
+        // The stack's own host directories only (never the machine's /etc/containerd/certs.d).
+        registry: { plain_http_hosts: [this.registry], config_path: this.writeHostsDir(), ...(this.opts.daemonConfig?.registry as object | undefined) },
+      },
     });
     const p = this.daemon.proc;
     live.add(p);
@@ -337,7 +348,12 @@ export class Stack {
    * deprecated in 2.x; config_path serves both pull paths). The pause
    * image is pinned under a name never pulled.
    */
-  private criConfigV3(): string[] {
+  /**
+   * The stack's host directories (containerd 2.x's registry.config_path and
+   * the daemon's): the registry as a plain-HTTP host, and the alias (if any)
+   * served by it as a mirror. Returns the directory.
+   */
+  private writeHostsDir(): string {
     const q = (s: string) => JSON.stringify(s);
     const certs = path.join(this.dir, 'c', 'certs.d');
     const hostDir = path.join(certs, this.registry);
@@ -346,6 +362,17 @@ export class Stack {
       path.join(hostDir, 'hosts.toml'),
       [`server = ${q(`http://${this.registry}`)}`, '', `[host.${q(`http://${this.registry}`)}]`, '  capabilities = ["pull", "resolve"]', ''].join('\n'),
     );
+    if (this.opts.registryAlias) {
+      const aliasDir = path.join(certs, this.opts.registryAlias);
+      fs.mkdirSync(aliasDir, { recursive: true });
+      fs.writeFileSync(path.join(aliasDir, 'hosts.toml'), [`[host.${q(`http://${this.registry}`)}]`, '  capabilities = ["pull", "resolve"]', ''].join('\n'));
+    }
+    return certs;
+  }
+
+  private criConfigV3(): string[] {
+    const q = (s: string) => JSON.stringify(s);
+    const certs = this.writeHostsDir();
     return [
       "[plugins.'io.containerd.cri.v1.images']",
       '  snapshotter = "dedup"',
@@ -408,6 +435,7 @@ export class Stack {
             `    conf_dir = ${q(path.join(this.dir, 'c', 'cni-conf'))}`,
             `  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."${this.registry}"]`,
             `    endpoint = ["http://${this.registry}"]`,
+            ...(this.opts.registryAlias ? [`  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."${this.opts.registryAlias}"]`, `    endpoint = ["http://${this.registry}"]`] : []),
             '',
           ]
         : []),
