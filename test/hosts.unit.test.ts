@@ -66,10 +66,11 @@ ca = "root-ca.pem"
 `,
     { 'root-ca.pem': 'PEM-ROOT\n' },
   );
-  fs.writeFileSync('/tmp/dedup-hosts-unit-ca.pem', 'PEM-A\n');
-  const toml = fs.readFileSync(path.join(root, 'registry.example:5000', 'hosts.toml'), 'utf8').replace('/nonexistent-is-fine-until-read.pem', '/tmp/dedup-hosts-unit-ca.pem');
+  const absCa = path.join(work, 'absolute-ca.pem');
+  fs.writeFileSync(absCa, 'PEM-A\n');
+  const toml = fs.readFileSync(path.join(root, 'registry.example:5000', 'hosts.toml'), 'utf8').replace('/nonexistent-is-fine-until-read.pem', absCa);
   fs.writeFileSync(path.join(root, 'registry.example:5000', 'hosts.toml'), toml);
-  try {
+  {
     const eps = new RegistryHosts([root]).endpoints('registry.example:5000');
     assert.deepEqual(
       eps.map((e) => `${e.scheme}://${e.host}${e.path}`),
@@ -83,8 +84,6 @@ ca = "root-ca.pem"
     assert.deepEqual(eps.map((e) => e.mirror), [true, true, true, false]);
     assert.equal(eps[1].ca[0].toString(), 'PEM-A\n');
     assert.equal(eps[3].ca[0].toString(), 'PEM-ROOT\n', 'a relative ca is read from the host directory');
-  } finally {
-    fs.rmSync('/tmp/dedup-hosts-unit-ca.pem', { force: true });
   }
 });
 
@@ -93,7 +92,9 @@ test('_default and later roots; a directory without hosts.toml gives its certs.d
   const b = path.join(work, 'root-b');
   hostsDir(b, '_default', '[host."http://catch-all.local:5000"]\n  capabilities = ["pull"]\n');
   hostsDir(a, 'certs.example', null, { 'ca.crt': 'CA-CRT\n', 'client.cert': 'CERT\n', 'client.key': 'KEY\n' });
+  hostsDir(a, 'ported.example_5000_', '[host."http://underscore-form.local"]\n');
   const hosts = new RegistryHosts([a, b]);
+  assert.equal(hosts.endpoints('ported.example:5000')[0].host, 'underscore-form.local', "containerd's host_port_ directory name");
   const other = hosts.endpoints('other.example');
   assert.equal(other[0].host, 'catch-all.local:5000', '_default of the second root');
   assert.equal(other[1].host, 'other.example');
@@ -102,6 +103,9 @@ test('_default and later roots; a directory without hosts.toml gives its certs.d
   assert.equal(certs[0].ca[0].toString(), 'CA-CRT\n');
   assert.equal(certs[0].client?.cert.toString(), 'CERT\n');
   assert.equal(certs[0].client?.key.toString(), 'KEY\n');
+  // A rotated certificate is read again (the directory's names did not change).
+  fs.writeFileSync(path.join(a, 'certs.example', 'ca.crt'), 'CA-CRT rotated, longer\n');
+  assert.equal(hosts.endpoints('certs.example')[0].ca[0].toString(), 'CA-CRT rotated, longer\n');
 });
 
 test('an edited hosts.toml applies to the next request; a bad one is an error naming the file and line', () => {
@@ -115,7 +119,18 @@ test('an edited hosts.toml applies to the next request; a bad one is an error na
   assert.throws(() => hosts.endpoints('edit.example'), (err: unknown) => err instanceof HostsConfigError && /hosts\.toml:2: host\."http:\/\/two\.local"\.capabilities: expected a list of "pull", "resolve", "push"/.test(err.message));
   fs.writeFileSync(path.join(dir, 'hosts.toml'), 'server = "https://edit.example"\nca = "missing.pem"\n');
   assert.throws(() => hosts.endpoints('edit.example'), (err: unknown) => err instanceof HostsConfigError && /ca .*missing\.pem/.test(err.message));
-  assert.equal(new RegistryHosts([root]).dirFor('../edit.example'), null, 'a name with a path is never looked up');
+  hostsDir(work, 'escaped.example', '[host."http://escaped.local"]\n');
+  assert.equal(new RegistryHosts([root]).dirFor('../escaped.example'), null, 'a name with a path is never looked up (the directory it names exists)');
+  for (const [text, want] of [
+    ['[host."https://mirror.local]\n  capabilities = ["pull"]\n', /hosts\.toml:1: cannot read the table name/],
+    ['[host."https://mirror.local"]\n  capabilities = ["pull"\n', /hosts\.toml:2: the array is not closed/],
+    ['server https://edit.example\n', /hosts\.toml:1: expected a \[table\] or key = value/],
+    ['[host."https://mirror.local".header]\n  x-evil = "a\\r\\nInjected: yes"\n', /header\.x-evil: a header value cannot hold line breaks/],
+    ['[host."https://mirror.local".header]\n  "bad name" = "v"\n', /not an HTTP header name/],
+  ] as const) {
+    fs.writeFileSync(path.join(dir, 'hosts.toml'), text);
+    assert.throws(() => hosts.endpoints('edit.example'), (err: unknown) => err instanceof HostsConfigError && want.test(err.message), text);
+  }
 });
 
 interface Seen {
@@ -123,12 +138,15 @@ interface Seen {
   headers: http.IncomingHttpHeaders;
 }
 
-/** A server answering blob GETs for `blobs` (others 404, or `status` when set), remembering every request. */
-async function blobServer(blobs: Map<string, Buffer>, opts: { status?: number; tls?: { key: Buffer; cert: Buffer } } = {}) {
+/** A server answering blob GETs for `blobs` (others 404, or `status` when set; 401 without `basic` credentials when set), remembering every request. */
+async function blobServer(blobs: Map<string, Buffer>, opts: { status?: number; tls?: { key: Buffer; cert: Buffer }; basic?: string } = {}) {
   const seen: Seen[] = [];
   const handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
     seen.push({ url: req.url ?? '', headers: req.headers });
     if (opts.status) return void res.writeHead(opts.status).end();
+    if (opts.basic && req.headers.authorization !== `Basic ${Buffer.from(opts.basic).toString('base64')}`) {
+      return void res.writeHead(401, { 'www-authenticate': 'Basic realm="mirror"', 'content-type': 'application/json' }).end('{"errors":[{"code":"UNAUTHORIZED","message":"who are you"}]}');
+    }
     const m = /\/blobs\/(sha256:[0-9a-f]{64})/.exec(req.url ?? '');
     const data = m ? blobs.get(m[1]) : undefined;
     if (!data) return void res.writeHead(404, { 'content-type': 'application/json' }).end('{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}');
@@ -154,7 +172,7 @@ test('requests go to the mirror first (with ns=), then the registry when the mir
   const other = Buffer.from('only the registry has this one\n');
   const otherDigest = digestOf(other);
   const registry = await blobServer(new Map([[digest, data], [otherDigest, other]]));
-  const mirror = await blobServer(new Map([[digest, data]]));
+  const mirror = await blobServer(new Map([[digest, data]]), { basic: 'mirror-user:mirror-pw' });
   const broken = await blobServer(new Map(), { status: 503 });
   const root = path.join(work, 'mirrors');
   const name = 'registry.invalid:5000';
@@ -163,12 +181,13 @@ test('requests go to the mirror first (with ns=), then the registry when the mir
   try {
     assert.deepEqual(await client.getBlob(`${name}/team/app`, digest), data);
     assert.equal(broken.seen.length, 1, 'the failing host first (file order)');
-    assert.equal(mirror.seen.length, 1);
+    assert.equal(mirror.seen.length, 2, 'asked without, then with the credentials configured for the mirror itself');
+    assert.equal(mirror.seen[1].headers.authorization, `Basic ${Buffer.from('mirror-user:mirror-pw').toString('base64')}`);
     assert.equal(registry.seen.length, 0, 'the registry was not asked: a mirror had it');
-    const url = new URL(mirror.seen[0].url, 'http://x');
+    const url = new URL(mirror.seen[1].url, 'http://x');
     assert.equal(url.pathname, `/v2/team/app/blobs/${digest}`);
     assert.equal(url.searchParams.get('ns'), name, 'a mirror is told the registry (ns=), as containerd does');
-    assert.equal(mirror.seen[0].headers['x-from'], 'hosts.toml');
+    assert.equal(mirror.seen[1].headers['x-from'], 'hosts.toml');
 
     const s = await client.getBlobStream(`${name}/team/app`, otherDigest);
     const chunks: Buffer[] = [];
@@ -176,6 +195,8 @@ test('requests go to the mirror first (with ns=), then the registry when the mir
     s.verify();
     assert.deepEqual(Buffer.concat(chunks), other, 'the registry answered after the mirror said 404');
     assert.equal(registry.seen.length, 1);
+    assert.equal(registry.seen[0].headers.authorization, undefined, "the mirror's credentials are not sent to the registry");
+    assert.equal(registry.seen[0].headers['x-from'], undefined, "the mirror's headers are not sent to the registry");
     // `server` is another host than the reference's: containerd asks it with ns= too.
     assert.equal(new URL(registry.seen[0].url, 'http://x').searchParams.get('ns'), name);
 
@@ -186,7 +207,7 @@ test('requests go to the mirror first (with ns=), then the registry when the mir
     );
     assert.match(err.message, /HTTP 503/, 'all failed: the first failure that was not a 404');
     await assert.rejects(client.blobExists(`${name}/team/app`, missing), /HTTP 503/, 'not known to be missing while a host fails');
-    const healthy = new RegistryClient({ hosts: new RegistryHosts([root]), retries: 0 });
+    const healthy = new RegistryClient({ hosts: new RegistryHosts([root]), retries: 0, credentials: (h) => (h === mirror.host ? { username: 'mirror-user', password: 'mirror-pw' } : null) });
     try {
       fs.writeFileSync(path.join(root, name, 'hosts.toml'), `server = "http://${registry.host}"\n\n[host."http://${mirror.host}"]\n  capabilities = ["pull"]\n`);
       assert.equal(await healthy.blobExists(`${name}/team/app`, missing), false, 'every host says 404: missing');

@@ -307,6 +307,8 @@ export interface TomlVisitor {
   header(table: string[], isArray: boolean, line: number): void;
   /** A `key = value` line: the key's whole path, its value, the 1-based line, how much of the path the header gave. */
   assign(full: string[], value: TomlValue, line: number, headerLen: number): void;
+  /** A line this reader cannot take (left out when not given: containerd's config is read leniently). */
+  error?(line: number, msg: string): void;
 }
 
 /** Reads `text` line by line, handing table headers and assignments to `visit` in file order. */
@@ -324,6 +326,7 @@ export function scanToml(text: string, visit: TomlVisitor): void {
     }
     if (pending) {
       pending.text += ` ${stripComment(raw)}`;
+      if (i === lines.length - 1 && bracketBalance(pending.text) > 0) visit.error?.(pending.line, 'the array is not closed');
       if (bracketBalance(pending.text) <= 0) {
         if (pending.key) visit.assign([...table, ...pending.key], parseValue(pending.text), pending.line, table.length);
         pending = null;
@@ -334,13 +337,19 @@ export function scanToml(text: string, visit: TomlVisitor): void {
     if (line === '') continue;
     const header = /^\[\[(.*)\]\]$/.exec(line) ?? /^\[(.*)\]$/.exec(line);
     if (header) {
-      table = parseKey(header[1]) ?? ['(unparsed)'];
+      const parsed = parseKey(header[1]);
+      if (!parsed) visit.error?.(i + 1, `cannot read the table name in ${JSON.stringify(line)}`);
+      table = parsed ?? ['(unparsed)'];
       visit.header(table, line.startsWith('[['), i + 1);
       continue;
     }
     const eq = indexOutsideQuotes(line, '=');
-    if (eq < 0) continue;
+    if (eq < 0) {
+      visit.error?.(i + 1, `expected a [table] or key = value, got ${JSON.stringify(line)}`);
+      continue;
+    }
     const key = parseKey(line.slice(0, eq));
+    if (!key) visit.error?.(i + 1, `cannot read the key in ${JSON.stringify(line)}`);
     const rhs = line.slice(eq + 1).trim();
     for (const delim of ['"""', "'''"] as const) {
       // A multi-line string that does not close on this line: skip to its end.
@@ -350,6 +359,7 @@ export function scanToml(text: string, visit: TomlVisitor): void {
     if (rhs.startsWith('[') && bracketBalance(rhs) > 0) {
       // An array over several lines: read on to its end, then take it as one value.
       pending = { key, text: rhs, line: i + 1 };
+      if (i === lines.length - 1) visit.error?.(i + 1, 'the array is not closed');
       continue;
     }
     if (!key) continue;

@@ -10,7 +10,8 @@ import { registryHost as apiHost } from './reference';
  * scheme, path prefix, capabilities, CAs, client certificate, skip_verify
  * and extra headers. Read the way containerd reads them
  * (core/remotes/docker/config/hosts.go): the directory `<root>/<host>`
- * (`host:port` as written in image references), else `<root>/_default`;
+ * (`host:port` as written in image references; for a host with a port,
+ * `host_port_` first), else `<root>/_default`;
  * `[host."…"]` tables in file order, then `server` (default: the registry
  * itself over https); a URL path gets `/v2` appended unless it ends in
  * `/v2` or `override_path` is set; `capabilities` default to pull,
@@ -39,6 +40,8 @@ export interface RegistryEndpoint {
   mirror: boolean;
   /** No file chose its scheme (the registry itself, without hosts.toml or `server`): the client's plain_http_hosts decide. */
   implicit: boolean;
+  /** Set by the client for one request: retries on this host (only the last host tried retries, as containerd does). */
+  retries?: number;
 }
 
 const ALL: ReadonlySet<HostCapability> = new Set(['pull', 'resolve', 'push']);
@@ -67,14 +70,19 @@ interface RawHost {
  * (by hosts.toml's mtime), so an edited file applies to the next pull.
  */
 export class RegistryHosts {
-  private readonly cache = new Map<string, { stamp: string; endpoints: RegistryEndpoint[] }>();
+  /** Per registry: what the endpoints were read from (hosts.toml and each certificate file, by mtime and size), and them. */
+  private readonly cache = new Map<string, { stamp: string; deps: string[]; endpoints: RegistryEndpoint[] }>();
+  /** Certificate files read while endpoints() reads a directory. */
+  private deps: string[] = [];
 
   constructor(private readonly roots: readonly string[]) {}
 
   /** The directory containerd would read for `registryHost`, or null (no root has one). */
   dirFor(registryHost: string): string | null {
     for (const root of this.roots) {
-      for (const name of [registryHost, '_default']) {
+      // containerd's names: `host_port_` (a host with a port), `host:port`, then `_default`.
+      const port = /^(.*):(\d+)$/.exec(registryHost);
+      for (const name of [...(port ? [`${port[1]}_${port[2]}_`] : []), registryHost, '_default']) {
         // A reference's host never holds a path separator; a name that would leave the root is not looked up.
         if (name.includes('/') || name === '.' || name === '..') continue;
         const dir = path.join(root, name);
@@ -102,9 +110,11 @@ export class RegistryHosts {
     }
     const key = `${registryHost}\0${dir}`;
     const cached = this.cache.get(key);
-    if (cached?.stamp === stamp) return cached.endpoints;
+    if (cached && cached.stamp === stamp + filesStamp(cached.deps)) return cached.endpoints;
+    this.deps = [];
     const endpoints = fs.existsSync(file) ? this.readHostsToml(registryHost, dir, file) : [this.withCertsDir(defaultEndpoint(registryHost), dir)];
-    this.cache.set(key, { stamp, endpoints });
+    const deps = this.deps;
+    this.cache.set(key, { stamp: stamp + filesStamp(deps), deps, endpoints });
     return endpoints;
   }
 
@@ -126,9 +136,12 @@ export class RegistryHosts {
     const set = (h: RawHost, key: string[], v: TomlValue, line: number, where: string): void => {
       const name = key.join('.');
       if (key.length === 2 && key[0] === 'header') {
-        if (v.kind === 'string') h.headers[key[1].toLowerCase()] = v.value;
-        else if (v.kind === 'array' && v.items.every((i) => i.kind === 'string')) h.headers[key[1].toLowerCase()] = v.items.map((i) => (i as { value: string }).value).join(', ');
-        else fail(line, `${where}header.${key[1]}: expected a string or a list of strings`);
+        const values = strings(v);
+        if (!values) fail(line, `${where}header.${key[1]}: expected a string or a list of strings`);
+        if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(key[1])) fail(line, `${where}header.${JSON.stringify(key[1])}: not an HTTP header name`);
+        const value = (values as string[]).join(', ');
+        if (/[\r\n\0]/.test(value)) fail(line, `${where}header.${key[1]}: a header value cannot hold line breaks or NUL`);
+        h.headers[key[1].toLowerCase()] = value;
         return;
       }
       if (key[0] === 'header' && key.length === 1 && v.kind === 'table') {
@@ -176,6 +189,7 @@ export class RegistryHosts {
       }
     };
     scanToml(text, {
+      error: (line, msg) => fail(line, msg),
       header: (table, _isArray, line) => {
         if (table[0] === 'host' && table.length >= 2) hostOf(table[1], line);
       },
@@ -199,9 +213,8 @@ export class RegistryHosts {
     });
     const out: RegistryEndpoint[] = [];
     for (const h of [...hosts.values()].sort((a, b) => a.line - b.line)) out.push(this.endpointOf(registryHost, dir, h, file));
-    const server = top.url ? this.endpointOf(registryHost, dir, top, file) : { ...defaultEndpoint(registryHost), ...this.tlsOf(dir, top, file) };
-    if (!top.url && top.capabilities) server.capabilities = new Set(top.capabilities);
-    out.push(server);
+    // Without `server` the registry itself comes last with every capability (containerd ignores a top-level `capabilities` then).
+    out.push(top.url ? this.endpointOf(registryHost, dir, top, file) : { ...defaultEndpoint(registryHost), ...this.tlsOf(dir, top, file) });
     return out;
   }
 
@@ -232,6 +245,7 @@ export class RegistryHosts {
   private tlsOf(dir: string, h: RawHost, file: string): Pick<RegistryEndpoint, 'ca' | 'client' | 'skipVerify' | 'headers'> {
     const read = (p: string, what: string): Buffer => {
       const full = path.isAbsolute(p) ? p : path.join(dir, p);
+      this.deps.push(full);
       try {
         return fs.readFileSync(full);
       } catch (err) {
@@ -252,11 +266,29 @@ export class RegistryHosts {
   /** A directory without hosts.toml: docker's certs.d files (`*.crt` CAs, `*.cert` + `*.key` client pairs) for the registry itself. */
   private withCertsDir(e: RegistryEndpoint, dir: string): RegistryEndpoint {
     const names = fs.readdirSync(dir).sort();
-    const ca = names.filter((n) => n.endsWith('.crt')).map((n) => fs.readFileSync(path.join(dir, n)));
+    const read = (n: string) => {
+      this.deps.push(path.join(dir, n));
+      return fs.readFileSync(path.join(dir, n));
+    };
+    const ca = names.filter((n) => n.endsWith('.crt')).map(read);
     const certName = names.find((n) => n.endsWith('.cert') && names.includes(`${n.slice(0, -5)}.key`));
-    const client = certName ? { cert: fs.readFileSync(path.join(dir, certName)), key: fs.readFileSync(path.join(dir, `${certName.slice(0, -5)}.key`)) } : null;
+    const client = certName ? { cert: read(certName), key: read(`${certName.slice(0, -5)}.key`) } : null;
     return { ...e, ca, client };
   }
+}
+
+/** Each file's mtime and size (or its absence), to see whether any changed. */
+function filesStamp(files: string[]): string {
+  return files
+    .map((f) => {
+      try {
+        const st = fs.statSync(f);
+        return `\0${f}:${st.mtimeMs}:${st.size}`;
+      } catch {
+        return `\0${f}:gone`;
+      }
+    })
+    .join('');
 }
 
 /** A string or a list of strings as a list; null for anything else. */

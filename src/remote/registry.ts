@@ -354,7 +354,11 @@ export class RegistryClient {
     const { size } = opts;
     const hashed = !opts.contentCheckedByCaller;
     return this.perform(op, async (res) => {
-      const declared = this.checkDeclaredLength(op, res, size ?? Number.MAX_SAFE_INTEGER);
+      const declared = this.checkDeclaredLength(op, res, Number.MAX_SAFE_INTEGER);
+      if (declared !== null && size !== undefined && declared !== size) {
+        res.destroy();
+        throw this.clientError(op, 200, 'SIZE_MISMATCH', `Content-Length is ${declared}, the descriptor says ${size} bytes`);
+      }
       const hasher = new Digester(digestAlgorithm(digest));
       let bytes = 0;
       let outcome: RegistryError | 'ok' | null = null;
@@ -617,7 +621,8 @@ export class RegistryClient {
       if (!(err instanceof HostsConfigError)) throw err;
       throw new RegistryError({ status: 0, code: 'HOSTS_CONFIG', host: repo.host, repository: repo.repository, kind: 'FailedPrecondition' }, `registry ${repo.host}: ${err.message}`);
     }
-    const usable = all.filter((e) => e.capabilities.has(capability)).map((e): RegistryEndpoint => (e.implicit && this.isPlain(e.host) ? { ...e, scheme: 'http' } : e));
+    // A tag is resolved on hosts that can pull too (containerd asks for both).
+    const usable = all.filter((e) => e.capabilities.has(capability) && (capability !== 'resolve' || e.capabilities.has('pull'))).map((e): RegistryEndpoint => (e.implicit && this.isPlain(e.host) ? { ...e, scheme: 'http' } : e));
     if (usable.length === 0) {
       throw new RegistryError(
         { status: 0, code: 'HOSTS_CONFIG', host: repo.host, repository: repo.repository, kind: 'FailedPrecondition' },
@@ -642,14 +647,20 @@ export class RegistryClient {
     let first: RegistryError | null = null;
     let last: RegistryError | null = null;
     for (const [i, e] of endpoints.entries()) {
+      const isLast = i === endpoints.length - 1;
       try {
-        return await attempt(e);
+        // Only the last host retries: a mirror that fails hands over at once.
+        return await attempt(isLast ? e : { ...e, retries: 0 });
       } catch (err) {
         if (!(err instanceof RegistryError) || endpoints.length === 1) throw err;
         last = err;
         if (err.status !== 404) first ??= err;
-        if (i < endpoints.length - 1) {
-          this.log.warn({ host: repo.host, repository: repo.repository, endpoint: e.host, next: endpoints[i + 1].host, err: err.message }, `registry host ${e.host} failed for ${repo.name}, trying ${endpoints[i + 1].host}`);
+        if (!isLast) {
+          const fields = { host: repo.host, repository: repo.repository, endpoint: e.host, next: endpoints[i + 1].host, err: err.message };
+          const msg = `registry host ${e.host} failed for ${repo.name}, trying ${endpoints[i + 1].host}`;
+          // A mirror without the content is routine; anything else is worth a warning.
+          if (err.status === 404) this.log.debug(fields, msg);
+          else this.log.warn(fields, msg);
         }
       }
     }
@@ -695,7 +706,7 @@ export class RegistryClient {
    * are retried the same way (unless they are RegistryErrors).
    */
   private async perform<T>(op: Op, handle: (res: http.IncomingMessage) => Promise<T>): Promise<T> {
-    const retries = op.retries ?? this.retries;
+    const retries = op.retries ?? op.endpoint.retries ?? this.retries;
     for (let attempt = 0; ; attempt++) {
       const t0 = Date.now();
       let delay: number;
@@ -762,11 +773,12 @@ export class RegistryClient {
     const origin = op.url.origin;
     let url = op.url;
     for (let hops = 0; ; hops++) {
-      // hosts.toml's headers; the request's own (accept, range, …) win.
-      const headers: Record<string, string> = { 'user-agent': this.userAgent, ...op.endpoint.headers, ...op.headers };
+      // hosts.toml's headers go to their host only (not to a blob store it redirects to, nor a token realm); the request's own win.
+      const own = url.host === op.endpoint.host && url.protocol === `${op.endpoint.scheme}:`;
+      const headers: Record<string, string> = { 'user-agent': this.userAgent, ...(own ? op.endpoint.headers : {}), ...op.headers };
       // Credentials go to the registry's own origin only, never to a blob store it redirects to.
       if (authorization && url.origin === origin) headers.authorization = authorization;
-      const res = await send(this.agents, { method: op.method, url, headers, body: op.body, timeoutMs: this.timeoutMs, tls: url.host === op.endpoint.host ? op.endpoint : null });
+      const res = await send(this.agents, { method: op.method, url, headers, body: op.body, timeoutMs: this.timeoutMs, tls: op.endpoint });
       const status = res.statusCode ?? 0;
       const location = res.headers.location;
       if ((op.method !== 'GET' && op.method !== 'HEAD') || ![301, 302, 303, 307, 308].includes(status) || !location) return res;
@@ -881,7 +893,11 @@ export class RegistryClient {
     else if (err instanceof BodyTooLargeError) code = 'SIZE_MISMATCH';
     else if (isTlsError(err)) code = 'TLS';
     let msg = `${CLIENT_ERROR_CODES[code]}: ${e?.message ?? String(err)}`;
-    if (code === 'TLS' && op.url.protocol === 'https:') msg += `; if ${op.url.host} serves plain HTTP, add it to registry.plain_http_hosts (the daemon's config; dedup-snapshotter pull: --plain-http)`;
+    if (code === 'TLS' && op.url.protocol === 'https:') {
+      msg += op.endpoint.implicit
+        ? `; if ${op.url.host} serves plain HTTP, add it to registry.plain_http_hosts (the daemon's config; dedup-snapshotter pull: --plain-http)`
+        : `; see ${this.hosts?.dirFor(op.repo.domain) ?? 'the host directory'}/hosts.toml: the host's ca or skip_verify, or http:// if it serves plain HTTP`;
+    }
     if (attempts > 1) msg += ` (after ${attempts} attempts)`;
     return this.make(op, 0, code, msg, err);
   }

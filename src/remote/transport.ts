@@ -42,6 +42,8 @@ export class BodyTooLargeError extends Error {
 
 /** TLS settings of one registry host (hosts.toml): extra CAs, a client certificate, no verification. */
 export interface HostTls {
+  /** The host they belong to (their agent is replaced when they change). */
+  host: string;
   ca: Buffer[];
   client: { cert: Buffer; key: Buffer } | null;
   skipVerify: boolean;
@@ -50,8 +52,10 @@ export interface HostTls {
 export class Agents {
   readonly http: http.Agent;
   readonly https: https.Agent;
-  /** HTTPS agents of hosts with their own TLS settings, by those settings. */
-  private readonly custom = new Map<string, https.Agent>();
+  /** HTTPS agents of hosts with their own TLS settings, by host, with the settings they were made for. */
+  private readonly custom = new Map<string, { key: string; agent: https.Agent }>();
+  /** Agents replaced while requests still used them: destroyed once idle. */
+  private retired: https.Agent[] = [];
   constructor(private readonly opts: { maxSockets: number; ca?: string | Buffer | (string | Buffer)[] }) {
     this.http = new http.Agent({ keepAlive: true, maxSockets: opts.maxSockets, scheduling: 'lifo' });
     this.https = new https.Agent({ keepAlive: true, maxSockets: opts.maxSockets, scheduling: 'lifo', ...(opts.ca ? { ca: opts.ca } : {}) });
@@ -65,28 +69,36 @@ export class Agents {
     for (const c of t.ca) hash.update(c).update('\0');
     if (t.client) hash.update(t.client.cert).update('\0').update(t.client.key);
     const key = `${t.skipVerify}:${hash.digest('hex')}`;
-    let agent = this.custom.get(key);
-    if (!agent) {
-      const base = this.opts.ca ? ([] as (string | Buffer)[]).concat(this.opts.ca) : [...tls.rootCertificates];
-      agent = new https.Agent({
-        keepAlive: true,
-        maxSockets: this.opts.maxSockets,
-        scheduling: 'lifo',
-        // The host's CAs are added to the trusted ones, as containerd adds them to the system pool.
-        ...(t.ca.length > 0 ? { ca: [...base, ...t.ca] } : this.opts.ca ? { ca: this.opts.ca } : {}),
-        ...(t.client ? { cert: t.client.cert, key: t.client.key } : {}),
-        rejectUnauthorized: !t.skipVerify,
-      });
-      this.custom.set(key, agent);
-    }
+    const known = this.custom.get(t.host);
+    if (known?.key === key) return known.agent;
+    // Settings changed (a rotated certificate, an edited hosts.toml): the old agent goes once nothing uses it.
+    if (known) this.retired.push(known.agent);
+    this.retired = this.retired.filter((a) => {
+      const busy = Object.values(a.sockets).some((l) => (l?.length ?? 0) > 0) || Object.values(a.requests).some((l) => (l?.length ?? 0) > 0);
+      if (!busy) a.destroy();
+      return busy;
+    });
+    const base = this.opts.ca ? ([] as (string | Buffer)[]).concat(this.opts.ca) : [...tls.rootCertificates];
+    const agent = new https.Agent({
+      keepAlive: true,
+      maxSockets: this.opts.maxSockets,
+      scheduling: 'lifo',
+      // The host's CAs are added to the root certificates Node ships (containerd adds them to the system pool).
+      ...(t.ca.length > 0 ? { ca: [...base, ...t.ca] } : this.opts.ca ? { ca: this.opts.ca } : {}),
+      ...(t.client ? { cert: t.client.cert, key: t.client.key } : {}),
+      rejectUnauthorized: !t.skipVerify,
+    });
+    this.custom.set(t.host, { key, agent });
     return agent;
   }
 
   destroy(): void {
     this.http.destroy();
     this.https.destroy();
-    for (const a of this.custom.values()) a.destroy();
+    for (const { agent } of this.custom.values()) agent.destroy();
+    for (const a of this.retired) a.destroy();
     this.custom.clear();
+    this.retired = [];
   }
 }
 
