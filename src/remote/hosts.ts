@@ -66,8 +66,9 @@ interface RawHost {
 
 /**
  * Host directories under `roots` (tried in order; missing roots are
- * skipped). `endpoints(host)` reads the directory each time it changes
- * (by hosts.toml's mtime), so an edited file applies to the next pull.
+ * skipped). `endpoints(host)` reads the directory again whenever hosts.toml
+ * or a certificate file it names changes (mtime, size), so an edit applies
+ * to the next request.
  */
 export class RegistryHosts {
   /** Per registry: what the endpoints were read from (hosts.toml and each certificate file, by mtime and size), and them. */

@@ -244,21 +244,21 @@ export class RegistryClient {
         notFoundCode: 'MANIFEST_UNKNOWN',
       };
       return this.perform(op, async (res) => {
-      this.checkDeclaredLength(op, res, MAX_MANIFEST_BYTES);
-      const bytes = await readBody(res, MAX_MANIFEST_BYTES);
-      const announced = this.announcedDigest(res);
-      if (r.digest) this.checkDigest(op, res.statusCode ?? 0, bytes, r.digest, 'asked for');
-      if (announced) this.checkDigest(op, res.statusCode ?? 0, bytes, announced, 'announced by the registry (Docker-Content-Digest)');
-      let json: unknown;
-      try {
-        json = JSON.parse(bytes.toString('utf8'));
-      } catch {
-        throw this.clientError(op, res.statusCode ?? 0, 'BAD_RESPONSE', `the ${bytes.length}-byte manifest is not JSON`);
-      }
-      const headerType = (res.headers['content-type'] ?? '').split(';')[0].trim();
-      const docType = typeof (json as { mediaType?: unknown })?.mediaType === 'string' ? (json as { mediaType: string }).mediaType : '';
-      const generic = headerType === '' || headerType === 'application/json' || headerType === 'text/plain' || headerType === 'application/octet-stream';
-      return { mediaType: generic && docType !== '' ? docType : headerType || docType, digest: r.digest ?? digestOf(bytes), bytes, json };
+        this.checkDeclaredLength(op, res, MAX_MANIFEST_BYTES);
+        const bytes = await readBody(res, MAX_MANIFEST_BYTES);
+        const announced = this.announcedDigest(res);
+        if (r.digest) this.checkDigest(op, res.statusCode ?? 0, bytes, r.digest, 'asked for');
+        if (announced) this.checkDigest(op, res.statusCode ?? 0, bytes, announced, 'announced by the registry (Docker-Content-Digest)');
+        let json: unknown;
+        try {
+          json = JSON.parse(bytes.toString('utf8'));
+        } catch {
+          throw this.clientError(op, res.statusCode ?? 0, 'BAD_RESPONSE', `the ${bytes.length}-byte manifest is not JSON`);
+        }
+        const headerType = (res.headers['content-type'] ?? '').split(';')[0].trim();
+        const docType = typeof (json as { mediaType?: unknown })?.mediaType === 'string' ? (json as { mediaType: string }).mediaType : '';
+        const generic = headerType === '' || headerType === 'application/json' || headerType === 'text/plain' || headerType === 'application/octet-stream';
+        return { mediaType: generic && docType !== '' ? docType : headerType || docType, digest: r.digest ?? digestOf(bytes), bytes, json };
       });
     });
   }
