@@ -26,6 +26,7 @@ export const MATRIX_FILES = [
   'pull', // dedup-snapshotter pull
   'lazy-cri', // CRI pull of a dedup image; converted layers shared between nodes
   'plain-fetch', // CRI pull of a plain image: layers fetched and converted by the daemon; fallback on 403
+  'differ-diff', // dedup-differ's Diff: a snapshot's changes as a layer in containerd's content store
   'crash', // kill -9 of the daemon during a pull
   'integrity', // never other bytes: deleted, truncated, flipped stores
   'diskfull', // a full disk through containerd

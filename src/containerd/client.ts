@@ -72,6 +72,14 @@ export class ContainerdClient {
     this.lease = id;
   }
 
+  /** Creates a lease that expires on its own after `expireMs` without using it for this client's calls; returns its id. */
+  async createExpiringLease(id: string, expireMs: number): Promise<string> {
+    const req = { id, labels: { 'containerd.io/gc.expire': new Date(Date.now() + expireMs).toISOString() } };
+    // Its own deadline: a client made for streaming reads has none (timeoutMs 0).
+    await new Promise((resolve, reject) => this.leases.Create(req, this.md(), { deadline: Date.now() + 30_000 }, (err, res) => (err ? reject(err) : resolve(res))));
+    return id;
+  }
+
   async dropLease(): Promise<void> {
     if (!this.lease) return;
     const id = this.lease;
@@ -100,6 +108,55 @@ export class ContainerdClient {
         update_mask: { paths: Object.keys(labels).map((k) => `labels.${k}`) },
       });
     }
+  }
+
+  /**
+   * Streams `data` into the content store under a fresh ingest (`ref`) and
+   * commits it as the digest `finish` names once the data has ended (it is
+   * checked by containerd), with `labels`. `lease`: the caller's lease (the
+   * content is protected from garbage collection under it until the
+   * caller references it). AlreadyExists: the content is there already.
+   */
+  async writeContentStream(ref: string, data: AsyncIterable<Buffer>, finish: () => { digest: string; size: number; labels: Record<string, string> }, lease: string | null): Promise<void> {
+    const md = new grpc.Metadata();
+    md.set('containerd-namespace', this.namespace);
+    if (lease) md.set('containerd-lease', lease);
+    const s = (this.content.Write as NonNullable<Client['Write']>)(md, {});
+    let failed: Error | null = null;
+    let committed = false;
+    let alreadyExists = false;
+    const closed = new Promise<void>((resolve) => {
+      s.on('data', (res: { action: number | string }) => {
+        if (res.action === 2 || res.action === 'COMMIT') committed = true;
+      });
+      s.on('error', (err: grpc.ServiceError) => {
+        if (err.code === grpc.status.ALREADY_EXISTS) alreadyExists = true;
+        else failed = err;
+        resolve();
+      });
+      s.on('end', () => resolve());
+    });
+    const send = async (msg: Record<string, unknown>) => {
+      if (failed) throw failed;
+      if (!s.write(msg)) await new Promise<void>((resolve) => s.once('drain', () => resolve()));
+    };
+    try {
+      let offset = 0;
+      for await (const piece of data) {
+        await send({ action: 1, ref, offset, data: piece });
+        offset += piece.length;
+      }
+      const { digest, size, labels } = finish();
+      await send({ action: 2, ref, offset, total: size, expected: digest, labels });
+      s.end();
+    } catch (err) {
+      s.cancel();
+      throw err;
+    }
+    await closed;
+    if (alreadyExists) return;
+    if (failed) throw failed;
+    if (!committed) throw new Error(`content write ${ref} ended without a commit`);
   }
 
   /** Prepare through containerd (its metadata layer, then the snapshotter); resolves with the gRPC status code. */

@@ -1,6 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
-import { invalidArgument, notImplemented } from '../errdefs/errors';
+import { invalidArgument } from '../errdefs/errors';
 import type { LayerApplier, MountSpec } from '../layers/apply';
+import { LayerDiffer } from '../layers/diff';
 import type { Logger } from '../log/logger';
 import { NAMESPACE_RE } from '../store/keys';
 import { toGrpcError } from './status';
@@ -8,9 +9,10 @@ import { toGrpcError } from './status';
 /**
  * Handlers of containerd.services.diff.v1.Diff, served on the daemon's
  * socket as the proxy differ "dedup-differ": Apply hands the layer to the
- * LayerApplier (one pass from the blob to an EROFS image); Diff is left to
- * containerd's walking differ, the diff service's default, which reads dedup
- * snapshots' mounts like any other (answered Unimplemented).
+ * LayerApplier (one pass from the blob to an EROFS image); Diff writes a
+ * dedup active snapshot's changes (its upper directory) as a layer in
+ * containerd's content store (LayerDiffer), and answers Unimplemented for
+ * anything else, so that the diff service asks its next differ.
  */
 interface WireDescriptor {
   media_type?: string;
@@ -38,13 +40,18 @@ function mountsOf(v: unknown): MountSpec[] {
 
 export function createDiffHandlers(o: { applier: LayerApplier; logger: Logger; track?: <T>(p: Promise<T>) => Promise<T> }): grpc.UntypedServiceImplementation {
   const track = o.track ?? (<T>(p: Promise<T>) => p);
+  const differ = new LayerDiffer({ layout: o.applier.layout, snapshotOf: (m) => o.applier.snapshotOf(m), client: (ns) => o.applier.clientFor(ns), namespaceOf: (id) => o.applier.namespaceOf(id), logger: o.logger });
+  /** The request's containerd-namespace header, checked (containerd 1.7 sends none to proxy differs: the snapshot key's is used). */
+  const namespaceOf = (md: grpc.Metadata, rpc: string): string | undefined => {
+    const header = md.get('containerd-namespace')[0];
+    if (header !== undefined && (typeof header !== 'string' || !NAMESPACE_RE.test(header))) throw invalidArgument(`${rpc}'s containerd-namespace header ${JSON.stringify(String(header))} is not a namespace`);
+    return header as string | undefined;
+  };
   return {
     Apply(call: grpc.ServerUnaryCall<{ diff?: WireDescriptor; mounts?: WireMount[] }, unknown>, cb: grpc.sendUnaryData<unknown>) {
       const run = async () => {
         // containerd 2.x sends the namespace; 1.7 does not (the applier then takes the snapshot key's).
-        const header = call.metadata.get('containerd-namespace')[0];
-        if (header !== undefined && (typeof header !== 'string' || !NAMESPACE_RE.test(header))) throw invalidArgument(`Apply's containerd-namespace header ${JSON.stringify(String(header))} is not a namespace`);
-        const ns = header as string | undefined;
+        const ns = namespaceOf(call.metadata, 'Apply');
         const d = call.request.diff;
         if (!d || typeof d.digest !== 'string' || typeof d.media_type !== 'string') throw invalidArgument('Apply needs the layer descriptor (diff: media type and digest)');
         const size = Number(d.size ?? 0);
@@ -57,8 +64,26 @@ export function createDiffHandlers(o: { applier: LayerApplier; logger: Logger; t
         (err) => cb(toGrpcError(err)),
       );
     },
-    Diff(_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
-      cb(toGrpcError(notImplemented("dedup-differ does not compute diffs: containerd's walking differ (the diff service's default) reads dedup snapshots")));
+    Diff(call: grpc.ServerUnaryCall<{ left?: WireMount[]; right?: WireMount[]; media_type?: string; ref?: string; labels?: Record<string, string> }, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      const run = async () => {
+        const namespace = namespaceOf(call.metadata, 'Diff');
+        const lease = call.metadata.get('containerd-lease')[0];
+        const r = call.request;
+        const result = await differ.diff({
+          left: mountsOf(r.left ?? []),
+          right: mountsOf(r.right ?? []),
+          mediaType: typeof r.media_type === 'string' ? r.media_type : '',
+          ref: typeof r.ref === 'string' ? r.ref.slice(0, 200) : '',
+          labels: r.labels ?? {},
+          namespace,
+          lease: typeof lease === 'string' && lease !== '' ? lease : null,
+        });
+        return { diff: { media_type: result.mediaType, digest: result.digest, size: String(result.size), annotations: {} } };
+      };
+      track(run()).then(
+        (res) => cb(null, res),
+        (err) => cb(toGrpcError(err)),
+      );
     },
   };
 }

@@ -106,12 +106,27 @@ export class LayerApplier {
         /* not there (another root, or not written yet): the Read RPC */
       }
     }
+    return { blob: this.clientFor(namespace).streamContent(digest, size), source: 'containerd Read' };
+  }
+
+  /** A client of containerd's API in `namespace` (one per namespace, kept until close). */
+  clientFor(namespace: string): ContainerdClient {
     let client = this.clients.get(namespace);
     if (!client) {
       client = new ContainerdClient(this.o.containerdAddress, namespace, 0);
       this.clients.set(namespace, client);
     }
-    return { blob: client.streamContent(digest, size), source: 'containerd Read' };
+    return client;
+  }
+
+  get layout(): RootLayout {
+    return this.o.layout;
+  }
+
+  /** The containerd namespace snapshot `id`'s key names (`<ns>/<txid>/<name>`), if it names one. */
+  namespaceOf(id: string): string | undefined {
+    const key = this.o.ms.keyOf(id);
+    return key === undefined ? undefined : splitKey(key)?.ns;
   }
 
   close(): void {

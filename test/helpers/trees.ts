@@ -142,7 +142,7 @@ export function checkExpect(tree: Tree, expects: Expect[]): string[] {
 }
 
 /** `ctr snapshots view --mounts` JSON → containerd-style mounts. */
-function parseCtrMounts(stdout: string): Mount[] {
+export function parseCtrMounts(stdout: string): Mount[] {
   const raw = JSON.parse(stdout) as { Type: string; Source: string; Target?: string; Options: string[] | null }[];
   assert.ok(Array.isArray(raw) && raw.length > 0, `no mounts in ${stdout}`);
   return raw.map((m) => ({ type: m.Type, source: m.Source, target: m.Target || undefined, options: m.Options ?? [] }));
