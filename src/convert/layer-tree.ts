@@ -137,6 +137,11 @@ async function sinkFile(sink: ChunkSink, file: string, size: number): Promise<nu
   }
 }
 
+/** A device number's major and minor (glibc's gnu_dev_major / gnu_dev_minor). */
+export function devNumbers(d: bigint): [major: number, minor: number] {
+  return [Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n)), Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n))];
+}
+
 /** A name the walk cannot pass to the xattr calls (they take UTF-8 paths): the caller falls back to mkfs.erofs. */
 export class NonUtf8NameError extends Error {
   constructor(readonly where: string) {
@@ -186,10 +191,7 @@ export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<T
     } else if (kind === 'symlink') {
       node.target = await fsp.readlink(p, { encoding: 'buffer' });
     } else if (kind === 'chr' || kind === 'blk') {
-      // glibc's gnu_dev_major / gnu_dev_minor.
-      const d = st.rdev;
-      node.rdevMajor = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n));
-      node.rdevMinor = Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n));
+      [node.rdevMajor, node.rdevMinor] = devNumbers(st.rdev);
     } else if (kind === 'dir') {
       const names = (await fsp.readdir(p, { encoding: 'buffer' })).sort(Buffer.compare);
       const children = node.children as Map<string, TreeNode>;

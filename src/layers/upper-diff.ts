@@ -2,6 +2,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
 import { OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX } from '../convert/layer-rules';
+import { devNumbers } from '../convert/layer-tree';
 import { END_OF_ARCHIVE, type TarEntry, padding, tarHeader } from '../convert/tar-writer';
 import { notImplemented } from '../errdefs/errors';
 
@@ -75,9 +76,7 @@ export async function* upperDirTar(upper: string): AsyncGenerator<Buffer> {
       } else if (st.isSymbolicLink()) {
         yield tarHeader({ ...base, name, type: 'symlink', size: 0, linkname: await fsp.readlink(full, { encoding: 'buffer' }) });
       } else if (st.isCharacterDevice() || st.isBlockDevice()) {
-        const d = st.rdev;
-        const devmajor = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n));
-        const devminor = Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n));
+        const [devmajor, devminor] = devNumbers(st.rdev);
         yield tarHeader({ ...base, name, type: st.isCharacterDevice() ? 'chr' : 'blk', size: 0, devmajor, devminor });
       } else if (st.isFIFO()) {
         yield tarHeader({ ...base, name, type: 'fifo', size: 0 });
