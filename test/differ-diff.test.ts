@@ -10,6 +10,7 @@
  * asks containerd's walking differ).
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -21,7 +22,8 @@ import { ContainerdClient } from '../src/containerd/client';
 import { diffService } from '../src/containerd/proto';
 import { TarReader } from '../src/convert/tar-reader';
 import { mountAll, unmount } from '../src/mount/mount';
-import { cleanupDaemons } from './helpers/daemon';
+import { programOf } from './helpers/containerd-builds';
+import { cleanupDaemons, waitFor } from './helpers/daemon';
 import { Stack, assertNoDaemonErrors } from './helpers/stack';
 import { parseCtrMounts, protectedView } from './helpers/trees';
 
@@ -123,15 +125,57 @@ test("Diff writes a dedup snapshot's changes as the layer containerd's differ wo
     } finally {
       client.close();
     }
+    await waitFor(() => stack.daemon.logs().some((l) => l.op === 'diff' && typeof l.digest === 'string'), 10_000, 'the daemon\'s "op":"diff" line');
     // No lease came with the request: the layer is kept by an expiring lease of the daemon's until the caller references it.
     assert.match((await stack.ctr(['leases', 'ls'])).stdout, /dedup-diff-[0-9a-f]{12}/);
-    const logs = stack.daemon.logs().filter((l) => l.op === 'diff');
+    const logs = stack.daemon.logs().filter((l) => l.op === 'diff' && typeof l.digest === 'string');
     assert.equal(logs.length, 1, 'one "wrote the changes of snapshot" line');
     assert.equal(logs[0].digest, res.diff.digest);
 
     // Not a dedup snapshot over its parent's view: Unimplemented, for the diff service's next differ.
     await assert.rejects(callDiff(stack.daemonAddress, { left: right, right: left, media_type: GZ }), (err: grpc.ServiceError) => err.code === grpc.status.UNIMPLEMENTED);
     await assert.rejects(callDiff(stack.daemonAddress, { left, right, media_type: 'application/vnd.oci.image.layer.v1.tar+zstd' }), (err: grpc.ServiceError) => err.code === grpc.status.UNIMPLEMENTED && /media type/.test(err.details));
+    assertNoDaemonErrors(stack);
+  } finally {
+    await stack.stop();
+  }
+});
+
+test("through containerd's diff service (default = [dedup-differ, walking]): ctr snapshots diff of a dedup snapshot is written by dedup-differ", async (t) => {
+  const stack = await Stack.start({ diffServiceDefault: ['dedup-differ', 'walking'] });
+  try {
+    if (stack.build.major < 2) {
+      t.skip(`SKIP: the stack configures dedup-differ as a proxy differ on containerd 2.x only (this is ${stack.build.version})`);
+      return;
+    }
+    const [img] = await stack.pushImages([
+      { name: 'diff-service', tag: 'v1', passwd: '', expect: [], layers: [[{ type: 'dir', path: 'd' }, { type: 'file', path: 'd/old', content: 'old\n' }]] },
+    ]);
+    await stack.pull(img.ref as string, 'dedup');
+    const top = img.chainIds[img.chainIds.length - 1];
+    const prepared = await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'prepare', '--mounts', 'svc-active', top]);
+    const mnt = path.join(stack.dir, 'mnt-svc-active');
+    fs.mkdirSync(mnt);
+    await mountAll(parseCtrMounts(prepared.stdout), mnt);
+    try {
+      fs.writeFileSync(path.join(mnt, 'd', 'new'), 'through the diff service\n');
+      fs.rmSync(path.join(mnt, 'd', 'old'));
+    } finally {
+      await unmount(mnt);
+    }
+    // ctr writes the layer blob to stdout: read as bytes.
+    const blob = execFileSync(programOf(stack.build, 'ctr'), ['--address', stack.containerdAddress, '-n', 'default', 'snapshots', '--snapshotter', 'dedup', 'diff', 'svc-active'], { maxBuffer: 64 << 20, timeout: 120_000 });
+    const tar = zlib.gunzipSync(blob);
+    const reader = new TarReader((async function* () {
+      yield tar;
+    })());
+    const seen: string[] = [];
+    for (let h = await reader.next(); h; h = await reader.next()) seen.push(`${h.typeflag} ${h.name}`);
+    assert.deepEqual(seen, ['5 d/', '0 d/new', '0 d/.wh.old'], 'entries in name order (a whiteout where its name sorts)');
+    // The daemon's log reaches the test through a pipe: give its last lines a moment.
+    await waitFor(() => stack.daemon.logs().some((l) => l.op === 'diff'), 10_000, 'the daemon\'s "op":"diff" line').catch(() => undefined);
+    const diffLines = stack.daemon.logs().filter((l) => l.op === 'diff' || /Diff|diff/.test(String(l.msg)) || /Diff/.test(String(l.method ?? '')));
+    assert.equal(diffLines.filter((l) => l.op === 'diff' && typeof l.digest === 'string').length, 1, `dedup-differ wrote it (its one "op":"diff" line), not the walking differ: ${JSON.stringify(diffLines.map((l) => l.msg ?? l.err))}`);
     assertNoDaemonErrors(stack);
   } finally {
     await stack.stop();

@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { invalidArgument } from '../errdefs/errors';
+import { invalidArgument, isKind } from '../errdefs/errors';
 import type { LayerApplier, MountSpec } from '../layers/apply';
 import { LayerDiffer } from '../layers/diff';
 import type { Logger } from '../log/logger';
@@ -82,7 +82,12 @@ export function createDiffHandlers(o: { applier: LayerApplier; logger: Logger; t
       };
       track(run()).then(
         (res) => cb(null, res),
-        (err) => cb(toGrpcError(err)),
+        (err) => {
+          // NotImplemented hands the diff to the diff service's next differ: worth one line, not an error.
+          if (isKind(err, 'NotImplemented')) o.logger.info({ op: 'diff', err: (err as Error).message }, `Diff left to the next differ: ${(err as Error).message}`);
+          else o.logger.error({ op: 'diff', err: (err as Error).message }, `Diff failed: ${(err as Error).message}`);
+          cb(toGrpcError(err));
+        },
       );
     },
   };

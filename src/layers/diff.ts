@@ -1,4 +1,5 @@
 import crypto from 'node:crypto';
+import path from 'node:path';
 import { Readable } from 'node:stream';
 import zlib from 'node:zlib';
 import type { ContainerdClient } from '../containerd/client';
@@ -87,15 +88,26 @@ function lowersUnder(mounts: MountSpec[]): string[] | null {
 export class LayerDiffer {
   constructor(private readonly o: LayerDifferOptions) {}
 
+  /** The snapshot id a lower directory shows (its directory or its EROFS mount), else the path itself. */
+  private layerOf(dir: string): string {
+    const { layout } = this.o;
+    const mnt = /^([1-9][0-9]{0,15})$/.exec(path.relative(layout.mntDir, dir));
+    if (mnt) return `layer ${mnt[1]}`;
+    const fsDir = /^([1-9][0-9]{0,15})\/fs$/.exec(path.relative(layout.snapshots, dir));
+    return fsDir ? `layer ${fsDir[1]}` : dir;
+  }
+
   async diff(req: DiffRequest): Promise<DiffResult> {
     const mediaType = req.mediaType || MEDIA_TAR_GZIP;
     const gzip = WRITTEN.get(mediaType);
     if (gzip === undefined) throw notImplemented(`dedup-differ does not write diffs of media type ${JSON.stringify(mediaType)}`);
     const id = this.o.snapshotOf(req.right);
-    const left = lowersOf(req.left);
-    const under = lowersUnder(req.right);
+    // Compared as layers: a layer read from its directory in one list and from its EROFS mount in the
+    // other (converted in between) is the same layer.
+    const left = lowersOf(req.left)?.map((d) => this.layerOf(d));
+    const under = lowersUnder(req.right)?.map((d) => this.layerOf(d));
     if (!left || !under || left.length !== under.length || left.some((d, i) => d !== under[i])) {
-      throw notImplemented('dedup-differ computes a diff only between a dedup active snapshot and the view of its parent');
+      throw notImplemented(`dedup-differ computes a diff only between a dedup active snapshot and the view of its parent (left reads ${JSON.stringify(left)}, right's lower layers are ${JSON.stringify(under)})`);
     }
     for (const [k, v] of Object.entries(req.labels)) {
       if (typeof v !== 'string') throw invalidArgument(`label ${JSON.stringify(k)} is not a string`);

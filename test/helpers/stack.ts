@@ -176,6 +176,8 @@ export interface StackOptions {
    * snapshot's directory, as 1.x does.
    */
   dedupDiffer?: boolean;
+  /** containerd 2.x: the diff service's differs, in the order it asks them (e.g. ["dedup-differ", "walking"]); containerd's default when left out. */
+  diffServiceDefault?: string[];
   /**
    * containerd 2.x: also unpack for containerd's own EROFS snapshotter with
    * its EROFS differ (the bench compares with it; it needs mkfs.erofs ≥ 1.7
@@ -318,6 +320,7 @@ export class Stack {
         ...(sn === 'erofs' ? ['  differ = "erofs"'] : []),
         '',
       ]),
+      ...(this.opts.diffServiceDefault ? ["[plugins.'io.containerd.service.v1.diff-service']", `  default = [${this.opts.diffServiceDefault.map(q).join(', ')}]`, ''] : []),
       // NRI is on by default in 2.x and would serve /var/run/nri/nri.sock: not the stack's to take.
       "[plugins.'io.containerd.nri.v1.nri']",
       '  disable = true',
