@@ -132,6 +132,12 @@ test("Diff writes a dedup snapshot's changes as the layer containerd's differ wo
     assert.equal(logs.length, 1, 'one "wrote the changes of snapshot" line');
     assert.equal(logs[0].digest, res.diff.digest);
 
+    // An upper that needs its lower layers (redirect_dir), found while the tar streams: Unimplemented, not a hang.
+    const upperDir = (right[0].options.find((o) => o.startsWith('upperdir=')) ?? '').slice('upperdir='.length);
+    assert.ok(upperDir, 'the active snapshot is an overlay with an upper directory');
+    setXattr(path.join(upperDir, 'replace'), 'trusted.overlay.redirect', '/elsewhere');
+    await assert.rejects(callDiff(stack.daemonAddress, { left, right, media_type: GZ }), (err: grpc.ServiceError) => err.code === grpc.status.UNIMPLEMENTED && /trusted\.overlay\.redirect/.test(err.details));
+
     // Not a dedup snapshot over its parent's view: Unimplemented, for the diff service's next differ.
     await assert.rejects(callDiff(stack.daemonAddress, { left: right, right: left, media_type: GZ }), (err: grpc.ServiceError) => err.code === grpc.status.UNIMPLEMENTED);
     await assert.rejects(callDiff(stack.daemonAddress, { left, right, media_type: 'application/vnd.oci.image.layer.v1.tar+zstd' }), (err: grpc.ServiceError) => err.code === grpc.status.UNIMPLEMENTED && /media type/.test(err.details));

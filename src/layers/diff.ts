@@ -128,8 +128,14 @@ export class LayerDiffer {
       }
     }
     async function* blob(): AsyncGenerator<Buffer> {
-      const source = gzip ? zlib.createGzip({ chunkSize: 1 << 20 }) : null;
-      const stream: AsyncIterable<Buffer> = source ? (Readable.from(hashedTar()).pipe(source) as AsyncIterable<Buffer>) : hashedTar();
+      let stream: AsyncIterable<Buffer> = hashedTar();
+      if (gzip) {
+        const gz = zlib.createGzip({ chunkSize: 1 << 20 });
+        const input = Readable.from(stream);
+        // A failure while the tar is read (a file gone, an upper that needs its lower layers) ends the gzip stream with it.
+        input.on('error', (err) => gz.destroy(err));
+        stream = input.pipe(gz);
+      }
       for await (const piece of stream) {
         blobHash.update(piece);
         blobBytes += piece.length;
