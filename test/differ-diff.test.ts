@@ -132,7 +132,7 @@ test("Diff writes a dedup snapshot's changes as the layer containerd's differ wo
     assert.equal(logs.length, 1, 'one "wrote the changes of snapshot" line');
     assert.equal(logs[0].digest, res.diff.digest);
 
-    // An upper that needs its lower layers (redirect_dir), found while the tar streams: Unimplemented, not a hang.
+    // An upper that needs its lower layers (redirect_dir): Unimplemented before anything is written.
     const upperDir = (right[0].options.find((o) => o.startsWith('upperdir=')) ?? '').slice('upperdir='.length);
     assert.ok(upperDir, 'the active snapshot is an overlay with an upper directory');
     setXattr(path.join(upperDir, 'replace'), 'trusted.overlay.redirect', '/elsewhere');

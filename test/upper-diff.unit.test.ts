@@ -14,7 +14,7 @@ import { after, test } from 'node:test';
 import { S_IFCHR, S_IFIFO, mknod } from '../native/mknod';
 import { setXattr } from '../native/xattr';
 import { TarReader } from '../src/convert/tar-reader';
-import { upperDirTar } from '../src/layers/upper-diff';
+import { checkUpperDir, upperDirTar } from '../src/layers/upper-diff';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'dedup-upper-diff-'));
 after(() => fs.rmSync(work, { recursive: true, force: true }));
@@ -114,5 +114,8 @@ test('an upper directory that needs its lower layers (redirect_dir) is left to t
   const up = path.join(work, 'redirect');
   fs.mkdirSync(path.join(up, 'moved'), { recursive: true });
   setXattr(path.join(up, 'moved'), 'trusted.overlay.redirect', '/original');
+  // Refused by the check made before anything is streamed, and by the walk itself.
+  await assert.rejects(checkUpperDir(up), (err: Error & { kind?: string }) => err.kind === 'NotImplemented' && /moved has trusted\.overlay\.redirect/.test(err.message));
   await assert.rejects(readTar(up), (err: Error & { kind?: string }) => err.kind === 'NotImplemented' && /moved has trusted\.overlay\.redirect/.test(err.message));
+  await checkUpperDir(path.join(work, 'upper'));
 });

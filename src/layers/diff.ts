@@ -7,7 +7,7 @@ import { invalidArgument, notImplemented } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
 import type { RootLayout } from '../store/root-layout';
 import type { MountSpec } from './apply';
-import { upperDirTar } from './upper-diff';
+import { checkUpperDir, upperDirTar } from './upper-diff';
 
 /*
  * The Diff service's Diff for dedup snapshots (containerd asks it when a
@@ -115,6 +115,7 @@ export class LayerDiffer {
     const namespace = req.namespace ?? this.o.namespaceOf(id);
     if (namespace === undefined) throw invalidArgument(`Diff carries no containerd-namespace header and snapshot ${id}'s key names none`);
     const started = Date.now();
+    await checkUpperDir(this.o.layout.upper(id));
     const diffHash = crypto.createHash('sha256');
     const blobHash = crypto.createHash('sha256');
     let diffBytes = 0;

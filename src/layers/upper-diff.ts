@@ -32,9 +32,7 @@ export async function* upperDirTar(upper: string): AsyncGenerator<Buffer> {
       const full = path.join(dir, checkedUtf8(raw, name));
       const st = await fsp.lstat(full, { bigint: true });
       const xattrs = readXattrs(full, { unsupportedIsEmpty: true });
-      for (const k of ['trusted.overlay.redirect', 'trusted.overlay.metacopy']) {
-        if (xattrs.has(k)) throw notImplemented(`${name.toString('utf8')} has ${k}: its changes need the lower layers (redirect_dir or metacopy)`);
-      }
+      refuseLowerAttrs(xattrs, name);
       const kept = new Map([...xattrs].filter(([k]) => !k.startsWith(OVERLAY_XATTR_PREFIX)));
       const base: Omit<TarEntry, 'name' | 'type' | 'size'> = {
         mode: Number(st.mode & 0o7777n),
@@ -86,6 +84,30 @@ export async function* upperDirTar(upper: string): AsyncGenerator<Buffer> {
   }
   yield* visit(upper, null);
   yield END_OF_ARCHIVE;
+}
+
+/**
+ * Throws NotImplemented when upper directory `upper` cannot be written here
+ * (overlay's redirect or metacopy attributes, a name that is not UTF-8), before
+ * anything is streamed (a refusal midway would leave containerd an aborted upload).
+ */
+export async function checkUpperDir(upper: string): Promise<void> {
+  const visit = async (dir: string, rel: Buffer | null): Promise<void> => {
+    for (const raw of await fsp.readdir(dir, { encoding: 'buffer' })) {
+      const name = rel ? Buffer.concat([rel, Buffer.from('/'), raw]) : raw;
+      const full = path.join(dir, checkedUtf8(raw, name));
+      refuseLowerAttrs(readXattrs(full, { unsupportedIsEmpty: true }), name);
+      if ((await fsp.lstat(full)).isDirectory()) await visit(full, name);
+    }
+  };
+  await visit(upper, null);
+}
+
+/** Overlay attributes that make an upper entry depend on the lower layers. */
+function refuseLowerAttrs(xattrs: ReadonlyMap<string, Buffer>, name: Buffer): void {
+  for (const k of ['trusted.overlay.redirect', 'trusted.overlay.metacopy']) {
+    if (xattrs.has(k)) throw notImplemented(`${name.toString('utf8')} has ${k}: its changes need the lower layers (redirect_dir or metacopy)`);
+  }
 }
 
 /** A name that is not UTF-8 cannot be passed to the xattr calls: the walking differ takes such a layer. */
