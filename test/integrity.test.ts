@@ -15,7 +15,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { DAEMON_BIN } from './helpers/daemon';
+import { DAEMON_BIN, waitFor } from './helpers/daemon';
 import { request } from './helpers/http';
 import { type BuiltImage, type ImageDef, passwdFor, pseudoRandom } from './helpers/images';
 import { unmountUnder } from './helpers/mounts';
@@ -179,7 +179,8 @@ describe('integrity: never other bytes than the image\'s', () => {
     const until = Date.now() + 30_000;
     while (!fs.existsSync(storeFile()) && Date.now() < until) await new Promise((r) => setTimeout(r, 500));
     assert.ok(fs.existsSync(storeFile()), 'the store file is back');
-    assert.ok(stack.daemon.logs().some((l) => l.op === 'integrity' && /put back/.test(String(l.msg))), 'one line says it was put back');
+    // The daemon's log reaches the test through a pipe: its line may follow the file by a moment.
+    await waitFor(() => stack.daemon.logs().some((l) => l.op === 'integrity' && /put back/.test(String(l.msg))), 10_000, 'one line says it was put back');
     assert.equal((await health()).status, 200);
     await restart({ reboot: true });
     await expectRight(a.ref as string, '/data/a', 'after the store was put back and a reboot');

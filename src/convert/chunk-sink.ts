@@ -123,12 +123,7 @@ export class StoreChunkSink implements ChunkSink {
     if (this.unflushed >= WRITE_BACK_BYTES && !this.flushing) {
       this.unflushed = 0;
       const writer = this.writer;
-      this.flushing = this.store
-        .writeBack(writer)
-        .then((err) => {
-          if (err) this.failure ??= new Error(`writing new chunks to disk failed: ${err.message}`);
-        })
-        .finally(() => (this.flushing = null));
+      this.flushing = this.store.writeBack(writer).finally(() => (this.flushing = null));
     }
   }
 

@@ -146,8 +146,6 @@ export class ChunkStore {
   private lookupStmt: Database.Statement | null = null;
   /** When writes last found the store file in place (fileProblem is a stat: asked at most every WRITE_CHECK_MS while writes stream). */
   private fileCheckedAt = 0;
-  /** A background write-back of chunks.blob that failed: the next sync throws it (the kernel reports a write error to one fsync only). */
-  private lostWrites: Error | null = null;
 
   constructor(opts: { root: string; db: Database.Database; logger?: Logger; layout?: StoreLayout; maxDevices?: number }) {
     this.dir = path.join(opts.root, 'store');
@@ -616,24 +614,16 @@ export class ChunkStore {
    * Flushes what was written so far to chunks.blob (or segment `writer`)
    * to disk, ahead of the sync that makes it durable: a layer's many MiB of
    * new chunks reach the disk while it still streams, and that sync has
-   * little left to wait for. A write error is reported to one fsync only,
-   * so a failure here is returned (the caller's import fails) and, for
-   * chunks.blob, also thrown by the next sync (another import's writes may
-   * be what was lost).
+   * little left to wait for. Its result is not used: the store file may
+   * have been put back (restoreFile) on another descriptor meanwhile, and
+   * the sync that follows is what makes the layer durable.
    */
-  async writeBack(writer: SegmentWriter | null = null): Promise<Error | null> {
+  async writeBack(writer: SegmentWriter | null = null): Promise<void> {
     const fd = writer ? writer.fd : this.fd;
-    const err = await new Promise<Error | null>((resolve) => fs.fdatasync(fd, (e) => resolve(e)));
-    if (err && !writer) this.lostWrites ??= err;
-    return err;
+    await new Promise<void>((resolve) => fs.fdatasync(fd, () => resolve()));
   }
 
   async sync(): Promise<void> {
-    if (this.lostWrites) {
-      const e = this.lostWrites;
-      this.lostWrites = null;
-      throw new Error(`writing the chunk store to disk failed: ${e.message}`);
-    }
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
     for (const [seg, patches] of [...this.sealedPatches]) {
       this.sealedPatches.delete(seg);
