@@ -12,13 +12,14 @@
  * the same image pulled through overlayfs.
  */
 import assert from 'node:assert/strict';
+import type http from 'node:http';
 import path from 'node:path';
 import zlib from 'node:zlib';
 import { after, test } from 'node:test';
 import { CriImages } from './helpers/cri';
 import { cleanupDaemons } from './helpers/daemon';
 import { type BuiltImage, tortureImageDef } from './helpers/images';
-import { startRegistry, startRegistryProxy } from './helpers/registry';
+import { type RegistryProxy, startRegistry, startRegistryProxy } from './helpers/registry';
 import { Stack, assertDirsMatchSnapshots, assertNoDaemonErrors } from './helpers/stack';
 import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
 
@@ -80,15 +81,26 @@ test('CRI pull of a plain image: the daemon fetches and converts every layer, se
   }
 });
 
-test("the registry refuses the daemon's layer downloads (403): containerd fetches and unpacks them, the pull succeeds", async () => {
+/** A CRI stack whose registry sits behind a proxy answering `intercept` (see startRegistryProxy); `body` runs in it, everything is stopped after. */
+async function withProxiedRegistry(intercept: Parameters<typeof startRegistryProxy>[2], body: (stack: Stack, cri: CriImages, proxy: RegistryProxy) => Promise<void>): Promise<void> {
   const registry = await startRegistry();
-  let layerDigests: string[] = [];
-  const proxy = await startRegistryProxy(registry.host, 'pass', (req) =>
-    String(req.headers['user-agent']).startsWith('dedup-snapshotter') && layerDigests.some((d) => req.url?.endsWith(`/blobs/${d}`)) ? 403 : null,
-  );
+  const proxy = await startRegistryProxy(registry.host, 'pass', intercept);
   const stack = await Stack.start({ cri: true, registry: proxy.host });
   const cri = new CriImages(stack.containerdAddress);
   try {
+    await body(stack, cri, proxy);
+  } finally {
+    cri.close();
+    await stack.stop();
+    await proxy.stop();
+    await registry.stop();
+  }
+}
+
+test("the registry refuses the daemon's layer downloads (403): containerd fetches and unpacks them, the pull succeeds", async () => {
+  let layerDigests: string[] = [];
+  const refuse = (req: http.IncomingMessage) => (String(req.headers['user-agent']).startsWith('dedup-snapshotter') && layerDigests.some((d) => req.url?.endsWith(`/blobs/${d}`)) ? 403 : null);
+  await withProxiedRegistry(refuse, async (stack, cri, proxy) => {
     const [img] = await stack.pushImages([tortureImageDef()]);
     layerDigests = img.layers.map((l) => l.digest);
     await cri.pull(img.ref as string);
@@ -104,12 +116,7 @@ test("the registry refuses the daemon's layer downloads (403): containerd fetche
 
     await assertSameTree(stack, img);
     assertNoDaemonErrors(stack);
-  } finally {
-    cri.close();
-    await stack.stop();
-    await proxy.stop();
-    await registry.stop();
-  }
+  });
 });
 
 /** A gzip of an empty tar padded to exactly `size` bytes with a header comment: valid, but not the layer. */
@@ -123,14 +130,10 @@ function impostorOfSize(size: number): Buffer {
 }
 
 test('the registry serves the daemon other bytes of the right size for a layer: its diff id refuses them, containerd takes that layer', async () => {
-  const registry = await startRegistry();
   let target: { digest: string; size: number } | null = null;
-  const proxy = await startRegistryProxy(registry.host, 'pass', (req) =>
-    target && String(req.headers['user-agent']).startsWith('dedup-snapshotter') && req.method === 'GET' && req.url?.endsWith(`/blobs/${target.digest}`) ? impostorOfSize(target.size) : null,
-  );
-  const stack = await Stack.start({ cri: true, registry: proxy.host });
-  const cri = new CriImages(stack.containerdAddress);
-  try {
+  const substitute = (req: http.IncomingMessage) =>
+    target && String(req.headers['user-agent']).startsWith('dedup-snapshotter') && req.method === 'GET' && req.url?.endsWith(`/blobs/${target.digest}`) ? impostorOfSize(target.size) : null;
+  await withProxiedRegistry(substitute, async (stack, cri, proxy) => {
     const [img] = await stack.pushImages([tortureImageDef()]);
     const victim = 1;
     target = { digest: img.layers[victim].digest, size: img.layers[victim].gz.length };
@@ -147,12 +150,7 @@ test('the registry serves the daemon other bytes of the right size for a layer: 
 
     await assertSameTree(stack, img);
     assertNoDaemonErrors(stack);
-  } finally {
-    cri.close();
-    await stack.stop();
-    await proxy.stop();
-    await registry.stop();
-  }
+  });
 });
 
 test('an image named by a registry reached only through a mirror (hosts.toml): the daemon fetches its layers through the mirror too', async () => {
