@@ -72,6 +72,11 @@ function lowersOf(mounts: MountSpec[]): string[] | null {
   if (m.type === 'bind') return [m.source];
   if (m.type !== 'overlay') return null;
   if (m.options.some((o) => o.startsWith('upperdir='))) return null;
+  return lowerdirs(m);
+}
+
+/** An overlay mount's lowerdir list, or null without one. */
+function lowerdirs(m: MountSpec): string[] | null {
   const lower = m.options.find((o) => o.startsWith('lowerdir='));
   return lower ? lower.slice('lowerdir='.length).split(':') : null;
 }
@@ -81,8 +86,7 @@ function lowersUnder(mounts: MountSpec[]): string[] | null {
   const m = mounts[0];
   if (m?.type === 'bind') return [];
   if (m?.type !== 'overlay') return null;
-  const lower = m.options.find((o) => o.startsWith('lowerdir='));
-  return lower ? lower.slice('lowerdir='.length).split(':') : [];
+  return lowerdirs(m) ?? [];
 }
 
 export class LayerDiffer {
