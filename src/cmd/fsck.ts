@@ -61,7 +61,7 @@ export function remedy(p: LayerProblem): string[] {
   const containers = p.stack.filter((s) => s.kind !== 'committed');
   if (containers.length > 0) out.push(`stop and remove the containers whose snapshots are stacked on it: ${containers.map((c) => splitKey(c.key)?.name ?? c.key).join(', ')}`);
   if (p.images.length > 0) {
-    for (const ref of p.images) out.push(`crictl rmi ${ref}  (or: ctr -n ${k?.ns ?? 'k8s.io'} images rm ${ref}), then pull it again`);
+    for (const ref of p.images) out.push(`crictl rmi ${ref}  (or: ctr -n ${k?.ns ?? 'k8s.io'} images rm --sync ${ref}), then pull it again`);
   } else if (k) {
     const names = p.stack.filter((s) => s.kind === 'committed').map((s) => splitKey(s.key)?.name ?? s.key);
     out.push(`ctr -n ${k.ns} snapshots --snapshotter dedup rm ${names.join(' ')}  (or dedup-snapshotter fsck --drop-broken), then pull the images that use it again (ctr image pull --snapshotter=dedup REF)`);
@@ -89,9 +89,16 @@ export function formatReport(r: IntegrityReport): string {
   return `${lines.join('\n')}\n`;
 }
 
-/** Removes through containerd the committed snapshots of each quarantined layer and of those stacked on it (leaves first). */
+/**
+ * Removes through containerd the committed snapshots of each quarantined
+ * layer and of those stacked on it (leaves first), then has containerd
+ * collect garbage at once: its metadata forgets a snapshot at once but the
+ * snapshotter's copy goes at the next collection, and a pull in between
+ * would find the damaged layer still there and use it again.
+ */
 async function dropBroken(r: IntegrityReport, socket: string, say: (s: string) => void): Promise<number> {
   let failed = 0;
+  let removed = 0;
   const clients = new Map<string, ContainerdClient>();
   for (const p of r.quarantined) {
     if (p.stack.some((s) => s.kind !== 'committed')) {
@@ -107,6 +114,7 @@ async function dropBroken(r: IntegrityReport, socket: string, say: (s: string) =
       try {
         await c.removeSnapshot('dedup', k.name);
         say(`removed snapshot ${k.name} (namespace ${k.ns})`);
+        removed++;
       } catch (err) {
         if (/NOT_FOUND|not found/i.test((err as Error).message)) continue;
         say(`cannot remove snapshot ${k.name} (namespace ${k.ns}): ${(err as Error).message}`);
@@ -115,6 +123,17 @@ async function dropBroken(r: IntegrityReport, socket: string, say: (s: string) =
       }
     }
   }
+  const any = clients.values().next().value as ContainerdClient | undefined;
+  if (any && removed > 0) {
+    try {
+      await any.collectGarbage();
+      say('containerd collected garbage: the dropped layers are gone from the daemon');
+    } catch (err) {
+      say(`containerd could not collect garbage now (${(err as Error).message}): it removes the dropped layers on its own shortly; wait for that before pulling again`);
+      failed++;
+    }
+  }
+  for (const c of clients.values()) c.close();
   return failed;
 }
 

@@ -80,6 +80,19 @@ export class ContainerdClient {
     return id;
   }
 
+  /**
+   * Has containerd collect garbage now and waits for it: a lease created
+   * and deleted with `sync` (what `ctr images rm --sync` does), so snapshots
+   * removed from containerd's metadata are removed from their snapshotters
+   * before this returns (otherwise its collector removes them a little
+   * later, and a pull in between finds them still there).
+   */
+  async collectGarbage(): Promise<void> {
+    const id = `dedup-gc-${process.pid}-${Date.now()}`;
+    await this.call(this.leases, 'Create', { id, labels: { 'containerd.io/gc.expire': new Date(Date.now() + 60_000).toISOString() } });
+    await this.call(this.leases, 'Delete', { id, sync: true });
+  }
+
   async dropLease(): Promise<void> {
     if (!this.lease) return;
     const id = this.lease;

