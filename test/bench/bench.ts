@@ -17,7 +17,10 @@
  * and pull-to-first-output of a command reading 10% of the large image.
  *
  * Env: BENCH_CACHE (default /var/cache/dedup-bench) for the image cache and
- * bench-results.json; BENCH_RUNS (default 5) repetitions of timed runs.
+ * bench-results.json; BENCH_RUNS (default 5) repetitions of timed runs;
+ * BENCH_DIFF_SERVICE=1 puts dedup-differ first in the diff service's list
+ * (containerd 1.7: ctr's pulls then apply dedup's layers in one pass, the
+ * opt-in of docs/configuration.md; 2.x pulls do not use that list).
  * `--build-only` builds (or checks) the image cache and stops.
  */
 import { spawnSync } from 'node:child_process';
@@ -25,7 +28,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { defaultContainerd, newerErofsUtilsDir, programOf } from '../helpers/containerd-builds';
+import { atLeast, defaultContainerd, newerErofsUtilsDir, programOf } from '../helpers/containerd-builds';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
@@ -377,7 +380,11 @@ async function main(): Promise<void> {
   const erofsUtils = build.major >= 2 ? newerErofsUtils() : { bin: null, why: `containerd ${build.version} has no EROFS snapshotter (2.x has)` };
   if (erofsUtils.bin) SNAPSHOTTERS = ['overlayfs', 'erofs', 'dedup'];
   log(`containerd's EROFS snapshotter: ${erofsUtils.bin ? `measured too (${erofsUtils.why})` : `SKIP: ${erofsUtils.why}`}`);
+  const diffService = process.env.BENCH_DIFF_SERVICE === '1';
+  if (diffService && !atLeast(build, 1, 7)) throw new Error(`BENCH_DIFF_SERVICE=1: containerd ${build.version} has no proxy differs (1.7 and later have)`);
+  if (diffService) log('the diff service asks dedup-differ first (BENCH_DIFF_SERVICE=1)');
   const stack = await Stack.start({
+    ...(diffService ? { diffServiceDefault: ['dedup-differ', 'walking'] } : {}),
     daemonEnv: { LOG_LEVEL: 'info' },
     daemonConfig: layout ? { integrity: { store_layout: layout } } : undefined,
     ...(erofsUtils.bin ? { erofsSnapshotter: true, containerdEnv: { PATH: `${erofsUtils.bin}:${process.env.PATH}` } } : {}),

@@ -142,20 +142,25 @@ export async function waitReconnected(stack: Stack): Promise<void> {
  * plugin's export), the daemon fetches each layer from the registry and
  * converts it in one pass ("fetch", registry.fetch_layers, the default);
  * with that off, dedup-differ applies each layer from containerd's content
- * store ("differ"). On 1.x, ctr's pull passes no image labels and has no
- * proxy differ: containerd unpacks into a directory, converted afterwards
- * ("directory").
+ * store ("differ"). On 1.7, ctr's pull passes no image labels and unpacks
+ * in the client through the diff service: with dedup-differ first in the
+ * diff service's list it applies each layer ("differ"); with containerd's
+ * default list (and on 1.6, which has no proxy differs) the walking differ
+ * unpacks into a directory, converted afterwards ("directory").
  */
 export type LayerPath = 'fetch' | 'differ' | 'directory';
 
 /** The layer paths `ctr image pull` can take on the default containerd. */
 export function layerPaths(): LayerPath[] {
-  return defaultContainerd().major >= 2 ? ['fetch', 'differ'] : ['directory'];
+  const b = defaultContainerd();
+  if (b.major >= 2) return ['fetch', 'differ'];
+  return atLeast(b, 1, 7) ? ['differ', 'directory'] : ['directory'];
 }
 
 /** The Stack options that make ctr's pulls take `via`. */
 export function layerPathOptions(via: LayerPath): StackOptions {
-  return via === 'differ' ? { daemonConfig: { registry: { fetch_layers: false } } } : {};
+  if (via !== 'differ') return {};
+  return defaultContainerd().major >= 2 ? { daemonConfig: { registry: { fetch_layers: false } } } : { diffServiceDefault: ['dedup-differ', 'walking'] };
 }
 
 export interface StackOptions {
@@ -176,7 +181,7 @@ export interface StackOptions {
    * snapshot's directory, as 1.x does.
    */
   dedupDiffer?: boolean;
-  /** containerd 2.x: the diff service's differs, in the order it asks them (e.g. ["dedup-differ", "walking"]); containerd's default when left out. */
+  /** The diff service's differs, in the order it asks them (e.g. ["dedup-differ", "walking"]; dedup-differ needs containerd 1.7 or later); containerd's default when left out. */
   diffServiceDefault?: string[];
   /**
    * containerd 2.x: also unpack for containerd's own EROFS snapshotter with
@@ -442,10 +447,13 @@ export class Stack {
             '',
           ]
         : []),
+      ...(this.opts.diffServiceDefault ? ['[plugins."io.containerd.service.v1.diff-service"]', `  default = [${this.opts.diffServiceDefault.map(q).join(', ')}]`, ''] : []),
       '[proxy_plugins]',
       '  [proxy_plugins.dedup]',
       '    type = "snapshot"',
       `    address = ${q(this.daemonAddress)}`,
+      // Proxy differs: containerd 1.7 and later (1.6 refuses the type).
+      ...(this.opts.dedupDiffer !== false && atLeast(this.build, 1, 7) ? ['  [proxy_plugins.dedup-differ]', '    type = "diff"', `    address = ${q(this.daemonAddress)}`] : []),
       '',
     ].join('\n');
   }
