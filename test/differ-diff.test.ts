@@ -25,7 +25,7 @@ import { mountAll, unmount } from '../src/mount/mount';
 import { atLeast, defaultContainerd, programOf } from './helpers/containerd-builds';
 import { cleanupDaemons, waitFor } from './helpers/daemon';
 import { Stack, assertNoDaemonErrors } from './helpers/stack';
-import { parseCtrMounts, protectedView } from './helpers/trees';
+import { applyTarToTree, diffTrees, parseCtrMounts, protectedView, walkMounted } from './helpers/trees';
 
 after(() => cleanupDaemons());
 
@@ -92,6 +92,7 @@ test("Diff writes a dedup snapshot's changes as the layer containerd's differ wo
     const left = (await protectedView(stack, 'dedup', 'diff-parent-view', top)) as Wire[];
 
     const res = await callDiff(stack.daemonAddress, { left, right, media_type: GZ, ref: 'diff-test', labels: { 'test.label': 'kept' } });
+    let ourTar = Buffer.alloc(0);
     assert.equal(res.diff.media_type, GZ);
     const client = new ContainerdClient(stack.containerdAddress, 'default');
     try {
@@ -100,6 +101,7 @@ test("Diff writes a dedup snapshot's changes as the layer containerd's differ wo
       const blob = Buffer.concat(chunks);
       assert.equal(`sha256:${crypto.createHash('sha256').update(blob).digest('hex')}`, res.diff.digest);
       const tar = zlib.gunzipSync(blob);
+      ourTar = tar;
       const labels = await client.contentLabels(res.diff.digest);
       assert.equal(labels['containerd.io/uncompressed'], `sha256:${crypto.createHash('sha256').update(tar).digest('hex')}`, 'labelled with its diff id');
       assert.equal(labels['test.label'], 'kept', "the request's labels");
@@ -131,6 +133,20 @@ test("Diff writes a dedup snapshot's changes as the layer containerd's differ wo
     const logs = stack.daemon.logs().filter((l) => l.op === 'diff' && typeof l.digest === 'string');
     assert.equal(logs.length, 1, 'one "wrote the changes of snapshot" line');
     assert.equal(logs[0].digest, res.diff.digest);
+
+    // The same snapshot through containerd's diff service, whose list here is containerd's default (walking, which
+    // compares the two mounted trees): each layer applied on the parent gives the tree the active snapshot shows,
+    // dedup-differ's exactly; walking's without the extended attributes containerd's tar writer leaves out (it
+    // keeps security.capability only, so user.mark is not in its layer).
+    const walkingBlob = execFileSync(programOf(stack.build, 'ctr'), ['--address', stack.containerdAddress, '-n', 'default', 'snapshots', '--snapshotter', 'dedup', 'diff', 'diff-active'], { maxBuffer: 64 << 20, timeout: 120_000 });
+    assert.equal(stack.daemon.logs().filter((l) => l.op === 'diff' && typeof l.digest === 'string').length, 1, 'walking wrote that one, not dedup-differ');
+    const parentTree = await walkMounted(left, path.join(stack.dir, 'walk-parent'));
+    const activeTree = await walkMounted(right, path.join(stack.dir, 'walk-active'));
+    assert.deepEqual(diffTrees(await applyTarToTree(parentTree, ourTar), activeTree, 'parent + dedup-differ layer', 'active snapshot'), []);
+    const capabilityOnly: typeof activeTree = new Map(
+      [...activeTree].map(([p, n]) => [p, { ...n, xattrs: Object.fromEntries(Object.entries(n.xattrs).filter(([k]) => k === 'security.capability' || parentTree.get(p)?.xattrs[k] !== undefined)) }]),
+    );
+    assert.deepEqual(diffTrees(await applyTarToTree(parentTree, zlib.gunzipSync(walkingBlob)), capabilityOnly, 'parent + walking layer', 'active snapshot (xattrs as walking keeps them)'), []);
 
     // An upper that needs its lower layers (redirect_dir): Unimplemented before anything is written.
     const upperDir = (right[0].options.find((o) => o.startsWith('upperdir=')) ?? '').slice('upperdir='.length);

@@ -9,6 +9,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
+import { TarReader } from '../../src/convert/tar-reader';
 import { mountAll, unmount } from '../../src/mount/mount';
 import type { Mount } from '../../src/store/types';
 import { deviceNumbers } from './fstest';
@@ -180,4 +181,99 @@ export async function walkMounted(mounts: Mount[], target: string): Promise<Tree
     await unmount(target);
     fs.rmdirSync(target);
   }
+}
+
+/**
+ * `base` with layer tar `tar` applied as containerd's applier would (an
+ * OCI changeset: `.wh.<name>` deletes name, `.wh..wh..opq` empties a
+ * directory of what lay below it, hardlinks join their target's group):
+ * the tree a snapshot stacked on `base` with that layer shows, for
+ * comparing the layers two differs wrote without unpacking them.
+ */
+export async function applyTarToTree(base: Tree, tar: Buffer): Promise<Tree> {
+  // Each node's hardlink group (its paths' smallest), kept aside while paths come and go.
+  const group = new Map<string, string>();
+  const tree: Tree = new Map();
+  for (const [p, n] of base) {
+    const { links, ...rest } = n;
+    tree.set(p, { ...rest, xattrs: { ...n.xattrs } });
+    if (n.type !== 'dir') group.set(p, [p, ...(links ?? [])].sort()[0]);
+  }
+  const fromTar = new Set<string>();
+  const drop = (p: string) => {
+    for (const q of [...tree.keys()]) {
+      if (q === p || q.startsWith(`${p}/`)) {
+        tree.delete(q);
+        group.delete(q);
+      }
+    }
+  };
+  let fresh = 0;
+  const reader = new TarReader(
+    (async function* () {
+      yield tar;
+    })(),
+  );
+  for (let h = await reader.next(); h; h = await reader.next()) {
+    const name = h.name.replace(/\/+$/, '').replace(/^\.\//, '') || '.';
+    const dir = path.posix.dirname(name);
+    const base = path.posix.basename(name);
+    const parts: Buffer[] = [];
+    for await (const p of reader.data()) parts.push(p);
+    if (base === '.wh..wh..opq') {
+      // What lay below the directory goes; what this layer put in it stays.
+      for (const q of [...tree.keys()]) {
+        const inside = dir === '.' ? q !== '.' : q.startsWith(`${dir}/`);
+        if (inside && !fromTar.has(q)) {
+          tree.delete(q);
+          group.delete(q);
+        }
+      }
+      continue;
+    }
+    if (base.startsWith('.wh.')) {
+      drop(dir === '.' ? base.slice(4) : `${dir}/${base.slice(4)}`);
+      continue;
+    }
+    const xattrs: Record<string, string> = {};
+    for (const [k, v] of h.pax) if (k.startsWith('SCHILY.xattr.')) xattrs[k.slice('SCHILY.xattr.'.length)] = v.toString('hex');
+    const old = tree.get(name);
+    if (h.typeflag === '1') {
+      const target = h.linkname.replace(/^\.\//, '');
+      const t = tree.get(target);
+      assert.ok(t && t.type !== 'dir', `hardlink ${name} to ${target}, which is not there`);
+      drop(name);
+      tree.set(name, { ...t, xattrs: { ...t.xattrs } });
+      group.set(name, group.get(target) as string);
+      fromTar.add(name);
+      continue;
+    }
+    const type = ({ '0': 'file', '5': 'dir', '2': 'symlink', '6': 'fifo', '3': 'char', '4': 'block' } as Record<string, Node['type']>)[h.typeflag];
+    assert.ok(type, `entry ${name} of tar type ${h.typeflag}`);
+    if (!(type === 'dir' && old?.type === 'dir')) drop(name);
+    const node: Node = { type, perm: h.mode & 0o7777, uid: h.uid, gid: h.gid, xattrs };
+    if (type === 'file') {
+      const data = Buffer.concat(parts);
+      node.size = data.length;
+      node.sha256 = crypto.createHash('sha256').update(data).digest('hex');
+      group.set(name, `\0tar${fresh++}`);
+    } else if (type === 'symlink') {
+      node.target = h.linkname;
+      group.set(name, `\0tar${fresh++}`);
+    } else if (type === 'char' || type === 'block') {
+      node.rdev = [h.devmajor, h.devminor];
+      group.set(name, `\0tar${fresh++}`);
+    } else if (type === 'fifo') {
+      group.set(name, `\0tar${fresh++}`);
+    }
+    tree.set(name, node);
+    fromTar.add(name);
+  }
+  const members = new Map<string, string[]>();
+  for (const [p, g] of group) members.set(g, [...(members.get(g) ?? []), p]);
+  for (const [p, g] of group) {
+    const m = members.get(g) as string[];
+    if (m.length > 1) (tree.get(p) as Node).links = m.filter((q) => q !== p).sort();
+  }
+  return tree;
 }
