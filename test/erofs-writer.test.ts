@@ -20,7 +20,7 @@ import { mknod, S_IFBLK, S_IFCHR } from '../native/mknod';
 import { setXattr } from '../native/xattr';
 import { scanChunks } from '../src/convert/erofs-format';
 import { writeErofsImage } from '../src/convert/erofs-writer';
-import { type ChunkSink, treeFromDirectory } from '../src/convert/layer-tree';
+import { type ChunkSink, type Piece, pieceBytes, treeFromDirectory } from '../src/convert/layer-tree';
 import { newerErofsUtilsDir } from './helpers/containerd-builds';
 import { scratchDirs } from './helpers/daemon';
 import { pseudoRandom } from './helpers/images';
@@ -41,7 +41,8 @@ class BlobSink implements ChunkSink {
   ) {
     this.fd = fs.openSync(file, 'w');
   }
-  async add(piece: Buffer): Promise<number> {
+  async add(parts: Piece): Promise<number> {
+    const piece = pieceBytes(parts);
     this.added++;
     const nb = Math.ceil(piece.length / 4096);
     const padded = Buffer.alloc(nb * 4096);

@@ -7,7 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { type ChunkSink, type TreeNode, nameKey } from '../src/convert/layer-tree';
+import { type ChunkSink, type TreeNode, nameKey, pieceBytes, sinkFileData } from '../src/convert/layer-tree';
 import { LayerTarError, cleanName, entryTimes, lutimesTimespec, resolveInRoot, whiteoutOf } from '../src/convert/layer-rules';
 import { treeFromTar } from '../src/convert/tar-tree';
 import type { TarHeader } from '../src/convert/tar-reader';
@@ -94,7 +94,7 @@ describe('treeFromTar', () => {
       chunkSize: 8192,
       async add(piece) {
         readAtAdd.push(read);
-        sizes.push(piece.length);
+        sizes.push(pieceBytes(piece).length);
         return sizes.length - 1;
       },
     };
@@ -113,6 +113,41 @@ describe('treeFromTar', () => {
     assert.deepEqual([at(r.root, 'empty').size, at(r.root, 'empty').chunks], [0, []]);
     assert.deepEqual(at(r.root, 'small').chunks, [9]);
     assert.equal(r.bytes, data.length + 3);
+  });
+
+  test('sinkFileData hands pieces on as views of the input (no copy); a piece of many small inputs is joined', async () => {
+    const data = pseudoRandom(3 * 8192 + 100, 'unit-views');
+    const got: { parts: number; bytes: Buffer; views: boolean }[] = [];
+    const inputs: Buffer[] = [];
+    const sink: ChunkSink = {
+      chunkSize: 8192,
+      async add(piece) {
+        const parts = Buffer.isBuffer(piece) ? [piece] : piece;
+        got.push({ parts: parts.length, bytes: Buffer.from(pieceBytes(piece)), views: parts.every((p) => inputs.some((i) => i.buffer === p.buffer)) });
+        return got.length - 1;
+      },
+    };
+    // Inputs of 5000 bytes: pieces straddle them (two or three parts), each part a view of an input.
+    async function* fives() {
+      for (let o = 0; o < data.length; o += 5000) {
+        const b = Buffer.from(data.subarray(o, o + 5000));
+        inputs.push(b);
+        yield b;
+      }
+    }
+    assert.deepEqual(await sinkFileData(sink, fives(), data.length, 'f'), [0, 1, 2, 3]);
+    assert.deepEqual(Buffer.concat(got.map((g) => g.bytes)), data);
+    assert.deepEqual(got.map((g) => g.parts), [2, 3, 2, 1]);
+    assert.ok(got.every((g) => g.views), 'no part is a copy');
+    // Inputs of 10 bytes: at most 64 parts a piece (one writev stays within the kernel's iovec limit).
+    got.length = 0;
+    async function* tens() {
+      for (let o = 0; o < data.length; o += 10) yield Buffer.from(data.subarray(o, o + 10));
+    }
+    await sinkFileData(sink, tens(), data.length, 'f');
+    assert.deepEqual(Buffer.concat(got.map((g) => g.bytes)), data);
+    assert.ok(got.every((g) => g.parts <= 64), `parts per piece: ${got.map((g) => g.parts)}`);
+    await assert.rejects(sinkFileData(sink, tens(), data.length - 1, 'f'), /f: more data than its size/);
   });
 
   test('replacements: a later entry replaces the earlier node, a directory over a directory keeps its children and xattrs', async () => {

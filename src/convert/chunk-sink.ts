@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import { type ChunkStore, type Extent, STORE_BLOCK } from '../store/chunkstore';
 import type { SegmentWriter } from '../store/segments';
-import type { ChunkSink } from './layer-tree';
+import type { ChunkSink, Piece } from './layer-tree';
 
 /**
  * Takes a layer's file data chunk by chunk as it streams (from a directory
@@ -20,8 +20,10 @@ import type { ChunkSink } from './layer-tree';
  */
 /** Chunk writes a sink keeps in flight while it reads and hashes on. */
 const MAX_INFLIGHT = 4;
-/** Bytes of back-to-back new chunks gathered into one write (at most 1024 parts: the kernel's iovec limit). */
+/** Bytes of back-to-back new chunks gathered into one write. */
 const RUN_BYTES = 2 << 20;
+/** Buffers in one writev: the kernel's iovec limit (IOV_MAX). */
+const MAX_PARTS = 1024;
 /** New bytes after which a sink has them flushed to disk in the background (writeBack), so the final sync is short. */
 const WRITE_BACK_BYTES = 32 << 20;
 /** Zeros a chunk's last block is padded with (never written to). */
@@ -59,13 +61,18 @@ export class StoreChunkSink implements ChunkSink {
     this.restoredAtStart = store.restoredFiles;
   }
 
-  async add(piece: Buffer): Promise<number> {
+  async add(piece: Piece): Promise<number> {
     if (this.closed) throw new Error('chunk sink already finished');
-    if (piece.length === 0 || piece.length > this.chunkSize) throw new Error(`chunk of ${piece.length} bytes (chunk size ${this.chunkSize})`);
-    const nblocks = Math.ceil(piece.length / STORE_BLOCK);
-    // The chunk is the piece and zeros to its last block's end (hashed and written as two parts: no copy).
-    const pad = ZEROS.subarray(0, nblocks * STORE_BLOCK - piece.length);
-    const digest = crypto.createHash('sha256').update(piece).update(pad).digest('hex');
+    const parts = Buffer.isBuffer(piece) ? [piece] : piece;
+    let length = 0;
+    for (const p of parts) length += p.length;
+    if (length === 0 || length > this.chunkSize) throw new Error(`chunk of ${length} bytes (chunk size ${this.chunkSize})`);
+    const nblocks = Math.ceil(length / STORE_BLOCK);
+    // The chunk is the piece's parts and zeros to its last block's end (hashed and written as they are: no copy).
+    const pad = ZEROS.subarray(0, nblocks * STORE_BLOCK - length);
+    const hash = crypto.createHash('sha256');
+    for (const p of parts) hash.update(p);
+    const digest = hash.update(pad).digest('hex');
     this.hashedBytes += nblocks * STORE_BLOCK;
     const local = this.byDigest.get(digest);
     if (local !== undefined) return local;
@@ -91,7 +98,7 @@ export class StoreChunkSink implements ChunkSink {
     }
     // Recorded before the write, so that a failed write's extent is freed by discard.
     this.written.set(digest, extent);
-    this.queueWrite(extent, piece, pad);
+    this.queueWrite(extent, parts, pad);
     this.writtenBytes += nblocks * STORE_BLOCK;
     if (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
     if (this.failure) throw this.failure;
@@ -99,16 +106,23 @@ export class StoreChunkSink implements ChunkSink {
   }
 
   /** New chunks whose extents follow each other, written with one writev once RUN_BYTES are gathered or the next extent is elsewhere. */
-  private queueWrite(extent: Extent, data: Buffer, pad: Buffer): void {
+  private queueWrite(extent: Extent, data: readonly Buffer[], pad: Buffer): void {
     const bytes = extent.nblocks * STORE_BLOCK;
+    const count = data.length + (pad.length > 0 ? 1 : 0);
     let r = this.run;
-    if (r && (r.extent.segment ?? 0) === (extent.segment ?? 0) && r.extent.blkaddr + r.extent.nblocks === extent.blkaddr && r.bytes + bytes <= RUN_BYTES) {
+    if (
+      r &&
+      (r.extent.segment ?? 0) === (extent.segment ?? 0) &&
+      r.extent.blkaddr + r.extent.nblocks === extent.blkaddr &&
+      r.bytes + bytes <= RUN_BYTES &&
+      r.parts.length + count <= MAX_PARTS
+    ) {
       r.extent = { ...r.extent, nblocks: r.extent.nblocks + extent.nblocks };
     } else {
       this.endRun();
       r = this.run = { extent, parts: [], bytes: 0 };
     }
-    r.parts.push(data);
+    r.parts.push(...data);
     if (pad.length > 0) r.parts.push(pad);
     r.bytes += bytes;
     if (r.bytes >= RUN_BYTES) this.endRun();

@@ -49,7 +49,15 @@ export const keyBytes = (key: string): Buffer => Buffer.from(key, 'latin1');
  */
 export interface ChunkSink {
   readonly chunkSize: number;
-  add(piece: Buffer): Promise<number>;
+  add(piece: Piece): Promise<number>;
+}
+
+/** A piece of file data: one buffer, or the parts it lies in, in order (views of the source's buffers). */
+export type Piece = Buffer | readonly Buffer[];
+
+/** A piece's bytes in one buffer (copied when it has several parts). */
+export function pieceBytes(piece: Piece): Buffer {
+  return Buffer.isBuffer(piece) ? piece : piece.length === 1 ? piece[0] : Buffer.concat(piece);
 }
 
 export function newNode(kind: NodeKind, attrs: Partial<TreeNode> = {}): TreeNode {
@@ -62,6 +70,9 @@ export function newNode(kind: NodeKind, attrs: Partial<TreeNode> = {}): TreeNode
   return n;
 }
 
+/** Parts one piece may have before they are joined into one buffer. */
+const MAX_PIECE_PARTS = 64;
+
 /**
  * Cuts a stream of file data into chunkSize pieces and hands each to the
  * sink, in order; the stream must hold exactly `size` bytes.
@@ -69,31 +80,26 @@ export function newNode(kind: NodeKind, attrs: Partial<TreeNode> = {}): TreeNode
 export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>, size: number, what: string): Promise<number[]> {
   const out: number[] = [];
   const cs = sink.chunkSize;
-  // The piece being gathered; allocated only when a piece straddles buffers.
-  let piece: Buffer | undefined;
+  // The parts of the piece being gathered (views, no copies: see ChunkSink), their bytes, and the piece's length.
+  let parts: Buffer[] = [];
   let fill = 0;
+  let want = 0;
   let total = 0;
   for await (const raw of data) {
     let buf = raw;
     while (buf.length > 0) {
       if (total + buf.length > size) throw new Error(`${what}: more data than its size (${size} bytes)`);
-      const want = Math.min(cs, size - total + fill);
-      if (fill === 0 && buf.length >= want) {
-        // A whole piece in the buffer: handed on as it is, no copy (see ChunkSink).
-        total += want;
-        out.push(await sink.add(buf.subarray(0, want)));
-        buf = buf.subarray(want);
-        continue;
-      }
-      piece ??= Buffer.allocUnsafe(want);
-      const take = Math.min(buf.length, piece.length - fill);
-      buf.copy(piece, fill, 0, take);
+      if (fill === 0) want = Math.min(cs, size - total);
+      const take = Math.min(buf.length, want - fill);
+      parts.push(buf.subarray(0, take));
+      // A source of small buffers (a plain tar through a socket): joined, so one write never needs too many iovecs.
+      if (parts.length >= MAX_PIECE_PARTS) parts = [Buffer.concat(parts)];
+      buf = buf.subarray(take);
       fill += take;
       total += take;
-      buf = buf.subarray(take);
-      if (fill === piece.length) {
-        out.push(await sink.add(piece));
-        piece = undefined;
+      if (fill === want) {
+        out.push(await sink.add(parts.length === 1 ? parts[0] : parts));
+        parts = [];
         fill = 0;
       }
     }

@@ -6,14 +6,15 @@
  */
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { type ChunkSink, type TreeNode, keyBytes } from '../../src/convert/layer-tree';
+import { type ChunkSink, type Piece, type TreeNode, keyBytes, pieceBytes } from '../../src/convert/layer-tree';
 
 /** Keeps each piece; its chunk number is its index. */
 export class RecordingSink implements ChunkSink {
   readonly pieces: Buffer[] = [];
   constructor(readonly chunkSize: number) {}
 
-  async add(piece: Buffer): Promise<number> {
+  async add(parts: Piece): Promise<number> {
+    const piece = pieceBytes(parts);
     assert.ok(piece.length > 0 && piece.length <= this.chunkSize, `piece of ${piece.length} bytes (chunk size ${this.chunkSize})`);
     this.pieces.push(Buffer.from(piece));
     return this.pieces.length - 1;
