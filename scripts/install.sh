@@ -5,6 +5,9 @@
 #   sudo ./scripts/install.sh              # install missing deps, build, install, start
 #   sudo ./scripts/install.sh --no-apt     # skip apt-get (deps already there)
 #   sudo ./scripts/install.sh --no-build   # install the tree as built (npm ci && npm run build done)
+#   sudo ./scripts/install.sh --diff-service   # also: containerd's diff service asks the daemon
+#        first (1.7: pulls unpack dedup's layers in one pass); while the daemon is
+#        stopped every pull through the diff service fails (docs/configuration.md)
 #
 # It touches only what it owns: /opt/dedup-snapshotter, the link
 # /usr/local/bin/dedup-snapshotter, /etc/dedup-snapshotter (an existing
@@ -33,11 +36,13 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 
 APT=1
 BUILD=1
+DIFF_SERVICE=0
 for a in "$@"; do
   case "$a" in
     --no-apt) APT=0 ;;
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+    --diff-service) DIFF_SERVICE=1 ;;
+    -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
 done
@@ -108,11 +113,13 @@ fi
 # (containerd-config: a backup first, the rest of the file unchanged).
 version_args=()
 if major=$(containerd_major); then
-  say "containerd $major.x ($CONTAINERD_BIN --version: $("$CONTAINERD_BIN" --version 2>/dev/null | head -n1))"
-  version_args=(--containerd-version "$major")
+  version_line=$("$CONTAINERD_BIN" --version 2>/dev/null | head -n1)
+  say "containerd $major.x ($CONTAINERD_BIN --version: $version_line)"
+  version_args=(--containerd-version "$version_line")
 else
   say "cannot tell containerd's version ($CONTAINERD_BIN --version gave none): $CONTAINERD_CONFIG is written by its own version = line (version 2 when new)"
 fi
+[ "$DIFF_SERVICE" = 1 ] && version_args+=(--diff-service)
 "$DS" containerd-config add "$CONTAINERD_CONFIG" --address "$SOCKET" --runc-wrapper "$PREFIX/bin/dedup-runc" "${version_args[@]}" | sed 's/^/==> /'
 
 # The daemon's environment, as the unit sets it.

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { runContainerdConfig } from '../src/cmd/containerd-config';
-import { addToConfig, hasProxyPlugin, newConfig, parseContainerdVersion, platformOf, proxyPluginSection, removeProxyPlugin, runcWrapperSection } from '../src/containerd/config-toml';
+import { addToConfig, hasProxyDiffers, hasProxyPlugin, newConfig, parseContainerdVersion, platformOf, proxyPluginSection, removeProxyPlugin, runcWrapperSection } from '../src/containerd/config-toml';
 import { readContainerdToml } from '../src/containerd/toml-reader';
 
 const OTHER = `version = 2
@@ -202,6 +202,40 @@ describe("containerd's config for containerd 2.x", () => {
     assert.match(other.notes.join('\n'), /names differ = "walking": left so/);
   });
 
+  test('--diff-service: containerd 1.7 gets the diff service\'s list (dedup-differ first) and the differ\'s table; 1.6 and an unknown 1.x get a note; remove gives the file back', () => {
+    const before = 'version = 2\n';
+    const r17 = addToConfig(before, { ...amd, containerdMajor: 1, containerdMinor: 7, diffService: true });
+    assert.deepEqual(r17.added.slice(1), ['the diff service\'s list asking "dedup-differ" first, then "walking"', `[proxy_plugins.dedup-differ] (type "diff", address ${ADDR})`]);
+    const f = readContainerdToml(r17.text as string);
+    assert.deepEqual(f.diffService?.default, ['dedup-differ', 'walking']);
+    assert.match(r17.text as string, /\[plugins\."io\.containerd\.service\.v1\.diff-service"\]\n {2}default = \["dedup-differ", "walking"\]/);
+    assert.equal(f.plugins.get('dedup-differ')?.type, 'diff');
+    assert.doesNotMatch(r17.text as string, /unpack_config/, '1.7 has no unpack_config to set');
+    assert.equal(addToConfig(r17.text as string, { ...amd, containerdMajor: 1, containerdMinor: 7, diffService: true }).text, null, 'idempotent');
+    assert.equal(removeProxyPlugin(r17.text as string).text, before);
+    // Version 3 (2.x): single-quoted table name.
+    const v3 = addToConfig('version = 3\n', { ...amd, diffService: true }).text as string;
+    assert.match(v3, /\[plugins\.'io\.containerd\.service\.v1\.diff-service'\]\n {2}default = \["dedup-differ", "walking"\]/);
+    assert.equal(removeProxyPlugin(v3).text, 'version = 3\n');
+    // 1.6 refuses proxy differs (containerd then fails to start its diff service): only a note.
+    const r16 = addToConfig(before, { ...amd, containerdMajor: 1, containerdMinor: 6, diffService: true });
+    assert.doesNotMatch(r16.text as string, /diff-service|dedup-differ/);
+    assert.match(r16.notes.join('\n'), /1\.6 has no proxy differs/);
+    assert.match(addToConfig(before, { ...amd, containerdMajor: 1, diffService: true }).notes.join('\n'), /cannot tell whether this containerd takes proxy differs/);
+    // The operator's own diff service list is left alone, and named; remove names a list that still names the differ.
+    const own = `${before}[plugins."io.containerd.service.v1.diff-service"]\n  default = ["walking"]\n`;
+    const rOwn = addToConfig(own, { ...amd, containerdMajor: 1, containerdMinor: 7, diffService: true });
+    assert.match(rOwn.notes.join('\n'), /line 3: the diff service's settings are the file's own \(default = \["walking"\]\): left so; for --diff-service set default = \["dedup-differ", "walking"\]/);
+    assert.doesNotMatch(rOwn.text as string, /dedup-differ/, 'no differ table for a list that does not name it');
+    const byHand = `${before}[plugins."io.containerd.service.v1.diff-service"]\n  default = [\n    "dedup-differ",\n    "walking",\n  ]\n`;
+    const rHand = addToConfig(byHand, { ...amd, containerdMajor: 1, containerdMinor: 7, diffService: true });
+    assert.match(rHand.notes.join('\n'), /already asks dedup-differ first \(line 3\)/);
+    assert.ok(rHand.added.some((a) => /proxy_plugins\.dedup-differ/.test(a)), 'the differ its list names is added');
+    const rm = removeProxyPlugin(rHand.text as string);
+    assert.match(rm.text, /default = \[\n {4}"dedup-differ"/, 'a list written by hand stays');
+    assert.match(rm.leftovers.join('\n'), /line 3: the diff service's list names "dedup-differ" \(take it out by hand/);
+  });
+
   test('an existing [proxy_plugins.dedup] without exports gets its exports table right after it; one with exports is left alone', () => {
     const before = `version = 3\n[proxy_plugins]\n  [proxy_plugins.'dedup']   # the operator's\n    type = "snapshot"\n    address = "${ADDR}"\n\n  [proxy_plugins.other]\n    type = "snapshot"\n    address = "/run/other.sock"\n`;
     const r = addToConfig(before, amd);
@@ -330,10 +364,12 @@ describe("containerd's config for containerd 2.x", () => {
   });
 
   test("containerd --version's forms; the platform from process.arch", () => {
-    assert.deepEqual(parseContainerdVersion('containerd github.com/containerd/containerd/v2 v2.1.9 d3f1a2b\n'), { version: '2.1.9', major: 2 });
-    assert.deepEqual(parseContainerdVersion('containerd github.com/containerd/containerd/v2 2.1.9+unknown \n'), { version: '2.1.9', major: 2 });
-    assert.deepEqual(parseContainerdVersion('containerd containerd.io 1.6.20 2806fc1\n'), { version: '1.6.20', major: 1 });
-    assert.deepEqual(parseContainerdVersion('containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6\n'), { version: '1.7.24', major: 1 });
+    assert.deepEqual(parseContainerdVersion('containerd github.com/containerd/containerd/v2 v2.1.9 d3f1a2b\n'), { version: '2.1.9', major: 2, minor: 1 });
+    assert.deepEqual(parseContainerdVersion('containerd github.com/containerd/containerd/v2 2.1.9+unknown \n'), { version: '2.1.9', major: 2, minor: 1 });
+    assert.deepEqual(parseContainerdVersion('containerd containerd.io 1.6.20 2806fc1\n'), { version: '1.6.20', major: 1, minor: 6 });
+    assert.deepEqual(parseContainerdVersion('containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6\n'), { version: '1.7.24', major: 1, minor: 7 });
+    assert.deepEqual(parseContainerdVersion('containerd 2'), { version: '2', major: 2, minor: null });
+    assert.deepEqual([hasProxyDiffers(1, 6), hasProxyDiffers(1, 7), hasProxyDiffers(2, null), hasProxyDiffers(1, null), hasProxyDiffers(null, null)], [false, true, true, null, null]);
     assert.equal(parseContainerdVersion('containerd: command not found'), null);
     assert.equal(platformOf('x64'), 'linux/amd64');
     assert.equal(platformOf('arm64'), 'linux/arm64');

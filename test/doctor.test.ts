@@ -291,6 +291,26 @@ describe('doctor on this machine, with a running daemon', () => {
     assert.match(missing.detail, /ENOENT/);
     assert.ok(missing.fix?.includes('[proxy_plugins.dedup]'));
 
+    // The diff service's list (install.sh --diff-service): 1.7 with the differ's table is ok and says how layers unpack;
+    // a list naming dedup-differ on 1.6, or without the differ's table, fails (containerd's diff service cannot start).
+    const plugin = `[proxy_plugins.dedup]\n  type = "snapshot"\n  address = ${JSON.stringify(a)}\n`;
+    const list = '[plugins."io.containerd.service.v1.diff-service"]\n  default = ["dedup-differ", "walking"]\n';
+    const differ = `[proxy_plugins.dedup-differ]\n  type = "diff"\n  address = ${JSON.stringify(a)}\n`;
+    const v17 = { version: '1.7.24', major: 1, minor: 7 };
+    const withList = checkContainerdConfig(writeToml(dir, 'c.toml', `version = 2\n${list}${plugin}${differ}`), a, v17);
+    assert.equal(withList.status, 'ok', withList.detail);
+    assert.match(withList.detail, /the diff service asks dedup-differ first \(line 3\): layers unpack in one pass/);
+    const without = checkContainerdConfig(writeToml(dir, 'c.toml', `version = 2\n${plugin}`), a, v17);
+    assert.equal(without.status, 'ok', without.detail);
+    assert.match(without.detail, /unpacked into directories and converted afterwards \(in one pass instead: install\.sh --diff-service/);
+    const noDiffer = checkContainerdConfig(writeToml(dir, 'c.toml', `version = 2\n${list}${plugin}`), a, v17);
+    assert.equal(noDiffer.status, 'fail');
+    assert.match(noDiffer.detail, /names "dedup-differ" but there is no \[proxy_plugins\.dedup-differ\]/);
+    assert.ok(noDiffer.fix?.includes('type = "diff"'), noDiffer.fix);
+    const on16 = checkContainerdConfig(writeToml(dir, 'c.toml', `version = 2\n${list}${plugin}${differ}`), a, { version: '1.6.20', major: 1, minor: 6 });
+    assert.equal(on16.status, 'fail');
+    assert.match(on16.detail, /containerd 1\.6\.20 has no proxy differs/);
+
     const facts = readContainerdToml('[proxy_plugins]\n#[proxy_plugins.dedup]\n');
     assert.equal(facts.plugins.size, 0);
     assert.equal(facts.hasProxyPluginsHeader, true);

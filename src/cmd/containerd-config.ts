@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { addToConfig, newConfig, parseContainerdVersion, removeProxyPlugin } from '../containerd/config-toml';
 
-const USAGE = `usage: dedup-snapshotter containerd-config add|remove FILE [--address SOCKET] [--runc-wrapper PATH] [--containerd-version N]
+const USAGE = `usage: dedup-snapshotter containerd-config add|remove FILE [--address SOCKET] [--runc-wrapper PATH] [--containerd-version N] [--diff-service]
 
 add     adds to FILE (containerd's config.toml) what it lacks of:
           [proxy_plugins.dedup] (type snapshot, address SOCKET), exporting
@@ -13,16 +13,24 @@ add     adds to FILE (containerd's config.toml) what it lacks of:
           (linux/<arch>), and one for overlayfs when FILE lists none (a list
           replaces containerd's default one);
           --runc-wrapper: CRI's runc runtime with BinaryName = PATH (KSM for
-          containers), when FILE has no runc runtime table (else says what to set)
+          containers), when FILE has no runc runtime table (else says what to set);
+          --diff-service (containerd 1.7 and later): the diff service asks
+          dedup-differ first (default = ["dedup-differ", "walking"]) and
+          [proxy_plugins.dedup-differ]: on 1.7 ctr and CRI pulls then unpack
+          dedup's layers in one pass, and commits of dedup containers go
+          through the daemon; while the daemon is stopped every pull through
+          the diff service fails (overlayfs's too), so it is not the default
         a missing FILE is created: version = 3 for --containerd-version 2
         or more, else version = 2. A second add changes nothing.
 remove  takes out what add put there: the proxy plugin's tables (and a
         [proxy_plugins] table left empty), the unpack_config entry for dedup,
         the overlayfs entry add wrote when no other entry would be left (an
         overlayfs entry otherwise stays: it is containerd's default), the
-        runc runtime table add --runc-wrapper put there; every other line
+        runc runtime table add --runc-wrapper put there, the diff service's
+        table add --diff-service put there; every other line
         stays; says what else still names the snapshotter (CRI's snapshotter
-        = "dedup", a BinaryName naming dedup-runc, inline tables)
+        = "dedup", a BinaryName naming dedup-runc, a diff service list naming
+        dedup-differ, inline tables)
 Either way FILE is backed up first (FILE.bak-dedup-<time>) and replaced in
 one rename. SOCKET: the daemon's (default /run/containerd/dedup-snapshotter.sock).
 N: containerd's version (2, 2.1.9, or what containerd --version prints).
@@ -53,6 +61,8 @@ export async function runContainerdConfig(args: string[]): Promise<number> {
   let address = '/run/containerd/dedup-snapshotter.sock';
   let wrapper: string | null = null;
   let major: number | null = null;
+  let minor: number | null = null;
+  let diffService = false;
   for (let i = 0; i < rest.length; i++) {
     if (rest[i] === '--address' && rest[i + 1] && path.isAbsolute(rest[i + 1])) address = rest[++i];
     else if (rest[i] === '--runc-wrapper' && rest[i + 1] && path.isAbsolute(rest[i + 1])) wrapper = rest[++i];
@@ -65,6 +75,9 @@ export async function runContainerdConfig(args: string[]): Promise<number> {
         return 2;
       }
       major = parsed.major;
+      minor = parsed.minor;
+    } else if (rest[i] === '--diff-service') {
+      diffService = true;
     } else {
       process.stderr.write(`dedup-snapshotter containerd-config: unknown argument ${JSON.stringify(rest[i])}\n${USAGE}`);
       return 2;
@@ -75,7 +88,7 @@ export async function runContainerdConfig(args: string[]): Promise<number> {
     return 2;
   }
   const say = (s: string) => process.stdout.write(`${s}\n`);
-  const opts = { address, wrapper, containerdMajor: major };
+  const opts = { address, wrapper, containerdMajor: major, containerdMinor: minor, diffService };
   if (!fs.existsSync(file)) {
     if (verb === 'remove') {
       say(`${file} does not exist: nothing to remove`);

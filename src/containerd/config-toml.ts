@@ -1,5 +1,5 @@
 import { goArch } from './image-layers';
-import { type ContainerdTomlFacts, TRANSFER_PLUGIN, proxyPluginSnippet, readContainerdToml } from './toml-reader';
+import { type ContainerdTomlFacts, DIFF_SERVICE_PLUGIN, TRANSFER_PLUGIN, proxyPluginSnippet, readContainerdToml } from './toml-reader';
 
 /**
  * What the snapshotter needs in containerd's config.toml, added and taken
@@ -35,6 +35,10 @@ const SNAPSHOTTER = 'dedup';
 export const DIFFER = 'dedup-differ';
 const DIFFER_HEADER = /^\s*\[\s*proxy_plugins\s*\.\s*(?:dedup-differ|"dedup-differ"|'dedup-differ')\s*(?:\.[^\]]*)?\]\s*(?:#.*)?$/;
 const MARK_DIFFER = '# added by dedup-snapshotter install.sh: layers unpack in one pass through the daemon (containerd 2.x)';
+const MARK_DIFF_SERVICE =
+  "# added by dedup-snapshotter install.sh --diff-service: the diff service asks the daemon first (1.7: pulls unpack dedup's layers in one pass; commits of dedup containers); while the daemon is stopped, pulls through it fail";
+/** The diff service's table header, in either quoting. */
+const DIFF_SERVICE_HEADER = /^\s*\[\s*plugins\s*\.\s*(?:"io\.containerd\.service\.v1\.diff-service"|'io\.containerd\.service\.v1\.diff-service')\s*\]\s*(?:#.*)?$/;
 /** `[proxy_plugins.dedup]` and its sub-tables (`.exports`): all of them are the plugin's. */
 const HEADER = /^\s*\[\s*proxy_plugins\s*\.\s*(?:dedup|"dedup"|'dedup')\s*(?:\.[^\]]*)?\]\s*(?:#.*)?$/;
 const PLUGIN_HEADER = /^\s*\[\s*proxy_plugins\s*\.\s*(?:dedup|"dedup"|'dedup')\s*\]\s*(?:#.*)?$/;
@@ -61,14 +65,21 @@ export interface PluginEdit {
   notes: string[];
 }
 
-/** `containerd --version`'s output → its version and major number, or null. */
-export function parseContainerdVersion(out: string): { version: string; major: number } | null {
+/** `containerd --version`'s output → its version, major and minor number (minor null when not given), or null. */
+export function parseContainerdVersion(out: string): { version: string; major: number; minor: number | null } | null {
   // "containerd github.com/containerd/containerd/v2 v2.1.9 …", "containerd containerd.io 1.6.20 …": the first word that is a version.
   for (const word of out.trim().split(/\s+/).slice(1)) {
-    const m = /^v?(([0-9]+)(?:\.[0-9]+)*)/.exec(word);
-    if (m) return { version: m[1], major: Number(m[2]) };
+    const m = /^v?(([0-9]+)(?:\.([0-9]+))?(?:\.[0-9]+)*)/.exec(word);
+    if (m) return { version: m[1], major: Number(m[2]), minor: m[3] === undefined ? null : Number(m[3]) };
   }
   return null;
+}
+
+/** Whether containerd `major`.`minor` takes proxy differs (`type = "diff"`): 1.7 and later; null when the version does not tell. */
+export function hasProxyDiffers(major: number | null | undefined, minor: number | null | undefined): boolean | null {
+  if (major === null || major === undefined) return null;
+  if (major !== 1) return major > 1;
+  return minor === null || minor === undefined ? null : minor >= 7;
 }
 
 /** containerd's platform name for this machine: linux/<GOARCH>. */
@@ -105,6 +116,16 @@ function unpackEntry(v3: boolean, platform: string, sn: string): string {
 /** unpack_config entries to append: one per snapshotter, each after its mark. */
 export function unpackConfigSection(v3: boolean, platform: string, snapshotters: string[]): string {
   return snapshotters.map((sn) => `\n${sn === SNAPSHOTTER ? MARK_UNPACK : MARK_UNPACK_DEFAULT}\n${unpackEntry(v3, platform, sn)}\n`).join('');
+}
+
+/** The diff service's table in a version 3 file or a version 2 one. */
+function diffServiceTable(v3: boolean): string {
+  return v3 ? `plugins.'${DIFF_SERVICE_PLUGIN}'` : `plugins."${DIFF_SERVICE_PLUGIN}"`;
+}
+
+/** The diff service's table asking dedup-differ first, then containerd's walking differ (--diff-service). */
+export function diffServiceSection(v3: boolean): string {
+  return `\n${MARK_DIFF_SERVICE}\n[${diffServiceTable(v3)}]\n  default = [${JSON.stringify(DIFFER)}, "walking"]\n`;
 }
 
 /** The proxy differ's table (containerd 2.x): Apply of dedup's layers goes to the daemon's socket. */
@@ -145,6 +166,15 @@ export interface AddOptions {
   wrapper?: string | null;
   /** containerd's major version, when known (install.sh asks the binary): 2 and up needs the transfer service's unpack_config. */
   containerdMajor?: number | null;
+  /** Its minor version, when known: 1.7 takes proxy differs, 1.6 does not. */
+  containerdMinor?: number | null;
+  /**
+   * Also make the diff service ask dedup-differ first (`default =
+   * ["dedup-differ", "walking"]`): on 1.7 pulls then unpack dedup's layers
+   * in one pass, and commits of dedup containers go through it; every pull
+   * through the diff service then fails while the daemon is stopped.
+   */
+  diffService?: boolean;
   /** linux/<GOARCH> for the unpack_config entries (default: this machine's). */
   platform?: string;
 }
@@ -234,9 +264,34 @@ export function addToConfig(text: string, opts: AddOptions): AddResult {
     }
   }
 
-  // The differ only where dedup's unpack_config entry names (or will name) it.
+  // The diff service's list (--diff-service), where containerd takes proxy differs.
+  let diffService = false;
+  if (opts.diffService) {
+    const proxyDiffers = facts.version === 3 ? true : hasProxyDiffers(opts.containerdMajor, opts.containerdMinor);
+    const ds = facts.diffService;
+    if (proxyDiffers !== true) {
+      notes.push(
+        proxyDiffers === false
+          ? `--diff-service: containerd ${opts.containerdMajor}.${opts.containerdMinor} has no proxy differs (1.7 and later have): the diff service's list is left as it is`
+          : '--diff-service: cannot tell whether this containerd takes proxy differs (1.7 and later do; give --containerd-version): the diff service\'s list is left as it is',
+      );
+    } else if (ds?.default?.[0] === DIFFER) {
+      notes.push(`the diff service already asks ${DIFFER} first (line ${ds.defaultLine})`);
+      diffService = true;
+    } else if (ds) {
+      notes.push(
+        `line ${ds.defaultLine ?? ds.line}: the diff service's settings are the file's own${ds.default ? ` (default = ${JSON.stringify(ds.default)})` : ''}: left so; for --diff-service set default = ["${DIFFER}", ${ds.default && ds.default.length > 0 ? ds.default.map((d) => JSON.stringify(d)).join(', ') : '"walking"'}] in it by hand`,
+      );
+    } else {
+      tail += diffServiceSection(v3);
+      added.push(`the diff service's list asking "${DIFFER}" first, then "walking"`);
+      diffService = true;
+    }
+  }
+
+  // The differ where dedup's unpack_config entry names (or will name) it, or the diff service's list does.
   const dedupEntry = facts.unpackConfig.find((e) => e.snapshotter === SNAPSHOTTER);
-  if (wantsTransfer(facts, opts.containerdMajor) && (dedupEntry !== undefined || facts.unpackInlineLine === undefined)) {
+  if ((wantsTransfer(facts, opts.containerdMajor) && (dedupEntry !== undefined || facts.unpackInlineLine === undefined)) || diffService) {
     const differ = facts.plugins.get(DIFFER);
     if (!differ) {
       tail += differSection(opts.address);
@@ -312,6 +367,8 @@ export function removeProxyPlugin(text: string): PluginEdit {
   for (let i = 0; i < lines.length; i++) {
     if (HEADER.test(lines[i])) dropTable(lines, i, [MARK, MARK_EXPORTS], drop);
     if (DIFFER_HEADER.test(lines[i])) dropTable(lines, i, [MARK_DIFFER], drop);
+    // The diff service's table only when install.sh wrote it (its mark right above).
+    if (DIFF_SERVICE_HEADER.test(lines[i]) && i > 0 && lines[i - 1].trim() === MARK_DIFF_SERVICE) dropTable(lines, i, [MARK_DIFF_SERVICE], drop);
   }
   // The unpack_config entries: dedup's (any, by a [[…]] header), overlayfs's when it is install.sh's and would be alone.
   const tables = facts.unpackConfig.filter((e) => !e.inline);
@@ -363,6 +420,10 @@ export function removeProxyPlugin(text: string): PluginEdit {
   const criLines = new Set([facts.cri.v2, facts.cri.v3].filter((c) => c?.snapshotter === SNAPSHOTTER).map((c) => (c?.snapshotterLine ?? 0) - 1));
   for (const e of facts.unpackConfig.filter((x) => x.inline && x.snapshotter === SNAPSHOTTER)) {
     leftovers.push(`line ${e.line}: an inline unpack_config list with an entry for "${SNAPSHOTTER}" (remove that entry by hand)`);
+  }
+  const ds = facts.diffService;
+  if (ds?.default?.includes(DIFFER) && !drop.has((ds.defaultLine ?? 0) - 1)) {
+    leftovers.push(`line ${ds.defaultLine}: the diff service's list names "${DIFFER}" (take it out by hand: once its table is gone containerd's diff service cannot start)`);
   }
   lines.forEach((l, i) => {
     if (drop.has(i)) return;

@@ -18,6 +18,8 @@ export const TRANSFER_PLUGIN = 'io.containerd.transfer.v1.local';
 export const CRI_V2_PLUGIN = 'io.containerd.grpc.v1.cri';
 /** CRI's image plugin in a version 3 file (containerd 2.x). */
 export const CRI_V3_IMAGES_PLUGIN = 'io.containerd.cri.v1.images';
+/** The diff service's plugin id (its `default` lists the differs it asks, in order). */
+export const DIFF_SERVICE_PLUGIN = 'io.containerd.service.v1.diff-service';
 
 export interface ProxyPluginEntry {
   /** The snapshotter name containerd registers (`dedup` in `[proxy_plugins.dedup]`). */
@@ -75,6 +77,19 @@ export interface ContainerdTomlFacts {
   unpackInlineLine?: number;
   /** CRI's image settings in the version 2 layout and in the version 3 one (only those the file mentions). */
   cri: { v2?: CriImageFacts; v3?: CriImageFacts };
+  /** The diff service's table (`plugins."io.containerd.service.v1.diff-service"`), if the file has one. */
+  diffService?: DiffServiceFacts;
+}
+
+/** The diff service's settings: the differs it asks, in order. */
+export interface DiffServiceFacts {
+  /** 1-based line where the table was first seen (its header, or a dotted key). */
+  line: number;
+  /** By a `[…]` header line (an edit can add to it), not only dotted keys or an inline table. */
+  header: boolean;
+  /** Its `default` list (string items), and the line it is on. */
+  default?: string[];
+  defaultLine?: number;
 }
 
 /**
@@ -241,8 +256,12 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
     return facts.cri[key] as CriImageFacts;
   };
   /** A table (from a header or a key) at `full`: the ones that matter by their mere presence. */
-  const sawTable = (full: string[]): void => {
+  const sawTable = (full: string[], line: number, header = false): void => {
     if (full[0] === 'plugins' && full[1] === CRI_V2_PLUGIN && full[2] === 'containerd' && full[3] === 'runtimes') cri(2).hasRuntimes = true;
+    if (full[0] === 'plugins' && full[1] === DIFF_SERVICE_PLUGIN) {
+      facts.diffService ??= { line, header: false };
+      if (header && full.length === 2) facts.diffService.header = true;
+    }
   };
   const unpackFields = (e: UnpackConfigEntry, key: string, value: TomlValue): void => {
     if (value.kind !== 'string') return;
@@ -250,7 +269,12 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
   };
   /** `full`: the key's whole path; `headerLen`: how much of it the table header gave (a proxy plugin named by the key itself is inline or dotted). */
   const assign = (full: string[], value: TomlValue, line: number, headerLen: number): void => {
-    sawTable(full);
+    sawTable(full, line);
+    if (full.length === 3 && full[0] === 'plugins' && full[1] === DIFF_SERVICE_PLUGIN && full[2] === 'default' && value.kind === 'array') {
+      const ds = facts.diffService as DiffServiceFacts;
+      ds.default = value.items.filter((v) => v.kind === 'string').map((v) => (v as { value: string }).value);
+      ds.defaultLine = line;
+    }
     if (value.kind === 'table') {
       if (full[0] === 'proxy_plugins' && full.length === 2) entry(full[1], line).inline = true;
       for (const [k, v] of value.entries) assign([...full, ...k], v, line, headerLen);
@@ -290,7 +314,7 @@ export function readContainerdToml(text: string): ContainerdTomlFacts {
         unpackEntry = { line, inline: false };
         facts.unpackConfig.push(unpackEntry);
       }
-      sawTable(table);
+      sawTable(table, line, !isArray);
       if (table.length === 1 && table[0] === 'proxy_plugins' && !isArray) facts.hasProxyPluginsHeader = true;
       if (table.length === 2 && table[0] === 'proxy_plugins') entry(table[1], line);
     },

@@ -20,7 +20,7 @@ import { scratchDir } from '../kernel/probes';
 import { RESERVE_FILE, heldBytes, reserveOnDisk } from '../store/reserve';
 import { fsTypeOf, isMountPoint, listMounts } from '../mount/mountinfo';
 import { existingAncestor, readOnlyAncestor } from '../util/fs';
-import { DIFFER, containerd2Snippet, differSection, parseContainerdVersion, platformOf, wantsTransfer } from '../containerd/config-toml';
+import { DIFFER, containerd2Snippet, differSection, hasProxyDiffers, parseContainerdVersion, platformOf, wantsTransfer } from '../containerd/config-toml';
 import { CRI_V2_PLUGIN, CRI_V3_IMAGES_PLUGIN, type ContainerdTomlFacts, proxyPluginSnippet, readContainerdToml } from '../containerd/toml-reader';
 import { type CheckResult, type Progress, noProgress } from './types';
 import { compareVersions, errCode, errMessage, formatBytes, hasSystemd, shq, whichBin } from './util';
@@ -328,6 +328,8 @@ function cleanupScratch(dir: string, target: string | null): void {
 export interface ContainerdVersion {
   version: string;
   major: number;
+  /** null: not given (a bare "2"). */
+  minor?: number | null;
 }
 
 /**
@@ -456,11 +458,38 @@ export function checkContainerdConfig(file: string, address: string, containerd:
       });
     }
   }
+  // The diff service's list (install.sh --diff-service): a differ it names must be there, or containerd's diff service does not start.
+  const ds = facts.diffService;
+  const proxyDiffers = v3 ? true : hasProxyDiffers(containerd?.major, containerd?.minor);
+  const listsDiffer = ds?.default?.includes(DIFFER) ?? false;
+  if (listsDiffer && proxyDiffers === false) {
+    fails.push({
+      detail: `${file} line ${ds?.defaultLine}: the diff service's list names "${DIFFER}", and containerd ${containerd?.version} has no proxy differs (1.7 and later have): its diff service cannot start, and pulls fail`,
+      fix: `take "${DIFFER}" out of that list (or upgrade containerd to 1.7 or later), then ${restart}`,
+    });
+  } else if (listsDiffer) {
+    const differ = facts.plugins.get(DIFFER);
+    if (!(differ && differ.type === 'diff' && differ.address !== undefined && path.normalize(differ.address) === address)) {
+      fails.push({
+        detail: `${file} line ${ds?.defaultLine}: the diff service's list names "${DIFFER}" but ${differ ? `[proxy_plugins.${DIFFER}] (line ${differ.line}) is not type "diff" at ${address}` : `there is no [proxy_plugins.${DIFFER}]`}: containerd's diff service cannot use it`,
+        fix: `${differ ? 'make' : 'add'} this table in ${file}, then ${restart}:\n${differSection(address).replace(/^\n#[^\n]*\n/, '').trim()}`,
+      });
+    }
+  }
   warns.push(...criWarnings(facts, file, transfer, containerd, restart));
   const okDetail = `${file} line ${entry.line}: [proxy_plugins.dedup] type "snapshot", address ${entry.address}`;
   const all = [...fails, ...warns];
   if (all.length === 0) {
-    if (!transfer) return { name, status: 'ok', detail: okDetail };
+    if (!transfer) {
+      // containerd 1.x: how ctr's and CRI's client-side unpack reaches dedup's layers.
+      const how =
+        ds?.default?.[0] === DIFFER
+          ? `; the diff service asks ${DIFFER} first (line ${ds.defaultLine}): layers unpack in one pass through the daemon (every pull through the diff service fails while the daemon is stopped)`
+          : proxyDiffers === true
+            ? `; layers are unpacked into directories and converted afterwards (in one pass instead: install.sh --diff-service, docs/configuration.md "containerd 1.7")`
+            : '';
+      return { name, status: 'ok', detail: `${okDetail}${how}` };
+    }
     const ours = facts.unpackConfig.find((e) => e.snapshotter === 'dedup');
     return { name, status: 'ok', detail: `${containerd ? `containerd ${containerd.version}: ` : ''}${okDetail}, exports ${ENABLE_REMOTE}; unpack_config entry for dedup at line ${ours?.line} (${ours?.platform ?? 'no platform'}, differ ${ours?.differ ?? 'none'})` };
   }
