@@ -93,7 +93,8 @@ test('_default and later roots; a directory without hosts.toml gives its certs.d
   hostsDir(b, '_default', '[host."http://catch-all.local:5000"]\n  capabilities = ["pull"]\n');
   hostsDir(a, 'certs.example', null, { 'ca.crt': 'CA-CRT\n', 'client.cert': 'CERT\n', 'client.key': 'KEY\n' });
   hostsDir(a, 'ported.example_5000_', '[host."http://underscore-form.local"]\n');
-  const hosts = new RegistryHosts([a, b]);
+  let clock = 0;
+  const hosts = new RegistryHosts([a, b], { now: () => clock });
   assert.equal(hosts.endpoints('ported.example:5000')[0].host, 'underscore-form.local', "containerd's host_port_ directory name");
   const other = hosts.endpoints('other.example');
   assert.equal(other[0].host, 'catch-all.local:5000', '_default of the second root');
@@ -105,19 +106,26 @@ test('_default and later roots; a directory without hosts.toml gives its certs.d
   assert.equal(certs[0].client?.key.toString(), 'KEY\n');
   // A rotated certificate is read again (the directory's names did not change).
   fs.writeFileSync(path.join(a, 'certs.example', 'ca.crt'), 'CA-CRT rotated, longer\n');
+  clock += 1000;
   assert.equal(hosts.endpoints('certs.example')[0].ca[0].toString(), 'CA-CRT rotated, longer\n');
 });
 
-test('an edited hosts.toml applies to the next request; a bad one is an error naming the file and line', () => {
+test('an edited hosts.toml applies to the requests a second later; a bad one is an error naming the file and line', () => {
   const root = path.join(work, 'edit');
   const dir = hostsDir(root, 'edit.example', '[host."http://one.local"]\n');
-  const hosts = new RegistryHosts([root]);
+  let clock = 0;
+  const hosts = new RegistryHosts([root], { now: () => clock });
   assert.equal(hosts.endpoints('edit.example')[0].host, 'one.local');
   fs.writeFileSync(path.join(dir, 'hosts.toml'), '# changed\n[host."http://two.local"]\n  capabilities = ["pull"]\n');
+  clock += 999;
+  assert.equal(hosts.endpoints('edit.example')[0].host, 'one.local', 'within a second: the last answer, no stat');
+  clock += 1;
   assert.equal(hosts.endpoints('edit.example')[0].host, 'two.local');
   fs.writeFileSync(path.join(dir, 'hosts.toml'), '[host."http://two.local"]\n  capabilities = ["fly"]\n');
+  clock += 1000;
   assert.throws(() => hosts.endpoints('edit.example'), (err: unknown) => err instanceof HostsConfigError && /hosts\.toml:2: host\."http:\/\/two\.local"\.capabilities: expected a list of "pull", "resolve", "push"/.test(err.message));
   fs.writeFileSync(path.join(dir, 'hosts.toml'), 'server = "https://edit.example"\nca = "missing.pem"\n');
+  clock += 1000;
   assert.throws(() => hosts.endpoints('edit.example'), (err: unknown) => err instanceof HostsConfigError && /ca .*missing\.pem/.test(err.message));
   hostsDir(work, 'escaped.example', '[host."http://escaped.local"]\n');
   assert.equal(new RegistryHosts([root]).dirFor('../escaped.example'), null, 'a name with a path is never looked up (the directory it names exists)');

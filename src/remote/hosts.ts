@@ -68,15 +68,27 @@ interface RawHost {
  * Host directories under `roots` (tried in order; missing roots are
  * skipped). `endpoints(host)` reads the directory again whenever hosts.toml
  * or a certificate file it names changes (mtime, size), so an edit applies
- * to the next request.
+ * to the requests made from `recheckMs` (default 1 s) after it: within that
+ * time the last answer is used without a stat (a lazy layer reads a chunk
+ * range per request).
  */
 export class RegistryHosts {
   /** Per registry: what the endpoints were read from (hosts.toml and each certificate file, by mtime and size), and them. */
   private readonly cache = new Map<string, { stamp: string; deps: string[]; endpoints: RegistryEndpoint[] }>();
+  /** Per registry: the last answer and when the files were last looked at. */
+  private readonly recent = new Map<string, { at: number; endpoints: RegistryEndpoint[] }>();
   /** Certificate files read while endpoints() reads a directory. */
   private deps: string[] = [];
+  private readonly recheckMs: number;
+  private readonly now: () => number;
 
-  constructor(private readonly roots: readonly string[]) {}
+  constructor(
+    private readonly roots: readonly string[],
+    opts: { recheckMs?: number; now?: () => number } = {},
+  ) {
+    this.recheckMs = opts.recheckMs ?? 1000;
+    this.now = opts.now ?? Date.now;
+  }
 
   /** The directory containerd would read for `registryHost`, or null (no root has one). */
   dirFor(registryHost: string): string | null {
@@ -99,6 +111,15 @@ export class RegistryHosts {
 
   /** Where to send requests for `registryHost`, in the order to try them. Throws HostsConfigError for a file that cannot be used. */
   endpoints(registryHost: string): RegistryEndpoint[] {
+    const at = this.now();
+    const recent = this.recent.get(registryHost);
+    if (recent && at - recent.at < this.recheckMs) return recent.endpoints;
+    const endpoints = this.readEndpoints(registryHost);
+    this.recent.set(registryHost, { at, endpoints });
+    return endpoints;
+  }
+
+  private readEndpoints(registryHost: string): RegistryEndpoint[] {
     const dir = this.dirFor(registryHost);
     if (!dir) return [defaultEndpoint(registryHost)];
     const file = path.join(dir, 'hosts.toml');
