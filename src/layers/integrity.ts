@@ -22,8 +22,8 @@ import { Kind } from '../store/types';
  * (an import brought their bytes, or fsck found the file put back).
  */
 
-/** Why a layer is quarantined because of its chunks (lifted when they are good again). */
-const CHUNKS_REASON = /^\d+ chunks? of its data (are|is) (lost or )?damaged/;
+/** Why a layer is quarantined because of its chunks (lifted when they are good again: an import of the same bytes heals them). */
+export const CHUNKS_REASON = /^\d+ chunks? of its data (are|is) (lost or )?damaged/;
 /** …or because of its image (lifted when fsck finds it whole again). */
 const IMAGE_REASON = /^its image .* (is damaged|cannot be read)/;
 

@@ -15,7 +15,9 @@ import { splitKey } from '../store/keys';
 import { Kind, type Labels } from '../store/types';
 import { removeAll } from '../util/fs';
 import type { ConversionQueue } from './conversion';
+import { healFromSink } from '../convert/heal';
 import { type ConvertEvents, convertedFields, convertedSummary } from './events';
+import { CHUNKS_REASON } from './integrity';
 import { type ImportSnapshots, REMOTE_IMPORT_PREFIX } from './remote-import';
 
 /** Layers fetched and converted at once (the machine's cores: gunzip, tar and hashing are CPU-bound). */
@@ -115,7 +117,14 @@ export class PlainLayerFetcher {
     if (index < 0) return false;
     const have = this.committedRefs();
     // Made already (by another pull, in any namespace) on the same parent: containerd finds it by its label and parent.
-    if (have.get(ref)?.has(parent)) return true;
+    const existing = have.get(ref)?.get(parent);
+    if (existing !== undefined) {
+      // Quarantined on lost or damaged chunks (the node's copy; say an image removed without --sync and pulled again
+      // before containerd's collector ran): its blob read again heals them, and the layer is served again.
+      const q = this.o.ms.quarantineOf(existing);
+      if (q && CHUNKS_REASON.test(q.reason)) await this.heal(pl.repo, pl.image.layers[index], ref, diffIds[index], existing, q.reason);
+      return true;
+    }
     for (let i = index; i < chains.length; i++) if (!have.has(chains[i])) this.start(pl.repo, pl.image.layers[i], chains[i], diffIds[i]);
     if (!this.jobs.has(ref)) return false;
     const job = this.jobs.get(ref) as Job;
@@ -128,17 +137,37 @@ export class PlainLayerFetcher {
     return job.recorded;
   }
 
-  /** The chain ids (snapshot.ref labels) of committed snapshots, each with the parents it is committed on. */
-  private committedRefs(): Map<string, Set<string>> {
-    const out = new Map<string, Set<string>>();
-    this.o.ms.walkInfo((info) => {
+  /** The chain ids (snapshot.ref labels) of committed snapshots, each with the parents it is committed on (and the snapshot's id there). */
+  private committedRefs(): Map<string, Map<string, string>> {
+    const out = new Map<string, Map<string, string>>();
+    this.o.ms.walkInfo((info, id) => {
       const ref = info.labels[LABEL_SNAPSHOT_REF];
       if (info.kind !== Kind.Committed || !ref) return;
-      const parents = out.get(ref) ?? new Set<string>();
-      parents.add(info.parent);
+      const parents = out.get(ref) ?? new Map<string, string>();
+      parents.set(info.parent, id);
       out.set(ref, parents);
     });
     return out;
+  }
+
+  /** Reads layer `ref`'s blob again to heal the damaged chunks of committed snapshot `id` (quarantined for `reason`); one line either way. */
+  private async heal(repo: Reference, layer: PlainImage['layers'][number], ref: string, diffId: string, id: string, reason: string): Promise<void> {
+    const image = formatReference(repo);
+    const job: Job = { image, layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
+    const fields = { op: 'fetch', key: ref, snapshot: id, layer: id, image, layer_digest: layer.digest };
+    try {
+      const built = await this.limited(() => this.build(repo, ref, job, `layer ${id} is quarantined (${reason})`));
+      const healed = await healFromSink(this.o.store, built.sink);
+      // The store's onChunkHealth settles the quarantines on the next turn.
+      await new Promise((resolve) => setImmediate(resolve));
+      const still = this.o.ms.quarantineOf(id);
+      this.o.logger.info(
+        { ...fields, healed_chunks: healed, duration_ms: Date.now() - job.started },
+        `layer ${id} read again from ${image}: ${healed} damaged chunks healed; ${still ? `still quarantined (${still.reason})` : 'served again'}`,
+      );
+    } catch (err) {
+      this.o.logger.warn({ ...fields, err: (err as Error).message }, `layer ${id} is quarantined (${reason}) and reading it again from ${image} failed: ${(err as Error).message}`);
+    }
   }
 
   /**
@@ -198,11 +227,14 @@ export class PlainLayerFetcher {
   }
 
   /** Reads `job`'s layer from the registry into a tree, its new chunks into the store (provisionally), and checks its diff id. */
-  private async build(repo: Reference, chainId: string, job: Job): Promise<Built> {
+  private async build(repo: Reference, chainId: string, job: Job, healing: string | null = null): Promise<Built> {
     if (this.closed) throw new Error('the snapshotter is shutting down');
     const { layerDigest: digest, diffId } = job;
     job.started = Date.now();
-    this.o.logger.info({ op: 'fetch', key: chainId, image: job.image, layer_digest: digest }, `fetching layer ${digest} of ${job.image} from its registry, auto-converting to EROFS in one pass`);
+    this.o.logger.info(
+      { op: 'fetch', key: chainId, image: job.image, layer_digest: digest },
+      healing ? `fetching layer ${digest} of ${job.image} from its registry again: ${healing}` : `fetching layer ${digest} of ${job.image} from its registry, auto-converting to EROFS in one pass`,
+    );
     // Not hashed as it comes: the diff id check below covers every byte used (the config naming it is digest-checked).
     const blob = await this.o.remote.client.getBlobStream(repo, digest, { size: job.layerSize, contentCheckedByCaller: true });
     const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);

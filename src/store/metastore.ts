@@ -232,10 +232,10 @@ export class MetaStore {
     return { id: String(row.id), kind: row.kind as Kind, parentIds: this.parentIds(row) };
   }
 
-  /** Calls fn for each snapshot, in id order. */
-  walkInfo(fn: (info: Info) => void): void {
+  /** Calls fn for each snapshot (its info and id), in id order. */
+  walkInfo(fn: (info: Info, id: string) => void): void {
     const rows = this.db.prepare('SELECT * FROM snapshots ORDER BY id').all() as Row[];
-    for (const row of rows) fn(this.toInfo(row));
+    for (const row of rows) fn(this.toInfo(row), String(row.id));
   }
 
   createSnapshot(kind: Kind, key: string, parent: string, labels?: Labels): Snapshot {
