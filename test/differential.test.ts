@@ -13,6 +13,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { waitFor } from './helpers/daemon';
 import { type BuiltImage, busyboxImageDef, chainImageDef, tortureImageDef } from './helpers/images';
 import { type LayerPath, Stack, assertAllCollected, assertCommittedChain, assertDirsMatchSnapshots, assertNoDaemonErrors, layerPathOptions, layerPaths } from './helpers/stack';
 import { type Tree, checkExpect, diffTrees, protectedView, walkMounted } from './helpers/trees';
@@ -25,6 +26,18 @@ function assertConvertedBy(stack: Stack, img: BuiltImage, via: LayerPath): void 
   const applied = byOp('apply');
   const wrong = img.diffIds.filter((d) => fetched.has(d) !== (via === 'fetch') || applied.has(d) !== (via === 'differ'));
   assert.deepEqual(wrong, [], `layers that did not go the ${via} path (fetched: ${fetched.size}, applied: ${applied.size})`);
+}
+
+/**
+ * The directory path on ctr's pulls: containerd unpacks each layer into its directory while the daemon reads the same
+ * blob from containerd's content store (content-ahead.ts); every layer is recorded from what the daemon read. The
+ * lines come through a pipe: waited for, one per chain id (a layer shared with an earlier image has its line already).
+ */
+async function assertReadFromContentStore(stack: Stack, img: BuiltImage): Promise<void> {
+  const lineOf = (chain: string) => stack.daemon.logs().find((l) => l.op === 'convert' && typeof l.logical_bytes === 'number' && String(l.key).endsWith(`/${chain}`));
+  await waitFor(() => img.chainIds.every((c) => lineOf(c) !== undefined), 30_000, 'a "converted layer" line for every layer');
+  const fromDir = img.chainIds.filter((c) => lineOf(c)?.from !== 'content store');
+  assert.deepEqual(fromDir, [], 'layers converted from their directory instead of the blob read from containerd\'s content store');
 }
 
 for (const via of layerPaths()) describe(`differential (${via}): containerd overlayfs vs dedup present the same trees`, () => {
@@ -54,6 +67,7 @@ for (const via of layerPaths()) describe(`differential (${via}): containerd over
       // Layers convert in the background: compare once every layer is an EROFS image.
       await assertDirsMatchSnapshots(stack, 120_000);
       assertConvertedBy(stack, img, via);
+      if (via === 'directory') await assertReadFromContentStore(stack, img);
       for (const sn of ['overlayfs', 'dedup']) {
         const key = `diff-view-${sn}-${i}`;
         const mounts = await protectedView(stack, sn, key, top);

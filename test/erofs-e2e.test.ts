@@ -109,13 +109,15 @@ describe('erofs e2e', () => {
     // Layers convert in the background after each pull: wait for them.
     await stack.pull(a.ref as string, 'dedup');
     await assertDirsMatchSnapshots(stack);
+    // The daemon's lines come through a pipe: wait for them (a fourth would fail below).
+    await waitFor(() => convertedLines(stack).length >= 3, 30_000, "the first image's converted lines");
     const afterFirst = convertedLines(stack).length;
     const storeAfterFirst = stack.daemonStorage().storeBytes;
     await stack.pull(b.ref as string, 'dedup');
     await assertCommittedChain(stack, 'dedup', a);
     await assertCommittedChain(stack, 'dedup', b);
     await assertDirsMatchSnapshots(stack);
-
+    await waitFor(() => convertedLines(stack).length >= 5, 30_000, "the second image's converted lines");
     const all = convertedLines(stack);
     // a: busybox, etc, data; b: etc, data (busybox is the same snapshot).
     assert.equal(afterFirst, 3, `first image converted 3 layers: ${JSON.stringify(all)}`);

@@ -29,7 +29,13 @@ export function hostPlatform(): { os: string; architecture: string } {
  * An index is resolved to the manifest of `platform`.
  */
 export async function imageChainIds(c: ImageContent, name: string, platform = hostPlatform()): Promise<string[]> {
+  return (await imageLayers(c, name, platform)).chainIds;
+}
+
+/** Image `name`'s layers (their descriptors in the manifest), diff ids and chain ids, bottom first (see imageChainIds). */
+export async function imageLayers(c: ImageContent, name: string, platform = hostPlatform()): Promise<{ target: string; layers: Descriptor[]; diffIds: string[]; chainIds: string[] }> {
   let desc: Descriptor = await c.getImage(name);
+  const target = desc.digest;
   if (INDEX_TYPES.has(desc.media_type)) {
     const index = await readJson(c, desc);
     // The index's own JSON (OCI: mediaType, camelCase), not containerd's gRPC descriptor (media_type).
@@ -49,7 +55,11 @@ export async function imageChainIds(c: ImageContent, name: string, platform = ho
   if (!Array.isArray(diffIds) || !diffIds.every((d) => typeof d === 'string' && /^sha256:[0-9a-f]{64}$/.test(d))) {
     throw new Error(`image ${name}: its config has no valid rootfs.diff_ids`);
   }
-  return chainIds(diffIds as string[]);
+  // The manifest's own JSON (mediaType, camelCase).
+  const raw = Array.isArray(manifest.layers) ? (manifest.layers as { mediaType?: unknown; digest?: unknown; size?: unknown }[]) : [];
+  // As listed (a caller that needs one per diff id checks it).
+  const layers = raw.map((l) => ({ media_type: String(l.mediaType ?? ''), digest: String(l.digest ?? ''), size: Number(l.size ?? 0) }));
+  return { target, layers, diffIds: diffIds as string[], chainIds: chainIds(diffIds as string[]) };
 }
 
 /** containerd's (the OCI image spec's) chain ids of a list of diff ids. */

@@ -83,11 +83,13 @@ export class LayerApplier {
   private readonly clients = new Map<string, ContainerdClient>();
   /** Blob files being read (closed on close, and when an apply fails). */
   private readonly open = new Set<fs.ReadStream>();
+  /** Called as an Apply of snapshot `id` begins (content-ahead.ts then does not read its layer too). */
+  onApply: ((id: string) => void) | null = null;
 
   constructor(private readonly o: LayerApplyOptions) {}
 
   /** Where Apply reads a blob from: a file of containerd's content store, or its Content service. */
-  private content(namespace: string, digest: string, size: number): { blob: AsyncIterable<Buffer>; source: 'content store file' | 'containerd Read' } {
+  content(namespace: string, digest: string, size: number): { blob: AsyncIterable<Buffer>; source: 'content store file' | 'containerd Read' } {
     if (this.o.content) return { blob: this.o.content(namespace, digest, size), source: 'containerd Read' };
     // containerd's content store is files named by digest: read the blob there when it is whole (twice as fast
     // as its Read RPC, which copies every MiB through a gRPC message); else ask containerd.
@@ -121,6 +123,11 @@ export class LayerApplier {
 
   get layout(): RootLayout {
     return this.o.layout;
+  }
+
+  /** containerd's socket. */
+  get containerdAddress(): string {
+    return this.o.containerdAddress;
   }
 
   /** The containerd namespace snapshot `id`'s key names (`<ns>/<txid>/<name>`), if it names one. */
@@ -160,6 +167,7 @@ export class LayerApplier {
     if (ms.getLayer(id) || mounts.isBusy(id)) throw failedPrecondition(`snapshot ${JSON.stringify(key)} already has a layer applied (or one is being applied)`);
     if (fs.readdirSync(this.o.layout.upper(id)).length > 0) throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not empty: dedup-differ applies a layer only to an empty snapshot`);
     const started = Date.now();
+    this.onApply?.(id);
     log.info({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, media_type: req.mediaType, size: req.size }, `detected new layer ${id}, auto-converting to EROFS from its tar in one pass (${req.digest})`);
     const job = this.applyTo(id, key, req, started);
     try {
