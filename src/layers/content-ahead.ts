@@ -107,7 +107,7 @@ export class ContentAhead {
     return layer;
   }
 
-  /** Snapshot `id` removed, applied by dedup-differ, or never taken: what was read ahead for it is given back (a read not begun is not). */
+  /** Snapshot `id` removed, applied by dedup-differ, or never taken: what was read ahead for it is given back (a read not yet begun never begins). */
   async forget(id: string): Promise<void> {
     const job = this.jobs.get(id);
     if (!job) return;
@@ -120,7 +120,8 @@ export class ContentAhead {
 
   close(): void {
     this.closed = true;
-    for (const id of [...this.jobs.keys()]) void this.forget(id);
+    // Not awaited: the store may close first; provisional chunks no row names are punched at the next start.
+    for (const id of [...this.jobs.keys()]) void this.forget(id).catch(() => undefined);
     for (const c of this.clients.values()) c.close();
     this.clients.clear();
   }
