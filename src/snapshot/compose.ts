@@ -257,7 +257,8 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   });
   const ahead = new ContentAhead({ content: (ns, digest, size) => applier.content(ns, digest, size).blob, containerdAddress: applier.containerdAddress, store, chunkSize: e.chunkSize, logger });
   applier.onApply = (id) => void ahead.forget(id);
-  conversion.ahead = ahead;
+  // Not with push_converted: a pushed layer is built from the directory containerd unpacked (as the fetch path, below).
+  if (!share) conversion.ahead = ahead;
   // push_converted shares layers converted from their directory (convert/share.ts): with it, containerd unpacks them.
   const plain = remote && opts.fetchLayers !== false && !opts.pushConverted ? new PlainLayerFetcher({ layout, ms, store, converter, conversion, remote, events, snapshots, chunkSize: e.chunkSize, logger }) : null;
   const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, plain, logger }) : null;
