@@ -7,6 +7,7 @@ import { type TreeNode, keyBytes } from '../convert/layer-tree';
 import type { Logger } from '../log/logger';
 import type { ChunkStore } from '../store/chunkstore';
 import { splitKey } from '../store/keys';
+import { Limiter } from '../util/limiter';
 
 /** containerd's unpack key (snapshots.UnpackKeyFormat, "extract-<unique> <chain id>"): the name part of our key. */
 const UNPACK_KEY = /^extract-\S+ (sha256:[0-9a-f]{64})$/;
@@ -64,8 +65,7 @@ export class ContentAhead {
   private readonly jobs = new Map<string, Job>();
   private readonly clients = new Map<string, ContainerdClient>();
   private readonly images = new Map<string, Awaited<ReturnType<typeof imageLayers>>>();
-  private readonly waiting: (() => void)[] = [];
-  private running = 0;
+  private readonly limiter = new Limiter(CONCURRENCY);
   private closed = false;
 
   constructor(private readonly o: ContentAheadOptions) {}
@@ -77,7 +77,7 @@ export class ContentAhead {
     if (this.closed || !k || !m || this.jobs.has(id)) return;
     const job: Job = { result: Promise.resolve(null), timer: null, cancelled: false };
     job.result = new Promise((resolve) => setTimeout(resolve, APPLY_GRACE_MS).unref())
-      .then(() => (this.closed || job.cancelled ? null : this.limited(() => this.read(k.ns, m[1], key))))
+      .then(() => (this.closed || job.cancelled ? null : this.limiter.run(() => this.read(k.ns, m[1], key))))
       .catch((err: Error) => {
         this.o.logger.debug({ op: 'convert', key, snapshot: id, err: err.message }, `layer not read ahead from containerd's content store: ${err.message}`);
         return null;
@@ -124,17 +124,6 @@ export class ContentAhead {
     for (const id of [...this.jobs.keys()]) void this.forget(id).catch(() => undefined);
     for (const c of this.clients.values()) c.close();
     this.clients.clear();
-  }
-
-  private async limited<T>(work: () => Promise<T>): Promise<T> {
-    if (this.running >= CONCURRENCY) await new Promise<void>((resolve) => this.waiting.push(resolve));
-    this.running++;
-    try {
-      return await work();
-    } finally {
-      this.running--;
-      this.waiting.shift()?.();
-    }
   }
 
   private clientFor(ns: string): ContainerdClient {

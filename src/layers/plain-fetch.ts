@@ -12,6 +12,7 @@ import type { ChunkStore } from '../store/chunkstore';
 import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
 import { splitKey } from '../store/keys';
+import { Limiter } from '../util/limiter';
 import { Kind, type Labels } from '../store/types';
 import { removeAll } from '../util/fs';
 import type { ConversionQueue } from './conversion';
@@ -85,11 +86,12 @@ export class PlainLayerFetcher {
   private readonly jobs = new Map<string, Job>();
   /** Diff ids of image configs (by registry, repository and config digest). */
   private readonly diffIds = new Map<string, Promise<string[]>>();
-  private readonly waiting: (() => void)[] = [];
-  private running = 0;
   private closed = false;
+  private readonly limiter: Limiter;
 
-  constructor(private readonly o: PlainFetchOptions) {}
+  constructor(private readonly o: PlainFetchOptions) {
+    this.limiter = new Limiter(Math.max(1, o.concurrency ?? DEFAULT_FETCH_CONCURRENCY));
+  }
 
   /**
    * When `labels` name a layer of a plain image whose registry serves it:
@@ -156,7 +158,7 @@ export class PlainLayerFetcher {
     const job: Job = { image, layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
     const fields = { op: 'fetch', key: ref, snapshot: id, layer: id, image, layer_digest: layer.digest };
     try {
-      const built = await this.limited(() => this.build(repo, ref, job, `layer ${id} is quarantined (${reason})`));
+      const built = await this.limiter.run(() => this.build(repo, ref, job, `layer ${id} is quarantined (${reason})`));
       const healed = await healFromSink(this.o.store, built.sink);
       // The store's onChunkHealth settles the quarantines on the next turn.
       await new Promise((resolve) => setImmediate(resolve));
@@ -205,25 +207,13 @@ export class PlainLayerFetcher {
   private start(repo: Reference, layer: PlainImage['layers'][number], chainId: string, diffId: string): void {
     if (this.jobs.has(chainId) || !LAYER_MEDIA_TYPES.has(layer.mediaType)) return;
     const job: Job = { image: formatReference(repo), layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
-    job.result = this.limited(() => this.build(repo, chainId, job));
+    job.result = this.limiter.run(() => this.build(repo, chainId, job));
     // Claimed by a Prepare soon, or dropped.
     const unclaimed = () => {
       if (this.jobs.get(chainId) === job) job.timer = setTimeout(() => void this.drop(chainId), UNCLAIMED_MS).unref();
     };
     job.result.then(unclaimed, unclaimed);
     this.jobs.set(chainId, job);
-  }
-
-  private async limited<T>(work: () => Promise<T>): Promise<T> {
-    const limit = Math.max(1, this.o.concurrency ?? DEFAULT_FETCH_CONCURRENCY);
-    if (this.running >= limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
-    this.running++;
-    try {
-      return await work();
-    } finally {
-      this.running--;
-      this.waiting.shift()?.();
-    }
   }
 
   /** Reads `job`'s layer from the registry into a tree, its new chunks into the store (provisionally), and checks its diff id. */
