@@ -40,7 +40,7 @@ export class StoreChunkSink implements ChunkSink {
   writer: SegmentWriter | null = null;
   private readonly pinned: number[] = [];
   /** store.restoredFiles when the sink started: a store file put back meanwhile lost writes made through the old one. */
-  readonly restoredAtStart: number;
+  private readonly restoredAtStart: number;
   /** Bytes hashed, bytes written, chunks found in the store. */
   hashedBytes = 0;
   writtenBytes = 0;
@@ -159,6 +159,18 @@ export class StoreChunkSink implements ChunkSink {
     while (this.inflight.size > 0) await Promise.all([...this.inflight]);
     await this.flushing;
     if (this.failure) throw this.failure;
+  }
+
+  /**
+   * Throws when the store file was put back (ChunkStore.restoreFile) since
+   * the sink started and chunks.blob got new chunks from it: they went to
+   * the old file. Call under the import lock, after restoreFile; `what` ends
+   * the message.
+   */
+  checkStoreFile(what: string): void {
+    if (this.store.restoredFiles !== this.restoredAtStart && this.store.layout !== 'segments' && this.written.size > 0) {
+      throw new Error(`the chunk store file was put back while ${what}`);
+    }
   }
 
   /** Distinct chunks in the order first met: digest and blocks. */

@@ -157,9 +157,7 @@ export class Converter {
       await sink.flush();
       return await store.withLock(async () => {
         await store.restoreFile();
-        if (store.restoredFiles !== sink.restoredAtStart && store.layout !== 'segments' && sink.written.size > 0) {
-          throw new Error('the chunk store file was put back while this layer was being converted: its new chunks went to the old file (the conversion is retried)');
-        }
+        sink.checkStoreFile('this layer was being converted: its new chunks went to the old file (the conversion is retried)');
         const t1 = Date.now();
         const segmented = store.layout === 'segments';
         const plan = placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: store.maxDevices });

@@ -17,9 +17,7 @@ export async function healFromSink(store: ChunkStore, sink: StoreChunkSink): Pro
     await sink.flush();
     return await store.withLock(async () => {
       await store.restoreFile();
-      if (store.restoredFiles !== sink.restoredAtStart && store.layout !== 'segments' && sink.written.size > 0) {
-        throw new Error('the chunk store file was put back while the layer was being read: its bytes went to the old file');
-      }
+      sink.checkStoreFile('the layer was being read: its bytes went to the old file');
       const heal = sink.chunks().flatMap((c) => store.lookupAll(c.digest).filter((r) => r.bad && r.nblocks === c.nblocks));
       if (heal.length === 0) return 0;
       for (const r of heal) store.pin(r.id);
