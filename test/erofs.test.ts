@@ -184,6 +184,30 @@ describe('background conversion', () => {
     }
   });
 
+  test('a directory never handed out goes as soon as its layer is converted; one handed out waits out the grace time', async () => {
+    const dir = workDir('erofs-background-retire');
+    const root = path.join(dir, 'root');
+    // A grace far longer than the test: only "never handed out" can explain the first directory going.
+    const sn = new Snapshotter({ root, erofs: { ...erofs, convertMode: 'background', retireGraceMs: 600_000 } });
+    try {
+      await layer(sn, 'top', '', { data: random(2 * MiB + 5, 'retire-top') });
+      const top = sn.ms.getInfo('top').id;
+      await layer(sn, 'base', '', { data: random(2 * MiB + 7, 'retire-base') });
+      const base = sn.ms.getInfo('base').id;
+      // A child's Prepare hands out base's root (its directory, or its EROFS mount if converted already).
+      await sn.prepare('child', 'base');
+      await waitFor(() => sn.pendingConversions === 0, 60_000, 'background conversions');
+      assert.ok(sn.ms.getLayer(top) && sn.ms.getLayer(base), 'both converted');
+      await waitFor(() => !fs.existsSync(path.join(root, 'snapshots', top)), 10_000, 'directory of the layer never handed out removed without a sweep call');
+      await new Promise((r) => setTimeout(r, 500));
+      assert.equal(await sn.sweepRetired(), 0);
+      assert.ok(fs.existsSync(path.join(root, 'snapshots', base, 'fs')), 'a directory handed out a moment ago stays for the grace time');
+      await sn.remove('child');
+    } finally {
+      sn.close();
+    }
+  });
+
   test('Commit returns before conversion; mounts switch to EROFS; a directory in use stays until unmounted', async () => {
     const dir = workDir('erofs-background');
     const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, convertMode: 'background', retireGraceMs: 200 } });

@@ -97,9 +97,13 @@ export class ConversionQueue {
       });
       this.logConverted(id, ms.keyOf(id) ?? key, stats, started);
       this.o.events.emit({ key: ms.keyOf(id) ?? key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'background' });
-      this.o.sweeper.retire(id);
       const now = ms.keyOf(id);
       if (now !== undefined) this.offerShare(id, ms.getInfo(now).info.labels);
+      // Its directory goes once no mount uses it, no push reads it (offered
+      // first, so the sweep sees it held) and the grace time has passed since
+      // it was last handed out (a child's lowerdir, a view): at once if it
+      // never was (the top layer of a pull).
+      this.o.sweeper.retire(id, 0);
     } catch (err) {
       if (ms.keyOf(id) === undefined || this.closed) {
         log.info({ op: 'convert', key, snapshot: id, layer: id }, 'layer removed before its conversion finished');

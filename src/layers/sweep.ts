@@ -26,13 +26,25 @@ export class Sweeper {
 
   constructor(private readonly o: SweeperOptions) {}
 
-  /** The directory of converted layer `id` goes once no mount uses it (`at`: when it was retired; 0: no grace). */
+  /**
+   * The directory of converted layer `id` goes once no mount uses it and
+   * the grace time has passed since `at` and since the directory was last
+   * handed out in a mount (LayerMounts remembers that). `at` 0: only the
+   * hand-outs count, so a directory never handed out goes at once.
+   */
   retire(id: string, at = Date.now()): void {
-    this.o.mounts.retire(id, at);
+    const { mounts } = this.o;
+    mounts.retire(id, at);
     if (!this.timer) {
-      this.timer = setInterval(() => void this.sweepRetired(), Math.max(250, Math.min(5000, this.o.mounts.graceMs / 2)));
+      this.timer = setInterval(() => this.sweepLogged(), Math.max(250, Math.min(5000, mounts.graceMs / 2)));
       this.timer.unref();
     }
+    if (Date.now() - Math.max(at, mounts.lastHandedOut(id)) >= mounts.graceMs) this.sweepLogged();
+  }
+
+  /** A sweep in the background; a failure is logged (the next tick tries again). */
+  private sweepLogged(): void {
+    this.sweepRetired().catch((err: Error) => this.o.logger.warn({ op: 'convert', err: err.message }, `old layer directories not removed yet: ${err.message}`));
   }
 
   /**
