@@ -202,8 +202,13 @@ export class ContainerdClient {
 
   /** The names of every image in this namespace. */
   async listImages(): Promise<string[]> {
+    return (await this.listImageTargets()).map((i) => i.name);
+  }
+
+  /** Every image in this namespace: its name and target (one call, not one per image). */
+  async listImageTargets(): Promise<{ name: string; target: Descriptor }[]> {
     const res = await this.call(this.images, 'List', { filters: [] });
-    return ((res.images ?? []) as { name: string }[]).map((i) => i.name);
+    return ((res.images ?? []) as { name: string; target: Descriptor }[]).map((i) => ({ name: i.name, target: i.target }));
   }
 
   /** Content `digest`, whole; refused when it is over `maxBytes` (manifests and configs are small). */

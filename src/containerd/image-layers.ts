@@ -32,10 +32,19 @@ export async function imageChainIds(c: ImageContent, name: string, platform = ho
   return (await imageLayers(c, name, platform)).chainIds;
 }
 
-/** Image `name`'s layers (their descriptors in the manifest), diff ids and chain ids, bottom first (see imageChainIds). */
-export async function imageLayers(c: ImageContent, name: string, platform = hostPlatform()): Promise<{ target: string; layers: Descriptor[]; diffIds: string[]; chainIds: string[] }> {
-  let desc: Descriptor = await c.getImage(name);
-  const target = desc.digest;
+/**
+ * Image `name`'s layers (their descriptors in the manifest), diff ids and
+ * chain ids, bottom first (see imageChainIds). `target`: the image's target
+ * when the caller has it (from Images.List), else it is asked for.
+ */
+export async function imageLayers(
+  c: ImageContent,
+  name: string,
+  platform = hostPlatform(),
+  target?: Descriptor,
+): Promise<{ target: string; layers: Descriptor[]; diffIds: string[]; chainIds: string[] }> {
+  let desc: Descriptor = target ?? (await c.getImage(name));
+  const targetDigest = desc.digest;
   if (INDEX_TYPES.has(desc.media_type)) {
     const index = await readJson(c, desc);
     // The index's own JSON (OCI: mediaType, camelCase), not containerd's gRPC descriptor (media_type).
@@ -59,7 +68,7 @@ export async function imageLayers(c: ImageContent, name: string, platform = host
   const raw = Array.isArray(manifest.layers) ? (manifest.layers as { mediaType?: unknown; digest?: unknown; size?: unknown }[]) : [];
   // As listed (a caller that needs one per diff id checks it).
   const layers = raw.map((l) => ({ media_type: String(l.mediaType ?? ''), digest: String(l.digest ?? ''), size: Number(l.size ?? 0) }));
-  return { target, layers, diffIds: diffIds as string[], chainIds: chainIds(diffIds as string[]) };
+  return { target: targetDigest, layers, diffIds: diffIds as string[], chainIds: chainIds(diffIds as string[]) };
 }
 
 /** containerd's (the OCI image spec's) chain ids of a list of diff ids. */

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { ContainerdClient } from '../containerd/client';
-import { imageLayers } from '../containerd/image-layers';
+import { hostPlatform, imageLayers } from '../containerd/image-layers';
 import { StoreChunkSink } from '../convert/chunk-sink';
 import { LAYER_MEDIA_TYPES, treeFromLayerBlob } from '../convert/layer-stream';
 import { type TreeNode, keyBytes } from '../convert/layer-tree';
@@ -64,6 +64,7 @@ interface Job {
 export class ContentAhead {
   private readonly jobs = new Map<string, Job>();
   private readonly clients = new Map<string, ContainerdClient>();
+  /** Layers of each image by namespace and name (with the target they were read from). */
   private readonly images = new Map<string, Awaited<ReturnType<typeof imageLayers>>>();
   private readonly limiter = new Limiter(CONCURRENCY);
   private closed = false;
@@ -135,20 +136,22 @@ export class ContentAhead {
   /** The layer whose chain id is `chain` among namespace `ns`'s images: its descriptor, the image and its diff id. */
   private async find(ns: string, chain: string): Promise<{ image: string; digest: string; size: number; mediaType: string; diffId: string } | null> {
     const c = this.clientFor(ns);
-    for (const name of await c.listImages()) {
-      let layers = this.images.get(`${ns}\0${name}`);
-      try {
-        const target = (await c.getImage(name)).digest;
-        if (!layers || layers.target !== target) {
-          layers = await imageLayers(c, name);
-          if (this.images.size >= MAX_CACHED_IMAGES) this.images.delete(this.images.keys().next().value as string);
-          this.images.set(`${ns}\0${name}`, layers);
+    for (const { name, target } of await c.listImageTargets()) {
+      const cacheKey = `${ns}\0${name}`;
+      let layers = this.images.get(cacheKey);
+      if (layers?.target !== target.digest) {
+        try {
+          layers = await imageLayers(c, name, hostPlatform(), target);
+        } catch {
+          continue; // not an image of this platform, or its content is gone meanwhile
         }
-      } catch {
-        continue; // not an image of this platform, or gone meanwhile
+        if (this.images.size >= MAX_CACHED_IMAGES) this.images.delete(this.images.keys().next().value as string);
+        this.images.set(cacheKey, layers);
       }
       const i = layers.chainIds.indexOf(chain);
-      if (i >= 0 && layers.layers.length === layers.chainIds.length) return { image: name, digest: layers.layers[i].digest, size: layers.layers[i].size, mediaType: layers.layers[i].media_type, diffId: layers.diffIds[i] };
+      if (i >= 0 && layers.layers.length === layers.chainIds.length) {
+        return { image: name, digest: layers.layers[i].digest, size: layers.layers[i].size, mediaType: layers.layers[i].media_type, diffId: layers.diffIds[i] };
+      }
     }
     return null;
   }
