@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
-import { Readable, type TransformOptions } from 'node:stream';
+import { Readable, type TransformOptions, type Writable } from 'node:stream';
 import zlib from 'node:zlib';
 import type { StoreChunkSink } from './chunk-sink';
 import type { TreeNode } from './layer-tree';
@@ -129,9 +129,7 @@ async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGener
     const options: zlib.ZlibOptions & TransformOptions = { chunkSize: 1 << 20, readableHighWaterMark: GUNZIP_AHEAD };
     const gunzip = zlib.createGunzip(options);
     // Its input gathered too: a socket delivers 64 KiB at a time, and each write is one trip to the thread pool.
-    const input = Readable.from(gather(rest(), PIECE));
-    input.on('error', (err) => gunzip.destroy(err));
-    input.pipe(gunzip);
+    feedGathered(rest(), gunzip).catch((err: Error) => gunzip.destroy(err));
     yield* gunzip as AsyncIterable<Buffer>;
     return;
   }
@@ -144,6 +142,86 @@ async function* decompress(src: AsyncIterator<Buffer>, what: string): AsyncGener
 
 /** Pieces a stream is gathered into for zlib and the tar reader (a socket or a pipe delivers 64 KiB at a time). */
 const PIECE = 1 << 20;
+
+/** Input buffers feedGathered fills in turn. */
+const FEED_BUFFERS = 3;
+
+/**
+ * Writes `src` into `dest` (zlib) in pieces of PIECE bytes, then ends it. A
+ * small piece (a socket's 64 KiB) is copied into one of a few buffers used
+ * in turn: a buffer is filled again only once zlib has consumed it (its
+ * write callback), so the gathered input is not memory allocated afresh
+ * for every MiB (on this kind of VM, first touches of fresh memory and the
+ * garbage collection they bring cost more than the copy). A piece of PIECE
+ * bytes or more, with nothing gathered before it, is written as it is.
+ * Rejects with the first error of the source or of a write (the caller
+ * destroys `dest` with it).
+ */
+async function feedGathered(src: AsyncIterable<Buffer>, dest: Writable): Promise<void> {
+  const free: Buffer[] = [];
+  let made = 0;
+  let wake: (() => void) | null = null;
+  let failed: Error | null = null;
+  const done = (pooled: Buffer | null) => (err?: Error | null) => {
+    if (err) failed ??= err;
+    if (pooled) free.push(pooled);
+    const w = wake;
+    wake = null;
+    w?.();
+  };
+  const take = async (): Promise<Buffer> => {
+    for (;;) {
+      if (failed) throw failed;
+      const b = free.pop();
+      if (b) return b;
+      if (made < FEED_BUFFERS) {
+        made++;
+        return Buffer.allocUnsafeSlow(PIECE);
+      }
+      await new Promise<void>((resolve) => (wake = resolve));
+    }
+  };
+  let cur: Buffer | null = null;
+  let used = 0;
+  for await (const piece of src) {
+    if (failed) throw failed;
+    if (used === 0 && piece.length >= PIECE) {
+      // Not pooled: held back by zlib's high-water mark instead.
+      if (!dest.write(piece, done(null))) await drained(dest);
+      continue;
+    }
+    let off = 0;
+    while (off < piece.length) {
+      cur ??= await take();
+      const n = piece.copy(cur, used, off);
+      used += n;
+      off += n;
+      if (used === cur.length) {
+        dest.write(cur.subarray(0, used), done(cur));
+        cur = null;
+        used = 0;
+      }
+    }
+  }
+  if (cur && used > 0) dest.write(cur.subarray(0, used), done(cur));
+  if (failed) throw failed;
+  dest.end();
+}
+
+/** Resolves once `w` drains, or is closed or fails (a failure is thrown by the writes' callbacks). */
+function drained(w: Writable): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const settle = () => {
+      w.off('drain', settle);
+      w.off('close', settle);
+      w.off('error', settle);
+      resolve();
+    };
+    w.on('drain', settle);
+    w.on('close', settle);
+    w.on('error', settle);
+  });
+}
 
 /** `src` in pieces of at least `size` bytes (the last may be shorter); a piece that is big enough passes as it is. */
 async function* gather(src: AsyncIterable<Buffer>, size: number): AsyncGenerator<Buffer> {

@@ -144,6 +144,7 @@ export class ChunkStore {
   /** Read-write fds of unsealed segments being healed. */
   private readonly rwSegments = new Map<number, number>();
   private lookupStmt: Database.Statement | null = null;
+  private lookupAllStmt: Database.Statement | null = null;
   /** When writes last found the store file in place (fileProblem is a stat: asked at most every WRITE_CHECK_MS while writes stream). */
   private fileCheckedAt = 0;
 
@@ -399,9 +400,9 @@ export class ChunkStore {
    * in a sealed segment that writes the segment anew).
    */
   lookupAll(digest: string): (ChunkRow & { bad: boolean })[] {
-    const rows = this.db
-      .prepare('SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ? ORDER BY c.segment')
-      .all(digest) as (ChunkRow & { bad: number })[];
+    // Prepared once: placing a layer asks this for every distinct chunk.
+    this.lookupAllStmt ??= this.db.prepare('SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ? ORDER BY c.segment');
+    const rows = this.lookupAllStmt.all(digest) as (ChunkRow & { bad: number })[];
     return rows.map((r) => ({ ...r, bad: r.bad === 1 }));
   }
 
