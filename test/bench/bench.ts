@@ -30,7 +30,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { atLeast, defaultContainerd, newerErofsUtilsDir, programOf } from '../helpers/containerd-builds';
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
-import { BIG_FILE_BYTES, BIG_FILE_PATH, type BuildResult, buildImages } from './build';
+import { BIG_FILE_BYTES, BIG_FILE_PATH, type BenchImage, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
 import { dropCaches, duBytes, holdFreePageReporting, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
 
@@ -54,6 +54,8 @@ function newerErofsUtils(): { bin: string | null; why: string } {
   return { bin: null, why: 'no mkfs.erofs 1.7 or newer (run ../shared/tools/debian-newer/fetch.sh)' };
 }
 const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+/** Rounds of pulls (every snapshotter once per round, dedup last): this VM's pull times vary by up to 2x from one minute to the next, so ratios are taken within a round and their median reported. */
+const ROUNDS = Math.max(1, Number(process.env.BENCH_PULL_ROUNDS ?? 3));
 const START_IMAGE = 'python-b';
 const READ_IMAGE = 'bigfile';
 
@@ -66,6 +68,10 @@ interface PhaseResult {
   diskBytes: number;
   /** The most the snapshotter's directory took while the images were pulled and settled (du every second). */
   peakDiskBytes: number;
+  /** Where the daemon's log stood when the phase began (dedup: its conversion lines are the ones after). */
+  logsFrom: number;
+  /** The same three figures for the OS and app images alone (see osImages), taken before the next pull. */
+  osImages: { settledMs: number; diskBytes: number; peakDiskBytes: number } | null;
   diskBreakdown: Record<string, number>;
   contentStoreBytes: number;
   startTrueMs: number[];
@@ -140,11 +146,22 @@ async function diskBreakdown(stack: Stack, s: Snapshotter): Promise<Record<strin
   return out;
 }
 
-/** Number of distinct layer chains (= snapshots containerd commits) in the image set. */
-function distinctLayers(built: BuildResult): number {
+/** Number of distinct layer chains (= snapshots containerd commits) in `images`. */
+function distinctLayers(images: readonly BenchImage[]): number {
   const chains = new Set<string>();
-  for (const img of built.images) img.layers.forEach((_, i) => chains.add(img.layers.slice(0, i + 1).join('/')));
+  for (const img of images) img.layers.forEach((_, i) => chains.add(img.layers.slice(0, i + 1).join('/')));
   return chains.size;
+}
+
+/**
+ * The OS and app images (every image without the big random layer): the
+ * five Debian-based images issue 16's targets were set on. They come first
+ * in the pull order, so their figures are taken before bigfile's pull.
+ */
+function osImages(built: BuildResult): BenchImage[] {
+  const os = built.images.filter((i) => !i.layers.includes('big'));
+  if (built.images.slice(0, os.length).some((i, n) => i !== os[n])) throw new Error('the OS and app images must come first in the pull order');
+  return os;
 }
 
 /** The daemon's log ops of a layer made into an image: directory conversion, the differ's Apply, the registry fetch. */
@@ -155,10 +172,10 @@ const CONVERSION_OPS = ['convert', 'apply', 'fetch'];
  * in progress (ROOT/tmp empty) and keeps no plain snapshot directory (no
  * container runs, so every snapshot is a committed layer).
  */
-async function waitConverted(stack: Stack, n: number): Promise<void> {
+async function waitConverted(stack: Stack, n: number, logsFrom: number): Promise<void> {
   const deadline = Date.now() + 1_800_000;
   for (;;) {
-    const logs = stack.daemon.logs();
+    const logs = stack.daemon.logs().slice(logsFrom);
     const failed = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.level === 'number' && l.level >= 50);
     if (failed.length > 0) throw new Error(`layer conversion failed: ${JSON.stringify(failed)}`);
     const done = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number').length;
@@ -182,9 +199,10 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
   log(`=== ${s}: emptying containerd's content store and snapshots`);
   await emptyContainerd(stack);
   if (s === 'dedup') {
-    const st = stack.daemonStorage();
-    if (st.storeBytes !== 0 || st.images.length !== 0) throw new Error(`dedup ROOT is not empty before the pull: ${JSON.stringify(st)}`);
+    // containerd removed the last round's layers; the daemon gives their space back a moment later.
+    await waitForEmptyRoot(stack);
   }
+  const logsFrom = stack.daemon.logs().length;
   await dropCaches();
   const pullMs: Record<string, number> = {};
   // Peak disk: du of the snapshotter's directory once a second during the pull (the same sampler for both).
@@ -196,19 +214,29 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
       await new Promise((r) => setTimeout(r, 1000));
     }
   })();
+  const first = osImages(built);
+  let osFigures: PhaseResult['osImages'] = null;
   const pullStart = nowMs();
   for (const img of built.images) {
     const t = nowMs();
     await ctr(stack, ['images', 'pull', '--plain-http', `--snapshotter=${s}`, refOf(stack, img.name)], 1_800_000);
     pullMs[img.name] = nowMs() - t;
     log(`${s}: pulled ${img.name} in ${secs(pullMs[img.name])}`);
+    if (img === first.at(-1)) {
+      // The OS and app images settled (dedup: their layers converted, directories gone) before the next pull starts.
+      if (s === 'dedup') await waitConverted(stack, distinctLayers(first), logsFrom);
+      const settled = nowMs() - pullStart;
+      const disk = await duBytes(snapshotterDir(stack, s));
+      osFigures = { settledMs: settled, diskBytes: disk, peakDiskBytes: Math.max(peakDiskBytes, disk) };
+      log(`${s}: the ${first.length} OS and app images settled ${secs(settled)} after the first pull started, disk ${mib(disk)}`);
+    }
   }
   const pullTotalMs = Object.values(pullMs).reduce((a, b) => a + b, 0);
   if (s === 'dedup') {
     // The daemon may convert in the background after Commit returned: wait
     // until every layer is converted and its directory is gone, so that disk
     // and the timed runs see the final state (and no conversion competes with them).
-    await waitConverted(stack, distinctLayers(built));
+    await waitConverted(stack, distinctLayers(built.images), logsFrom);
   }
   const settledMs = nowMs() - pullStart;
   sampling = false;
@@ -228,6 +256,8 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     settledMs,
     diskBytes,
     peakDiskBytes,
+    logsFrom,
+    osImages: osFigures,
     diskBreakdown: breakdown,
     contentStoreBytes,
     startTrueMs: [],
@@ -241,6 +271,16 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     await removeAndMeasure(stack, result);
   }
   return result;
+}
+
+async function waitForEmptyRoot(stack: Stack): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const st = stack.daemonStorage();
+    if (st.storeBytes === 0 && st.images.length === 0) return;
+    if (Date.now() > deadline) throw new Error(`dedup ROOT is not empty before the pull: ${JSON.stringify(st)}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
 }
 
 async function removeAndMeasure(stack: Stack, r: PhaseResult): Promise<void> {
@@ -349,15 +389,50 @@ function lazyLine(lazy: LazyResult): string {
  * each layer's conversion.
  */
 /** containerd's EROFS snapshotter's pull figures against overlayfs's, or why it was not measured. */
+/** The OS and app images' figures (issue 16's set): dedup's and containerd's EROFS snapshotter's ratios to overlayfs. */
+function osImagesLine(built: BuildResult, phases: Partial<Record<Snapshotter, PhaseResult>>): string {
+  const o = phases.overlayfs?.osImages;
+  const of = (s: Snapshotter) => {
+    const p = phases[s]?.osImages;
+    return p && o ? `${s} until settled ${secs(p.settledMs)} = ${x(ratio(p.settledMs, o.settledMs))}, disk ${x(ratio(p.diskBytes, o.diskBytes))}, peak ${x(ratio(p.peakDiskBytes, o.peakDiskBytes))}` : null;
+  };
+  const parts = (['dedup', 'erofs'] as Snapshotter[]).map(of).filter((p) => p !== null);
+  return `the ${osImages(built).length} OS and app images alone (without bigfile; pulled first): overlayfs until settled ${o ? secs(o.settledMs) : '?'}; ${parts.join('; ')}`;
+}
+
+/** Each round's "until settled" ratios to overlayfs (all images; the OS and app images) and their medians. */
+function roundRatios(rounds: Partial<Record<Snapshotter, PhaseResult>>[], s: Snapshotter): { all: number[]; os: number[] } {
+  const all: number[] = [];
+  const os: number[] = [];
+  for (const r of rounds) {
+    const o = r.overlayfs;
+    const p = r[s];
+    if (!o || !p) continue;
+    all.push(ratio(p.settledMs, o.settledMs));
+    if (p.osImages && o.osImages) os.push(ratio(p.osImages.settledMs, o.osImages.settledMs));
+  }
+  return { all, os };
+}
+
+function roundsLine(rounds: Partial<Record<Snapshotter, PhaseResult>>[]): string {
+  const parts = (['dedup', 'erofs'] as Snapshotter[])
+    .filter((s) => rounds.some((r) => r[s]))
+    .map((s) => {
+      const { all, os } = roundRatios(rounds, s);
+      return `${s} ${all.map(x).join(', ')} (median ${x(median(all))}); OS and app images ${os.map(x).join(', ')} (median ${x(median(os))})`;
+    });
+  return `until settled, ratio to overlayfs per round (${rounds.length} round${rounds.length === 1 ? '' : 's'}): ${parts.join('; ')}`;
+}
+
 function erofsLine(e: PhaseResult | undefined, o: PhaseResult): string {
   if (!e) return "containerd's EROFS snapshotter: not measured (see the log's SKIP line)";
   return `containerd's EROFS snapshotter (erofs differ): pull until settled ${secs(e.settledMs)} = ${x(ratio(e.settledMs, o.settledMs))} of overlayfs; disk ${mib(e.diskBytes)} = ${x(ratio(e.diskBytes, o.diskBytes))}; peak ${x(ratio(e.peakDiskBytes, o.peakDiskBytes))}`;
 }
 
-function whereTimeGoes(stack: Stack): string {
+function whereTimeGoes(stack: Stack, logsFrom: number): string {
   const parts: string[] = [];
   for (const op of CONVERSION_OPS) {
-    const ls = stack.daemon.logs().filter((l) => l.op === op && typeof l.logical_bytes === 'number');
+    const ls = stack.daemon.logs().slice(logsFrom).filter((l) => l.op === op && typeof l.logical_bytes === 'number');
     if (ls.length === 0) continue;
     const sum = (k: string) => ls.reduce((a, l) => a + (typeof l[k] === 'number' ? (l[k] as number) : 0), 0);
     const read = sum(op === 'apply' ? 'read_ms' : op === 'fetch' ? 'fetch_ms' : 'mkfs_ms');
@@ -401,9 +476,17 @@ async function main(): Promise<void> {
     return;
   }
 
-  const phases: Partial<Record<Snapshotter, PhaseResult>> = {};
-  for (const s of SNAPSHOTTERS) phases[s] = await phase(stack, built, s);
-  const timeLine = whereTimeGoes(stack);
+  const rounds: Partial<Record<Snapshotter, PhaseResult>>[] = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    log(`=== pull round ${r + 1}/${ROUNDS}`);
+    const round: Partial<Record<Snapshotter, PhaseResult>> = {};
+    for (const s of SNAPSHOTTERS) round[s] = await phase(stack, built, s);
+    rounds.push(round);
+    log(roundsLine(rounds));
+  }
+  // The last round's pulls are the ones in place (dedup's images stay for the timed runs).
+  const phases = rounds[rounds.length - 1];
+  const timeLine = whereTimeGoes(stack, (phases.dedup as PhaseResult).logsFrom);
   log(timeLine);
   // The daemon's log lines, for a closer look at where time goes (DEDUP_BENCH_DAEMON_LOG=file).
   if (process.env.DEDUP_BENCH_DAEMON_LOG) fs.writeFileSync(process.env.DEDUP_BENCH_DAEMON_LOG, stack.daemon.logs().map((l) => JSON.stringify(l)).join('\n'));
@@ -411,7 +494,7 @@ async function main(): Promise<void> {
     // Only the pull figures (for working on conversion).
     const po = phases.overlayfs as PhaseResult;
     const pd = phases.dedup as PhaseResult;
-    process.stdout.write(`\npull until settled: overlayfs ${secs(po.settledMs)}, dedup ${secs(pd.settledMs)} = ${x(ratio(pd.settledMs, po.settledMs))}; disk ${x(ratio(pd.diskBytes, po.diskBytes))}, peak ${x(ratio(pd.peakDiskBytes, po.peakDiskBytes))}\n${erofsLine(phases.erofs, po)}\n${timeLine}\n`);
+    process.stdout.write(`\npull until settled: overlayfs ${secs(po.settledMs)}, dedup ${secs(pd.settledMs)} = ${x(ratio(pd.settledMs, po.settledMs))}; disk ${x(ratio(pd.diskBytes, po.diskBytes))}, peak ${x(ratio(pd.peakDiskBytes, po.peakDiskBytes))}\n${erofsLine(phases.erofs, po)}\n${osImagesLine(built, phases)}\n${roundsLine(rounds)}\n${timeLine}\n`);
     return;
   }
   const o = phases.overlayfs as PhaseResult;
@@ -426,7 +509,7 @@ async function main(): Promise<void> {
     ctr: (args, timeoutMs) => ctr(stack, args, timeoutMs),
   });
 
-  const converts = stack.daemon.logs().filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number');
+  const converts = stack.daemon.logs().slice(d.logsFrom).filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number');
   const logicalBytes = converts.reduce((a, l) => a + (l.logical_bytes as number), 0);
   const storedBytes = converts.reduce((a, l) => a + (l.stored_bytes as number), 0);
   const imageBytes = converts.reduce((a, l) => a + ((l.image_bytes as number) ?? 0), 0);
@@ -470,6 +553,8 @@ async function main(): Promise<void> {
       startPython: ratio(median(d.startPythonMs), median(o.startPythonMs)),
       readThroughput: ratio(median(d.readMBps), median(o.readMBps)),
     },
+    /** "Until settled" ratios of every round (the table's figures are the last round's). */
+    settledByRound: { dedup: roundRatios(rounds, 'dedup'), erofs: roundRatios(rounds, 'erofs') },
     dedup_stats: {
       convertedLayers: converts.length,
       logicalBytes,
@@ -489,7 +574,7 @@ async function main(): Promise<void> {
     },
     lazy,
     containerd: stack.build.version,
-    erofsSnapshotter: phases.erofs ? { settledMs: phases.erofs.settledMs, diskBytes: phases.erofs.diskBytes, peakDiskBytes: phases.erofs.peakDiskBytes } : null,
+    erofsSnapshotter: phases.erofs ? { settledMs: phases.erofs.settledMs, diskBytes: phases.erofs.diskBytes, peakDiskBytes: phases.erofs.peakDiskBytes, osImages: phases.erofs.osImages } : null,
     totalSeconds: (Date.now() - t0) / 1000,
   };
   const resultFile = path.join(path.dirname(built.dir), 'bench-results.json');
@@ -520,6 +605,8 @@ async function main(): Promise<void> {
   out.push(`${'-'.repeat(w[0])}  ${'-'.repeat(w[1])}  ${'-'.repeat(w[2])}  ${'-'.repeat(w[3])}`);
   for (const r of rows) out.push(`${pad(r[0], w[0])}  ${lpad(r[1], w[1])}  ${lpad(r[2], w[2])}  ${lpad(r[3], w[3])}`);
   out.push(erofsLine(phases.erofs, o));
+  out.push(osImagesLine(built, phases));
+  out.push(roundsLine(rounds));
   out.push(timeLine);
   out.push('');
   out.push(
