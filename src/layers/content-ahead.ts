@@ -137,6 +137,7 @@ export class ContentAhead {
   private async find(ns: string, chain: string): Promise<{ image: string; digest: string; size: number; mediaType: string; diffId: string } | null> {
     const c = this.clientFor(ns);
     for (const { name, target } of await c.listImageTargets()) {
+      if (typeof target?.digest !== 'string') continue;
       const cacheKey = `${ns}\0${name}`;
       let layers = this.images.get(cacheKey);
       if (layers?.target !== target.digest) {
