@@ -61,6 +61,11 @@ interface Job {
   recorded: Promise<boolean> | null;
 }
 
+/** A job for `layer` of an image in `repo` (its result is set by whoever runs it). */
+function newJob(repo: Reference, layer: PlainImage['layers'][number], diffId: string): Job {
+  return { image: formatReference(repo), layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
+}
+
 /**
  * Plain layers fetched by the snapshotter itself (registry.fetch_layers):
  * when a Prepare carries the CRI labels (CRI pulls; containerd 2.x's
@@ -154,8 +159,8 @@ export class PlainLayerFetcher {
 
   /** Reads layer `ref`'s blob again to heal the damaged chunks of committed snapshot `id` (quarantined for `reason`); one line either way. */
   private async heal(repo: Reference, layer: PlainImage['layers'][number], ref: string, diffId: string, id: string, reason: string): Promise<void> {
-    const image = formatReference(repo);
-    const job: Job = { image, layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
+    const job = newJob(repo, layer, diffId);
+    const image = job.image;
     const fields = { op: 'fetch', key: ref, snapshot: id, layer: id, image, layer_digest: layer.digest };
     try {
       const built = await this.limiter.run(() => this.build(repo, ref, job, `layer ${id} is quarantined (${reason})`));
@@ -206,7 +211,7 @@ export class PlainLayerFetcher {
   /** Starts converting a layer ahead (queued behind `concurrency` others) unless it is being converted or the node has it. */
   private start(repo: Reference, layer: PlainImage['layers'][number], chainId: string, diffId: string): void {
     if (this.jobs.has(chainId) || !LAYER_MEDIA_TYPES.has(layer.mediaType)) return;
-    const job: Job = { image: formatReference(repo), layerDigest: layer.digest, layerSize: layer.size, diffId, started: Date.now(), result: Promise.resolve() as unknown as Promise<Built>, timer: null, recorded: null };
+    const job = newJob(repo, layer, diffId);
     job.result = this.limiter.run(() => this.build(repo, chainId, job));
     // Claimed by a Prepare soon, or dropped.
     const unclaimed = () => {
