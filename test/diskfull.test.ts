@@ -384,6 +384,8 @@ describe('a full disk through containerd: partial snapshots removed one after an
     // containerd removes its partial snapshot (its garbage collector calls Remove).
     await waitFor(async () => !(await daemonSnapshotNames(stack)).some((n) => /extract-/.test(n)), 60_000, 'the partial snapshot of the failed pull removed');
     assert.deepEqual(removeFailures(), []);
+    // Its directory goes a moment later (retired, then swept): the space the pull wrote comes back.
+    await waitFor(() => freeBytes(mnt) >= 16 * MiB, 30_000, `the failed pull's space given back (${freeBytes(mnt)} bytes free)`);
 
     // Partial snapshots (as failed pulls of other images leave them), then the disk full to the last block.
     const sizes = [6, 0, 3, 0, 2, 1];

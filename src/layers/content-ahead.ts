@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { ContainerdClient } from '../containerd/client';
-import { hostPlatform, imageLayers } from '../containerd/image-layers';
+import { type ImageContent, hostPlatform, imageLayers } from '../containerd/image-layers';
 import { StoreChunkSink } from '../convert/chunk-sink';
 import { LAYER_MEDIA_TYPES, treeFromLayerBlob } from '../convert/layer-stream';
 import { type TreeNode, keyBytes } from '../convert/layer-tree';
@@ -22,10 +22,15 @@ export interface ContentAheadOptions {
   /** Blob `digest` of `size` bytes from containerd's content store in namespace `ns` (its files, else its Read RPC: the applier's). */
   content: (ns: string, digest: string, size: number) => AsyncIterable<Buffer>;
   containerdAddress: string;
+  /** containerd's images and content in namespace `ns` (default: a client of containerdAddress). */
+  client?: (ns: string) => AheadClient;
   store: ChunkStore;
   chunkSize: number;
   logger: Logger;
 }
+
+/** What the read-ahead needs of containerd in one namespace. */
+export type AheadClient = ImageContent & Pick<ContainerdClient, 'listImageTargets' | 'close'>;
 
 /** How long after a Prepare the read starts: an Apply of the same snapshot (2.x, or 1.7 with dedup-differ first) comes within it and calls forget. */
 const APPLY_GRACE_MS = 200;
@@ -42,8 +47,8 @@ export interface AheadLayer {
 interface Job {
   result: Promise<AheadLayer | null>;
   timer: NodeJS.Timeout | null;
-  /** Forgotten before its read began: it does not begin. */
-  cancelled: boolean;
+  /** Forgotten: a read not begun does not begin, one under way stops at its next block (its chunks given back). */
+  abort: AbortController;
 }
 
 /**
@@ -63,7 +68,7 @@ interface Job {
  */
 export class ContentAhead {
   private readonly jobs = new Map<string, Job>();
-  private readonly clients = new Map<string, ContainerdClient>();
+  private readonly clients = new Map<string, AheadClient>();
   /** Layers of each image by namespace and name (with the target they were read from). */
   private readonly images = new Map<string, Awaited<ReturnType<typeof imageLayers>>>();
   private readonly limiter = new Limiter(CONCURRENCY);
@@ -76,9 +81,10 @@ export class ContentAhead {
     const k = splitKey(key);
     const m = k ? UNPACK_KEY.exec(k.name) : null;
     if (this.closed || !k || !m || this.jobs.has(id)) return;
-    const job: Job = { result: Promise.resolve(null), timer: null, cancelled: false };
+    const job: Job = { result: Promise.resolve(null), timer: null, abort: new AbortController() };
+    const { signal } = job.abort;
     job.result = new Promise((resolve) => setTimeout(resolve, APPLY_GRACE_MS).unref())
-      .then(() => (this.closed || job.cancelled ? null : this.limiter.run(() => this.read(k.ns, m[1], key))))
+      .then(() => (this.closed || signal.aborted ? null : this.limiter.run(async () => (signal.aborted ? null : this.read(k.ns, m[1], key, signal)))))
       .catch((err: Error) => {
         this.o.logger.debug({ op: 'convert', key, snapshot: id, err: err.message }, `layer not read ahead from containerd's content store: ${err.message}`);
         return null;
@@ -108,12 +114,16 @@ export class ContentAhead {
     return layer;
   }
 
-  /** Snapshot `id` removed, applied by dedup-differ, or never taken: what was read ahead for it is given back (a read not yet begun never begins). */
+  /**
+   * Snapshot `id` removed, applied by dedup-differ, or never taken: what was
+   * read ahead for it is given back. A read not yet begun never begins; one
+   * under way stops (a failed pull's layer must not go on filling the disk).
+   */
   async forget(id: string): Promise<void> {
     const job = this.jobs.get(id);
     if (!job) return;
     this.jobs.delete(id);
-    job.cancelled = true;
+    job.abort.abort();
     if (job.timer) clearTimeout(job.timer);
     const layer = await job.result;
     await layer?.sink.discard();
@@ -127,9 +137,9 @@ export class ContentAhead {
     this.clients.clear();
   }
 
-  private clientFor(ns: string): ContainerdClient {
+  private clientFor(ns: string): AheadClient {
     let c = this.clients.get(ns);
-    if (!c) this.clients.set(ns, (c = new ContainerdClient(this.o.containerdAddress, ns, 30_000)));
+    if (!c) this.clients.set(ns, (c = this.o.client?.(ns) ?? new ContainerdClient(this.o.containerdAddress, ns, 30_000)));
     return c;
   }
 
@@ -157,13 +167,13 @@ export class ContentAhead {
     return null;
   }
 
-  private async read(ns: string, chain: string, key: string): Promise<AheadLayer | null> {
+  private async read(ns: string, chain: string, key: string, signal: AbortSignal): Promise<AheadLayer | null> {
     const started = Date.now();
     const layer = await this.find(ns, chain);
     if (!layer) throw new Error(`no image in namespace ${ns} has a layer with chain id ${chain}`);
     if (!LAYER_MEDIA_TYPES.has(layer.mediaType)) throw new Error(`layer ${layer.digest} is ${layer.mediaType}`);
     this.o.logger.debug({ op: 'convert', key, image: layer.image, layer_digest: layer.digest }, `reading layer ${layer.digest} of ${layer.image} from containerd's content store while containerd unpacks it`);
-    const blob = this.o.content(ns, layer.digest, layer.size);
+    const blob = untilAborted(this.o.content(ns, layer.digest, layer.size), signal, `the read of layer ${layer.digest} stopped: its snapshot was removed or applied`);
     const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
     const warn = (msg: string) => this.o.logger.debug({ op: 'convert', key, layer_digest: layer.digest }, msg);
     const { root, diffId } = await treeFromLayerBlob(blob, layer.digest, sink, warn);
@@ -172,6 +182,14 @@ export class ContentAhead {
       throw new Error(`layer ${layer.digest} hashes to ${diffId}, the image config names ${layer.diffId}`);
     }
     return { root, sink, digest: layer.digest, image: layer.image, readMs: Date.now() - started };
+  }
+}
+
+/** `src`, ending with an error at the first block after `signal` aborts (the source's iterator is closed). */
+async function* untilAborted(src: AsyncIterable<Buffer>, signal: AbortSignal, why: string): AsyncGenerator<Buffer> {
+  for await (const b of src) {
+    if (signal.aborted) throw new Error(why);
+    yield b;
   }
 }
 
