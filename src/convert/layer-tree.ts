@@ -108,6 +108,9 @@ export async function sinkFileData(sink: ChunkSink, data: AsyncIterable<Buffer>,
   return out;
 }
 
+/** Longest stretch treeFromDirectory keeps the event loop (ms). */
+const WALK_SLICE_MS = 10;
+
 /** Files up to this size are read with one synchronous read (page-cached small files: a thread-pool round trip costs more than the read). */
 const SYNC_READ_MAX = 256 * 1024;
 
@@ -179,8 +182,18 @@ function kindOf(st: import('node:fs').BigIntStats): NodeKind {
  */
 export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<TreeNode> {
   const byInode = new Map<string, TreeNode>();
+  // Metadata calls are synchronous, in slices of at most WALK_SLICE_MS with
+  // the event loop served between them: a page-cached layer directory's
+  // lstat, readdir and xattr calls take microseconds, a trip through the
+  // thread pool for each costs more than the call (a Debian base layer's
+  // 6700 entries: ~0.8 s of walk against ~0.3 s).
+  let sliceStart = Date.now();
   const visit = async (p: string): Promise<TreeNode> => {
-    const st = await fsp.lstat(p, { bigint: true });
+    if (Date.now() - sliceStart >= WALK_SLICE_MS) {
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      sliceStart = Date.now();
+    }
+    const st = fs.lstatSync(p, { bigint: true });
     const kind = kindOf(st);
     const inodeKey = `${st.dev}:${st.ino}`;
     if (kind !== 'dir' && st.nlink > 1n) {
@@ -200,11 +213,11 @@ export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<T
       node.size = Number(st.size);
       node.chunks = await sinkFile(sink, p, node.size);
     } else if (kind === 'symlink') {
-      node.target = await fsp.readlink(p, { encoding: 'buffer' });
+      node.target = fs.readlinkSync(p, { encoding: 'buffer' });
     } else if (kind === 'chr' || kind === 'blk') {
       [node.rdevMajor, node.rdevMinor] = devNumbers(st.rdev);
     } else if (kind === 'dir') {
-      const names = (await fsp.readdir(p, { encoding: 'buffer' })).sort(Buffer.compare);
+      const names = fs.readdirSync(p, { encoding: 'buffer' }).sort(Buffer.compare);
       const children = node.children as Map<string, TreeNode>;
       for (const name of names) {
         const s = name.toString('utf8');

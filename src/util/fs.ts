@@ -16,12 +16,23 @@ export interface Usage {
 export async function diskUsage(root: string): Promise<Usage> {
   const seen = new Set<string>();
   let size = 0;
-  const visit = async (p: string): Promise<void> => {
+  // Synchronous calls in slices of at most SLICE_MS, the event loop served
+  // between them: a warm walk of a 6700-entry Debian root takes ~75 ms so,
+  // against 120-400 ms as one promise per entry through the thread pool
+  // (and Commit waits for it).
+  const stack = [root];
+  let sliceStart = Date.now();
+  while (stack.length > 0) {
+    if (Date.now() - sliceStart >= SLICE_MS) {
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      sliceStart = Date.now();
+    }
+    const p = stack.pop() as string;
     let st: fs.BigIntStats;
     try {
-      st = await fsp.lstat(p, { bigint: true });
+      st = fs.lstatSync(p, { bigint: true });
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
       throw err;
     }
     const id = `${st.dev}:${st.ino}`;
@@ -29,23 +40,19 @@ export async function diskUsage(root: string): Promise<Usage> {
       seen.add(id);
       size += Number(st.blocks) * 512;
     }
-    if (st.isDirectory()) {
-      let names: string[];
-      try {
-        names = await fsp.readdir(p);
-      } catch (err) {
-        // Removed (or renamed away by Remove) between lstat and readdir.
-        if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-        throw err;
-      }
-      // Siblings in parallel: libuv's thread pool bounds the concurrency, and
-      // a cold walk of a 6700-entry Debian root took ~150 ms here, ~480 ms serially.
-      await Promise.all(names.map((n) => visit(path.join(p, n))));
+    if (!st.isDirectory()) continue;
+    try {
+      for (const n of fs.readdirSync(p)) stack.push(path.join(p, n));
+    } catch (err) {
+      // Removed (or renamed away by Remove) between lstat and readdir.
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     }
-  };
-  await visit(root);
+  }
   return { size, inodes: seen.size };
 }
+
+/** Longest stretch diskUsage keeps the event loop (ms). */
+const SLICE_MS = 10;
 
 /** Removes a tree; missing is fine. */
 export async function removeAll(p: string): Promise<void> {
