@@ -184,25 +184,36 @@ describe('background conversion', () => {
     }
   });
 
-  test('a directory never handed out goes as soon as its layer is converted; one handed out waits out the grace time', async () => {
+  test('a directory never handed out goes as soon as its layer is converted; one handed out waits out the grace time while the snapshot it went to is active, and goes once that is committed', async () => {
     const dir = workDir('erofs-background-retire');
     const root = path.join(dir, 'root');
-    // A grace far longer than the test: only "never handed out" can explain the first directory going.
+    // A grace far longer than the test: only "never handed out" or "handed out to a snapshot committed since" can explain a directory going.
     const sn = new Snapshotter({ root, erofs: { ...erofs, convertMode: 'background', retireGraceMs: 600_000 } });
     try {
       await layer(sn, 'top', '', { data: random(2 * MiB + 5, 'retire-top') });
       const top = sn.ms.getInfo('top').id;
       await layer(sn, 'base', '', { data: random(2 * MiB + 7, 'retire-base') });
       const base = sn.ms.getInfo('base').id;
-      // A child's Prepare hands out base's root (its directory, or its EROFS mount if converted already).
-      await sn.prepare('child', 'base');
+      const baseDir = path.join(root, 'snapshots', base, 'fs');
+      // A child's Prepare right after base's Commit hands out base's directory (its conversion has barely begun).
+      const childMounts = await sn.prepare('child', 'base');
+      const handedDir = childMounts[0].options.some((o) => o.startsWith('lowerdir=') && o.includes(baseDir));
       await waitFor(() => sn.pendingConversions === 0, 60_000, 'background conversions');
       assert.ok(sn.ms.getLayer(top) && sn.ms.getLayer(base), 'both converted');
       await waitFor(() => !fs.existsSync(path.join(root, 'snapshots', top)), 10_000, 'directory of the layer never handed out removed without a sweep call');
+      if (!handedDir) {
+        // Converted before the child's Prepare: the child was handed base's EROFS mount, never its directory.
+        await waitFor(async () => (await sn.sweepRetired()) >= 0 && !fs.existsSync(baseDir), 10_000, 'directory of base (its mount handed out, not the directory) removed');
+        return;
+      }
       await new Promise((r) => setTimeout(r, 500));
       assert.equal(await sn.sweepRetired(), 0);
-      assert.ok(fs.existsSync(path.join(root, 'snapshots', base, 'fs')), 'a directory handed out a moment ago stays for the grace time');
-      await sn.remove('child');
+      assert.ok(fs.existsSync(baseDir), 'a directory handed out a moment ago to a snapshot still active stays for the grace time');
+      // The child committed (as containerd's unpack does after unmounting): nothing may mount base's directory any more.
+      fs.writeFileSync(path.join(root, 'snapshots', sn.ms.getInfo('child').id, 'fs', 'more'), 'more');
+      await sn.commit('child-layer', 'child');
+      await waitFor(async () => (await sn.sweepRetired()) >= 0 && !fs.existsSync(baseDir), 10_000, 'directory of base removed once the snapshot it was handed to is committed');
+      await waitFor(() => sn.pendingConversions === 0, 60_000, 'background conversions');
     } finally {
       sn.close();
     }

@@ -18,7 +18,6 @@ import { Readable } from 'node:stream';
 import { before, describe, test } from 'node:test';
 import { treeFromDirectory } from '../src/convert/layer-tree';
 import { treeFromTar } from '../src/convert/tar-tree';
-import { shapeDiffers } from '../src/layers/content-ahead';
 import { LayerTarError, applyLayerTar } from '../src/convert/untar';
 import { scratchDirs } from './helpers/daemon';
 import { CAP_NET_BIND_RAW, type Entry, buildLayer, busyboxImageDef, chainImageDef, pseudoRandom, tortureImageDef } from './helpers/images';
@@ -526,36 +525,6 @@ describe('treeFromTar builds the tree applyLayerTar writes', () => {
       compared++;
     }
     assert.ok(compared >= 10, `${compared} layers`);
-  });
-
-  test("shapeDiffers (content-ahead.ts): the directory a layer is unpacked into has its tree's shape; a changed size, mode or entry is named", async () => {
-    const layers = [...busyboxImageDef().layers, ...tortureImageDef().layers, ...chainImageDef().layers.slice(1, 6)];
-    for (const entries of layers) {
-      const { tar } = await buildLayer(entries);
-      const dir = path.join(work, `shape-${n++}`);
-      await applyLayerTar(Readable.from([tar]), dir);
-      const { root } = await treeFromTar(pieces(tar, 65_536), new RecordingSink(CHUNK));
-      assert.equal(shapeDiffers(root, dir), null, `layer of ${entries.length} entries`);
-    }
-    const tar = new RawTar().entry({ name: 'd/', typeflag: '5' }).entry({ name: 'd/f', mode: 0o644 }, 'abc').entry({ name: 'l', typeflag: '2', linkname: 'd/f' }).finish();
-    const dir = path.join(work, `shape-${n++}`);
-    await applyLayerTar(Readable.from([tar]), dir);
-    const { root } = await treeFromTar(pieces(tar, 512), new RecordingSink(CHUNK));
-    assert.equal(shapeDiffers(root, dir), null);
-    fs.appendFileSync(path.join(dir, 'd/f'), 'x');
-    assert.match(shapeDiffers(root, dir) ?? '', /\.\/d\/f: (size 4, not 3|mtime)/);
-    fs.truncateSync(path.join(dir, 'd/f'), 3);
-    fs.utimesSync(path.join(dir, 'd/f'), RAW_MTIME, RAW_MTIME);
-    assert.equal(shapeDiffers(root, dir), null, 'size and mtime back');
-    fs.chmodSync(path.join(dir, 'd/f'), 0o600);
-    assert.match(shapeDiffers(root, dir) ?? '', /\.\/d\/f: mode or owner/);
-    fs.chmodSync(path.join(dir, 'd/f'), 0o644);
-    fs.writeFileSync(path.join(dir, 'd/extra'), '');
-    assert.match(shapeDiffers(root, dir) ?? '', /\.\/d: 2 entries, not 1/);
-    fs.rmSync(path.join(dir, 'd/extra'));
-    fs.rmSync(path.join(dir, 'l'));
-    fs.symlinkSync('elsewhere', path.join(dir, 'l'));
-    assert.match(shapeDiffers(root, dir) ?? '', /\.\/l: link target/);
   });
 });
 

@@ -40,8 +40,6 @@ export interface ConvertStats {
   imageBytes: number;
   mkfsMs: number;
   importMs: number;
-  /** Where the layer's files were read from, when not its directory (the conversion's log line says so). */
-  source?: string;
 }
 
 export interface ConverterOptions {

@@ -83,8 +83,6 @@ export class LayerApplier {
   private readonly clients = new Map<string, ContainerdClient>();
   /** Blob files being read (closed on close, and when an apply fails). */
   private readonly open = new Set<fs.ReadStream>();
-  /** Called as an Apply of snapshot `id` begins (content-ahead.ts then does not read its layer too). */
-  onApply: ((id: string) => void) | null = null;
 
   constructor(private readonly o: LayerApplyOptions) {}
 
@@ -167,7 +165,6 @@ export class LayerApplier {
     if (ms.getLayer(id) || mounts.isBusy(id)) throw failedPrecondition(`snapshot ${JSON.stringify(key)} already has a layer applied (or one is being applied)`);
     if (fs.readdirSync(this.o.layout.upper(id)).length > 0) throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not empty: dedup-differ applies a layer only to an empty snapshot`);
     const started = Date.now();
-    this.onApply?.(id);
     log.info({ op: 'apply', key, snapshot: id, layer: id, digest: req.digest, media_type: req.mediaType, size: req.size }, `detected new layer ${id}, auto-converting to EROFS from its tar in one pass (${req.digest})`);
     const job = this.applyTo(id, key, req, started);
     try {

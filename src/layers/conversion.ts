@@ -9,7 +9,6 @@ import type { RootLayout } from '../store/root-layout';
 import type { Labels, Usage } from '../store/types';
 import { removeAll } from '../util/fs';
 import { type ConvertEvents, convertedFields, convertedSummary } from './events';
-import type { ContentAhead } from './content-ahead';
 import type { LayerMounts } from './layer-mounts';
 import { recordLayer } from './record';
 import type { Sweeper } from './sweep';
@@ -41,8 +40,6 @@ export class ConversionQueue {
   private readonly queue: string[] = [];
   private workers = 0;
   private closed = false;
-  /** Layers read from containerd's content store while it unpacked them (set once the applier exists). */
-  ahead: ContentAhead | null = null;
 
   constructor(private readonly o: ConversionOptions) {}
 
@@ -162,20 +159,9 @@ export class ConversionQueue {
     }
   }
 
-  /**
-   * Converts layer `id` and records it (see mountAndRecord): from the tree
-   * read from containerd's content store while it unpacked the layer, when
-   * there is one and the directory has its shape (content-ahead.ts); else
-   * from its directory.
-   */
+  /** Converts layer `id` from its directory and records it (see mountAndRecord). */
   private async convert(id: string, started: number, alsoInTx: () => void): Promise<ConvertStats> {
-    const dir = this.o.layout.upper(id);
-    const ahead = await this.ahead?.take(id, dir);
-    if (ahead) {
-      const stats = await this.o.converter.importTree(id, ahead.root, ahead.sink, ahead.readMs, this.mountAndRecord(id, started, alsoInTx));
-      return { ...stats, source: `its blob ${ahead.digest} in containerd's content store (read while containerd unpacked it)` };
-    }
-    return this.o.converter.convert(id, dir, this.mountAndRecord(id, started, alsoInTx));
+    return this.o.converter.convert(id, this.o.layout.upper(id), this.mountAndRecord(id, started, alsoInTx));
   }
 
   /**
@@ -210,10 +196,9 @@ export class ConversionQueue {
         layer: id,
         ...convertedFields(stats),
         mkfs_ms: stats.mkfsMs,
-        from: stats.source ? 'content store' : 'directory',
         duration_ms: Date.now() - started,
       },
-      `converted layer ${id} to EROFS${stats.source ? ` from ${stats.source}` : ''}: ${convertedSummary(stats)}`,
+      `converted layer ${id} to EROFS: ${convertedSummary(stats)}`,
     );
   }
 

@@ -4,6 +4,7 @@ import type { Logger } from '../log/logger';
 import type { LayerKernel } from '../mount/layer-kernel';
 import type { LazyLoader } from '../ondemand/lazy-loader';
 import type { LayerRow, MetaStore } from '../store/metastore';
+import { Kind } from '../store/types';
 import type { RootLayout } from '../store/root-layout';
 import type { LayerIntegrity } from './integrity';
 
@@ -31,8 +32,15 @@ export class LayerMounts {
   readonly graceMs: number;
   /** Layer ids a conversion, import or settle is working on (not orphans, not swept). */
   private readonly busy = new Map<string, Promise<unknown>>();
-  /** When a layer's root was last handed out in a mount. */
+  /** When a layer's root (its mount or its directory) was last handed out in a mount. */
   private readonly handedOut = new Map<string, number>();
+  /**
+   * Layers whose directory (not yet converted) was handed out: to which
+   * snapshot (its id; '' for a caller that is none) and when. A hand-out
+   * ends when its snapshot is committed or removed: containerd mounts an
+   * active snapshot's mounts only while it is active.
+   */
+  private readonly dirHandouts = new Map<string, Map<string, number>>();
   /** Converted layers whose old directory may still be in use: id → when it was retired. */
   private readonly retired = new Map<string, number>();
   /** Converted layers whose directory a push is reading. */
@@ -97,15 +105,39 @@ export class LayerMounts {
     this.retired.set(id, at);
   }
 
-  /** Retired layers and when each may go at the earliest (retired or last handed out, whichever is later). */
+  /** Retired layers and when each may go at the earliest (retired, or its directory last handed out to a snapshot still active or a view, whichever is later). */
   retiredSince(): [id: string, since: number][] {
-    return [...this.retired].map(([id, at]) => [id, Math.max(at, this.lastHandedOut(id))]);
+    return [...this.retired].map(([id, at]) => [id, Math.max(at, this.dirHandedOutAt(id))]);
+  }
+
+  /**
+   * When layer `id`'s directory was last handed out to a snapshot that may
+   * still mount it (active or a view; '' holders always may); 0: never, or
+   * only to snapshots committed or removed since.
+   */
+  dirHandedOutAt(id: string): number {
+    const holders = this.dirHandouts.get(id);
+    if (!holders) return 0;
+    let latest = 0;
+    for (const [holder, at] of holders) {
+      if (holder !== '' && !this.mayStillMount(holder)) holders.delete(holder);
+      else latest = Math.max(latest, at);
+    }
+    if (holders.size === 0) this.dirHandouts.delete(id);
+    return latest;
+  }
+
+  /** Whether snapshot `id` is still active or a view (its mounts may still be mounted). */
+  private mayStillMount(id: string): boolean {
+    const key = this.o.ms.keyOf(id);
+    return key !== undefined && this.o.ms.getAny(key).kind !== Kind.Committed;
   }
 
   /** `id`'s old directory is gone (or its layer is): no longer retired, nor remembered as handed out. */
   unretire(id: string): void {
     this.retired.delete(id);
     this.handedOut.delete(id);
+    this.dirHandouts.delete(id);
   }
 
   get retiredCount(): number {
@@ -128,12 +160,9 @@ export class LayerMounts {
     return at === undefined ? Infinity : now - at;
   }
 
-  lastHandedOut(id: string): number {
-    return this.handedOut.get(id) ?? 0;
-  }
-
   forget(id: string): void {
     this.handedOut.delete(id);
+    this.dirHandouts.delete(id);
   }
 
   /** Throws FailedPrecondition, naming what to do, if layer `id` is quarantined (see integrity.ts). */
@@ -148,17 +177,25 @@ export class LayerMounts {
   }
 
   /**
-   * The read-only root of each committed layer `ids` names, for handing out:
-   * its EROFS mount (made again if lost, e.g. unmounted by hand), or its
-   * directory until it is converted, remembered as handed out (see the sweep).
+   * The read-only root of each committed layer `ids` names, for handing out
+   * (in the mounts of snapshot `holder`, if one): its EROFS mount (made
+   * again if lost, e.g. unmounted by hand), or its directory until it is
+   * converted, remembered as handed out (see the sweep).
    */
-  rootsOf(ids: string[]): string[] {
+  rootsOf(ids: string[], holder = ''): string[] {
     const mounted = this.o.images ? new Set(this.o.kernel.mountPoints()) : undefined;
     const now = Date.now();
     return ids.map((id) => {
       const layer = mounted ? this.o.ms.getLayer(id) : undefined;
       if (mounted) this.handedOut.set(id, now);
-      if (!layer) return this.o.layout.upper(id);
+      if (!layer) {
+        if (mounted) {
+          const holders = this.dirHandouts.get(id) ?? new Map<string, number>();
+          holders.set(holder, now);
+          this.dirHandouts.set(id, holders);
+        }
+        return this.o.layout.upper(id);
+      }
       this.ensureMounted(layer, mounted as Set<string>);
       return this.path(id);
     });

@@ -29,8 +29,10 @@ export class Sweeper {
   /**
    * The directory of converted layer `id` goes once no mount uses it and
    * the grace time has passed since `at` and since the directory was last
-   * handed out in a mount (LayerMounts remembers that). `at` 0: only the
-   * hand-outs count, so a directory never handed out goes at once.
+   * handed out in the mounts of a snapshot that is still active or a view
+   * (LayerMounts remembers that). `at` 0: only those hand-outs count, so a
+   * directory never handed out, or only to snapshots committed since (a
+   * pull's next layer), goes at once.
    */
   retire(id: string, at = Date.now()): void {
     const { mounts } = this.o;
@@ -39,7 +41,7 @@ export class Sweeper {
       this.timer = setInterval(() => this.sweepLogged(), Math.max(250, Math.min(5000, mounts.graceMs / 2)));
       this.timer.unref();
     }
-    if (Date.now() - Math.max(at, mounts.lastHandedOut(id)) >= mounts.graceMs) this.sweepLogged();
+    if (Date.now() - Math.max(at, mounts.dirHandedOutAt(id)) >= mounts.graceMs) this.sweepLogged();
   }
 
   /** A sweep in the background; a failure is logged (the next tick tries again). */
@@ -51,8 +53,9 @@ export class Sweeper {
    * Deletes the old directories of converted layers that no mount in the
    * mount table names (as a bind root or an overlay lowerdir, also the
    * relative form containerd uses for long option strings) and that were
-   * not handed out in a mount for the grace time (containerd mounts what
-   * Prepare returns a moment later).
+   * not handed out, for the grace time, in the mounts of a snapshot that
+   * is still active or a view (containerd mounts what Prepare returns a
+   * moment later).
    */
   async sweepRetired(): Promise<number> {
     const { mounts, ms, layout } = this.o;

@@ -4,7 +4,6 @@ import { Converter } from '../convert/converter';
 import { readImageDeviceTags } from '../convert/erofs-format';
 import { type MkfsFeatures, probeMkfs } from '../convert/mkfs';
 import { LayerApplier } from '../layers/apply';
-import { ContentAhead } from '../layers/content-ahead';
 import { ConvertedLayerPusher } from '../convert/share';
 import { ConversionQueue } from '../layers/conversion';
 import { type ConvertEvent, ConvertEvents } from '../layers/events';
@@ -118,7 +117,6 @@ export interface ErofsParts {
   /** dedup-differ's Apply: layer tars into images without a directory. */
   applier: LayerApplier;
   /** Layers containerd unpacks into directories, read from its content store meanwhile (1.x's ctr pulls). */
-  ahead: ContentAhead;
   /** 'background': Commit returns before the conversion; 'sync': Commit converts. */
   background: boolean;
   share: ConvertedLayerPusher | null;
@@ -255,10 +253,6 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     containerdAddress: opts.containerdAddress ?? (process.env.CONTAINERD_ADDRESS || '/run/containerd/containerd.sock'),
     containerdRoot: opts.containerdRoot ?? (process.env.CONTAINERD_ROOT || '/var/lib/containerd'),
   });
-  const ahead = new ContentAhead({ content: (ns, digest, size) => applier.content(ns, digest, size).blob, containerdAddress: applier.containerdAddress, store, chunkSize: e.chunkSize, logger });
-  applier.onApply = (id) => void ahead.forget(id);
-  // Not with push_converted: a pushed layer is built from the directory containerd unpacked (as the fetch path, below).
-  if (!share) conversion.ahead = ahead;
   // push_converted shares layers converted from their directory (convert/share.ts): with it, containerd unpacks them.
   const plain = remote && opts.fetchLayers !== false && !opts.pushConverted ? new PlainLayerFetcher({ layout, ms, store, converter, conversion, remote, events, snapshots, chunkSize: e.chunkSize, logger }) : null;
   const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, plain, logger }) : null;
@@ -272,7 +266,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     sweeper,
     events,
     remote,
-    erofs: { store, converter, sealer, integrity, conversion, applier, ahead, background: (e.convertMode ?? 'background') === 'background', share, importer, plain, loader, settler },
+    erofs: { store, converter, sealer, integrity, conversion, applier, background: (e.convertMode ?? 'background') === 'background', share, importer, plain, loader, settler },
     scrub: opts.integrity ?? null,
   };
 }

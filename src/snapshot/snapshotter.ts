@@ -192,10 +192,7 @@ export class Snapshotter {
         throw remoteLayerExists(`target snapshot ${JSON.stringify(labels?.[LABEL_SNAPSHOT_REF])} is a remote layer, made without its tar`);
       }
     }
-    const mounts = await this.createSnapshot(Kind.Active, key, parent, labels);
-    // containerd's unpack key (1.x's ctr pull): its layer is read from containerd's content store while containerd unpacks it.
-    this.parts.erofs?.ahead.start(this.ms.getInfo(key).id, key);
-    return mounts;
+    return this.createSnapshot(Kind.Active, key, parent, labels);
   }
 
   async view(key: string, parent: string, labels?: Labels): Promise<Mount[]> {
@@ -247,7 +244,7 @@ export class Snapshotter {
     if (s.parentIds.length === 0) {
       return [{ type: 'bind', source: this.layout.upper(s.id), options: [s.kind === Kind.View ? 'ro' : 'rw', 'rbind'] }];
     }
-    const lower = this.parts.mounts.rootsOf(s.parentIds);
+    const lower = this.parts.mounts.rootsOf(s.parentIds, s.id);
     if (s.kind === Kind.View && s.parentIds.length === 1) {
       return [{ type: 'bind', source: lower[0], options: ['ro', 'rbind'] }];
     }
@@ -280,8 +277,6 @@ export class Snapshotter {
       // dedup-differ applied its layer: already an image, mounted and recorded; Commit only names it.
       const usage = { size: applied.logical_bytes, inodes: applied.files };
       const id = this.ms.transaction(() => this.ms.commitActive(key, name, usage, labels));
-      // Anything read ahead for it from containerd's content store is not needed (an Apply that came late).
-      void e?.ahead.forget(id);
       await removeAll(this.layout.snapshotDir(id)).catch((err: Error) => this.log.warn({ op: 'commit', key, name, snapshot: id, err: err.message }, 'empty directory of an applied layer left for cleanup'));
       this.log.info({ op: 'commit', key, name, snapshot: id, size: usage.size, inodes: usage.inodes, duration_ms: Date.now() - started }, 'snapshot committed');
       return;
@@ -338,7 +333,6 @@ export class Snapshotter {
         this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'layer image left for cleanup');
       }
     }
-    if (kind === Kind.Active) void e?.ahead.forget(id);
     const dir = this.layout.snapshotDir(id);
     const doomed = this.layout.removedDir(id, true);
     try {
@@ -477,7 +471,6 @@ export class Snapshotter {
     this.parts.sweeper.close();
     e?.conversion.close();
     e?.applier.close();
-    e?.ahead.close();
     e?.plain?.close();
     e?.settler?.close();
     e?.share?.close();
