@@ -3,7 +3,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type Database from 'better-sqlite3';
 import { punchHole } from '../../native/fallocate';
-import { startWriteback } from '../../native/writeback';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -611,24 +610,20 @@ export class ChunkStore {
     return buf;
   }
 
+  /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
   /**
-   * Starts writing what was written so far to chunks.blob (or segment
-   * `writer`) out to disk, ahead of the sync that makes it durable: a
-   * layer's many MiB of new chunks reach the disk while it still streams,
-   * and that sync has little left to wait for. Its result is not used: the store file may
+   * Flushes what was written so far to chunks.blob (or segment `writer`)
+   * to disk, ahead of the sync that makes it durable: a layer's many MiB of
+   * new chunks reach the disk while it still streams, and that sync has
+   * little left to wait for. Its result is not used: the store file may
    * have been put back (restoreFile) on another descriptor meanwhile, and
    * the sync that follows is what makes the layer durable.
    */
   async writeBack(writer: SegmentWriter | null = null): Promise<void> {
     const fd = writer ? writer.fd : this.fd;
-    // Write-out started, not a sync: an fdatasync here would commit the
-    // journal, which on ext4 also flushes every file containerd is
-    // unpacking meanwhile (the directory path), slowing its unpack.
-    if (await startWriteback(fd)) return;
     await new Promise<void>((resolve) => fs.fdatasync(fd, () => resolve()));
   }
 
-  /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
   async sync(): Promise<void> {
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
     for (const [seg, patches] of [...this.sealedPatches]) {
