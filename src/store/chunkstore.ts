@@ -610,7 +610,6 @@ export class ChunkStore {
     return buf;
   }
 
-  /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
   /**
    * Flushes what was written so far to chunks.blob (or segment `writer`)
    * to disk, ahead of the sync that makes it durable: a layer's many MiB of
@@ -624,6 +623,7 @@ export class ChunkStore {
     await new Promise<void>((resolve) => fs.fdatasync(fd, () => resolve()));
   }
 
+  /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
   async sync(): Promise<void> {
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
     for (const [seg, patches] of [...this.sealedPatches]) {
