@@ -461,6 +461,8 @@ async function main(): Promise<void> {
   const stack = await Stack.start({
     ...(diffService ? { diffServiceDefault: ['dedup-differ', 'walking'] } : {}),
     daemonEnv: { LOG_LEVEL: 'info' },
+    // containerd's own lines at debug (DEDUP_BENCH_CONTAINERD_LOG=file): its walking differ logs each layer's unpack time.
+    ...(process.env.DEDUP_BENCH_CONTAINERD_LOG ? { containerdLogLevel: 'debug' as const } : {}),
     daemonConfig: layout ? { integrity: { store_layout: layout } } : undefined,
     ...(erofsUtils.bin ? { erofsSnapshotter: true, containerdEnv: { PATH: `${erofsUtils.bin}:${process.env.PATH}` } } : {}),
   });
@@ -490,6 +492,7 @@ async function main(): Promise<void> {
   log(timeLine);
   // The daemon's log lines, for a closer look at where time goes (DEDUP_BENCH_DAEMON_LOG=file).
   if (process.env.DEDUP_BENCH_DAEMON_LOG) fs.writeFileSync(process.env.DEDUP_BENCH_DAEMON_LOG, stack.daemon.logs().map((l) => JSON.stringify(l)).join('\n'));
+  if (process.env.DEDUP_BENCH_CONTAINERD_LOG) fs.writeFileSync(process.env.DEDUP_BENCH_CONTAINERD_LOG, stack.containerdLog());
   if (process.argv.includes('--pull-only')) {
     // Only the pull figures (for working on conversion).
     const po = phases.overlayfs as PhaseResult;
