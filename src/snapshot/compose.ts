@@ -116,7 +116,6 @@ export interface ErofsParts {
   conversion: ConversionQueue;
   /** dedup-differ's Apply: layer tars into images without a directory. */
   applier: LayerApplier;
-  /** Layers containerd unpacks into directories, read from its content store meanwhile (1.x's ctr pulls). */
   /** 'background': Commit returns before the conversion; 'sync': Commit converts. */
   background: boolean;
   share: ConvertedLayerPusher | null;
