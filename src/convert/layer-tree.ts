@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
+import { eventLoopSlices } from '../util/slices';
 
 /**
  * A layer's file tree as the EROFS writer takes it: every node with the
@@ -187,12 +188,9 @@ export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<T
   // lstat, readdir and xattr calls take microseconds, a trip through the
   // thread pool for each costs more than the call (a Debian base layer's
   // 6700 entries: ~0.8 s of walk against ~0.3 s).
-  let sliceStart = Date.now();
+  const slice = eventLoopSlices(WALK_SLICE_MS);
   const visit = async (p: string): Promise<TreeNode> => {
-    if (Date.now() - sliceStart >= WALK_SLICE_MS) {
-      await new Promise<void>((resolve) => setImmediate(resolve));
-      sliceStart = Date.now();
-    }
+    await slice();
     const st = fs.lstatSync(p, { bigint: true });
     const kind = kindOf(st);
     const inodeKey = `${st.dev}:${st.ino}`;
