@@ -17,6 +17,7 @@ import {
   snapshotHomes,
   cleanupDaemons,
 } from './helpers/daemon';
+import { DAEMON_NODE_OPTIONS } from '../src/cmd/node-options';
 
 // These tests pin the RPC contract and crash behaviour: their daemons convert
 // layers at Commit (convert_mode "sync") so ROOT's state is deterministic.
@@ -122,6 +123,21 @@ test('an idle daemon stops at once on SIGTERM', async () => {
     assert.ok(Date.now() - started < 5000, 'idle shutdown took over 5 s');
     assert.ok(!fs.existsSync(d.address));
     assert.ok(d.logs().some((l) => l.msg === 'stopped'));
+  } finally {
+    await ensureGone(d);
+  }
+});
+
+test('the daemon runs itself again with its V8 options: same pid, its logs still on stdout, the options in its command line', async () => {
+  const d = await startDaemon({ convertMode: 'sync' });
+  try {
+    const pid = d.proc.pid as number;
+    // The helper spawned node without them; the process (same pid) now runs with them.
+    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    for (const o of DAEMON_NODE_OPTIONS) assert.ok(argv.includes(o), `${o} missing from ${JSON.stringify(argv)}`);
+    assert.equal(argv.filter((a) => a.startsWith('--max-semi-space-size')).length, 1, 'the option given once');
+    // stdout survived the execve (node marks it close-on-exec): the start-up lines came after it.
+    assert.ok(d.logs().some((l) => l.op === 'start' && /serving containerd snapshots API/.test(String(l.msg))), d.output());
   } finally {
     await ensureGone(d);
   }

@@ -1,5 +1,5 @@
 import { ConfigError } from '../config/config';
-import { runDaemon } from './daemon';
+import { execWithDaemonOptions } from './node-options';
 
 const USAGE = `usage: dedup-snapshotter [serve]         run the containerd proxy snapshotter (the default)
        dedup-snapshotter doctor [--json]  check this host for everything the snapshotter needs, with fixes
@@ -54,6 +54,9 @@ async function main(argv: string[]): Promise<void> {
     process.stderr.write(`dedup-snapshotter: unknown command ${JSON.stringify(cmd)}\n${USAGE}`);
     process.exit(2);
   }
+  // The daemon runs with its own V8 options (node-options.ts): the process is started again with them before anything is opened.
+  execWithDaemonOptions();
+  const { runDaemon } = await import('./daemon');
   await runDaemon();
 }
 

@@ -32,7 +32,7 @@ import { atLeast, defaultContainerd, newerErofsUtilsDir, programOf } from '../he
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BenchImage, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
-import { dropCaches, duBytes, holdFreePageReporting, log, runCmd, median, mib, nowMs, onCleanup, runCleanups, secs, sh } from './util';
+import { dropCaches, duBytes, holdFreePageReporting, log, machineCpuSeconds, median, mib, nowMs, onCleanup, processCpuSeconds, runCleanups, runCmd, secs, sh } from './util';
 
 type Snapshotter = 'overlayfs' | 'dedup' | 'erofs';
 /**
@@ -72,6 +72,8 @@ interface PhaseResult {
   logsFrom: number;
   /** The same three figures for the OS and app images alone (see osImages), taken before the next pull. */
   osImages: { settledMs: number; diskBytes: number; peakDiskBytes: number } | null;
+  /** CPU seconds from the first pull's start until settled: the whole machine's (every process and the kernel) and the dedup daemon's. */
+  cpu: { machineS: number; daemonS: number };
   diskBreakdown: Record<string, number>;
   contentStoreBytes: number;
   startTrueMs: number[];
@@ -216,6 +218,8 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
   })();
   const first = osImages(built);
   let osFigures: PhaseResult['osImages'] = null;
+  const daemonPid = stack.daemon.proc.pid;
+  const cpuStart = { machineS: machineCpuSeconds(), daemonS: processCpuSeconds(daemonPid) };
   const pullStart = nowMs();
   for (const img of built.images) {
     const t = nowMs();
@@ -239,9 +243,10 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     await waitConverted(stack, distinctLayers(built.images), logsFrom);
   }
   const settledMs = nowMs() - pullStart;
+  const cpu = { machineS: machineCpuSeconds() - cpuStart.machineS, daemonS: processCpuSeconds(daemonPid) - cpuStart.daemonS };
   sampling = false;
   await sampler;
-  log(`${s}: settled ${secs(settledMs)} after the first pull started`);
+  log(`${s}: settled ${secs(settledMs)} after the first pull started; CPU meanwhile: machine ${cpu.machineS.toFixed(2)} s, dedup daemon ${cpu.daemonS.toFixed(2)} s`);
   await sh('sync', []);
   const diskBytes = await duBytes(snapshotterDir(stack, s));
   peakDiskBytes = Math.max(peakDiskBytes, diskBytes);
@@ -258,6 +263,7 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     peakDiskBytes,
     logsFrom,
     osImages: osFigures,
+    cpu,
     diskBreakdown: breakdown,
     contentStoreBytes,
     startTrueMs: [],
@@ -421,7 +427,21 @@ function roundsLine(rounds: Partial<Record<Snapshotter, PhaseResult>>[]): string
       const { all, os } = roundRatios(rounds, s);
       return `${s} ${all.map(x).join(', ')} (median ${x(median(all))}); OS and app images ${os.map(x).join(', ')} (median ${x(median(os))})`;
     });
-  return `until settled, ratio to overlayfs per round (${rounds.length} round${rounds.length === 1 ? '' : 's'}): ${parts.join('; ')}`;
+  return `until settled, ratio to overlayfs per round (${rounds.length} round${rounds.length === 1 ? '' : 's'}): ${parts.join('; ')}\n${cpuLine(rounds)}`;
+}
+
+/** Each round's machine CPU seconds for the pulls (all images, until settled) as ratios to overlayfs, with the daemon's share: less noisy than wall time here. */
+function cpuLine(rounds: Partial<Record<Snapshotter, PhaseResult>>[]): string {
+  const parts = (['dedup', 'erofs'] as Snapshotter[])
+    .filter((s) => rounds.some((r) => r[s]))
+    .map((s) => {
+      const rs = rounds.filter((r) => r.overlayfs && r[s]).map((r) => ({ o: r.overlayfs as PhaseResult, p: r[s] as PhaseResult }));
+      const ratios = rs.map(({ o, p }) => ratio(p.cpu.machineS, o.cpu.machineS));
+      const own = s === 'dedup' ? `, the daemon's share ${rs.map(({ p }) => `${p.cpu.daemonS.toFixed(1)} s`).join(', ')}` : '';
+      return `${s} ${ratios.map(x).join(', ')} (median ${x(median(ratios))}${own})`;
+    });
+  const o = rounds.map((r) => r.overlayfs?.cpu.machineS).filter((c): c is number => c !== undefined);
+  return `machine CPU for the pulls until settled, ratio to overlayfs per round (overlayfs ${o.map((c) => `${c.toFixed(1)} s`).join(', ')}): ${parts.join('; ')}`;
 }
 
 function erofsLine(e: PhaseResult | undefined, o: PhaseResult): string {

@@ -125,3 +125,32 @@ export function holdFreePageReporting(): string {
   }
   return `free page reporting stays on (page_reporting_order ${old} could not be raised): single cold runs may scatter`;
 }
+
+/** Clock ticks per second of /proc's CPU times (USER_HZ: 100 on Linux for every architecture that matters here). */
+const USER_HZ = 100;
+
+/**
+ * CPU seconds the whole machine spent busy so far (/proc/stat: every
+ * column but idle and iowait, over all CPUs). The difference across a pull
+ * is the work it cost, whoever did it (containerd, ctr, the shim, the
+ * daemon, the kernel's write-back): on this VM wall times vary by up to 2x
+ * from minute to minute, CPU work much less.
+ */
+export function machineCpuSeconds(): number {
+  const cols = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal (guest and guest_nice are already in user and nice).
+  const [user, nice, system, , , irq, softirq, steal] = cols;
+  return (user + nice + system + irq + softirq + (steal ?? 0)) / USER_HZ;
+}
+
+/** CPU seconds (user + system, all threads) process `pid` has used so far; 0 once it is gone. */
+export function processCpuSeconds(pid: number | undefined): number {
+  if (!pid) return 0;
+  try {
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    const rest = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ').slice(-1)[0].split(' ');
+    return (Number(rest[11]) + Number(rest[12])) / USER_HZ;
+  } catch {
+    return 0;
+  }
+}
