@@ -6,9 +6,11 @@ import type { ChunkSink, Piece } from './layer-tree';
 /**
  * Takes a layer's file data chunk by chunk as it streams (from a directory
  * or a tar) and stores it once: each piece is padded to whole blocks and
- * hashed (SHA-256, the store's digest); a chunk the store already has (good
- * bytes, same length) is pinned and referenced, a chunk it lacks is written
- * into the store at once, provisionally: in chunks.blob at a freshly
+ * hashed (SHA-256, the store's digest); the distinct chunks are looked up
+ * in the store a batch at a time (one read transaction for up to
+ * PENDING_CHUNKS): a chunk the store already has (good bytes, same length)
+ * is pinned and referenced, a chunk it lacks is written into the store
+ * then, provisionally: in chunks.blob at a freshly
  * allocated extent, or appended to the import's own segment. No row names a
  * provisional chunk until the converter's transaction records the layer, so
  * a crash leaves only bytes that start-up punches out (or a segment file no
@@ -20,6 +22,9 @@ import type { ChunkSink, Piece } from './layer-tree';
  */
 /** Chunk writes a sink keeps in flight while it reads and hashes on. */
 const MAX_INFLIGHT = 4;
+/** New distinct chunks (or their bytes) held before they are looked up in the store together. */
+const PENDING_CHUNKS = 128;
+const PENDING_BYTES = 4 << 20;
 /** Bytes of back-to-back new chunks gathered into one write. */
 const RUN_BYTES = 2 << 20;
 /** Buffers in one writev: the kernel's iovec limit (IOV_MAX). */
@@ -50,6 +55,9 @@ export class StoreChunkSink implements ChunkSink {
   /** New chunks gathered for one write (chunks.blob). */
   private run: { extent: Extent; parts: Buffer[]; bytes: number } | null = null;
   private failure: Error | null = null;
+  /** Distinct chunks hashed and not yet looked up in the store (resolvePending). */
+  private pending: { digest: string; nblocks: number; parts: readonly Buffer[]; pad: Buffer }[] = [];
+  private pendingBytes = 0;
   /** Bytes written since the last background flush began, and that flush. */
   private unflushed = 0;
   private flushing: Promise<void> | null = null;
@@ -80,29 +88,50 @@ export class StoreChunkSink implements ChunkSink {
     this.digests.push(digest);
     this.nblocks.push(nblocks);
     this.byDigest.set(digest, n);
-    const row = this.store.lookup(digest);
-    if (row && row.nblocks === nblocks) {
-      // Pinned: a layer removed meanwhile cannot free it before this one references it.
-      this.store.pin(row.id);
-      this.pinned.push(row.id);
-      this.foundChunks++;
-      return n;
-    }
-    let extent: Extent;
-    if (this.store.layout === 'segments') {
-      this.writer ??= this.store.segments.create();
-      // Appended in the order taken (the writes of a run may be in flight together).
-      extent = this.store.takeAppend(this.writer, nblocks);
-    } else {
-      extent = this.store.allocate(nblocks);
-    }
-    // Recorded before the write, so that a failed write's extent is freed by discard.
-    this.written.set(digest, extent);
-    this.queueWrite(extent, parts, pad);
-    this.writtenBytes += nblocks * STORE_BLOCK;
-    if (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
-    if (this.failure) throw this.failure;
+    // Looked up in the store with the next ones, in one read transaction (see store.inOneRead).
+    this.pending.push({ digest, nblocks, parts, pad });
+    this.pendingBytes += nblocks * STORE_BLOCK;
+    if (this.pending.length >= PENDING_CHUNKS || this.pendingBytes >= PENDING_BYTES) await this.resolvePending();
     return n;
+  }
+
+  /**
+   * Looks the pending chunks up in the store, all at once: one the store
+   * has (same length) is pinned and referenced, one it lacks is written
+   * (queued). Waits while MAX_INFLIGHT writes are in flight; throws the
+   * first write that failed.
+   */
+  private async resolvePending(): Promise<void> {
+    const batch = this.pending;
+    if (batch.length === 0) return;
+    this.pending = [];
+    this.pendingBytes = 0;
+    const rows = this.store.lookupMany(batch.map((c) => c.digest));
+    for (let i = 0; i < batch.length; i++) {
+      const { digest, nblocks, parts, pad } = batch[i];
+      const row = rows[i];
+      if (row && row.nblocks === nblocks) {
+        // Pinned: a layer removed meanwhile cannot free it before this one references it.
+        this.store.pin(row.id);
+        this.pinned.push(row.id);
+        this.foundChunks++;
+        continue;
+      }
+      let extent: Extent;
+      if (this.store.layout === 'segments') {
+        this.writer ??= this.store.segments.create();
+        // Appended in the order taken (the writes of a run may be in flight together).
+        extent = this.store.takeAppend(this.writer, nblocks);
+      } else {
+        extent = this.store.allocate(nblocks);
+      }
+      // Recorded before the write, so that a failed write's extent is freed by discard.
+      this.written.set(digest, extent);
+      this.queueWrite(extent, parts, pad);
+      this.writtenBytes += nblocks * STORE_BLOCK;
+    }
+    while (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
+    if (this.failure) throw this.failure;
   }
 
   /** New chunks whose extents follow each other, written with one writev once RUN_BYTES are gathered or the next extent is elsewhere. */
@@ -155,6 +184,7 @@ export class StoreChunkSink implements ChunkSink {
 
   /** Waits for every write in flight; throws the first that failed. Call before the chunks are placed. */
   async flush(): Promise<void> {
+    await this.resolvePending();
     this.endRun();
     while (this.inflight.size > 0) await Promise.all([...this.inflight]);
     await this.flushing;
@@ -187,6 +217,8 @@ export class StoreChunkSink implements ChunkSink {
   async discard(keep: ReadonlySet<string> = new Set()): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Chunks not looked up yet have neither pin nor extent.
+    this.pending = [];
     this.endRun();
     // No write may land after its extent is freed (and perhaps handed to another import).
     while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);

@@ -158,7 +158,7 @@ export class Converter {
         sink.checkStoreFile('this layer was being converted: its new chunks went to the old file (the conversion is retried)');
         const t1 = Date.now();
         const segmented = store.layout === 'segments';
-        const plan = placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: store.maxDevices });
+        const plan = store.inOneRead(() => placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: store.maxDevices }));
         const pinned: number[] = [];
         try {
           for (const row of [...plan.use.values(), ...plan.heal]) {
@@ -268,7 +268,7 @@ export class Converter {
       const segmented = store.layout === 'segments';
       // An image too big for a device table after it reads from one place only.
       const roomy = Math.ceil(img.length / STORE_BLOCK) * STORE_BLOCK + store.maxDevices * EROFS_DEVT_SLOT_SIZE <= MAX_IMAGE_BEFORE_DEVT;
-      const plan = placeChunks(layer.chunks, (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: roomy ? store.maxDevices : 1 });
+      const plan = store.inOneRead(() => placeChunks(layer.chunks, (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: roomy ? store.maxDevices : 1 }));
       const pinned: number[] = [];
       const fresh: { digest: string; extent: Extent; key: string }[] = [];
       const placed: string[] = [];

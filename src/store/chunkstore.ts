@@ -395,6 +395,21 @@ export class ChunkStore {
   }
 
   /**
+   * Runs synchronous `fn` (lookups) in one read transaction: the database's
+   * lock is taken once for all of them instead of once per statement (in
+   * WAL mode ~6 µs a lookup alone, ~1 µs in one transaction), and they see
+   * one state. Nothing may await inside.
+   */
+  inOneRead<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+
+  /** `lookup` of each digest, in one read transaction. */
+  lookupMany(digests: readonly string[]): (ChunkRow | undefined)[] {
+    return this.inOneRead(() => digests.map((d) => this.lookup(d)));
+  }
+
+  /**
    * Every row of `digest` (one per segment holding it), good or bad; `bad`
    * true: an import must write its bytes again (see Converter.importChunks;
    * in a sealed segment that writes the segment anew).

@@ -1,0 +1,93 @@
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, test } from 'node:test';
+import Database from 'better-sqlite3';
+import { StoreChunkSink } from '../src/convert/chunk-sink';
+import { ChunkStore, STORE_BLOCK } from '../src/store/chunkstore';
+
+/**
+ * StoreChunkSink looks chunks up in the store in batches (one read
+ * transaction for many): what it finds must be exactly what the store has,
+ * across batch boundaries, and what it writes must be the chunk's bytes.
+ */
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chunk-sink-'));
+after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+const CHUNK = 64 * 1024;
+
+function open(name: string): { store: ChunkStore; db: Database.Database } {
+  const root = path.join(dir, name);
+  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+  const db = new Database(path.join(root, 'm.db'));
+  db.pragma('journal_mode = WAL');
+  return { store: new ChunkStore({ root, db, layout: 'single' }), db };
+}
+
+/** Piece i: 1–3 blocks of bytes derived from i (the last one short: padded with zeros in the store). */
+function piece(i: number): Buffer {
+  const b = Buffer.alloc(STORE_BLOCK * (1 + (i % 3)) - 100);
+  b.fill(i % 251);
+  b.writeUInt32LE(i, 0);
+  return b;
+}
+
+const digestOf = (b: Buffer) => crypto.createHash('sha256').update(Buffer.concat([b, Buffer.alloc(Math.ceil(b.length / STORE_BLOCK) * STORE_BLOCK - b.length)])).digest('hex');
+
+test('found and new chunks are told apart across many batches, and new ones are written with their bytes', async () => {
+  const { store, db } = open('batches');
+  try {
+    // The store has every third chunk (rows as a recorded layer leaves them).
+    const have = new Map<string, number>();
+    for (let i = 0; i < 1000; i += 3) {
+      const b = piece(i);
+      const e = store.allocate(Math.ceil(b.length / STORE_BLOCK));
+      await store.write(e, b);
+      have.set(digestOf(b), store.insertChunk(digestOf(b), e));
+    }
+    const sink = new StoreChunkSink(store, CHUNK);
+    const order: number[] = [];
+    // 1000 distinct pieces and every tenth once more (a repeat inside the layer is one chunk).
+    for (let i = 0; i < 1000; i++) {
+      order.push(await sink.add(piece(i)));
+      if (i % 10 === 0) assert.equal(await sink.add(piece(i)), order[i]);
+    }
+    await sink.flush();
+    assert.deepEqual(order, [...order.keys()], 'chunk numbers in the order first met');
+    assert.equal(sink.foundChunks, have.size);
+    assert.equal(sink.written.size, 1000 - have.size);
+    for (let i = 0; i < 1000; i++) {
+      const d = digestOf(piece(i));
+      assert.equal(sink.digests[i], d);
+      const e = sink.written.get(d);
+      if (have.has(d)) {
+        assert.equal(e, undefined, `chunk ${i} is in the store: not written again`);
+        continue;
+      }
+      assert.ok(e, `chunk ${i} written`);
+      assert.equal(digestOf((await store.read(e)).subarray(0, piece(i).length)), d);
+    }
+    await sink.discard(new Set(sink.written.keys()));
+  } finally {
+    store.close();
+    db.close();
+  }
+});
+
+test('a sink discarded with chunks not yet looked up leaves the store as it was', async () => {
+  const { store, db } = open('discard');
+  try {
+    const sink = new StoreChunkSink(store, CHUNK);
+    for (let i = 0; i < 5; i++) await sink.add(piece(i));
+    await sink.discard();
+    assert.equal(sink.written.size, 0);
+    // Nothing was allocated: the next extent is the first block.
+    assert.deepEqual(store.allocate(1), { blkaddr: 0, nblocks: 1 });
+  } finally {
+    store.close();
+    db.close();
+  }
+});
