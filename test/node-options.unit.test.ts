@@ -10,9 +10,10 @@ test('started without them: the daemon adds its options', () => {
   assert.deepEqual(missingNodeOptions({ execArgv: ['--cpu-prof'], env: { NODE_OPTIONS: '--enable-source-maps' } }), [...DAEMON_NODE_OPTIONS]);
 });
 
-test("the operator's own nursery size, on node's command line or in NODE_OPTIONS, is kept", () => {
-  assert.equal(missingNodeOptions({ execArgv: ['--max-semi-space-size=8'], env: {} }), null);
-  assert.equal(missingNodeOptions({ execArgv: [], env: { NODE_OPTIONS: '--inspect  --max-semi-space-size=64' } }), null);
+test("the operator's own value of an option, on node's command line or in NODE_OPTIONS, is kept; the others are added", () => {
+  assert.deepEqual(missingNodeOptions({ execArgv: ['--max-semi-space-size=8'], env: {} }), ['--initial-old-space-size=128']);
+  assert.deepEqual(missingNodeOptions({ execArgv: [], env: { NODE_OPTIONS: '--inspect  --initial-old-space-size=512' } }), ['--max-semi-space-size=32']);
+  assert.equal(missingNodeOptions({ execArgv: ['--initial-old-space-size=64'], env: { NODE_OPTIONS: '--max-semi-space-size=64' } }), null);
 });
 
 test('the image started with them never runs itself again, even if node dropped the option', () => {

@@ -1,16 +1,20 @@
 import { execve, keepOpenAcrossExec } from '../../native/exec';
 
 /**
- * V8 options the daemon runs with. A young generation of 2 × 32 MiB
- * (node 20's default grows to 2 × 16 MiB): a pull keeps many short-lived
- * objects in flight per chunk (buffers' handles, write promises, tar
- * entries), and with the smaller nursery they outlive two scavenges, are
- * promoted and then cost one full mark of the heap every few dozen
- * milliseconds. Measured on a 2-core VM (containerd 2.1 fetch path, six
- * images): the daemon's CPU for the pulls 8.6–10.2 s without, 5.7–7.0 s
- * with (docs/benchmarks.md, sixth round).
+ * V8 options the daemon runs with. A pull keeps many short-lived objects in
+ * flight per chunk (buffers' handles, write promises, tar entries):
+ * - `--max-semi-space-size=32`: a young generation of 2 × 32 MiB (node 20's
+ *   default grows to 2 × 16 MiB), so that they die there instead of being
+ *   promoted after two scavenges;
+ * - `--initial-old-space-size=128`: the old generation may grow to 128 MiB
+ *   before V8 marks it in full; starting from its small default, a pull
+ *   ran one full mark every few dozen milliseconds.
+ * Measured on a 2-core VM (containerd 2.1 fetch path, six images, the
+ * daemon's CPU for the pulls): 8.6–10.2 s with neither, 5.4–7.9 s with the
+ * first, 4.8–6.4 s with both; peak resident memory 195 → 227 MiB
+ * (docs/benchmarks.md, sixth round).
  */
-export const DAEMON_NODE_OPTIONS: readonly string[] = ['--max-semi-space-size=32'];
+export const DAEMON_NODE_OPTIONS: readonly string[] = ['--max-semi-space-size=32', '--initial-old-space-size=128'];
 
 /** Set in the environment of the image execve starts, so that it never runs itself again. */
 const APPLIED = 'DEDUP_NODE_OPTIONS_APPLIED';
@@ -23,9 +27,9 @@ export interface NodeStart {
 
 /**
  * The node options to add to this process, or null when there is nothing
- * to do: the options are there already, the operator chose a nursery size
- * (--max-semi-space-size on node's command line or in NODE_OPTIONS), or
- * this is the image that was started with them.
+ * to do: each option is there already or the operator chose its own value
+ * of it (on node's command line or in NODE_OPTIONS), or this is the image
+ * that was started with them.
  */
 export function missingNodeOptions(start: NodeStart): string[] | null {
   if (start.env[APPLIED] !== undefined) return null;

@@ -32,7 +32,7 @@ import { atLeast, defaultContainerd, newerErofsUtilsDir, programOf } from '../he
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BenchImage, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
-import { dropCaches, duBytes, holdFreePageReporting, log, machineCpuSeconds, median, mib, nowMs, onCleanup, processCpuSeconds, runCleanups, runCmd, secs, sh } from './util';
+import { dropCaches, duBytes, holdFreePageReporting, log, machineCpuSeconds, median, mib, nowMs, onCleanup, processCpuSeconds, processPeakRssBytes, runCleanups, runCmd, secs, sh } from './util';
 
 type Snapshotter = 'overlayfs' | 'dedup' | 'erofs';
 /**
@@ -246,7 +246,10 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
   const cpu = { machineS: machineCpuSeconds() - cpuStart.machineS, daemonS: processCpuSeconds(daemonPid) - cpuStart.daemonS };
   sampling = false;
   await sampler;
-  log(`${s}: settled ${secs(settledMs)} after the first pull started; CPU meanwhile: machine ${cpu.machineS.toFixed(2)} s, dedup daemon ${cpu.daemonS.toFixed(2)} s`);
+  log(
+    `${s}: settled ${secs(settledMs)} after the first pull started; CPU meanwhile: machine ${cpu.machineS.toFixed(2)} s, dedup daemon ${cpu.daemonS.toFixed(2)} s` +
+      (s === 'dedup' ? `; the daemon's peak resident memory so far ${mib(processPeakRssBytes(daemonPid))}` : ''),
+  );
   await sh('sync', []);
   const diskBytes = await duBytes(snapshotterDir(stack, s));
   peakDiskBytes = Math.max(peakDiskBytes, diskBytes);

@@ -154,3 +154,14 @@ export function processCpuSeconds(pid: number | undefined): number {
     return 0;
   }
 }
+
+/** The most resident memory process `pid` has had (VmHWM, bytes); 0 once it is gone. */
+export function processPeakRssBytes(pid: number | undefined): number {
+  if (!pid) return 0;
+  try {
+    const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
