@@ -31,6 +31,8 @@ const RUN_BYTES = 2 << 20;
 const MAX_PARTS = 1024;
 /** New bytes after which a sink has them flushed to disk in the background (writeBack), so the final sync is short. */
 const WRITE_BACK_BYTES = 32 << 20;
+/** Lent buffers (StoreChunkSink.buffer) a sink keeps for reuse once they come back. */
+const MAX_SPARE = 16;
 /** Zeros a chunk's last block is padded with (never written to). */
 const ZEROS = Buffer.alloc(STORE_BLOCK);
 
@@ -55,6 +57,9 @@ export class StoreChunkSink implements ChunkSink {
   /** New chunks gathered for one write (chunks.blob). */
   private run: { extent: Extent; parts: Buffer[]; bytes: number } | null = null;
   private failure: Error | null = null;
+  /** Buffers lent by `buffer` (their memory), and those back and free to lend again. */
+  private readonly lent = new Set<ArrayBufferLike>();
+  private readonly spare: Buffer[] = [];
   /** Distinct chunks hashed and not yet looked up in the store (resolvePending). */
   private pending: { digest: string; nblocks: number; parts: readonly Buffer[]; pad: Buffer }[] = [];
   private pendingBytes = 0;
@@ -83,7 +88,10 @@ export class StoreChunkSink implements ChunkSink {
     const digest = hash.update(pad).digest('hex');
     this.hashedBytes += nblocks * STORE_BLOCK;
     const local = this.byDigest.get(digest);
-    if (local !== undefined) return local;
+    if (local !== undefined) {
+      this.giveBack(parts);
+      return local;
+    }
     const n = this.digests.length;
     this.digests.push(digest);
     this.nblocks.push(nblocks);
@@ -115,6 +123,7 @@ export class StoreChunkSink implements ChunkSink {
         this.store.pin(row.id);
         this.pinned.push(row.id);
         this.foundChunks++;
+        this.giveBack(parts);
         continue;
       }
       let extent: Extent;
@@ -132,6 +141,21 @@ export class StoreChunkSink implements ChunkSink {
     }
     while (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
     if (this.failure) throw this.failure;
+  }
+
+  /** A chunkSize buffer to read a piece into (see ChunkSink.buffer): a spare one, or a new one. */
+  buffer(): Buffer {
+    const b = this.spare.pop() ?? Buffer.allocUnsafeSlow(this.chunkSize);
+    this.lent.add(b.buffer);
+    return b;
+  }
+
+  /** The lent buffers among `parts` (views of them) are free to lend again: the sink is done with their bytes. */
+  private giveBack(parts: readonly Buffer[]): void {
+    for (const p of parts) {
+      if (!this.lent.delete(p.buffer)) continue;
+      if (this.spare.length < MAX_SPARE) this.spare.push(Buffer.from(p.buffer, 0, this.chunkSize));
+    }
   }
 
   /** New chunks whose extents follow each other, written with one writev once RUN_BYTES are gathered or the next extent is elsewhere. */
@@ -161,7 +185,8 @@ export class StoreChunkSink implements ChunkSink {
     const r = this.run;
     if (!r) return;
     this.run = null;
-    this.track(this.store.writeRun(r.extent, r.parts, this.writer));
+    // Its lent buffers are free again once written (not after a failed write: the sink is discarded then).
+    this.track(this.store.writeRun(r.extent, r.parts, this.writer).then(() => this.giveBack(r.parts)));
     this.unflushed += r.bytes;
     if (this.unflushed >= WRITE_BACK_BYTES && !this.flushing) {
       this.unflushed = 0;
