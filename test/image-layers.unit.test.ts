@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { test } from 'node:test';
 import type { Descriptor } from '../src/containerd/client';
-import { type ImageContent, chainIds, hostPlatform, imageChainIds, imageLayers } from '../src/containerd/image-layers';
+import { type ImageContent, chainIds, hostPlatform, imageChainIds } from '../src/containerd/image-layers';
 
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
@@ -71,14 +71,4 @@ test("an index (a dedup image): this platform's manifest, not the unknown/unknow
 
   // No manifest for the platform asked: named.
   await assert.rejects(imageChainIds(c, 'dedup', { os: 'linux', architecture: 'mips64' }), /has no manifest for linux\/mips64 \(it has: unknown\/unknown, linux\//);
-});
-
-test('a target the caller has (from Images.List) is used as it is: the image is not asked for again', async () => {
-  const { c, put } = fakeContainerd();
-  const m = manifestOf(put, diffIds);
-  // Not in the image table: a getImage call would throw.
-  const got = await imageLayers(c, 'listed', hostPlatform(), { media_type: OCI_MANIFEST, ...m });
-  assert.equal(got.target, m.digest);
-  assert.deepEqual(got.chainIds, chainIds(diffIds));
-  await assert.rejects(imageLayers(c, 'listed'), /image listed not found/);
 });

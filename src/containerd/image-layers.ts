@@ -34,16 +34,14 @@ export async function imageChainIds(c: ImageContent, name: string, platform = ho
 
 /**
  * Image `name`'s layers (their descriptors in the manifest), diff ids and
- * chain ids, bottom first (see imageChainIds). `target`: the image's target
- * when the caller has it (from Images.List), else it is asked for.
+ * chain ids, bottom first (see imageChainIds).
  */
 export async function imageLayers(
   c: ImageContent,
   name: string,
   platform = hostPlatform(),
-  target?: Descriptor,
 ): Promise<{ target: string; layers: Descriptor[]; diffIds: string[]; chainIds: string[] }> {
-  let desc: Descriptor = target ?? (await c.getImage(name));
+  let desc: Descriptor = await c.getImage(name);
   const targetDigest = desc.digest;
   if (INDEX_TYPES.has(desc.media_type)) {
     const index = await readJson(c, desc);
