@@ -11,7 +11,7 @@ import { execve, keepOpenAcrossExec } from '../../native/exec';
  *   ran one full mark every few dozen milliseconds.
  * Measured on a 2-core VM (containerd 2.1 fetch path, six images, the
  * daemon's CPU for the pulls): 8.6–10.2 s with neither, 5.4–7.9 s with the
- * first, 4.8–6.4 s with both; peak resident memory 195 → 227 MiB
+ * first, 4.5–6.4 s with both; peak resident memory 195 → 227 MiB
  * (docs/benchmarks.md, sixth round).
  */
 export const DAEMON_NODE_OPTIONS: readonly string[] = ['--max-semi-space-size=32', '--initial-old-space-size=128'];

@@ -130,17 +130,18 @@ export function holdFreePageReporting(): string {
 const USER_HZ = 100;
 
 /**
- * CPU seconds the whole machine spent busy so far (/proc/stat: every
- * column but idle and iowait, over all CPUs). The difference across a pull
- * is the work it cost, whoever did it (containerd, ctr, the shim, the
- * daemon, the kernel's write-back): on this VM wall times vary by up to 2x
- * from minute to minute, CPU work much less.
+ * CPU seconds the whole machine spent busy so far (/proc/stat: user,
+ * nice, system, irq and softirq over all CPUs; not idle, iowait, or steal,
+ * the time the host gave to others). The difference across a pull is the
+ * work it cost, whoever did it (containerd, ctr, the shim, the daemon, the
+ * kernel's write-back): on this VM wall times vary by up to 2x from minute
+ * to minute, CPU work less.
  */
 export function machineCpuSeconds(): number {
   const cols = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-  // user nice system idle iowait irq softirq steal (guest and guest_nice are already in user and nice).
-  const [user, nice, system, , , irq, softirq, steal] = cols;
-  return (user + nice + system + irq + softirq + (steal ?? 0)) / USER_HZ;
+  // user nice system idle iowait irq softirq (guest and guest_nice are already in user and nice).
+  const [user, nice, system, , , irq, softirq] = cols;
+  return (user + nice + system + irq + softirq) / USER_HZ;
 }
 
 /** CPU seconds (user + system, all threads) process `pid` has used so far; 0 once it is gone. */
