@@ -19,12 +19,19 @@ after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 const CHUNK = 64 * 1024;
 
-function open(name: string): { store: ChunkStore; db: Database.Database } {
+/** Runs fn on a fresh store in its own directory (WAL, as the daemon's database), closed after. */
+async function withStore(name: string, fn: (store: ChunkStore) => Promise<void>): Promise<void> {
   const root = path.join(dir, name);
   fs.mkdirSync(path.join(root, 'store'), { recursive: true });
   const db = new Database(path.join(root, 'm.db'));
   db.pragma('journal_mode = WAL');
-  return { store: new ChunkStore({ root, db, layout: 'single' }), db };
+  const store = new ChunkStore({ root, db, layout: 'single' });
+  try {
+    await fn(store);
+  } finally {
+    store.close();
+    db.close();
+  }
 }
 
 /** Piece i: 1–3 blocks of bytes derived from i (the last one short: padded with zeros in the store). */
@@ -38,8 +45,7 @@ function piece(i: number): Buffer {
 const digestOf = (b: Buffer) => crypto.createHash('sha256').update(Buffer.concat([b, Buffer.alloc(Math.ceil(b.length / STORE_BLOCK) * STORE_BLOCK - b.length)])).digest('hex');
 
 test('found and new chunks are told apart across many batches, and new ones are written with their bytes', async () => {
-  const { store, db } = open('batches');
-  try {
+  await withStore('batches', async (store) => {
     // The store has every third chunk (rows as a recorded layer leaves them).
     const have = new Map<string, number>();
     for (let i = 0; i < 1000; i += 3) {
@@ -71,30 +77,22 @@ test('found and new chunks are told apart across many batches, and new ones are 
       assert.equal(digestOf((await store.read(e)).subarray(0, piece(i).length)), d);
     }
     await sink.discard(new Set(sink.written.keys()));
-  } finally {
-    store.close();
-    db.close();
-  }
+  });
 });
 
 test('a sink discarded with chunks not yet looked up leaves the store as it was', async () => {
-  const { store, db } = open('discard');
-  try {
+  await withStore('discard', async (store) => {
     const sink = new StoreChunkSink(store, CHUNK);
     for (let i = 0; i < 5; i++) await sink.add(piece(i));
     await sink.discard();
     assert.equal(sink.written.size, 0);
     // Nothing was allocated: the next extent is the first block.
     assert.deepEqual(store.allocate(1), { blkaddr: 0, nblocks: 1 });
-  } finally {
-    store.close();
-    db.close();
-  }
+  });
 });
 
 test('lent buffers come back and are reused, never before their chunk is written: every stored chunk has its bytes', async () => {
-  const { store, db } = open('lent');
-  try {
+  await withStore('lent', async (store) => {
     // Chunks of 256 KiB: the writes and lookups in flight hold ~14 MiB of them at most (with 1 MiB chunks, ~14 buffers).
     const chunk = 256 * 1024;
     const sink = new StoreChunkSink(store, chunk);
@@ -119,8 +117,5 @@ test('lent buffers come back and are reused, never before their chunk is written
       assert.ok((await store.read(e)).subarray(0, w.length).equals(w), 'a stored chunk lost its bytes to a reused buffer');
     }
     await sink.discard(new Set(sink.written.keys()));
-  } finally {
-    store.close();
-    db.close();
-  }
+  });
 });
