@@ -219,6 +219,34 @@ describe('background conversion', () => {
     }
   });
 
+  test('Commit leaves the usage to the conversion\'s walk: Usage answers the same before it (measured then), after it, and once the directory went', async () => {
+    const dir = workDir('erofs-background-usage');
+    const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, convertMode: 'background', retireGraceMs: 0 } });
+    try {
+      const mounts = await sn.prepare('u-active', '');
+      const upper = mounts[0].source;
+      fs.mkdirSync(path.join(upper, 'sub/deeper'), { recursive: true });
+      fs.writeFileSync(path.join(upper, 'sub/deeper/data'), random(3 * MiB + 5, 'usage'));
+      fs.writeFileSync(path.join(upper, 'small'), 'x');
+      // A hardlink is one inode, counted once.
+      fs.linkSync(path.join(upper, 'small'), path.join(upper, 'sub/link'));
+      fs.symlinkSync('small', path.join(upper, 'sym'));
+      const measured = await sn.usage('u-active');
+      assert.equal(measured.inodes, 6, JSON.stringify(measured)); // root, sub, deeper, data, small (and its link), sym
+      await sn.commit('u-base', 'u-active');
+      const id = sn.ms.getInfo('u-base').id;
+      assert.equal(sn.ms.getInfo('u-base').usage.inodes, -1, 'Commit walked the tree itself');
+      assert.deepEqual(await sn.usage('u-base'), measured, 'asked before the conversion counted it');
+      await waitFor(() => sn.pendingConversions === 0, 60_000, 'background conversion');
+      assert.ok(sn.ms.getLayer(id), 'converted');
+      assert.deepEqual(sn.ms.getInfo('u-base').usage, measured, 'recorded');
+      await waitFor(async () => (await sn.sweepRetired()) >= 0 && !fs.existsSync(path.join(dir, 'root', 'snapshots', id)), 10_000, 'old directory removed');
+      assert.deepEqual(await sn.usage('u-base'), measured, 'after the directory went');
+    } finally {
+      sn.close();
+    }
+  });
+
   test('Commit returns before conversion; mounts switch to EROFS; a directory in use stays until unmounted', async () => {
     const dir = workDir('erofs-background');
     const sn = new Snapshotter({ root: path.join(dir, 'root'), erofs: { ...erofs, convertMode: 'background', retireGraceMs: 200 } });

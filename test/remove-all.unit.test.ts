@@ -50,3 +50,12 @@ test('a missing path is fine; a file or a symlink given as the path is removed i
   assert.equal(fs.existsSync(link), false);
   assert.deepEqual(fs.readdirSync(target), ['a']);
 });
+
+test('an error from the remover thread keeps its errno code and names the path', async () => {
+  const file = path.join(dir, 'plain-file');
+  fs.writeFileSync(file, 'x');
+  await assert.rejects(removeAll(path.join(file, 'below')), (err: NodeJS.ErrnoException) => err.code === 'ENOTDIR' && err.message.includes(path.join(file, 'below')));
+  // The thread goes on with the next removal.
+  await removeAll(file);
+  assert.equal(fs.existsSync(file), false);
+});

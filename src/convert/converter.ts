@@ -4,6 +4,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { type ChunkStore, type Extent, STORE_BLOCK, readAt, segmentTag } from '../store/chunkstore';
 import type { SegmentRow, SegmentWriter } from '../store/segments';
+import { type Usage, UsageCounter, diskUsage } from '../util/fs';
 import { extentKey, hashImageChunks } from './chunks';
 import { type ChunkRef, type ChunkScan, EROFS_DEVT_SLOT_SIZE, MAX_IMAGE_BEFORE_DEVT, setChunkAddress, setDeviceTable, updateSuperblockChecksum } from './erofs-format';
 import { NEW_SEGMENT, type Placement, placeChunks } from './placement';
@@ -24,6 +25,8 @@ export interface ConvertedLayer {
   /** Ids of existing chunks the layer references. */
   existingChunkIds: number[];
   stats: ConvertStats;
+  /** The layer directory's usage as containerd's snapshotters count it (conversions of a directory). */
+  usage?: Usage;
 }
 
 export interface ConvertStats {
@@ -99,15 +102,19 @@ export class Converter {
   async convert<T>(id: string, dir: string, finish: (layer: ConvertedLayer) => T): Promise<T> {
     const t0 = Date.now();
     const sink = new StoreChunkSink(this.o.store, this.o.chunkSize);
+    const usage = new UsageCounter();
     let root: TreeNode;
     try {
-      root = await treeFromDirectory(dir, sink);
+      root = await treeFromDirectory(dir, sink, usage);
     } catch (err) {
       await sink.discard();
-      if (err instanceof NonUtf8NameError) return this.convertWithMkfs(id, dir, finish);
+      if (err instanceof NonUtf8NameError) {
+        const measured = await diskUsage(dir);
+        return this.convertWithMkfs(id, dir, (layer) => finish({ ...layer, usage: measured }));
+      }
       throw err;
     }
-    return this.importTree(id, root, sink, Date.now() - t0, finish);
+    return this.importTree(id, root, sink, Date.now() - t0, (layer) => finish({ ...layer, usage: usage.usage }));
   }
 
   /** The conversion through mkfs.erofs and a temporary blob (names the EROFS writer cannot take). */

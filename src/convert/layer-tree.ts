@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
+import type { UsageCounter } from '../util/fs';
 import { eventLoopSlices } from '../util/slices';
 
 /**
@@ -186,9 +187,11 @@ function kindOf(st: import('node:fs').BigIntStats): NodeKind {
  * The tree of `dir` (a layer's unpacked directory), its file data handed to
  * the sink in walk order (each directory's entries by name, depth first), so
  * the files of one directory stay together in the store. Hardlinks (same
- * inode, nlink > 1) become one node. Names are taken as raw bytes.
+ * inode, nlink > 1) become one node. Names are taken as raw bytes. Each
+ * entry's lstat is also counted into `usage` when given (the layer's
+ * usage, measured by this walk rather than by one more).
  */
-export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<TreeNode> {
+export async function treeFromDirectory(dir: string, sink: ChunkSink, usage?: UsageCounter): Promise<TreeNode> {
   const byInode = new Map<string, TreeNode>();
   // Metadata calls are synchronous, in slices of at most WALK_SLICE_MS with
   // the event loop served between them: a page-cached layer directory's
@@ -199,6 +202,7 @@ export async function treeFromDirectory(dir: string, sink: ChunkSink): Promise<T
   const visit = async (p: string): Promise<TreeNode> => {
     await slice();
     const st = fs.lstatSync(p, { bigint: true });
+    usage?.add(st);
     const kind = kindOf(st);
     const inodeKey = `${st.dev}:${st.ino}`;
     if (kind !== 'dir' && st.nlink > 1n) {

@@ -6,8 +6,8 @@ import { criLayerOf } from '../remote/lazy';
 import type { ChunkStore } from '../store/chunkstore';
 import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
-import type { Labels, Usage } from '../store/types';
-import { removeAll } from '../util/fs';
+import type { Labels } from '../store/types';
+import { UNMEASURED, removeAll } from '../util/fs';
 import { type ConvertEvents, convertedFields, convertedSummary } from './events';
 import type { LayerMounts } from './layer-mounts';
 import { recordLayer } from './record';
@@ -89,8 +89,10 @@ export class ConversionQueue {
     if (key === undefined || ms.getLayer(id) || this.closed) return;
     log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
     try {
-      const stats = await this.convert(id, started, () => {
+      const stats = await this.convert(id, started, (layer) => {
         if (ms.keyOf(id) === undefined) throw notFound(`snapshot ${id} was removed while it was being converted`);
+        // Commit left the usage to this walk (see UNMEASURED).
+        if (layer.usage) ms.setUsage(id, layer.usage);
       });
       this.logConverted(id, ms.keyOf(id) ?? key, stats, started);
       this.o.events.emit({ key: ms.keyOf(id) ?? key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'background' });
@@ -119,7 +121,7 @@ export class ConversionQueue {
    * image remains. `again`: the whole Commit, when another one of the same
    * snapshot was under way (answered as if the two ran one after the other).
    */
-  async commitConverted(id: string, name: string, key: string, labels: Labels | undefined, started: number, usage: () => Promise<Usage>, again: () => Promise<void>): Promise<void> {
+  async commitConverted(id: string, name: string, key: string, labels: Labels | undefined, started: number, again: () => Promise<void>): Promise<void> {
     const { ms, mounts } = this.o;
     // Fail fast, before minutes of work, on what the transaction would refuse.
     if (ms.has(name)) throw alreadyExists(`snapshot ${JSON.stringify(name)} already exists`);
@@ -128,18 +130,18 @@ export class ConversionQueue {
       await inflight.catch(() => undefined);
       return again();
     }
-    await mounts.track(id, this.convertAndCommit(id, name, key, labels, usage, started));
+    await mounts.track(id, this.convertAndCommit(id, name, key, labels, started));
   }
 
-  private async convertAndCommit(id: string, name: string, key: string, labels: Labels | undefined, measure: () => Promise<Usage>, started: number): Promise<void> {
+  private async convertAndCommit(id: string, name: string, key: string, labels: Labels | undefined, started: number): Promise<void> {
     const { ms, logger: log } = this.o;
-    // Usage as containerd's snapshotters report it: the layer's files as
-    // unpacked (what is stored is in the layer's row and in /stats).
-    const usage = await measure();
     log.info({ op: 'convert', key, snapshot: id, layer: id }, `detected new layer ${id}, auto-converting to EROFS`);
     try {
-      const stats = await this.convert(id, started, () => {
-        ms.commitActive(key, name, usage, labels);
+      // Usage as containerd's snapshotters report it: the layer's files as
+      // unpacked, counted by the conversion's walk (what is stored is in the
+      // layer's row and in /stats).
+      const stats = await this.convert(id, started, (layer) => {
+        ms.commitActive(key, name, layer.usage ?? UNMEASURED, labels);
       });
       // Recorded, and nothing ever mounted the directory as a layer: it goes
       // now, or once a push of the layer read it.
@@ -160,7 +162,7 @@ export class ConversionQueue {
   }
 
   /** Converts layer `id` from its directory and records it (see mountAndRecord). */
-  private async convert(id: string, started: number, alsoInTx: () => void): Promise<ConvertStats> {
+  private async convert(id: string, started: number, alsoInTx: (layer: ConvertedLayer) => void): Promise<ConvertStats> {
     return this.o.converter.convert(id, this.o.layout.upper(id), this.mountAndRecord(id, started, alsoInTx));
   }
 
@@ -170,13 +172,13 @@ export class ConversionQueue {
    * and the layer row; on failure the mount goes again (the converter
    * removes the rest). Also used for remote layers.
    */
-  mountAndRecord(id: string, started: number, alsoInTx: () => void): (layer: ConvertedLayer) => ConvertStats {
+  mountAndRecord(id: string, started: number, alsoInTx: (layer: ConvertedLayer) => void): (layer: ConvertedLayer) => ConvertStats {
     const { ms, store, mounts } = this.o;
     return (layer) => {
       mounts.mountImage(id, layer.hasBlob, layer.image);
       try {
         ms.transaction(() => {
-          alsoInTx();
+          alsoInTx(layer);
           recordLayer(ms, store, id, layer, 'new', started);
         });
       } catch (err) {

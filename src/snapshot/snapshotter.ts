@@ -16,7 +16,7 @@ import { RootLayout } from '../store/root-layout';
 import type { ImageSealer } from '../store/seal';
 import { type Info, Kind, type Labels, type Mount, type Snapshot, type Usage, kindName } from '../store/types';
 import type { VerifyProgress } from '../store/verify';
-import { diskUsage, fsyncDir, removeAll } from '../util/fs';
+import { UNMEASURED, diskUsage, fsyncDir, isUnmeasured, removeAll } from '../util/fs';
 import { type LayerParts, type SnapshotterOptions, composeLayers } from './compose';
 import { compileFilters } from './filters';
 import { recoverLayers } from './recovery';
@@ -164,16 +164,25 @@ export class Snapshotter {
     return this.ms.transaction(() => this.ms.updateInfo(info, fieldpaths));
   }
 
-  /** Usage of `key`: measured now for an active snapshot, recorded otherwise. */
+  /**
+   * Usage of `key`: measured now for an active snapshot, recorded otherwise
+   * (measured now, and recorded, for a layer committed before its
+   * background conversion counted it: see UNMEASURED).
+   */
   async usage(key: string): Promise<Usage> {
     this.checkOpen();
     const { id, info, usage } = this.ms.getInfo(key);
-    if (info.kind !== Kind.Active) return usage;
+    if (info.kind !== Kind.Active && !isUnmeasured(usage)) return usage;
     const measured = await diskUsage(this.layout.upper(id));
     // A Remove or Commit may have run while the tree was walked: answer for
     // the snapshot only if the key still names it (NotFound once removed or
     // committed; a fresh snapshot under the same key is measured anew).
-    if (this.ms.getInfo(key).id !== id) return this.usage(key);
+    const now = this.ms.getInfo(key);
+    if (now.id !== id) return this.usage(key);
+    if (info.kind === Kind.Active) return measured;
+    // The conversion may have counted it meanwhile (and begun removing the directory).
+    if (!isUnmeasured(now.usage)) return now.usage;
+    this.ms.setUsage(id, measured);
     return measured;
   }
 
@@ -288,7 +297,6 @@ export class Snapshotter {
         key,
         labels,
         started,
-        () => diskUsage(this.layout.upper(s.id)),
         () => this.commit(name, key, labels),
       );
       return;
@@ -297,9 +305,12 @@ export class Snapshotter {
       // What would make the conversion fail for sure fails the Commit now.
       await e.converter.probe();
     }
-    const usage = s.kind === Kind.Active ? await diskUsage(this.layout.upper(s.id)) : { size: 0, inodes: 0 };
+    // The background conversion walks the layer and counts its usage then:
+    // containerd does not wait for a walk of its own (UNMEASURED).
+    const usage = s.kind !== Kind.Active ? { size: 0, inodes: 0 } : e ? UNMEASURED : await diskUsage(this.layout.upper(s.id));
     const id = this.ms.transaction(() => this.ms.commitActive(key, name, usage, labels));
-    this.log.info({ op: 'commit', key, name, snapshot: id, size: usage.size, inodes: usage.inodes, duration_ms: Date.now() - started }, 'snapshot committed');
+    const counted = isUnmeasured(usage) ? {} : { size: usage.size, inodes: usage.inodes };
+    this.log.info({ op: 'commit', key, name, snapshot: id, ...counted, duration_ms: Date.now() - started }, 'snapshot committed');
     e?.conversion.enqueue(id);
   }
 

@@ -709,10 +709,25 @@ export class ChunkStore {
    */
   releaseExtents(extents: Extent[]): void {
     const segs = new Set<number>();
+    const blob: Extent[] = [];
     for (const e of extents) {
-      if ((e.segment ?? 0) === 0) this.releaseExtent(e);
+      if ((e.segment ?? 0) === 0) blob.push(e);
       else segs.add(e.segment as number);
     }
+    // Neighbours (a layer's new chunks were written one after another) go
+    // with one punch: on a filesystem mounted with `discard` each punch
+    // waits for its trims (512 MiB as 1 MiB punches: 0.26 s; as one: 0.17 s).
+    blob.sort((a, b) => a.blkaddr - b.blkaddr);
+    let run: Extent | null = null;
+    for (const e of blob) {
+      if (run && run.blkaddr + run.nblocks === e.blkaddr) {
+        run.nblocks += e.nblocks;
+        continue;
+      }
+      if (run) this.releaseExtent(run);
+      run = { blkaddr: e.blkaddr, nblocks: e.nblocks };
+    }
+    if (run) this.releaseExtent(run);
     if (segs.size > 0) this.segments.dropUnused(segs);
   }
 

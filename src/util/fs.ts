@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { removeOnThread } from './remover';
 import { eventLoopSlices } from './slices';
 
 /** Disk usage of a snapshot (containerd's snapshots.Usage). */
@@ -10,12 +11,41 @@ export interface Usage {
 }
 
 /**
- * Disk usage of a tree the way containerd's continuity fs.DiskUsage counts it:
- * each inode once (hardlinks share), size = allocated 512-byte blocks.
+ * A committed layer's usage before the background conversion's walk
+ * measured it (the walk lstats every file anyway: Commit does not walk the
+ * tree a second time while containerd waits). Never a real measure: a tree
+ * has at least its root.
  */
+export const UNMEASURED: Readonly<Usage> = Object.freeze({ size: 0, inodes: -1 });
+
+export function isUnmeasured(u: Usage): boolean {
+  return u.inodes < 0;
+}
+
+/**
+ * Sums a tree's usage the way containerd's continuity fs.DiskUsage counts
+ * it, from the lstat of each of its entries: each inode once (hardlinks
+ * share), size = allocated 512-byte blocks.
+ */
+export class UsageCounter {
+  private readonly seen = new Set<string>();
+  private size = 0;
+
+  add(st: fs.BigIntStats): void {
+    const id = `${st.dev}:${st.ino}`;
+    if (this.seen.has(id)) return;
+    this.seen.add(id);
+    this.size += Number(st.blocks) * 512;
+  }
+
+  get usage(): Usage {
+    return { size: this.size, inodes: this.seen.size };
+  }
+}
+
+/** Disk usage of a tree (see UsageCounter). */
 export async function diskUsage(root: string): Promise<Usage> {
-  const seen = new Set<string>();
-  let size = 0;
+  const counter = new UsageCounter();
   // Synchronous calls in slices of at most SLICE_MS, the event loop served
   // between them: a warm walk of a 6700-entry Debian root takes ~75 ms so,
   // against 120-400 ms as one promise per entry through the thread pool
@@ -34,11 +64,7 @@ export async function diskUsage(root: string): Promise<Usage> {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
       throw err;
     }
-    const id = `${st.dev}:${st.ino}`;
-    if (!seen.has(id)) {
-      seen.add(id);
-      size += Number(st.blocks) * 512;
-    }
+    counter.add(st);
     if (!st.isDirectory()) continue;
     try {
       for (const n of fs.readdirSync(p)) stack.push(path.join(p, n));
@@ -47,7 +73,7 @@ export async function diskUsage(root: string): Promise<Usage> {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     }
   }
-  return { size, inodes: seen.size };
+  return counter.usage;
 }
 
 /** Longest stretch diskUsage keeps the event loop (ms). */
@@ -57,18 +83,15 @@ const SLICE_MS = 10;
 const REMOVE_ATTEMPTS = 4;
 
 /**
- * Removes a tree (rm -rf); missing is fine. Synchronous calls in slices of
- * at most SLICE_MS with the event loop served between them: a layer
- * directory of 6700 entries took ~20k thread-pool trips through
- * fs.promises.rm (an lstat and an unlink or rmdir each, ~6 µs of the main
- * thread apiece before the call itself). readdir's file types spare the
- * lstat; names are handled as bytes (a layer's names need not be UTF-8).
+ * Removes a tree (rm -rf); missing is fine. The work is done on the
+ * remover thread (remover.ts: on a filesystem mounted with `discard`,
+ * unlink and rmdir wait for the disk), the way removeTreeSync says.
  * Retried when the tree changed meanwhile (ENOTEMPTY, EBUSY).
  */
 export async function removeAll(p: string): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     try {
-      await removeTree(Buffer.from(p), eventLoopSlices(SLICE_MS));
+      await removeOnThread(p);
       return;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
@@ -80,8 +103,14 @@ export async function removeAll(p: string): Promise<void> {
 
 const SLASH = Buffer.from('/');
 
-async function removeTree(p: Buffer, slice: () => Promise<void>, isDir?: boolean): Promise<void> {
-  await slice();
+/**
+ * Removes tree `p` with synchronous calls (the remover thread's work; a
+ * thread-pool trip per entry, as fs.promises.rm makes, cost ~6 µs of the
+ * calling thread apiece): readdir's file types spare an lstat per entry;
+ * names are handled as bytes (a layer's names need not be UTF-8);
+ * symlinks are removed, never followed; missing is fine.
+ */
+export function removeTreeSync(p: Buffer, isDir?: boolean): void {
   if (isDir === undefined) {
     const st = lstatOrNull(p);
     if (!st) return;
@@ -97,7 +126,7 @@ async function removeTree(p: Buffer, slice: () => Promise<void>, isDir?: boolean
     const child = Buffer.concat([p, SLASH, e.name]);
     // A filesystem without d_type says neither: lstat then.
     const known = e.isDirectory() || e.isFile() || e.isSymbolicLink() || e.isFIFO() || e.isSocket() || e.isCharacterDevice() || e.isBlockDevice();
-    await removeTree(child, slice, known ? e.isDirectory() : undefined);
+    removeTreeSync(child, known ? e.isDirectory() : undefined);
   }
   ignoreMissing(() => fs.rmdirSync(p));
 }
