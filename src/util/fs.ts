@@ -49,9 +49,9 @@ export async function diskUsage(root: string): Promise<Usage> {
   // Synchronous calls in slices of at most SLICE_MS, the event loop served
   // between them: a warm walk of a 6700-entry Debian root takes ~75 ms so,
   // against 120-400 ms as one promise per entry through the thread pool
-  // (and Commit waits for it, right after containerd wrote the files, so
-  // they are in cache; a cold walk is slower serially: ~480 ms against
-  // ~150 ms with the pool's parallel lstats).
+  // (it runs right after containerd wrote the files, so they are in
+  // cache; a cold walk is slower serially: ~480 ms against ~150 ms with
+  // the pool's parallel lstats).
   const stack = [root];
   const slice = eventLoopSlices(SLICE_MS);
   while (stack.length > 0) {
