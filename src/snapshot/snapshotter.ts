@@ -173,6 +173,13 @@ export class Snapshotter {
     this.checkOpen();
     const { id, info, usage } = this.ms.getInfo(key);
     if (info.kind !== Kind.Active && !isUnmeasured(usage)) return usage;
+    // Its conversion under way counts it: no second walk beside it.
+    const job = info.kind !== Kind.Active ? this.parts.mounts.jobOf(id) : undefined;
+    if (job) {
+      await job.catch(() => undefined);
+      const after = this.ms.getInfo(key);
+      if (after.id === id && !isUnmeasured(after.usage)) return after.usage;
+    }
     const measured = await diskUsage(this.layout.upper(id));
     // A Remove or Commit may have run while the tree was walked: answer for
     // the snapshot only if the key still names it (NotFound once removed or
@@ -182,7 +189,14 @@ export class Snapshotter {
     if (info.kind === Kind.Active) return measured;
     // The conversion may have counted it meanwhile (and begun removing the directory).
     if (!isUnmeasured(now.usage)) return now.usage;
-    this.ms.setUsage(id, measured);
+    // Recorded when the directory was there (a full disk may refuse the write: the answer stands).
+    if (measured.inodes > 0) {
+      try {
+        this.ms.setUsage(id, measured);
+      } catch (err) {
+        this.log.warn({ op: 'usage', key, snapshot: id, err: (err as Error).message }, 'usage measured but not recorded');
+      }
+    }
     return measured;
   }
 

@@ -43,7 +43,9 @@ export class UsageCounter {
   }
 }
 
-/** Disk usage of a tree (see UsageCounter). */
+const SLASH = Buffer.from('/');
+
+/** Disk usage of a tree (see UsageCounter); a missing tree has none (0 inodes). */
 export async function diskUsage(root: string): Promise<Usage> {
   const counter = new UsageCounter();
   // Synchronous calls in slices of at most SLICE_MS, the event loop served
@@ -51,12 +53,13 @@ export async function diskUsage(root: string): Promise<Usage> {
   // against 120-400 ms as one promise per entry through the thread pool
   // (it runs right after containerd wrote the files, so they are in
   // cache; a cold walk is slower serially: ~480 ms against ~150 ms with
-  // the pool's parallel lstats).
-  const stack = [root];
+  // the pool's parallel lstats). Names are taken as bytes (a layer's
+  // names need not be UTF-8).
+  const stack = [Buffer.from(root)];
   const slice = eventLoopSlices(SLICE_MS);
   while (stack.length > 0) {
     await slice();
-    const p = stack.pop() as string;
+    const p = stack.pop() as Buffer;
     let st: fs.BigIntStats;
     try {
       st = fs.lstatSync(p, { bigint: true });
@@ -67,7 +70,7 @@ export async function diskUsage(root: string): Promise<Usage> {
     counter.add(st);
     if (!st.isDirectory()) continue;
     try {
-      for (const n of fs.readdirSync(p)) stack.push(path.join(p, n));
+      for (const n of fs.readdirSync(p, { encoding: 'buffer' })) stack.push(Buffer.concat([p, SLASH, n]));
     } catch (err) {
       // Removed (or renamed away by Remove) between lstat and readdir.
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
@@ -100,8 +103,6 @@ export async function removeAll(p: string): Promise<void> {
     }
   }
 }
-
-const SLASH = Buffer.from('/');
 
 /**
  * Removes tree `p` with synchronous calls (the remover thread's work; a
