@@ -164,29 +164,35 @@ export class Snapshotter {
     return this.ms.transaction(() => this.ms.updateInfo(info, fieldpaths));
   }
 
-  /**
-   * Usage of `key`: measured now for an active snapshot, recorded otherwise
-   * (measured now, and recorded, for a layer committed before its
-   * background conversion counted it: see UNMEASURED).
-   */
+  /** Usage of `key`: measured now for an active snapshot, recorded otherwise (see countedUsage). */
   async usage(key: string): Promise<Usage> {
     this.checkOpen();
     const { id, info, usage } = this.ms.getInfo(key);
-    if (info.kind !== Kind.Active && !isUnmeasured(usage)) return usage;
+    if (info.kind !== Kind.Active) return isUnmeasured(usage) ? this.countedUsage(key, id) : usage;
+    const measured = await diskUsage(this.layout.upper(id));
+    // A Remove or Commit may have run while the tree was walked: answer for
+    // the snapshot only if the key still names it (NotFound once removed or
+    // committed; a fresh snapshot under the same key is measured anew).
+    if (this.ms.getInfo(key).id !== id) return this.usage(key);
+    return measured;
+  }
+
+  /**
+   * Usage of committed layer `id` (named `key`) that its background
+   * conversion has not counted yet (UNMEASURED): its count once a
+   * conversion under way is done, else measured now and recorded.
+   */
+  private async countedUsage(key: string, id: string): Promise<Usage> {
     // Its conversion under way counts it: no second walk beside it.
-    const job = info.kind !== Kind.Active ? this.parts.mounts.jobOf(id) : undefined;
+    const job = this.parts.mounts.jobOf(id);
     if (job) {
       await job.catch(() => undefined);
       const after = this.ms.getInfo(key);
       if (after.id === id && !isUnmeasured(after.usage)) return after.usage;
     }
     const measured = await diskUsage(this.layout.upper(id));
-    // A Remove or Commit may have run while the tree was walked: answer for
-    // the snapshot only if the key still names it (NotFound once removed or
-    // committed; a fresh snapshot under the same key is measured anew).
     const now = this.ms.getInfo(key);
     if (now.id !== id) return this.usage(key);
-    if (info.kind === Kind.Active) return measured;
     // The conversion may have counted it meanwhile (and begun removing the directory).
     if (!isUnmeasured(now.usage)) return now.usage;
     // Recorded when the directory was there (a full disk may refuse the write: the answer stands).
