@@ -386,7 +386,7 @@ describe('the daemon and systemd', { skip }, () => {
     const rx = new UnixDatagramReceiver(sock);
     if (!rx.refuseFds()) {
       rx.close();
-      t.skip('no SO_PASSRIGHTS (Linux < 6.16)');
+      t.skip('SKIP: no SO_PASSRIGHTS (Linux < 6.16)');
       return;
     }
     const junk = path.join(dir, 'junk');
