@@ -119,3 +119,46 @@ test('lent buffers come back and are reused, never before their chunk is written
     await sink.discard(new Set(sink.written.keys()));
   });
 });
+
+test('a freed extent is punched in the background and handed out again only once punched: a chunk written there keeps its bytes', async () => {
+  await withStore('punch', async (store) => {
+    const blobFile = path.join(dir, 'punch', 'store', 'chunks.blob');
+    const old = store.allocate(256);
+    await store.write(old, Buffer.alloc(256 * STORE_BLOCK, 7));
+    const top = store.allocate(1);
+    await store.write(top, Buffer.alloc(STORE_BLOCK, 9));
+    const allocatedBefore = fs.statSync(blobFile).blocks;
+    store.releaseExtents([old]);
+    // Not reusable while its punch may still run: the next extent comes from past the high-water mark.
+    const meanwhile = store.allocate(256);
+    assert.equal(meanwhile.blkaddr, 257, 'the extent under its punch was not handed out');
+    await store.write(meanwhile, Buffer.alloc(256 * STORE_BLOCK, 5));
+    await store.settled();
+    assert.ok(fs.statSync(blobFile).blocks < allocatedBefore + 256 * 8, 'the freed extent was punched');
+    const again = store.allocate(256);
+    assert.deepEqual(again, { blkaddr: 0, nblocks: 256 }, 'reused once punched');
+    const fresh = crypto.randomBytes(256 * STORE_BLOCK);
+    await store.write(again, fresh);
+    await store.settled();
+    assert.ok((await store.read(again)).equals(fresh), 'the chunk written into the reused extent has its bytes');
+    assert.ok((await store.read(meanwhile)).equals(Buffer.alloc(256 * STORE_BLOCK, 5)));
+    assert.ok((await store.read(top)).equals(Buffer.alloc(STORE_BLOCK, 9)));
+  });
+});
+
+test('close() with punches under way keeps the store file open until they end (its descriptor is not handed to another file meanwhile)', async () => {
+  const root = path.join(dir, 'punch-close');
+  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+  const db = new Database(path.join(root, 'm.db'));
+  const store = new ChunkStore({ root, db, layout: 'single' });
+  const e = store.allocate(64);
+  await store.write(e, Buffer.alloc(64 * STORE_BLOCK, 1));
+  const fd = (store as unknown as { fd: number }).fd;
+  store.releaseExtents([e]);
+  store.close();
+  // Still chunks.blob's descriptor: the punch in flight may use it.
+  assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(root, 'store', 'chunks.blob'));
+  await store.settled();
+  assert.throws(() => fs.fstatSync(fd), /EBADF/, 'closed once the punch ended');
+  db.close();
+});

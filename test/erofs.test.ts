@@ -90,6 +90,8 @@ describe('EROFS conversion over the chunk store', () => {
       await sn.remove('v2');
       await sn.remove('b2');
       await sn.remove('b1');
+      // Freed extents are punched on the thread pool.
+      await (sn.store as NonNullable<typeof sn.store>).settled();
       const end = (sn.store as NonNullable<typeof sn.store>).stats();
       assert.equal(end.chunks, 0);
       assert.equal(end.diskBytes, 0, 'every block punched out');

@@ -291,6 +291,7 @@ export async function runDaemon(): Promise<void> {
     await audit.close();
     remoteClient?.close();
     await snapshotter.loader?.farewell();
+    await snapshotter.settle();
     snapshotter.close();
     if (pidFile) removePidFile(pidFile);
     log.info({ op: 'stop' }, 'stopped');

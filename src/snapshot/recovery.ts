@@ -91,6 +91,8 @@ export async function recoverLayers(parts: LayerParts, remove: (key: string) => 
   });
   for (const key of unfinished) await remove(key);
   if (!e) return;
+  // fsck below rebuilds the free list: no punch of a freed extent may be under way then (nor any import, started below).
+  await e.store.settled();
   // Lazy layers that have all their data go into the chunk store once no mount uses them.
   e.settler?.schedule(mounts.graceMs);
   // Committed layers not converted yet (interrupted, or from use_erofs false).

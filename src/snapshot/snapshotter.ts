@@ -495,6 +495,20 @@ export class Snapshotter {
     return this.ms.layers();
   }
 
+  /**
+   * Waits (at most `timeoutMs`) for the chunk store's punches of freed
+   * extents, so that close() records the store's stamp and the next start
+   * need not verify every chunk. Bounded: a punch queued behind thread-pool
+   * jobs that wait on the kernel must not hold up a stop.
+   */
+  async settle(timeoutMs = 5000): Promise<void> {
+    const store = this.parts.erofs?.store;
+    if (!store) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([store.settled(), new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs)))]);
+    clearTimeout(timer);
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

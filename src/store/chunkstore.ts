@@ -2,7 +2,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type Database from 'better-sqlite3';
-import { punchHole } from '../../native/fallocate';
+import { punchHole, punchHoleAsync } from '../../native/fallocate';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -128,6 +128,10 @@ export class ChunkStore {
   /** Free extents below the high-water mark, sorted by address. */
   private free: Extent[] = [];
   private highWater = 0;
+  /** Punches of freed extents under way (releaseExtent); an extent is reusable only once its punch is done. */
+  private readonly punches = new Set<Promise<void>>();
+  /** chunks.blob's descriptor, closed by close() while punches were under way: closed when the last one ends. */
+  private closeAfterPunches = -1;
   /** Chunks an in-flight import will reference: never freed meanwhile. */
   private readonly pins = new Map<number, number>();
   private lockTail: Promise<void> = Promise.resolve();
@@ -477,19 +481,41 @@ export class ChunkStore {
     return got;
   }
 
-  /** Returns an extent that holds no live chunk: punch it and make it reusable. */
+  /**
+   * Returns an extent that holds no live chunk: punched on a thread of the
+   * pool (on a `discard` mount a punch waits for the device's trims: the
+   * event loop should not), and reusable once punched: a chunk written
+   * there before would be zeroed by the punch. A failed punch leaves the
+   * space allocated (fsck at the next start punches it); the extent is
+   * reusable all the same.
+   */
   private releaseExtent(e: Extent): void {
-    try {
-      punchHole(this.fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK);
-    } catch (err) {
-      this.log.warn({ op: 'reclaim', err: (err as Error).message }, 'cannot punch hole; space stays allocated until fsck');
-    }
+    const p: Promise<void> = punchHoleAsync(this.fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK)
+      .catch((err: Error) => this.log.warn({ op: 'reclaim', err: err.message }, 'cannot punch hole; space stays allocated until fsck'))
+      .then(() => {
+        this.punches.delete(p);
+        this.reuse(e);
+        if (this.punches.size === 0 && this.closeAfterPunches >= 0) {
+          fs.closeSync(this.closeAfterPunches);
+          this.closeAfterPunches = -1;
+        }
+      });
+    this.punches.add(p);
+  }
+
+  /** A punched extent joins the free list (or lowers the high-water mark when it ends there). */
+  private reuse(e: Extent): void {
     if (e.blkaddr + e.nblocks === this.highWater) {
       this.highWater = e.blkaddr;
     } else {
       const i = this.free.findIndex((f) => f.blkaddr > e.blkaddr);
       this.free.splice(i < 0 ? this.free.length : i, 0, { ...e });
     }
+  }
+
+  /** Resolves once no punch of a freed extent is under way (see releaseExtent). */
+  async settled(): Promise<void> {
+    while (this.punches.size > 0) await Promise.all([...this.punches]);
   }
 
   /**
@@ -526,6 +552,9 @@ export class ChunkStore {
       fs.rmSync(tmp, { force: true });
       throw err;
     }
+    // Punches under way go to the old file (the copy has their dead bytes: fsck at the next start punches them);
+    // it is closed only once none is left, so that no punch lands on whatever file reuses its descriptor.
+    await this.settled();
     if (fs.existsSync(this.blobPath)) fs.renameSync(this.blobPath, `${this.blobPath}.displaced-${Date.now()}`);
     fs.renameSync(tmp, this.blobPath);
     fsyncDirOf(this.blobPath);
@@ -705,7 +734,8 @@ export class ChunkStore {
 
   /**
    * Extents no live chunk holds any more (committed): chunks.blob's are
-   * punched and reused; a segment is deleted whole once no chunk is in it.
+   * punched in the background and reused once punched (see releaseExtent);
+   * a segment is deleted whole once no chunk is in it.
    */
   releaseExtents(extents: Extent[]): void {
     const segs = new Set<number>();
@@ -740,6 +770,8 @@ export class ChunkStore {
    * an import's freshly written chunks have no row yet.
    */
   fsck(liveLayerIds: Set<number>): { fixedRefs: number; droppedLayerRefs: number; punchedBytes: number } {
+    // The free list is rebuilt from the rows below: an extent whose punch is still under way would be in it twice.
+    if (this.punches.size > 0) throw new Error('chunk store fsck while freed extents are being punched: await settled() first');
     let droppedLayerRefs = 0;
     let fixedRefs = 0;
     this.db.transaction(() => {
@@ -792,12 +824,15 @@ export class ChunkStore {
   close(): void {
     if (this.fd >= 0) {
       // A clean stop: the file is as this daemon left it; the next start need not verify it all.
+      // With punches under way the file still changes (its ctime): no stamp, the next start verifies it (settled() first avoids that).
       try {
-        if (this.db.open && !this.fileProblem()) this.saveStamp();
+        if (this.db.open && !this.fileProblem() && this.punches.size === 0) this.saveStamp();
       } catch (err) {
         this.log.warn({ op: 'integrity', err: (err as Error).message }, 'cannot record the chunk store stamp; the next start verifies every chunk');
       }
-      fs.closeSync(this.fd);
+      // Not closed under a punch on the thread pool: the number could go to another file first.
+      if (this.punches.size > 0) this.closeAfterPunches = this.fd;
+      else fs.closeSync(this.fd);
       this.fd = -1;
     }
     for (const fd of this.rwSegments.values()) fs.closeSync(fd);
