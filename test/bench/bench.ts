@@ -176,16 +176,22 @@ const CONVERSION_OPS = ['convert', 'apply', 'fetch'];
  */
 async function waitConverted(stack: Stack, n: number, logsFrom: number): Promise<void> {
   const deadline = Date.now() + 1_800_000;
-  for (;;) {
-    const logs = stack.daemon.logs().slice(logsFrom);
-    const failed = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.level === 'number' && l.level >= 50);
-    if (failed.length > 0) throw new Error(`layer conversion failed: ${JSON.stringify(failed)}`);
-    const done = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number').length;
+  for (let round = 0; ; round++) {
+    // The directories first (two readdirs): the log is parsed once they are gone (and every 200 ms, for a
+    // failed conversion), so the poll can be frequent without taking CPU from the pull (overlayfs's pull
+    // ends when ctr returns: a coarse poll would add its half-period to dedup's figure).
     const tmp = readdirOrEmpty(path.join(stack.daemonRoot, 'tmp'));
     const dirs = readdirOrEmpty(path.join(stack.daemonRoot, 'snapshots'));
-    if (done >= n && tmp.length === 0 && dirs.length === 0) return;
-    if (Date.now() > deadline) throw new Error(`layers not settled: ${done}/${n} converted, tmp: ${tmp.join(' ')}, snapshots: ${dirs.join(' ')}`);
-    await new Promise((r) => setTimeout(r, 200));
+    const timedOut = Date.now() > deadline;
+    if ((tmp.length === 0 && dirs.length === 0) || round % 8 === 0 || timedOut) {
+      const logs = stack.daemon.logs().slice(logsFrom);
+      const failed = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.level === 'number' && l.level >= 50);
+      if (failed.length > 0) throw new Error(`layer conversion failed: ${JSON.stringify(failed)}`);
+      const done = logs.filter((l) => CONVERSION_OPS.includes(l.op as string) && typeof l.logical_bytes === 'number').length;
+      if (done >= n && tmp.length === 0 && dirs.length === 0) return;
+      if (timedOut) throw new Error(`layers not settled: ${done}/${n} converted, tmp: ${tmp.join(' ')}, snapshots: ${dirs.join(' ')}`);
+    }
+    await new Promise((r) => setTimeout(r, 25));
   }
 }
 
