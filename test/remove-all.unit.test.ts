@@ -51,10 +51,17 @@ test('a missing path is fine; a file or a symlink given as the path is removed i
   assert.deepEqual(fs.readdirSync(target), ['a']);
 });
 
-test('an error from the remover thread keeps its errno code and names the path', async () => {
+test('an error from the remover thread keeps its errno code, syscall and path', async () => {
   const file = path.join(dir, 'plain-file');
   fs.writeFileSync(file, 'x');
-  await assert.rejects(removeAll(path.join(file, 'below')), (err: NodeJS.ErrnoException) => err.code === 'ENOTDIR' && err.message.includes(path.join(file, 'below')));
+  await assert.rejects(removeAll(path.join(file, 'below')), (err: NodeJS.ErrnoException) => {
+    assert.equal(err.code, 'ENOTDIR');
+    assert.equal(err.errno, os.constants.errno.ENOTDIR === undefined ? undefined : -os.constants.errno.ENOTDIR);
+    assert.equal(typeof err.syscall, 'string');
+    assert.ok(err.message.includes(path.join(file, 'below')), err.message);
+    assert.equal(err.path, path.join(file, 'below'));
+    return true;
+  });
   // The thread goes on with the next removal.
   await removeAll(file);
   assert.equal(fs.existsSync(file), false);

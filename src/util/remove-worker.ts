@@ -12,7 +12,7 @@ port.on('message', (m: RemoveRequest) => {
     reply = { id: m.id };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    reply = { id: m.id, error: { message: e.message, code: e.code } };
+    reply = { id: m.id, error: { message: e.message, code: e.code, errno: e.errno, syscall: e.syscall, path: e.path } };
   }
   port.postMessage(reply);
 });

@@ -8,7 +8,8 @@ export interface RemoveRequest {
 }
 export interface RemoveReply {
   id: number;
-  error?: { message: string; code?: string };
+  /** The thread's error: its message and, for a system call's, the fields Node's fs errors carry. */
+  error?: { message: string; code?: string; errno?: number; syscall?: string; path?: string };
 }
 
 /**
@@ -55,7 +56,11 @@ class Remover {
     if (this.waiting.size === 0) this.worker?.unref();
     if (!m.error) return w.resolve();
     const err: NodeJS.ErrnoException = new Error(m.error.message);
-    if (m.error.code) err.code = m.error.code;
+    const { code, errno, syscall, path: p } = m.error;
+    if (code !== undefined) err.code = code;
+    if (errno !== undefined) err.errno = errno;
+    if (syscall !== undefined) err.syscall = syscall;
+    if (p !== undefined) err.path = p;
     w.reject(err);
   }
 
@@ -70,7 +75,7 @@ class Remover {
 
 let remover: Remover | null = null;
 
-/** Removes tree `p` on the remover thread (see Remover); the error is the thread's, with its errno code. */
+/** Removes tree `p` on the remover thread (see Remover); the error is the thread's, with its code, errno, syscall and path. */
 export function removeOnThread(p: string): Promise<void> {
   remover ??= new Remover();
   return remover.remove(p);
