@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import Database from 'better-sqlite3';
+import pino from 'pino';
 import { StoreChunkSink } from '../src/convert/chunk-sink';
 import { ChunkStore, STORE_BLOCK } from '../src/store/chunkstore';
 
@@ -161,4 +162,33 @@ test('close() with punches under way keeps the store file open until they end (i
   await store.settled();
   assert.throws(() => fs.fstatSync(fd), /EBADF/, 'closed once the punch ended');
   db.close();
+});
+
+test('a removal that frees thousands of separate runs punches them all (one at a time), with no failed punch', async () => {
+  const root = path.join(dir, 'punch-many');
+  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+  const db = new Database(path.join(root, 'm.db'));
+  const warnings: string[] = [];
+  const logger = pino({ level: 'warn' }, { write: (line: string) => void warnings.push(line) });
+  const store = new ChunkStore({ root, db, layout: 'single', logger });
+  try {
+    // 2000 one-block chunks with a live one between each two: no two freed runs are neighbours.
+    const dead = [];
+    for (let i = 0; i < 2000; i++) {
+      const d = store.allocate(1);
+      await store.write(d, Buffer.alloc(STORE_BLOCK, 1));
+      dead.push(d);
+      await store.write(store.allocate(1), Buffer.alloc(STORE_BLOCK, 2));
+    }
+    const blobFile = path.join(root, 'store', 'chunks.blob');
+    const before = fs.statSync(blobFile).blocks;
+    store.releaseExtents(dead);
+    await store.settled();
+    assert.deepEqual(warnings, [], 'no punch failed');
+    assert.equal(before - fs.statSync(blobFile).blocks, 2000 * (STORE_BLOCK / 512), 'every freed block punched');
+    assert.deepEqual(store.allocate(1), { blkaddr: 0, nblocks: 1 }, 'and reusable');
+  } finally {
+    store.close();
+    db.close();
+  }
 });

@@ -162,6 +162,8 @@ async function sinkFile(sink: ChunkSink, file: string, size: number): Promise<nu
     for (let pos = 0; pos < size; pos += cs) {
       const buf = await (next as Promise<Buffer>);
       next = pos + cs < size ? readPiece(pos + cs) : null;
+      // Handled now (awaited above in the next turn, or in finally): a read failing while add waits must not be an unhandled rejection.
+      next?.catch(() => undefined);
       out.push(await sink.add(buf));
     }
     return out;

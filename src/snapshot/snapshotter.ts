@@ -381,8 +381,9 @@ export class Snapshotter {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');
     }
     this.log.info({ op: 'remove', key, snapshot: id, kind: kindName(kind) }, 'snapshot removed');
-    // Space given back: the reserve, if a full disk took it, can be made again.
+    // Space given back: the reserve, if a full disk took it, can be made again (and once the freed chunks are punched).
     reserve.restore();
+    if (dead.length > 0 && e) void e.store.settled().then(() => !this.closed && reserve.restore());
     // A container's snapshot gone: the lazy layers under it may be idle now.
     e?.settler?.schedule(1000);
   }

@@ -128,10 +128,12 @@ export class ChunkStore {
   /** Free extents below the high-water mark, sorted by address. */
   private free: Extent[] = [];
   private highWater = 0;
-  /** Punches of freed extents under way (releaseExtent); an extent is reusable only once its punch is done. */
-  private readonly punches = new Set<Promise<void>>();
-  /** chunks.blob's descriptor, closed by close() while punches were under way: closed when the last one ends. */
-  private closeAfterPunches = -1;
+  /** Freed extents waiting for their punch (releaseExtent): neither free nor reusable until punched. */
+  private readonly punchQueue: Extent[] = [];
+  /** The loop punching them, one at a time, while the queue is not empty. */
+  private punching: Promise<void> | null = null;
+  /** chunks.blob's descriptor, closed by close() while a punch was under way: closed when it ends. */
+  private closeAfterPunch = -1;
   /** Chunks an in-flight import will reference: never freed meanwhile. */
   private readonly pins = new Map<number, number>();
   private lockTail: Promise<void> = Promise.resolve();
@@ -482,25 +484,42 @@ export class ChunkStore {
   }
 
   /**
-   * Returns an extent that holds no live chunk: punched on a thread of the
-   * pool (on a `discard` mount a punch waits for the device's trims: the
-   * event loop should not), and reusable once punched: a chunk written
-   * there before would be zeroed by the punch. A failed punch leaves the
+   * Returns an extent that holds no live chunk: queued to be punched on a
+   * thread of the pool (on a `discard` mount a punch waits for the device's
+   * trims: the event loop should not), and reusable once punched: a chunk
+   * written there before would be zeroed by the punch. One punch at a time
+   * (a removal can free thousands of runs: the pool's threads and koffi's
+   * asynchronous calls are shared with reads). A failed punch leaves the
    * space allocated (fsck at the next start punches it); the extent is
    * reusable all the same.
    */
   private releaseExtent(e: Extent): void {
-    const p: Promise<void> = punchHoleAsync(this.fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK)
-      .catch((err: Error) => this.log.warn({ op: 'reclaim', err: err.message }, 'cannot punch hole; space stays allocated until fsck'))
-      .then(() => {
-        this.punches.delete(p);
-        this.reuse(e);
-        if (this.punches.size === 0 && this.closeAfterPunches >= 0) {
-          fs.closeSync(this.closeAfterPunches);
-          this.closeAfterPunches = -1;
+    this.punchQueue.push(e);
+    this.punching ??= this.punchQueued();
+  }
+
+  private async punchQueued(): Promise<void> {
+    try {
+      for (let e = this.punchQueue.shift(); e; e = this.punchQueue.shift()) {
+        try {
+          await punchHoleAsync(this.fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK);
+        } catch (err) {
+          this.log.warn({ op: 'reclaim', err: (err as Error).message }, 'cannot punch hole; space stays allocated until fsck');
         }
-      });
-    this.punches.add(p);
+        this.reuse(e);
+      }
+    } finally {
+      this.punching = null;
+      if (this.closeAfterPunch >= 0) {
+        const fd = this.closeAfterPunch;
+        this.closeAfterPunch = -1;
+        try {
+          fs.closeSync(fd);
+        } catch {
+          /* closed already: nothing to keep open */
+        }
+      }
+    }
   }
 
   /** A punched extent joins the free list (or lowers the high-water mark when it ends there). */
@@ -513,9 +532,9 @@ export class ChunkStore {
     }
   }
 
-  /** Resolves once no punch of a freed extent is under way (see releaseExtent). */
+  /** Resolves once every freed extent is punched and reusable (see releaseExtent). */
   async settled(): Promise<void> {
-    while (this.punches.size > 0) await Promise.all([...this.punches]);
+    while (this.punching) await this.punching;
   }
 
   /**
@@ -552,7 +571,7 @@ export class ChunkStore {
       fs.rmSync(tmp, { force: true });
       throw err;
     }
-    // Punches under way go to the old file (the copy has their dead bytes: fsck at the next start punches them);
+    // Punches go to the old file (the copy has their dead bytes: fsck at the next start punches them);
     // it is closed only once none is left, so that no punch lands on whatever file reuses its descriptor.
     await this.settled();
     if (fs.existsSync(this.blobPath)) fs.renameSync(this.blobPath, `${this.blobPath}.displaced-${Date.now()}`);
@@ -771,7 +790,7 @@ export class ChunkStore {
    */
   fsck(liveLayerIds: Set<number>): { fixedRefs: number; droppedLayerRefs: number; punchedBytes: number } {
     // The free list is rebuilt from the rows below: an extent whose punch is still under way would be in it twice.
-    if (this.punches.size > 0) throw new Error('chunk store fsck while freed extents are being punched: await settled() first');
+    if (this.punching) throw new Error('chunk store fsck while freed extents are being punched: await settled() first');
     let droppedLayerRefs = 0;
     let fixedRefs = 0;
     this.db.transaction(() => {
@@ -824,14 +843,16 @@ export class ChunkStore {
   close(): void {
     if (this.fd >= 0) {
       // A clean stop: the file is as this daemon left it; the next start need not verify it all.
-      // With punches under way the file still changes (its ctime): no stamp, the next start verifies it (settled() first avoids that).
+      // A punch landing after the stamp changes the file's ctime: the next start then verifies it all (safe).
       try {
-        if (this.db.open && !this.fileProblem() && this.punches.size === 0) this.saveStamp();
+        if (this.db.open && !this.fileProblem()) this.saveStamp();
       } catch (err) {
         this.log.warn({ op: 'integrity', err: (err as Error).message }, 'cannot record the chunk store stamp; the next start verifies every chunk');
       }
-      // Not closed under a punch on the thread pool: the number could go to another file first.
-      if (this.punches.size > 0) this.closeAfterPunches = this.fd;
+      // Punches not started are left to the next start's fsck; the one under way keeps the descriptor
+      // (closed when it ends: the number could otherwise go to another file first).
+      this.punchQueue.length = 0;
+      if (this.punching) this.closeAfterPunch = this.fd;
       else fs.closeSync(this.fd);
       this.fd = -1;
     }
