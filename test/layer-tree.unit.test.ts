@@ -56,3 +56,27 @@ test('a sink that fails mid-file: the error comes back, no read is left in fligh
   await assert.rejects(treeFromDirectory(root, recordingSink(5)), /sink fails at piece 5/);
   assert.equal(openFds(), before, 'the file was closed');
 });
+
+test('a read ahead that fails while the sink is busy with the piece before is the walk\'s error (not an unhandled rejection)', async () => {
+  const root = path.join(dir, 'shrinks');
+  fs.mkdirSync(root);
+  const file = path.join(root, 'big');
+  fs.writeFileSync(file, crypto.randomBytes(16 * CHUNK));
+  let lent = 0;
+  const sink: ChunkSink = {
+    chunkSize: CHUNK,
+    // The second buffer is for the piece read ahead: the file shrinks just before that read.
+    buffer(): Buffer {
+      if (++lent === 2) fs.truncateSync(file, CHUNK);
+      return Buffer.alloc(CHUNK);
+    },
+    // Busy with piece 0 while the read ahead fails.
+    async add(): Promise<number> {
+      await new Promise((r) => setTimeout(r, 50));
+      return 0;
+    },
+  };
+  const before = openFds();
+  await assert.rejects(treeFromDirectory(root, sink), /shrank while it was read/);
+  assert.equal(openFds(), before, 'the file was closed');
+});
