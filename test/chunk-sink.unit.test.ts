@@ -192,3 +192,18 @@ test('a removal that frees thousands of separate runs punches them all (one at a
     db.close();
   }
 });
+
+test('close() with a write in flight keeps the store file open until it ends', async () => {
+  const root = path.join(dir, 'write-close');
+  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+  const db = new Database(path.join(root, 'm.db'));
+  const store = new ChunkStore({ root, db, layout: 'single' });
+  const e = store.allocate(256);
+  const fd = (store as unknown as { fd: number }).fd;
+  const writing = store.write(e, Buffer.alloc(256 * STORE_BLOCK, 1));
+  store.close();
+  assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(root, 'store', 'chunks.blob'), 'still open under the write');
+  await writing;
+  assert.throws(() => fs.fstatSync(fd), /EBADF/, 'closed once the write ended');
+  db.close();
+});

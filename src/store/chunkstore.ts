@@ -132,8 +132,10 @@ export class ChunkStore {
   private readonly punchQueue: Extent[] = [];
   /** The loop punching them, one at a time, while the queue is not empty. */
   private punching: Promise<void> | null = null;
-  /** chunks.blob's descriptor, closed by close() while a punch was under way: closed when it ends. */
-  private closeAfterPunch = -1;
+  /** Operations in flight on each of chunks.blob's descriptors (see onBlob). */
+  private readonly fdUsers = new Map<number, number>();
+  /** Descriptors replaced (restoreFile) or closed (close) while in use: closed by their last operation. */
+  private readonly retiredFds = new Set<number>();
   /** Chunks an in-flight import will reference: never freed meanwhile. */
   private readonly pins = new Map<number, number>();
   private lockTail: Promise<void> = Promise.resolve();
@@ -502,7 +504,7 @@ export class ChunkStore {
     try {
       for (let e = this.punchQueue.shift(); e; e = this.punchQueue.shift()) {
         try {
-          await punchHoleAsync(this.fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK);
+          await this.onBlob((fd) => punchHoleAsync(fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK));
         } catch (err) {
           this.log.warn({ op: 'reclaim', err: (err as Error).message }, 'cannot punch hole; space stays allocated until fsck');
         }
@@ -510,16 +512,35 @@ export class ChunkStore {
       }
     } finally {
       this.punching = null;
-      if (this.closeAfterPunch >= 0) {
-        const fd = this.closeAfterPunch;
-        this.closeAfterPunch = -1;
-        try {
-          fs.closeSync(fd);
-        } catch {
-          /* closed already: nothing to keep open */
-        }
+    }
+  }
+
+  /**
+   * Runs `fn` on chunks.blob's current descriptor, which stays open until
+   * it ends: restoreFile and close retire a descriptor in use instead of
+   * closing it, so that an operation in flight on the thread pool never
+   * lands on another file that got the same number.
+   */
+  private async onBlob<T>(fn: (fd: number) => Promise<T>): Promise<T> {
+    const fd = this.fd;
+    this.fdUsers.set(fd, (this.fdUsers.get(fd) ?? 0) + 1);
+    try {
+      return await fn(fd);
+    } finally {
+      const n = (this.fdUsers.get(fd) ?? 1) - 1;
+      if (n > 0) {
+        this.fdUsers.set(fd, n);
+      } else {
+        this.fdUsers.delete(fd);
+        if (this.retiredFds.delete(fd)) closeQuietly(fd);
       }
     }
+  }
+
+  /** Closes chunks.blob descriptor `fd` now, or when its last operation in flight ends (see onBlob). */
+  private retireFd(fd: number): void {
+    if (this.fdUsers.has(fd)) this.retiredFds.add(fd);
+    else fs.closeSync(fd);
   }
 
   /** A punched extent joins the free list (or lowers the high-water mark when it ends there). */
@@ -552,28 +573,27 @@ export class ChunkStore {
     const tmp = `${this.blobPath}.restore-${process.pid}`;
     const out = fs.openSync(tmp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
     try {
-      const size = fs.fstatSync(this.fd).size;
-      const buf = Buffer.alloc(1 << 20);
-      for (let at = seekDataOrHole(this.fd, 0, 'data'); at !== null && at < size; ) {
-        const end = seekDataOrHole(this.fd, at, 'hole') ?? size;
-        for (let off = at; off < end; ) {
-          const n = Math.min(buf.length, end - off);
-          await readAt(this.fd, buf.subarray(0, n), off);
-          await writeAllAt(out, buf.subarray(0, n), off);
-          off += n;
+      await this.onBlob(async (fd) => {
+        const size = fs.fstatSync(fd).size;
+        const buf = Buffer.alloc(1 << 20);
+        for (let at = seekDataOrHole(fd, 0, 'data'); at !== null && at < size; ) {
+          const end = seekDataOrHole(fd, at, 'hole') ?? size;
+          for (let off = at; off < end; ) {
+            const n = Math.min(buf.length, end - off);
+            await readAt(fd, buf.subarray(0, n), off);
+            await writeAllAt(out, buf.subarray(0, n), off);
+            off += n;
+          }
+          at = end < size ? seekDataOrHole(fd, end, 'data') : null;
         }
-        at = end < size ? seekDataOrHole(this.fd, end, 'data') : null;
-      }
-      fs.ftruncateSync(out, size);
+        fs.ftruncateSync(out, size);
+      });
       fs.fsyncSync(out);
     } catch (err) {
       fs.closeSync(out);
       fs.rmSync(tmp, { force: true });
       throw err;
     }
-    // Punches go to the old file (the copy has their dead bytes: fsck at the next start punches them);
-    // it is closed only once none is left, so that no punch lands on whatever file reuses its descriptor.
-    await this.settled();
     if (fs.existsSync(this.blobPath)) fs.renameSync(this.blobPath, `${this.blobPath}.displaced-${Date.now()}`);
     fs.renameSync(tmp, this.blobPath);
     fsyncDirOf(this.blobPath);
@@ -581,7 +601,9 @@ export class ChunkStore {
     this.fd = out;
     const st = fs.fstatSync(out);
     this.fileId = { dev: st.dev, ino: st.ino };
-    fs.closeSync(old);
+    // Writes, reads and punches in flight on the old descriptor end there (a sink's writes to the old file fail
+    // its conversion: checkStoreFile; punched ranges are dead bytes, in the copy too, punched at the next start).
+    this.retireFd(old);
     this.restoredFiles++;
     this.saveStamp();
     this.log.error({ op: 'integrity', store: this.blobPath }, `${problem.replace(/: new layers are not stored.*$/, '')}: put back from the copy this daemon holds open (nothing lost)`);
@@ -598,16 +620,16 @@ export class ChunkStore {
     const seg = e.segment ?? 0;
     if (seg !== (writer?.id ?? 0)) throw new Error(`writeRun: extent of segment ${seg}, writer of ${writer?.id ?? 'chunks.blob'}`);
     if (!writer) this.checkFileForWrites();
-    const fd = writer ? writer.fd : this.fd;
-    let pos = e.blkaddr * STORE_BLOCK;
     const total = parts.reduce((a, p) => a + p.length, 0);
     if (total !== e.nblocks * STORE_BLOCK) throw new Error(`writeRun: ${total} bytes for ${e.nblocks} blocks`);
-    const written = await new Promise<number>((resolve, reject) => fs.writev(fd, parts, pos, (err, n) => (err ? reject(err) : resolve(n))));
-    if (written === total) return;
-    // A short write (rare): the rest one piece at a time.
-    pos += written;
-    const rest = Buffer.concat(parts).subarray(written);
-    await writeAllAt(fd, rest, pos);
+    const run = async (fd: number) => {
+      const pos = e.blkaddr * STORE_BLOCK;
+      const written = await new Promise<number>((resolve, reject) => fs.writev(fd, parts, pos, (err, n) => (err ? reject(err) : resolve(n))));
+      if (written === total) return;
+      // A short write (rare): the rest one piece at a time.
+      await writeAllAt(fd, Buffer.concat(parts).subarray(written), pos + written);
+    };
+    await (writer ? run(writer.fd) : this.onBlob(run));
   }
 
   /** Throws when the store file is gone or replaced (see fileProblem); stats it at most every WRITE_CHECK_MS. */
@@ -629,7 +651,7 @@ export class ChunkStore {
     const seg = e.segment ?? 0;
     if (seg === 0) {
       this.checkFileForWrites();
-      await writeAllAt(this.fd, padded, e.blkaddr * STORE_BLOCK);
+      await this.onBlob((fd) => writeAllAt(fd, padded, e.blkaddr * STORE_BLOCK));
       return;
     }
     if (this.segments.sealed(seg)) {
@@ -668,7 +690,7 @@ export class ChunkStore {
   async read(e: Extent): Promise<Buffer> {
     const buf = Buffer.alloc(e.nblocks * STORE_BLOCK);
     const seg = e.segment ?? 0;
-    if (seg === 0) await readAt(this.fd, buf, e.blkaddr * STORE_BLOCK);
+    if (seg === 0) await this.onBlob((fd) => readAt(fd, buf, e.blkaddr * STORE_BLOCK));
     else await this.segments.withFd(seg, (fd) => readAt(fd, buf, e.blkaddr * STORE_BLOCK));
     return buf;
   }
@@ -682,13 +704,13 @@ export class ChunkStore {
    * the sync that follows is what makes the layer durable.
    */
   async writeBack(writer: SegmentWriter | null = null): Promise<void> {
-    const fd = writer ? writer.fd : this.fd;
-    await new Promise<void>((resolve) => fs.fdatasync(fd, () => resolve()));
+    const flush = (fd: number) => new Promise<void>((resolve) => fs.fdatasync(fd, () => resolve()));
+    await (writer ? flush(writer.fd) : this.onBlob(flush));
   }
 
   /** Makes what write() wrote durable (chunks.blob, and healed segments, whose stamps are renewed; sealed ones are written again). */
   async sync(): Promise<void> {
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    await this.onBlob((fd) => new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve()))));
     for (const [seg, patches] of [...this.sealedPatches]) {
       this.sealedPatches.delete(seg);
       const { unreadable } = await this.segments.rewrite(seg, patches);
@@ -849,16 +871,24 @@ export class ChunkStore {
       } catch (err) {
         this.log.warn({ op: 'integrity', err: (err as Error).message }, 'cannot record the chunk store stamp; the next start verifies every chunk');
       }
-      // Punches not started are left to the next start's fsck; the one under way keeps the descriptor
+      // Punches not started are left to the next start's fsck; an operation under way keeps the descriptor
       // (closed when it ends: the number could otherwise go to another file first).
       this.punchQueue.length = 0;
-      if (this.punching) this.closeAfterPunch = this.fd;
-      else fs.closeSync(this.fd);
+      this.retireFd(this.fd);
       this.fd = -1;
     }
     for (const fd of this.rwSegments.values()) fs.closeSync(fd);
     this.rwSegments.clear();
     this.segments.close();
+  }
+}
+
+/** close(2) of a descriptor retired while in use, by its last user: an error there has no one to go to. */
+function closeQuietly(fd: number): void {
+  try {
+    fs.closeSync(fd);
+  } catch {
+    /* EBADF or EIO at close: the descriptor is gone either way */
   }
 }
 
