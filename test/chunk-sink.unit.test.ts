@@ -21,12 +21,12 @@ after(() => fs.rmSync(dir, { recursive: true, force: true }));
 const CHUNK = 64 * 1024;
 
 /** Runs fn on a fresh store in its own directory (WAL, as the daemon's database), closed after. */
-async function withStore(name: string, fn: (store: ChunkStore) => Promise<void>): Promise<void> {
+async function withStore(name: string, fn: (store: ChunkStore) => Promise<void>, logger?: pino.Logger): Promise<void> {
   const root = path.join(dir, name);
   fs.mkdirSync(path.join(root, 'store'), { recursive: true });
   const db = new Database(path.join(root, 'm.db'));
   db.pragma('journal_mode = WAL');
-  const store = new ChunkStore({ root, db, layout: 'single' });
+  const store = new ChunkStore({ root, db, layout: 'single', logger });
   try {
     await fn(store);
   } finally {
@@ -147,63 +147,71 @@ test('a freed extent is punched in the background and handed out again only once
   });
 });
 
-test('close() with punches under way keeps the store file open until they end (its descriptor is not handed to another file meanwhile)', async () => {
-  const root = path.join(dir, 'punch-close');
+/**
+ * Starts an operation on a fresh store's file (`start`), closes the store
+ * while it is in flight, and checks that chunks.blob's descriptor stays
+ * open until `done` and is closed then.
+ */
+async function closeUnder(name: string, start: (store: ChunkStore) => Promise<void>, done: (store: ChunkStore) => Promise<void>): Promise<void> {
+  const root = path.join(dir, name);
   fs.mkdirSync(path.join(root, 'store'), { recursive: true });
   const db = new Database(path.join(root, 'm.db'));
   const store = new ChunkStore({ root, db, layout: 'single' });
-  const e = store.allocate(64);
-  await store.write(e, Buffer.alloc(64 * STORE_BLOCK, 1));
   const fd = (store as unknown as { fd: number }).fd;
-  store.releaseExtents([e]);
+  await start(store);
   store.close();
-  // Still chunks.blob's descriptor: the punch in flight may use it.
+  // Still chunks.blob's descriptor: the operation in flight may use it (another file could get the number).
   assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(root, 'store', 'chunks.blob'));
-  await store.settled();
-  assert.throws(() => fs.fstatSync(fd), /EBADF/, 'closed once the punch ended');
+  await done(store);
+  assert.throws(() => fs.fstatSync(fd), /EBADF/, 'closed once it ended');
   db.close();
-});
+}
 
-test('a removal that frees thousands of separate runs punches them all (one at a time), with no failed punch', async () => {
-  const root = path.join(dir, 'punch-many');
-  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
-  const db = new Database(path.join(root, 'm.db'));
-  const warnings: string[] = [];
-  const logger = pino({ level: 'warn' }, { write: (line: string) => void warnings.push(line) });
-  const store = new ChunkStore({ root, db, layout: 'single', logger });
-  try {
-    // 2000 one-block chunks with a live one between each two: no two freed runs are neighbours.
-    const dead = [];
-    for (let i = 0; i < 2000; i++) {
-      const d = store.allocate(1);
-      await store.write(d, Buffer.alloc(STORE_BLOCK, 1));
-      dead.push(d);
-      await store.write(store.allocate(1), Buffer.alloc(STORE_BLOCK, 2));
-    }
-    const blobFile = path.join(root, 'store', 'chunks.blob');
-    const before = fs.statSync(blobFile).blocks;
-    store.releaseExtents(dead);
-    await store.settled();
-    assert.deepEqual(warnings, [], 'no punch failed');
-    assert.equal(before - fs.statSync(blobFile).blocks, 2000 * (STORE_BLOCK / 512), 'every freed block punched');
-    assert.deepEqual(store.allocate(1), { blkaddr: 0, nblocks: 1 }, 'and reusable');
-  } finally {
-    store.close();
-    db.close();
-  }
+test('close() with punches under way keeps the store file open until they end (its descriptor is not handed to another file meanwhile)', async () => {
+  await closeUnder(
+    'punch-close',
+    async (store) => {
+      const e = store.allocate(64);
+      await store.write(e, Buffer.alloc(64 * STORE_BLOCK, 1));
+      store.releaseExtents([e]);
+    },
+    (store) => store.settled(),
+  );
 });
 
 test('close() with a write in flight keeps the store file open until it ends', async () => {
-  const root = path.join(dir, 'write-close');
-  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
-  const db = new Database(path.join(root, 'm.db'));
-  const store = new ChunkStore({ root, db, layout: 'single' });
-  const e = store.allocate(256);
-  const fd = (store as unknown as { fd: number }).fd;
-  const writing = store.write(e, Buffer.alloc(256 * STORE_BLOCK, 1));
-  store.close();
-  assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(root, 'store', 'chunks.blob'), 'still open under the write');
-  await writing;
-  assert.throws(() => fs.fstatSync(fd), /EBADF/, 'closed once the write ended');
-  db.close();
+  let writing: Promise<void> = Promise.resolve();
+  await closeUnder(
+    'write-close',
+    async (store) => {
+      writing = store.write(store.allocate(256), Buffer.alloc(256 * STORE_BLOCK, 1));
+    },
+    () => writing,
+  );
+});
+
+test('a removal that frees thousands of separate runs punches them all (one at a time), with no failed punch', async () => {
+  const warnings: string[] = [];
+  const logger = pino({ level: 'warn' }, { write: (line: string) => void warnings.push(line) });
+  await withStore(
+    'punch-many',
+    async (store) => {
+      // 2000 one-block chunks with a live one between each two: no two freed runs are neighbours.
+      const dead = [];
+      for (let i = 0; i < 2000; i++) {
+        const d = store.allocate(1);
+        await store.write(d, Buffer.alloc(STORE_BLOCK, 1));
+        dead.push(d);
+        await store.write(store.allocate(1), Buffer.alloc(STORE_BLOCK, 2));
+      }
+      const blobFile = path.join(dir, 'punch-many', 'store', 'chunks.blob');
+      const before = fs.statSync(blobFile).blocks;
+      store.releaseExtents(dead);
+      await store.settled();
+      assert.deepEqual(warnings, [], 'no punch failed');
+      assert.equal(before - fs.statSync(blobFile).blocks, 2000 * (STORE_BLOCK / 512), 'every freed block punched');
+      assert.deepEqual(store.allocate(1), { blkaddr: 0, nblocks: 1 }, 'and reusable');
+    },
+    logger,
+  );
 });
