@@ -13,6 +13,9 @@ import { ChunkStore, STORE_BLOCK } from '../src/store/chunkstore';
  * StoreChunkSink looks chunks up in the store in batches (one read
  * transaction for many): what it finds must be exactly what the store has,
  * across batch boundaries, and what it writes must be the chunk's bytes.
+ * And the store under it gives freed extents back in the background: never
+ * handed out again before they are punched, never punched (or written)
+ * through a descriptor closed meanwhile.
  */
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chunk-sink-'));
