@@ -218,3 +218,40 @@ test('a removal that frees thousands of separate runs punches them all (one at a
     logger,
   );
 });
+
+test('punches still queued at a stop are done by the next start\'s fsck; the live chunk keeps its bytes', async () => {
+  const root = path.join(dir, 'punch-stop');
+  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+  const db = new Database(path.join(root, 'm.db'));
+  const blobFile = path.join(root, 'store', 'chunks.blob');
+  const first = new ChunkStore({ root, db, layout: 'single' });
+  const live = first.allocate(16);
+  const liveBytes = crypto.randomBytes(16 * STORE_BLOCK);
+  await first.write(live, liveBytes);
+  first.addLayerRefs(1, [first.insertChunk(digestOf(liveBytes), live)]);
+  // Ten dead runs, none next to another (an unwritten block between each two).
+  const dead = [];
+  for (let i = 0; i < 10; i++) {
+    const d = first.allocate(64);
+    await first.write(d, Buffer.alloc(64 * STORE_BLOCK, i + 1));
+    dead.push(d);
+    first.allocate(1);
+  }
+  await first.sync();
+  first.releaseExtents(dead);
+  // A stop with the punches queued: at most the one under way is done.
+  first.close();
+  await first.settled();
+  assert.ok(fs.statSync(blobFile).blocks * 512 > 16 * STORE_BLOCK + 9 * 64 * STORE_BLOCK - 1, 'punches were left queued');
+  const next = new ChunkStore({ root, db, layout: 'single' });
+  try {
+    next.fsck(new Set([1]));
+    // The live chunk's blocks, and perhaps a block of the file's extent tree: no dead run keeps any.
+    const left = fs.statSync(blobFile).blocks * 512 - 16 * STORE_BLOCK;
+    assert.ok(left >= 0 && left < 64 * STORE_BLOCK, `${left} bytes beyond the live chunk's`);
+    assert.ok((await next.read(live)).equals(liveBytes));
+  } finally {
+    next.close();
+    db.close();
+  }
+});
