@@ -6,6 +6,7 @@ import { punchHole, punchHoleAsync } from '../../native/fallocate';
 import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
+import { FdUsers } from '../util/fd-users';
 import { type SegmentCheck, type SegmentWriter, Segments, fsyncDir } from './segments';
 
 /**
@@ -132,10 +133,8 @@ export class ChunkStore {
   private readonly punchQueue: Extent[] = [];
   /** The loop punching them, one at a time, while the queue is not empty. */
   private punching: Promise<void> | null = null;
-  /** Operations in flight on each of chunks.blob's descriptors (see onBlob). */
-  private readonly fdUsers = new Map<number, number>();
-  /** Descriptors replaced (restoreFile) or closed (close) while in use: closed by their last operation. */
-  private readonly retiredFds = new Set<number>();
+  /** Operations in flight on chunks.blob's descriptors (see onBlob): one replaced or closed meanwhile is closed by the last. */
+  private readonly blobFds = new FdUsers();
   /** Chunks an in-flight import will reference: never freed meanwhile. */
   private readonly pins = new Map<number, number>();
   private lockTail: Promise<void> = Promise.resolve();
@@ -521,26 +520,8 @@ export class ChunkStore {
    * closing it, so that an operation in flight on the thread pool never
    * lands on another file that got the same number.
    */
-  private async onBlob<T>(fn: (fd: number) => Promise<T>): Promise<T> {
-    const fd = this.fd;
-    this.fdUsers.set(fd, (this.fdUsers.get(fd) ?? 0) + 1);
-    try {
-      return await fn(fd);
-    } finally {
-      const n = (this.fdUsers.get(fd) ?? 1) - 1;
-      if (n > 0) {
-        this.fdUsers.set(fd, n);
-      } else {
-        this.fdUsers.delete(fd);
-        if (this.retiredFds.delete(fd)) closeQuietly(fd);
-      }
-    }
-  }
-
-  /** Closes chunks.blob descriptor `fd` now, or when its last operation in flight ends (see onBlob). */
-  private retireFd(fd: number): void {
-    if (this.fdUsers.has(fd)) this.retiredFds.add(fd);
-    else fs.closeSync(fd);
+  private onBlob<T>(fn: (fd: number) => Promise<T>): Promise<T> {
+    return this.blobFds.use(this.fd, fn);
   }
 
   /** A punched extent joins the free list (or lowers the high-water mark when it ends there). */
@@ -603,7 +584,7 @@ export class ChunkStore {
     this.fileId = { dev: st.dev, ino: st.ino };
     // Writes, reads and punches in flight on the old descriptor end there (a sink's writes to the old file fail
     // its conversion: checkStoreFile; punched ranges are dead bytes, in the copy too, punched at the next start).
-    this.retireFd(old);
+    this.blobFds.release(old);
     this.restoredFiles++;
     this.saveStamp();
     this.log.error({ op: 'integrity', store: this.blobPath }, `${problem.replace(/: new layers are not stored.*$/, '')}: put back from the copy this daemon holds open (nothing lost)`);
@@ -874,21 +855,12 @@ export class ChunkStore {
       // Punches not started are left to the next start's fsck; an operation under way keeps the descriptor
       // (closed when it ends: the number could otherwise go to another file first).
       this.punchQueue.length = 0;
-      this.retireFd(this.fd);
+      this.blobFds.release(this.fd);
       this.fd = -1;
     }
     for (const fd of this.rwSegments.values()) fs.closeSync(fd);
     this.rwSegments.clear();
     this.segments.close();
-  }
-}
-
-/** close(2) of a descriptor retired while in use, by its last user: an error there has no one to go to. */
-function closeQuietly(fd: number): void {
-  try {
-    fs.closeSync(fd);
-  } catch {
-    /* EBADF or EIO at close: the descriptor is gone either way */
   }
 }
 

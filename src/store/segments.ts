@@ -4,6 +4,7 @@ import type Database from 'better-sqlite3';
 import { ErrnoError } from '../../native/libc';
 import { VERITY_UNSUPPORTED, enableVerity, hasVerity, measureVerity } from '../../native/verity';
 import type { Logger } from '../log/logger';
+import { FdUsers } from '../util/fd-users';
 
 /**
  * Sealed segments of the chunk store: files `store/segments/<id>.blob`, each
@@ -62,9 +63,8 @@ export class Segments {
   private sealing: boolean | null = null;
   /** Read-only fds of segment files, most recently used last. */
   private readonly open = new Map<number, number>();
-  /** fds handed to withFd calls still running (fd → how many), and those to close once they are done. */
-  private readonly busy = new Map<number, number>();
-  private readonly closing = new Set<number>();
+  /** fds handed to withFd calls still running: closed only once they are done. */
+  private readonly fds = new FdUsers();
   /** Segments written but not yet named by a committed row. */
   private readonly pending = new Map<number, SegmentRow>();
   private nextId: number;
@@ -208,15 +208,7 @@ export class Segments {
       this.open.set(id, fd);
       this.evict();
     }
-    this.busy.set(fd, (this.busy.get(fd) ?? 0) + 1);
-    try {
-      return await fn(fd);
-    } finally {
-      const n = (this.busy.get(fd) ?? 1) - 1;
-      if (n > 0) this.busy.set(fd, n);
-      else this.busy.delete(fd);
-      if (this.closing.delete(fd)) fs.closeSync(fd);
-    }
+    return this.fds.use(fd, fn);
   }
 
   /** Closes the least recently used fds beyond MAX_OPEN (one in use is closed when its last user is done). */
@@ -229,8 +221,7 @@ export class Segments {
   }
 
   private release(fd: number): void {
-    if (this.busy.has(fd)) this.closing.add(fd);
-    else fs.closeSync(fd);
+    this.fds.release(fd);
   }
 
   /** Whether segment `id` is sealed (its file cannot be written). */
