@@ -6,6 +6,7 @@ import type { Snapshotter } from '../snapshot/snapshotter';
 import { prepareSocketPath } from '../util/socket';
 import { createDiffHandlers } from './diff-service';
 import { type MutationEvent, createSnapshotsHandlers } from './service';
+import { waitAtMost } from '../util/wait';
 
 export interface GrpcServerHandle {
   server: grpc.Server;
@@ -61,7 +62,7 @@ export async function startGrpcServer(opts: {
           resolve();
         });
       });
-      await Promise.race([drain(), new Promise((r) => setTimeout(r, graceMs))]);
+      await waitAtMost(drain(), graceMs);
       try {
         fs.unlinkSync(opts.address);
       } catch {

@@ -11,6 +11,7 @@ import type { LazyFile } from './lazy-files';
 import type { FanotifyDeps, LazySource, LoaderBackend } from './loader-backend';
 import { RelayedEvents } from './relayed-events';
 import { RelayedRecord } from './relayed-record';
+import { waitAtMost } from '../util/wait';
 
 /**
  * fanotify pre-content events (Linux ≥ 6.14): a lazy layer is mounted over
@@ -149,9 +150,7 @@ export class FanotifyBackend implements LoaderBackend, HolderHooks {
     }
     // Answered before a new holder reads: its event fd numbers must not meet the dead one's.
     // Bounded: a fill that itself reads a marked file (a chunk copied from another lazy layer) waits for a holder.
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([Promise.all(orphans.map((r) => r.done)), new Promise<void>((res) => (timer = setTimeout(res, ORPHAN_WAIT_MS)))]);
-    clearTimeout(timer);
+    await waitAtMost(Promise.all(orphans.map((r) => r.done)), ORPHAN_WAIT_MS);
     for (const r of orphans) {
       if (!this.events.has(r)) continue;
       r.cancelled = true;

@@ -20,6 +20,7 @@ import { UNMEASURED, diskUsage, fsyncDir, isUnmeasured, removeAll } from '../uti
 import { type LayerParts, type SnapshotterOptions, composeLayers } from './compose';
 import { compileFilters } from './filters';
 import { recoverLayers } from './recovery';
+import { waitAtMost } from '../util/wait';
 
 export type { SnapshotterOptions } from './compose';
 
@@ -504,10 +505,7 @@ export class Snapshotter {
    */
   async settle(timeoutMs = 5000): Promise<void> {
     const store = this.parts.erofs?.store;
-    if (!store) return;
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([store.settled(), new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs)))]);
-    clearTimeout(timer);
+    if (store) await waitAtMost(store.settled(), timeoutMs);
   }
 
   close(): void {
