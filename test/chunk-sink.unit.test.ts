@@ -255,3 +255,28 @@ test('punches still queued at a stop are done by the next start\'s fsck; the liv
     db.close();
   }
 });
+
+test("a store opened on the file while another one's punch is under way hands that range out only once it is punched", async () => {
+  const root = path.join(dir, 'punch-reopen');
+  fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+  const db = new Database(path.join(root, 'm.db'));
+  const first = new ChunkStore({ root, db, layout: 'single' });
+  const e = first.allocate(64);
+  await first.write(e, Buffer.alloc(64 * STORE_BLOCK, 1));
+  // The punch is on the thread pool from here; its end is seen no sooner than the next turn of the event loop.
+  first.releaseExtents([e]);
+  first.close();
+  const next = new ChunkStore({ root, db, layout: 'single' });
+  try {
+    const got = next.allocate(64);
+    assert.ok(got.blkaddr >= e.blkaddr + e.nblocks, `not the range being punched (got ${JSON.stringify(got)})`);
+    await next.write(got, Buffer.alloc(64 * STORE_BLOCK, 2));
+    await next.settled();
+    assert.deepEqual(await next.read(got), Buffer.alloc(64 * STORE_BLOCK, 2), 'its chunk intact');
+    assert.deepEqual(next.allocate(64), e, 'the punched range is reusable once punched');
+  } finally {
+    await first.settled();
+    next.close();
+    db.close();
+  }
+});

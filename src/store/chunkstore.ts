@@ -7,6 +7,7 @@ import { seekDataOrHole } from '../../native/libc';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
 import { FdUsers } from '../util/fd-users';
+import { prepared } from './prepared';
 import { type SegmentCheck, type SegmentWriter, Segments, fsyncDir } from './segments';
 
 /**
@@ -65,6 +66,25 @@ export interface Extent {
   /** The segment the blocks are in: 0 (or absent) for chunks.blob. */
   segment?: number;
 }
+
+/** A punch under way on a store file (see punchesUnderWay). */
+interface PunchUnderWay {
+  owner: ChunkStore;
+  extent: Extent;
+  /** Settles when the punch ended (whatever its result). */
+  ended: Promise<void>;
+}
+
+/**
+ * The punches under way on each store file (by `dev:ino`), whichever
+ * ChunkStore of this process started them. A store opened on the file
+ * meanwhile (the daemon has one; tests reopen stores) keeps their extents
+ * out of its free list until they end: a chunk written there first would be
+ * zeroed by the punch landing after it.
+ */
+const punchesUnderWay = new Map<string, Set<PunchUnderWay>>();
+
+const noop = (): void => undefined;
 
 /** Where new chunks go: one writable file, or a sealed segment per import (auto: segments where fs-verity works). */
 export type StoreLayout = 'auto' | 'single' | 'segments';
@@ -133,6 +153,8 @@ export class ChunkStore {
   private readonly punchQueue: Extent[] = [];
   /** The loop punching them, one at a time, while the queue is not empty. */
   private punching: Promise<void> | null = null;
+  /** Waits for punches another store of this process has under way on this file (see punchesUnderWay); their extents join the free list when they end. */
+  private readonly othersPunches = new Set<Promise<void>>();
   /** Operations in flight on chunks.blob's descriptors (see onBlob): one replaced or closed meanwhile is closed by the last. */
   private readonly blobFds = new FdUsers();
   /** Chunks an in-flight import will reference: never freed meanwhile. */
@@ -150,8 +172,6 @@ export class ChunkStore {
   private readonly sealedPatches = new Map<number, Map<number, Buffer>>();
   /** Read-write fds of unsealed segments being healed. */
   private readonly rwSegments = new Map<number, number>();
-  private lookupStmt: Database.Statement | null = null;
-  private lookupAllStmt: Database.Statement | null = null;
   /** When writes last found the store file in place (fileProblem is a stat: asked at most every WRITE_CHECK_MS while writes stream). */
   private fileCheckedAt = 0;
 
@@ -173,7 +193,7 @@ export class ChunkStore {
         : `new chunks go to ${this.blobPath}, checked by the daemon${layout === 'auto' ? ' (this filesystem has no fs-verity to seal segments with)' : ''}`,
     );
     moveFromCache(opts.root, this.blobPath, this.log);
-    const rows = (this.db.prepare('SELECT count(*) AS n FROM chunks WHERE segment = 0').get() as { n: number }).n;
+    const rows = (prepared(this.db, 'SELECT count(*) AS n FROM chunks WHERE segment = 0').get() as { n: number }).n;
     let fd: number;
     try {
       fd = fs.openSync(this.blobPath, fs.constants.O_RDWR);
@@ -194,9 +214,7 @@ export class ChunkStore {
     this.fileId = { dev: st.dev, ino: st.ino };
     this.rebuildFreeList();
     if (!this.openProblem && st.size < this.highWater * STORE_BLOCK) {
-      const cut = this.db
-        .prepare('SELECT id FROM chunks WHERE segment = 0 AND (blkaddr + nblocks) * ? > ?')
-        .all(STORE_BLOCK, st.size) as { id: number }[];
+      const cut = prepared(this.db, 'SELECT id FROM chunks WHERE segment = 0 AND (blkaddr + nblocks) * ? > ?').all(STORE_BLOCK, st.size) as { id: number }[];
       const n = this.markBad(cut.map((r) => r.id), 'beyond the end of the store file (truncated)');
       this.openProblem = `${this.blobPath} is ${st.size} bytes, shorter than the ${this.highWater * STORE_BLOCK} its chunks need: ${n} chunks are lost`;
     }
@@ -256,7 +274,7 @@ export class ChunkStore {
         value  TEXT NOT NULL
       );
     `);
-    const cols = (this.db.prepare("SELECT name FROM pragma_table_info('chunks')").all() as { name: string }[]).map((c) => c.name);
+    const cols = (prepared(this.db, "SELECT name FROM pragma_table_info('chunks')").all() as { name: string }[]).map((c) => c.name);
     if (!cols.includes('segment')) this.addSegmentColumn();
     this.db.exec('DROP INDEX IF EXISTS chunks_blkaddr; CREATE INDEX IF NOT EXISTS chunks_segment_blkaddr ON chunks(segment, blkaddr);');
   }
@@ -286,12 +304,12 @@ export class ChunkStore {
   }
 
   private chunkIdsOf(segment: number): number[] {
-    return (this.db.prepare('SELECT id FROM chunks WHERE segment = ?').all(segment) as { id: number }[]).map((r) => r.id);
+    return (prepared(this.db, 'SELECT id FROM chunks WHERE segment = ?').all(segment) as { id: number }[]).map((r) => r.id);
   }
 
   /** Records chunks as bad (their bytes missing or wrong); returns how many were not bad already. */
   markBad(ids: Iterable<number>, reason: string): number {
-    const ins = this.db.prepare('INSERT OR IGNORE INTO bad_chunks (chunk_id, reason, found_ms) VALUES (?, ?, ?)');
+    const ins = prepared(this.db, 'INSERT OR IGNORE INTO bad_chunks (chunk_id, reason, found_ms) VALUES (?, ?, ?)');
     let n = 0;
     const now = Date.now();
     this.db.transaction(() => {
@@ -303,7 +321,7 @@ export class ChunkStore {
 
   /** Chunks whose right bytes were written again: good from now on. */
   markGood(ids: Iterable<number>): void {
-    const del = this.db.prepare('DELETE FROM bad_chunks WHERE chunk_id = ?');
+    const del = prepared(this.db, 'DELETE FROM bad_chunks WHERE chunk_id = ?');
     let n = 0;
     this.db.transaction(() => {
       for (const id of ids) n += del.run(id).changes;
@@ -312,14 +330,12 @@ export class ChunkStore {
   }
 
   badChunkCount(): number {
-    return (this.db.prepare('SELECT count(*) AS n FROM bad_chunks').get() as { n: number }).n;
+    return (prepared(this.db, 'SELECT count(*) AS n FROM bad_chunks').get() as { n: number }).n;
   }
 
   /** Snapshot ids of layers that reference at least one bad chunk, with how many. */
   layersWithBadChunks(): Map<number, number> {
-    const rows = this.db
-      .prepare('SELECT lc.snapshot_id AS id, count(*) AS n FROM layer_chunks lc JOIN bad_chunks b ON b.chunk_id = lc.chunk_id GROUP BY lc.snapshot_id')
-      .all() as { id: number; n: number }[];
+    const rows = prepared(this.db, 'SELECT lc.snapshot_id AS id, count(*) AS n FROM layer_chunks lc JOIN bad_chunks b ON b.chunk_id = lc.chunk_id GROUP BY lc.snapshot_id').all() as { id: number; n: number }[];
     return new Map(rows.map((r) => [r.id, r.n]));
   }
 
@@ -330,7 +346,7 @@ export class ChunkStore {
    * every chunk must be verified before it is trusted.
    */
   stampMatches(): boolean {
-    const raw = (this.db.prepare("SELECT value FROM store_meta WHERE name = 'stamp'").get() as { value: string } | undefined)?.value;
+    const raw = (prepared(this.db, "SELECT value FROM store_meta WHERE name = 'stamp'").get() as { value: string } | undefined)?.value;
     if (!raw) return false;
     const was = JSON.parse(raw) as Stamp;
     const now = this.stamp();
@@ -340,12 +356,12 @@ export class ChunkStore {
   /** Records the file's current inode, size and change time: its content is known good as of now. */
   saveStamp(): void {
     if (this.fd < 0) return;
-    this.db.prepare("INSERT INTO store_meta (name, value) VALUES ('stamp', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value").run(JSON.stringify(this.stamp()));
+    prepared(this.db, "INSERT INTO store_meta (name, value) VALUES ('stamp', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value").run(JSON.stringify(this.stamp()));
   }
 
   /** Forgets the stamp: the next start verifies every chunk. */
   dropStamp(): void {
-    this.db.prepare("DELETE FROM store_meta WHERE name = 'stamp'").run();
+    prepared(this.db, "DELETE FROM store_meta WHERE name = 'stamp'").run();
   }
 
   private stamp(): Stamp {
@@ -371,7 +387,18 @@ export class ChunkStore {
 
   /** Free list = the gaps between live chunks; high water = end of the last one. */
   private rebuildFreeList(): void {
-    const rows = this.db.prepare('SELECT blkaddr, nblocks FROM chunks WHERE segment = 0 ORDER BY blkaddr').all() as Extent[];
+    const rows = prepared(this.db, 'SELECT blkaddr, nblocks FROM chunks WHERE segment = 0 ORDER BY blkaddr').all() as Extent[];
+    // Ranges another store of this process is punching are taken until their punch ends (a wait from an earlier rebuild is dropped).
+    const others = [...(punchesUnderWay.get(this.fileKey()) ?? [])].filter((p) => p.owner !== this);
+    this.othersPunches.clear();
+    for (const p of others) {
+      rows.push(p.extent);
+      const wait: Promise<void> = p.ended.then(() => {
+        if (this.othersPunches.delete(wait) && this.fd >= 0) this.reuse(p.extent);
+      });
+      this.othersPunches.add(wait);
+    }
+    if (others.length > 0) rows.sort((a, b) => a.blkaddr - b.blkaddr);
     this.free = [];
     let cursor = 0;
     for (const r of rows) {
@@ -379,6 +406,11 @@ export class ChunkStore {
       cursor = Math.max(cursor, r.blkaddr + r.nblocks);
     }
     this.highWater = cursor;
+  }
+
+  /** chunks.blob's identity as punchesUnderWay knows it. */
+  private fileKey(): string {
+    return `${this.fileId.dev}:${this.fileId.ino}`;
   }
 
   /** Runs fn with the import lock held: one import's lookup-to-commit at a time. */
@@ -397,8 +429,7 @@ export class ChunkStore {
   /** The chunk with `digest` whose bytes are good (a bad one is never handed out). */
   lookup(digest: string): ChunkRow | undefined {
     // Prepared once: a layer of small files asks this for every file.
-    this.lookupStmt ??= this.db.prepare('SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) ORDER BY c.segment LIMIT 1');
-    return this.lookupStmt.get(digest) as ChunkRow | undefined;
+    return prepared(this.db, 'SELECT c.* FROM chunks c WHERE c.digest = ? AND NOT EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) ORDER BY c.segment LIMIT 1').get(digest) as ChunkRow | undefined;
   }
 
   /**
@@ -423,8 +454,7 @@ export class ChunkStore {
    */
   lookupAll(digest: string): (ChunkRow & { bad: boolean })[] {
     // Prepared once: placing a layer asks this for every distinct chunk.
-    this.lookupAllStmt ??= this.db.prepare('SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ? ORDER BY c.segment');
-    const rows = this.lookupAllStmt.all(digest) as (ChunkRow & { bad: number })[];
+    const rows = prepared(this.db, 'SELECT c.*, EXISTS (SELECT 1 FROM bad_chunks b WHERE b.chunk_id = c.id) AS bad FROM chunks c WHERE c.digest = ? ORDER BY c.segment').all(digest) as (ChunkRow & { bad: number })[];
     return rows.map((r) => ({ ...r, bad: r.bad === 1 }));
   }
 
@@ -502,10 +532,19 @@ export class ChunkStore {
   private async punchQueued(): Promise<void> {
     try {
       for (let e = this.punchQueue.shift(); e; e = this.punchQueue.shift()) {
+        const key = this.fileKey();
+        const punch = this.onBlob((fd) => punchHoleAsync(fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK));
+        const underWay: PunchUnderWay = { owner: this, extent: e, ended: punch.then(noop, noop) };
+        let onFile = punchesUnderWay.get(key);
+        if (!onFile) punchesUnderWay.set(key, (onFile = new Set()));
+        onFile.add(underWay);
         try {
-          await this.onBlob((fd) => punchHoleAsync(fd, e.blkaddr * STORE_BLOCK, e.nblocks * STORE_BLOCK));
+          await punch;
         } catch (err) {
           this.log.warn({ op: 'reclaim', err: (err as Error).message }, 'cannot punch hole; space stays allocated until fsck');
+        } finally {
+          onFile.delete(underWay);
+          if (onFile.size === 0 && punchesUnderWay.get(key) === onFile) punchesUnderWay.delete(key);
         }
         this.reuse(e);
       }
@@ -536,7 +575,7 @@ export class ChunkStore {
 
   /** Resolves once every freed extent is punched and reusable (see releaseExtent). */
   async settled(): Promise<void> {
-    while (this.punching) await this.punching;
+    while (this.punching || this.othersPunches.size > 0) await Promise.all([this.punching, ...this.othersPunches]);
   }
 
   /**
@@ -711,16 +750,14 @@ export class ChunkStore {
   insertChunk(digest: string, e: Extent): number {
     const seg = e.segment ?? 0;
     if (seg > 0) this.segments.record(seg);
-    const res = this.db
-      .prepare('INSERT INTO chunks (digest, segment, blkaddr, nblocks, refs) VALUES (?, ?, ?, ?, 0)')
-      .run(digest, seg, e.blkaddr, e.nblocks);
+    const res = prepared(this.db, 'INSERT INTO chunks (digest, segment, blkaddr, nblocks, refs) VALUES (?, ?, ?, ?, 0)').run(digest, seg, e.blkaddr, e.nblocks);
     return Number(res.lastInsertRowid);
   }
 
   /** In a transaction: layer `snapshotId` references each chunk once. */
   addLayerRefs(snapshotId: number, chunkIds: Iterable<number>): void {
-    const ins = this.db.prepare('INSERT OR IGNORE INTO layer_chunks (snapshot_id, chunk_id) VALUES (?, ?)');
-    const inc = this.db.prepare('UPDATE chunks SET refs = refs + 1 WHERE id = ?');
+    const ins = prepared(this.db, 'INSERT OR IGNORE INTO layer_chunks (snapshot_id, chunk_id) VALUES (?, ?)');
+    const inc = prepared(this.db, 'UPDATE chunks SET refs = refs + 1 WHERE id = ?');
     for (const id of chunkIds) if (ins.run(snapshotId, id).changes > 0) inc.run(id);
   }
 
@@ -730,21 +767,21 @@ export class ChunkStore {
    * to be punched by `releaseExtents` once the transaction has committed.
    */
   dropLayerRefs(snapshotId: number): Extent[] {
-    const ids = (this.db.prepare('SELECT chunk_id FROM layer_chunks WHERE snapshot_id = ?').all(snapshotId) as {
+    const ids = (prepared(this.db, 'SELECT chunk_id FROM layer_chunks WHERE snapshot_id = ?').all(snapshotId) as {
       chunk_id: number;
     }[]).map((r) => r.chunk_id);
-    this.db.prepare('DELETE FROM layer_chunks WHERE snapshot_id = ?').run(snapshotId);
-    const dec = this.db.prepare('UPDATE chunks SET refs = refs - 1 WHERE id = ?');
+    prepared(this.db, 'DELETE FROM layer_chunks WHERE snapshot_id = ?').run(snapshotId);
+    const dec = prepared(this.db, 'UPDATE chunks SET refs = refs - 1 WHERE id = ?');
     for (const id of ids) dec.run(id);
     return this.collectUnreferenced();
   }
 
   /** In a transaction: deletes unreferenced, unpinned chunk rows; returns their extents. */
   collectUnreferenced(): Extent[] {
-    const dead = this.db.prepare('SELECT id, segment, blkaddr, nblocks FROM chunks WHERE refs <= 0').all() as ChunkRow[];
-    const del = this.db.prepare('DELETE FROM chunks WHERE id = ?');
+    const dead = prepared(this.db, 'SELECT id, segment, blkaddr, nblocks FROM chunks WHERE refs <= 0').all() as ChunkRow[];
+    const del = prepared(this.db, 'DELETE FROM chunks WHERE id = ?');
     const out: Extent[] = [];
-    const delBad = this.db.prepare('DELETE FROM bad_chunks WHERE chunk_id = ?');
+    const delBad = prepared(this.db, 'DELETE FROM bad_chunks WHERE chunk_id = ?');
     for (const c of dead) {
       if (this.pins.has(c.id)) continue;
       delBad.run(c.id);
@@ -797,18 +834,17 @@ export class ChunkStore {
     let droppedLayerRefs = 0;
     let fixedRefs = 0;
     this.db.transaction(() => {
-      const layers = this.db.prepare('SELECT DISTINCT snapshot_id FROM layer_chunks').all() as { snapshot_id: number }[];
+      const layers = prepared(this.db, 'SELECT DISTINCT snapshot_id FROM layer_chunks').all() as { snapshot_id: number }[];
       for (const l of layers) {
         if (!liveLayerIds.has(l.snapshot_id)) {
-          droppedLayerRefs += this.db.prepare('DELETE FROM layer_chunks WHERE snapshot_id = ?').run(l.snapshot_id).changes;
+          droppedLayerRefs += prepared(this.db, 'DELETE FROM layer_chunks WHERE snapshot_id = ?').run(l.snapshot_id).changes;
         }
       }
-      fixedRefs = this.db
-        .prepare(
-          `UPDATE chunks SET refs = (SELECT count(*) FROM layer_chunks WHERE chunk_id = chunks.id)
+      fixedRefs = prepared(
+        this.db,
+        `UPDATE chunks SET refs = (SELECT count(*) FROM layer_chunks WHERE chunk_id = chunks.id)
            WHERE refs != (SELECT count(*) FROM layer_chunks WHERE chunk_id = chunks.id)`,
-        )
-        .run().changes;
+      ).run().changes;
       // Rows of dead chunks go; their blocks become gaps, punched below.
       this.collectUnreferenced();
     }).immediate();
@@ -827,12 +863,8 @@ export class ChunkStore {
   }
 
   stats(): StoreStats {
-    const r = this.db
-      .prepare('SELECT count(*) AS n, coalesce(sum(nblocks), 0) AS blocks FROM chunks WHERE refs > 0')
-      .get() as { n: number; blocks: number };
-    const ref = this.db
-      .prepare('SELECT coalesce(sum(c.nblocks), 0) AS blocks FROM layer_chunks lc JOIN chunks c ON c.id = lc.chunk_id')
-      .get() as { blocks: number };
+    const r = prepared(this.db, 'SELECT count(*) AS n, coalesce(sum(nblocks), 0) AS blocks FROM chunks WHERE refs > 0').get() as { n: number; blocks: number };
+    const ref = prepared(this.db, 'SELECT coalesce(sum(c.nblocks), 0) AS blocks FROM layer_chunks lc JOIN chunks c ON c.id = lc.chunk_id').get() as { blocks: number };
     const st = fs.fstatSync(this.fd);
     return {
       chunks: r.n,

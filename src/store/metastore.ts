@@ -6,6 +6,7 @@ import {
   notFound,
 } from '../errdefs/errors';
 import { validateLabels } from './labels';
+import { prepared } from './prepared';
 import { type Info, Kind, type Labels, type Snapshot, type Usage } from './types';
 
 /**
@@ -169,11 +170,11 @@ export class MetaStore {
   }
 
   private rowByKey(key: string): Row | undefined {
-    return this.db.prepare('SELECT * FROM snapshots WHERE key = ?').get(key) as Row | undefined;
+    return prepared(this.db, 'SELECT * FROM snapshots WHERE key = ?').get(key) as Row | undefined;
   }
 
   private rowById(id: number): Row | undefined {
-    return this.db.prepare('SELECT * FROM snapshots WHERE id = ?').get(id) as Row | undefined;
+    return prepared(this.db, 'SELECT * FROM snapshots WHERE id = ?').get(id) as Row | undefined;
   }
 
   private mustGet(key: string): Row {
@@ -234,7 +235,7 @@ export class MetaStore {
 
   /** Calls fn for each snapshot (its info and id), in id order. */
   walkInfo(fn: (info: Info, id: string) => void): void {
-    const rows = this.db.prepare('SELECT * FROM snapshots ORDER BY id').all() as Row[];
+    const rows = prepared(this.db, 'SELECT * FROM snapshots ORDER BY id').all() as Row[];
     for (const row of rows) fn(this.toInfo(row), String(row.id));
   }
 
@@ -255,11 +256,10 @@ export class MetaStore {
     }
     if (this.rowByKey(key)) throw alreadyExists(`snapshot ${JSON.stringify(key)} already exists`);
     const now = Date.now();
-    const res = this.db
-      .prepare(
-        'INSERT INTO snapshots (key, parent_id, kind, labels, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?)',
-      )
-      .run(key, parentRow ? parentRow.id : null, kind, JSON.stringify(checked), now, now);
+    const res = prepared(
+      this.db,
+      'INSERT INTO snapshots (key, parent_id, kind, labels, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?)',
+    ).run(key, parentRow ? parentRow.id : null, kind, JSON.stringify(checked), now, now);
     const id = Number(res.lastInsertRowid);
     const row = this.rowById(id) as Row;
     return { id: String(id), kind, parentIds: this.parentIds(row) };
@@ -289,11 +289,10 @@ export class MetaStore {
       parentId = p.id;
     }
     const now = Date.now();
-    this.db
-      .prepare(
-        'UPDATE snapshots SET key = ?, kind = ?, parent_id = ?, labels = ?, created_ms = ?, updated_ms = ?, size = ?, inodes = ? WHERE id = ?',
-      )
-      .run(name, Kind.Committed, parentId, JSON.stringify(checked), now, now, usage.size, usage.inodes, row.id);
+    prepared(
+      this.db,
+      'UPDATE snapshots SET key = ?, kind = ?, parent_id = ?, labels = ?, created_ms = ?, updated_ms = ?, size = ?, inodes = ? WHERE id = ?',
+    ).run(name, Kind.Committed, parentId, JSON.stringify(checked), now, now, usage.size, usage.inodes, row.id);
     return String(row.id);
   }
 
@@ -316,7 +315,7 @@ export class MetaStore {
   /** Deletes the row of `key`; FailedPrecondition while it has children. */
   remove(key: string): { id: string; kind: Kind; layer: boolean } {
     const row = this.mustGet(key);
-    const child = this.db.prepare('SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1').get(row.id) as
+    const child = prepared(this.db, 'SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1').get(row.id) as
       | { key: string }
       | undefined;
     if (child) {
@@ -324,12 +323,12 @@ export class MetaStore {
         `cannot remove snapshot ${JSON.stringify(key)}: snapshot ${JSON.stringify(child.key)} depends on it`,
       );
     }
-    const layer = this.db.prepare('DELETE FROM layers WHERE snapshot_id = ?').run(row.id).changes > 0;
-    this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(row.id);
-    this.db.prepare('DELETE FROM layer_images WHERE snapshot_id = ?').run(row.id);
-    this.db.prepare('DELETE FROM quarantine WHERE snapshot_id = ?').run(row.id);
-    this.db.prepare('DELETE FROM remote_sources WHERE snapshot_id = ?').run(row.id);
-    this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
+    const layer = prepared(this.db, 'DELETE FROM layers WHERE snapshot_id = ?').run(row.id).changes > 0;
+    prepared(this.db, 'DELETE FROM lazy_layers WHERE snapshot_id = ?').run(row.id);
+    prepared(this.db, 'DELETE FROM layer_images WHERE snapshot_id = ?').run(row.id);
+    prepared(this.db, 'DELETE FROM quarantine WHERE snapshot_id = ?').run(row.id);
+    prepared(this.db, 'DELETE FROM remote_sources WHERE snapshot_id = ?').run(row.id);
+    prepared(this.db, 'DELETE FROM snapshots WHERE id = ?').run(row.id);
     return { id: String(row.id), kind: row.kind as Kind, layer };
   }
 
@@ -361,30 +360,27 @@ export class MetaStore {
     }
     labels = validateLabels(labels);
     const now = Date.now();
-    this.db.prepare('UPDATE snapshots SET labels = ?, updated_ms = ? WHERE id = ?').run(JSON.stringify(labels), now, row.id);
+    prepared(this.db, 'UPDATE snapshots SET labels = ?, updated_ms = ? WHERE id = ?').run(JSON.stringify(labels), now, row.id);
     return this.toInfo(this.rowById(row.id) as Row);
   }
 
   /** Records measured usage (for active snapshots, refreshed on demand). */
   setUsage(id: string, usage: Usage): void {
-    this.db.prepare('UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?').run(usage.size, usage.inodes, Number(id));
+    prepared(this.db, 'UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?').run(usage.size, usage.inodes, Number(id));
   }
 
   /** In a transaction: records that snapshot `id` is now an EROFS layer image. */
   addLayer(id: string, l: Omit<LayerRow, 'snapshot_id' | 'created_ms'>): void {
-    this.db
-      .prepare(
-        `INSERT INTO layers (snapshot_id, format, has_blob, files, logical_bytes, image_bytes, chunks, new_chunks, new_bytes, convert_ms, created_ms)
+    prepared(
+      this.db,
+      `INSERT INTO layers (snapshot_id, format, has_blob, files, logical_bytes, image_bytes, chunks, new_chunks, new_bytes, convert_ms, created_ms)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-      )
-      .run(Number(id), l.format, l.has_blob, l.files, l.logical_bytes, l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, l.convert_ms, Date.now());
+    ).run(Number(id), l.format, l.has_blob, l.files, l.logical_bytes, l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, l.convert_ms, Date.now());
   }
 
   /** In a transaction: records that layer `id` loads its data on demand. */
   addLazyLayer(id: string, l: Omit<LazyLayerRow, 'snapshot_id' | 'created_ms'>): void {
-    this.db
-      .prepare('INSERT INTO lazy_layers (snapshot_id, image_ref, manifest_digest, layer_digest, header, created_ms) VALUES (?, ?, ?, ?, ?, ?)')
-      .run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header, Date.now());
+    prepared(this.db, 'INSERT INTO lazy_layers (snapshot_id, image_ref, manifest_digest, layer_digest, header, created_ms) VALUES (?, ?, ?, ?, ?, ?)').run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header, Date.now());
   }
 
   /**
@@ -394,112 +390,103 @@ export class MetaStore {
    */
   settleLazyLayer(id: string, l: Pick<LayerRow, 'image_bytes' | 'chunks' | 'new_chunks' | 'new_bytes'>): void {
     const n = Number(id);
-    if (this.db.prepare('DELETE FROM lazy_layers WHERE snapshot_id = ?').run(n).changes !== 1) throw new Error(`layer ${id} is not a lazy layer`);
-    this.db.prepare('UPDATE layers SET image_bytes = ?, chunks = ?, new_chunks = ?, new_bytes = ? WHERE snapshot_id = ?').run(l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, n);
+    if (prepared(this.db, 'DELETE FROM lazy_layers WHERE snapshot_id = ?').run(n).changes !== 1) throw new Error(`layer ${id} is not a lazy layer`);
+    prepared(this.db, 'UPDATE layers SET image_bytes = ?, chunks = ?, new_chunks = ?, new_bytes = ? WHERE snapshot_id = ?').run(l.image_bytes, l.chunks, l.new_chunks, l.new_bytes, n);
   }
 
   /** Snapshot `id` and every snapshot stacked on it (children, theirs, …): key and labels, for naming the images a layer serves. */
   withDescendants(id: string): { id: string; key: string; labels: Labels; kind: Kind }[] {
-    const rows = this.db
-      .prepare(
-        `WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT s.id FROM snapshots s JOIN d ON s.parent_id = d.id)
+    const rows = prepared(
+      this.db,
+      `WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT s.id FROM snapshots s JOIN d ON s.parent_id = d.id)
          SELECT s.id, s.key, s.labels, s.kind FROM snapshots s JOIN d ON s.id = d.id ORDER BY s.id`,
-      )
-      .all(Number(id)) as { id: number; key: string; labels: string; kind: number }[];
+    ).all(Number(id)) as { id: number; key: string; labels: string; kind: number }[];
     return rows.map((r) => ({ id: String(r.id), key: r.key, labels: JSON.parse(r.labels) as Labels, kind: r.kind as Kind }));
   }
 
   /** In a transaction: layer `id` was made from a dedup image's layer, which can provide its chunks again. */
   addRemoteSource(id: string, l: Omit<LazyLayerRow, 'snapshot_id' | 'created_ms'>): void {
-    this.db
-      .prepare('INSERT OR REPLACE INTO remote_sources (snapshot_id, image_ref, manifest_digest, layer_digest, header) VALUES (?, ?, ?, ?, ?)')
-      .run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header);
+    prepared(this.db, 'INSERT OR REPLACE INTO remote_sources (snapshot_id, image_ref, manifest_digest, layer_digest, header) VALUES (?, ?, ?, ?, ?)').run(Number(id), l.image_ref, l.manifest_digest, l.layer_digest, l.header);
   }
 
   /** Remote sources of the layers that reference chunk `chunkId`. */
   remoteSourcesOfChunk(chunkId: number): Omit<LazyLayerRow, 'created_ms'>[] {
-    return this.db
-      .prepare('SELECT rs.* FROM remote_sources rs JOIN layer_chunks lc ON lc.snapshot_id = rs.snapshot_id WHERE lc.chunk_id = ?')
-      .all(chunkId) as Omit<LazyLayerRow, 'created_ms'>[];
+    return prepared(this.db, 'SELECT rs.* FROM remote_sources rs JOIN layer_chunks lc ON lc.snapshot_id = rs.snapshot_id WHERE lc.chunk_id = ?').all(chunkId) as Omit<LazyLayerRow, 'created_ms'>[];
   }
 
   /** In a transaction (or alone): the SHA-256 layer `id`'s image file should have. */
   setImageDigest(id: string, sha256: string): void {
-    this.db
-      .prepare('INSERT INTO layer_images (snapshot_id, sha256, stamp) VALUES (?, ?, NULL) ON CONFLICT(snapshot_id) DO UPDATE SET sha256 = excluded.sha256, stamp = NULL')
-      .run(Number(id), sha256);
+    prepared(this.db, 'INSERT INTO layer_images (snapshot_id, sha256, stamp) VALUES (?, ?, NULL) ON CONFLICT(snapshot_id) DO UPDATE SET sha256 = excluded.sha256, stamp = NULL').run(Number(id), sha256);
   }
 
   imageDigest(id: string): { sha256: string; stamp: string | null } | undefined {
-    return this.db.prepare('SELECT sha256, stamp FROM layer_images WHERE snapshot_id = ?').get(Number(id)) as { sha256: string; stamp: string | null } | undefined;
+    return prepared(this.db, 'SELECT sha256, stamp FROM layer_images WHERE snapshot_id = ?').get(Number(id)) as { sha256: string; stamp: string | null } | undefined;
   }
 
   /** Layer `id`'s image hashed right while its file looked like `stamp`. */
   setImageStamp(id: string, stamp: string): void {
-    this.db.prepare('UPDATE layer_images SET stamp = ? WHERE snapshot_id = ?').run(stamp, Number(id));
+    prepared(this.db, 'UPDATE layer_images SET stamp = ? WHERE snapshot_id = ?').run(stamp, Number(id));
   }
 
   /** Layer `id` is not served: its image or its chunks are damaged. Returns false if it was quarantined already. */
   quarantine(id: string, reason: string): boolean {
-    return this.db.prepare('INSERT OR IGNORE INTO quarantine (snapshot_id, reason, since_ms) VALUES (?, ?, ?)').run(Number(id), reason, Date.now()).changes > 0;
+    return prepared(this.db, 'INSERT OR IGNORE INTO quarantine (snapshot_id, reason, since_ms) VALUES (?, ?, ?)').run(Number(id), reason, Date.now()).changes > 0;
   }
 
   release(id: string): void {
-    this.db.prepare('DELETE FROM quarantine WHERE snapshot_id = ?').run(Number(id));
+    prepared(this.db, 'DELETE FROM quarantine WHERE snapshot_id = ?').run(Number(id));
   }
 
   quarantined(): QuarantineRow[] {
-    return this.db.prepare('SELECT * FROM quarantine ORDER BY snapshot_id').all() as QuarantineRow[];
+    return prepared(this.db, 'SELECT * FROM quarantine ORDER BY snapshot_id').all() as QuarantineRow[];
   }
 
   quarantineOf(id: string): QuarantineRow | undefined {
-    return this.db.prepare('SELECT * FROM quarantine WHERE snapshot_id = ?').get(Number(id)) as QuarantineRow | undefined;
+    return prepared(this.db, 'SELECT * FROM quarantine WHERE snapshot_id = ?').get(Number(id)) as QuarantineRow | undefined;
   }
 
   lazyLayers(): LazyLayerRow[] {
-    return this.db.prepare('SELECT * FROM lazy_layers ORDER BY snapshot_id').all() as LazyLayerRow[];
+    return prepared(this.db, 'SELECT * FROM lazy_layers ORDER BY snapshot_id').all() as LazyLayerRow[];
   }
 
   /** The image a lazy layer (or one made from a dedup image) came from, if any. */
   remoteImageOf(id: string): string | undefined {
     // lazy_layers too: lazy layers made before remote_sources existed have only that row.
     const q = 'SELECT image_ref FROM remote_sources WHERE snapshot_id = ? UNION ALL SELECT image_ref FROM lazy_layers WHERE snapshot_id = ? LIMIT 1';
-    return (this.db.prepare(q).get(Number(id), Number(id)) as { image_ref: string } | undefined)?.image_ref;
+    return (prepared(this.db, q).get(Number(id), Number(id)) as { image_ref: string } | undefined)?.image_ref;
   }
 
   isLazy(id: string): boolean {
-    return this.db.prepare('SELECT 1 FROM lazy_layers WHERE snapshot_id = ?').get(Number(id)) !== undefined;
+    return prepared(this.db, 'SELECT 1 FROM lazy_layers WHERE snapshot_id = ?').get(Number(id)) !== undefined;
   }
 
   getLayer(id: string): LayerRow | undefined {
-    return this.db.prepare('SELECT * FROM layers WHERE snapshot_id = ?').get(Number(id)) as LayerRow | undefined;
+    return prepared(this.db, 'SELECT * FROM layers WHERE snapshot_id = ?').get(Number(id)) as LayerRow | undefined;
   }
 
   /** The key of snapshot `id`, or undefined once it is gone. */
   keyOf(id: string): string | undefined {
-    return (this.db.prepare('SELECT key FROM snapshots WHERE id = ?').get(Number(id)) as { key: string } | undefined)?.key;
+    return (prepared(this.db, 'SELECT key FROM snapshots WHERE id = ?').get(Number(id)) as { key: string } | undefined)?.key;
   }
 
   /** Ids of committed snapshots that are not EROFS layers (yet), oldest first. */
   committedWithoutLayer(): string[] {
-    const rows = this.db
-      .prepare('SELECT s.id FROM snapshots s LEFT JOIN layers l ON l.snapshot_id = s.id WHERE s.kind = ? AND l.snapshot_id IS NULL ORDER BY s.id')
-      .all(Kind.Committed) as { id: number }[];
+    const rows = prepared(this.db, 'SELECT s.id FROM snapshots s LEFT JOIN layers l ON l.snapshot_id = s.id WHERE s.kind = ? AND l.snapshot_id IS NULL ORDER BY s.id').all(Kind.Committed) as { id: number }[];
     return rows.map((r) => String(r.id));
   }
 
   layers(): LayerRow[] {
-    return this.db.prepare('SELECT * FROM layers ORDER BY snapshot_id').all() as LayerRow[];
+    return prepared(this.db, 'SELECT * FROM layers ORDER BY snapshot_id').all() as LayerRow[];
   }
 
   /** id → key for every snapshot: what Cleanup keeps. */
   idMap(): Map<string, string> {
-    const rows = this.db.prepare('SELECT id, key FROM snapshots').all() as { id: number; key: string }[];
+    const rows = prepared(this.db, 'SELECT id, key FROM snapshots').all() as { id: number; key: string }[];
     return new Map(rows.map((r) => [String(r.id), r.key]));
   }
 
   counts(): Record<'active' | 'view' | 'committed', number> {
-    const rows = this.db.prepare('SELECT kind, count(*) AS n FROM snapshots GROUP BY kind').all() as {
+    const rows = prepared(this.db, 'SELECT kind, count(*) AS n FROM snapshots GROUP BY kind').all() as {
       kind: number;
       n: number;
     }[];

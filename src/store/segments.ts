@@ -5,6 +5,7 @@ import { ErrnoError } from '../../native/libc';
 import { VERITY_UNSUPPORTED, enableVerity, hasVerity, measureVerity } from '../../native/verity';
 import type { Logger } from '../log/logger';
 import { FdUsers } from '../util/fd-users';
+import { prepared } from './prepared';
 
 /**
  * Sealed segments of the chunk store: files `store/segments/<id>.blob`, each
@@ -131,11 +132,11 @@ export class Segments {
 
   /** The segment rows (for start-up checks, stats and doctor). */
   rows(): SegmentRow[] {
-    return this.db.prepare('SELECT id, blocks, verity, stamp FROM segments ORDER BY id').all() as SegmentRow[];
+    return prepared(this.db, 'SELECT id, blocks, verity, stamp FROM segments ORDER BY id').all() as SegmentRow[];
   }
 
   row(id: number): SegmentRow | undefined {
-    return (this.db.prepare('SELECT id, blocks, verity, stamp FROM segments WHERE id = ?').get(id) as SegmentRow | undefined) ?? this.pending.get(id);
+    return (prepared(this.db, 'SELECT id, blocks, verity, stamp FROM segments WHERE id = ?').get(id) as SegmentRow | undefined) ?? this.pending.get(id);
   }
 
   /** Starts a new segment file (created, empty). */
@@ -183,14 +184,12 @@ export class Segments {
   record(id: number): void {
     const p = this.pending.get(id);
     if (!p) return;
-    this.db
-      .prepare('INSERT OR IGNORE INTO segments (id, blocks, verity, stamp, created_ms) VALUES (?, ?, ?, ?, ?)')
-      .run(p.id, p.blocks, p.verity, p.stamp, Date.now());
+    prepared(this.db, 'INSERT OR IGNORE INTO segments (id, blocks, verity, stamp, created_ms) VALUES (?, ?, ?, ?, ?)').run(p.id, p.blocks, p.verity, p.stamp, Date.now());
   }
 
   /** After the recording transaction committed (or failed: the file stays for the caller to abandon). */
   committed(id: number): void {
-    if (this.db.prepare('SELECT 1 FROM segments WHERE id = ?').get(id)) this.pending.delete(id);
+    if (prepared(this.db, 'SELECT 1 FROM segments WHERE id = ?').get(id)) this.pending.delete(id);
   }
 
   /**
@@ -231,7 +230,7 @@ export class Segments {
 
   /** Records that an unsealed segment was written (healed) by this daemon: its new stamp. */
   restamp(id: number): void {
-    this.db.prepare('UPDATE segments SET stamp = ? WHERE id = ?').run(stampOf(this.pathOf(id)), id);
+    prepared(this.db, 'UPDATE segments SET stamp = ? WHERE id = ?').run(stampOf(this.pathOf(id)), id);
   }
 
   /**
@@ -246,7 +245,7 @@ export class Segments {
   async rewrite(id: number, patches: Map<number, Buffer>): Promise<{ unreadable: number[] }> {
     const row = this.row(id);
     if (!row) throw new Error(`store segment ${id} has no row`);
-    const chunks = this.db.prepare('SELECT id, blkaddr, nblocks FROM chunks WHERE segment = ? ORDER BY blkaddr').all(id) as { id: number; blkaddr: number; nblocks: number }[];
+    const chunks = prepared(this.db, 'SELECT id, blkaddr, nblocks FROM chunks WHERE segment = ? ORDER BY blkaddr').all(id) as { id: number; blkaddr: number; nblocks: number }[];
     const file = this.pathOf(id);
     const tmp = path.join(this.dir, `${REWRITE_PREFIX}${id}-${process.pid}`);
     const unreadable: number[] = [];
@@ -295,7 +294,7 @@ export class Segments {
       this.open.delete(id);
       this.release(cached);
     }
-    this.db.prepare('UPDATE segments SET verity = ?, stamp = ? WHERE id = ?').run(verity, stampOf(file), id);
+    prepared(this.db, 'UPDATE segments SET verity = ?, stamp = ? WHERE id = ?').run(verity, stampOf(file), id);
     this.log.info({ op: 'integrity', segment: id, healed: patches.size, unreadable: unreadable.length }, `store segment ${id} written again with ${patches.size} healed chunks and sealed`);
     return { unreadable };
   }
@@ -303,8 +302,8 @@ export class Segments {
   /** Deletes segments no chunk row names any more (rows first, then files). Returns how many. */
   dropUnused(ids: Iterable<number>): number {
     const unused: number[] = [];
-    const has = this.db.prepare('SELECT 1 FROM chunks WHERE segment = ? LIMIT 1');
-    const del = this.db.prepare('DELETE FROM segments WHERE id = ?');
+    const has = prepared(this.db, 'SELECT 1 FROM chunks WHERE segment = ? LIMIT 1');
+    const del = prepared(this.db, 'DELETE FROM segments WHERE id = ?');
     this.db.transaction(() => {
       for (const id of new Set(ids)) {
         if (id <= 0 || this.pending.has(id) || has.get(id)) continue;
