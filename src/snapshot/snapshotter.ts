@@ -368,16 +368,23 @@ export class Snapshotter {
     const dir = this.layout.snapshotDir(id);
     const doomed = this.layout.removedDir(id, true);
     try {
+      let renamed = true;
       try {
         fs.renameSync(dir, doomed);
       } catch (err) {
-        // A full disk may have no room for the longer name: the row is gone
-        // and its id is never used again (AUTOINCREMENT), so the directory
-        // is deleted where it is.
-        if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
-        await removeAll(dir);
+        const code = (err as NodeJS.ErrnoException).code;
+        // A converted layer's directory went once nothing mounted it: nothing is left to remove.
+        if (code === 'ENOENT' && !fs.existsSync(dir)) {
+          renamed = false;
+        } else {
+          // A full disk may have no room for the longer name: the row is gone
+          // and its id is never used again (AUTOINCREMENT), so the directory
+          // is deleted where it is.
+          if (code !== 'ENOSPC') throw err;
+          await removeAll(dir);
+        }
       }
-      await removeAll(doomed);
+      if (renamed) await removeAll(doomed);
     } catch (err) {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');
     }
