@@ -1,5 +1,6 @@
 /** Small helpers of the benchmark: commands, cleanup on signals, statistics, formatting. */
 import fs from 'node:fs';
+import path from 'node:path';
 import { type CmdResult, CommandError, runCmd } from '../helpers/stack';
 
 export { runCmd };
@@ -73,6 +74,32 @@ export async function duBytes(dir: string): Promise<number> {
   if (!fs.existsSync(dir)) return 0;
   const r = await sh('du', ['-sx', '--block-size=1', dir]);
   return Number(r.stdout.split(/\s+/)[0]);
+}
+
+/** Bytes in use on the filesystem holding `dir` (statfs). */
+export function fsUsedBytes(dir: string): number {
+  const st = fs.statfsSync(dir);
+  return (st.blocks - st.bfree) * st.bsize;
+}
+
+/** Allocated bytes of the files under `dir` (a few: containerd's content store), without a child process. */
+export function filesBytes(dir: string): number {
+  let n = 0;
+  let names: fs.Dirent[];
+  try {
+    names = fs.readdirSync(dir, { withFileTypes: true });
+  } catch {
+    return 0;
+  }
+  for (const d of names) {
+    const p = path.join(dir, d.name);
+    try {
+      n += d.isDirectory() ? filesBytes(p) : fs.lstatSync(p).blocks * 512;
+    } catch {
+      // gone meanwhile (an ingest committed)
+    }
+  }
+  return n;
 }
 
 export function median(xs: number[]): number {
