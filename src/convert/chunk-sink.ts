@@ -1,7 +1,8 @@
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import { type ChunkStore, type Extent, STORE_BLOCK } from '../store/chunkstore';
 import type { SegmentWriter } from '../store/segments';
-import type { ChunkSink, Piece } from './layer-tree';
+import type { ChunkSink, Piece, Place } from './layer-tree';
 
 /**
  * Takes a layer's file data chunk by chunk as it streams (from a directory
@@ -35,8 +36,42 @@ const WRITE_BACK_BYTES = 32 << 20;
 const MAX_SPARE = 16;
 /** Zeros a chunk's last block is padded with (never written to). */
 const ZEROS = Buffer.alloc(STORE_BLOCK);
+/** An adopted file keeps its link only when at least this share of its bytes is new chunks named in place. */
+const ADOPT_MIN_NEW_SHARE = 0.5;
+/** Files one layer adopts at most (each is a device of its image). */
+const MAX_ADOPTED = 8;
 
-export class StoreChunkSink implements ChunkSink {
+/**
+ * A layer directory's file being taken into the store in place (see
+ * StoreChunkSink.adopt): its new chunks are named where they lie in it.
+ */
+export interface Adoption {
+  readonly writer: SegmentWriter;
+  readonly file: string;
+  /** The descriptor it is read through, and what fstat said of it before the first read. */
+  readonly fd: number;
+  readonly before: fs.Stats;
+  /** Digests of the chunks named in place, and their bytes. */
+  readonly inPlace: string[];
+  inPlaceBytes: number;
+}
+
+
+/** Starts writing back a file's dirty pages on the thread pool, through a descriptor of its own (the result does not matter: a sync follows). */
+function flushInBackground(file: string): void {
+  fs.open(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW, (err, fd) => {
+    if (!err) fs.fdatasync(fd, () => fs.close(fd, () => undefined));
+  });
+}
+
+/** SHA-256 (hex) of a chunk: its parts, then its padding. */
+function sha256Of(parts: readonly Buffer[], pad: Buffer): string {
+  const hash = crypto.createHash('sha256');
+  for (const p of parts) hash.update(p);
+  return hash.update(pad).digest('hex');
+}
+
+export class StoreChunkSink implements ChunkSink<Adoption> {
   /** Layer-local chunk number → digest and blocks. */
   readonly digests: string[] = [];
   readonly nblocks: number[] = [];
@@ -61,7 +96,10 @@ export class StoreChunkSink implements ChunkSink {
   private readonly lent = new Set<ArrayBufferLike>();
   private readonly spare: Buffer[] = [];
   /** Distinct chunks hashed and not yet looked up in the store (resolvePending). */
-  private pending: { digest: string; nblocks: number; parts: readonly Buffer[]; pad: Buffer }[] = [];
+  private pending: { digest: string; nblocks: number; parts: readonly Buffer[]; pad: Buffer; place?: Place<Adoption> }[] = [];
+  /** Files this sink keeps as segments of their own (see adopt), and those still being read. */
+  readonly adopted: SegmentWriter[] = [];
+  private readonly adopting = new Set<Adoption>();
   private pendingBytes = 0;
   /** Bytes written since the last background flush began, and that flush. */
   private unflushed = 0;
@@ -74,7 +112,69 @@ export class StoreChunkSink implements ChunkSink {
     this.restoredAtStart = store.restoredFiles;
   }
 
-  async add(piece: Piece): Promise<number> {
+  /**
+   * Starts taking `file` (a regular file of the layer directory, read
+   * through `fd`) into the store in place: a hard link as a segment of its
+   * own (ChunkStore's single layout only). Pass the returned adoption with
+   * each of its pieces to add, then call endAdoption. Null when it cannot
+   * be linked: the file's new chunks are then written as any others.
+   */
+  adopt(file: string, fd: number): Adoption | null {
+    // Each adopted file is one more device of the layer's image: a few per layer.
+    if (this.store.layout !== 'single' || this.closed || this.adopted.length + this.adopting.size >= Math.min(MAX_ADOPTED, this.store.maxDevices - 1)) return null;
+    // Pieces start at whole blocks of the file.
+    if (this.chunkSize % STORE_BLOCK !== 0) return null;
+    let writer: SegmentWriter;
+    try {
+      writer = this.store.segments.adopt(file, fs.fstatSync(fd));
+    } catch {
+      return null;
+    }
+    // After the link, which changed the inode's ctime.
+    const before = fs.fstatSync(fd);
+    // containerd wrote it and did not sync it: its pages go to disk while it is read, so finish's fsync finds little left.
+    flushInBackground(this.store.segments.pathOf(writer.id));
+    const a: Adoption = { writer, file, fd, before, inPlace: [], inPlaceBytes: 0 };
+    this.adopting.add(a);
+    return a;
+  }
+
+  /**
+   * After the adopted file's last piece: the file must be as it was when
+   * its reading began (else the conversion fails, to be retried). It stays
+   * a segment when enough of it is new chunks named in place; otherwise
+   * those chunks are read again, written as any others, and the link goes.
+   */
+  async endAdoption(a: Adoption): Promise<void> {
+    if (!this.adopting.delete(a)) throw new Error(`${a.file}: not being adopted by this sink`);
+    let kept = false;
+    try {
+      await this.resolvePending();
+      const after = fs.fstatSync(a.fd);
+      if (after.size !== a.before.size || after.mtimeMs !== a.before.mtimeMs || after.ctimeMs !== a.before.ctimeMs) throw new Error(`${a.file} changed while it was read`);
+      if (a.inPlace.length > 0 && a.inPlaceBytes >= a.before.size * ADOPT_MIN_NEW_SHARE) {
+        this.adopted.push(a.writer);
+        kept = true;
+        return;
+      }
+      const none = ZEROS.subarray(0, 0);
+      for (const digest of a.inPlace) {
+        const e = this.written.get(digest) as Extent;
+        const buf = Buffer.allocUnsafe(e.nblocks * STORE_BLOCK);
+        if (fs.readSync(a.fd, buf, 0, buf.length, e.blkaddr * STORE_BLOCK) !== buf.length) throw new Error(`${a.file} shrank while it was read`);
+        if (sha256Of([buf], none) !== digest) throw new Error(`${a.file} changed while it was read`);
+        const extent = this.store.allocate(e.nblocks);
+        // Recorded before the write, so that a failed write's extent is freed by discard.
+        this.written.set(digest, extent);
+        this.queueWrite(extent, [buf], none);
+        this.writtenBytes += buf.length;
+      }
+    } finally {
+      if (!kept) this.store.segments.abandon(a.writer);
+    }
+  }
+
+  async add(piece: Piece, place?: Place<Adoption>): Promise<number> {
     if (this.closed) throw new Error('chunk sink already finished');
     const parts = Buffer.isBuffer(piece) ? [piece] : piece;
     let length = 0;
@@ -83,9 +183,7 @@ export class StoreChunkSink implements ChunkSink {
     const nblocks = Math.ceil(length / STORE_BLOCK);
     // The chunk is the piece's parts and zeros to its last block's end (hashed and written as they are: no copy).
     const pad = ZEROS.subarray(0, nblocks * STORE_BLOCK - length);
-    const hash = crypto.createHash('sha256');
-    for (const p of parts) hash.update(p);
-    const digest = hash.update(pad).digest('hex');
+    const digest = sha256Of(parts, pad);
     this.hashedBytes += nblocks * STORE_BLOCK;
     const local = this.byDigest.get(digest);
     if (local !== undefined) {
@@ -97,7 +195,7 @@ export class StoreChunkSink implements ChunkSink {
     this.nblocks.push(nblocks);
     this.byDigest.set(digest, n);
     // Looked up in the store with the next ones, in one read transaction (see store.inOneRead).
-    this.pending.push({ digest, nblocks, parts, pad });
+    this.pending.push({ digest, nblocks, parts, pad, place });
     this.pendingBytes += nblocks * STORE_BLOCK;
     if (this.pending.length >= PENDING_CHUNKS || this.pendingBytes >= PENDING_BYTES) await this.resolvePending();
     return n;
@@ -116,13 +214,21 @@ export class StoreChunkSink implements ChunkSink {
     this.pendingBytes = 0;
     const rows = this.store.lookupMany(batch.map((c) => c.digest));
     for (let i = 0; i < batch.length; i++) {
-      const { digest, nblocks, parts, pad } = batch[i];
+      const { digest, nblocks, parts, pad, place } = batch[i];
       const row = rows[i];
       if (row && row.nblocks === nblocks) {
         // Pinned: a layer removed meanwhile cannot free it before this one references it.
         this.store.pin(row.id);
         this.pinned.push(row.id);
         this.foundChunks++;
+        this.giveBack(parts);
+        continue;
+      }
+      if (place && pad.length === 0 && place.blkaddr + nblocks <= place.adoption.writer.blocks) {
+        // Already on disk where it lies in the adopted file: named there, not written.
+        this.written.set(digest, { segment: place.adoption.writer.id, blkaddr: place.blkaddr, nblocks });
+        place.adoption.inPlace.push(digest);
+        place.adoption.inPlaceBytes += nblocks * STORE_BLOCK;
         this.giveBack(parts);
         continue;
       }
@@ -249,8 +355,13 @@ export class StoreChunkSink implements ChunkSink {
     while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
     await this.flushing;
     for (const id of this.pinned) this.store.unpin(id);
+    // An adopted file not recorded goes (its link only: the directory's file is left as it is).
+    for (const a of this.adopting) this.store.segments.abandon(a.writer);
+    this.adopting.clear();
+    if (keep.size === 0) for (const w of this.adopted.splice(0)) this.store.segments.abandon(w);
     if (this.store.layout !== 'segments') {
-      const drop = [...this.written].filter(([d]) => !keep.has(d)).map(([, e]) => e);
+      // chunks.blob's extents only: one in an adopted file is not chunks.blob's to free.
+      const drop = [...this.written].filter(([d, e]) => !keep.has(d) && (e.segment ?? 0) === 0).map(([, e]) => e);
       if (drop.length > 0) this.store.releaseExtents(drop);
     } else if (this.writer && keep.size === 0) {
       this.store.segments.abandon(this.writer);

@@ -40,6 +40,8 @@ export interface ConvertStats {
   newBytes: number;
   /** Bad chunks of the store whose bytes this layer brought again. */
   healedChunks?: number;
+  /** Of newBytes, those named where they lie in files of the layer directory taken into the store (not written again). */
+  adoptedBytes?: number;
   imageBytes: number;
   mkfsMs: number;
   importMs: number;
@@ -53,6 +55,8 @@ export interface ConverterOptions {
   chunkSize: number;
   /** Seals a written image (fs-verity) where the filesystem can. */
   seal?: (file: string) => void;
+  /** Files of a layer directory from this size on are taken into the store in place (see StoreChunkSink.adopt); default ADOPT_MIN. */
+  adoptMinBytes?: number;
 }
 
 /**
@@ -105,7 +109,7 @@ export class Converter {
     const usage = new UsageCounter();
     let root: TreeNode;
     try {
-      root = await treeFromDirectory(dir, sink, usage);
+      root = await treeFromDirectory(dir, sink, usage, this.o.adoptMinBytes);
     } catch (err) {
       await sink.discard();
       if (err instanceof NonUtf8NameError) {
@@ -165,7 +169,9 @@ export class Converter {
         sink.checkStoreFile('this layer was being converted: its new chunks went to the old file (the conversion is retried)');
         const t1 = Date.now();
         const segmented = store.layout === 'segments';
-        const plan = store.inOneRead(() => placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: store.maxDevices }));
+        // Adopted files are devices of the image too, beside those placement picks.
+        const maxDevices = Math.max(1, store.maxDevices - sink.adopted.length);
+        const plan = store.inOneRead(() => placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices }));
         const pinned: number[] = [];
         try {
           for (const row of [...plan.use.values(), ...plan.heal]) {
@@ -185,11 +191,12 @@ export class Converter {
           };
           const where = new Map<string, Extent>();
           for (const [digest, row] of plan.use) where.set(digest, row);
+          const adoptedIds = new Set(sink.adopted.map((w) => w.id));
           const fresh: { digest: string; extent: Extent }[] = [];
           for (const digest of plan.fresh) {
             const mine = sink.written.get(digest);
             let extent: Extent;
-            if (mine && (mine.segment ?? 0) === (segmented ? sink.writer?.id : 0)) {
+            if (mine && ((mine.segment ?? 0) === (segmented ? sink.writer?.id : 0) || adoptedIds.has(mine.segment ?? 0))) {
               extent = mine;
             } else if (segmented) {
               const buf = await bytesOf(digest);
@@ -214,8 +221,16 @@ export class Converter {
           if (plan.heal.length > 0 || (fresh.length > 0 && !segmented)) await store.sync();
           const own = sink.writer && fresh.length > 0 ? store.segments.finish(sink.writer) : null;
           if (plan.heal.length > 0) store.markGood(plan.heal.map((h) => h.id));
+          // Adopted files the layer's new chunks are in: made durable (containerd wrote them, never synced), devices of the image; the others go.
+          const inAdopted = new Set(fresh.map((f) => f.extent.segment ?? 0).filter((seg) => adoptedIds.has(seg)));
+          const adoptedRows: SegmentRow[] = [];
+          // (On a failure from here the sink's discard deletes them all.)
+          for (const w of sink.adopted) {
+            if (inAdopted.has(w.id)) adoptedRows.push(store.segments.finish(w));
+            else store.segments.abandon(w);
+          }
 
-          const devices = plan.devices.map((seg) => (seg === NEW_SEGMENT ? (own as SegmentRow).id : seg));
+          const devices = [...plan.devices.map((seg) => (seg === NEW_SEGMENT ? (own as SegmentRow).id : seg)), ...adoptedRows.map((r) => r.id)];
           const deviceOf = new Map(devices.map((seg, i) => [seg, i + 1]));
           const { image: img, files, logicalBytes } = writeErofsImage({
             root,
@@ -229,8 +244,9 @@ export class Converter {
           const image = this.imagePath(id);
           const imageSha256 = await this.writeImage(image, img);
           try {
-            const out = finish(convertedLayer(plan, fresh, { image, imageSha256, hasBlob: devices.length > 0, files, logicalBytes, imageBytes: img.length, mkfsMs: buildMs, importStarted: t1 }));
+            const out = finish(convertedLayer(plan, fresh, { image, imageSha256, hasBlob: devices.length > 0, files, logicalBytes, imageBytes: img.length, mkfsMs: buildMs, importStarted: t1, adopted: new Set(adoptedRows.map((r) => r.id)) }));
             if (own) store.segments.committed(own.id);
+            for (const r of adoptedRows) store.segments.committed(r.id);
             return out;
           } catch (err) {
             fs.rmSync(image, { force: true });
@@ -371,8 +387,9 @@ export class Converter {
 function convertedLayer(
   plan: Placement,
   fresh: { digest: string; extent: Extent }[],
-  o: { image: string; imageSha256: string; hasBlob: boolean; files: number; logicalBytes: number; imageBytes: number; mkfsMs: number; importStarted: number },
+  o: { image: string; imageSha256: string; hasBlob: boolean; files: number; logicalBytes: number; imageBytes: number; mkfsMs: number; importStarted: number; adopted?: ReadonlySet<number> },
 ): ConvertedLayer {
+  const adopted = o.adopted ?? new Set<number>();
   const distinct = plan.use.size + fresh.length;
   return {
     image: o.image,
@@ -388,6 +405,7 @@ function convertedLayer(
       dedupChunks: distinct - fresh.length,
       newBytes: fresh.reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
       healedChunks: plan.heal.length,
+      adoptedBytes: fresh.filter((f) => adopted.has(f.extent.segment ?? 0)).reduce((n, f) => n + f.extent.nblocks * STORE_BLOCK, 0),
       imageBytes: o.imageBytes,
       mkfsMs: o.mkfsMs,
       importMs: Date.now() - o.importStarted,

@@ -145,8 +145,13 @@ export class ConversionQueue {
       });
       // Recorded, and nothing ever mounted the directory as a layer: it goes
       // now, or once a push of the layer read it.
-      if (this.offerShare(id, labels)) this.o.sweeper.retire(id, 0);
-      else await removeAll(this.o.layout.snapshotDir(id));
+      if (this.offerShare(id, labels)) {
+        this.o.sweeper.retire(id, 0);
+      } else {
+        await removeAll(this.o.layout.snapshotDir(id));
+        // Its large files may have been taken into the store: their stamps again (see Segments.settleLinks).
+        this.o.store.segments.settleLinks();
+      }
       this.logConverted(id, name, stats, started);
       this.o.events.emit({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'sync' });
       log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');

@@ -37,10 +37,12 @@ export function convertedFields(stats: ConvertStats): Record<string, number> {
     new_chunks: stats.newChunks,
     dedup_chunks: stats.dedupChunks,
     import_ms: stats.importMs,
+    ...(stats.adoptedBytes ? { adopted_bytes: stats.adoptedBytes } : {}),
   };
 }
 
 /** The end of a conversion's log message: what the layer holds and what it stored. */
 export function convertedSummary(stats: ConvertStats): string {
-  return `${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`;
+  const inPlace = stats.adoptedBytes ? ` (${stats.adoptedBytes} of them where the layer's large files lie, not copied)` : '';
+  return `${stats.logicalBytes} bytes of files, ${stats.newBytes} bytes stored${inPlace}, ${stats.newChunks} new and ${stats.dedupChunks} deduplicated chunks`;
 }

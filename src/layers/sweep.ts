@@ -13,6 +13,8 @@ export interface SweeperOptions {
   mounts: LayerMounts;
   loader: LazyLoader | null;
   logger: Logger;
+  /** Called after old layer directories were removed. */
+  onRemoved?: () => void;
 }
 
 /**
@@ -82,6 +84,7 @@ export class Sweeper {
       removed++;
       this.o.logger.debug({ op: 'convert', snapshot: id, layer: id }, 'directory of converted layer removed');
     }
+    if (removed > 0) this.o.onRemoved?.();
     if (mounts.retiredCount === 0 && this.timer) {
       clearInterval(this.timer);
       this.timer = null;

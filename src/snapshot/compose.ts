@@ -86,6 +86,8 @@ export interface SnapshotterOptions {
     storeLayout?: StoreLayout;
     /** The most store segments one layer image reads from. */
     storeMaxDevices?: number;
+    /** Files of a layer directory from this size on are taken into the store in place (tests lower it; default 32 MiB). */
+    adoptMinBytes?: number;
   } | null;
   /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
   integrity?: { scrubMbps: number; scrubIntervalMs: number; onStartProgress?: (p: VerifyProgress) => void };
@@ -187,7 +189,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   const store = new ChunkStore({ root: layout.root, db: ms.db, logger, layout: e.storeLayout, maxDevices: e.storeMaxDevices });
   const kernel = makeKernel(store.blobPath, (image) => store.devicePaths(readImageDeviceTags(image)), logger);
   const sealer = new ImageSealer({ logger });
-  const converter = new Converter({ seal: (file) => sealer.seal(file), store, mkfs: mkfsFeatures, imagesDir: layout.imagesDir, tmpDir: layout.tmpDir, chunkSize: e.chunkSize });
+  const converter = new Converter({ seal: (file) => sealer.seal(file), store, mkfs: mkfsFeatures, imagesDir: layout.imagesDir, tmpDir: layout.tmpDir, chunkSize: e.chunkSize, adoptMinBytes: e.adoptMinBytes });
   const retireGraceMs = e.retireGraceMs ?? 5_000;
   const od = opts.ondemand && remote ? { ...opts.ondemand, remote } : null;
   // Late-bound: the loader calls back into parts built after it.
@@ -230,7 +232,8 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   });
   const mounts = new LayerMounts({ layout, ms, kernel, images: true, loader, integrity, logger, retireGraceMs });
   mountsRef = mounts;
-  const sweeper = new Sweeper({ layout, ms, mounts, loader, logger });
+  // A removed layer directory may have been the other link of an adopted store file: its stamp is taken again.
+  const sweeper = new Sweeper({ layout, ms, mounts, loader, logger, onRemoved: () => store.segments.settleLinks() });
   const share = opts.pushConverted && remote ? new ConvertedLayerPusher({ client: remote.client, mkfs: mkfsFeatures, chunkSize: e.chunkSize, workDir: layout.tmpDir, logger }) : null;
   const conversion = new ConversionQueue({ layout, ms, store, converter, mounts, sweeper, events, share, logger });
   // fscache: while an overlay uses a clone of the layer's mount, its reads

@@ -384,7 +384,11 @@ export class Snapshotter {
           await removeAll(dir);
         }
       }
-      if (renamed) await removeAll(doomed);
+      if (renamed) {
+        await removeAll(doomed);
+        // It may have been the other link of an adopted store file.
+        e?.store.segments.settleLinks();
+      }
     } catch (err) {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');
     }
@@ -428,6 +432,7 @@ export class Snapshotter {
       }
     }
     for (const p of doomed) await removeAll(p);
+    if (doomed.length > 0) this.parts.erofs?.store.segments.settleLinks();
     const removed = doomed.map((p) => path.basename(p));
     if (this.parts.erofs) {
       const live = new Set(this.ms.layers().map((l) => String(l.snapshot_id)));

@@ -41,8 +41,10 @@ export interface SegmentWriter {
   readonly id: number;
   /** Next free block. */
   blocks: number;
-  /** Open for writing until finish (then -1). */
+  /** Open for writing until finish (then -1); read-only for an adopted file. */
   fd: number;
+  /** A layer directory's file taken in place (see adopt): never written, never sealed. */
+  readonly adopted?: boolean;
 }
 
 /** What start-up found for one segment. */
@@ -68,6 +70,8 @@ export class Segments {
   private readonly fds = new FdUsers();
   /** Segments written but not yet named by a committed row. */
   private readonly pending = new Map<number, SegmentRow>();
+  /** Adopted segments whose file may still be linked from a layer directory (see settleLinks). */
+  private readonly linked = new Set<number>();
   private nextId: number;
 
   constructor(
@@ -147,9 +151,62 @@ export class Segments {
   }
 
   /**
+   * Takes `file`, a regular file of a layer directory on this filesystem,
+   * into the store as a new segment without copying it: a hard link,
+   * checked to be the inode `expect` (the one the caller read and hashed).
+   * Its whole blocks can be named by chunk rows in place. The inode stays
+   * the directory's file until the directory goes, so nothing here ever
+   * writes, truncates, punches or seals it; abandon only unlinks. Throws
+   * when it cannot be linked (another filesystem, too many links, ...).
+   */
+  adopt(file: string, expect: { dev: number; ino: number }): SegmentWriter {
+    const id = this.nextId++;
+    const target = this.pathOf(id);
+    fs.linkSync(file, target);
+    let fd = -1;
+    try {
+      fd = fs.openSync(target, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+      const st = fs.fstatSync(fd);
+      if (!st.isFile() || st.dev !== expect.dev || st.ino !== expect.ino) throw new Error(`${file} was replaced while it was read`);
+      this.linked.add(id);
+      return { id, blocks: Math.floor(st.size / 4096), fd, adopted: true };
+    } catch (err) {
+      if (fd >= 0) fs.closeSync(fd);
+      fs.rmSync(target, { force: true });
+      throw err;
+    }
+  }
+
+  /**
+   * After a layer directory was removed: an adopted segment whose file is
+   * no longer linked from a directory gets its stamp again (the unlink
+   * changed its ctime; its inode and size must be the recorded ones),
+   * else the next start would take it for changed and verify it all.
+   */
+  settleLinks(): void {
+    for (const id of [...this.linked]) {
+      const row = prepared(this.db, 'SELECT stamp FROM segments WHERE id = ?').get(id) as { stamp: string } | undefined;
+      let st: fs.BigIntStats;
+      try {
+        st = fs.statSync(this.pathOf(id), { bigint: true });
+      } catch {
+        this.linked.delete(id);
+        continue;
+      }
+      // Not recorded yet (an import under way): looked at again after the next removal (abandon forgets it).
+      if (!row) continue;
+      if (st.nlink > 1n) continue;
+      this.linked.delete(id);
+      const [ino, size] = row.stamp.split(':');
+      if (String(st.ino) === ino && String(st.size) === size) this.restamp(id);
+    }
+  }
+
+  /**
    * Makes a written segment durable and immutable: fsync, close, seal with
    * fs-verity where possible (the digest is recorded), fsync the directory.
    * It becomes a row with the first chunk row that names it (see record).
+   * An adopted file is made durable, not sealed (see adopt).
    */
   finish(w: SegmentWriter): SegmentRow {
     fs.fsyncSync(w.fd);
@@ -157,7 +214,7 @@ export class Segments {
     w.fd = -1;
     const file = this.pathOf(w.id);
     let verity: string | null = null;
-    if (this.canSeal()) {
+    if (this.canSeal() && !w.adopted) {
       const fd = fs.openSync(file, 'r');
       try {
         enableVerity(fd);
@@ -177,6 +234,7 @@ export class Segments {
     if (w.fd >= 0) fs.closeSync(w.fd);
     w.fd = -1;
     this.pending.delete(w.id);
+    this.linked.delete(w.id);
     fs.rmSync(this.pathOf(w.id), { force: true });
   }
 
@@ -354,6 +412,8 @@ export class Segments {
         out.push({ id: r.id, lost: `${file} is ${st.size} bytes, shorter than the ${r.blocks * 4096} its chunks need` });
         continue;
       }
+      // An adopted file whose layer directory is still there (removed by the sweep after start).
+      if (st.nlink > 1n) this.linked.add(r.id);
       if (r.verity) {
         const why = verityProblem(file, r.verity);
         if (why) out.push({ id: r.id, changed: why });

@@ -694,3 +694,43 @@ export function chainImageDef(): ImageDef {
     ],
   };
 }
+
+/** Size of the large file of bigFileImageDef: above the size from which the directory path takes a file into the store in place (ADOPT_MIN). */
+export const BIG_FILE_BYTES = (34 << 20) + 4321;
+export const BIG_FILE_IMAGE = 'dedup-test/big-file';
+
+/**
+ * (d) a large file (and a second name for it) over busybox: on the
+ * directory path the daemon takes it into the store where it lies instead
+ * of copying it; its last piece is short. Distinct 1 MiB pieces.
+ */
+export function bigFileImageDef(): ImageDef {
+  const piece = pseudoRandom(1 << 20, 'big-file-piece');
+  const big = Buffer.alloc(BIG_FILE_BYTES);
+  for (let off = 0, i = 0; off < big.length; off += piece.length, i++) {
+    piece.copy(big, off);
+    if (off + 4 <= big.length) big.writeUInt32LE(i, off);
+  }
+  const passwd = passwdFor('big-file');
+  return {
+    name: BIG_FILE_IMAGE,
+    tag: 'v1',
+    passwd,
+    layers: [
+      busyboxBase(),
+      [
+        { type: 'file', path: 'etc/passwd', content: passwd },
+        { type: 'dir', path: 'data' },
+        { type: 'file', path: 'data/big', content: big, mode: 0o640, uid: 1000, gid: 1000 },
+        { type: 'hardlink', path: 'data/big-again', target: 'data/big' },
+        { type: 'file', path: 'data/small', content: 'small\n' },
+      ],
+    ],
+    expect: [
+      { path: 'etc/passwd', kind: 'file', content: passwd },
+      { path: 'data/big', kind: 'file', content: big, mode: 0o640 },
+      { path: 'data/big-again', kind: 'file', content: big, sameInodeAs: ['data/big'] },
+      { path: 'data/small', kind: 'file', content: 'small\n' },
+    ],
+  };
+}
