@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import Database from 'better-sqlite3';
-import { StoreChunkSink } from '../src/convert/chunk-sink';
+import { type Adoption, StoreChunkSink } from '../src/convert/chunk-sink';
 import { type ChunkSink, treeFromDirectory } from '../src/convert/layer-tree';
 import { ChunkStore, STORE_BLOCK } from '../src/store/chunkstore';
 
@@ -47,6 +47,13 @@ async function withStore(name: string, fn: (f: Fixture) => Promise<void>): Promi
   }
 }
 
+/** Writes `data` to `file` with the times an unpacked tar leaves (the image's, in the past: see the racy rule in Segments.adopt). */
+function writeUnpacked(file: string, data: Buffer): void {
+  fs.writeFileSync(file, data);
+  fs.utimesSync(file, TAR_TIME, TAR_TIME);
+}
+const TAR_TIME = new Date('2024-01-01T00:00:00Z');
+
 const segmentFiles = (root: string) => fs.readdirSync(path.join(root, 'store', 'segments')).filter((n) => n.endsWith('.blob'));
 const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
@@ -54,7 +61,7 @@ test('a large new file is named in place in a segment linked to it: nothing of i
   await withStore('in-place', async ({ root, layer, store }) => {
     const data = crypto.randomBytes(20 * CHUNK + 1234);
     const file = path.join(layer, 'big');
-    fs.writeFileSync(file, data);
+    writeUnpacked(file, data);
     const sink = new StoreChunkSink(store, CHUNK);
     const tree = await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
     await sink.flush();
@@ -90,7 +97,7 @@ test('a file the store mostly has is not adopted: its few new chunks are written
       store.insertChunk(sha(c), e);
     }
     const file = path.join(layer, 'big');
-    fs.writeFileSync(file, data);
+    writeUnpacked(file, data);
     const sink = new StoreChunkSink(store, CHUNK);
     await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
     await sink.flush();
@@ -109,16 +116,20 @@ test('a file the store mostly has is not adopted: its few new chunks are written
 test('a file that changes while it is read fails the conversion; its link goes and the file is left as it became', async () => {
   await withStore('changed', async ({ root, layer, store }) => {
     const file = path.join(layer, 'big');
-    fs.writeFileSync(file, crypto.randomBytes(8 * CHUNK));
+    writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
     const sink = new StoreChunkSink(store, CHUNK);
     // The third piece handed to the sink: someone writes into the file meanwhile.
     let pieces = 0;
-    const meddling: ChunkSink = Object.assign(Object.create(sink) as StoreChunkSink, {
-      add: (piece: Buffer, place?: Parameters<StoreChunkSink['add']>[1]) => {
+    const meddling: ChunkSink<Adoption> = {
+      chunkSize: sink.chunkSize,
+      add: (piece, place) => {
         if (++pieces === 3) fs.writeFileSync(file, Buffer.alloc(100, 7), { flag: 'r+' });
         return sink.add(piece, place);
       },
-    });
+      adopt: (f, fd) => sink.adopt(f, fd),
+      endAdoption: (a) => sink.endAdoption(a),
+      buffer: () => sink.buffer(),
+    };
     await assert.rejects(treeFromDirectory(layer, meddling, undefined, ADOPT_MIN), /changed while it was read/);
     await sink.discard();
     assert.deepEqual(segmentFiles(root), [], 'the link is gone');
@@ -129,7 +140,7 @@ test('a file that changes while it is read fails the conversion; its link goes a
 test('an adopted segment is stamped again once its layer directory went (else the next start would verify it all)', async () => {
   await withStore('restamp', async ({ root, layer, store }) => {
     const file = path.join(layer, 'big');
-    fs.writeFileSync(file, crypto.randomBytes(8 * CHUNK));
+    writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
     const sink = new StoreChunkSink(store, CHUNK);
     await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
     await sink.flush();
@@ -157,7 +168,7 @@ test("a crash between the link and the layer's rows: the next start deletes the 
   fs.mkdirSync(layer, { recursive: true });
   const data = crypto.randomBytes(8 * CHUNK);
   const file = path.join(layer, 'big');
-  fs.writeFileSync(file, data);
+  writeUnpacked(file, data);
   const db = new Database(path.join(root, 'm.db'));
   try {
     const first = new ChunkStore({ root, db, layout: 'single' });
@@ -180,4 +191,50 @@ test("a crash between the link and the layer's rows: the next start deletes the 
   } finally {
     db.close();
   }
+});
+
+test('a file modified a moment ago is not adopted (a change in the same clock tick could leave its times unchanged): copied as before', async () => {
+  await withStore('racy', async ({ root, layer, store }) => {
+    fs.writeFileSync(path.join(layer, 'big'), crypto.randomBytes(8 * CHUNK));
+    const sink = new StoreChunkSink(store, CHUNK);
+    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
+    await sink.flush();
+    assert.equal(sink.adopted.length, 0);
+    assert.deepEqual(segmentFiles(root), []);
+    assert.equal(sink.writtenBytes, 8 * CHUNK, 'its chunks written to chunks.blob');
+    await sink.discard();
+  });
+});
+
+test('a file changed after its last read, before its layer is recorded, fails the layer: the link goes', async () => {
+  await withStore('changed-late', async ({ root, layer, store }) => {
+    const file = path.join(layer, 'big');
+    writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
+    const sink = new StoreChunkSink(store, CHUNK);
+    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
+    await sink.flush();
+    assert.equal(sink.adopted.length, 1);
+    // Same size, same times as far as a coarse look goes: written in place through the directory's name.
+    fs.writeFileSync(file, Buffer.alloc(100, 7), { flag: 'r+' });
+    assert.throws(() => store.segments.finish(sink.adopted[0]), /changed after it was read/);
+    await sink.discard();
+    assert.deepEqual(segmentFiles(root), [], 'the link is gone');
+  });
+});
+
+test('a file written through the directory once recorded is not stamped again when the directory goes: the next start verifies it', async () => {
+  await withStore('restamp-refused', async ({ layer, store }) => {
+    const file = path.join(layer, 'big');
+    writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
+    const sink = new StoreChunkSink(store, CHUNK);
+    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
+    await sink.flush();
+    const row = store.segments.finish(sink.adopted[0]);
+    store.insertChunk(sink.digests[0], sink.written.get(sink.digests[0]) as { segment: number; blkaddr: number; nblocks: number });
+    store.segments.committed(row.id);
+    fs.writeFileSync(file, Buffer.alloc(100, 7), { flag: 'r+' });
+    fs.rmSync(layer, { recursive: true });
+    store.segments.settleLinks();
+    assert.match(store.segments.checkAtStart()[0]?.changed ?? '', /changed since this daemon wrote it/);
+  });
 });

@@ -29,6 +29,9 @@ const random = pseudoRandom;
 
 const workDir = scratchDirs();
 
+/** The modification time of the files layer() writes (an image's, in the past). */
+const TAR_TIME = new Date('2024-01-01T00:00:00Z');
+
 /** Prepares `key` on `parent`, writes files into its upper dir, commits it as `name`. */
 async function layer(sn: Snapshotter, name: string, parent: string, files: Record<string, Buffer>): Promise<void> {
   const key = `${name}-active`;
@@ -38,6 +41,8 @@ async function layer(sn: Snapshotter, name: string, parent: string, files: Recor
   for (const [p, data] of Object.entries(files)) {
     fs.mkdirSync(path.dirname(path.join(upper, p)), { recursive: true });
     fs.writeFileSync(path.join(upper, p), data);
+    // As an unpacked tar leaves them: the image's times, not now.
+    fs.utimesSync(path.join(upper, p), TAR_TIME, TAR_TIME);
   }
   await sn.commit(name, key);
 }

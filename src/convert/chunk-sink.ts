@@ -1,7 +1,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { type ChunkStore, type Extent, STORE_BLOCK } from '../store/chunkstore';
-import type { SegmentWriter } from '../store/segments';
+import { type FileState, type SegmentWriter, fileState, sameFileState } from '../store/segments';
 import type { ChunkSink, Piece, Place } from './layer-tree';
 
 /**
@@ -48,9 +48,8 @@ const MAX_ADOPTED = 8;
 export interface Adoption {
   readonly writer: SegmentWriter;
   readonly file: string;
-  /** The descriptor it is read through, and what fstat said of it before the first read. */
+  /** The descriptor it is read through. */
   readonly fd: number;
-  readonly before: fs.Stats;
   /** Digests of the chunks named in place, and their bytes. */
   readonly inPlace: string[];
   inPlaceBytes: number;
@@ -130,11 +129,9 @@ export class StoreChunkSink implements ChunkSink<Adoption> {
     } catch {
       return null;
     }
-    // After the link, which changed the inode's ctime.
-    const before = fs.fstatSync(fd);
     // containerd wrote it and did not sync it: its pages go to disk while it is read, so finish's fsync finds little left.
     flushInBackground(this.store.segments.pathOf(writer.id));
-    const a: Adoption = { writer, file, fd, before, inPlace: [], inPlaceBytes: 0 };
+    const a: Adoption = { writer, file, fd, inPlace: [], inPlaceBytes: 0 };
     this.adopting.add(a);
     return a;
   }
@@ -150,9 +147,9 @@ export class StoreChunkSink implements ChunkSink<Adoption> {
     let kept = false;
     try {
       await this.resolvePending();
-      const after = fs.fstatSync(a.fd);
-      if (after.size !== a.before.size || after.mtimeMs !== a.before.mtimeMs || after.ctimeMs !== a.before.ctimeMs) throw new Error(`${a.file} changed while it was read`);
-      if (a.inPlace.length > 0 && a.inPlaceBytes >= a.before.size * ADOPT_MIN_NEW_SHARE) {
+      const was = a.writer.readAs as FileState;
+      if (!sameFileState(fileState(fs.fstatSync(a.fd, { bigint: true })), was)) throw new Error(`${a.file} changed while it was read`);
+      if (a.inPlace.length > 0 && a.inPlaceBytes >= Number(was.size) * ADOPT_MIN_NEW_SHARE) {
         this.adopted.push(a.writer);
         kept = true;
         return;

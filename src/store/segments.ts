@@ -45,7 +45,28 @@ export interface SegmentWriter {
   fd: number;
   /** A layer directory's file taken in place (see adopt): never written, never sealed. */
   readonly adopted?: boolean;
+  /** An adopted file as it was when its reading began: finish refuses it changed. */
+  readonly readAs?: FileState;
 }
+
+/** What tells a file's bytes changed: inode, size, modification and change times (ns). */
+export interface FileState {
+  ino: bigint;
+  size: bigint;
+  mtimeNs: bigint;
+  ctimeNs: bigint;
+}
+
+export function fileState(st: fs.BigIntStats): FileState {
+  return { ino: st.ino, size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs };
+}
+
+export function sameFileState(a: FileState, b: FileState): boolean {
+  return a.ino === b.ino && a.size === b.size && a.mtimeNs === b.mtimeNs && a.ctimeNs === b.ctimeNs;
+}
+
+/** How recently an adopted file may have been modified: within this, a write in the same clock tick could leave its times unchanged (git's "racy" rule). */
+const RACY_NS = 2_000_000_000n;
 
 /** What start-up found for one segment. */
 export interface SegmentCheck {
@@ -70,8 +91,8 @@ export class Segments {
   private readonly fds = new FdUsers();
   /** Segments written but not yet named by a committed row. */
   private readonly pending = new Map<number, SegmentRow>();
-  /** Adopted segments whose file may still be linked from a layer directory (see settleLinks). */
-  private readonly linked = new Set<number>();
+  /** Adopted segments whose file may still be linked from a layer directory, with its modification time (see settleLinks). */
+  private readonly linked = new Map<number, bigint>();
   private nextId: number;
 
   constructor(
@@ -166,10 +187,14 @@ export class Segments {
     let fd = -1;
     try {
       fd = fs.openSync(target, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
-      const st = fs.fstatSync(fd);
-      if (!st.isFile() || st.dev !== expect.dev || st.ino !== expect.ino) throw new Error(`${file} was replaced while it was read`);
-      this.linked.add(id);
-      return { id, blocks: Math.floor(st.size / 4096), fd, adopted: true };
+      // After the link, which moved the change time.
+      const st = fs.fstatSync(fd, { bigint: true });
+      if (!st.isFile() || st.dev !== BigInt(expect.dev) || st.ino !== BigInt(expect.ino)) throw new Error(`${file} was replaced while it was read`);
+      const now = BigInt(Date.now()) * 1_000_000n;
+      const age = now - st.mtimeNs;
+      if (age < RACY_NS && age > -RACY_NS) throw new Error(`${file} was modified a moment ago: a change now could leave its times as they are`);
+      this.linked.set(id, st.mtimeNs);
+      return { id, blocks: Number(st.size / 4096n), fd, adopted: true, readAs: fileState(st) };
     } catch (err) {
       if (fd >= 0) fs.closeSync(fd);
       fs.rmSync(target, { force: true });
@@ -180,11 +205,12 @@ export class Segments {
   /**
    * After a layer directory was removed: an adopted segment whose file is
    * no longer linked from a directory gets its stamp again (the unlink
-   * changed its ctime; its inode and size must be the recorded ones),
-   * else the next start would take it for changed and verify it all.
+   * changed its ctime; its inode, size and modification time must be the
+   * recorded ones), else the next start would take it for changed and
+   * verify it all.
    */
   settleLinks(): void {
-    for (const id of [...this.linked]) {
+    for (const [id, mtimeNs] of [...this.linked]) {
       const row = prepared(this.db, 'SELECT stamp FROM segments WHERE id = ?').get(id) as { stamp: string } | undefined;
       let st: fs.BigIntStats;
       try {
@@ -197,8 +223,9 @@ export class Segments {
       if (!row) continue;
       if (st.nlink > 1n) continue;
       this.linked.delete(id);
+      // An unlink moves the change time, not the modification time: a write since the stamp moved both.
       const [ino, size] = row.stamp.split(':');
-      if (String(st.ino) === ino && String(st.size) === size) this.restamp(id);
+      if (String(st.ino) === ino && String(st.size) === size && st.mtimeNs === mtimeNs) this.restamp(id);
     }
   }
 
@@ -210,6 +237,10 @@ export class Segments {
    */
   finish(w: SegmentWriter): SegmentRow {
     fs.fsyncSync(w.fd);
+    // An adopted file is recorded as it was read: any change since (through the directory's name) fails its layer.
+    if (w.readAs && !sameFileState(fileState(fs.fstatSync(w.fd, { bigint: true })), w.readAs)) {
+      throw new Error(`${this.pathOf(w.id)} (a file of the layer's directory) changed after it was read`);
+    }
     fs.closeSync(w.fd);
     w.fd = -1;
     const file = this.pathOf(w.id);
@@ -235,7 +266,8 @@ export class Segments {
     w.fd = -1;
     this.pending.delete(w.id);
     this.linked.delete(w.id);
-    fs.rmSync(this.pathOf(w.id), { force: true });
+    // As remove: a cached descriptor would keep the file's space.
+    this.remove(w.id);
   }
 
   /** In the transaction that records chunks of segment `id`: its row, once. */
@@ -247,7 +279,12 @@ export class Segments {
 
   /** After the recording transaction committed (or failed: the file stays for the caller to abandon). */
   committed(id: number): void {
-    if (prepared(this.db, 'SELECT 1 FROM segments WHERE id = ?').get(id)) this.pending.delete(id);
+    // Never throws: its caller's layer is recorded (a failure here would have it give up a segment rows name).
+    try {
+      if (prepared(this.db, 'SELECT 1 FROM segments WHERE id = ?').get(id)) this.pending.delete(id);
+    } catch {
+      // left pending: dropUnused skips it until the next start
+    }
   }
 
   /**
@@ -413,7 +450,7 @@ export class Segments {
         continue;
       }
       // An adopted file whose layer directory is still there (removed by the sweep after start).
-      if (st.nlink > 1n) this.linked.add(r.id);
+      if (st.nlink > 1n) this.linked.set(r.id, st.mtimeNs);
       if (r.verity) {
         const why = verityProblem(file, r.verity);
         if (why) out.push({ id: r.id, changed: why });
