@@ -55,7 +55,6 @@ export interface Adoption {
   inPlaceBytes: number;
 }
 
-
 /** Starts writing back a file's dirty pages on the thread pool, through a descriptor of its own (the result does not matter: a sync follows). */
 function flushInBackground(file: string): void {
   fs.open(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW, (err, fd) => {
