@@ -6,7 +6,7 @@ import path from 'node:path';
 import { after, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { type Adoption, StoreChunkSink } from '../src/convert/chunk-sink';
-import { type ChunkSink, treeFromDirectory } from '../src/convert/layer-tree';
+import { type ChunkSink, type TreeNode, treeFromDirectory } from '../src/convert/layer-tree';
 import { ChunkStore, STORE_BLOCK } from '../src/store/chunkstore';
 
 /**
@@ -54,6 +54,14 @@ function writeUnpacked(file: string, data: Buffer): void {
 }
 const TAR_TIME = new Date('2024-01-01T00:00:00Z');
 
+/** Walks `layer` into a new sink over `store` (files from ADOPT_MIN on offered for adoption) and waits for its writes. */
+async function convertLayer(layer: string, store: ChunkStore): Promise<{ sink: StoreChunkSink; tree: TreeNode }> {
+  const sink = new StoreChunkSink(store, CHUNK);
+  const tree = await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
+  await sink.flush();
+  return { sink, tree };
+}
+
 const segmentFiles = (root: string) => fs.readdirSync(path.join(root, 'store', 'segments')).filter((n) => n.endsWith('.blob'));
 const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
@@ -62,9 +70,7 @@ test('a large new file is named in place in a segment linked to it: nothing of i
     const data = crypto.randomBytes(20 * CHUNK + 1234);
     const file = path.join(layer, 'big');
     writeUnpacked(file, data);
-    const sink = new StoreChunkSink(store, CHUNK);
-    const tree = await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink, tree } = await convertLayer(layer, store);
     assert.equal(sink.adopted.length, 1, 'adopted');
     const seg = sink.adopted[0].id;
     assert.equal(fs.statSync(store.segments.pathOf(seg)).ino, fs.statSync(file).ino, 'the segment is the file itself (a hard link)');
@@ -98,9 +104,7 @@ test('a file the store mostly has is not adopted: its few new chunks are written
     }
     const file = path.join(layer, 'big');
     writeUnpacked(file, data);
-    const sink = new StoreChunkSink(store, CHUNK);
-    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink } = await convertLayer(layer, store);
     assert.equal(sink.adopted.length, 0, 'not kept: a quarter of it is new');
     assert.deepEqual(segmentFiles(root), [], 'the link is gone');
     assert.equal(sink.foundChunks, 12);
@@ -141,9 +145,7 @@ test('an adopted segment is stamped again once its layer directory went (else th
   await withStore('restamp', async ({ root, layer, store }) => {
     const file = path.join(layer, 'big');
     writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
-    const sink = new StoreChunkSink(store, CHUNK);
-    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink } = await convertLayer(layer, store);
     const w = sink.adopted[0];
     const row = store.segments.finish(w);
     // Recorded as the converter's transaction does: a chunk row names the segment.
@@ -172,9 +174,7 @@ test("a crash between the link and the layer's rows: the next start deletes the 
   const db = new Database(path.join(root, 'm.db'));
   try {
     const first = new ChunkStore({ root, db, layout: 'single' });
-    const sink = new StoreChunkSink(first, CHUNK);
-    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink } = await convertLayer(layer, first);
     first.segments.finish(sink.adopted[0]);
     // The process dies here: no row names the segment, nothing is discarded.
     assert.equal(segmentFiles(root).length, 1);
@@ -196,9 +196,7 @@ test("a crash between the link and the layer's rows: the next start deletes the 
 test('a file modified a moment ago is not adopted (a change in the same clock tick could leave its times unchanged): copied as before', async () => {
   await withStore('racy', async ({ root, layer, store }) => {
     fs.writeFileSync(path.join(layer, 'big'), crypto.randomBytes(8 * CHUNK));
-    const sink = new StoreChunkSink(store, CHUNK);
-    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink } = await convertLayer(layer, store);
     assert.equal(sink.adopted.length, 0);
     assert.deepEqual(segmentFiles(root), []);
     assert.equal(sink.writtenBytes, 8 * CHUNK, 'its chunks written to chunks.blob');
@@ -210,9 +208,7 @@ test('a file changed after its last read, before its layer is recorded, fails th
   await withStore('changed-late', async ({ root, layer, store }) => {
     const file = path.join(layer, 'big');
     writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
-    const sink = new StoreChunkSink(store, CHUNK);
-    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink } = await convertLayer(layer, store);
     assert.equal(sink.adopted.length, 1);
     // Same size, same times as far as a coarse look goes: written in place through the directory's name.
     fs.writeFileSync(file, Buffer.alloc(100, 7), { flag: 'r+' });
@@ -226,9 +222,7 @@ test('a file written through the directory once recorded is not stamped again wh
   await withStore('restamp-refused', async ({ layer, store }) => {
     const file = path.join(layer, 'big');
     writeUnpacked(file, crypto.randomBytes(8 * CHUNK));
-    const sink = new StoreChunkSink(store, CHUNK);
-    await treeFromDirectory(layer, sink, undefined, ADOPT_MIN);
-    await sink.flush();
+    const { sink } = await convertLayer(layer, store);
     const row = store.segments.finish(sink.adopted[0]);
     store.insertChunk(sink.digests[0], sink.written.get(sink.digests[0]) as { segment: number; blkaddr: number; nblocks: number });
     store.segments.committed(row.id);
