@@ -80,3 +80,36 @@ test('a read ahead that fails while the sink is busy with the piece before is th
   await assert.rejects(treeFromDirectory(root, sink), /shrank while it was read/);
   assert.equal(openFds(), before, 'the file was closed');
 });
+
+test('a sink that hashes on another thread gets the pieces two at a time, in order, each with its own digest', async () => {
+  const root = path.join(dir, 'pairs');
+  fs.mkdirSync(root);
+  // 19 whole pieces and a short one: ten pairs (the short one hashed here, the one before it aside).
+  const data = crypto.randomBytes(19 * CHUNK + 1000);
+  fs.writeFileSync(path.join(root, 'big'), data);
+  const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
+  const got: { bytes: Buffer; digest?: string }[] = [];
+  let asideCalls = 0;
+  const sink: ChunkSink = {
+    chunkSize: CHUNK,
+    buffer: () => Buffer.alloc(CHUNK),
+    digest: (piece) => sha(pieceBytes(piece)),
+    // Answers late, after the piece that follows is hashed here: the pair must still reach add in the file's order.
+    digestAside(buf) {
+      asideCalls++;
+      const d = sha(buf);
+      return new Promise((r) => setTimeout(() => r(d), 5));
+    },
+    async add(piece, _place, digest) {
+      got.push({ bytes: Buffer.from(pieceBytes(piece)), digest });
+      return got.length - 1;
+    },
+  };
+  const tree = await treeFromDirectory(root, sink);
+  assert.deepEqual(tree.children?.get('big')?.chunks, [...Array(20).keys()]);
+  assert.ok(Buffer.concat(got.map((g) => g.bytes)).equals(data), 'the pieces are the file, in order');
+  assert.equal(asideCalls, 10, 'every other piece hashed aside (the one before the last included)');
+  for (const [i, g] of got.entries()) {
+    assert.equal(g.digest, sha(g.bytes), `piece ${i} came with its own digest`);
+  }
+});

@@ -7,7 +7,7 @@ import type { ChunkStore } from '../store/chunkstore';
 import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
 import type { Labels } from '../store/types';
-import { UNMEASURED, removeAll } from '../util/fs';
+import { UNMEASURED } from '../util/fs';
 import { type ConvertEvents, convertedFields, convertedSummary } from './events';
 import type { LayerMounts } from './layer-mounts';
 import { recordLayer } from './record';
@@ -148,9 +148,7 @@ export class ConversionQueue {
       if (this.offerShare(id, labels)) {
         this.o.sweeper.retire(id, 0);
       } else {
-        await removeAll(this.o.layout.snapshotDir(id));
-        // Its large files may have been taken into the store: their stamps again (see Segments.settleLinks).
-        this.o.store.segments.settleLinks();
+        await this.o.store.segments.removeLayerTree(this.o.layout.snapshotDir(id));
       }
       this.logConverted(id, name, stats, started);
       this.o.events.emit({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'sync' });

@@ -13,8 +13,8 @@ export interface SweeperOptions {
   mounts: LayerMounts;
   loader: LazyLoader | null;
   logger: Logger;
-  /** Called after old layer directories were removed. */
-  onRemoved?: () => void;
+  /** Removes an old layer directory (default removeAll; the daemon's: Segments.removeLayerTree, which settles adopted files' links). */
+  removeTree?: (p: string) => Promise<void>;
 }
 
 /**
@@ -80,11 +80,10 @@ export class Sweeper {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
         throw err;
       }
-      await removeAll(doomed);
+      await (this.o.removeTree ?? removeAll)(doomed);
       removed++;
       this.o.logger.debug({ op: 'convert', snapshot: id, layer: id }, 'directory of converted layer removed');
     }
-    if (removed > 0) this.o.onRemoved?.();
     if (mounts.retiredCount === 0 && this.timer) {
       clearInterval(this.timer);
       this.timer = null;

@@ -232,8 +232,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   });
   const mounts = new LayerMounts({ layout, ms, kernel, images: true, loader, integrity, logger, retireGraceMs });
   mountsRef = mounts;
-  // A removed layer directory may have been the other link of an adopted store file: its stamp is taken again.
-  const sweeper = new Sweeper({ layout, ms, mounts, loader, logger, onRemoved: () => store.segments.settleLinks() });
+  const sweeper = new Sweeper({ layout, ms, mounts, loader, logger, removeTree: (p) => store.segments.removeLayerTree(p) });
   const share = opts.pushConverted && remote ? new ConvertedLayerPusher({ client: remote.client, mkfs: mkfsFeatures, chunkSize: e.chunkSize, workDir: layout.tmpDir, logger }) : null;
   const conversion = new ConversionQueue({ layout, ms, store, converter, mounts, sweeper, events, share, logger });
   // fscache: while an overlay uses a clone of the layer's mount, its reads

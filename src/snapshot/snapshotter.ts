@@ -381,14 +381,10 @@ export class Snapshotter {
           // and its id is never used again (AUTOINCREMENT), so the directory
           // is deleted where it is.
           if (code !== 'ENOSPC') throw err;
-          await removeAll(dir);
+          await this.removeLayerTree(dir);
         }
       }
-      if (renamed) {
-        await removeAll(doomed);
-        // It may have been the other link of an adopted store file.
-        e?.store.segments.settleLinks();
-      }
+      if (renamed) await this.removeLayerTree(doomed);
     } catch (err) {
       this.log.warn({ op: 'remove', key, snapshot: id, err: (err as Error).message }, 'directory left for cleanup');
     }
@@ -411,6 +407,11 @@ export class Snapshotter {
     for (const info of infos) await fn(info);
   }
 
+  /** Removes a snapshot's directory (or one moved aside): through the store when there is one, for the adopted files it may link (see Segments.removeLayerTree). */
+  private removeLayerTree(p: string): Promise<void> {
+    return this.parts.erofs ? this.parts.erofs.store.segments.removeLayerTree(p) : removeAll(p);
+  }
+
   /** Removes every directory under snapshots/ that no row names. */
   async cleanup(): Promise<string[]> {
     this.checkOpen();
@@ -431,8 +432,7 @@ export class Snapshotter {
         doomed.push(to);
       }
     }
-    for (const p of doomed) await removeAll(p);
-    if (doomed.length > 0) this.parts.erofs?.store.segments.settleLinks();
+    for (const p of doomed) await this.removeLayerTree(p);
     const removed = doomed.map((p) => path.basename(p));
     if (this.parts.erofs) {
       const live = new Set(this.ms.layers().map((l) => String(l.snapshot_id)));

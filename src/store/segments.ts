@@ -5,6 +5,7 @@ import { ErrnoError } from '../../native/libc';
 import { VERITY_UNSUPPORTED, enableVerity, hasVerity, measureVerity } from '../../native/verity';
 import type { Logger } from '../log/logger';
 import { FdUsers } from '../util/fd-users';
+import { removeAll } from '../util/fs';
 import { prepared } from './prepared';
 
 /**
@@ -200,6 +201,17 @@ export class Segments {
       fs.rmSync(target, { force: true });
       throw err;
     }
+  }
+
+  /**
+   * Removes a layer directory (or one moved aside to be removed), which may
+   * hold the other link of an adopted segment's file, then settles those
+   * links (see settleLinks). Every removal of a layer directory goes
+   * through here while the store lives.
+   */
+  async removeLayerTree(p: string): Promise<void> {
+    await removeAll(p);
+    this.settleLinks();
   }
 
   /**
