@@ -87,9 +87,12 @@ describe('segmented chunk store', () => {
       await sn.remove('v');
 
       // a goes: its segment stays (b still reads shared.bin from it), then b goes: nothing is left.
+      // (Deleted on the remover thread: settled() waits for it.)
       await sn.remove('b');
+      await sn.store?.settled();
       assert.equal(segFiles(root).length, 1, "b's own segment is deleted with b");
       await sn.remove('a');
+      await sn.store?.settled();
       assert.deepEqual(segFiles(root), []);
       assert.equal(sn.store?.stats().chunks, 0);
     } finally {
@@ -123,6 +126,7 @@ describe('segmented chunk store', () => {
       await unmountUnder(v2);
       await sn.remove('v2');
       await sn.remove('all');
+      await sn.store?.settled();
       assert.deepEqual(segFiles(root), []);
     } finally {
       sn.close();
