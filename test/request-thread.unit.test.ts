@@ -31,6 +31,12 @@ test('a thread that exits fails what it was asked, naming itself; the next reque
   assert.equal(await t.request({ say: 'again' }), 'again');
 });
 
+test('a request that cannot be sent fails at once and holds nothing (the process can still exit)', async () => {
+  const t = echo();
+  await assert.rejects(t.request({ say: (() => 'x') as unknown as string }), /could not be cloned/);
+  assert.equal(await t.request({ say: 'sent' }), 'sent');
+});
+
 test('the hash thread hashes a view of shared memory in place; memory not shared is refused (null)', async () => {
   const shared = Buffer.from(new SharedArrayBuffer(3 * 4096));
   crypto.randomFillSync(shared);

@@ -87,13 +87,18 @@ describe('segmented chunk store', () => {
       await sn.remove('v');
 
       // a goes: its segment stays (b still reads shared.bin from it), then b goes: nothing is left.
-      // (Deleted on the remover thread: settled() waits for it.)
+      // Its name goes at once (no reader can open it again); its blocks are freed on the remover thread (settled() waits).
       await sn.remove('b');
-      await sn.store?.settled();
       assert.equal(segFiles(root).length, 1, "b's own segment is deleted with b");
       await sn.remove('a');
-      await sn.store?.settled();
       assert.deepEqual(segFiles(root), []);
+      await sn.store?.settled();
+      const segDir = path.join(root, 'store', 'segments');
+      assert.deepEqual(fs.readdirSync(segDir).filter((f) => f.startsWith('.gone-')), [], 'freed');
+      // One a stop left on its way out is deleted at the next start.
+      fs.writeFileSync(path.join(segDir, '.gone-99'), 'x');
+      sn.store?.segments.checkAtStart();
+      assert.deepEqual(fs.readdirSync(segDir), []);
       assert.equal(sn.store?.stats().chunks, 0);
     } finally {
       sn.close();

@@ -186,7 +186,7 @@ export class StoreChunkSink implements ChunkSink<Adoption> {
     return sha256Of(parts, pad);
   }
 
-  /** The piece's chunk digest on the hash thread, when `buf` is a lent buffer (shared memory) of whole blocks; else null. */
+  /** The piece's chunk digest on the hash thread, when `buf` is in shared memory (as the buffers `buffer` lends) and whole blocks; else null. */
   digestAside(buf: Buffer): Promise<string> | null {
     if (buf.length === 0 || buf.length > this.chunkSize || buf.length % STORE_BLOCK !== 0) return null;
     return sha256OnThread(buf);

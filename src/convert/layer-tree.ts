@@ -149,7 +149,7 @@ const WALK_SLICE_MS = 10;
 /** Files up to this size are read with one synchronous read (page-cached small files: a thread-pool round trip costs more than the read). */
 const SYNC_READ_MAX = 256 * 1024;
 
-/** Pieces of a large file read ahead of the one being hashed. */
+/** Reads of a large file's pieces kept in flight ahead of the piece being hashed (with a pair held, four pieces are in memory). */
 const READ_AHEAD = 2;
 
 /** Files from this size on are adopted (see ChunkSink.adopt) where the sink can. */
@@ -186,11 +186,8 @@ async function sinkFile<A>(sink: ChunkSink<A>, file: string, size: number, adopt
     }
     return buf;
   };
-  // A large file is taken into the store where it lies when the sink can
-  // (no copy: see StoreChunkSink.adopt); it is read and hashed all the same.
-  const adoption = size >= adoptMin ? (sink.adopt?.(file, fh.fd) ?? null) : null;
   // Pieces read ahead: the thread pool reads the next ones while this
-  // thread hashes and stores the last (a 512 MiB file: ~0.6 s → ~0.45 s here).
+  // thread hashes and stores the last.
   const ahead: Promise<Buffer>[] = [];
   let readPos = 0;
   const readAhead = (): void => {
@@ -207,6 +204,9 @@ async function sinkFile<A>(sink: ChunkSink<A>, file: string, size: number, adopt
   const pair = sink.digest && sink.digestAside ? { digest: sink.digest.bind(sink), aside: sink.digestAside.bind(sink) } : null;
   let held: { buf: Buffer; place?: Place<A>; digest: Promise<string> } | null = null;
   try {
+    // A large file is taken into the store where it lies when the sink can
+    // (no copy: see StoreChunkSink.adopt); it is read and hashed all the same.
+    const adoption = size >= adoptMin ? (sink.adopt?.(file, fh.fd) ?? null) : null;
     const out: number[] = [];
     readAhead();
     for (let pos = 0; pos < size; pos += cs) {
@@ -214,10 +214,13 @@ async function sinkFile<A>(sink: ChunkSink<A>, file: string, size: number, adopt
       readAhead();
       const place = adoption ? { adoption, blkaddr: pos / 4096 } : undefined;
       if (held && pair) {
-        const digest = pair.digest(buf);
-        out.push(await sink.add(held.buf, held.place, await held.digest));
+        const mine = pair.digest(buf);
+        // A hash thread that failed (its buffer untouched): hashed here instead.
+        const heldBuf = held.buf;
+        const theirs = await held.digest.catch(() => pair.digest(heldBuf));
+        out.push(await sink.add(held.buf, held.place, theirs));
         held = null;
-        out.push(await sink.add(buf, place, digest));
+        out.push(await sink.add(buf, place, mine));
         continue;
       }
       const aside = pair && pos + cs < size ? pair.aside(buf) : null;

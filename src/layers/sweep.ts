@@ -13,7 +13,7 @@ export interface SweeperOptions {
   mounts: LayerMounts;
   loader: LazyLoader | null;
   logger: Logger;
-  /** Removes an old layer directory (default removeAll; the daemon's: Segments.removeLayerTree, which settles adopted files' links). */
+  /** Removes an old layer directory (default removeAll; the daemon's: Segments.removeLayerTree, which also settles the links of files taken into the store from it). */
   removeTree?: (p: string) => Promise<void>;
 }
 

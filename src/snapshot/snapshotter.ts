@@ -381,6 +381,7 @@ export class Snapshotter {
           // and its id is never used again (AUTOINCREMENT), so the directory
           // is deleted where it is.
           if (code !== 'ENOSPC') throw err;
+          renamed = false;
           await this.removeLayerTree(dir);
         }
       }

@@ -575,8 +575,10 @@ export class ChunkStore {
 
   /** Resolves once every freed extent is punched and reusable (see releaseExtent) and unused segment files are deleted. */
   async settled(): Promise<void> {
-    while (this.punching || this.othersPunches.size > 0) await Promise.all([this.punching, ...this.othersPunches]);
-    await this.segments.settled();
+    do {
+      while (this.punching || this.othersPunches.size > 0) await Promise.all([this.punching, ...this.othersPunches]);
+      await this.segments.deletionsDone();
+    } while (this.punching || this.othersPunches.size > 0);
   }
 
   /**

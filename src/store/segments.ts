@@ -15,7 +15,8 @@ import { prepared } from './prepared';
  * and never written again. A sealed segment's every read is checked by the
  * kernel against its Merkle tree: damaged bytes fail with EIO, never reach a
  * container. A segment lives while a chunk row names it; it is deleted
- * whole when its last chunk goes (a sealed file cannot be punched).
+ * whole when its last chunk goes (a sealed file cannot be punched): its
+ * name at once, its blocks on the remover thread.
  *
  * Segment 0 is `store/chunks.blob`, the one writable store file (the layout
  * used where the filesystem has no fs-verity, and by every version before
@@ -81,6 +82,8 @@ export interface SegmentCheck {
 const MAX_OPEN = 128;
 /** Temporary files of rewrite(): deleted at start if a crash left one. */
 const REWRITE_PREFIX = '.rewrite-';
+/** A segment file no row names any more, renamed on its way out (see remove): deleted in the background, or at the next start. */
+const GONE_PREFIX = '.gone-';
 
 export class Segments {
   readonly dir: string;
@@ -208,12 +211,16 @@ export class Segments {
   /**
    * Removes a layer directory (or one moved aside to be removed), which may
    * hold the other link of an adopted segment's file, then settles those
-   * links (see settleLinks). Every removal of a layer directory goes
-   * through here while the store lives.
+   * links (see settleLinks). Every removal of a directory that may hold such
+   * a link (a layer directory containerd unpacked into) goes through here.
    */
   async removeLayerTree(p: string): Promise<void> {
-    await removeAll(p);
-    this.settleLinks();
+    try {
+      await removeAll(p);
+    } finally {
+      // Also after a removal that failed part way: the links it did remove are settled.
+      this.settleLinks();
+    }
   }
 
   /**
@@ -436,15 +443,25 @@ export class Segments {
       fs.rmSync(this.pathOf(id), { force: true });
       return;
     }
-    // No row names it any more: one left by a failure or a stop is deleted at the next start.
-    const done: Promise<void> = removeAll(this.pathOf(id))
+    // Its name goes now (a reader opening <id>.blob meanwhile, the scrub's or a heal's, would keep the space
+    // with a cached descriptor); the blocks are freed on the remover thread, or by the next start after a stop.
+    const gone = path.join(this.dir, `${GONE_PREFIX}${id}`);
+    try {
+      fs.renameSync(this.pathOf(id), gone);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      // (A full disk may have no room for the new name: deleted here then.)
+      fs.rmSync(this.pathOf(id), { force: true });
+      return;
+    }
+    const done: Promise<void> = removeAll(gone)
       .catch((err: Error) => this.log.warn({ op: 'remove', segment: id, err: err.message }, `store segment ${id} not deleted yet: ${err.message} (the next start deletes it)`))
       .finally(() => this.deleting.delete(done));
     this.deleting.add(done);
   }
 
-  /** Resolves once the segment files being deleted in the background are gone. */
-  async settled(): Promise<void> {
+  /** Resolves once the segment files being deleted in the background are gone (see remove). */
+  async deletionsDone(): Promise<void> {
     while (this.deleting.size > 0) await Promise.all([...this.deleting]);
   }
 
@@ -456,7 +473,9 @@ export class Segments {
   checkAtStart(): SegmentCheck[] {
     const rows = this.rows();
     const known = new Set(rows.map((r) => r.id));
-    for (const name of fs.readdirSync(this.dir)) if (name.startsWith(REWRITE_PREFIX)) fs.rmSync(path.join(this.dir, name), { force: true });
+    for (const name of fs.readdirSync(this.dir)) {
+      if (name.startsWith(REWRITE_PREFIX) || name.startsWith(GONE_PREFIX)) fs.rmSync(path.join(this.dir, name), { force: true });
+    }
     for (const id of this.files()) {
       if (!known.has(id)) {
         this.remove(id);

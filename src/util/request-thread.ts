@@ -36,7 +36,14 @@ export class RequestThread<Q, R> {
     return new Promise<R>((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
       if (this.waiting.size === 1) worker.ref();
-      worker.postMessage({ id, request } satisfies Envelope<Q>);
+      try {
+        worker.postMessage({ id, request } satisfies Envelope<Q>);
+      } catch (err) {
+        // Not sent (a request that cannot be cloned): nothing will answer it.
+        this.waiting.delete(id);
+        if (this.waiting.size === 0) worker.unref();
+        reject(err as Error);
+      }
     });
   }
 
@@ -46,6 +53,11 @@ export class RequestThread<Q, R> {
     w.unref();
     w.on('message', (m: Reply<R>) => this.answer(m));
     w.on('error', (err) => this.failAll(w, err));
+    // An answer that cannot be read leaves its request without one: the thread is given up.
+    w.on('messageerror', (err) => {
+      this.failAll(w, err);
+      void w.terminate();
+    });
     w.on('exit', (code) => this.failAll(w, new Error(`the ${this.name} thread exited (code ${code})`)));
     this.worker = w;
     return w;
@@ -75,8 +87,8 @@ export class RequestThread<Q, R> {
   }
 }
 
-/** The worker's side of a RequestThread: answers each request with `handle`'s result, or the error it threw. */
-export function serveRequests<Q, R>(what: string, handle: (request: Q) => R): void {
+/** The worker's side of a RequestThread: answers each request with `handle`'s result (synchronous: a promise cannot be posted), or the error it threw. */
+export function serveRequests<Q, R>(what: string, handle: (request: Q) => R extends PromiseLike<unknown> ? never : R): void {
   const port = parentPort;
   if (!port) throw new Error(`${what} started outside a worker thread`);
   port.on('message', ({ id, request }: Envelope<Q>) => {
