@@ -280,24 +280,3 @@ test("a store opened on the file while another one's punch is under way hands th
     db.close();
   }
 });
-
-test('digestAside: a lent buffer of whole blocks is hashed on the hash thread to the digest add gives it; other buffers get none', async () => {
-  await withStore('aside', async (store) => {
-    const sink = new StoreChunkSink(store, CHUNK);
-    const lent = sink.buffer();
-    crypto.randomFillSync(lent);
-    const aside = sink.digestAside(lent);
-    assert.ok(aside, 'a lent buffer is hashed aside');
-    assert.equal(await aside, digestOf(lent));
-    assert.equal(sink.digest(lent), digestOf(lent));
-    // A partial last block is padded: hashed here, by digest or add.
-    assert.equal(sink.digestAside(lent.subarray(0, CHUNK - 100)), null);
-    assert.equal(sink.digest(lent.subarray(0, CHUNK - 100)), digestOf(lent.subarray(0, CHUNK - 100)));
-    assert.equal(sink.digestAside(Buffer.from(lent)), null, 'memory not shared');
-    // add takes the digest it is given: the chunk is recorded under it.
-    const n = await sink.add(lent, undefined, await aside);
-    assert.equal(sink.digests[n], digestOf(lent));
-    await sink.flush();
-    await sink.discard();
-  });
-});

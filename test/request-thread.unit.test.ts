@@ -1,14 +1,12 @@
 import assert from 'node:assert/strict';
-import crypto from 'node:crypto';
 import path from 'node:path';
 import { test } from 'node:test';
 import { RequestThread } from '../src/util/request-thread';
-import { sha256OnThread } from '../src/util/sha256-thread';
 
 /**
  * RequestThread: one worker answering requests in order; a request that
  * throws fails alone, a thread that dies fails what it was asked and the
- * next request starts another. The hash thread reads shared memory in place.
+ * next request starts another.
  */
 
 type Ask = { say?: string; fail?: string; exit?: number };
@@ -35,13 +33,4 @@ test('a request that cannot be sent fails at once and holds nothing (the process
   const t = echo();
   await assert.rejects(t.request({ say: (() => 'x') as unknown as string }), /could not be cloned/);
   assert.equal(await t.request({ say: 'sent' }), 'sent');
-});
-
-test('the hash thread hashes a view of shared memory in place; memory not shared is refused (null)', async () => {
-  const shared = Buffer.from(new SharedArrayBuffer(3 * 4096));
-  crypto.randomFillSync(shared);
-  const view = shared.subarray(4096, 3 * 4096);
-  const want = crypto.createHash('sha256').update(view).digest('hex');
-  assert.equal(await sha256OnThread(view), want);
-  assert.equal(sha256OnThread(Buffer.from(view)), null);
 });

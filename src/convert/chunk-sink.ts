@@ -2,7 +2,6 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { type ChunkStore, type Extent, STORE_BLOCK } from '../store/chunkstore';
 import { type FileState, type SegmentWriter, fileState, sameFileState } from '../store/segments';
-import { sha256OnThread } from '../util/sha256-thread';
 import type { ChunkSink, Piece, Place } from './layer-tree';
 
 /**
@@ -171,32 +170,16 @@ export class StoreChunkSink implements ChunkSink<Adoption> {
     }
   }
 
-  /** The piece's parts, its length, and the zeros that pad it to its last block's end (the chunk is both: hashed and written as they are, no copy). */
-  private chunkOf(piece: Piece): { parts: readonly Buffer[]; length: number; pad: Buffer } {
+  async add(piece: Piece, place?: Place<Adoption>): Promise<number> {
+    if (this.closed) throw new Error('chunk sink already finished');
     const parts = Buffer.isBuffer(piece) ? [piece] : piece;
     let length = 0;
     for (const p of parts) length += p.length;
     if (length === 0 || length > this.chunkSize) throw new Error(`chunk of ${length} bytes (chunk size ${this.chunkSize})`);
-    return { parts, length, pad: ZEROS.subarray(0, Math.ceil(length / STORE_BLOCK) * STORE_BLOCK - length) };
-  }
-
-  /** The piece's chunk digest (see ChunkSink.digest), on this thread. */
-  digest(piece: Piece): string {
-    const { parts, pad } = this.chunkOf(piece);
-    return sha256Of(parts, pad);
-  }
-
-  /** The piece's chunk digest on the hash thread, when `buf` is in shared memory (as the buffers `buffer` lends) and whole blocks; else null. */
-  digestAside(buf: Buffer): Promise<string> | null {
-    if (buf.length === 0 || buf.length > this.chunkSize || buf.length % STORE_BLOCK !== 0) return null;
-    return sha256OnThread(buf);
-  }
-
-  async add(piece: Piece, place?: Place<Adoption>, known?: string): Promise<number> {
-    if (this.closed) throw new Error('chunk sink already finished');
-    const { parts, length, pad } = this.chunkOf(piece);
     const nblocks = Math.ceil(length / STORE_BLOCK);
-    const digest = known ?? sha256Of(parts, pad);
+    // The chunk is the piece's parts and zeros to its last block's end (hashed and written as they are: no copy).
+    const pad = ZEROS.subarray(0, nblocks * STORE_BLOCK - length);
+    const digest = sha256Of(parts, pad);
     this.hashedBytes += nblocks * STORE_BLOCK;
     const local = this.byDigest.get(digest);
     if (local !== undefined) {
@@ -262,9 +245,9 @@ export class StoreChunkSink implements ChunkSink<Adoption> {
     if (this.failure) throw this.failure;
   }
 
-  /** A chunkSize buffer to read a piece into (see ChunkSink.buffer): a spare one, or a new one, in shared memory (see digestAside). */
+  /** A chunkSize buffer to read a piece into (see ChunkSink.buffer): a spare one, or a new one. */
   buffer(): Buffer {
-    const b = this.spare.pop() ?? Buffer.from(new SharedArrayBuffer(this.chunkSize));
+    const b = this.spare.pop() ?? Buffer.allocUnsafeSlow(this.chunkSize);
     this.lent.add(b.buffer);
     return b;
   }

@@ -51,20 +51,8 @@ export const keyBytes = (key: string): Buffer => Buffer.from(key, 'latin1');
  */
 export interface ChunkSink<A = unknown> {
   readonly chunkSize: number;
-  /**
-   * `place`: where the piece lies in a file being adopted (see adopt);
-   * `digest`: the piece's chunk digest when the caller has it (from digest
-   * or digestAside), else add computes it.
-   */
-  add(piece: Piece, place?: Place<A>, digest?: string): Promise<number>;
-  /** The piece's chunk digest, computed here (a sink with digestAside has it). */
-  digest?(piece: Piece): string;
-  /**
-   * The chunk digest of `buf` (a buffer from `buffer`) computed on another
-   * thread, or null when the sink cannot: `buf` must not change until the
-   * answer. Lets a reader hash two pieces at once (see sinkFile).
-   */
-  digestAside?(buf: Buffer): Promise<string> | null;
+  /** `place`: where the piece lies in a file being adopted (see adopt). */
+  add(piece: Piece, place?: Place<A>): Promise<number>;
   /**
    * Starts taking a large file of a layer directory into the store in
    * place, when the sink can (see StoreChunkSink.adopt): its pieces go to
@@ -149,9 +137,6 @@ const WALK_SLICE_MS = 10;
 /** Files up to this size are read with one synchronous read (page-cached small files: a thread-pool round trip costs more than the read). */
 const SYNC_READ_MAX = 256 * 1024;
 
-/** Reads of a large file's pieces kept in flight ahead of the piece being hashed (with a pair held, four pieces are in memory). */
-const READ_AHEAD = 2;
-
 /** Files from this size on are adopted (see ChunkSink.adopt) where the sink can. */
 export const ADOPT_MIN = 32 << 20;
 
@@ -186,57 +171,27 @@ async function sinkFile<A>(sink: ChunkSink<A>, file: string, size: number, adopt
     }
     return buf;
   };
-  // Pieces read ahead: the thread pool reads the next ones while this
-  // thread hashes and stores the last.
-  const ahead: Promise<Buffer>[] = [];
-  let readPos = 0;
-  const readAhead = (): void => {
-    while (ahead.length < READ_AHEAD && readPos < size) {
-      const p = readPiece(readPos);
-      // Handled when awaited (or in finally): a read failing while add waits must not be an unhandled rejection.
-      p.catch(() => undefined);
-      ahead.push(p);
-      readPos += cs;
-    }
-  };
-  // Pieces go two at a time where the sink hashes on another thread: the
-  // first there, the second here meanwhile (see digestAside).
-  const pair = sink.digest && sink.digestAside ? { digest: sink.digest.bind(sink), aside: sink.digestAside.bind(sink) } : null;
-  let held: { buf: Buffer; place?: Place<A>; digest: Promise<string> } | null = null;
+  // One piece read ahead: the thread pool reads the next while this thread
+  // hashes and stores the last (a 512 MiB file: ~0.6 s → ~0.45 s here).
+  let next: Promise<Buffer> | null = null;
   try {
     // A large file is taken into the store where it lies when the sink can
     // (no copy: see StoreChunkSink.adopt); it is read and hashed all the same.
     const adoption = size >= adoptMin ? (sink.adopt?.(file, fh.fd) ?? null) : null;
+    next = readPiece(0);
     const out: number[] = [];
-    readAhead();
     for (let pos = 0; pos < size; pos += cs) {
-      const buf = await (ahead.shift() as Promise<Buffer>);
-      readAhead();
-      const place = adoption ? { adoption, blkaddr: pos / 4096 } : undefined;
-      if (held && pair) {
-        const mine = pair.digest(buf);
-        // A hash thread that failed (its buffer untouched): hashed here instead.
-        const heldBuf = held.buf;
-        const theirs = await held.digest.catch(() => pair.digest(heldBuf));
-        out.push(await sink.add(held.buf, held.place, theirs));
-        held = null;
-        out.push(await sink.add(buf, place, mine));
-        continue;
-      }
-      const aside = pair && pos + cs < size ? pair.aside(buf) : null;
-      if (aside) {
-        aside.catch(() => undefined);
-        held = { buf, place, digest: aside };
-        continue;
-      }
-      out.push(await sink.add(buf, place));
+      const buf = await (next as Promise<Buffer>);
+      next = pos + cs < size ? readPiece(pos + cs) : null;
+      // Handled now (awaited above in the next turn, or in finally): a read failing while add waits must not be an unhandled rejection.
+      next?.catch(() => undefined);
+      out.push(await sink.add(buf, adoption ? { adoption, blkaddr: pos / 4096 } : undefined));
     }
     if (adoption) await (sink.endAdoption as (a: A) => Promise<void>)(adoption);
     return out;
   } finally {
-    // Reads left in flight by a failure end before the file is closed (their own errors are the lesser ones).
-    await Promise.allSettled(ahead);
-    await held?.digest.catch(() => undefined);
+    // A read left in flight by a failure ends before the file is closed (its own error is the lesser one).
+    await next?.catch(() => undefined);
     await fh.close();
   }
 }

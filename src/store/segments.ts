@@ -432,7 +432,7 @@ export class Segments {
     return unused.length;
   }
 
-  /** Deletes segment `id`'s file (its cached descriptor first, which would keep the space); in the background: see settled. */
+  /** Deletes segment `id`'s file (its cached descriptor first, which would keep the space); in the background: see deletionsDone. */
   private remove(id: number, inBackground = false): void {
     const fd = this.open.get(id);
     if (fd !== undefined) {
