@@ -7,7 +7,7 @@ import type { SegmentRow, SegmentWriter } from '../store/segments';
 import { type Usage, UsageCounter, diskUsage } from '../util/fs';
 import { extentKey, hashImageChunks } from './chunks';
 import { type ChunkRef, type ChunkScan, EROFS_DEVT_SLOT_SIZE, MAX_IMAGE_BEFORE_DEVT, setChunkAddress, setDeviceTable, updateSuperblockChecksum } from './erofs-format';
-import { NEW_SEGMENT, type Placement, placeChunks } from './placement';
+import { NEW_SEGMENT, type Placement, type StoredChunk, placeChunks } from './placement';
 import { type MkfsFeatures, buildChunkedImage } from './mkfs';
 import { StoreChunkSink } from './chunk-sink';
 import { writeErofsImage } from './erofs-writer';
@@ -172,12 +172,8 @@ export class Converter {
         // Adopted files are devices of the image too, beside those placement picks.
         const maxDevices = Math.max(1, store.maxDevices - sink.adopted.length);
         const plan = store.inOneRead(() => placeChunks(sink.chunks(), (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices }));
-        const pinned: number[] = [];
+        const pinned = pinPlanned(store, plan);
         try {
-          for (const row of [...plan.use.values(), ...plan.heal]) {
-            store.pin(row.id);
-            pinned.push(row.id);
-          }
           /** The layer's bytes of a chunk: its provisional copy, else a good stored copy. */
           const bytesOf = async (digest: string): Promise<Buffer> => {
             const mine = sink.written.get(digest);
@@ -212,12 +208,7 @@ export class Converter {
             where.set(digest, extent);
           }
           keep = new Set(plan.fresh);
-          for (const h of plan.heal) {
-            const buf = await bytesOf(h.digest);
-            const got = crypto.createHash('sha256').update(buf).digest('hex');
-            if (got !== h.digest) throw new Error(`chunk ${h.digest}: the bytes read for it hash to ${got}`);
-            await store.write(h, buf);
-          }
+          await healChunks(store, plan.heal, bytesOf);
           if (plan.heal.length > 0 || (fresh.length > 0 && !segmented)) await store.sync();
           const own = sink.writer && fresh.length > 0 ? store.segments.finish(sink.writer) : null;
           if (plan.heal.length > 0) store.markGood(plan.heal.map((h) => h.id));
@@ -292,7 +283,7 @@ export class Converter {
       // An image too big for a device table after it reads from one place only.
       const roomy = Math.ceil(img.length / STORE_BLOCK) * STORE_BLOCK + store.maxDevices * EROFS_DEVT_SLOT_SIZE <= MAX_IMAGE_BEFORE_DEVT;
       const plan = store.inOneRead(() => placeChunks(layer.chunks, (d) => store.lookupAll(d), { freshSegment: segmented ? NEW_SEGMENT : 0, maxDevices: roomy ? store.maxDevices : 1 }));
-      const pinned: number[] = [];
+      const pinned = pinPlanned(store, plan);
       const fresh: { digest: string; extent: Extent; key: string }[] = [];
       const placed: string[] = [];
       const keyOf = new Map<string, string>();
@@ -304,10 +295,6 @@ export class Converter {
       }
       let writer: SegmentWriter | null = null;
       try {
-        for (const row of [...plan.use.values(), ...plan.heal]) {
-          store.pin(row.id);
-          pinned.push(row.id);
-        }
         if (plan.fresh.length > 0 && segmented) writer = store.segments.create();
         for (const digest of plan.fresh) {
           const key = keyOf.get(digest) as string;
@@ -322,13 +309,7 @@ export class Converter {
             await store.write(extent, buf);
           }
         }
-        for (const h of plan.heal) {
-          const buf = await read(keyOf.get(h.digest) as string);
-          // Whatever the source, only the right bytes go over a chunk other layers reference.
-          const got = crypto.createHash('sha256').update(buf).digest('hex');
-          if (got !== h.digest) throw new Error(`chunk ${h.digest}: the bytes read for it hash to ${got}`);
-          await store.write(h, buf);
-        }
+        await healChunks(store, plan.heal, (digest) => read(keyOf.get(digest) as string));
         if (plan.heal.length > 0 || (fresh.length > 0 && !writer)) await store.sync();
         // Sealed (fs-verity, where the filesystem has it) before any row names it.
         const own = writer ? store.segments.finish(writer) : null;
@@ -380,6 +361,27 @@ export class Converter {
         for (const pid of pinned) store.unpin(pid);
       }
     });
+  }
+}
+
+/** Pins the stored chunks a placement references or heals, so no removal frees them meanwhile; returns their ids to unpin. */
+function pinPlanned(store: ChunkStore, plan: Placement): number[] {
+  const ids = [...plan.use.values(), ...plan.heal].map((row) => row.id);
+  for (const id of ids) store.pin(id);
+  return ids;
+}
+
+/**
+ * Writes the layer's bytes of each damaged stored chunk over it. Whatever
+ * the source, only the right bytes go over a chunk other layers reference:
+ * each is hashed first. The caller syncs and marks them good.
+ */
+async function healChunks(store: ChunkStore, heal: readonly StoredChunk[], bytesOf: (digest: string) => Promise<Buffer>): Promise<void> {
+  for (const h of heal) {
+    const buf = await bytesOf(h.digest);
+    const got = crypto.createHash('sha256').update(buf).digest('hex');
+    if (got !== h.digest) throw new Error(`chunk ${h.digest}: the bytes read for it hash to ${got}`);
+    await store.write(h, buf);
   }
 }
 
