@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -230,5 +231,30 @@ test('a file written through the directory once recorded is not stamped again wh
     fs.rmSync(layer, { recursive: true });
     store.segments.settleLinks();
     assert.match(store.segments.checkAtStart()[0]?.changed ?? '', /changed since this daemon wrote it/);
+  });
+});
+
+test('a removal of the layer directory that fails part way still stamps again the links it removed', async () => {
+  await withStore('restamp-partial', async ({ root, store }) => {
+    // The directory sits in one whose entries cannot change: its files go, its own rmdir fails last.
+    const locked = path.join(root, '..', 'locked');
+    const layer = path.join(locked, 'layer');
+    fs.mkdirSync(layer, { recursive: true });
+    writeUnpacked(path.join(layer, 'big'), crypto.randomBytes(8 * CHUNK));
+    const { sink } = await convertLayer(layer, store);
+    const row = store.segments.finish(sink.adopted[0]);
+    store.insertChunk(sink.digests[0], sink.written.get(sink.digests[0]) as { segment: number; blkaddr: number; nblocks: number });
+    store.segments.committed(row.id);
+    // root passes permission checks: the immutable flag stops it (chattr), anyone else a read-only directory.
+    const asRoot = process.getuid?.() === 0;
+    const lock = (on: boolean) => (asRoot ? execFileSync('chattr', [on ? '+i' : '-i', locked]) : fs.chmodSync(locked, on ? 0o555 : 0o755));
+    lock(true);
+    try {
+      await assert.rejects(store.segments.removeLayerTree(layer), /EPERM|EACCES/);
+    } finally {
+      lock(false);
+    }
+    assert.equal(fs.existsSync(path.join(layer, 'big')), false, 'the file went before the rmdir failed');
+    assert.deepEqual(store.segments.checkAtStart(), [], 'the segment was stamped again although the removal failed');
   });
 });
