@@ -104,8 +104,8 @@ async function lazyCriPull(criPull: 'local' | 'transfer'): Promise<void> {
   }
 }
 
-test('shared converted layers: node A pushes the plain layers it converted, node B pulls the plain image lazily from them', async () => {
-  const a = await Stack.start({ cri: true, daemonConfig: { registry: { push_converted: true } } });
+for (const fetchLayers of [true, false]) test(`shared converted layers (node A ${fetchLayers ? 'fetches the layers itself' : 'converts what containerd unpacked'}): node A pushes the plain layers it converted, node B pulls the plain image lazily from them`, async () => {
+  const a = await Stack.start({ cri: true, daemonConfig: { registry: { push_converted: true, fetch_layers: fetchLayers } } });
   let b: Stack | null = null;
   const client = new RegistryClient({ plainHttpHosts: [a.registry] });
   const criA = new CriImages(a.containerdAddress);
@@ -122,8 +122,10 @@ test('shared converted layers: node A pushes the plain layers it converted, node
       await stack.ctr(['snapshots', '--snapshotter', 'dedup', 'rm', `shared-view-${name}`], { ns: 'k8s.io' });
     };
 
-    // Node A: containerd downloads and unpacks; each layer is converted, then shared.
+    // Node A: its daemon fetches each layer from the registry and converts it (else containerd unpacks it and the daemon converts the directory), then shares it.
     await criA.pull(ref);
+    const op = fetchLayers ? 'fetch' : 'convert';
+    await waitFor(() => a.daemon.logs().filter((l) => l.op === op && typeof l.logical_bytes === 'number').length === plainLayers.length, 120_000 * SLOW, `node A to convert every layer (${op})`);
     await assertDirsMatchSnapshots(a, 120_000);
     await waitFor(async () => (await daemonStats(a.daemon.apiAddress)).remote.shared.pending === 0, 120_000 * SLOW, 'node A to share its layers');
     const shared = (await daemonStats(a.daemon.apiAddress)).remote.shared;

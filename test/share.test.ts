@@ -6,9 +6,14 @@
  * accepts.
  */
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
+import { scanDataChunks } from '../src/convert/chunks';
+import { Converter } from '../src/convert/converter';
+import { readDeviceTags } from '../src/convert/erofs-format';
 import { probeMkfs } from '../src/convert/mkfs';
 import { ConvertedLayerPusher, type ShareJob } from '../src/convert/share';
 import {
@@ -22,6 +27,7 @@ import {
 } from '../src/remote/dedup-image';
 import { LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF, RemoteLayers } from '../src/remote/lazy';
 import { RegistryClient } from '../src/remote/registry';
+import { ChunkStore, type Extent, segmentTag } from '../src/store/chunkstore';
 import { scratchDirs } from './helpers/daemon';
 import { type BuiltImage, buildImage, pseudoRandom, pushImage, tortureImageDef } from './helpers/images';
 import { type RealRegistry, startRegistry } from './helpers/registry';
@@ -35,6 +41,9 @@ describe('shared converted layers', () => {
   let plain: string[];
   let dir: string;
   let pusher: ConvertedLayerPusher;
+  let store: ChunkStore;
+  let converter: Converter;
+  let db: Database.Database;
 
   before(async () => {
     reg = await startRegistry();
@@ -44,11 +53,19 @@ describe('shared converted layers', () => {
     await pushImage(img, reg.host, dir);
     plain = (JSON.parse(img.manifest.toString('utf8')) as { layers: { digest: string }[] }).layers.map((l) => l.digest);
     const mkfs = await probeMkfs('mkfs.erofs');
-    pusher = new ConvertedLayerPusher({ client, mkfs: async () => mkfs, chunkSize: 65536, workDir: path.join(dir, 'tmp') });
+    const root = path.join(dir, 'node');
+    fs.mkdirSync(path.join(root, 'store'), { recursive: true });
+    db = new Database(path.join(root, 'm.db'));
+    store = new ChunkStore({ root, db, layout: 'single' });
+    converter = new Converter({ store, mkfs: async () => mkfs, imagesDir: path.join(root, 'images'), tmpDir: path.join(root, 'tmp'), chunkSize: 65536 });
+    pusher = new ConvertedLayerPusher({ client, chunkSize: 65536, workDir: path.join(dir, 'tmp') });
   });
 
   after(async () => {
     pusher?.close();
+    await store?.settled();
+    store?.close();
+    db?.close();
     client?.close();
     await reg?.stop();
   });
@@ -60,22 +77,39 @@ describe('shared converted layers', () => {
     [LABEL_CRI_LAYER_DIGEST]: layer,
   });
 
-  /** A layer directory with a file of `bytes` bytes; the job counts its releases. */
-  const job = (name: string, labels: Record<string, string>, alive = () => true): ShareJob & { released: number } => {
+  /**
+   * A layer converted here (a directory with one file of 300000 bytes): the
+   * job's source is its image and its chunks as the store holds them.
+   */
+  const job = async (name: string, labels: Record<string, string>, alive = () => true): Promise<ShareJob> => {
     const d = path.join(dir, name);
     fs.mkdirSync(path.join(d, 'opt'), { recursive: true });
     fs.writeFileSync(path.join(d, 'opt', `${name}.bin`), pseudoRandom(300_000, name));
-    const j = { id: name, dir: d, labels, alive, released: 0, release: () => j.released++ };
-    return j;
+    const layer = await converter.convert(name, d, (l) => l);
+    const image = fs.readFileSync(layer.image);
+    const at = new Map(layer.newChunks.map((c) => [`${segmentTag(c.extent.segment ?? 0)}@${c.extent.blkaddr}`, c]));
+    const byDigest = new Map(layer.newChunks.map((c) => [c.digest, c.extent]));
+    return {
+      id: name,
+      labels,
+      alive,
+      source: async () => ({
+        image,
+        chunkAt: (tag, blkaddr) => {
+          const c = at.get(`${tag}@${blkaddr}`);
+          return c && { digest: c.digest, nblocks: c.extent.nblocks };
+        },
+        read: (digest) => store.read(byDigest.get(digest) as Extent),
+      }),
+    };
   };
 
   const tagOf = (layer: string) => `${reg.host}/${img.def.name}:${convertedLayerTag(layer)}`;
 
-  test('a converted layer is pushed under sha256-<hex>.dedup: metadata, chunk data, config naming its source', async () => {
-    const j = job('one', labelsFor(plain[0]));
+  test('a converted layer is pushed under sha256-<hex>.dedup from its stored form: metadata, chunk data, config naming its source', async () => {
+    const j = await job('one', labelsFor(plain[0]));
     assert.equal(pusher.offer(j), true);
     await pusher.idle();
-    assert.equal(j.released, 1);
     assert.deepEqual({ ...pusher.counters }, { pushed: 1, present: 0, failed: 0, bytes: pusher.counters.bytes });
     assert.ok(pusher.counters.bytes > 300_000, `uploaded ${pusher.counters.bytes} bytes`);
 
@@ -90,39 +124,65 @@ describe('shared converted layers', () => {
     );
     const config = JSON.parse((await client.getBlob(`${reg.host}/${img.def.name}`, json.config.digest)).toString('utf8'));
     assert.deepEqual(config, { format: 'v1', source_layer: plain[0], source_diff_id: img.diffIds[0] });
-    const { header } = decodeLayerBlob(await client.getBlob(`${reg.host}/${img.def.name}`, json.layers[0].digest));
+    const { header, erofs: image } = decodeLayerBlob(await client.getBlob(`${reg.host}/${img.def.name}`, json.layers[0].digest));
     assert.equal(header.source_diff_id, img.diffIds[0]);
     assert.deepEqual(header.data_blobs, [json.layers[1].digest], 'every chunk is in the layer’s own data blob');
     assert.equal(header.logical_bytes, 300_000);
+    // The image names one device, its layer-local chunk space; its chunks, read from the data blob, are the file.
+    assert.deepEqual(readDeviceTags(image), ['dedup:layer']);
+    const data = await client.getBlob(`${reg.host}/${img.def.name}`, json.layers[1].digest);
+    const entries = new Map(header.chunks.map((c) => [`${c[0]}:${c[1]}`, c]));
+    const parts = scanDataChunks(image).refs.map((r) => {
+      const c = entries.get(`${r.blkaddr}:${r.nblocks}`);
+      assert.ok(c, `chunk index at block ${r.blkaddr} is in the chunk table`);
+      const bytes = data.subarray(c[4], c[4] + c[1] * 4096);
+      assert.equal(crypto.createHash('sha256').update(bytes).digest('hex'), c[2]);
+      return bytes.subarray(0, r.length);
+    });
+    assert.ok(Buffer.concat(parts).equals(pseudoRandom(300_000, 'one')), 'the file reads back from the pushed layer');
   });
 
-  test('nothing is pushed again when the tag is there, when the layer went mid-build, or when the labels name no image layer', async () => {
-    const again = job('again', labelsFor(plain[0]));
+  test('nothing is pushed again when the tag is there, when the layer went mid-build, when the labels name no image layer, or when a chunk read is not its bytes', async () => {
+    const again = await job('again', labelsFor(plain[0]));
     pusher.offer(again);
     await pusher.idle();
     assert.equal(pusher.counters.present, 1);
     assert.equal(pusher.counters.pushed, 1);
-    assert.equal(again.released, 1);
 
-    const gone = job('gone', labelsFor(plain[1]), () => false);
+    const gone = await job('gone', labelsFor(plain[1]), () => false);
     pusher.offer(gone);
     await pusher.idle();
-    assert.equal(gone.released, 1);
     await assert.rejects(client.getManifest(tagOf(plain[1])), (err: { status?: number }) => err.status === 404);
     assert.equal(pusher.counters.pushed, 1);
 
-    const unlabeled = job('unlabeled', { [LABEL_SNAPSHOT_REF]: `sha256:${'c'.repeat(64)}` });
+    const unlabeled = await job('unlabeled', { [LABEL_SNAPSHOT_REF]: `sha256:${'c'.repeat(64)}` });
     assert.equal(pusher.offer(unlabeled), false);
-    assert.equal(unlabeled.released, 1);
 
     // A layer the image does not list: refused, nothing pushed.
     const stranger = `sha256:${'d'.repeat(64)}`;
-    const wrong = job('wrong', labelsFor(stranger));
+    const wrong = await job('wrong', labelsFor(stranger));
     pusher.offer(wrong);
     await pusher.idle();
     assert.equal(pusher.counters.failed, 1);
-    assert.equal(wrong.released, 1);
     await assert.rejects(client.getManifest(tagOf(stranger)), (err: { status?: number }) => err.status === 404);
+
+    // A chunk whose bytes are not its digest's is never pushed: the layer is not shared.
+    const bad = await job('bad', labelsFor(plain[1]));
+    pusher.offer({
+      ...bad,
+      source: async () => {
+        const src = await bad.source();
+        const damaged = async (digest: string) => {
+          const b = Buffer.from(await src.read(digest));
+          b[0] ^= 0xff;
+          return b;
+        };
+        return { ...src, read: damaged };
+      },
+    });
+    await pusher.idle();
+    assert.equal(pusher.counters.failed, 2);
+    await assert.rejects(client.getManifest(tagOf(plain[1])), (err: { status?: number }) => err.status === 404);
   });
 
   test('a pulling node takes a shared layer only with pull_converted, only for a layer of the image, only under a matching annotation', async () => {

@@ -17,36 +17,35 @@ import {
 import { criLayerOf } from '../remote/lazy';
 import { type Reference, type RepositoryName, formatReference } from '../remote/reference';
 import type { PushBlobResult, RegistryClient } from '../remote/registry';
-import { DedupImageBuilder } from './dedup-layer';
+import { DedupImageBuilder, type StoredLayerSource } from './dedup-layer';
 import { type Descriptor, MANIFEST_TYPES, pushOciManifest } from './image-convert';
-import type { MkfsFeatures } from './mkfs';
 
 /**
- * registry.push_converted: a layer of a plain image this node unpacked and
- * converted is pushed back to the image's repository as a dedup layer,
- * tagged `sha256-<source layer hex>.dedup` (remote/dedup-image.ts), so the
- * next node pulling the image with registry.pull_converted makes that layer
+ * registry.push_converted: a layer of a plain image this node converted
+ * (from its directory, its tar through dedup-differ, or its registry blob)
+ * is pushed back to the image's repository as a dedup layer, tagged
+ * `sha256-<source layer hex>.dedup` (remote/dedup-image.ts), so the next
+ * node pulling the image with registry.pull_converted makes that layer
  * lazily instead of downloading and unpacking it.
  *
- * Only layers pulled through containerd's CRI (whose Prepare and Commit carry
+ * Only layers pulled through containerd's CRI (whose snapshot labels carry
  * the image reference, manifest and layer digest) can be shared: a plain
  * `ctr image pull` names no image. Work is one layer at a time, after the
- * conversion, off every containerd request: mkfs.erofs again over the
- * layer's directory (the dedup format addresses a layer-local chunk space),
- * then uploads. A push that fails is logged and dropped; the layer itself is
- * unaffected.
+ * layer is recorded, off every containerd request: the layer's image as
+ * stored is pointed at a layer-local chunk space and its chunks are read
+ * back from the store, each checked against its digest (see
+ * DedupImageBuilder.addStoredLayer), then uploaded. A push that fails is
+ * logged and dropped; the layer itself is unaffected.
  */
 
 export interface ShareJob {
   /** Snapshot id of the converted layer (for logs). */
   id: string;
-  /** The layer's directory (overlay upper dir), complete while `alive()` is true. */
-  dir: string;
   labels: Record<string, string>;
-  /** Whether the layer still exists: a build that finished while it did read a whole directory. */
+  /** The layer as the store holds it, read when the push starts. */
+  source: () => Promise<StoredLayerSource>;
+  /** Whether the layer still exists: a build that finished while it did read the layer whole. */
   alive: () => boolean;
-  /** Called once the directory is no longer read. */
-  release: () => void;
 }
 
 export interface ShareCounters {
@@ -71,17 +70,14 @@ export class ConvertedLayerPusher {
   readonly counters: ShareCounters = { pushed: 0, present: 0, failed: 0, bytes: 0 };
 
   constructor(
-    private readonly o: { client: RegistryClient; mkfs: () => Promise<MkfsFeatures>; chunkSize: number; workDir: string; logger?: Logger },
+    private readonly o: { client: RegistryClient; chunkSize: number; workDir: string; logger?: Logger },
   ) {
     this.log = o.logger ?? silentLogger();
   }
 
-  /** Queues a converted layer; returns false (and releases it) when its labels name no image layer. */
+  /** Queues a converted layer; returns false when its labels name no image layer (or the pusher is closed). */
   offer(job: ShareJob): boolean {
-    if (this.closed || !criLayerOf(job.labels)) {
-      job.release();
-      return false;
-    }
+    if (this.closed || !criLayerOf(job.labels)) return false;
     this.queue.push(job);
     this.running ??= this.drain().finally(() => (this.running = null));
     return true;
@@ -92,10 +88,10 @@ export class ConvertedLayerPusher {
     while (this.running) await this.running;
   }
 
-  /** Stops taking jobs; queued ones are released unpushed. */
+  /** Stops taking jobs; queued ones are dropped unpushed. */
   close(): void {
     this.closed = true;
-    for (const j of this.queue.splice(0)) j.release();
+    this.queue.splice(0);
   }
 
   get pending(): number {
@@ -162,21 +158,15 @@ export class ConvertedLayerPusher {
   ): Promise<'present' | 'removed' | { tag: string; digest: string; bytes: number }> {
     const tag = convertedLayerTag(src.layerDigest);
     const dst: Reference = { ...src.repo, tag, digest: null };
-    let released = false;
-    const release = () => {
-      if (!released) job.release();
-      released = true;
-    };
     let work: string | null = null;
     try {
       if (await this.exists(dst)) return 'present';
       const diffId = await this.diffIdOf(src.repo, src.manifestDigest, src.layerDigest);
       await fsp.mkdir(this.o.workDir, { recursive: true, mode: 0o700 });
       work = await fsp.mkdtemp(path.join(this.o.workDir, 'push-'));
-      const built = await new DedupImageBuilder({ mkfs: this.o.mkfs, chunkSize: this.o.chunkSize, workDir: work }).addLayer(job.dir, diffId);
-      // Removal deletes the row before the directory: a layer alive now was whole while it was read.
+      const built = await new DedupImageBuilder({ chunkSize: this.o.chunkSize, workDir: work }).addStoredLayer(await job.source(), diffId);
+      // Removal deletes the row before the image and the chunks: a layer alive now was whole while it was read.
       if (!job.alive()) return 'removed';
-      release();
 
       let bytes = 0;
       const count = (r: PushBlobResult, size: number) => {
@@ -192,7 +182,6 @@ export class ConvertedLayerPusher {
       const m = await pushOciManifest(this.o.client, dst, Buffer.from(JSON.stringify(cfg)), MEDIA_TYPE_CONVERTED_CONFIG, layers, { [ANNOTATION_SOURCE_LAYER]: src.layerDigest });
       return { tag: formatReference(dst), digest: built.digest, bytes: bytes + m.uploaded };
     } finally {
-      release();
       if (work) await fsp.rm(work, { recursive: true, force: true });
     }
   }

@@ -1,5 +1,4 @@
 import type { ConvertStats, ConvertedLayer, Converter } from '../convert/converter';
-import type { ConvertedLayerPusher } from '../convert/share';
 import { alreadyExists, notFound } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
 import { criLayerOf } from '../remote/lazy';
@@ -25,7 +24,6 @@ export interface ConversionOptions {
   sweeper: Sweeper;
   events: ConvertEvents;
   /** registry.push_converted: pushes converted layers a CRI pull named. */
-  share: ConvertedLayerPusher | null;
   logger: Logger;
 }
 
@@ -96,12 +94,9 @@ export class ConversionQueue {
       });
       this.logConverted(id, ms.keyOf(id) ?? key, stats, started);
       this.o.events.emit({ key: ms.keyOf(id) ?? key, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'background' });
-      const now = ms.keyOf(id);
-      if (now !== undefined) this.offerShare(id, ms.getInfo(now).info.labels);
-      // Its directory goes once no mount uses it, no push reads it (offered
-      // first, so the sweep sees it held) and the grace time has passed since
-      // it was last handed out (a child's lowerdir, a view): at once if it
-      // never was (the top layer of a pull).
+      // Its directory goes once no mount uses it and the grace time has
+      // passed since it was last handed out (a child's lowerdir, a view): at
+      // once if it never was (the top layer of a pull).
       this.o.sweeper.retire(id, 0);
     } catch (err) {
       if (ms.keyOf(id) === undefined || this.closed) {
@@ -143,13 +138,8 @@ export class ConversionQueue {
       const stats = await this.convert(id, started, (layer) => {
         ms.commitActive(key, name, layer.usage ?? UNMEASURED, labels);
       });
-      // Recorded, and nothing ever mounted the directory as a layer: it goes
-      // now, or once a push of the layer read it.
-      if (this.offerShare(id, labels)) {
-        this.o.sweeper.retire(id, 0);
-      } else {
-        await this.o.store.segments.removeLayerTree(this.o.layout.snapshotDir(id));
-      }
+      // Recorded, and nothing ever mounted the directory as a layer: it goes now.
+      await this.o.store.segments.removeLayerTree(this.o.layout.snapshotDir(id));
       this.logConverted(id, name, stats, started);
       this.o.events.emit({ key: name, layer: id, ok: true, durationMs: Date.now() - started, stats, mode: 'sync' });
       log.info({ op: 'commit', key, name, snapshot: id, duration_ms: Date.now() - started }, 'snapshot committed');
@@ -205,23 +195,5 @@ export class ConversionQueue {
       },
       `converted layer ${id} to EROFS: ${convertedSummary(stats)}`,
     );
-  }
-
-  /**
-   * registry.push_converted: offers converted layer `id` to the pusher, which
-   * reads its directory (kept meanwhile: the sweep skips it). False when
-   * nothing is pushed (off, or the labels name no image layer).
-   */
-  private offerShare(id: string, labels: Labels | undefined): boolean {
-    const { share, mounts, ms, layout } = this.o;
-    if (!share || !criLayerOf(labels)) return false;
-    const release = mounts.holdForShare(id);
-    return share.offer({
-      id,
-      dir: layout.upper(id),
-      labels: labels as Labels,
-      alive: () => ms.keyOf(id) !== undefined,
-      release,
-    });
   }
 }

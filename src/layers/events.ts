@@ -12,17 +12,28 @@ export interface ConvertEvent {
   mode: 'background' | 'sync' | 'remote' | 'apply' | 'fetch';
 }
 
-/** Tells the listener (set once by the daemon's wiring) of each conversion; a failing listener is logged, never thrown. */
+/**
+ * Tells the listener (set once by the daemon's wiring: audit log, /stats)
+ * and the daemon's own subscribers (push_converted) of each conversion; a
+ * failing listener is logged, never thrown.
+ */
 export class ConvertEvents {
   listener?: (e: ConvertEvent) => void;
+  private readonly subscribers: ((e: ConvertEvent) => void)[] = [];
 
   constructor(private readonly log: Logger) {}
 
+  subscribe(fn: (e: ConvertEvent) => void): void {
+    this.subscribers.push(fn);
+  }
+
   emit(e: ConvertEvent): void {
-    try {
-      this.listener?.(e);
-    } catch (err) {
-      this.log.warn({ op: 'convert', layer: e.layer, err: (err as Error).message }, 'conversion listener failed');
+    for (const fn of [this.listener, ...this.subscribers]) {
+      try {
+        fn?.(e);
+      } catch (err) {
+        this.log.warn({ op: 'convert', layer: e.layer, err: (err as Error).message }, 'conversion listener failed');
+      }
     }
   }
 }

@@ -43,8 +43,6 @@ export class LayerMounts {
   private readonly dirHandouts = new Map<string, Map<string, number>>();
   /** Converted layers whose old directory may still be in use: id → when it was retired. */
   private readonly retired = new Map<string, number>();
-  /** Converted layers whose directory a push is reading. */
-  private readonly sharing = new Set<string>();
   /** Lazy layers whose lost mount is being made again. */
   private readonly remounting = new Set<string>();
 
@@ -142,16 +140,6 @@ export class LayerMounts {
 
   get retiredCount(): number {
     return this.retired.size;
-  }
-
-  /** A push reads converted layer `id`'s directory until `release` (kept from the sweep meanwhile). */
-  holdForShare(id: string): () => void {
-    this.sharing.add(id);
-    return () => this.sharing.delete(id);
-  }
-
-  isShared(id: string): boolean {
-    return this.sharing.has(id);
   }
 
   /** Milliseconds since `id` was last handed out in a mount (Infinity: never). */

@@ -70,7 +70,7 @@ export class Sweeper {
         mounts.unretire(id);
         continue;
       }
-      if (now - since < mounts.graceMs || mounts.isShared(id)) continue;
+      if (now - since < mounts.graceMs) continue;
       if (new RegExp(`(^|[\\s=:,/])${id}/fs([\\s:,/]|$)`, 'm').test(table)) continue;
       mounts.unretire(id);
       const doomed = layout.removedDir(id);

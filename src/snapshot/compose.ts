@@ -12,6 +12,7 @@ import { LayerMounts } from '../layers/layer-mounts';
 import { PlainLayerFetcher } from '../layers/plain-fetch';
 import { type ImportSnapshots, RemoteImporter } from '../layers/remote-import';
 import { Settler } from '../layers/settle';
+import { offerConverted } from '../layers/share-offer';
 import { Sweeper } from '../layers/sweep';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -91,13 +92,12 @@ export interface SnapshotterOptions {
   } | null;
   /** Background scrub of the chunk store: pace (MiB/s) and how often (0: never). */
   integrity?: { scrubMbps: number; scrubIntervalMs: number; onStartProgress?: (p: VerifyProgress) => void };
-  /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts). */
+  /** registry.push_converted: push each layer converted here that a CRI pull named, for other nodes to pull lazily (convert/share.ts, layers/share-offer.ts). */
   pushConverted?: boolean;
   /**
    * registry.fetch_layers: a Prepare naming a layer of a plain image (CRI
    * labels) fetches and converts it here, all layers of the image in
-   * parallel (layers/plain-fetch.ts); default true when `remote` is set
-   * and pushConverted is not (pushing reads the layer's directory).
+   * parallel (layers/plain-fetch.ts); default true when `remote` is set.
    */
   fetchLayers?: boolean;
   /**
@@ -233,8 +233,10 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   const mounts = new LayerMounts({ layout, ms, kernel, images: true, loader, integrity, logger, retireGraceMs });
   mountsRef = mounts;
   const sweeper = new Sweeper({ layout, ms, mounts, loader, logger, removeTree: (p) => store.segments.removeLayerTree(p) });
-  const share = opts.pushConverted && remote ? new ConvertedLayerPusher({ client: remote.client, mkfs: mkfsFeatures, chunkSize: e.chunkSize, workDir: layout.tmpDir, logger }) : null;
-  const conversion = new ConversionQueue({ layout, ms, store, converter, mounts, sweeper, events, share, logger });
+  const share = opts.pushConverted && remote ? new ConvertedLayerPusher({ client: remote.client, chunkSize: e.chunkSize, workDir: layout.tmpDir, logger }) : null;
+  // Every layer converted here, whichever way, is offered once recorded.
+  if (share) events.subscribe((ev) => offerConverted({ share, ms, store, layout }, ev));
+  const conversion = new ConversionQueue({ layout, ms, store, converter, mounts, sweeper, events, logger });
   // fscache: while an overlay uses a clone of the layer's mount, its reads
   // keep coming to this process as READs of the layer's blobs, which only
   // the lazy files answer; serving them from the store is not built, so
@@ -254,8 +256,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     containerdAddress: opts.containerdAddress ?? (process.env.CONTAINERD_ADDRESS || '/run/containerd/containerd.sock'),
     containerdRoot: opts.containerdRoot ?? (process.env.CONTAINERD_ROOT || '/var/lib/containerd'),
   });
-  // push_converted shares layers converted from their directory (convert/share.ts): with it, containerd unpacks them.
-  const plain = remote && opts.fetchLayers !== false && !opts.pushConverted ? new PlainLayerFetcher({ layout, ms, store, converter, conversion, remote, events, snapshots, chunkSize: e.chunkSize, logger }) : null;
+  const plain = remote && opts.fetchLayers !== false ? new PlainLayerFetcher({ layout, ms, store, converter, conversion, remote, events, snapshots, chunkSize: e.chunkSize, logger }) : null;
   const importer = remote ? new RemoteImporter({ layout, ms, store, converter, remote, loader, mounts, conversion, settler, events, snapshots, plain, logger }) : null;
   return {
     layout,

@@ -757,6 +757,11 @@ export class ChunkStore {
     return Number(res.lastInsertRowid);
   }
 
+  /** The chunk rows layer `snapshotId` references. */
+  layerChunks(snapshotId: number): ChunkRow[] {
+    return prepared(this.db, 'SELECT c.* FROM layer_chunks lc JOIN chunks c ON c.id = lc.chunk_id WHERE lc.snapshot_id = ?').all(snapshotId) as ChunkRow[];
+  }
+
   /** In a transaction: layer `snapshotId` references each chunk once. */
   addLayerRefs(snapshotId: number, chunkIds: Iterable<number>): void {
     const ins = prepared(this.db, 'INSERT OR IGNORE INTO layer_chunks (snapshot_id, chunk_id) VALUES (?, ?)');
