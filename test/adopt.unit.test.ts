@@ -234,7 +234,7 @@ test('a file written through the directory once recorded is not stamped again wh
   });
 });
 
-test('a removal of the layer directory that fails part way still stamps again the links it removed', async () => {
+test('a removal of the layer directory that fails part way still stamps again the links it removed', async (t) => {
   await withStore('restamp-partial', async ({ root, store }) => {
     // The directory sits in one whose entries cannot change: its files go, its own rmdir fails last.
     const locked = path.join(root, '..', 'locked');
@@ -248,7 +248,12 @@ test('a removal of the layer directory that fails part way still stamps again th
     // root passes permission checks: the immutable flag stops it (chattr), anyone else a read-only directory.
     const asRoot = process.getuid?.() === 0;
     const lock = (on: boolean) => (asRoot ? execFileSync('chattr', [on ? '+i' : '-i', locked]) : fs.chmodSync(locked, on ? 0o555 : 0o755));
-    lock(true);
+    try {
+      lock(true);
+    } catch (err) {
+      t.skip(`cannot make a directory unwritable here: ${(err as Error).message}`);
+      return;
+    }
     try {
       await assert.rejects(store.segments.removeLayerTree(layer), /EPERM|EACCES/);
     } finally {

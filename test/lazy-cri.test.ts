@@ -125,7 +125,7 @@ for (const fetchLayers of [true, false]) test(`shared converted layers (node A $
     // Node A: its daemon fetches each layer from the registry and converts it (else containerd unpacks it and the daemon converts the directory), then shares it.
     await criA.pull(ref);
     const op = fetchLayers ? 'fetch' : 'convert';
-    await waitFor(() => a.daemon.logs().filter((l) => l.op === op && typeof l.logical_bytes === 'number').length === plainLayers.length, 120_000 * SLOW, `node A to convert every layer (${op})`);
+    await waitFor(() => a.daemon.logs().filter((l) => l.op === op && typeof l.logical_bytes === 'number').length >= plainLayers.length, 120_000 * SLOW, `node A to convert every layer (${op})`);
     await assertDirsMatchSnapshots(a, 120_000);
     await waitFor(async () => (await daemonStats(a.daemon.apiAddress)).remote.shared.pending === 0, 120_000 * SLOW, 'node A to share its layers');
     const shared = (await daemonStats(a.daemon.apiAddress)).remote.shared;

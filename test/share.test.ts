@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { scanDataChunks } from '../src/convert/chunks';
 import { Converter } from '../src/convert/converter';
-import { readDeviceTags } from '../src/convert/erofs-format';
+import { readDeviceTags, superblockChecksumOk } from '../src/convert/erofs-format';
 import { probeMkfs } from '../src/convert/mkfs';
 import { ConvertedLayerPusher, type ShareJob } from '../src/convert/share';
 import {
@@ -130,6 +130,7 @@ describe('shared converted layers', () => {
     assert.equal(header.logical_bytes, 300_000);
     // The image names one device, its layer-local chunk space; its chunks, read from the data blob, are the file.
     assert.deepEqual(readDeviceTags(image), ['dedup:layer']);
+    assert.ok(superblockChecksumOk(image), 'its superblock checksum is right after the rewrite');
     const data = await client.getBlob(`${reg.host}/${img.def.name}`, json.layers[1].digest);
     const entries = new Map(header.chunks.map((c) => [`${c[0]}:${c[1]}`, c]));
     const parts = scanDataChunks(image).refs.map((r) => {
@@ -166,6 +167,17 @@ describe('shared converted layers', () => {
     assert.equal(pusher.counters.failed, 1);
     await assert.rejects(client.getManifest(tagOf(stranger)), (err: { status?: number }) => err.status === 404);
 
+    // A layer without file data whose names mkfs.erofs had to take (not UTF-8): pushed as it is.
+    const odd = path.join(dir, 'odd');
+    fs.mkdirSync(odd);
+    fs.writeFileSync(Buffer.concat([Buffer.from(`${odd}/`), Buffer.from([0x6f, 0xff])]), '');
+    const oddLayer = await converter.convert('odd', odd, (l) => l);
+    pusher.offer({ id: 'odd', labels: labelsFor(plain[2]), alive: () => true, source: async () => ({ image: fs.readFileSync(oddLayer.image), chunkAt: () => undefined, read: () => Promise.reject(new Error('no chunks')) }) });
+    await pusher.idle();
+    assert.equal(pusher.counters.pushed, 2, JSON.stringify(pusher.counters));
+    const oddHeader = decodeLayerBlob(await client.getBlob(`${reg.host}/${img.def.name}`, ((await client.getManifest(tagOf(plain[2]))).json as { layers: { digest: string }[] }).layers[0].digest)).header;
+    assert.deepEqual([oddHeader.chunks.length, oddHeader.files], [0, 1]);
+
     // A chunk whose bytes are not its digest's is never pushed: the layer is not shared.
     const bad = await job('bad', labelsFor(plain[1]));
     pusher.offer({
@@ -182,6 +194,7 @@ describe('shared converted layers', () => {
     });
     await pusher.idle();
     assert.equal(pusher.counters.failed, 2);
+    assert.equal(pusher.counters.pushed, 2);
     await assert.rejects(client.getManifest(tagOf(plain[1])), (err: { status?: number }) => err.status === 404);
   });
 

@@ -96,12 +96,13 @@ export class DedupImageBuilder {
   async addStoredLayer(src: StoredLayerSource, sourceDiffId: string): Promise<DedupLayer> {
     const img = Buffer.from(src.image);
     const { scan, refs } = scanDataChunks(img);
+    const tags = readDeviceTags(img, scan.sb);
     if (refs.length === 0) {
-      // No file data: an image naming devices all the same would name this node's store files.
-      if (scan.sb.extraDevices > 0) throw new Error('the image names devices but no chunks');
+      // No file data (mkfs.erofs leaves an untagged empty device then): as it is, unless a tag names a file of this node's store.
+      const named = tags.find((t) => t !== '');
+      if (named !== undefined) throw new Error(`the image names device ${JSON.stringify(named)} but no chunks`);
       return this.finishLayer(img, scan, [], sourceDiffId, [], (c) => src.read(c.digest));
     }
-    const tags = readDeviceTags(img, scan.sb);
     const local = new Map<string, { blkaddr: number; nblocks: number; digest: string }>();
     const digestOf: string[] = [];
     const order = [...refs.keys()].sort((a, b) => refs[a].deviceId - refs[b].deviceId || refs[a].blkaddr - refs[b].blkaddr);

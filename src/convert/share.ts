@@ -17,7 +17,7 @@ import {
 import { criLayerOf } from '../remote/lazy';
 import { type Reference, type RepositoryName, formatReference } from '../remote/reference';
 import type { PushBlobResult, RegistryClient } from '../remote/registry';
-import { DedupImageBuilder, type StoredLayerSource } from './dedup-layer';
+import { DedupImageBuilder, type DedupLayer, type StoredLayerSource } from './dedup-layer';
 import { type Descriptor, MANIFEST_TYPES, pushOciManifest } from './image-convert';
 
 /**
@@ -164,7 +164,15 @@ export class ConvertedLayerPusher {
       const diffId = await this.diffIdOf(src.repo, src.manifestDigest, src.layerDigest);
       await fsp.mkdir(this.o.workDir, { recursive: true, mode: 0o700 });
       work = await fsp.mkdtemp(path.join(this.o.workDir, 'push-'));
-      const built = await new DedupImageBuilder({ chunkSize: this.o.chunkSize, workDir: work }).addStoredLayer(await job.source(), diffId);
+      if (!job.alive()) return 'removed';
+      let built: DedupLayer;
+      try {
+        built = await new DedupImageBuilder({ chunkSize: this.o.chunkSize, workDir: work }).addStoredLayer(await job.source(), diffId);
+      } catch (err) {
+        // Its image or chunks went with it.
+        if (!job.alive()) return 'removed';
+        throw err;
+      }
       // Removal deletes the row before the image and the chunks: a layer alive now was whole while it was read.
       if (!job.alive()) return 'removed';
 

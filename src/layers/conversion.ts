@@ -1,7 +1,6 @@
 import type { ConvertStats, ConvertedLayer, Converter } from '../convert/converter';
 import { alreadyExists, notFound } from '../errdefs/errors';
 import type { Logger } from '../log/logger';
-import { criLayerOf } from '../remote/lazy';
 import type { ChunkStore } from '../store/chunkstore';
 import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
@@ -23,7 +22,6 @@ export interface ConversionOptions {
   mounts: LayerMounts;
   sweeper: Sweeper;
   events: ConvertEvents;
-  /** registry.push_converted: pushes converted layers a CRI pull named. */
   logger: Logger;
 }
 

@@ -7,10 +7,16 @@ import type { MetaStore } from '../store/metastore';
 import type { RootLayout } from '../store/root-layout';
 import type { ConvertEvent } from './events';
 
-/** Conversions whose chunks are all in this node's store (a remote layer's need not be, and came from a dedup image anyway). */
-const SHARED_MODES: ReadonlySet<ConvertEvent['mode']> = new Set(['background', 'sync', 'apply', 'fetch']);
+/**
+ * Conversions offered when they end: their layer's chunks are all in this
+ * node's store (a remote layer's need not be, and came from a dedup image
+ * anyway) and its diff id was checked (by containerd before Commit, by the
+ * fetch itself). A layer dedup-differ applied is offered at its Commit,
+ * once containerd compared the diff id Apply returned with the image's.
+ */
+const SHARED_MODES: ReadonlySet<ConvertEvent['mode']> = new Set(['background', 'sync', 'fetch']);
 
-interface Parts {
+export interface ShareParts {
   share: ConvertedLayerPusher;
   ms: MetaStore;
   store: ChunkStore;
@@ -23,15 +29,19 @@ interface Parts {
  * with its snapshot's labels (a CRI pull's name the image and the layer).
  * False when nothing is offered.
  */
-export function offerConverted(o: Parts, e: ConvertEvent): boolean {
-  if (!e.ok || !SHARED_MODES.has(e.mode)) return false;
-  const key = o.ms.keyOf(e.layer);
+export function offerConverted(o: ShareParts, e: ConvertEvent): boolean {
+  return e.ok && SHARED_MODES.has(e.mode) && offerLayer(o, e.layer);
+}
+
+/** Offers recorded layer `id` to the pusher (see offerConverted). */
+export function offerLayer(o: ShareParts, id: string): boolean {
+  const key = o.ms.keyOf(id);
   if (key === undefined) return false;
   return o.share.offer({
-    id: e.layer,
+    id,
     labels: o.ms.getInfo(key).info.labels ?? {},
-    alive: () => o.ms.keyOf(e.layer) !== undefined,
-    source: () => storedLayer(o, e.layer),
+    alive: () => o.ms.keyOf(id) !== undefined,
+    source: () => storedLayer(o, id),
   });
 }
 
@@ -40,7 +50,7 @@ export function offerConverted(o: Parts, e: ConvertEvent): boolean {
  * recorded for it, its chunks by where the image names them, and their
  * bytes from any good copy (each checked against its digest).
  */
-export async function storedLayer(o: Omit<Parts, 'share'>, id: string): Promise<StoredLayerSource> {
+export async function storedLayer(o: Omit<ShareParts, 'share'>, id: string): Promise<StoredLayerSource> {
   const file = o.layout.image(id);
   const image = await fsp.readFile(file);
   const want = o.ms.imageDigest(id)?.sha256;
@@ -49,12 +59,19 @@ export async function storedLayer(o: Omit<Parts, 'share'>, id: string): Promise<
   const at = new Map(o.store.layerChunks(Number(id)).map((r) => [`${segmentTag(r.segment)}@${r.blkaddr}`, r]));
   return {
     image,
-    chunkAt: (tag, blkaddr) => at.get(`${tag}@${blkaddr}`),
+    // (An untagged device is chunks.blob, as in images of older versions.)
+    chunkAt: (tag, blkaddr) => at.get(`${tag === '' ? segmentTag(0) : tag}@${blkaddr}`),
     read: async (digest) => {
       for (const row of o.store.lookupAll(digest)) {
         if (row.bad) continue;
-        const buf = await o.store.readChecked(row);
-        if (buf) return buf;
+        // Pinned while read: a layer removed meanwhile cannot free the row and hand its blocks or its id to another chunk.
+        o.store.pin(row.id);
+        try {
+          const buf = await o.store.readChecked(row);
+          if (buf) return buf;
+        } finally {
+          o.store.unpin(row.id);
+        }
       }
       throw new Error(`chunk sha256:${digest}: no good copy on this node`);
     },
