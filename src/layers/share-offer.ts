@@ -64,14 +64,9 @@ export async function storedLayer(o: Omit<ShareParts, 'share'>, id: string): Pro
     read: async (digest) => {
       for (const row of o.store.lookupAll(digest)) {
         if (row.bad) continue;
-        // Pinned while read: a layer removed meanwhile cannot free the row and hand its blocks or its id to another chunk.
-        o.store.pin(row.id);
-        try {
-          const buf = await o.store.readChecked(row);
-          if (buf) return buf;
-        } finally {
-          o.store.unpin(row.id);
-        }
+        // (Read pinned, as it was when looked up, or not at all: see ChunkStore.holdRow.)
+        const buf = await o.store.readChecked(row);
+        if (buf) return buf;
       }
       throw new Error(`chunk sha256:${digest}: no good copy on this node`);
     },

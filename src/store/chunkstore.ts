@@ -474,17 +474,36 @@ export class ChunkStore {
    * the store (lazy layers), where a damaged copy must not spread.
    */
   async readChecked(row: ChunkRow): Promise<Buffer | null> {
-    let why = 'its bytes do not match its digest';
+    // Gone since it was looked up (its layer removed): no copy here, nothing to mark.
+    if (!this.holdRow(row)) return null;
     try {
-      const buf = await this.read(row);
-      if (crypto.createHash('sha256').update(buf).digest('hex') === row.digest) return buf;
-    } catch (err) {
-      // EIO: the kernel found a sealed segment's bytes damaged.
-      why = `its bytes cannot be read: ${(err as Error).message}`;
+      let why = 'its bytes do not match its digest';
+      try {
+        const buf = await this.read(row);
+        if (crypto.createHash('sha256').update(buf).digest('hex') === row.digest) return buf;
+      } catch (err) {
+        // EIO: the kernel found a sealed segment's bytes damaged.
+        why = `its bytes cannot be read: ${(err as Error).message}`;
+      }
+      this.markBad([row.id], why);
+      this.log.error({ op: 'integrity', chunk: row.digest, segment: row.segment, blkaddr: row.blkaddr }, `chunk sha256:${row.digest} in the store: ${why}: marked bad`);
+      return null;
+    } finally {
+      this.unpin(row.id);
     }
-    this.markBad([row.id], why);
-    this.log.error({ op: 'integrity', chunk: row.digest, segment: row.segment, blkaddr: row.blkaddr }, `chunk sha256:${row.digest} in the store: ${why}: marked bad`);
-    return null;
+  }
+
+  /**
+   * Pins chunk `row` when it is still stored as it was read (same id,
+   * digest and extent): until unpin, no removal deletes its row or frees
+   * its blocks (nor hands its id to another chunk), so what a reader finds
+   * there, and marks bad, is that chunk. False when it went meanwhile.
+   */
+  holdRow(row: ChunkRow): boolean {
+    const now = prepared(this.db, 'SELECT digest, segment, blkaddr, nblocks FROM chunks WHERE id = ?').get(row.id) as ChunkRow | undefined;
+    if (!now || now.digest !== row.digest || now.segment !== row.segment || now.blkaddr !== row.blkaddr || now.nblocks !== row.nblocks) return false;
+    this.pin(row.id);
+    return true;
   }
 
   pin(id: number): void {

@@ -65,25 +65,35 @@ export async function verifyChunks(store: ChunkStore, db: Database.Database, o: 
   for (let rows = nextBatch(); rows.length > 0; rows = nextBatch()) {
     for (const row of rows) {
       if (o.signal?.aborted) return res;
-      let ok: boolean;
-      try {
-        const buf = await store.read(row);
-        ok = crypto.createHash('sha256').update(buf).digest('hex') === row.digest;
-      } catch (err) {
-        // EIO from a sealed segment (the kernel found its bytes damaged), or its file gone.
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code !== 'EIO' && code !== 'ENOENT' && code !== 'EBADMSG') throw err;
-        ok = false;
+      // Removed since its page was read (its layer went): not checked. Pinned while read: a removal meanwhile
+      // would free its blocks (read back as zeros, or its segment gone) and its id (reused by a new chunk).
+      if (!store.holdRow(row)) {
+        res.total--;
+        continue;
       }
-      res.checked++;
-      res.bytes += row.nblocks * STORE_BLOCK;
-      const wasBad = isBad.get(row.id) !== undefined;
-      if (!ok) {
-        res.bad++;
-        if (!wasBad && store.markBad([row.id], 'its bytes do not match its digest') > 0) res.newlyBad.push(row.id);
-      } else if (wasBad) {
-        store.markGood([row.id]);
-        res.restored.push(row.id);
+      try {
+        let ok: boolean;
+        try {
+          const buf = await store.read(row);
+          ok = crypto.createHash('sha256').update(buf).digest('hex') === row.digest;
+        } catch (err) {
+          // EIO from a sealed segment (the kernel found its bytes damaged), or its file gone.
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code !== 'EIO' && code !== 'ENOENT' && code !== 'EBADMSG') throw err;
+          ok = false;
+        }
+        res.checked++;
+        res.bytes += row.nblocks * STORE_BLOCK;
+        const wasBad = isBad.get(row.id) !== undefined;
+        if (!ok) {
+          res.bad++;
+          if (!wasBad && store.markBad([row.id], 'its bytes do not match its digest') > 0) res.newlyBad.push(row.id);
+        } else if (wasBad) {
+          store.markGood([row.id]);
+          res.restored.push(row.id);
+        }
+      } finally {
+        store.unpin(row.id);
       }
       if (o.mbps && o.mbps > 0) {
         // Behind schedule → go on; ahead → wait until the pace allows the bytes read so far.
