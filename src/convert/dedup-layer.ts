@@ -101,7 +101,7 @@ export class DedupImageBuilder {
       // No file data (mkfs.erofs leaves an untagged empty device then): as it is, unless a tag names a file of this node's store.
       const named = tags.find((t) => t !== '');
       if (named !== undefined) throw new Error(`the image names device ${JSON.stringify(named)} but no chunks`);
-      return this.finishLayer(img, scan, [], sourceDiffId, [], (c) => src.read(c.digest));
+      return this.finishLayer(img, scan, [], sourceDiffId, [], (c) => readPublished(src, c));
     }
     const local = new Map<string, { blkaddr: number; nblocks: number; digest: string }>();
     const digestOf: string[] = [];
@@ -121,7 +121,7 @@ export class DedupImageBuilder {
     for (const [i, r] of refs.entries()) setChunkAddress(img, r, 1, (local.get(digestOf[i]) as { blkaddr: number }).blkaddr);
     const out = setDeviceTable(img, [{ tag: LOCAL_DEVICE_TAG, blocks }]);
     updateSuperblockChecksum(out);
-    return this.finishLayer(out, scan, [...local.values()], sourceDiffId, [], (c) => src.read(c.digest));
+    return this.finishLayer(out, scan, [...local.values()], sourceDiffId, [], (c) => readPublished(src, c));
   }
 
   /**
@@ -150,10 +150,6 @@ export class DedupImageBuilder {
         for (const c of extents) {
           if (this.homes.has(c.digest)) continue;
           const buf = await read(c);
-          // Only a chunk's own bytes are ever published under its digest.
-          if (buf.length !== c.nblocks * STORE_BLOCK || crypto.createHash('sha256').update(buf).digest('hex') !== c.digest) {
-            throw new Error(`chunk sha256:${c.digest}: the ${buf.length} bytes read for it are not its bytes`);
-          }
           await out.write(buf, 0, buf.length, size);
           hash.update(buf);
           this.homes.set(c.digest, { blob: PENDING, offset: size });
@@ -201,4 +197,18 @@ export class DedupImageBuilder {
       chunks: new Set(extents.map((c) => c.digest)).size,
     };
   }
+}
+
+/**
+ * A stored chunk's bytes for publishing: whatever the source (the store
+ * checks its own reads to mark a damaged copy and try another), only a
+ * chunk's own bytes go out under its digest. (addLayer's chunks were just
+ * hashed from the blob they are read from.)
+ */
+async function readPublished(src: StoredLayerSource, c: { nblocks: number; digest: string }): Promise<Buffer> {
+  const buf = await src.read(c.digest);
+  if (buf.length !== c.nblocks * STORE_BLOCK || crypto.createHash('sha256').update(buf).digest('hex') !== c.digest) {
+    throw new Error(`chunk sha256:${c.digest}: the ${buf.length} bytes read for it are not its bytes`);
+  }
+  return buf;
 }

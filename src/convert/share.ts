@@ -164,7 +164,6 @@ export class ConvertedLayerPusher {
       const diffId = await this.diffIdOf(src.repo, src.manifestDigest, src.layerDigest);
       await fsp.mkdir(this.o.workDir, { recursive: true, mode: 0o700 });
       work = await fsp.mkdtemp(path.join(this.o.workDir, 'push-'));
-      if (!job.alive()) return 'removed';
       let built: DedupLayer;
       try {
         built = await new DedupImageBuilder({ chunkSize: this.o.chunkSize, workDir: work }).addStoredLayer(await job.source(), diffId);
