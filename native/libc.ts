@@ -13,6 +13,16 @@ export function libc(): ReturnType<typeof koffi.load> {
   return handle;
 }
 
+/** ioctl(2) with a pointer argument (a buffer the kernel reads or fills). */
+export type IoctlPtrFn = (fd: number, request: number, arg: Buffer) => number;
+
+let ioctlPtrFn: IoctlPtrFn | null = null;
+
+export function ioctlPtr(): IoctlPtrFn {
+  if (!ioctlPtrFn) ioctlPtrFn = libc().func('int ioctl(int fd, unsigned long request, void *arg)') as unknown as IoctlPtrFn;
+  return ioctlPtrFn;
+}
+
 /** The errno's name: Node's table first (its spelling of aliases), then koffi's, which has more (ENOTBLK). */
 export function errnoName(n: number): string {
   for (const [k, v] of Object.entries(os.constants.errno)) if (v === n) return k;

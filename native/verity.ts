@@ -6,21 +6,11 @@
  * CONFIG_FS_VERITY.
  */
 import koffi from 'koffi';
-import { ErrnoError, errnoName, libc } from './libc';
-
-type IoctlFn = (fd: number, request: number, arg: Buffer) => number;
-
-let ioctlFn: IoctlFn | null = null;
-
-function ioctl(): IoctlFn {
-  if (!ioctlFn) ioctlFn = libc().func('int ioctl(int fd, unsigned long request, void *arg)') as unknown as IoctlFn;
-  return ioctlFn;
-}
+import { ErrnoError, errnoName, ioctlPtr as ioctl } from './libc';
+import { FS_IOC_GETFLAGS } from './inode-flags';
 
 /** _IOW('f', 133, struct fsverity_enable_arg) (128 bytes). */
 const FS_IOC_ENABLE_VERITY = 0x40806685;
-/** _IOR('f', 1, long). */
-const FS_IOC_GETFLAGS = 0x80086601;
 const FS_VERITY_FL = 0x00100000;
 const FS_VERITY_HASH_ALG_SHA256 = 1;
 

@@ -193,3 +193,48 @@ export function processPeakRssBytes(pid: number | undefined): number {
     return 0;
   }
 }
+
+/** RECENTCY in the kernel's fs/ext4/ialloc.c: seconds an inode freed (and written back) counts as recently deleted. */
+const EXT4_RECENTCY_S = 30;
+
+/**
+ * Seconds to let pass after a mass removal before timing pulls on the
+ * filesystem holding `dir`, with why; 0 where nothing needs it. An ext4
+ * without a journal (this VM's root filesystem) keeps inodes freed in the
+ * last 30 seconds out of new allocations (`recently_deleted()`), and skips
+ * them one buffer-cache lookup at a time: a pull creating thousands of files
+ * right after thousands were removed spends seconds of CPU in the inode
+ * allocator (seen in `perf` as `recently_deleted` and `find_get_block_common`
+ * under containerd's unpack). Without the wait, whichever snapshotter's pull
+ * follows the other's removal pays for it.
+ */
+export function recentInodesWait(dir: string): { seconds: number; why: string } {
+  const dev = mountSourceOf(dir);
+  if (!dev || dev.fstype !== 'ext4') return { seconds: 0, why: `${dir} is not on ext4` };
+  let task: string;
+  try {
+    task = fs.readFileSync(`/sys/fs/ext4/${path.basename(dev.source)}/journal_task`, 'utf8').trim();
+  } catch {
+    return { seconds: 0, why: `no /sys/fs/ext4 entry for ${dev.source}` };
+  }
+  if (task !== '<none>') return { seconds: 0, why: `${dev.source} is ext4 with a journal` };
+  return {
+    seconds: EXT4_RECENTCY_S + 1,
+    why: `${dev.source} is ext4 without a journal: its inode allocator skips inodes freed in the last ${EXT4_RECENTCY_S} s, so each phase's pulls start ${EXT4_RECENTCY_S + 1} s after the last removal (synced)`,
+  };
+}
+
+/** The mount holding `dir` (longest mount point that is a prefix of it), from /proc/self/mountinfo. */
+function mountSourceOf(dir: string): { source: string; fstype: string } | null {
+  const real = fs.realpathSync(dir);
+  let best: { point: string; source: string; fstype: string } | null = null;
+  for (const line of fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [pre, post] = line.split(' - ');
+    if (!post) continue;
+    const point = pre.split(' ')[4].replace(/\\040/g, ' ');
+    const [fstype, source] = post.split(' ');
+    const inside = point === '/' || real === point || real.startsWith(`${point}/`);
+    if (inside && (!best || point.length >= best.point.length)) best = { point, source, fstype };
+  }
+  return best;
+}
