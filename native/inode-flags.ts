@@ -1,13 +1,15 @@
 /**
  * Inode flags (linux/fs.h, what chattr(1) sets): FS_IOC_GETFLAGS and
- * FS_IOC_SETFLAGS on an open file or directory. The kernel's argument is
- * an int, whatever the ioctl numbers' `long` says.
+ * FS_IOC_SETFLAGS on an open file or directory. The kernel reads and
+ * writes an unsigned int, whatever the ioctl numbers' `long` says; the
+ * numbers and the little-endian read are those of 64-bit x86 and arm
+ * (the daemon's platforms).
  */
 import koffi from 'koffi';
 import { ErrnoError, ioctlPtr } from './libc';
 
 /** _IOR('f', 1, long). */
-export const FS_IOC_GETFLAGS = 0x80086601;
+const FS_IOC_GETFLAGS = 0x80086601;
 /** _IOW('f', 2, long). */
 const FS_IOC_SETFLAGS = 0x40086602;
 

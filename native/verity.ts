@@ -7,7 +7,7 @@
  */
 import koffi from 'koffi';
 import { ErrnoError, errnoName, ioctlPtr as ioctl } from './libc';
-import { FS_IOC_GETFLAGS } from './inode-flags';
+import { inodeFlags } from './inode-flags';
 
 /** _IOW('f', 133, struct fsverity_enable_arg) (128 bytes). */
 const FS_IOC_ENABLE_VERITY = 0x40806685;
@@ -38,9 +38,11 @@ export function enableVerity(fd: number): void {
 
 /** Whether the file open on `fd` is sealed with fs-verity. */
 export function hasVerity(fd: number): boolean {
-  const flags = Buffer.alloc(8);
-  if (ioctl()(fd, FS_IOC_GETFLAGS, flags) < 0) return false;
-  return (flags.readUInt32LE(0) & FS_VERITY_FL) !== 0;
+  try {
+    return (inodeFlags(fd) & FS_VERITY_FL) !== 0;
+  } catch {
+    return false;
+  }
 }
 
 /** _IOWR('f', 134, struct fsverity_digest): the header is 4 bytes, the digest follows. */

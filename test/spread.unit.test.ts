@@ -5,19 +5,33 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { FS_TOPDIR_FL, inodeFlags } from '../native/inode-flags';
-import { spreadSubdirectories } from '../src/store/spread';
+import { onExt4WithoutJournal, spreadSubdirectories } from '../src/store/spread';
 
 /**
- * ROOT/snapshots carries ext4's top-directory flag (chattr +T), so that a
- * layer directory containerd unpacks into is not placed among the inodes of
- * the layer directory removed a moment before (see src/store/spread.ts).
+ * On an ext4 without a journal, ROOT/snapshots carries the top-directory
+ * flag (chattr +T), so that a layer directory containerd unpacks into is not
+ * placed among the inodes of the layer directory removed a moment before
+ * (see src/store/spread.ts). The filesystem's kind is read from sysfs; a
+ * fake sysfs tree says "journal" or "no journal" for any directory here.
  */
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'spread-'));
 after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-function fsType(p: string): string {
-  return spawnSync('stat', ['-f', '-c', '%T', p], { encoding: 'utf8' }).stdout.trim();
+/** A sysfs tree where `target`'s device is an ext4 whose journal_task reads `journal` (no ext4 entry when null). */
+function fakeSysfs(name: string, target: string, journal: string | null): string {
+  const sys = path.join(dir, name);
+  const st = fs.statSync(target, { bigint: true });
+  const major = Number(((st.dev >> 8n) & 0xfffn) | ((st.dev >> 32n) & 0xfffff000n));
+  const minor = Number((st.dev & 0xffn) | ((st.dev >> 12n) & 0xffffff00n));
+  fs.mkdirSync(path.join(sys, 'devices', 'virtual', 'block', 'vdz'), { recursive: true });
+  fs.mkdirSync(path.join(sys, 'dev', 'block'), { recursive: true });
+  fs.symlinkSync(path.join('..', '..', 'devices', 'virtual', 'block', 'vdz'), path.join(sys, 'dev', 'block', `${major}:${minor}`));
+  if (journal !== null) {
+    fs.mkdirSync(path.join(sys, 'fs', 'ext4', 'vdz'), { recursive: true });
+    fs.writeFileSync(path.join(sys, 'fs', 'ext4', 'vdz', 'journal_task'), `${journal}\n`);
+  }
+  return sys;
 }
 
 function flagsOf(p: string): number {
@@ -29,38 +43,73 @@ function flagsOf(p: string): number {
   }
 }
 
-test('the flag is set once and kept where the filesystem has it (ext2/3/4), and lsattr shows it', (t) => {
+function fsType(p: string): string {
+  return spawnSync('stat', ['-f', '-c', '%T', p], { encoding: 'utf8' }).stdout.trim();
+}
+
+test("the filesystem's kind is read from its device's sysfs entry", () => {
+  assert.equal(onExt4WithoutJournal(dir, fakeSysfs('sys-none', dir, '<none>')), true);
+  assert.equal(onExt4WithoutJournal(dir, fakeSysfs('sys-jbd2', dir, 'jbd2/vdz-8')), false);
+  assert.equal(onExt4WithoutJournal(dir, fakeSysfs('sys-other', dir, null)), false, 'not ext4: no /sys/fs/ext4 entry');
+  assert.equal(onExt4WithoutJournal(path.join(dir, 'missing'), fakeSysfs('sys-missing', dir, '<none>')), false);
+});
+
+test('with a journal (or on another filesystem) the directory is left as it is', () => {
+  const d = path.join(dir, 'journalled');
+  fs.mkdirSync(d);
+  const before = flagsOrNull(d);
+  assert.deepEqual(spreadSubdirectories(d, fakeSysfs('sys-j', d, 'jbd2/vdz-8')), { on: false, why: 'not needed' });
+  assert.equal(flagsOrNull(d), before);
+});
+
+test('without a journal the flag is set once, kept, shown by lsattr, and not inherited by subdirectories', (t) => {
   const d = path.join(dir, 'snapshots');
   fs.mkdirSync(d);
-  const first = spreadSubdirectories(d);
+  const sys = fakeSysfs('sys-set', d, '<none>');
+  const first = spreadSubdirectories(d, sys);
   const type = fsType(d);
-  if (!/^ext[234]/.test(type)) {
-    // Filesystems without the flag: nothing set, nothing thrown, the reason named.
-    assert.equal(first.on, false, `${type} claims to keep the top-directory flag`);
-    t.skip(`${os.tmpdir()} is ${type}, not ext2/3/4: the flag itself is not tested`);
+  if (!first.on) {
+    // Filesystems without the flag: nothing set, nothing thrown, the reason named. ext2/3/4 keep it.
+    assert.equal(first.why, 'unsupported', JSON.stringify(first));
+    assert.doesNotMatch(type, /^ext[234]/, `${type} refused the top-directory flag: ${JSON.stringify(first)}`);
+    t.skip(`${os.tmpdir()} is ${type}, which keeps no top-directory flag: the flag itself is not tested`);
     return;
   }
   assert.deepEqual(first, { on: true, setNow: true });
   assert.notEqual(flagsOf(d) & FS_TOPDIR_FL, 0);
-  assert.deepEqual(spreadSubdirectories(d), { on: true, setNow: false });
+  assert.deepEqual(spreadSubdirectories(d, sys), { on: true, setNow: false });
   const ls = spawnSync('lsattr', ['-d', d], { encoding: 'utf8' });
   if (ls.status === 0) assert.match(ls.stdout.split(/\s+/)[0], /T/, `lsattr -d: ${ls.stdout}`);
+  // A layer directory made under it is placed by the flag, but does not carry it: its own subdirectories stay next to it.
+  const layer = path.join(d, '7');
+  fs.mkdirSync(path.join(layer, 'fs'), { recursive: true });
+  assert.equal(flagsOf(layer) & FS_TOPDIR_FL, 0);
   // Other flags are left as they were (ext4's extents flag on a directory, for one).
-  const other = fs.mkdtempSync(path.join(dir, 'plain-'));
-  assert.equal(flagsOf(d) & ~FS_TOPDIR_FL, flagsOf(other) & ~FS_TOPDIR_FL);
+  const plain = fs.mkdtempSync(path.join(dir, 'plain-'));
+  assert.equal(flagsOf(d) & ~FS_TOPDIR_FL, flagsOf(plain));
 });
 
-test('a filesystem without the flag, or a directory that is gone, is reported, never thrown', () => {
-  assert.deepEqual(spreadSubdirectories(path.join(dir, 'missing')), { on: false, code: 'ENOENT' });
+test('a filesystem that keeps no such flag (tmpfs) is reported, never thrown', (t) => {
   const shm = '/dev/shm';
-  if (fs.existsSync(shm) && fsType(shm) === 'tmpfs') {
-    const d = fs.mkdtempSync(path.join(shm, 'spread-'));
-    try {
-      const r = spreadSubdirectories(d);
-      // tmpfs keeps a few chattr flags (append, immutable, nodump, noatime), not this one.
-      assert.equal(r.on, false, JSON.stringify(r));
-    } finally {
-      fs.rmSync(d, { recursive: true, force: true });
-    }
+  if (!fs.existsSync(shm) || fsType(shm) !== 'tmpfs') {
+    t.skip('no tmpfs at /dev/shm');
+    return;
+  }
+  const d = fs.mkdtempSync(path.join(shm, 'spread-'));
+  try {
+    // tmpfs keeps a few chattr flags (append, immutable, nodump, noatime), not this one.
+    const r = spreadSubdirectories(d, fakeSysfs('sys-shm', d, '<none>'));
+    assert.equal(r.on, false, JSON.stringify(r));
+    assert.equal(r.on === false && r.why, 'unsupported', JSON.stringify(r));
+  } finally {
+    fs.rmSync(d, { recursive: true, force: true });
   }
 });
+
+function flagsOrNull(p: string): number | null {
+  try {
+    return flagsOf(p);
+  } catch {
+    return null;
+  }
+}

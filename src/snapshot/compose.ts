@@ -26,7 +26,7 @@ import { MetaStore } from '../store/metastore';
 import { DEFAULT_RESERVE_BYTES, SpaceReserve } from '../store/reserve';
 import { RootLayout } from '../store/root-layout';
 import { ImageSealer } from '../store/seal';
-import { spreadSubdirectories } from '../store/spread';
+import { type SpreadOutcome, spreadSubdirectories } from '../store/spread';
 import type { VerifyProgress } from '../store/verify';
 import { fsyncDir, readOnlyAncestor } from '../util/fs';
 
@@ -161,9 +161,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   if (ro !== null) throw new Error(`ROOT ${layout.root} is on a read-only filesystem (${ro} is not writable: EROFS); remount that filesystem read-write or set ROOT to a directory on a writable one`);
   fs.mkdirSync(layout.root, { recursive: true, mode: 0o700 });
   fs.mkdirSync(layout.snapshots, { recursive: true, mode: 0o700 });
-  const spread = spreadSubdirectories(layout.snapshots);
-  if (spread.on && spread.setNow) logger.info({ op: 'start', dir: layout.snapshots }, `layer directories under ${layout.snapshots} are spread over the filesystem's block groups (top-directory flag, chattr +T)`);
-  else logger.debug({ op: 'start', dir: layout.snapshots, ...(spread.on ? {} : { code: spread.code }) }, spread.on ? 'layer directories are spread over block groups (chattr +T was set before)' : `layer directories are placed by the filesystem's default (it keeps no top-directory flag: ${spread.code})`);
+  logSpread(logger, layout.snapshots, spreadSubdirectories(layout.snapshots));
   const reserve = new SpaceReserve({ root: layout.root, bytes: opts.reserveBytes ?? DEFAULT_RESERVE_BYTES, logger });
   // A start on a full disk: opening the database makes its WAL's
   // shared-memory file (SQLite deletes it at every clean close), which
@@ -291,5 +289,19 @@ function migrateLazyImages(ms: MetaStore, layout: RootLayout, loader: LazyLoader
       fsyncDir(path.dirname(old));
       fsyncDir(path.dirname(loader.imageOf(id)));
     }
+  }
+}
+
+/** One line for what spreadSubdirectories did at start: info when it set the flag, a warning when it failed, debug otherwise. */
+function logSpread(logger: Logger, dir: string, spread: SpreadOutcome): void {
+  const fields = { op: 'start', dir };
+  if (spread.on && spread.setNow) {
+    logger.info(fields, `${dir} marked as a top of directory hierarchies (chattr +T): on this ext4 without a journal each new layer directory is placed away from the ones just removed`);
+  } else if (spread.on) {
+    logger.debug(fields, `${dir} is marked as a top of directory hierarchies (chattr +T)`);
+  } else if (spread.why === 'failed') {
+    logger.warn({ ...fields, code: spread.code }, `could not mark ${dir} as a top of directory hierarchies (chattr +T: ${spread.code}); pulls on this ext4 without a journal may unpack slower`);
+  } else {
+    logger.debug({ ...fields, code: spread.code }, `${dir} left as it is (top-directory flag ${spread.why === 'unsupported' ? `not kept: ${spread.code}` : 'not needed: not an ext4 without a journal'})`);
   }
 }

@@ -32,7 +32,7 @@ import { atLeast, defaultContainerd, newerErofsUtilsDir, programOf } from '../he
 import { type CmdResult, Stack, readdirOrEmpty } from '../helpers/stack';
 import { BIG_FILE_BYTES, BIG_FILE_PATH, type BenchImage, type BuildResult, buildImages } from './build';
 import { type LazyResult, lazyPhase } from './lazy';
-import { dropCaches, duBytes, filesBytes, fsUsedBytes, holdFreePageReporting, log, machineCpuSeconds, median, mib, nowMs, onCleanup, processCpuSeconds, processPeakRssBytes, recentInodesWait, runCleanups, runCmd, secs, sh } from './util';
+import { dropCaches, duBytes, filesBytes, fsUsedBytes, holdFreePageReporting, log, machineCpuSeconds, median, mib, nowMs, onCleanup, processCpuSeconds, processPeakRssBytes, runCleanups, runCmd, secs, sh } from './util';
 
 type Snapshotter = 'overlayfs' | 'dedup' | 'erofs';
 /**
@@ -115,18 +115,6 @@ function lines(s: string): string[] {
     .filter((l) => l !== '');
 }
 
-/** Seconds each phase's pulls wait after the last removal (ext4 without a journal: see recentInodesWait); set in main. */
-let recentInodes = { seconds: 0, why: '' };
-/** When the last removal of images ended (nowMs), for that wait. */
-let lastRemovalMs = -Infinity;
-
-/** Waits until the last removal is recentInodes.seconds old (and synced), so that no phase's pulls pay for the removal before them. */
-async function waitRemovalsOld(): Promise<void> {
-  await sh('sync', []);
-  const left = lastRemovalMs + recentInodes.seconds * 1000 - nowMs();
-  if (left > 0) await new Promise((r) => setTimeout(r, left));
-}
-
 /** Removes every image and content blob and waits until neither snapshotter holds a snapshot. */
 async function emptyContainerd(stack: Stack): Promise<void> {
   for (const id of lines((await ctr(stack, ['tasks', 'ls', '-q'])).stdout)) {
@@ -143,10 +131,7 @@ async function emptyContainerd(stack: Stack): Promise<void> {
     const left: string[] = [];
     for (const s of SNAPSHOTTERS) left.push(...(await snapshotKeys(stack, s)).map((k) => `${s}:${k}`));
     left.push(...lines((await ctr(stack, ['content', 'ls', '-q'])).stdout).map((b) => `content:${b}`));
-    if (left.length === 0) {
-      if (imgs.length > 0) lastRemovalMs = nowMs();
-      return;
-    }
+    if (left.length === 0) return;
     if (Date.now() > deadline) throw new Error(`containerd still holds: ${left.join(' ')}`);
     await new Promise((r) => setTimeout(r, 500));
   }
@@ -225,7 +210,6 @@ async function phase(stack: Stack, built: BuildResult, s: Snapshotter): Promise<
     // containerd removed the last round's layers; the daemon gives their space back a moment later.
     await waitForEmptyRoot(stack);
   }
-  await waitRemovalsOld();
   const logsFrom = stack.daemon.logs().length;
   await dropCaches();
   const pullMs: Record<string, number> = {};
@@ -318,10 +302,7 @@ async function waitForEmptyRoot(stack: Stack): Promise<void> {
   const deadline = Date.now() + 60_000;
   for (;;) {
     const st = stack.daemonStorage();
-    if (st.storeBytes === 0 && st.images.length === 0) {
-      lastRemovalMs = Math.max(lastRemovalMs, nowMs());
-      return;
-    }
+    if (st.storeBytes === 0 && st.images.length === 0) return;
     if (Date.now() > deadline) throw new Error(`dedup ROOT is not empty before the pull: ${JSON.stringify(st)}`);
     await new Promise((r) => setTimeout(r, 250));
   }
@@ -527,8 +508,6 @@ async function main(): Promise<void> {
   onCleanup('stop the stack', () => stack.stop());
   const memoryNote = holdFreePageReporting();
   log(memoryNote);
-  recentInodes = recentInodesWait(stack.daemonRoot);
-  log(recentInodes.why);
   log(`pushing ${built.images.length} images to ${stack.registry}`);
   await pushAll(stack, built);
   if (process.argv.includes('--lazy-only')) {
@@ -599,7 +578,6 @@ async function main(): Promise<void> {
     build: { version: built.version, cache: built.dir, mirror: built.mirror, images: built.images.map((i) => ({ name: i.name, layers: i.layers })) },
     runs: RUNS,
     memory: memoryNote,
-    removals: recentInodes.why,
     dedupMounts: mountIo,
     overlayfs: o,
     dedup: d,
@@ -662,7 +640,7 @@ async function main(): Promise<void> {
   const out: string[] = [];
   out.push('');
   out.push(`dedup-snapshotter benchmark — ${result.date}, kernel ${result.host.kernel}, ${result.host.cpus} CPUs; timed runs: median of ${RUNS}, interleaved, page cache dropped before each`);
-  out.push(`${memoryNote}; ${recentInodes.why}; dedup layer mounts: ${mountIo.backend}, direct I/O ${mountIo.directIo}, read-ahead ${mountIo.readAheadKb} KiB`);
+  out.push(`${memoryNote}; dedup layer mounts: ${mountIo.backend}, direct I/O ${mountIo.directIo}, read-ahead ${mountIo.readAheadKb} KiB`);
   out.push(`images: ${built.images.map((i) => `${i.name} [${i.layers.join(', ')}]`).join('; ')}`);
   out.push('');
   out.push(`${pad('metric', w[0])}  ${lpad('overlayfs', w[1])}  ${lpad('dedup', w[2])}  ${lpad('dedup/overlayfs', w[3])}`);
