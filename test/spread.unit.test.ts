@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { FS_TOPDIR_FL, inodeFlags } from '../native/inode-flags';
-import { onExt4WithoutJournal, spreadSubdirectories } from '../src/store/spread';
+import { deviceNumbers, onExt4WithoutJournal, spreadSubdirectories } from '../src/store/spread';
 
 /**
  * On an ext4 without a journal, ROOT/snapshots carries the top-directory
@@ -21,12 +21,9 @@ after(() => fs.rmSync(dir, { recursive: true, force: true }));
 /** A sysfs tree where `target`'s device is an ext4 whose journal_task reads `journal` (no ext4 entry when null). */
 function fakeSysfs(name: string, target: string, journal: string | null): string {
   const sys = path.join(dir, name);
-  const st = fs.statSync(target, { bigint: true });
-  const major = Number(((st.dev >> 8n) & 0xfffn) | ((st.dev >> 32n) & 0xfffff000n));
-  const minor = Number((st.dev & 0xffn) | ((st.dev >> 12n) & 0xffffff00n));
   fs.mkdirSync(path.join(sys, 'devices', 'virtual', 'block', 'vdz'), { recursive: true });
   fs.mkdirSync(path.join(sys, 'dev', 'block'), { recursive: true });
-  fs.symlinkSync(path.join('..', '..', 'devices', 'virtual', 'block', 'vdz'), path.join(sys, 'dev', 'block', `${major}:${minor}`));
+  fs.symlinkSync(path.join('..', '..', 'devices', 'virtual', 'block', 'vdz'), path.join(sys, 'dev', 'block', deviceNumbers(fs.statSync(target, { bigint: true }).dev)));
   if (journal !== null) {
     fs.mkdirSync(path.join(sys, 'fs', 'ext4', 'vdz'), { recursive: true });
     fs.writeFileSync(path.join(sys, 'fs', 'ext4', 'vdz', 'journal_task'), `${journal}\n`);
@@ -46,6 +43,16 @@ function flagsOf(p: string): number {
 function fsType(p: string): string {
   return spawnSync('stat', ['-f', '-c', '%T', p], { encoding: 'utf8' }).stdout.trim();
 }
+
+test('device numbers are decoded as glibc encodes them (small and large majors and minors)', () => {
+  assert.equal(deviceNumbers(65024n), '254:0'); // a virtio disk, vda
+  assert.equal(deviceNumbers(2049n), '8:1'); // sda1
+  // gnu_dev_makedev(259, 300): ((259 & 0xfff) << 8) | (300 & 0xff) | ((300 & ~0xff) << 12)
+  assert.equal(deviceNumbers(((259n & 0xfffn) << 8n) | (300n & 0xffn) | ((300n & ~0xffn) << 12n)), '259:300');
+  // gnu_dev_makedev(4097, 1048577): the high parts of both
+  const big = ((4097n & 0xfffn) << 8n) | ((4097n & ~0xfffn) << 32n) | (1048577n & 0xffn) | ((1048577n & ~0xffn) << 12n);
+  assert.equal(deviceNumbers(big), '4097:1048577');
+});
 
 test("the filesystem's kind is read from its device's sysfs entry", () => {
   assert.equal(onExt4WithoutJournal(dir, fakeSysfs('sys-none', dir, '<none>')), true);

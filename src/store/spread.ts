@@ -21,16 +21,18 @@ const UNSUPPORTED = new Set(['ENOTTY', 'EOPNOTSUPP', 'ENOTSUP', 'EINVAL', 'ENOSY
  */
 export function onExt4WithoutJournal(dir: string, sysfs = '/sys'): boolean {
   try {
-    const st = fs.statSync(dir, { bigint: true });
-    // st_dev as glibc lays it out (gnu_dev_major, gnu_dev_minor).
-    const dev = st.dev;
-    const major = Number(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & 0xfffff000n));
-    const minor = Number((dev & 0xffn) | ((dev >> 12n) & 0xffffff00n));
-    const name = path.basename(fs.realpathSync(path.join(sysfs, 'dev', 'block', `${major}:${minor}`)));
+    const name = path.basename(fs.realpathSync(path.join(sysfs, 'dev', 'block', deviceNumbers(fs.statSync(dir, { bigint: true }).dev))));
     return fs.readFileSync(path.join(sysfs, 'fs', 'ext4', name, 'journal_task'), 'utf8').trim() === '<none>';
   } catch {
     return false;
   }
+}
+
+/** `<major>:<minor>` of a stat's st_dev, as glibc lays it out (gnu_dev_major, gnu_dev_minor). */
+export function deviceNumbers(dev: bigint): string {
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & 0xfffff000n);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & 0xffffff00n);
+  return `${major}:${minor}`;
 }
 
 /**
