@@ -12,7 +12,7 @@ import { LayerMounts } from '../layers/layer-mounts';
 import { PlainLayerFetcher } from '../layers/plain-fetch';
 import { type ImportSnapshots, RemoteImporter } from '../layers/remote-import';
 import { Settler } from '../layers/settle';
-import { offerConverted } from '../layers/share-offer';
+import { offerConverted, offerLayer } from '../layers/share-offer';
 import { Sweeper } from '../layers/sweep';
 import type { Logger } from '../log/logger';
 import { silentLogger } from '../log/logger';
@@ -122,6 +122,8 @@ export interface ErofsParts {
   /** 'background': Commit returns before the conversion; 'sync': Commit converts. */
   background: boolean;
   share: ConvertedLayerPusher | null;
+  /** Offers recorded layer `id` to `share` (registry.push_converted; null without it): see layers/share-offer.ts. */
+  offer: ((id: string) => boolean) | null;
   /** With a remote (lazy pull) configured. */
   importer: RemoteImporter | null;
   /** With a remote configured and registry.fetch_layers on. */
@@ -236,8 +238,9 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
   mountsRef = mounts;
   const sweeper = new Sweeper({ layout, ms, mounts, loader, logger, removeTree: (p) => store.segments.removeLayerTree(p) });
   const share = opts.pushConverted && remote ? new ConvertedLayerPusher({ client: remote.client, chunkSize: e.chunkSize, workDir: layout.tmpDir, logger }) : null;
+  const shareParts = share ? { share, ms, store, layout } : null;
   // Every layer converted here, whichever way, is offered once recorded.
-  if (share) events.subscribe((ev) => offerConverted({ share, ms, store, layout }, ev));
+  if (shareParts) events.subscribe((ev) => offerConverted(shareParts, ev));
   const conversion = new ConversionQueue({ layout, ms, store, converter, mounts, sweeper, events, logger });
   // fscache: while an overlay uses a clone of the layer's mount, its reads
   // keep coming to this process as READs of the layer's blobs, which only
@@ -270,7 +273,7 @@ export function composeLayers(opts: SnapshotterOptions, snapshots: ImportSnapsho
     sweeper,
     events,
     remote,
-    erofs: { store, converter, sealer, integrity, conversion, applier, background: (e.convertMode ?? 'background') === 'background', share, importer, plain, loader, settler },
+    erofs: { store, converter, sealer, integrity, conversion, applier, background: (e.convertMode ?? 'background') === 'background', share, offer: shareParts && ((id) => offerLayer(shareParts, id)), importer, plain, loader, settler },
     scrub: opts.integrity ?? null,
   };
 }

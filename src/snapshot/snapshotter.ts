@@ -4,7 +4,6 @@ import type { ConvertedLayerPusher } from '../convert/share';
 import { failedPrecondition, internal, notFound, remoteLayerExists } from '../errdefs/errors';
 import type { ConvertEvent } from '../layers/events';
 import type { IntegrityReport, LayerIntegrity } from '../layers/integrity';
-import { offerLayer } from '../layers/share-offer';
 import type { Logger } from '../log/logger';
 import type { LayerKernel } from '../mount/layer-kernel';
 import type { LazyLoader } from '../ondemand/lazy-loader';
@@ -311,7 +310,7 @@ export class Snapshotter {
       await removeAll(this.layout.snapshotDir(id)).catch((err: Error) => this.log.warn({ op: 'commit', key, name, snapshot: id, err: err.message }, 'empty directory of an applied layer left for cleanup'));
       this.log.info({ op: 'commit', key, name, snapshot: id, size: usage.size, inodes: usage.inodes, duration_ms: Date.now() - started }, 'snapshot committed');
       // Shared only now: containerd commits once the diff id Apply returned is the image's.
-      if (e?.share) offerLayer({ share: e.share, ms: this.ms, store: e.store, layout: this.layout }, id);
+      e?.offer?.(id);
       return;
     }
     if (e && !e.background && s.kind === Kind.Active) {
