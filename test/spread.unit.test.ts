@@ -5,7 +5,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { FS_TOPDIR_FL, inodeFlags } from '../native/inode-flags';
-import { deviceNumbers, onExt4WithoutJournal, spreadSubdirectories } from '../src/store/spread';
+import { onExt4WithoutJournal, spreadSubdirectories } from '../src/store/spread';
+import { devNumbers } from '../src/util/fs';
 
 /**
  * On an ext4 without a journal, ROOT/snapshots carries the top-directory
@@ -23,7 +24,7 @@ function fakeSysfs(name: string, target: string, journal: string | null): string
   const sys = path.join(dir, name);
   fs.mkdirSync(path.join(sys, 'devices', 'virtual', 'block', 'vdz'), { recursive: true });
   fs.mkdirSync(path.join(sys, 'dev', 'block'), { recursive: true });
-  fs.symlinkSync(path.join('..', '..', 'devices', 'virtual', 'block', 'vdz'), path.join(sys, 'dev', 'block', deviceNumbers(fs.statSync(target, { bigint: true }).dev)));
+  fs.symlinkSync(path.join('..', '..', 'devices', 'virtual', 'block', 'vdz'), path.join(sys, 'dev', 'block', devNumbers(fs.statSync(target, { bigint: true }).dev).join(':')));
   if (journal !== null) {
     fs.mkdirSync(path.join(sys, 'fs', 'ext4', 'vdz'), { recursive: true });
     fs.writeFileSync(path.join(sys, 'fs', 'ext4', 'vdz', 'journal_task'), `${journal}\n`);
@@ -45,13 +46,13 @@ function fsType(p: string): string {
 }
 
 test('device numbers are decoded as glibc encodes them (small and large majors and minors)', () => {
-  assert.equal(deviceNumbers(65024n), '254:0'); // a virtio disk, vda
-  assert.equal(deviceNumbers(2049n), '8:1'); // sda1
+  assert.equal(devNumbers(65024n).join(':'), '254:0'); // a virtio disk, vda
+  assert.equal(devNumbers(2049n).join(':'), '8:1'); // sda1
   // gnu_dev_makedev(259, 300): ((259 & 0xfff) << 8) | (300 & 0xff) | ((300 & ~0xff) << 12)
-  assert.equal(deviceNumbers(((259n & 0xfffn) << 8n) | (300n & 0xffn) | ((300n & ~0xffn) << 12n)), '259:300');
+  assert.equal(devNumbers(((259n & 0xfffn) << 8n) | (300n & 0xffn) | ((300n & ~0xffn) << 12n)).join(':'), '259:300');
   // gnu_dev_makedev(4097, 1048577): the high parts of both
   const big = ((4097n & 0xfffn) << 8n) | ((4097n & ~0xfffn) << 32n) | (1048577n & 0xffn) | ((1048577n & ~0xffn) << 12n);
-  assert.equal(deviceNumbers(big), '4097:1048577');
+  assert.equal(devNumbers(big).join(':'), '4097:1048577');
 });
 
 test("the filesystem's kind is read from its device's sysfs entry", () => {

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
-import type { UsageCounter } from '../util/fs';
+import { type UsageCounter, devNumbers } from '../util/fs';
 import { eventLoopSlices } from '../util/slices';
 
 /**
@@ -194,11 +194,6 @@ async function sinkFile<A>(sink: ChunkSink<A>, file: string, size: number, adopt
     await next?.catch(() => undefined);
     await fh.close();
   }
-}
-
-/** A device number's major and minor (glibc's gnu_dev_major / gnu_dev_minor). */
-export function devNumbers(d: bigint): [major: number, minor: number] {
-  return [Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n)), Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n))];
 }
 
 /** A name the walk cannot pass to the xattr calls (they take UTF-8 paths): the caller falls back to mkfs.erofs. */

@@ -2,9 +2,9 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { readXattrs } from '../../native/xattr';
 import { OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX } from '../convert/layer-rules';
-import { devNumbers } from '../convert/layer-tree';
 import { END_OF_ARCHIVE, type TarEntry, padding, tarHeader } from '../convert/tar-writer';
 import { notImplemented } from '../errdefs/errors';
+import { devNumbers } from '../util/fs';
 
 /*
  * The changes of an overlay snapshot as a layer tar, read from its upper

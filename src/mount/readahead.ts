@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { devNumbers } from '../util/fs';
 
 /**
  * Read-ahead of file-backed EROFS mounts.
@@ -39,25 +40,19 @@ export function bdiReadAheadKb(bdi: string): number | null {
   return readKb(path.join(BDI_DIR, bdi, 'read_ahead_kb'));
 }
 
-/** Major and minor number of a dev_t as Node's fs.Stats gives it (glibc's major()/minor()). */
-function devParts(dev: number): [number, number] {
-  const d = BigInt(dev);
-  return [Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn)), Number((d & 0xffn) | ((d >> 12n) & ~0xffn))];
-}
-
 /**
  * The read-ahead (KiB) of the block device holding `file`: its queue's, or
  * its disk's for a partition. Null when the filesystem has no block device
  * of its own (tmpfs, overlayfs, btrfs subvolumes) or sysfs does not say.
  */
 export function deviceReadAheadKb(file: string): number | null {
-  let dev: number;
+  let dev: bigint;
   try {
-    dev = fs.statSync(file).dev;
+    dev = fs.statSync(file, { bigint: true }).dev;
   } catch {
     return null;
   }
-  const [major, minor] = devParts(dev);
+  const [major, minor] = devNumbers(dev);
   if (major === 0) return null;
   let dir: string;
   try {

@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FS_TOPDIR_FL, inodeFlags, setInodeFlags } from '../../native/inode-flags';
 import { ErrnoError } from '../../native/libc';
+import { devNumbers } from '../util/fs';
 
 /**
  * What spreadSubdirectories did: the flag is on (set now or before); not
@@ -21,18 +22,11 @@ const UNSUPPORTED = new Set(['ENOTTY', 'EOPNOTSUPP', 'ENOTSUP', 'EINVAL', 'ENOSY
  */
 export function onExt4WithoutJournal(dir: string, sysfs = '/sys'): boolean {
   try {
-    const name = path.basename(fs.realpathSync(path.join(sysfs, 'dev', 'block', deviceNumbers(fs.statSync(dir, { bigint: true }).dev))));
+    const name = path.basename(fs.realpathSync(path.join(sysfs, 'dev', 'block', devNumbers(fs.statSync(dir, { bigint: true }).dev).join(':'))));
     return fs.readFileSync(path.join(sysfs, 'fs', 'ext4', name, 'journal_task'), 'utf8').trim() === '<none>';
   } catch {
     return false;
   }
-}
-
-/** `<major>:<minor>` of a stat's st_dev, as glibc lays it out (gnu_dev_major, gnu_dev_minor). */
-export function deviceNumbers(dev: bigint): string {
-  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & 0xfffff000n);
-  const minor = (dev & 0xffn) | ((dev >> 12n) & 0xffffff00n);
-  return `${major}:${minor}`;
 }
 
 /**

@@ -141,6 +141,11 @@ function ignoreMissing(fn: () => void): void {
   }
 }
 
+/** A device number's major and minor, from fs.Stats' dev or rdev as bigint (glibc's gnu_dev_major / gnu_dev_minor). */
+export function devNumbers(d: bigint): [major: number, minor: number] {
+  return [Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n)), Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n))];
+}
+
 export function fsyncDir(dir: string): void {
   const fd = fs.openSync(dir, 'r');
   try {
