@@ -80,7 +80,7 @@ test('without a journal the flag is set once, kept, shown by lsattr, and not inh
     // Filesystems without the flag: nothing set, nothing thrown, the reason named. ext2/3/4 keep it.
     assert.equal(first.why, 'unsupported', JSON.stringify(first));
     assert.doesNotMatch(type, /^ext[234]/, `${type} refused the top-directory flag: ${JSON.stringify(first)}`);
-    t.skip(`${os.tmpdir()} is ${type}, which keeps no top-directory flag: the flag itself is not tested`);
+    t.skip(`SKIP: ${os.tmpdir()} is ${type}, which keeps no top-directory flag: the flag itself is not tested`);
     return;
   }
   assert.deepEqual(first, { on: true, setNow: true });
@@ -100,7 +100,7 @@ test('without a journal the flag is set once, kept, shown by lsattr, and not inh
 test('a filesystem that keeps no such flag (tmpfs) is reported, never thrown', (t) => {
   const shm = '/dev/shm';
   if (!fs.existsSync(shm) || fsType(shm) !== 'tmpfs') {
-    t.skip('no tmpfs at /dev/shm');
+    t.skip('SKIP: no tmpfs at /dev/shm');
     return;
   }
   const d = fs.mkdtempSync(path.join(shm, 'spread-'));
